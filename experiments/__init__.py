@@ -1,0 +1,1 @@
+"""vtprune.experiments."""

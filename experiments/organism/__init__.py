@@ -1,0 +1,1 @@
+"""The embedded demo model organism: a synthetic visual QA task and a tiny trained LLaVA."""

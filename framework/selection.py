@@ -1,0 +1,91 @@
+"""`Selection`: the result of a pipeline, and the conversion from per-token keep masks.
+
+Stages work on dense (B, N) boolean masks, which makes uniqueness and padding rules trivial; the
+pipeline turns the final mask into sorted indices with :func:`selection_from_masks`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+__all__ = ["Selection", "selection_from_masks"]
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Which visual tokens each row keeps.
+
+    Attributes:
+        indices: (B, K) long. Row b holds its kept token positions in ascending order in its first
+            ``counts[b]`` slots; the remaining slots are padding (value 0, ``mask`` False).
+            K is the largest count in the batch. Kept positions are unique and always real tokens.
+        mask: (B, K) bool, True for the real slots of ``indices`` (ragged K is a mask, never a
+            truncation).
+        critical: (B, K) bool, True where the kept token came from the critical selector.
+        values: (B, K, D) or None. Replacement token values for merge-style stages (e.g. a token
+            that absorbed the tokens merged into it); None means "keep the original values".
+    """
+
+    indices: Tensor  # (B, K) long
+    mask: Tensor  # (B, K) bool
+    critical: Tensor  # (B, K) bool
+    values: Optional[Tensor] = None  # (B, K, D)
+
+    @property
+    def counts(self) -> Tensor:
+        """(B,) long: number of kept tokens per row."""
+        return self.mask.sum(dim=1)
+
+    def kept_mask(self, num_tokens: int) -> Tensor:
+        """(B, N) bool: True at every kept position."""
+        batch = self.indices.shape[0]
+        # Padding slots point at an extra sink column that is cut off afterwards.
+        target = torch.where(self.mask, self.indices, torch.full_like(self.indices, num_tokens))  # (B, K)
+        dense = torch.zeros(batch, num_tokens + 1, dtype=torch.bool, device=self.indices.device)
+        dense.scatter_(1, target, True)
+        return dense[:, :num_tokens]  # (B, N)
+
+    def row_indices(self, row: int) -> Tensor:
+        """(K_b,) long: the kept positions of one row, without padding."""
+        return self.indices[row][self.mask[row]]
+
+    def gather(self, tokens: Tensor) -> Tensor:
+        """(B, K, D): the kept tokens of ``tokens`` (B, N, D), or ``values`` where a stage set them.
+
+        Padding slots repeat token 0 of their row; use ``mask`` to ignore them.
+        """
+        if self.values is not None:
+            return self.values.to(tokens.dtype)
+        index = self.indices.unsqueeze(-1).expand(-1, -1, tokens.shape[-1])  # (B, K, D)
+        return tokens.gather(1, index)
+
+
+def selection_from_masks(
+    keep: Tensor, critical: Tensor, values: Optional[Tensor] = None
+) -> Selection:
+    """Build a `Selection` from dense masks.
+
+    Args:
+        keep: (B, N) bool, True at every kept token.
+        critical: (B, N) bool, True at kept tokens chosen by the critical selector (subset of keep).
+        values: (B, N, D) or None: replacement values indexed by token position; only the kept
+            positions are read.
+    """
+    counts = keep.sum(dim=1)  # (B,)
+    width = int(counts.max().item()) if keep.numel() else 0
+    positions = torch.arange(keep.shape[1], device=keep.device).expand_as(keep)  # (B, N)
+    # Kept positions first, in ascending order: sort by (not kept, position).
+    order_key = torch.where(keep, positions, positions + keep.shape[1])  # (B, N)
+    order = order_key.argsort(dim=1)[:, :width]  # (B, K)
+    slot_mask = torch.arange(width, device=keep.device).unsqueeze(0) < counts.unsqueeze(1)  # (B, K)
+    indices = torch.where(slot_mask, order, torch.zeros_like(order))  # (B, K)
+    kept_critical = critical.gather(1, indices) & slot_mask  # (B, K)
+    kept_values = None
+    if values is not None:
+        index = indices.unsqueeze(-1).expand(-1, -1, values.shape[-1])  # (B, K, D)
+        kept_values = values.gather(1, index)
+    return Selection(indices=indices, mask=slot_mask, critical=kept_critical, values=kept_values)

@@ -1,0 +1,118 @@
+"""`Signals`: everything a pruning point can see, batch-first.
+
+Field names are public API: stages declare the fields they need by name (``Stage.requires``) and
+adapters fill them. Only ``visual`` is always present; every other field is ``None`` unless the
+placement and the adapter provide it (see ``vtprune.framework.placements`` and docs/adapters.md).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+__all__ = ["Signals", "SIGNAL_DESCRIPTIONS", "signal_names"]
+
+#: One line per field: what it holds and its shape. Used by the catalog and by error messages.
+SIGNAL_DESCRIPTIONS: dict[str, str] = {
+    "visual": "(B, N, D) visual tokens in the space where pruning happens (post-projector "
+    "embeddings before the LLM, hidden states inside it, vision-encoder outputs at `vision`)",
+    "visual_mask": "(B, N) bool, True = real token; None = all real (padding is never selected)",
+    "prompt": "(B, T, D) the prompt's text tokens in the same space as `visual`",
+    "prompt_mask": "(B, T) bool, True = real prompt token; None = all real",
+    "attention": "(B, H, N) softmax attention of the last prompt token to each visual token at "
+    "the scoring layer",
+    "visual_keys": "(B, N, Hk, dk) key states of the visual tokens per key head at the scoring layer",
+    "prompt_keys": "(B, T, Hk, dk) key states of the prompt tokens per key head at the scoring layer",
+    "clip_visual": "(B, N, C) CLIP-space patch embeddings",
+    "clip_text": "(B, M, C) CLIP-space text embeddings of the prompt",
+    "clip_text_mask": "(B, M) bool, True = real CLIP text token; None = all real",
+    "cls_attention": "(B, H, N) the vision encoder's CLS-to-patch attention",
+    "grid": "(h, w) the patch grid shape, row-major token order",
+}
+
+
+@dataclass(frozen=True)
+class Signals:
+    """What a pruning point can see about one batch of images (one image per row).
+
+    Every tensor is batch-first. Rows may be ragged: ``visual_mask`` marks the real tokens of each
+    row and padding is never selected. Stages must treat each row independently (no statistic may
+    couple two rows), so a row gives the same selection alone as inside any batch.
+    """
+
+    visual: Tensor  # (B, N, D)
+    visual_mask: Optional[Tensor] = None  # (B, N) bool
+    prompt: Optional[Tensor] = None  # (B, T, D)
+    prompt_mask: Optional[Tensor] = None  # (B, T) bool
+    attention: Optional[Tensor] = None  # (B, H, N)
+    visual_keys: Optional[Tensor] = None  # (B, N, Hk, dk)
+    prompt_keys: Optional[Tensor] = None  # (B, T, Hk, dk)
+    clip_visual: Optional[Tensor] = None  # (B, N, C)
+    clip_text: Optional[Tensor] = None  # (B, M, C)
+    clip_text_mask: Optional[Tensor] = None  # (B, M) bool
+    cls_attention: Optional[Tensor] = None  # (B, H, N)
+    grid: Optional[tuple[int, int]] = field(default=None)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.visual, Tensor) or self.visual.dim() != 3:
+            shape = tuple(self.visual.shape) if isinstance(self.visual, Tensor) else type(self.visual)
+            raise ValueError(f"Signals.visual must be a (B, N, D) tensor, got {shape}")
+        batch, tokens = self.visual.shape[:2]
+        per_token = {
+            "visual_mask": 2,
+            "attention": 3,
+            "visual_keys": 4,
+            "clip_visual": 3,
+            "cls_attention": 3,
+        }
+        for name, ndim in per_token.items():
+            value = getattr(self, name)
+            if value is None:
+                continue
+            token_axis = 1 if name in ("visual_mask", "visual_keys", "clip_visual") else 2
+            if value.dim() != ndim or value.shape[0] != batch or value.shape[token_axis] != tokens:
+                raise ValueError(
+                    f"Signals.{name} has shape {tuple(value.shape)}; expected "
+                    f"{SIGNAL_DESCRIPTIONS[name].split(' ', 1)[0].replace('N', str(tokens)).replace('B', str(batch))}"
+                )
+        if self.visual_mask is not None and self.visual_mask.dtype != torch.bool:
+            raise ValueError("Signals.visual_mask must be a bool tensor (True = real token)")
+        if self.prompt is not None and (self.prompt.dim() != 3 or self.prompt.shape[0] != batch):
+            raise ValueError(f"Signals.prompt must be (B={batch}, T, D), got {tuple(self.prompt.shape)}")
+        if self.grid is not None and self.visual_mask is None and self.grid[0] * self.grid[1] != tokens:
+            raise ValueError(f"Signals.grid {self.grid} does not cover the N={tokens} visual tokens")
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.visual.shape[0])
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.visual.shape[1])
+
+    def valid(self) -> Tensor:
+        """(B, N) bool: the real visual tokens (all True when ``visual_mask`` is None)."""
+        if self.visual_mask is not None:
+            return self.visual_mask
+        return torch.ones(self.visual.shape[:2], dtype=torch.bool, device=self.visual.device)
+
+    def present(self) -> frozenset[str]:
+        """Names of the fields that are set (not None)."""
+        return frozenset(f.name for f in dataclasses.fields(self) if getattr(self, f.name) is not None)
+
+    def row(self, index: int) -> "Signals":
+        """The signals of one row as a batch of one (for per-sample references and tests)."""
+        values = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            values[f.name] = value[index : index + 1] if isinstance(value, Tensor) else value
+        return Signals(**values)
+
+
+def signal_names() -> tuple[str, ...]:
+    """Every public `Signals` field name, in declaration order."""
+    return tuple(f.name for f in dataclasses.fields(Signals))
