@@ -1,0 +1,246 @@
+"""The five stage kinds: base classes whose method docstrings are the contracts.
+
+A stage class is registered by ``name`` under its ``kind``. Its parameters are the keyword
+arguments of ``__init__`` (each with a type hint and a default); the framework reads them to parse
+recipes, validate values, build the catalog and print canonical recipes, so a stage never parses
+its own configuration. Stages hold no state between calls apart from their parameters.
+
+Every method works on a whole batch. Rows are independent: a stage may not compute a statistic
+over several rows, so a row's result does not depend on the batch it is in.
+"""
+
+from __future__ import annotations
+
+import inspect
+import typing
+from dataclasses import dataclass
+from typing import Any, ClassVar, Optional
+
+from torch import Tensor
+
+from .signals import Signals
+
+__all__ = [
+    "STAGE_KINDS",
+    "Stage",
+    "RelevanceScorer",
+    "CriticalSelector",
+    "DiversitySupplementer",
+    "Supplement",
+    "BudgetAllocator",
+    "Allocation",
+    "LayerPlacement",
+    "Drop",
+    "ParamSpec",
+    "stage_params",
+]
+
+#: The stage kinds in canonical recipe order.
+STAGE_KINDS: tuple[str, ...] = ("relevance", "critical", "diversity", "budget", "placement")
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """One stage parameter: its name, type hint, default and (for Literal types) the choices."""
+
+    name: str
+    annotation: Any
+    default: Any
+
+    @property
+    def type_name(self) -> str:
+        return getattr(self.annotation, "__name__", None) or str(self.annotation).replace("typing.", "")
+
+
+def stage_params(cls: type) -> tuple[ParamSpec, ...]:
+    """The parameters of a stage class, read from the keyword arguments of its ``__init__``."""
+    if cls.__init__ is object.__init__:
+        return ()
+    signature = inspect.signature(cls.__init__)
+    hints = typing.get_type_hints(cls.__init__)
+    specs = []
+    for param in signature.parameters.values():
+        if param.name == "self" or param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+            continue
+        if param.default is inspect.Parameter.empty:
+            raise TypeError(f"stage {cls.__name__}: parameter {param.name!r} needs a default")
+        if param.name not in hints:
+            raise TypeError(f"stage {cls.__name__}: parameter {param.name!r} needs a type hint")
+        specs.append(ParamSpec(param.name, hints[param.name], param.default))
+    return tuple(specs)
+
+
+class Stage:
+    """Common base of every stage.
+
+    Class attributes a subclass sets:
+        name: the registry name used in recipes (lower_snake_case).
+        description: one line for the catalog.
+        requires: the `Signals` fields the stage reads (besides ``visual`` and ``visual_mask``).
+    """
+
+    kind: ClassVar[str] = ""
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    requires: ClassVar[frozenset[str]] = frozenset()
+
+    @property
+    def params(self) -> dict[str, Any]:
+        """The values of this instance's parameters, by name."""
+        return {spec.name: getattr(self, spec.name) for spec in stage_params(type(self))}
+
+    def __eq__(self, other: object) -> bool:
+        return type(self) is type(other) and self.params == other.params  # type: ignore[union-attr]
+
+    def __hash__(self) -> int:
+        return hash((type(self), tuple(sorted((k, repr(v)) for k, v in self.params.items()))))
+
+    def __repr__(self) -> str:
+        inner = ", ".join(f"{k}={v!r}" for k, v in self.params.items())
+        return f"{type(self).__name__}({inner})"
+
+
+class RelevanceScorer(Stage):
+    """Stage 1: how relevant each visual token is to the task."""
+
+    kind = "relevance"
+    #: False for a scorer that never gives scores (then compose rejects a diversity stage that adds nothing).
+    gives_scores: ClassVar[bool] = True
+
+    def score(self, signals: Signals) -> Optional[Tensor]:
+        """Score every visual token.
+
+        Returns (B, N) float32, higher = more relevant, or None when this scorer gives no scores
+        (then no token is chosen as critical and the whole budget goes to the diversity stage).
+        Values at padding positions are ignored.
+        """
+        raise NotImplementedError
+
+
+class CriticalSelector(Stage):
+    """Stage 2: picks the task-critical tokens from the relevance scores."""
+
+    kind = "critical"
+
+    def select(self, scores: Tensor, counts: Tensor, valid: Tensor) -> Tensor:
+        """Choose ``counts[b]`` real tokens of row b.
+
+        Args:
+            scores: (B, N) float32 relevance scores.
+            counts: (B,) long, 0 <= counts[b] <= valid[b].sum().
+            valid: (B, N) bool, the real tokens.
+        Returns: (B, N) bool with exactly ``counts[b]`` True entries in row b, all at real tokens.
+        """
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class Supplement:
+    """What a diversity supplementer adds.
+
+    Attributes:
+        mask: (B, N) bool, the newly chosen tokens (disjoint from the already selected set).
+        values: (B, N, D) or None. For merge-style stages: replacement values, read only at the
+            positions in ``mask`` (e.g. a centre token plus the tokens merged into it).
+    """
+
+    mask: Tensor  # (B, N) bool
+    values: Optional[Tensor] = None  # (B, N, D)
+
+
+class DiversitySupplementer(Stage):
+    """Stage 3: fills the rest of the budget with tokens that cover what the critical set misses."""
+
+    kind = "diversity"
+    #: False for a supplementer that never adds tokens: the critical selector then fills the budget.
+    adds_tokens: ClassVar[bool] = True
+
+    def supplement(
+        self,
+        signals: Signals,
+        selected: Tensor,
+        counts: Tensor,
+        valid: Tensor,
+        scores: Optional[Tensor],
+    ) -> Supplement:
+        """Choose ``counts[b]`` more real tokens of row b, none of them already selected.
+
+        Args:
+            signals: what the pruning point sees.
+            selected: (B, N) bool, the tokens already chosen (the critical set).
+            counts: (B,) long, how many to add; never more than the unselected real tokens.
+            valid: (B, N) bool, the real tokens.
+            scores: (B, N) float32 relevance scores, or None.
+        Returns: a `Supplement` whose mask has exactly ``counts[b]`` True entries in row b.
+        """
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class Allocation:
+    """Per-row token counts: ``total`` kept, of which ``critical`` from the critical selector."""
+
+    total: Tensor  # (B,) long
+    critical: Tensor  # (B,) long
+
+
+class BudgetAllocator(Stage):
+    """Stage 4: turns the requested budget into per-row totals and the critical/diversity split."""
+
+    kind = "budget"
+
+    def allocate(self, totals: Tensor, valid: Tensor, scores: Optional[Tensor]) -> Allocation:
+        """Split each row's total.
+
+        Args:
+            totals: (B,) long, tokens to keep per row, already resolved from the requested budget by
+                :meth:`resolve` (``min(budget, valid)`` for a count, the rounded fraction otherwise).
+            valid: (B, N) bool.
+            scores: (B, N) float32 relevance scores, or None.
+        Returns: an `Allocation` with ``0 <= critical <= total``.
+        """
+        raise NotImplementedError
+
+    def resolve(self, budget: int | float, valid_counts: Tensor) -> Tensor:
+        """(B,) long: tokens to keep per row for the requested budget.
+
+        The default rule: an int keeps ``min(budget, valid)``; a float f in (0, 1] keeps
+        ``max(1, floor(f * valid + 0.5))`` (round half up, at least one token). Allocators that
+        reproduce another method's rounding override this.
+        """
+        from .budget import resolve_budget
+
+        return resolve_budget(budget, valid_counts)
+
+
+@dataclass(frozen=True)
+class Drop:
+    """One point where tokens are dropped.
+
+    Attributes:
+        where: "vision" (vision-encoder output, before the projector), "pre_llm" (projected
+            tokens before decoder layer 0) or "layer" (inside the language model).
+        layer: for "layer", the decoder layer k before which tokens are dropped: layers < k see the
+            full sequence and scoring signals come from layer k - 1. None otherwise.
+        budget: int = visual tokens kept per image; float in (0, 1] = fraction of the image's
+            tokens still present at this point.
+    """
+
+    where: str
+    layer: Optional[int]
+    budget: int | float
+
+
+class LayerPlacement(Stage):
+    """Stage 5: where in the model selection happens, and which signals that point can provide.
+
+    Placement is data: adapters read :meth:`drops` and act on it.
+    """
+
+    kind = "placement"
+    #: Signals every adapter can provide at this placement (adapters may add more).
+    provides: ClassVar[frozenset[str]] = frozenset()
+
+    def drops(self, budget: int | float) -> tuple[Drop, ...]:
+        """The drop points, in model order, for a requested budget (int or float, validated)."""
+        raise NotImplementedError

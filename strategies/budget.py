@@ -1,0 +1,83 @@
+"""Budget allocators: per-row totals and the critical/diversity split."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, Optional
+
+import torch
+from torch import Tensor
+
+from vtprune.framework.stages import Allocation, BudgetAllocator
+
+__all__ = ["FixedSplit", "DynamicSplit", "critical_mass_counts"]
+
+
+def _check_fraction(name: str, value: float) -> None:
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must be in [0, 1], got {value}")
+
+
+@dataclass(frozen=True, eq=False)
+class FixedSplit(BudgetAllocator):
+    """A fixed share of each row's total goes to the critical selector."""
+
+    name: ClassVar[str] = "split"
+    description: ClassVar[str] = "fixed split: critical = round(critical * total), the rest to diversity"
+    critical: float = 0.6
+
+    def __post_init__(self) -> None:
+        _check_fraction("critical", self.critical)
+
+    def allocate(self, totals: Tensor, valid: Tensor, scores: Optional[Tensor]) -> Allocation:
+        critical = torch.floor(totals.double() * self.critical + 0.5).long()  # (B,) round half up
+        return Allocation(total=totals, critical=torch.minimum(critical, totals))
+
+
+def critical_mass_counts(scores: Tensor, valid: Tensor, mass: float, temperature: float) -> Tensor:
+    """(B,) long: the smallest number of top-scoring tokens whose softmax mass reaches ``mass``.
+
+    The distribution is ``softmax(scores / temperature)`` over the row's real tokens.
+    """
+    logits = (scores.float() / temperature).masked_fill(~valid, float("-inf"))  # (B, N)
+    probabilities = torch.softmax(logits, dim=1).nan_to_num(0.0)  # (B, N)
+    ordered = torch.sort(probabilities, dim=1, descending=True).values  # (B, N)
+    below = torch.cumsum(ordered, dim=1) < mass - 1e-12  # (B, N) still short of the mass
+    return below.sum(dim=1) + 1  # (B,)
+
+
+@dataclass(frozen=True, eq=False)
+class DynamicSplit(BudgetAllocator):
+    """Per-row split from the score distribution.
+
+    Rule: critical = the smallest k whose top-k tokens hold ``mass`` of softmax(scores /
+    temperature); then clamped to [round(min_critical * total), round(max_critical * total)].
+    A peaked score distribution (a few clearly relevant tokens) gives a small critical set and
+    more diversity; a flat one gives more critical tokens. Without scores everything goes to
+    diversity.
+    """
+
+    name: ClassVar[str] = "dynamic"
+    description: ClassVar[str] = "per-row split: the smallest critical set holding `mass` of softmax(scores/temperature)"
+    mass: float = 0.5
+    temperature: float = 0.05
+    min_critical: float = 0.1
+    max_critical: float = 0.9
+
+    def __post_init__(self) -> None:
+        _check_fraction("mass", self.mass)
+        _check_fraction("min_critical", self.min_critical)
+        _check_fraction("max_critical", self.max_critical)
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if self.min_critical > self.max_critical:
+            raise ValueError("min_critical must not exceed max_critical")
+
+    def allocate(self, totals: Tensor, valid: Tensor, scores: Optional[Tensor]) -> Allocation:
+        if scores is None:
+            return Allocation(total=totals, critical=torch.zeros_like(totals))
+        wanted = critical_mass_counts(scores, valid, self.mass, self.temperature)  # (B,)
+        low = torch.floor(totals.double() * self.min_critical + 0.5).long()
+        high = torch.floor(totals.double() * self.max_critical + 0.5).long()
+        critical = torch.minimum(torch.maximum(wanted, low), high)
+        return Allocation(total=totals, critical=torch.minimum(critical, totals))

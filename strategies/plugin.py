@@ -1,0 +1,41 @@
+"""The built-in stages and presets, registered through the same hooks as third-party plugins."""
+
+from __future__ import annotations
+
+from vtprune.framework.hookspecs import hookimpl
+from vtprune.framework.registry import Registry
+
+from . import budget, critical, diversity, placement, relevance
+from .presets import register_presets
+
+__all__ = ["BUILTIN_STAGES", "vtprune_register_stages", "vtprune_register_presets"]
+
+BUILTIN_STAGES = (
+    relevance.PromptCosine,
+    relevance.AttentionRelevance,
+    relevance.RandomRelevance,
+    relevance.NoRelevance,
+    critical.TopKCritical,
+    diversity.FarthestPoint,
+    diversity.KMeansDiversity,
+    diversity.RandomDiversity,
+    diversity.GridDiversity,
+    diversity.NoDiversity,
+    budget.FixedSplit,
+    budget.DynamicSplit,
+    placement.PreLLM,
+    placement.AtLayer,
+    placement.Schedule,
+    placement.VisionOutput,
+)
+
+
+@hookimpl
+def vtprune_register_stages(registry: Registry) -> None:
+    for stage in BUILTIN_STAGES:
+        registry.add_stage(stage)
+
+
+@hookimpl
+def vtprune_register_presets(registry: Registry) -> None:
+    register_presets(registry)
