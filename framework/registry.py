@@ -192,7 +192,8 @@ def _plugin_manager(autoload: bool, plugins: Iterable[Any]) -> pluggy.PluginMana
     for module_name in BUILTIN_PLUGINS:
         manager.register(importlib.import_module(module_name), name=module_name)
     for plugin in plugins:
-        manager.register(plugin)
+        label = getattr(plugin, "__name__", None) or f"{type(plugin).__module__}.{type(plugin).__qualname__}"
+        manager.register(plugin, name=label)
     if autoload:
         manager.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
     return manager
@@ -218,8 +219,9 @@ def build_registry(autoload: bool = True, plugins: Iterable[Any] = ()) -> Regist
         manager.hook.vtprune_register_launchers,
     )
     for hook in hooks:
-        # Called one implementation at a time so that each registration knows its plugin.
-        for impl in reversed(hook.get_hookimpls()):
+        # Called one implementation at a time, in registration order (built-ins first), so that
+        # each registration knows its plugin.
+        for impl in hook.get_hookimpls():
             impl.function(registry=registry.scoped(_source_name(manager, impl.plugin_name)))
     registry._frozen = True
     return registry

@@ -1,0 +1,98 @@
+"""Shared helpers for the peer re-implementations (pure tensor code, no framework imports).
+
+The official implementations all run one image at a time on a contiguous 1-D slice of image
+tokens. To reproduce them bit for bit (including which of two tied scores wins), every selection
+here gathers the valid tokens of a row, in order, into a dense slice and applies the same torch
+op the official code applies to its slice. Rows are therefore independent by construction.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "CountLike",
+    "valid_or_all",
+    "row_positions",
+    "per_row_counts",
+    "mask_from_positions",
+    "cosine_matrix",
+    "topk_keep",
+]
+
+#: A per-row token count: one int for every row, or a (B,) long tensor.
+CountLike = Union[int, Tensor]
+
+
+def valid_or_all(valid: Optional[Tensor], batch: int, tokens: int, device: torch.device) -> Tensor:
+    """(B, N) bool validity mask; all True when ``valid`` is None."""
+    if valid is None:
+        return torch.ones(batch, tokens, dtype=torch.bool, device=device)
+    if valid.dtype != torch.bool or tuple(valid.shape) != (batch, tokens):
+        raise ValueError(f"valid must be a ({batch}, {tokens}) bool tensor, got {valid.dtype} {tuple(valid.shape)}")
+    return valid
+
+
+def row_positions(valid: Tensor) -> list[Tensor]:
+    """For each row of a (B, N) bool mask, the (n_b,) long positions of its True entries, ascending."""
+    return [torch.nonzero(row, as_tuple=False).flatten() for row in valid]
+
+
+def per_row_counts(counts: CountLike, batch: int) -> list[int]:
+    """Broadcast an int or a (B,) tensor of counts to a list of B Python ints."""
+    if isinstance(counts, Tensor):
+        flat = counts.reshape(-1)
+        if flat.numel() == 1:
+            return [int(flat.item())] * batch
+        if flat.numel() != batch:
+            raise ValueError(f"counts has {flat.numel()} entries for a batch of {batch}")
+        return [int(c) for c in flat.tolist()]
+    return [int(counts)] * batch
+
+
+def mask_from_positions(positions: list[Tensor], batch: int, tokens: int, device: torch.device) -> Tensor:
+    """(B, N) bool mask with True at the given absolute positions of each row."""
+    keep = torch.zeros(batch, tokens, dtype=torch.bool, device=device)
+    for b, pos in enumerate(positions):
+        if pos.numel():
+            keep[b, pos.to(device=device, dtype=torch.long)] = True
+    return keep
+
+
+def cosine_matrix(x: Tensor) -> Tensor:
+    """(..., n, n) cosine similarities of the rows of ``x`` (..., n, d).
+
+    Official arithmetic shared by DivPrune / CDPruner / VisPruner: divide by the L2 norm (no
+    epsilon, so a zero vector yields NaN exactly as in the official code), then one matmul.
+    """
+    unit = x / x.norm(dim=-1, keepdim=True)  # (..., n, d)
+    return unit @ unit.transpose(-1, -2)  # (..., n, n)
+
+
+def topk_keep(scores: Tensor, counts: CountLike, valid: Optional[Tensor] = None) -> Tensor:
+    """Keep the ``counts[b]`` highest-scoring valid tokens of each row.
+
+    Args:
+        scores: (B, N) float scores.
+        counts: int or (B,) long; clamped to the number of valid tokens of the row.
+        valid: (B, N) bool or None.
+
+    Returns:
+        (B, N) bool keep mask.
+
+    Tie rule: ``torch.topk`` on the dense 1-D slice of the row's valid tokens (in positional
+    order), i.e. the exact call FastV / PyramidDrop make on their image-token slice. The kept
+    *set* is what matters; torch.topk's order among equal scores is implementation-defined, and
+    using the same call on the same slice reproduces whatever it does.
+    """
+    batch, tokens = scores.shape
+    valid = valid_or_all(valid, batch, tokens, scores.device)
+    kept = []
+    for b, (pos, k) in enumerate(zip(row_positions(valid), per_row_counts(counts, batch))):
+        k = max(0, min(k, int(pos.numel())))
+        row = scores[b, pos]  # (n_b,)
+        kept.append(pos[row.topk(k).indices])
+    return mask_from_positions(kept, batch, tokens, scores.device)

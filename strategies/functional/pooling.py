@@ -1,0 +1,72 @@
+"""Average-pooling baseline: pool the (h, w) patch grid down to about ``count`` tokens.
+
+Rules (ours, documented in docs/peers-notes.md):
+* pooled grid: ``oh = clamp(round(h * sqrt(count / (h * w))), 1, h)``,
+  ``ow = clamp(count // oh, 1, w)`` (aspect preserving; 24x24 -> 8x8 for 64, 12x12 for 144,
+  14x13 = 182 for 192). ``oh * ow <= count`` whenever ``count >= 1`` and the grid is not clamped.
+* windows: ``torch.nn.functional.adaptive_avg_pool2d`` semantics: rows
+  ``[floor(i*h/oh), ceil((i+1)*h/oh))``, likewise columns (windows may overlap when the size does
+  not divide).
+* representative position: the TOP-LEFT token of each window (distinct because window starts are
+  strictly increasing); its replacement value is the window mean. Ascending representative
+  positions are the pooled grid in row-major order.
+* ragged rows: the row's valid tokens, in order, must form the (h, w) grid.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .common import CountLike, per_row_counts, row_positions, valid_or_all
+
+__all__ = ["pooled_grid_shape", "pooling_select"]
+
+
+def pooled_grid_shape(h: int, w: int, count: int) -> tuple[int, int]:
+    """Pooled grid (oh, ow) for about ``count`` tokens out of an (h, w) grid."""
+    count = max(1, min(int(count), h * w))
+    oh = min(h, max(1, round(h * math.sqrt(count / (h * w)))))
+    ow = min(w, max(1, count // oh))
+    return oh, ow
+
+
+def pooling_select(
+    visual: Tensor,
+    grid: tuple[int, int],
+    counts: CountLike,
+    valid: Optional[Tensor] = None,
+) -> tuple[Tensor, Tensor]:
+    """Average-pool each row's (h, w) token grid.
+
+    Args:
+        visual: (B, N, D) visual tokens, row-major grid order.
+        grid: (h, w) patch grid of every row (h * w valid tokens per row).
+        counts: int or (B,) long target token count.
+        valid: (B, N) bool or None.
+
+    Returns:
+        keep: (B, N) bool at each window's top-left token;
+        values: (B, N, D) ``visual`` with each kept position replaced by its window mean.
+    """
+    batch, tokens, dim = visual.shape
+    h, w = int(grid[0]), int(grid[1])
+    valid = valid_or_all(valid, batch, tokens, visual.device)
+    keep = torch.zeros(batch, tokens, dtype=torch.bool, device=visual.device)
+    values = visual.clone()
+    for b, (pos, k) in enumerate(zip(row_positions(valid), per_row_counts(counts, batch))):
+        if int(pos.numel()) != h * w:
+            raise ValueError(f"row {b} has {int(pos.numel())} valid tokens, grid {h}x{w} needs {h * w}")
+        oh, ow = pooled_grid_shape(h, w, k)
+        image = visual[b, pos].t().reshape(1, dim, h, w)  # (1, D, h, w)
+        pooled = F.adaptive_avg_pool2d(image, (oh, ow))[0].reshape(dim, oh * ow).t()  # (oh*ow, D)
+        rows = torch.tensor([(i * h) // oh for i in range(oh)], device=visual.device)
+        cols = torch.tensor([(j * w) // ow for j in range(ow)], device=visual.device)
+        local = (rows[:, None] * w + cols[None, :]).flatten()  # (oh*ow,)
+        values[b, pos[local]] = pooled.to(visual.dtype)
+        keep[b, pos[local]] = True
+    return keep, values
