@@ -1,0 +1,112 @@
+"""Selection-time benchmark: every built-in pipeline, and fps against a naive per-sample loop.
+
+Prints, from one run, the time of ``Pipeline.select`` for each recipe at N visual tokens
+(D-dimensional, K = N / 9 kept, batch B), and for ``fps`` the ratio to a naive DivPrune-style
+reference (one sample at a time, full N x N similarity matrix, a Python loop over picks).
+
+    python benchmarks/selection.py                       # N in {576, 2880, 11520}, D 4096, B in {1, 8}
+    python benchmarks/selection.py --tokens 576 2880 --batch 1 --dim 1024 --json out.json
+
+The naive reference is O(N^2 D) in time and O(N^2) in memory, so it only runs up to
+``--naive-max-tokens`` (default 2880).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+from vtprune.framework import Signals, build_registry, compose
+from vtprune.strategies.functional.farthest_point import farthest_point_select
+
+DEFAULT_RECIPES = ("zspaprune", "zspaprune_max", "zspaprune_dynamic", "zspaprune_grid", "zspaprune_kmeans", "relevance.none+fps")
+
+
+def naive_fps_reference(visual: torch.Tensor, selected: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """The usual per-sample implementation: full similarity matrix, Python loop over picks."""
+    picked = torch.zeros_like(selected)
+    for row in range(visual.shape[0]):
+        unit = torch.nn.functional.normalize(visual[row].float(), dim=-1)  # (N, D)
+        similarity = unit @ unit.T  # (N, N)
+        chosen = torch.nonzero(selected[row]).flatten().tolist()
+        for _ in range(int(counts[row])):
+            closest = similarity[:, chosen].max(dim=1).values  # (N,)
+            closest[chosen] = float("inf")
+            pick = int(closest.argmin())
+            chosen.append(pick)
+            picked[row, pick] = True
+    return picked
+
+
+def time_call(function: Callable[[], object], repeats: int) -> float:
+    """Median wall time of ``function`` in seconds over ``repeats`` runs (after one warm-up)."""
+    function()
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        function()
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokens", type=int, nargs="+", default=[576, 2880, 11520])
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--dim", type=int, default=4096)
+    parser.add_argument("--recipes", nargs="+", default=list(DEFAULT_RECIPES))
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--naive-max-tokens", type=int, default=2880)
+    parser.add_argument("--json", help="also write the rows to this file")
+    args = parser.parse_args()
+
+    registry = build_registry(autoload=False)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
+    rows = []
+    for tokens in args.tokens:
+        kept = max(1, tokens // 9)
+        for batch in args.batch:
+            generator = torch.Generator().manual_seed(0)
+            signals = Signals(
+                visual=torch.randn(batch, tokens, args.dim, generator=generator),
+                prompt=torch.randn(batch, 32, args.dim, generator=generator),
+            )
+            for recipe in args.recipes:
+                pipeline = compose(recipe, registry=registry)
+                seconds = time_call(lambda: pipeline.select(signals, kept), args.repeats)
+                rows.append({"recipe": recipe, "N": tokens, "K": kept, "B": batch, "D": args.dim, "seconds": seconds})
+                print(f"N={tokens:>6} K={kept:>5} B={batch} {recipe:<24} {seconds * 1e3:10.1f} ms")
+            if tokens <= args.naive_max_tokens:
+                seed = _first(signals.visual)  # both start from token 0 so their picks are comparable
+                counts = torch.full((batch,), kept - 1)
+                valid = torch.ones(batch, tokens, dtype=torch.bool)
+                ours = time_call(lambda: farthest_point_select(signals.visual, seed, counts, valid), args.repeats)
+                naive = time_call(lambda: naive_fps_reference(signals.visual, seed, counts), 1)
+                same = torch.equal(
+                    farthest_point_select(signals.visual, seed, counts, valid),
+                    naive_fps_reference(signals.visual, seed, counts),
+                )
+                rows.append({"recipe": "fps vs naive loop", "N": tokens, "K": kept, "B": batch, "D": args.dim,
+                             "seconds": ours, "naive_seconds": naive, "speedup": naive / ours, "same_selection": same})
+                print(f"N={tokens:>6} K={kept:>5} B={batch} fps {ours * 1e3:.1f} ms vs naive loop {naive * 1e3:.1f} ms: "
+                      f"{naive / ours:.1f}x faster (same picks from the same seed: {same})")
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(rows, handle, indent=2)
+
+
+def _first(visual: torch.Tensor) -> torch.Tensor:
+    """(B, N) bool with token 0 selected: a common seed so both implementations are comparable."""
+    seed = torch.zeros(visual.shape[:2], dtype=torch.bool)
+    seed[:, 0] = True
+    return seed
+
+
+if __name__ == "__main__":
+    main()
