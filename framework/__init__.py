@@ -7,8 +7,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from .budget import resolve_budget, validate_budget
 from .catalog import CatalogEntry, catalog, format_catalog
 from .compose import DEFAULT_RECIPE, compose
@@ -71,15 +69,13 @@ __all__ = [
     "format_catalog",
     "hookimpl",
     "hookspec",
+    "PruneHandle",
     "prune",
     "resolve_budget",
     "selection_from_masks",
     "validate_budget",
 ]
 
-
-def prune(model: Any, recipe: Any, budget: Any = 64, **params: Any) -> Any:
-    """Attach a pruning pipeline to one model instance; see `vtprune.framework.prune_model`."""
-    from .prune import prune as _prune
-
-    return _prune(model, recipe, budget=budget, **params)
+# Imported last: binding the function after the submodule import keeps `framework.prune` the
+# function (the submodule `vtprune.framework.prune` is reachable through sys.modules).
+from .prune import PruneHandle, prune  # noqa: E402

@@ -35,6 +35,7 @@ ENTRY_POINT_GROUP = "vtprune"
 #: Modules loaded as plugins before any entry point (pytest's ``default_plugins`` habit).
 BUILTIN_PLUGINS: tuple[str, ...] = (
     "vtprune.strategies.plugin",
+    "vtprune.adapters.plugin",
 )
 _NAME_RULE = re.compile(r"[a-z][a-z0-9_]*")
 

@@ -1,0 +1,151 @@
+"""Shared benchmark helpers: 7B-shaped model slices, timers, peak memory, KV-cache bytes.
+
+Not part of the package: imported by the scripts in this folder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import platform
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+
+#: Published dimensions of the models the paper evaluates (from their Hugging Face configs).
+#: Only the layer count is cut, so one slice fits a CPU machine; everything else is the real shape.
+PROFILES: dict[str, dict] = {
+    "llava-1.5-7b": {
+        "vision": dict(hidden_size=1024, intermediate_size=4096, num_attention_heads=16, image_size=336, patch_size=14, projection_dim=768),
+        "text": dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32, vocab_size=32064, max_position_embeddings=4096, rms_norm_eps=1e-5),
+        "source": "llava-hf/llava-1.5-7b-hf",
+    },
+}
+
+
+@dataclass
+class Slice:
+    model: torch.nn.Module
+    config: object
+    image_tokens: int
+    device: torch.device
+    dtype: torch.dtype
+
+
+def build_llava_slice(profile: str, text_layers: int, vision_layers: int, device: str, dtype: torch.dtype, seed: int = 0) -> Slice:
+    """A `LlavaForConditionalGeneration` with a real 7B shape and ``text_layers`` decoder layers."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    spec = PROFILES[profile]
+    vision = CLIPVisionConfig(num_hidden_layers=vision_layers, **spec["vision"])
+    text = LlamaConfig(num_hidden_layers=text_layers, **spec["text"])
+    image_token_id = text.vocab_size - 1
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=image_token_id, vision_feature_layer=-1)
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = LlavaForConditionalGeneration(config)
+    model = model.to(dtype=dtype).eval()
+    image_tokens = (vision.image_size // vision.patch_size) ** 2
+    return Slice(model, config, image_tokens, torch.device(device), dtype)
+
+
+def llava_batch(slice_: Slice, batch: int, text_before: int = 8, question: int = 32, seed: int = 0) -> dict:
+    """``batch`` prompts of [text, image tokens, question] with random pixels."""
+    generator = torch.Generator().manual_seed(seed)
+    vocab = slice_.config.text_config.vocab_size
+    vision = slice_.config.vision_config
+    ids = []
+    for _ in range(batch):
+        before = torch.randint(3, vocab - 2, (text_before,), generator=generator)
+        after = torch.randint(3, vocab - 2, (question,), generator=generator)
+        image = torch.full((slice_.image_tokens,), slice_.config.image_token_id)
+        ids.append(torch.cat([before, image, after]))
+    input_ids = torch.stack(ids).to(slice_.device)
+    pixels = torch.randn(batch, 3, vision.image_size, vision.image_size, generator=generator)
+    return {
+        "input_ids": input_ids,
+        "attention_mask": torch.ones_like(input_ids),
+        "pixel_values": pixels.to(slice_.device, slice_.dtype),
+    }
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_call(function: Callable[[], object], device: torch.device, repeats: int, warmup: int = 1) -> float:
+    """Median seconds of ``function`` (CUDA events on a GPU, perf_counter otherwise)."""
+    for _ in range(warmup):
+        function()
+    samples = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            function()
+            end.record()
+            torch.cuda.synchronize(device)
+            samples.append(start.elapsed_time(end) / 1e3)
+        else:
+            begin = time.perf_counter()
+            function()
+            samples.append(time.perf_counter() - begin)
+    return statistics.median(samples)
+
+
+@contextlib.contextmanager
+def peak_memory(device: torch.device) -> Iterator[dict]:
+    """Peak memory of the block in bytes: CUDA allocator peak, or the process's peak RSS growth on CPU
+    (Linux: VmHWM reset through /proc/self/clear_refs)."""
+    result: dict = {"bytes": None}
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        yield result
+        torch.cuda.synchronize(device)
+        result["bytes"] = torch.cuda.max_memory_allocated(device) - base
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+        base = _rss_bytes("VmRSS")
+    except OSError:
+        yield result
+        return
+    yield result
+    result["bytes"] = _rss_bytes("VmHWM") - base
+
+
+def _rss_bytes(field: str) -> int:
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise OSError(field)
+
+
+def output_cache(output: object) -> object:
+    """The KV cache of a model output (``cache`` in transformers 5, ``past_key_values`` before)."""
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else getattr(output, "past_key_values", None)
+
+
+def cache_bytes(cache: object) -> int:
+    """Bytes held by a transformers cache (keys and values of every layer)."""
+    total = 0
+    for layer in getattr(cache, "layers", []):
+        for name in ("keys", "values"):
+            tensor = getattr(layer, name, None)
+            if isinstance(tensor, torch.Tensor):
+                total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def describe_device(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU {platform.machine()}, {torch.get_num_threads()} threads"
