@@ -6,6 +6,8 @@ from vtprune.framework.hookspecs import hookimpl
 from vtprune.framework.registry import Registry
 
 from . import budget, critical, diversity, placement, relevance
+from .peer_presets import register_peer_presets
+from .peer_stages import PEER_STAGES
 from .presets import register_presets
 
 __all__ = ["BUILTIN_STAGES", "vtprune_register_stages", "vtprune_register_presets"]
@@ -27,6 +29,7 @@ BUILTIN_STAGES = (
     placement.AtLayer,
     placement.Schedule,
     placement.VisionOutput,
+    *PEER_STAGES,
 )
 
 
@@ -39,3 +42,4 @@ def vtprune_register_stages(registry: Registry) -> None:
 @hookimpl
 def vtprune_register_presets(registry: Registry) -> None:
     register_presets(registry)
+    register_peer_presets(registry)

@@ -30,7 +30,7 @@ from torch import Tensor
 
 from .common import CountLike, mask_from_positions, per_row_counts, row_positions, valid_or_all
 
-__all__ = ["cdpruner_relevance", "cdpruner_kernel", "cdpruner_select"]
+__all__ = ["cdpruner_relevance", "cdpruner_kernel", "cdpruner_select", "cdpruner_supplement"]
 
 
 def cdpruner_relevance(
@@ -130,4 +130,80 @@ def cdpruner_select(
         k = max(0, min(k, int(pos.numel())))
         kernel = cdpruner_kernel(visual[b : b + 1, pos], relevance[b : b + 1, pos], theta)  # (1, n, n)
         kept.append(pos[_greedy_map(kernel, k)])
+    return mask_from_positions(kept, batch, tokens, visual.device)
+
+
+def _conditional_greedy_map(kernel: Tensor, forced: list[int], steps: int) -> list[int]:
+    """Fast greedy MAP on a (1, n, n) kernel conditioned on the ``forced`` picks (processed first).
+
+    With no forced pick this is :func:`_greedy_map` op for op (same picks), except that picked
+    tokens are excluded from the argmax explicitly (the official code relies on ``d2[j] = -inf``,
+    which NaN/inf arithmetic past the kernel's rank can undo, re-picking a token; when every free
+    ``d2`` is -inf we take the first free token), so exactly ``steps`` distinct tokens come out. A forced pick whose residual
+    ``d2 <= 0`` (already in the span of earlier picks) is marked without an update.
+    """
+    batch, n, _ = kernel.shape
+    device = kernel.device
+    rows = torch.arange(batch, device=device)
+    total = len(forced) + steps
+    cis = torch.zeros((total, batch, n), device=device)
+    di2s = torch.diagonal(kernel, dim1=1, dim2=2).clone()  # (1, n)
+    picked = torch.zeros(batch, n, dtype=torch.bool, device=device)
+    out: list[int] = []
+    used = 0
+    for i in range(total):
+        if i < len(forced):
+            j = torch.tensor([forced[i]], device=device)
+            if not bool(di2s[rows, j] > 0):
+                picked[rows, j] = True
+                di2s[rows, j] = -float("inf")
+                continue
+        else:
+            j = torch.argmax(di2s.masked_fill(picked, -float("inf")), dim=-1)
+            if bool(picked[rows, j].any()):  # every free d2 is -inf (degenerate kernel): first free token
+                j = torch.argmax((~picked).to(torch.int8), dim=-1)
+            out.append(int(j))
+        eis = (kernel[rows, j] - torch.einsum("tb,tbn->bn", cis[:used, rows, j], cis[:used])) / torch.sqrt(
+            di2s[rows, j]
+        ).unsqueeze(-1)
+        cis[used, :, :] = eis
+        used += 1
+        di2s -= torch.square(eis)
+        di2s[rows, j] = -float("inf")
+        picked[rows, j] = True
+    return out
+
+
+def cdpruner_supplement(
+    visual: Tensor,
+    relevance: Optional[Tensor],
+    selected: Tensor,
+    counts: CountLike,
+    valid: Optional[Tensor] = None,
+    theta: Optional[float] = None,
+) -> Tensor:
+    """CDPruner's conditional-DPP greedy MAP as a supplement (``counts[b]`` more tokens per row).
+
+    Args:
+        visual: (B, N, D) features for the cosine similarity; relevance: (B, N) or None (all 1).
+        selected: (B, N) bool tokens already chosen: the greedy is conditioned on them.
+        counts, valid, theta: as :func:`cdpruner_select`.
+    With ``selected`` empty and ``relevance = cdpruner_relevance(...)`` this is
+    :func:`cdpruner_select` exactly (kernel and greedy on each row's valid slice).
+    """
+    batch, tokens, _ = visual.shape
+    valid = valid_or_all(valid, batch, tokens, visual.device)
+    if relevance is None:
+        relevance = torch.ones(batch, tokens, device=visual.device)
+    kept = []
+    for b, (pos, k) in enumerate(zip(row_positions(valid), per_row_counts(counts, batch))):
+        taken = selected[b, pos]
+        k = max(0, min(k, int(pos.numel()) - int(taken.sum())))
+        if k == 0:
+            kept.append(pos[:0])
+            continue
+        kernel = cdpruner_kernel(visual[b : b + 1, pos], relevance[b : b + 1, pos], theta)  # (1, n, n)
+        forced = torch.nonzero(taken, as_tuple=False).flatten().tolist()
+        picks = _conditional_greedy_map(kernel, forced, k)
+        kept.append(pos[torch.tensor(picks, dtype=torch.long, device=pos.device)])
     return mask_from_positions(kept, batch, tokens, visual.device)

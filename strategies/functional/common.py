@@ -21,6 +21,7 @@ __all__ = [
     "mask_from_positions",
     "cosine_matrix",
     "topk_keep",
+    "argsort_keep",
 ]
 
 #: A per-row token count: one int for every row, or a (B,) long tensor.
@@ -95,4 +96,17 @@ def topk_keep(scores: Tensor, counts: CountLike, valid: Optional[Tensor] = None)
         k = max(0, min(k, int(pos.numel())))
         row = scores[b, pos]  # (n_b,)
         kept.append(pos[row.topk(k).indices])
+    return mask_from_positions(kept, batch, tokens, scores.device)
+
+
+def argsort_keep(scores: Tensor, counts: CountLike, valid: Optional[Tensor] = None) -> Tensor:
+    """Like :func:`topk_keep` but with VisPruner's op: the first ``counts[b]`` entries of
+    ``argsort(descending=True)`` on the row's valid slice (its tie order may differ from topk's)."""
+    batch, tokens = scores.shape
+    valid = valid_or_all(valid, batch, tokens, scores.device)
+    kept = []
+    for b, (pos, k) in enumerate(zip(row_positions(valid), per_row_counts(counts, batch))):
+        k = max(0, min(k, int(pos.numel())))
+        order = scores[b, pos].unsqueeze(0).argsort(dim=-1, descending=True)[0]  # (n_b,)
+        kept.append(pos[order[:k]])
     return mask_from_positions(kept, batch, tokens, scores.device)

@@ -39,7 +39,7 @@ from torch import Tensor
 
 from .common import CountLike, mask_from_positions, per_row_counts, row_positions, valid_or_all
 
-__all__ = ["dart_token_topk", "dart_select"]
+__all__ = ["dart_token_topk", "dart_select", "dart_supplement"]
 
 
 def dart_token_topk(
@@ -147,3 +147,135 @@ def dart_select(
         mask_from_positions(kept, batch, tokens, visual.device),
         mask_from_positions(pivots, batch, tokens, visual.device),
     )
+
+
+def _dart_picks(
+    states: Tensor,
+    pivots: list[int],
+    candidates: list[int],
+    per_pivot: list[int],
+    official_topk: bool,
+) -> list[int]:
+    """For each pivot in order, take ``per_pivot[i]`` least cosine-similar candidates (greedy).
+
+    ``states`` (n + t, D) holds image then text states; indices are local to it. With
+    ``official_topk`` the official ``(-cos).topk`` is used on the candidates in the given order;
+    otherwise a stable descending sort (ties to the earlier candidate).
+    """
+    picks: list[int] = []
+    remaining = list(candidates)
+    for item, take in zip(pivots, per_pivot):
+        take = min(take, len(remaining))
+        if take <= 0:
+            continue
+        cand = states[remaining, :]  # (V, D)
+        cos_sim = -F.cosine_similarity(states[item, :], cand, dim=-1)  # (V,)
+        if official_topk:
+            chosen = cos_sim.topk(take).indices.tolist()
+        else:
+            chosen = torch.sort(cos_sim.nan_to_num(nan=float("-inf")), descending=True, stable=True).indices[:take].tolist()
+        new = [remaining[i] for i in chosen]
+        picks.extend(new)
+        drop = set(new)
+        remaining = [c for c in remaining if c not in drop]
+    return picks
+
+
+def dart_supplement(
+    visual: Tensor,
+    prompt: Tensor,
+    prompt_keys: Tensor,
+    selected: Tensor,
+    counts: CountLike,
+    valid: Optional[Tensor] = None,
+    prompt_valid: Optional[Tensor] = None,
+    scores: Optional[Tensor] = None,
+    pivot_text_token: int = 4,
+    faithful: bool = False,
+    image_token_start_index: int = 35,
+) -> Tensor:
+    """DART's duplicate-aware picks around pivots, given the image pivots ``selected``.
+
+    Pivots: the ``selected`` image tokens plus the top ``pivot_text_token`` prompt tokens by L1
+    norm of ``prompt_keys`` (flattened heads). For each pivot the least cosine-similar remaining
+    image tokens (``visual``, hidden states) are taken and leave the candidate set.
+
+    Default (``faithful=False``): exactly ``counts[b]`` picks, split over the P pivots as evenly as
+    possible (the first ``counts % P`` pivots take one more); pivots in position order (image, then
+    text), candidates in position order, ties to the earlier candidate. A row with no pivot
+    (no image pivot, no prompt) uses the valid token least similar to the row mean as its pivot.
+
+    ``faithful=True``: the official rule: ``TOKEN_TOPK = ceil(X // P)`` with X = ``counts[b]`` +
+    the number of image pivots (the requested budget, ``max_num_trunction``), ``TOKEN_TOPK`` picks
+    per pivot, pivot and candidate order from the same Python ``set`` operations on absolute
+    positions (``image_token_start_index``), image pivots in ``scores`` topk order. Picks may then
+    exceed ``counts[b]`` (official kept count = image pivots + P * TOKEN_TOPK).
+    """
+    batch, tokens, _ = visual.shape
+    valid = valid_or_all(valid, batch, tokens, visual.device)
+    prompt_valid = valid_or_all(prompt_valid, batch, prompt.shape[1], prompt.device)
+    text_keys_flat = prompt_keys.reshape(batch, prompt.shape[1], -1)  # (B, T, Hk*dk)
+    kept = []
+    for b, (pos, k) in enumerate(zip(row_positions(valid), per_row_counts(counts, batch))):
+        n = int(pos.numel())
+        taken = selected[b, pos]
+        n_piv = int(taken.sum())
+        k = max(0, min(k, n - n_piv))
+        if k == 0 and not faithful:
+            kept.append(pos[:0])
+            continue
+        text_pos = torch.nonzero(prompt_valid[b], as_tuple=False).flatten()
+        t = int(text_pos.numel())
+        text_l1 = torch.norm(text_keys_flat[b, text_pos], p=1, dim=-1)  # (t,)
+        text_piv = text_l1.topk(min(pivot_text_token, t)).indices.tolist()  # local text indices
+        states = torch.cat([visual[b, pos], prompt[b, text_pos]], dim=0)  # (n + t, D)
+        image_piv = torch.nonzero(taken, as_tuple=False).flatten().tolist()
+        if faithful:
+            if scores is not None and n_piv:
+                order = scores[b, pos].topk(n_piv).indices.tolist()
+                if set(order) == set(image_piv):
+                    image_piv = order
+            start = image_token_start_index
+            image_indices = [i + start for i in image_piv]
+            query_indices = [i + start + n for i in text_piv]
+            pivots_abs = list(set(image_indices + query_indices))
+            n_p = len(image_indices) + len(query_indices)
+            token_topk = math.ceil((k + n_piv) // n_p) if n_p else 0
+            valid_indices = set(range(start, start + n)) - set(image_indices)
+            picks = _dart_picks_official(states, pivots_abs, valid_indices, token_topk, start)
+        else:
+            pivots = image_piv + sorted(n + i for i in text_piv)
+            candidates = [i for i in range(n) if not bool(taken[i])]
+            if not pivots:
+                centre = visual[b, pos].float().mean(dim=0, keepdim=True)
+                pivots = [int(F.cosine_similarity(visual[b, pos].float(), centre, dim=-1).argmin())]
+                if pivots[0] in candidates and k >= 1:
+                    candidates.remove(pivots[0])
+                    k -= 1
+                    picks_seed = [pivots[0]]
+                else:
+                    picks_seed = []
+            else:
+                picks_seed = []
+            q, r = divmod(k, len(pivots))
+            per_pivot = [q + 1 if i < r else q for i in range(len(pivots))]
+            picks = picks_seed + _dart_picks(states, pivots, candidates, per_pivot, official_topk=False)
+        kept.append(pos[torch.tensor(picks, dtype=torch.long, device=pos.device)])
+    return mask_from_positions(kept, batch, tokens, visual.device)
+
+
+def _dart_picks_official(states: Tensor, pivots_abs: list[int], valid_indices: set, token_topk: int, start: int) -> list[int]:
+    """The official per-pivot loop on absolute positions (Python set order), local picks out."""
+    valid_list = list(valid_indices)
+    picks: list[int] = []
+    for item in pivots_abs:
+        take = min(token_topk, len(valid_list))
+        if take <= 0:
+            break
+        candidates = states[[i - start for i in valid_list], :]  # (V, D)
+        cos_sim = -F.cosine_similarity(states[item - start, :], candidates, dim=-1)  # (V,)
+        new = [valid_list[i] for i in cos_sim.topk(take).indices]
+        picks.extend(i - start for i in new)
+        valid_indices.difference_update(new)
+        valid_list = list(valid_indices)
+    return picks

@@ -28,7 +28,7 @@ from torch import Tensor
 
 from .common import CountLike, cosine_matrix, mask_from_positions, per_row_counts, row_positions, valid_or_all
 
-__all__ = ["divprune_keep_count", "divprune_sequence", "divprune_select"]
+__all__ = ["divprune_keep_count", "divprune_sequence", "divprune_select", "divprune_supplement"]
 
 
 def divprune_keep_count(n_tokens: int, ratio: float = 0.098) -> int:
@@ -77,4 +77,45 @@ def divprune_select(visual: Tensor, counts: CountLike, valid: Optional[Tensor] =
     for b, (pos, k) in enumerate(zip(row_positions(valid), per_row_counts(counts, batch))):
         k = max(0, min(k, int(pos.numel())))
         kept.append(pos[divprune_sequence(visual[b, pos], k)])  # (k,)
+    return mask_from_positions(kept, batch, tokens, visual.device)
+
+
+def divprune_supplement(visual: Tensor, selected: Tensor, counts: CountLike, valid: Optional[Tensor] = None) -> Tensor:
+    """DivPrune's max-min greedy as a supplement: ``counts[b]`` more tokens, none in ``selected``.
+
+    Same arithmetic as :func:`divprune_sequence` on each row's valid slice, with two differences
+    that only matter where the official code would not give ``count`` distinct tokens:
+    already-chosen tokens are excluded from the argmax (the official code can re-pick a token when
+    every remaining one is an exact duplicate; then it keeps fewer tokens and its set is a prefix of
+    ours), and a non-empty ``selected`` set seeds the running minimum instead of the first-token
+    rule (second-smallest distance), which applies only when ``selected`` is empty.
+
+    Returns: (B, N) bool, exactly ``min(counts[b], unselected valid)`` new tokens per row.
+    """
+    batch, tokens, _ = visual.shape
+    valid = valid_or_all(valid, batch, tokens, visual.device)
+    kept = []
+    for b, (pos, k) in enumerate(zip(row_positions(valid), per_row_counts(counts, batch))):
+        n = int(pos.numel())
+        taken = selected[b, pos].clone()  # (n,)
+        k = max(0, min(k, n - int(taken.sum())))
+        picks = []
+        if k == 0:
+            kept.append(pos[:0])
+            continue
+        dist = 1.0 - cosine_matrix(visual[b, pos])  # (n, n)
+        if bool(taken.any()):
+            running = dist[taken].min(dim=0).values  # (n,)
+        else:
+            first = torch.topk(dist, 2, dim=0, largest=False).values[1, :] if n >= 2 else dist[0]
+            pick = int(torch.argmax(first))
+            picks.append(pick)
+            taken[pick] = True
+            running = dist[pick].clone()
+        while len(picks) < k:
+            pick = int(torch.argmax(running.masked_fill(taken, float("-inf"))))
+            picks.append(pick)
+            taken[pick] = True
+            running = torch.minimum(running, dist[pick])
+        kept.append(pos[torch.tensor(picks, dtype=torch.long, device=pos.device)])
     return mask_from_positions(kept, batch, tokens, visual.device)

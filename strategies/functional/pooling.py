@@ -24,7 +24,7 @@ from torch import Tensor
 
 from .common import CountLike, per_row_counts, row_positions, valid_or_all
 
-__all__ = ["pooled_grid_shape", "pooling_select"]
+__all__ = ["pooled_grid_shape", "pooling_select", "pooling_exact_select", "pooling_bands"]
 
 
 def pooled_grid_shape(h: int, w: int, count: int) -> tuple[int, int]:
@@ -67,6 +67,67 @@ def pooling_select(
         rows = torch.tensor([(i * h) // oh for i in range(oh)], device=visual.device)
         cols = torch.tensor([(j * w) // ow for j in range(ow)], device=visual.device)
         local = (rows[:, None] * w + cols[None, :]).flatten()  # (oh*ow,)
+        values[b, pos[local]] = pooled.to(visual.dtype)
+        keep[b, pos[local]] = True
+    return keep, values
+
+
+def pooling_bands(h: int, w: int, count: int) -> list[int]:
+    """Windows per band of rows for EXACTLY ``count`` pooled tokens of an (h, w) grid.
+
+    ``oh`` bands of rows (``pooled_grid_shape``'s ``oh``, raised to ``ceil(count / w)`` and
+    lowered to ``count`` where needed); ``count`` is split over the bands as evenly as possible,
+    the first ``count % oh`` bands getting one more window. When ``count == oh * ow`` of
+    ``pooled_grid_shape`` every band has ``ow`` windows (the plain pooled grid).
+    """
+    count = max(1, min(int(count), h * w))
+    oh = pooled_grid_shape(h, w, count)[0]
+    oh = min(h, count, max(oh, -(-count // w)))
+    q, r = divmod(count, oh)
+    return [q + 1 if i < r else q for i in range(oh)]
+
+
+def pooling_exact_select(
+    visual: Tensor,
+    grid: Optional[tuple[int, int]],
+    counts: CountLike,
+    valid: Optional[Tensor] = None,
+) -> tuple[Tensor, Tensor]:
+    """Average pooling to exactly ``counts[b]`` tokens per row (the `pooling` stage's rule).
+
+    Like :func:`pooling_select` (same windows, top-left representatives, window means) when the
+    pooled grid holds exactly ``count`` tokens; otherwise bands of rows with
+    :func:`pooling_bands` windows each (adaptive windows inside each band). A row whose valid
+    token count is not ``h * w`` (or ``grid`` None) is pooled as a 1-D sequence (h = 1).
+    """
+    batch, tokens, dim = visual.shape
+    valid = valid_or_all(valid, batch, tokens, visual.device)
+    keep = torch.zeros(batch, tokens, dtype=torch.bool, device=visual.device)
+    values = visual.clone()
+    for b, (pos, k) in enumerate(zip(row_positions(valid), per_row_counts(counts, batch))):
+        n = int(pos.numel())
+        k = max(0, min(k, n))
+        if k == 0:
+            continue
+        h, w = (int(grid[0]), int(grid[1])) if grid is not None and int(grid[0]) * int(grid[1]) == n else (1, n)
+        bands = pooling_bands(h, w, k)
+        oh = len(bands)
+        image = visual[b, pos].t().reshape(1, dim, h, w)  # (1, D, h, w)
+        if len(set(bands)) == 1:  # the plain pooled grid: pooling_select's exact ops
+            ow = bands[0]
+            pooled = F.adaptive_avg_pool2d(image, (oh, ow))[0].reshape(dim, oh * ow).t()  # (oh*ow, D)
+            rows = torch.tensor([(i * h) // oh for i in range(oh)], device=visual.device)
+            cols = torch.tensor([(j * w) // ow for j in range(ow)], device=visual.device)
+            local = (rows[:, None] * w + cols[None, :]).flatten()  # (oh*ow,)
+        else:
+            parts, where = [], []
+            for i, ow in enumerate(bands):
+                top, bottom = (i * h) // oh, -(-((i + 1) * h) // oh)
+                band = F.adaptive_avg_pool2d(image[:, :, top:bottom, :], (1, ow))[0].reshape(dim, ow).t()  # (ow, D)
+                parts.append(band)
+                where.extend(top * w + (j * w) // ow for j in range(ow))
+            pooled = torch.cat(parts)  # (k, D)
+            local = torch.tensor(where, device=visual.device)
         values[b, pos[local]] = pooled.to(visual.dtype)
         keep[b, pos[local]] = True
     return keep, values

@@ -33,7 +33,7 @@ from torch import Tensor
 
 from .common import CountLike, per_row_counts, row_positions, valid_or_all
 
-__all__ = ["visionzip_select"]
+__all__ = ["visionzip_select", "visionzip_contextual"]
 
 
 def visionzip_select(
@@ -64,11 +64,8 @@ def visionzip_select(
     valid = valid_or_all(valid, batch, tokens, visual.device)
     metric_all = visual_keys.mean(dim=2) if visual_keys.dim() == 4 else visual_keys  # (B, N, dk)
     scores_all = cls_attention.sum(dim=1)  # (B, N)
-    keep = torch.zeros(batch, tokens, dtype=torch.bool, device=visual.device)
-    dominant_mask = torch.zeros_like(keep)
-    values = visual.clone()
+    dominant_mask = torch.zeros(batch, tokens, dtype=torch.bool, device=visual.device)
     dom_counts = per_row_counts(dominant, batch)
-    ctx_counts = per_row_counts(contextual, batch)
     for b, pos in enumerate(row_positions(valid)):
         n = int(pos.numel())
         n_dom = max(0, min(dom_counts[b], n))
@@ -76,7 +73,38 @@ def visionzip_select(
         is_dom = torch.zeros(n, dtype=torch.bool, device=visual.device)
         is_dom[top] = True
         dominant_mask[b, pos[is_dom]] = True
-        rest = pos[~is_dom]  # (R,) absolute, positional order
+    keep, values = visionzip_contextual(visual, metric_all, dominant_mask, contextual, valid)
+    keep |= dominant_mask
+    return keep, values, dominant_mask
+
+
+def visionzip_contextual(
+    visual: Tensor,
+    visual_keys: Tensor,
+    dominant: Tensor,
+    contextual: CountLike,
+    valid: Optional[Tensor] = None,
+) -> tuple[Tensor, Tensor]:
+    """VisionZip's contextual tokens given the dominant set (the merge half of :func:`visionzip_select`).
+
+    Args:
+        visual: (B, N, D) hidden states; visual_keys: (B, N, Hk, dk) or (B, N, dk) metric.
+        dominant: (B, N) bool, the tokens already kept (excluded from the remaining tokens).
+        contextual: int or (B,) contextual tokens per row; clamped to the remaining count.
+        valid: (B, N) bool or None.
+
+    Returns:
+        keep: (B, N) bool, the contextual centres only (exactly ``min(contextual, remaining)``);
+        values: (B, N, D) ``visual`` with each centre replaced by ``centre + mean(assigned)``.
+    """
+    batch, tokens, _ = visual.shape
+    valid = valid_or_all(valid, batch, tokens, visual.device)
+    metric_all = visual_keys.mean(dim=2) if visual_keys.dim() == 4 else visual_keys  # (B, N, dk)
+    keep = torch.zeros(batch, tokens, dtype=torch.bool, device=visual.device)
+    values = visual.clone()
+    ctx_counts = per_row_counts(contextual, batch)
+    for b, pos in enumerate(row_positions(valid & ~dominant)):
+        rest = pos  # (R,) absolute, positional order
         n_rest = int(rest.numel())
         n_ctx = max(0, min(ctx_counts[b], n_rest))
         if n_ctx == 0:
@@ -96,5 +124,4 @@ def visionzip_select(
         centres = rest[target]  # (c,) absolute
         values[b, centres] = (hidden[:, target, :] + merged)[0]
         keep[b, centres] = True
-    keep |= dominant_mask
-    return keep, values, dominant_mask
+    return keep, values

@@ -28,7 +28,7 @@ from torch import Tensor
 
 from .common import CountLike, mask_from_positions, per_row_counts, row_positions, valid_or_all
 
-__all__ = ["vispruner_counts", "vispruner_select"]
+__all__ = ["vispruner_counts", "vispruner_select", "vispruner_dedup", "vispruner_supplement"]
 
 
 def vispruner_counts(total: int, important_ratio: float = 0.5) -> tuple[int, int]:
@@ -43,6 +43,13 @@ def _vispruner_row(features: Tensor, scores: Tensor, total: int, important_ratio
     order = scores.unsqueeze(0).argsort(dim=-1, descending=True)[0]  # (n,)
     important, residual = order[:n_imp], order[n_imp:]
     unit = features / features.norm(dim=-1, keepdim=True)  # (n, C)
+    residual = vispruner_dedup(unit, residual, n_div)
+    return torch.cat([important, residual]) if n_div > 0 else important
+
+
+def vispruner_dedup(unit: Tensor, residual: Tensor, n_div: int) -> Tensor:
+    """VisPruner's iterative duplicate removal: shrink ``residual`` (local indices into ``unit``,
+    (n, C) unit vectors, in descending-attention order) to ``n_div`` tokens (official loop)."""
     while n_div > 0:
         size = int(residual.numel())
         r = min(8, size - n_div)
@@ -53,7 +60,7 @@ def _vispruner_row(features: Tensor, scores: Tensor, total: int, important_ratio
         sim = (a @ b.transpose(-1, -2)).max(dim=-1).values  # (ceil(R/2),)
         distinct = sim.unsqueeze(0).argsort(dim=-1, descending=True)[0, r:]
         residual = torch.cat([residual[0::2][distinct], residual[1::2]])
-    return torch.cat([important, residual]) if n_div > 0 else important
+    return residual
 
 
 def vispruner_select(
@@ -88,3 +95,37 @@ def vispruner_select(
         mask_from_positions(kept, batch, tokens, visual.device),
         mask_from_positions(imp, batch, tokens, visual.device),
     )
+
+
+def vispruner_supplement(
+    visual: Tensor,
+    scores: Optional[Tensor],
+    selected: Tensor,
+    counts: CountLike,
+    valid: Optional[Tensor] = None,
+) -> Tensor:
+    """VisPruner's diverse tokens given the important set: ``counts[b]`` more tokens per row.
+
+    The residual is the row's valid slice in ``argsort(scores, descending=True)`` order (the
+    official op; positional order when ``scores`` is None) without the ``selected`` tokens; it is
+    shrunk with :func:`vispruner_dedup` to exactly ``counts[b]`` tokens.
+    """
+    batch, tokens, _ = visual.shape
+    valid = valid_or_all(valid, batch, tokens, visual.device)
+    kept = []
+    for b, (pos, k) in enumerate(zip(row_positions(valid), per_row_counts(counts, batch))):
+        n = int(pos.numel())
+        taken = selected[b, pos]
+        k = max(0, min(k, n - int(taken.sum())))
+        if k == 0:
+            kept.append(pos[:0])
+            continue
+        if scores is None:
+            order = torch.arange(n, device=visual.device)
+        else:
+            order = scores[b, pos].unsqueeze(0).argsort(dim=-1, descending=True)[0]  # (n,)
+        residual = order[~taken[order]]
+        features = visual[b, pos]
+        unit = features / features.norm(dim=-1, keepdim=True)  # (n, C)
+        kept.append(pos[vispruner_dedup(unit, residual, k)])
+    return mask_from_positions(kept, batch, tokens, visual.device)

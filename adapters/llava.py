@@ -1,0 +1,53 @@
+"""Adapter for LLaVA-1.5 (``LlavaForConditionalGeneration``; also its base ``LlavaModel``).
+
+Image spans: every ``config.image_token_id`` placeholder in ``input_ids`` is an image token; the
+placeholders are cut, in row-major order, into consecutive images of ``total / num_images`` tokens
+(``num_images`` = ``pixel_values.shape[0]``), so several images per prompt and adjacent images work.
+Each image's tokens are a row-major patch grid (``Signals.grid``) when the CLS token is removed
+(``vision_feature_select_strategy="default"``, the LLaVA-1.5 setting).
+
+Prompt span: :func:`vtprune.adapters.base.prompt_positions` (text after the last image token up to the end
+of the input, or up to ``prompt_stop``; for the LLaVA-1.5 template ``"USER: <image>\\n{question}
+ASSISTANT:"`` pass the ids of ``" ASSISTANT:"`` as ``prompt_stop`` to exclude the assistant marker).
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from torch import Tensor
+
+from .base import ImageLayout, VLMAdapter, _Call
+
+__all__ = ["LlavaAdapter"]
+
+
+class LlavaAdapter(VLMAdapter):
+    """LLaVA-1.5: CLIP vision tower + MLP projector + Llama-family decoder."""
+
+    name: ClassVar[str] = "llava"
+    description: ClassVar[str] = "LLaVA-1.5 (LlavaForConditionalGeneration): CLIP ViT + MLP projector + decoder"
+    model_classes: ClassVar[tuple[str, ...]] = ("LlavaForConditionalGeneration", "LlavaModel")
+    has_grid: ClassVar[bool] = True
+
+    def _side(self) -> int:
+        vision = self.config.vision_config
+        return int(vision.image_size) // int(vision.patch_size)
+
+    def image_counts(self, call: _Call, num_image_tokens: int) -> list[int]:
+        encoded = (call.kwargs.get("mm_encoder_outputs") or {}).get("image")
+        if encoded is not None:  # generate() encodes the images before the forward
+            return [int(f.shape[0]) for f in encoded.pooler_output]
+        num_images = int(call.kwargs["pixel_values"].shape[0])
+        if num_images == 0 or num_image_tokens % num_images:
+            raise ValueError(f"llava: {num_image_tokens} image tokens cannot be split into {num_images} images")
+        return [num_image_tokens // num_images] * num_images
+
+    def layouts(self, call: _Call, counts: list[int], token_embeds: list[Tensor]) -> list[ImageLayout]:
+        side = self._side()
+        return [ImageLayout(c, None, (side, side) if c == side * side else None) for c in counts]
+
+    def vision_rows(self, capture, layouts, token_embeds, per_crop: Tensor) -> list[Tensor]:
+        if per_crop.shape[0] != len(layouts):
+            raise ValueError(f"llava: {per_crop.shape[0]} encoded images for {len(layouts)} images in the input")
+        return list(per_crop.unbind(0))

@@ -1,0 +1,76 @@
+"""Peer methods as presets: compositions of built-in and peer stages (docs/methods.md)."""
+
+from __future__ import annotations
+
+from vtprune.framework.registry import Registry
+
+__all__ = ["PEER_PRESETS", "register_peer_presets"]
+
+#: name -> (recipe, description, paper, official code read)
+PEER_PRESETS: dict[str, tuple[str, str, str, str]] = {
+    "fastv": (
+        "relevance.attention+critical.topk_official(op=topk)+diversity.none+budget.fastv+placement.layer(k=2)",
+        "FastV: top-k by head-mean attention of the last prompt token at layer k-1, dropped before layer k",
+        "Chen et al., An Image is Worth 1/2 Tokens After Layer 2, ECCV 2024 (arXiv 2403.06764)",
+        "github.com/pkunlp-icler/FastV @ d1659729b5bf1be225e99ee15783deeea80f63b1",
+    ),
+    "pdrop": (
+        "relevance.attention+critical.topk_official(op=topk)+diversity.none+budget.pdrop"
+        "+placement.schedule(layers=[8, 16, 24], ratio=0.5)",
+        "PyramidDrop: attention top-k at layers 8/16/24, each stage keeping int(ratio * present)",
+        "Xing et al., PyramidDrop, CVPR 2025 (arXiv 2410.17247)",
+        "github.com/Cooperx521/PyramidDrop @ 6444f304aee4b7edcb022839fb9e8cd07859704a",
+    ),
+    "visionzip": (
+        "relevance.cls_attention(reduce=sum)+critical.topk_official(op=topk)+diversity.visionzip"
+        "+budget.visionzip(dominant=54,contextual=10,keep_cls=False)+placement.vision",
+        "VisionZip: dominant patches by CLS attention + contextual tokens merged in key space",
+        "Yang et al., VisionZip: Longer is Better but Not Necessary in VLMs, CVPR 2025 (arXiv 2412.04467)",
+        "github.com/dvlab-research/VisionZip @ 3151f6df4fca36a4cd1c985e5956e725b1f9ad02",
+    ),
+    "divprune": (
+        "relevance.none+critical.critical+diversity.divprune+budget.divprune_ratio+placement.pre_llm",
+        "DivPrune: max-min diversity greedy over the projected visual tokens",
+        "Alvar et al., DivPrune: Diversity-based Visual Token Pruning for LMMs, CVPR 2025 (arXiv 2503.02175)",
+        "github.com/vbdi/divprune @ 799e2d950aa01ba7860907f5a6d86061f885dca6",
+    ),
+    "cdpruner": (
+        "relevance.clip_text+critical.critical+diversity.dpp(theta=None)+budget.split(critical=0.0)"
+        "+placement.pre_llm_clip",
+        "CDPruner: conditional DPP (CLIP instruction relevance x feature similarity), greedy MAP",
+        "Zhang et al., Beyond Attention or Similarity: Maximizing Conditional Diversity for Token Pruning in MLLMs (arXiv 2506.10967)",
+        "github.com/Theia-4869/CDPruner @ 9541616c40fcd5625de1cdb8ea6c33c129eb7864",
+    ),
+    "dart": (
+        "relevance.key_norm+critical.topk_official(op=topk)+diversity.dart(pivot_text=4,faithful=False,"
+        "image_token_start_index=35)+budget.dart(pivot_image=4)+placement.layer(k=2)",
+        "DART: image/text pivots by key L1 norm; per pivot keep the least similar image tokens",
+        "Wen et al., Stop Looking for Important Tokens in MLLMs: Duplication Matters More (arXiv 2502.11494)",
+        "github.com/ZichenWen1/DART (read from fork xqy1111111/DART @ 5a19452fc173017191c247848673e0bde755695a)",
+    ),
+    "vispruner": (
+        "relevance.cls_attention(reduce=mean)+critical.topk_official(op=argsort)+diversity.vispruner"
+        "+budget.vispruner(important_ratio=0.5)+placement.vision",
+        "VisPruner: important patches by CLS attention + duplicates removed from the rest",
+        "Zhang et al., Beyond Text-Visual Attention: Exploiting Visual Cues for Effective Token Pruning in VLMs, ICCV 2025 (arXiv 2412.01818)",
+        "github.com/Theia-4869/VisPruner @ aefa01adc7c7ce6334e880c88225e90cede760d1",
+    ),
+    "random": (
+        "relevance.none+critical.critical+diversity.randperm(seed=0)+budget.split(critical=0.0)+placement.pre_llm",
+        "random baseline: seeded randperm of each row's tokens",
+        "",
+        "",
+    ),
+    "pooling": (
+        "relevance.none+critical.critical+diversity.pooling+budget.split(critical=0.0)+placement.pre_llm",
+        "average-pooling baseline: pool the patch grid to the budget (merged values)",
+        "",
+        "",
+    ),
+}
+
+
+def register_peer_presets(registry: Registry) -> None:
+    """Register every peer preset."""
+    for name, (recipe, description, paper, code) in PEER_PRESETS.items():
+        registry.add_preset(name, recipe, description, paper=paper, code=code)

@@ -1,0 +1,398 @@
+"""Tiny, random, real transformers VLMs for adapter tests (CPU, fp32, seconds to build).
+
+Reusable by plugin authors: every builder takes the knobs that matter (attention implementation, dtype,
+layers, GQA, seed) and returns a real ``*ForConditionalGeneration`` in eval mode. Nothing is downloaded.
+
+- :func:`tiny_llava` / :func:`tiny_llava_next`: models (CLIP vision tower + Llama decoder).
+- :func:`llava_inputs` / :func:`llava_next_inputs`: ready batches (left padding, several images per sample).
+- :func:`tiny_tokenizer`, :func:`tiny_llava_processor`: a WordLevel ``PreTrainedTokenizerFast`` and a
+  ``LlavaProcessor`` (``CLIPImageProcessor`` without torchvision) for end-to-end tests.
+- :func:`record_hooks`: a snapshot of every hook dict of a model (to assert clean removal).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+__all__ = [
+    "IMAGE_TOKEN_ID",
+    "PAD_ID",
+    "VOCAB",
+    "tiny_clip_config",
+    "tiny_llama_config",
+    "tiny_llava",
+    "tiny_llava_next",
+    "llava_inputs",
+    "llava_next_inputs",
+    "left_pad",
+    "tiny_tokenizer",
+    "tiny_llava_processor",
+    "record_hooks",
+    "single_thread",
+    "generation_positions",
+]
+
+VOCAB = 96
+IMAGE_TOKEN_ID = 95
+PAD_ID = 0
+BOS_ID = 1
+EOS_ID = 2
+IMAGE_SIZE = 28
+PATCH_SIZE = 7  # 4 x 4 = 16 patches per crop
+
+
+def tiny_clip_config(**overrides):
+    from transformers import CLIPVisionConfig
+
+    values = dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=IMAGE_SIZE,
+        patch_size=PATCH_SIZE,
+        projection_dim=32,
+    )
+    values.update(overrides)
+    return CLIPVisionConfig(**values)
+
+
+def tiny_llama_config(**overrides):
+    from transformers import LlamaConfig
+
+    values = dict(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        pad_token_id=PAD_ID,
+        bos_token_id=BOS_ID,
+        eos_token_id=EOS_ID,
+    )
+    values.update(overrides)
+    return LlamaConfig(**values)
+
+
+def _finish(model, attn: str, dtype: torch.dtype):
+    model.set_attn_implementation(attn)
+    model = model.to(dtype).eval()
+    # random tiny models generate EOS early; greedy tests want 8 real steps
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = PAD_ID
+    return model
+
+
+def tiny_llava(attn: str = "sdpa", dtype: torch.dtype = torch.float32, seed: int = 0, layers: int = 4, **text):
+    """A random ``LlavaForConditionalGeneration``: 16 image tokens per image, 4 Llama layers (GQA 4/2)."""
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+    config = LlavaConfig(
+        vision_config=tiny_clip_config(),
+        text_config=tiny_llama_config(num_hidden_layers=layers, **text),
+        image_token_id=IMAGE_TOKEN_ID,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
+    )
+    torch.manual_seed(seed)
+    return _finish(LlavaForConditionalGeneration(config), attn, dtype)
+
+
+def tiny_llava_next(attn: str = "sdpa", dtype: torch.dtype = torch.float32, seed: int = 0, layers: int = 4, **text):
+    """A random ``LlavaNextForConditionalGeneration`` with AnyRes pinpoints 28x56, 56x28, 56x56."""
+    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
+
+    config = LlavaNextConfig(
+        vision_config=tiny_clip_config(),
+        text_config=tiny_llama_config(num_hidden_layers=layers, **text),
+        image_token_id=IMAGE_TOKEN_ID,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        image_grid_pinpoints=[[IMAGE_SIZE, 2 * IMAGE_SIZE], [2 * IMAGE_SIZE, IMAGE_SIZE], [2 * IMAGE_SIZE, 2 * IMAGE_SIZE]],
+        projector_hidden_act="gelu",
+    )
+    torch.manual_seed(seed)
+    return _finish(LlavaNextForConditionalGeneration(config), attn, dtype)
+
+
+def left_pad(rows: Sequence[Sequence[int]], pad: int = PAD_ID) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) with left padding."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row) :] = torch.tensor(list(row))
+        mask[i, width - len(row) :] = 1
+    return ids, mask
+
+
+def generation_positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids as ``generate`` builds them (cumsum of the mask - 1, pads at 0)."""
+    positions = attention_mask.long().cumsum(-1) - 1
+    return positions.masked_fill(attention_mask == 0, 0)
+
+
+def _prompt(images: int, tokens_per_image: Sequence[int], question: Sequence[int], seed: int) -> list[int]:
+    generator = torch.Generator().manual_seed(seed)
+    row = [BOS_ID] + torch.randint(3, 40, (3,), generator=generator).tolist()  # system prefix
+    for i in range(images):
+        row += [IMAGE_TOKEN_ID] * tokens_per_image[i]
+        row += [10 + i]  # "\n"-like separator
+    row += list(question)
+    row += [41, 42]  # "ASSISTANT:" marker
+    return row
+
+
+def llava_inputs(model, images_per_sample: Sequence[int] = (1,), question_lengths: Optional[Sequence[int]] = None, seed: int = 0):
+    """Left-padded batch for ``tiny_llava``: sample i has ``images_per_sample[i]`` images and a question of
+    ``question_lengths[i]`` tokens. Returns a dict for ``model(**inputs)`` / ``model.generate(**inputs)``."""
+    config = model.config
+    side = config.vision_config.image_size // config.vision_config.patch_size
+    tokens = side * side
+    question_lengths = question_lengths or [4 + i for i in range(len(images_per_sample))]
+    generator = torch.Generator().manual_seed(seed)
+    rows = []
+    for i, (n, q) in enumerate(zip(images_per_sample, question_lengths)):
+        question = torch.randint(3, 90, (q,), generator=generator).tolist()
+        rows.append(_prompt(n, [tokens] * n, question, seed + i))
+    ids, mask = left_pad(rows)
+    total = sum(images_per_sample)
+    pixel_values = torch.randn(total, 3, config.vision_config.image_size, config.vision_config.image_size, generator=generator)
+    return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixel_values.to(model.dtype)}
+
+
+def llava_next_inputs(
+    model,
+    image_sizes: Sequence[Sequence[tuple[int, int]]] = (((30, 50),),),
+    question_lengths: Optional[Sequence[int]] = None,
+    seed: int = 0,
+):
+    """Left-padded batch for ``tiny_llava_next``: ``image_sizes[i]`` lists the (height, width) of sample i's
+    images. Placeholder counts come from the model's own ``get_image_features`` (not from the adapter)."""
+    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+    config = model.config
+    flat_sizes = [s for sample in image_sizes for s in sample]
+    crops = [
+        image_size_to_num_patches(list(s), config.image_grid_pinpoints, config.vision_config.image_size) for s in flat_sizes
+    ]
+    generator = torch.Generator().manual_seed(seed)
+    size = config.vision_config.image_size
+    pixel_values = torch.zeros(len(flat_sizes), max(crops), 3, size, size)
+    for i, c in enumerate(crops):
+        pixel_values[i, :c] = torch.randn(c, 3, size, size, generator=generator)
+    sizes_tensor = torch.tensor(flat_sizes, dtype=torch.long)
+    with torch.no_grad():
+        features = model.model.get_image_features(pixel_values.to(model.dtype), sizes_tensor).pooler_output
+    counts = [int(f.shape[0]) for f in features]
+    question_lengths = question_lengths or [4 + i for i in range(len(image_sizes))]
+    rows, k = [], 0
+    for i, (sample, q) in enumerate(zip(image_sizes, question_lengths)):
+        question = torch.randint(3, 90, (q,), generator=generator).tolist()
+        rows.append(_prompt(len(sample), counts[k : k + len(sample)], question, seed + i))
+        k += len(sample)
+    ids, mask = left_pad(rows)
+    return {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "pixel_values": pixel_values.to(model.dtype),
+        "image_sizes": sizes_tensor,
+    }
+
+
+def tiny_tokenizer():
+    """A WordLevel ``PreTrainedTokenizerFast`` over ``w3 .. w94`` plus specials and ``<image>`` (id 95)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": PAD_ID, "<s>": BOS_ID, "</s>": EOS_ID}
+    for i in range(3, VOCAB - 1):
+        vocab[f"w{i}"] = i
+    vocab["<image>"] = IMAGE_TOKEN_ID
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<pad>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<pad>",
+        padding_side="left",
+    )
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    return tokenizer
+
+
+def tiny_llava_processor():
+    """``LlavaProcessor`` = ``CLIPImageProcessor`` (28 px, no torchvision) + :func:`tiny_tokenizer`."""
+    from transformers import CLIPImageProcessor, LlavaProcessor
+
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}
+    )
+    return LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tiny_tokenizer(),
+        patch_size=PATCH_SIZE,
+        vision_feature_select_strategy="default",
+        image_token="<image>",
+        num_additional_image_tokens=1,
+    )
+
+
+def single_thread():
+    """Generator for an autouse fixture: tiny matmuls are ~25x faster on one intra-op thread when the
+    machine is busy (restores the previous setting)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def record_hooks(model) -> dict:
+    """Every hook registered on every submodule: {(module name, hook dict name): tuple(hook ids)}."""
+    names = (
+        "_forward_hooks",
+        "_forward_pre_hooks",
+        "_backward_hooks",
+        "_backward_pre_hooks",
+        "_forward_hooks_with_kwargs",
+        "_forward_pre_hooks_with_kwargs",
+        "_forward_hooks_always_called",
+        "_state_dict_hooks",
+        "_load_state_dict_pre_hooks",
+    )
+    out = {}
+    for module_name, module in model.named_modules():
+        for attr in names:
+            table = getattr(module, attr, None)
+            if table:
+                out[(module_name, attr)] = tuple(table.keys())
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------
+# Independent references (no vtprune code): masks and positions applied to the *unpruned* model
+# --------------------------------------------------------------------------------------------------------
+
+
+def removed_by_layer(result, batch: int, length: int, num_layers: int) -> list[torch.Tensor]:
+    """(B, L) bool per decoder layer: original positions a pruned forward has removed before that layer,
+    computed from ``handle.last_selection`` (a `PruneResult`)."""
+    removed = [torch.zeros(batch, length, dtype=torch.bool) for _ in range(num_layers)]
+    for record in result.drops:
+        for r, positions in enumerate(result.image_positions):
+            kept = positions[record.selection.row_indices(r).cpu()]
+            gone = positions[~torch.isin(positions, kept)]
+            b = int(result.image_sample[r])
+            for layer in range(record.layer, num_layers):
+                removed[layer][b, gone] = True
+    return removed
+
+
+class masked_reference:
+    """Context manager: forward pre-hooks on the decoder layers of an *unpruned* model that mask the removed
+    positions out of attention for each layer (a 4-D mask built here from the layer's own mask), and for
+    ``positions="compact"`` give those layers rotary embeddings of renumbered positions (original position
+    minus removed tokens before it; new tokens minus all removed). Works for prefill and decoding."""
+
+    def __init__(self, model, removed: list[torch.Tensor], positions: str = "keep"):
+        self.stack = model.model.language_model
+        self.removed = removed
+        self.positions = positions
+        self.handles = []
+
+    def __enter__(self):
+        eager = self.stack.config._attn_implementation == "eager"
+        for number, layer in enumerate(self.stack.layers):
+            rem = self.removed[number]
+            if not bool(rem.any()):
+                continue
+            self.handles.append(layer.register_forward_pre_hook(self._hook(number, rem, eager), with_kwargs=True))
+        return self
+
+    def __exit__(self, *exc):
+        for handle in self.handles:
+            handle.remove()
+
+    def _hook(self, number, rem, eager):
+        length = rem.shape[1]
+
+        def hook(module, args, kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            batch, q_len = hidden.shape[:2]
+            mask = kwargs.get("attention_mask")
+            cache = kwargs.get("cache")
+            if mask is None:
+                past = cache.get_seq_length(number) if cache is not None else 0
+                kv = past + q_len
+                allowed = torch.ones(q_len, kv, dtype=torch.bool).tril(kv - q_len)[None, None].expand(batch, 1, -1, -1)
+            elif mask.dtype == torch.bool:
+                allowed = mask.expand(batch, -1, -1, -1)
+            else:
+                allowed = (mask == 0).expand(batch, -1, -1, -1)
+            kv = allowed.shape[-1]
+            keys = torch.ones(batch, kv, dtype=torch.bool)
+            keys[:, :length] = ~rem
+            allowed = allowed & keys[:, None, None, :]
+            kwargs = dict(kwargs)
+            if eager:
+                kwargs["attention_mask"] = torch.where(
+                    allowed, torch.zeros((), dtype=hidden.dtype), torch.finfo(hidden.dtype).min
+                )
+            else:
+                kwargs["attention_mask"] = allowed
+            if self.positions == "compact":
+                pos = kwargs["position_ids"].expand(batch, -1)
+                if q_len == length:
+                    shift = rem.long().cumsum(1)
+                else:
+                    shift = rem.long().sum(1, keepdim=True)
+                kwargs["position_embeddings"] = self.stack.rotary_emb(hidden, pos - shift)
+            return args, kwargs
+
+        return hook
+
+
+def merged_embeddings(model, inputs) -> torch.Tensor:
+    """The decoder input embeddings of ``inputs`` (text embeddings with image features scattered in),
+    computed with the model's own public methods."""
+    vlm = model.model
+    embeds = vlm.get_input_embeddings()(inputs["input_ids"])
+    kwargs = {"image_sizes": inputs["image_sizes"]} if "image_sizes" in inputs else {}
+    features = vlm.get_image_features(inputs["pixel_values"], **kwargs).pooler_output
+    features = torch.cat(list(features), dim=0).to(embeds.dtype)
+    mask = (inputs["input_ids"] == model.config.image_token_id).unsqueeze(-1)
+    return embeds.masked_scatter(mask, features)
+
+
+def kept_only_inputs(model, inputs, removed: torch.Tensor) -> dict:
+    """``inputs_embeds`` / ``attention_mask`` / ``position_ids`` of only the kept tokens (left padded), for
+    the "model fed only the kept tokens" reference of ``positions="compact"``."""
+    with torch.no_grad():
+        embeds = merged_embeddings(model, inputs)
+    real = inputs["attention_mask"].bool() & ~removed
+    rows = [embeds[b, real[b]] for b in range(embeds.shape[0])]
+    width = max(r.shape[0] for r in rows)
+    out = torch.zeros(len(rows), width, embeds.shape[-1], dtype=embeds.dtype)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for b, r in enumerate(rows):
+        out[b, width - r.shape[0] :] = r
+        mask[b, width - r.shape[0] :] = 1
+    return {"inputs_embeds": out, "attention_mask": mask, "position_ids": generation_positions(mask)}
+
+
+def aligned(pruned_logits, result, reference_logits, attention_mask):
+    """(pruned, reference) logits at every real kept slot of the pruned output (``keep`` references are
+    aligned through ``result.sequence_index``)."""
+    index, valid = result.sequence_index, result.sequence_mask
+    real = attention_mask.bool().gather(1, index) & valid
+    ref = reference_logits.gather(1, index.unsqueeze(-1).expand(-1, -1, reference_logits.shape[-1]))
+    return pruned_logits[real], ref[real]
