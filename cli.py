@@ -70,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     example.add_argument("--budget", type=budget_arg, default=0.25)
     example.add_argument("--seed", type=int, default=0)
     example.set_defaults(func=_cmd_select_example)
+    from vtprune.experiments.cli import add_experiment_commands
+
+    add_experiment_commands(commands)
     demo = commands.add_parser("demo", help="the main job on the built-in default (see README)")
     demo.set_defaults(func=_cmd_demo)
     return parser

@@ -1,1 +1,12 @@
-"""vtprune.experiments."""
+"""vtprune.experiments: ablation grids from YAML, resumable runs, metrics, tracking and reports.
+
+- ``schema`` / ``config``: the structured config, loading, overrides, validation, expansion into cells;
+- ``runner``: ``run_grid`` / ``run_cell`` (resumable, failure tolerant); ``launchers``: local and Slurm;
+- ``tasks``: the task interface and the built-in ``jsonl``, ``synthetic`` and ``lmms_eval`` tasks;
+- ``models``: Hugging Face and dummy backends; ``measure``: prefill/decode latency and memory observer;
+- ``cost``: analytic prefill FLOPs and KV-cache bytes; ``metrics``: per-sample rows and cell metrics;
+- ``tracking``: wandb; ``report``: tables and plots; ``lmms_eval_model``: the lmms-eval model plugin;
+- ``plugin``: registration of the built-in tasks and launchers; ``cli``: ``vtprune run|plan|report``.
+
+See docs/experiments.md.
+"""

@@ -36,6 +36,7 @@ ENTRY_POINT_GROUP = "vtprune"
 BUILTIN_PLUGINS: tuple[str, ...] = (
     "vtprune.strategies.plugin",
     "vtprune.adapters.plugin",
+    "vtprune.experiments.plugin",
 )
 _NAME_RULE = re.compile(r"[a-z][a-z0-9_]*")
 

@@ -1,0 +1,268 @@
+"""Evaluation tasks: the interface, answer metrics and the built-in tasks.
+
+A task is what a factory registered with ``registry.add_task(name, factory, description)``
+returns (hook ``vtprune_register_tasks``). It has:
+
+- ``samples(limit=None)``: yields `Sample` objects (deterministic order; ``limit`` = the first n);
+- ``score(sample, prediction) -> dict[str, float]``: per-sample metrics; the first key (or the
+  task's ``metric`` attribute) is the task accuracy;
+- optionally ``max_new_tokens`` (int), the generation length the task needs, and
+  ``prompt(sample) -> str``, the question text put in the model's prompt (default ``sample.question``);
+- or, instead of samples/score, ``evaluate(context) -> dict[str, float]`` to run a whole external
+  evaluation itself (see `LmmsEvalTask`).
+
+Built-in: ``jsonl`` (bring your own data), ``synthetic`` (random images, for dry runs with the
+``dummy`` model) and ``lmms_eval`` (benchmarks through lmms-eval).
+
+>>> vqa_accuracy("Two", ["2", "two", "2", "3"])
+1.0
+>>> exact_match("the Red.", ["red"])
+1.0
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Optional, Protocol, Sequence, runtime_checkable
+
+import numpy as np
+
+__all__ = [
+    "Sample",
+    "Task",
+    "JsonlTask",
+    "SyntheticTask",
+    "LmmsEvalTask",
+    "METRICS",
+    "normalize_answer",
+    "exact_match",
+    "vqa_accuracy",
+    "contains",
+    "primary_metric",
+    "check_task_options",
+]
+
+
+@dataclass
+class Sample:
+    """One evaluation item.
+
+    Attributes:
+        id: unique within the task (used to resume and to match the unpruned run).
+        images: PIL images or (H, W, 3) uint8 arrays, in prompt order.
+        question: the question text (without image placeholders).
+        answers: reference answers (several for VQA-style scoring).
+        meta: anything else (kept in the per-sample results).
+    """
+
+    id: str
+    images: list[Any]
+    question: str
+    answers: list[str]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@runtime_checkable
+class Task(Protocol):
+    def samples(self, limit: Optional[int] = None) -> Iterator[Sample]: ...
+
+    def score(self, sample: Sample, prediction: str) -> dict[str, float]: ...
+
+
+# ------------------------------------------------------------------------------------------------
+# Answer metrics
+# ------------------------------------------------------------------------------------------------
+
+_NUMBERS = {w: str(i) for i, w in enumerate("zero one two three four five six seven eight nine ten".split())}
+_ARTICLES = {"a", "an", "the"}
+_PUNCT = re.compile(r"[^\w\s]")
+
+
+def normalize_answer(text: str) -> str:
+    """Lower case, punctuation and articles removed, number words as digits, spaces collapsed."""
+    words = _PUNCT.sub(" ", str(text).lower()).split()
+    return " ".join(_NUMBERS.get(w, w) for w in words if w not in _ARTICLES)
+
+
+def exact_match(prediction: str, answers: Sequence[str]) -> float:
+    """1.0 if the normalized prediction equals a normalized answer."""
+    guess = normalize_answer(prediction)
+    return float(any(guess == normalize_answer(a) for a in answers))
+
+
+def vqa_accuracy(prediction: str, answers: Sequence[str]) -> float:
+    """VQA accuracy: min(#annotators agreeing / 3, 1) on normalized answers (a single reference
+    answer counts as three annotators)."""
+    if not answers:
+        return 0.0
+    guess = normalize_answer(prediction)
+    agree = sum(guess == normalize_answer(a) for a in answers)
+    return min(1.0, agree / (3.0 if len(answers) > 1 else 1.0))
+
+
+def contains(prediction: str, answers: Sequence[str]) -> float:
+    """1.0 if a normalized answer occurs as whole words in the normalized prediction."""
+    guess = f" {normalize_answer(prediction)} "
+    return float(any(f" {normalize_answer(a)} " in guess for a in answers if normalize_answer(a)))
+
+
+METRICS = {"exact_match": exact_match, "vqa": vqa_accuracy, "contains": contains}
+
+
+def primary_metric(task: Any, scores: Mapping[str, float]) -> str:
+    """The name of the task's accuracy metric among ``scores``."""
+    name = getattr(task, "metric", None)
+    return name if name in scores else next(iter(scores))
+
+
+def check_task_options(factory: Any, options: Mapping[str, Any]) -> Optional[str]:
+    """Validate task options without building the task: the factory's signature, then its
+    ``check_options(**options)`` classmethod/staticmethod when it has one (returns a sentence or None)."""
+    from .config import signature_problem
+
+    problem = signature_problem(factory, options)
+    if problem is None and hasattr(factory, "check_options"):
+        problem = factory.check_options(**options)
+    return problem
+
+
+# ------------------------------------------------------------------------------------------------
+# Built-in tasks
+# ------------------------------------------------------------------------------------------------
+
+
+class JsonlTask:
+    """Your own data: one JSON object per line.
+
+    Each line: ``{"id": ..., "image": "path" | ["p1", "p2"], "question": ..., "answers": [...] |
+    "answer": ...}`` (other keys go to ``meta``). Image paths are relative to ``image_root``
+    (default: the JSONL file's folder).
+
+    Args:
+        path: the JSONL file.
+        metric: "vqa" (default), "exact_match" or "contains".
+        image_root: folder of relative image paths.
+        prompt_suffix: appended to every question (e.g. " Answer with one word.").
+        max_new_tokens: generation length this task needs (overrides ``generation.max_new_tokens``).
+    """
+
+    def __init__(
+        self,
+        path: str,
+        metric: str = "vqa",
+        image_root: Optional[str] = None,
+        prompt_suffix: str = "",
+        max_new_tokens: Optional[int] = None,
+    ) -> None:
+        problem = self.check_options(path=path, metric=metric)
+        if problem:
+            from vtprune.framework.errors import VtpruneError
+
+            raise VtpruneError(problem)
+        self.path = Path(path)
+        self.metric = metric
+        self.image_root = Path(image_root) if image_root else self.path.parent
+        self.prompt_suffix = prompt_suffix
+        if max_new_tokens is not None:
+            self.max_new_tokens = max_new_tokens
+
+    @staticmethod
+    def check_options(path: str = "", metric: str = "vqa", **_: Any) -> Optional[str]:
+        if metric not in METRICS:
+            return f"metric must be one of {', '.join(METRICS)}, got {metric!r}"
+        if not Path(path).is_file():
+            return f"no JSONL file at {path!r}"
+        return None
+
+    def samples(self, limit: Optional[int] = None) -> Iterator[Sample]:
+        from PIL import Image
+
+        from .results import read_jsonl
+
+        for number, row in enumerate(read_jsonl(self.path)):
+            if limit is not None and number >= limit:
+                return
+            paths = row.get("image", row.get("images", []))
+            paths = [paths] if isinstance(paths, str) else list(paths)
+            images = [Image.open(self.image_root / p).convert("RGB") for p in paths]
+            answers = row.get("answers", row.get("answer", []))
+            answers = [answers] if isinstance(answers, str) else [str(a) for a in answers]
+            meta = {k: v for k, v in row.items() if k not in ("id", "image", "images", "question", "answers", "answer")}
+            yield Sample(str(row.get("id", number)), images, str(row["question"]), answers, meta)
+
+    def prompt(self, sample: Sample) -> str:
+        return sample.question + self.prompt_suffix
+
+    def score(self, sample: Sample, prediction: str) -> dict[str, float]:
+        return {self.metric: METRICS[self.metric](prediction, sample.answers)}
+
+
+class SyntheticTask:
+    """Seeded random images with colour questions, for dry runs (``model.name: dummy``) and tests.
+
+    Args:
+        n: number of samples.
+        size: image side in pixels.
+        seed: the generator seed.
+    """
+
+    metric = "exact_match"
+
+    def __init__(self, n: int = 16, size: int = 32, seed: int = 0) -> None:
+        self.n, self.size, self.seed = n, size, seed
+
+    def samples(self, limit: Optional[int] = None) -> Iterator[Sample]:
+        colours = {"red": (220, 40, 40), "green": (40, 190, 60), "blue": (50, 80, 230)}
+        names = list(colours)
+        count = self.n if limit is None else min(limit, self.n)
+        for index in range(count):
+            rng = np.random.default_rng(self.seed * 100_003 + index)
+            name = names[int(rng.integers(len(names)))]
+            image = rng.integers(90, 140, size=(self.size, self.size, 3)).astype(np.uint8)  # (H, W, 3)
+            y, x = rng.integers(0, self.size // 2, size=2)
+            image[y : y + self.size // 2, x : x + self.size // 2] = colours[name]
+            yield Sample(f"syn-{index}", [image], "what color is the square ?", [name], {"index": index})
+
+    def score(self, sample: Sample, prediction: str) -> dict[str, float]:
+        return {"exact_match": exact_match(prediction, sample.answers)}
+
+
+class LmmsEvalTask:
+    """Benchmarks through lmms-eval (``pip install 'vtprune[eval]'``): GQA, POPE, TextVQA, ...
+
+    The cell's already-loaded model and pruning pipeline run inside lmms-eval's evaluator as the
+    ``vtprune`` model (`vtprune.experiments.lmms_eval_model`); the task's metrics become the cell's
+    metrics (``<task>/<metric>``). Per-sample rows, fidelity and analytic costs come from the
+    model wrapper's records.
+
+    Args:
+        tasks: lmms-eval task names.
+        num_fewshot, gen_kwargs, log_samples: passed to ``lmms_eval.evaluator.simple_evaluate``.
+        metric: the ``<task>/<metric>`` reported as accuracy (default: the first one).
+    """
+
+    def __init__(
+        self,
+        tasks: Sequence[str] = ("gqa",),
+        num_fewshot: Optional[int] = None,
+        gen_kwargs: str = "",
+        log_samples: bool = False,
+        metric: Optional[str] = None,
+    ) -> None:
+        self.tasks = [tasks] if isinstance(tasks, str) else list(tasks)
+        self.num_fewshot, self.gen_kwargs, self.log_samples = num_fewshot, gen_kwargs, log_samples
+        self.metric = metric
+
+    def evaluate(self, context: Any) -> dict[str, float]:
+        """Run lmms-eval with the cell's model; ``context`` is a `vtprune.experiments.runner.CellContext`."""
+        from .lmms_eval_model import evaluate_with_lmms_eval
+
+        return evaluate_with_lmms_eval(self, context)
+
+
+def jsonl_lines(rows: Sequence[Mapping[str, Any]]) -> str:
+    """JSONL text for ``rows`` (used by docs and tests to make a JsonlTask file)."""
+    return "".join(json.dumps(dict(row)) + "\n" for row in rows)
