@@ -73,14 +73,51 @@ def build_parser() -> argparse.ArgumentParser:
     from vtprune.experiments.cli import add_experiment_commands
 
     add_experiment_commands(commands)
-    demo = commands.add_parser("demo", help="the main job on the built-in default (see README)")
+    demo = commands.add_parser("demo", help="the main job: the demo grid on the embedded organism, then its report")
+    demo.add_argument("overrides", nargs="*", help="dotted overrides of experiments/configs/demo.yaml (e.g. seeds=[0])")
+    demo.add_argument("--out", default=None, help="results directory (default: the grid's output_dir, results/demo)")
+    demo.add_argument("--no-progress", action="store_true")
     demo.set_defaults(func=_cmd_demo)
+
+    organism = commands.add_parser("organism", help="the embedded demo model: reproduce its weights")
+    organism_commands = organism.add_subparsers(dest="organism_command", required=True)
+    train = organism_commands.add_parser("train", help="train the organism (seeded; see docs/demo.md)", add_help=False)
+    train.add_argument("train_args", nargs=argparse.REMAINDER, help="arguments of vtprune.experiments.organism.train")
+    train.set_defaults(func=_cmd_organism_train)
     return parser
 
 
+def demo_grid_path() -> "Path":
+    """The shipped demo grid (package data)."""
+    from pathlib import Path
+
+    import vtprune.experiments
+
+    return Path(vtprune.experiments.__file__).resolve().parent / "configs" / "demo.yaml"
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
-    """The built-in default: until the organism grid lands, the selection example."""
-    return _cmd_select_example(argparse.Namespace(recipes=["zspaprune", "zspaprune+kmeans", "relevance.none+fps"], tokens=24, budget=0.25, seed=0))
+    """Run the demo grid (resumable: a rerun skips finished cells), write and print its report."""
+    from pathlib import Path
+
+    from vtprune.experiments.config import load_grid
+    from vtprune.experiments.report import write_report
+    from vtprune.experiments.runner import run_grid
+
+    overrides = list(args.overrides) + ([f"output_dir={args.out}"] if args.out else [])
+    spec = load_grid(demo_grid_path(), overrides)
+    summary = run_grid(spec, progress=not args.no_progress)
+    print(summary.format(spec))
+    written = write_report(summary.root)
+    print(Path(written["markdown"]).read_text())
+    print(f"report: {written['markdown']}")
+    return 0 if not summary.failed else 1
+
+
+def _cmd_organism_train(args: argparse.Namespace) -> int:
+    from vtprune.experiments.organism.train import main as train_main
+
+    return int(train_main(list(args.train_args)) or 0)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -108,7 +108,8 @@ def find_visual_segments(
     VisualSegment(sample=0, kind='image', start=3, grid=(1, 1, 1))
     """
     segments: list[VisualSegment] = []
-    for kind, token_id, queue in (("image", image_token_id, list(image_grids)), ("video", video_token_id, list(video_grids))):
+    items = (("image", image_token_id, list(image_grids)), ("video", video_token_id, list(video_grids)))
+    for kind, token_id, queue in items:
         used = 0
         for sample in range(input_ids.shape[0]):
             positions = (input_ids[sample] == token_id).nonzero().flatten().tolist()
@@ -277,7 +278,8 @@ def compact_positions(position_ids: Tensor, delta: Tensor) -> Tensor:
         delta: (B, S) or (B, 1) tokens dropped before each slot.
     Returns: (4, B, S): ``0 .. K-1`` over the kept tokens of a prefill, ``K + n`` for the n-th later token.
 
-    >>> compact_positions(torch.tensor([[[0, 3, 4]], [[0, 2, 4]], [[0, 1, 4]], [[0, 1, 4]]]), torch.tensor([[0, 2, 2]]))[:, 0].tolist()
+    >>> ids = torch.tensor([[[0, 3, 4]], [[0, 2, 4]], [[0, 1, 4]], [[0, 1, 4]]])  # (4, 1, 3)
+    >>> compact_positions(ids, torch.tensor([[0, 2, 2]]))[:, 0].tolist()
     [[0, 1, 2], [0, 1, 2], [0, 1, 2], [0, 1, 2]]
     """
     if position_ids.shape[0] != 4:
@@ -309,6 +311,12 @@ def continuation_positions(original: Tensor, mask2d: Optional[Tensor], seen: int
 # ------------------------------------------------------------------------------------------------
 # The adapter
 # ------------------------------------------------------------------------------------------------
+
+
+def _text_row(position_ids: Tensor) -> Optional[Tensor]:
+    """The ``position_ids`` the decoder layers receive: the text row of (4, B, L) ids, else None (what
+    ``Qwen2VLTextModel`` passes)."""
+    return position_ids[0] if position_ids.dim() == 3 and position_ids.shape[0] == 4 else None
 
 
 def _token_ids(value: Any) -> set[int]:
@@ -393,7 +401,7 @@ class QwenVLAdapter(VLMAdapter):
         return DecoderSpec.for_llama_like(
             stack,
             rope=lambda hidden, positions: stack.rotary_emb(hidden, positions[-3:]),
-            layer_position_ids=lambda positions: positions[0] if positions.dim() == 3 and positions.shape[0] == 4 else None,
+            layer_position_ids=_text_row,
             shift_positions=compact_positions,
             default_positions=default_positions,
         )
@@ -517,7 +525,10 @@ class QwenAttachment(Attachment):
         call = self._current()
         if call is None or not call.has_images:
             return None
-        mask2d = mask.bool() if mask is not None else torch.ones(embeds.shape[:2], dtype=torch.bool, device=embeds.device)
+        if mask is None:
+            mask2d = torch.ones(embeds.shape[:2], dtype=torch.bool, device=embeds.device)
+        else:
+            mask2d = mask.bool()
         kwargs = dict(kwargs)
         kwargs["position_ids"] = with_text_row(positions, mask2d)
         return args, kwargs

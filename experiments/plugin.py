@@ -6,6 +6,7 @@ from vtprune.framework.hookspecs import hookimpl
 from vtprune.framework.registry import Registry
 
 from .launchers import LocalLauncher, SlurmLauncher
+from .organism.vqa_task import OrganismTask
 from .tasks import JsonlTask, LmmsEvalTask, SyntheticTask
 
 __all__ = ["vtprune_register_tasks", "vtprune_register_launchers"]
@@ -16,6 +17,7 @@ def vtprune_register_tasks(registry: Registry) -> None:
     registry.add_task("jsonl", JsonlTask, "your own data: JSONL lines with image path(s), question, answers (VQA / exact match)")
     registry.add_task("synthetic", SyntheticTask, "seeded random colour questions, for dry runs with model.name=dummy")
     registry.add_task("lmms_eval", LmmsEvalTask, "benchmarks through lmms-eval (GQA, POPE, TextVQA, ...); needs vtprune[eval]")
+    registry.add_task("organism", OrganismTask, "the demo organism's synthetic VQA (colour/shape/exists/count; reports target_kept)")
 
 
 @hookimpl

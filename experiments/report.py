@@ -22,7 +22,7 @@ __all__ = ["collect_rows", "write_report", "COLUMNS"]
 
 COLUMNS: tuple[str, ...] = (
     "model", "task", "method", "budget", "seeds", "n_samples", "tokens_kept", "kept_ratio", "accuracy",
-    "fidelity", "flops_ratio", "kv_ratio", "prefill_ms", "decode_ms_per_token",
+    "accuracy_ci95", "target_kept", "fidelity", "flops_ratio", "kv_ratio", "prefill_ms", "decode_ms_per_token",
 )
 
 
@@ -61,9 +61,18 @@ def collect_rows(root: Path | str) -> list[dict[str, Any]]:
         names = {k for m in members for k in m["metrics"]}
         for name in sorted(names):
             row[name] = _mean([m["metrics"].get(name) for m in members])
+        row["target_kept"] = row.get("score/target_kept")
+        row["accuracy_ci95"] = _ci95(row.get("accuracy"), sum(int(m["metrics"].get("n_samples") or 0) for m in members))
         rows.append(row)
     rows.sort(key=lambda r: (r["model"], r["task"], r["method"] != "unpruned", r["method"], _budget_order(r["budget"])))
     return rows
+
+
+def _ci95(accuracy: Optional[float], n: int) -> Optional[float]:
+    """Half-width of the 95% normal-approximation interval of an accuracy over ``n`` answers."""
+    if accuracy is None or n <= 0:
+        return None
+    return 1.96 * math.sqrt(max(accuracy * (1.0 - accuracy), 0.0) / n)
 
 
 def _budget_order(budget: Any) -> float:

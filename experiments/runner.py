@@ -183,6 +183,8 @@ def _execute(cell: Cell, results: ResultsDir, registry: Any, cache: ModelCache, 
                 timing = meter.end()
                 for sample, question, output in zip(batch, questions, outputs):
                     scores = task.score(sample, output.prediction)
+                    if hasattr(task, "selection_scores") and output.kept_indices:
+                        scores.update(task.selection_scores(sample, output.kept_indices))
                     key = key or accuracy_key(task, scores)
                     row = sample_row(sample, question, output, scores, key, backend.config, budget, timing, f"{run_id}-{number}")
                     append_jsonl(samples_file, row)

@@ -8,6 +8,8 @@ returns (hook ``vtprune_register_tasks``). It has:
   task's ``metric`` attribute) is the task accuracy;
 - optionally ``max_new_tokens`` (int), the generation length the task needs, and
   ``prompt(sample) -> str``, the question text put in the model's prompt (default ``sample.question``);
+- optionally ``selection_scores(sample, kept_indices) -> dict[str, float]``: metrics of what the
+  pruning kept (``kept_indices``: per image, kept visual-token positions), merged into the scores;
 - or, instead of samples/score, ``evaluate(context) -> dict[str, float]`` to run a whole external
   evaluation itself (see `LmmsEvalTask`).
 

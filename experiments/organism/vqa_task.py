@@ -1,0 +1,59 @@
+"""The organism's synthetic VQA as an experiments task (same interface as `jsonl` / `lmms_eval`).
+
+Besides accuracy (overall and per question template) it scores what a pruning method kept:
+``target_kept`` is 1 when every object the question is about still has at least one visual
+token after pruning (a diagnostic no real benchmark gives), reported for questions that have
+target objects.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, Optional, Sequence
+
+from vtprune.experiments.tasks import Sample, exact_match
+
+from .task import TEMPLATES, make_split
+
+__all__ = ["OrganismTask"]
+
+
+class OrganismTask:
+    """Deterministic questions about rendered scenes of coloured shapes.
+
+    Args:
+        split: "train", "validation" or "test".
+        n: number of questions (templates cycle evenly: colour, shape, exists, count).
+        start: index of the first scene.
+    """
+
+    metric = "exact_match"
+    max_new_tokens = 2
+
+    def __init__(self, split: str = "test", n: int = 200, start: int = 0) -> None:
+        if n < 1:
+            raise ValueError(f"n must be >= 1, got {n}")
+        self.split, self.n, self.start = split, n, start
+        self._labels: dict[str, tuple[list[int], list[int]]] = {}
+
+    def samples(self, limit: Optional[int] = None) -> Iterator[Sample]:
+        count = self.n if limit is None else min(int(limit), self.n)
+        for offset, item in enumerate(make_split(self.split, count, self.start)):
+            sample_id = f"{self.split}-{self.start + offset}"
+            self._labels[sample_id] = (item.patch_labels.tolist(), list(item.target_objects))
+            yield Sample(sample_id, [item.image], item.question, [item.answer], {"template": item.template})
+
+    def score(self, sample: Sample, prediction: str) -> dict[str, float]:
+        correct = exact_match(prediction.split()[0] if prediction.split() else "", sample.answers)
+        return {"exact_match": correct, f"exact_match/{sample.meta['template']}": correct}
+
+    def selection_scores(self, sample: Sample, kept_indices: Sequence[Sequence[int]]) -> dict[str, float]:
+        """``target_kept``: every target object keeps at least one of its visual tokens."""
+        labels, targets = self._labels.get(str(sample.id), ([], []))
+        if not targets or not kept_indices:
+            return {}
+        kept_objects = {labels[i] for i in kept_indices[0] if 0 <= i < len(labels)}
+        return {"target_kept": float(all(t in kept_objects for t in targets))}
+
+    @staticmethod
+    def templates() -> tuple[str, ...]:
+        return TEMPLATES
