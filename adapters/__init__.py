@@ -3,5 +3,6 @@
 - ``decoder``: model-agnostic machinery that drops tokens inside a decoder stack (masks, positions, KV cache,
   recomputed attention rows), reusable by any adapter.
 - ``base``: the shared LLaVA-family runtime (image / prompt spans, `Signals`, records).
+- ``clip_signals``: CLIP-space signals (``clip_visual``, ``clip_text``) for the ``pre_llm_clip`` placement (CDPruner).
 - ``llava``, ``llava_next``: the adapters; ``plugin``: their registration.
 """

@@ -19,9 +19,11 @@ from typing import Any, ClassVar, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from vtprune.framework.errors import MissingSignalError, VtpruneError
 from vtprune.framework.selection import Selection
 from vtprune.framework.signals import Signals
 
+from .clip_signals import CLIP_OPTIONS, ClipSignals
 from .decoder import Decision, DecoderPruner, DecoderSpec, DropState, Session
 
 __all__ = [
@@ -38,6 +40,24 @@ EMBEDDING_SIGNALS = frozenset({"visual", "visual_mask", "prompt", "prompt_mask"}
 LAYER_SIGNALS = frozenset({"attention", "visual_keys", "prompt_keys"})
 VISION_SIGNALS = frozenset({"visual", "visual_mask"})
 CLS_SIGNALS = frozenset({"cls_attention"})
+CLIP_SIGNALS = frozenset({"clip_visual", "clip_text", "clip_text_mask"})
+
+#: Stage hints (``Stage.adapter_hints``) the LLaVA-family adapters honour (docs/adapters.md).
+HINT_FINAL_NORM = "final_norm"  # in-LLM visual / prompt = hidden states through the decoder's final norm (DART)
+HINT_OWN_LAYER = "own_layer_scoring"  # layer(k) attention / keys from layer k's own weights on its input (PyramidDrop)
+
+
+def pipeline_hints(pipeline: Any) -> frozenset[str]:
+    """Union of the ``adapter_hints`` of the pipeline's stages (empty for duck-typed pipelines without stages)."""
+    hints: set[str] = set()
+    for stage in getattr(pipeline, "stages", ()) or ():
+        hints |= set(getattr(stage, "adapter_hints", ()) or ())
+    return frozenset(hints)
+
+
+def pipeline_keeps_cls(pipeline: Any) -> bool:
+    """Whether the pipeline asks for the vision CLS token to be kept (VisionZip: ``budget.visionzip(keep_cls=True)``)."""
+    return bool(getattr(getattr(pipeline, "budget", None), "keep_cls", False))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -63,6 +83,13 @@ class DropRecord:
     budgets: tuple
     selection: Selection
     before: Tensor
+    patches: Optional[Selection] = None
+
+    # ``patches``: only when the LLM tokens are not the image's own tokens (VisionZip ``keep_cls=True`` at
+    # ``vision``): the pipeline's selection over the image's patches (image-token coordinates). ``selection``
+    # then describes the image's placeholder slots the LLM receives: slot 0 holds the CLS token, the next
+    # slots the dominant then the contextual patches, each group in ascending patch order (``critical`` is True
+    # for CLS and dominant; ``values`` are the vision-space values before the projector).
 
     @property
     def counts(self) -> Tensor:
@@ -253,6 +280,7 @@ class VisionCapture:
     keys: Optional[Tensor] = None
     features: Optional[Tensor] = None
     projected: Optional[Tensor] = None
+    cls_token: Optional[Tensor] = None  # (crops, Dv) CLS hidden state of the selected feature layer (keep_cls)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -274,6 +302,10 @@ class VLMAdapter:
     model_classes: ClassVar[tuple[str, ...]] = ()
     placements: ClassVar[frozenset[str]] = frozenset({"vision", "pre_llm", "layer", "schedule"})
     has_grid: ClassVar[bool] = True
+    #: Keyword arguments of ``framework.prune`` that go to :meth:`attach` (not to ``compose``).
+    options: ClassVar[frozenset[str]] = CLIP_OPTIONS
+    #: Whether VisionZip's ``keep_cls`` can be honoured at ``vision`` (one crop per image, CLS-free LLM tokens).
+    supports_keep_cls: ClassVar[bool] = False
 
     @classmethod
     def provides(cls, placement: str) -> frozenset[str]:
@@ -283,6 +315,8 @@ class VLMAdapter:
             return VISION_SIGNALS | CLS_SIGNALS | {"visual_keys"} | grid
         if placement == "pre_llm":
             return EMBEDDING_SIGNALS | CLS_SIGNALS | grid
+        if placement == "pre_llm_clip" and "pre_llm_clip" in cls.placements:
+            return EMBEDDING_SIGNALS | CLS_SIGNALS | CLIP_SIGNALS | grid
         if placement in ("layer", "schedule"):
             return EMBEDDING_SIGNALS | LAYER_SIGNALS | CLS_SIGNALS | grid
         raise ValueError(f"{cls.name} adapter: unknown placement {placement!r}; supported: {sorted(cls.placements)}")
@@ -296,9 +330,25 @@ class VLMAdapter:
         *,
         positions: str = "keep",
         prompt_stop: Optional[Sequence[int]] = None,
+        clip_model: Any = None,
+        tokenizer: Any = None,
+        clip_tokenizer: Any = None,
     ) -> "Attachment":
-        """Install the hooks on ``model``; see :class:`Attachment`."""
-        return Attachment(cls(model), pipeline, budget, positions=positions, prompt_stop=prompt_stop)
+        """Install the hooks on ``model``; see :class:`Attachment`.
+
+        ``clip_model`` / ``tokenizer`` / ``clip_tokenizer`` are used by pipelines at ``pre_llm_clip`` only
+        (:class:`vtprune.adapters.clip_signals.ClipSignals`) and ignored otherwise.
+        """
+        return Attachment(
+            cls(model),
+            pipeline,
+            budget,
+            positions=positions,
+            prompt_stop=prompt_stop,
+            clip_model=clip_model,
+            tokenizer=tokenizer,
+            clip_tokenizer=clip_tokenizer,
+        )
 
     # -- model access (LLaVA-family defaults) -------------------------------------------------------------
 
@@ -313,6 +363,13 @@ class VLMAdapter:
 
     def decoder_spec(self) -> DecoderSpec:
         return DecoderSpec.for_llama_like(self.stack)
+
+    def final_norm(self) -> nn.Module:
+        """The decoder's final norm (applied to in-LLM ``visual`` / ``prompt`` under the ``final_norm`` hint)."""
+        norm = getattr(self.stack, "norm", None)
+        if norm is None:
+            raise ValueError(f"{type(self.stack).__name__} has no final `norm`: the final_norm hint (DART) is not available")
+        return norm
 
     @property
     def image_token_id(self) -> int:
@@ -372,7 +429,18 @@ class Attachment:
     between forwards (int, float or one value per image). ``remove()`` removes every hook.
     """
 
-    def __init__(self, adapter: VLMAdapter, pipeline: Any, budget: Any, *, positions: str, prompt_stop=None):
+    def __init__(
+        self,
+        adapter: VLMAdapter,
+        pipeline: Any,
+        budget: Any,
+        *,
+        positions: str,
+        prompt_stop=None,
+        clip_model: Any = None,
+        tokenizer: Any = None,
+        clip_tokenizer: Any = None,
+    ):
         self.adapter = adapter
         self.pipeline = pipeline
         self.budget = budget
@@ -380,12 +448,35 @@ class Attachment:
         self.prompt_stop = list(prompt_stop) if prompt_stop is not None else None
         self.requires = frozenset(pipeline.requires)
         self.placement = pipeline.placement
+        self.hints = pipeline_hints(pipeline)
         self.last_result: Optional[PruneResult] = None
         self._calls: list[Optional[_Call]] = []
         self._projecting = False
         self._handles: list = []
         probe = self.placement.drops(budget if not isinstance(budget, (list, tuple)) else budget[0])
         self._check_drops(probe)
+        self.keep_cls = pipeline_keeps_cls(pipeline)
+        if self.keep_cls:
+            if not any(d.where == "vision" for d in probe):
+                raise VtpruneError(
+                    f"keep_cls=True is honoured at the vision placement only (this pipeline drops at "
+                    f"{sorted({d.where for d in probe})}); use placement vision or keep_cls=False"
+                )
+            if not adapter.supports_keep_cls:
+                raise VtpruneError(
+                    f"adapter {adapter.name!r} cannot keep the CLS token (keep_cls=True): its images are several crops "
+                    "with newline tokens; use keep_cls=False"
+                )
+        self.clip: Optional[ClipSignals] = None
+        if self.requires & CLIP_SIGNALS:
+            if clip_model is None:
+                raise MissingSignalError(
+                    f"the pipeline needs {sorted(self.requires & CLIP_SIGNALS)} (CLIP-space signals, placement "
+                    f"{getattr(self.placement, 'name', '?')!r}) but no CLIP model was given: pass "
+                    "framework.prune(..., clip_model=<CLIPModel or path of the vision tower's CLIP checkpoint>, "
+                    "tokenizer=<the VLM's tokenizer or processor>)"
+                )
+            self.clip = ClipSignals(clip_model, tokenizer, adapter.tower, clip_tokenizer=clip_tokenizer)
         self.decoder = DecoderPruner(adapter.decoder_spec(), self._controller, positions=positions)
         try:
             self._install(adapter, probe)
@@ -402,7 +493,7 @@ class Attachment:
         vision_drop = any(d.where == "vision" for d in probe)
         self._need_cls = bool(self.requires & {"cls_attention"}) or (vision_drop and "visual_keys" in self.requires)
         self._vision: Optional[VisionCapture] = None
-        self._need_vision = self._need_cls or vision_drop
+        self._need_vision = self._need_cls or vision_drop or self.clip is not None
         if self._need_vision:
             self._handles.append(adapter.vlm.vision_tower.register_forward_pre_hook(self._tower_hook))
             self._handles.append(adapter.projector.register_forward_pre_hook(self._projector_pre))
@@ -410,6 +501,9 @@ class Attachment:
         if self._need_cls:
             layer = self.adapter.cls_layer(_Call(None, None, False, {}))  # raises early when the tower has no CLS
             self._handles.append(layer.register_forward_pre_hook(self._cls_hook, with_kwargs=True))
+        if self.keep_cls:
+            layer = self.adapter.cls_layer(_Call(None, None, False, {}))
+            self._handles.append(layer.register_forward_hook(self._cls_token_hook))
 
     # -- bookkeeping ------------------------------------------------------------------------------------
 
@@ -472,6 +566,12 @@ class Attachment:
         hidden = args[0] if args else kwargs["hidden_states"]
         want_keys = "visual_keys" in self.requires
         self._vision.cls, self._vision.keys = clip_cls_rows(module, hidden, want_keys=want_keys)
+        return None
+
+    def _cls_token_hook(self, module, args, output):
+        if self._vision is not None:
+            hidden = output[0] if isinstance(output, (tuple, list)) else output
+            self._vision.cls_token = hidden[:, 0]
         return None
 
     def _projector_pre(self, module, args):
@@ -555,6 +655,11 @@ class _Plan:
 
     # -- DropPlan API -----------------------------------------------------------------------------------
 
+    def score_layer(self, layer: int) -> int:
+        """Layer whose own q/k score the drop at ``layer``: ``layer`` under the ``own_layer_scoring`` hint
+        (PyramidDrop), else ``layer - 1`` (FastV)."""
+        return layer if HINT_OWN_LAYER in self.owner.hints else layer - 1
+
     def wants(self, layer: int) -> frozenset[str]:
         wanted = set()
         if "attention" in self.requires:
@@ -572,6 +677,8 @@ class _Plan:
         else:
             signals, columns, slots = self._llm_signals(state, drop)
         selection = self.owner.pipeline.select(signals, budgets if len(set(budgets)) > 1 else budgets[0])
+        if drop.where == "vision" and self.owner.keep_cls:
+            return self._apply_with_cls(drop, layer, budgets, selection, signals, columns, slots, state)
         return self._apply(drop, layer, budgets, selection, columns, slots, state)
 
     def finish(self, session: Session) -> None:
@@ -644,7 +751,11 @@ class _Plan:
 
     def _llm_signals(self, state: DropState, drop: Any):
         columns, slots = self._rows(state)
-        hidden = state.hidden.float()
+        hidden = state.hidden
+        if drop.where == "layer" and HINT_FINAL_NORM in self.owner.hints:
+            with torch.no_grad():
+                hidden = self.adapter.final_norm()(hidden)  # DART: similarities on model.norm(hidden states)
+        hidden = hidden.float()
         fields: dict[str, Any] = {}
         fields["visual"] = _pad_rows([hidden[self.image_sample[r], slots[r]] for r in range(self.num_images)])
         fields["visual_mask"] = _pad_rows([torch.ones(len(s), dtype=torch.bool, device=self.device) for s in slots], value=False)
@@ -670,8 +781,32 @@ class _Plan:
                 fields["prompt_keys"] = _pad_rows(
                     [keys[self.image_sample[r], prompt_slots[self.image_sample[r]]] for r in range(self.num_images)]
                 )
+        if drop.where == "pre_llm" and self.owner.clip is not None:
+            self._clip_fields(columns, fields)
         self._common(columns, fields)
         return Signals(**fields), columns, slots
+
+    def _clip_fields(self, columns: list[Tensor], fields: dict) -> None:
+        """``clip_visual`` / ``clip_text`` / ``clip_text_mask`` (CDPruner; see ``adapters/clip_signals.py``)."""
+        clip = self.owner.clip
+        features = self.capture.features
+        if features is None:
+            raise RuntimeError("pre_llm_clip: the vision tower did not run for this forward")
+        if self.call.input_ids is None:
+            raise ValueError("pre_llm_clip needs input_ids to recover the prompt text (inputs_embeds was given)")
+        per_crop = clip.image_embeds(features)  # (crops, n, C) fp32
+        rows = self._vision_rows(per_crop)
+        fields["clip_visual"] = _pad_rows([row[c].float() for row, c in zip(rows, columns)]).to(self.device)
+        cache: dict = {}
+        texts = []
+        for r in range(self.num_images):
+            b = self.image_sample[r]
+            ids = self.call.input_ids[b, self.prompts[b].to(self.call.input_ids.device)]
+            texts.append(clip.prompt_embeds(ids, cache).to(self.device))
+        fields["clip_text"] = _pad_rows(texts)
+        fields["clip_text_mask"] = _pad_rows(
+            [torch.ones(t.shape[0], dtype=torch.bool, device=self.device) for t in texts], value=False
+        )
 
     def _vision_signals(self, state: DropState):
         columns, slots = self._rows(state)
@@ -699,6 +834,75 @@ class _Plan:
         return Signals(**fields), columns, slots
 
     # -- decision ---------------------------------------------------------------------------------------
+
+    def _apply_with_cls(self, drop, layer, budgets, selection: Selection, signals: Signals, columns, slots, state) -> Decision:
+        """VisionZip ``keep_cls=True`` at ``vision``: each image gives the LLM its CLS token followed by the kept
+        patches in the official order [CLS, dominant ascending, contextual ascending], written (through the
+        projector) into the first ``count + 1`` placeholder slots of the image; the other slots are dropped. An
+        image keeping all its patches has no free slot for CLS and is left untouched."""
+        if self.adapter.strategy(self.call) != "default":
+            raise ValueError("keep_cls=True needs vision_feature_select_strategy='default' (CLS not among the patches)")
+        if not isinstance(self.adapter.feature_layer(self.call), int) or self.capture.cls_token is None:
+            raise RuntimeError("keep_cls=True: the CLS hidden state of the feature layer was not captured")
+        if self.capture.cls_token.shape[0] != self.num_images:
+            raise ValueError(f"keep_cls=True: {self.capture.cls_token.shape[0]} crops for {self.num_images} images")
+        keep = torch.ones_like(state.valid)
+        replace = torch.zeros_like(state.valid)
+        values = None
+        patches = selection.gather(signals.visual)  # (R, K, Dv): merged values where set
+        proj_dtype = self.adapter.projector.linear_1.weight.dtype
+        rows_idx, rows_mask, rows_crit, rows_vals = [], [], [], []
+        for r in range(self.num_images):
+            b = self.image_sample[r]
+            n = columns[r].numel()
+            idx = selection.indices[r][selection.mask[r]]
+            crit = selection.critical[r][selection.mask[r]]
+            count = idx.numel()
+            if count + 1 > n:  # nothing dropped: no slot for CLS, the image stays as it is
+                rows_idx.append(columns[r])
+                rows_crit.append(crit)
+                rows_vals.append(signals.visual[r, :n])
+                continue
+            order = torch.cat([(crit).nonzero().flatten(), (~crit).nonzero().flatten()])  # dominant, then contextual
+            sequence = torch.cat(
+                [self.capture.cls_token[r : r + 1].float().to(self.device), patches[r][selection.mask[r]][order]]
+            )  # (count + 1, Dv)
+            self.owner._projecting = True
+            try:
+                with torch.no_grad():
+                    projected = self.adapter.projector(sequence.to(proj_dtype).unsqueeze(0))[0]
+            finally:
+                self.owner._projecting = False
+            if values is None:
+                values = torch.zeros(*state.valid.shape, projected.shape[-1], dtype=state.hidden.dtype, device=self.device)
+            target = slots[r][: count + 1]
+            keep[b, slots[r][count + 1 :]] = False
+            values[b, target] = projected.to(values.dtype)
+            replace[b, target] = True
+            rows_idx.append(columns[r][: count + 1])
+            rows_crit.append(torch.cat([crit.new_ones(1), crit[order]]))
+            rows_vals.append(sequence)
+            new_present = torch.zeros_like(self.present[r])
+            new_present[columns[r][: count + 1]] = True
+            self.present[r] = new_present
+        width = max(t.numel() for t in rows_idx)
+        record = Selection(
+            indices=_pad_rows([t.cpu() for t in rows_idx], width),
+            mask=_pad_rows([torch.ones(t.numel(), dtype=torch.bool) for t in rows_idx], width, value=False),
+            critical=_pad_rows([t.cpu() for t in rows_crit], width, value=False),
+            values=_pad_rows([v.detach().float().cpu() for v in rows_vals], width),
+        )
+        patch_record = Selection(
+            indices=torch.stack([columns[r][selection.indices[r]] for r in range(self.num_images)]).cpu()
+            if self.num_images
+            else selection.indices.cpu(),
+            mask=selection.mask.cpu(),
+            critical=selection.critical.cpu(),
+            values=None if selection.values is None else selection.values.detach().cpu(),
+        )
+        before = torch.tensor([c.numel() for c in columns], dtype=torch.long)
+        self.records.append(DropRecord(drop.where, layer, tuple(budgets), record, before, patches=patch_record))
+        return Decision(keep=keep, values=values, replace=replace if values is not None else None)
 
     def _apply(self, drop, layer, budgets, selection: Selection, columns, slots, state: DropState) -> Decision:
         keep = torch.ones_like(state.valid)

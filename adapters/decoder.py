@@ -239,9 +239,9 @@ class DropState:
         hidden: (B, Ls, D) the hidden states entering ``layer`` (input embeddings for layer 0).
         index: (B, Ls) original position of each slot.
         valid: (B, Ls) bool, False for filler slots.
-        attention: (B, H, Ls) fp32 softmax attention of the query token at layer ``layer - 1`` (None at layer 0 or
-            when not requested).
-        keys: (B, Ls, Hk, dk) post-RoPE key states of layer ``layer - 1`` (None when not requested).
+        attention: (B, H, Ls) fp32 softmax attention of the query token at layer ``layer - 1`` (or at ``layer``
+            itself when the plan's optional ``score_layer(layer)`` says so) (None at layer 0 or when not requested).
+        keys: (B, Ls, Hk, dk) post-RoPE key states of that same layer (None when not requested).
         query_slot: (B,) slot of the query token, or None.
     """
 
@@ -284,6 +284,11 @@ class DropPlan(Protocol):
 
     def finish(self, session: "Session") -> None:
         """Called once after the prefill forward (also when nothing was dropped)."""
+
+    # Optional: ``score_layer(layer) -> int``, the decoder layer whose own ``input_norm`` / ``q_proj`` /
+    # ``k_proj`` compute the attention row and keys of the drop at ``layer``: ``layer - 1`` (the default
+    # when the plan has no such method: that layer's input, FastV) or ``layer`` itself (the hidden states
+    # entering ``layer``, scored with ``layer``'s weights and the current segment's mask, PyramidDrop).
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -466,6 +471,17 @@ def recompute_attention_row(
 # ----------------------------------------------------------------------------------------------------------
 # The hooks
 # ----------------------------------------------------------------------------------------------------------
+
+
+def _score_layer(plan: Any, layer: int) -> int:
+    """The layer whose weights score the drop at ``layer`` (``plan.score_layer`` if defined, else ``layer - 1``)."""
+    chooser = getattr(plan, "score_layer", None)
+    if chooser is None:
+        return layer - 1
+    chosen = int(chooser(layer))
+    if chosen not in (layer - 1, layer):
+        raise ValueError(f"score_layer({layer}) must be {layer - 1} or {layer}, got {chosen}")
+    return chosen
 
 
 @dataclass
@@ -693,6 +709,20 @@ class DecoderPruner:
             segment = session.segments[flight.segment]
             attention, keys = flight.scores.pop(number, (None, None))
             query_slot = self._query_slot(plan, segment)
+            wants = plan.wants(number)
+            if _score_layer(plan, number) == number and wants & {"attention", "keys"} and query_slot is not None:
+                # scored with this layer's own weights on its (pre-drop) input, under the current segment's mask
+                current = flight.per_segment.get(flight.segment, kwargs) if flight.segment > 0 else kwargs
+                attention, keys = recompute_attention_row(
+                    module,
+                    self.spec,
+                    hidden,
+                    current.get("attention_mask"),
+                    current.get("position_embeddings"),
+                    query_slot,
+                    want_keys="keys" in wants,
+                )
+                attention = attention if "attention" in wants else None
             state = DropState(number, hidden, segment.index, segment.valid, attention, keys, query_slot)
             decision = plan.decide(number, state)
             if decision is not None and not bool(decision.keep[segment.valid].all()):
@@ -708,7 +738,7 @@ class DecoderPruner:
             kwargs.update(overrides)
             changed = True
         # scoring inputs for a drop after this layer
-        if (number + 1) in plan.layers:
+        if (number + 1) in plan.layers and _score_layer(plan, number + 1) == number:
             wants = plan.wants(number + 1)
             segment = session.segments[flight.segment]
             query_slot = self._query_slot(plan, segment)

@@ -9,6 +9,11 @@ Each image's tokens are a row-major patch grid (``Signals.grid``) when the CLS t
 Prompt span: :func:`vtprune.adapters.base.prompt_positions` (text after the last image token up to the end
 of the input, or up to ``prompt_stop``; for the LLaVA-1.5 template ``"USER: <image>\\n{question}
 ASSISTANT:"`` pass the ids of ``" ASSISTANT:"`` as ``prompt_stop`` to exclude the assistant marker).
+
+``pre_llm_clip`` (CDPruner): the ``pre_llm`` drop plus ``clip_visual`` / ``clip_text`` / ``clip_text_mask`` computed
+with the CLIP checkpoint of the vision tower (``framework.prune(..., clip_model=..., tokenizer=...)``, see
+``vtprune.adapters.clip_signals``). VisionZip ``keep_cls=True`` at ``vision``: the image's CLS token is given to
+the LLM in front of the kept patches (see ``_Plan._apply_with_cls`` in ``base.py`` and docs/adapters.md).
 """
 
 from __future__ import annotations
@@ -29,6 +34,8 @@ class LlavaAdapter(VLMAdapter):
     description: ClassVar[str] = "LLaVA-1.5 (LlavaForConditionalGeneration): CLIP ViT + MLP projector + decoder"
     model_classes: ClassVar[tuple[str, ...]] = ("LlavaForConditionalGeneration", "LlavaModel")
     has_grid: ClassVar[bool] = True
+    placements: ClassVar[frozenset[str]] = frozenset({"vision", "pre_llm", "pre_llm_clip", "layer", "schedule"})
+    supports_keep_cls: ClassVar[bool] = True
 
     def _side(self) -> int:
         vision = self.config.vision_config

@@ -123,17 +123,21 @@ def prune(
         positions: "keep" (kept tokens keep their position ids) or "compact" (renumbered).
         prompt_stop: token ids marking the end of the user turn (see docs/adapters.md, prompt span).
         registry: the registry for ``compose`` and adapter lookup (default: installed plugins).
-        **params: stage parameters for ``compose``.
+        **params: stage parameters for ``compose``, and the adapter's options: the names the adapter class lists
+            in ``options`` go to ``adapter.attach`` instead (LLaVA family: ``clip_model``, ``tokenizer``,
+            ``clip_tokenizer`` for the ``pre_llm_clip`` placement, docs/adapters.md).
     """
     if positions not in POSITIONS:
         raise VtpruneError(f"positions must be one of {POSITIONS}, got {positions!r}")
+    adapter = adapter_for(model, registry)
+    option_names = frozenset(getattr(adapter, "options", ()) or ())
+    options = {name: params.pop(name) for name in list(params) if name in option_names}
     if hasattr(recipe, "select") and hasattr(recipe, "placement") and not params:
         pipeline = recipe
     else:
         from .compose import compose
 
         pipeline = compose(recipe, registry=registry, **params)
-    adapter = adapter_for(model, registry)
     placement = pipeline.placement.name
     if placement not in adapter.placements:
         raise VtpruneError(
@@ -146,5 +150,5 @@ def prune(
             f"adapter {adapter.name!r} ({type(model).__name__}) cannot provide {missing} at placement {placement!r}; it provides "
             f"{sorted(adapter.provides(placement))}"
         )
-    attachment = adapter.attach(model, pipeline, budget, positions=positions, prompt_stop=prompt_stop)
+    attachment = adapter.attach(model, pipeline, budget, positions=positions, prompt_stop=prompt_stop, **options)
     return PruneHandle(model, pipeline, adapter, attachment, positions)

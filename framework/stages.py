@@ -83,6 +83,12 @@ class Stage:
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
     requires: ClassVar[frozenset[str]] = frozenset()
+    #: How an adapter should compute the signals this stage reads, when a method's official code fixes it
+    #: (docs/adapters.md, "Adapter hints"): "final_norm" = in-LLM ``visual`` / ``prompt`` are the hidden states
+    #: through the decoder's final norm (DART); "own_layer_scoring" = a ``layer(k)`` drop's ``attention`` /
+    #: keys come from layer k's own weights on its input instead of layer k-1's (PyramidDrop). Adapters that
+    #: do not know a hint ignore it.
+    adapter_hints: ClassVar[frozenset[str]] = frozenset()
 
     @property
     def params(self) -> dict[str, Any]:

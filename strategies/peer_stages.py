@@ -202,6 +202,8 @@ class DartDiversity(DiversitySupplementer):
     name: ClassVar[str] = "dart"
     description: ClassVar[str] = "DART: per pivot (image + text), keep the least cosine-similar image tokens"
     requires: ClassVar[frozenset[str]] = frozenset({"prompt", "prompt_keys"})
+    #: DART computes its similarities on ``model.norm(hidden states)``: adapters apply the final norm.
+    adapter_hints: ClassVar[frozenset[str]] = frozenset({"final_norm"})
     pivot_text: int = 4
     faithful: bool = False
     image_token_start_index: int = 35
@@ -300,6 +302,9 @@ class PDropBudget(BudgetAllocator):
 
     name: ClassVar[str] = "pdrop"
     description: ClassVar[str] = "PyramidDrop count int(N*ratio) (truncation) for a fraction; every token critical"
+    #: PyramidDrop scores each stage with the stage layer's own input norm / q / k (``pdrop_forward``): the
+    #: hint travels with this stage, so ``pdrop`` with another placement (experiments) keeps the rule.
+    adapter_hints: ClassVar[frozenset[str]] = frozenset({"own_layer_scoring"})
 
     def allocate(self, totals: Tensor, valid: Tensor, scores: Optional[Tensor]) -> Allocation:
         return Allocation(total=totals, critical=totals)

@@ -29,6 +29,8 @@ __all__ = [
     "left_pad",
     "tiny_tokenizer",
     "tiny_llava_processor",
+    "tiny_clip_model",
+    "save_tiny_clip",
     "record_hooks",
     "single_thread",
     "generation_positions",
@@ -226,6 +228,43 @@ def tiny_tokenizer():
     )
     tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
     return tokenizer
+
+
+def tiny_clip_model(vlm, text_positions: int = 8, seed: int = 0):
+    """A random ``CLIPModel`` whose vision model IS ``vlm``'s vision tower (same config, weights copied), with a
+    tiny text tower (vocabulary of :func:`tiny_tokenizer`, ``text_positions`` positions per segment so that long
+    prompts give several CDPruner text segments) and random projection heads."""
+    from transformers import CLIPConfig, CLIPModel, CLIPTextConfig
+
+    vision = vlm.config.vision_config
+    text = CLIPTextConfig(
+        vocab_size=VOCAB,
+        hidden_size=24,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=text_positions,
+        projection_dim=vision.projection_dim,
+        pad_token_id=PAD_ID,
+        bos_token_id=BOS_ID,
+        eos_token_id=EOS_ID,
+    )
+    config = CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=vision.projection_dim)
+    torch.manual_seed(seed)
+    clip = CLIPModel(config).eval()
+    tower = vlm.model.vision_tower
+    missing = clip.vision_model.load_state_dict(getattr(tower, "vision_model", tower).state_dict())
+    assert not missing.missing_keys and not missing.unexpected_keys
+    return clip
+
+
+def save_tiny_clip(vlm, directory, **kwargs) -> str:
+    """:func:`tiny_clip_model` and :func:`tiny_tokenizer` saved with ``save_pretrained`` into ``directory``
+    (loadable with ``CLIPModel.from_pretrained`` / ``AutoTokenizer.from_pretrained``); returns the path."""
+    path = str(directory)
+    tiny_clip_model(vlm, **kwargs).save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
 
 
 def tiny_llava_processor():

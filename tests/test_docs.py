@@ -48,6 +48,7 @@ DOCTEST_MODULES = [
     "vtprune.framework.compose",
     "vtprune.strategies.functional.prompt_relevance",
     "vtprune.strategies.functional.ranking",
+    "vtprune.adapters.qwen2_vl",
 ]
 
 

@@ -56,6 +56,25 @@ def _grid_for(tokens: int) -> tuple[int, int] | None:
     return None
 
 
+def _trim(signals: Signals, length: int) -> Signals:
+    """One row cut to its first ``length`` tokens (every per-token field), mask dropped."""
+    import dataclasses
+
+    values = {}
+    for f in dataclasses.fields(signals):
+        value = getattr(signals, f.name)
+        if f.name in ("visual", "clip_visual"):
+            value = value[:, :length]
+        elif f.name == "visual_keys":
+            value = value[:, :length]
+        elif f.name in ("attention", "cls_attention"):
+            value = value[..., :length]
+        elif f.name == "visual_mask":
+            value = None
+        values[f.name] = value
+    return Signals(**values)
+
+
 budgets = st.one_of(st.integers(min_value=1, max_value=40), st.floats(min_value=0.01, max_value=1.0))
 
 
@@ -87,6 +106,12 @@ def test_selection_invariants(recipe: str, lengths: list[int], budget, seed: int
         alone = pipeline.select(signals.row(row), budget)
         assert torch.equal(alone.row_indices(0), selection.row_indices(row))
         assert torch.equal(alone.critical[0][alone.mask[0]], selection.critical[row][selection.mask[row]])
+    # padding never matters: a row trimmed to its own tokens selects the same
+    if signals.grid is None:
+        for row, length in enumerate(lengths):
+            trimmed = _trim(signals.row(row), length)
+            alone = pipeline.select(trimmed, budget)
+            assert torch.equal(alone.row_indices(0), selection.row_indices(row))
     # determinism
     again = pipeline.select(signals, budget)
     assert torch.equal(again.indices, selection.indices) and torch.equal(again.critical, selection.critical)

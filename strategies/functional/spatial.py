@@ -35,17 +35,20 @@ def grid_uniform_select(selected: Tensor, counts: Tensor, valid: Tensor, grid: O
 
     With ``grid`` = (h, w) (row-major tokens; only the first h*w tokens are on the grid), each
     lattice point takes the nearest free candidate (Euclidean grid distance, ties to the lower
-    index). Without a grid the tokens are treated as a 1-D sequence (h = 1, w = N).
+    index). Without a grid each row's tokens are treated as a 1-D sequence over that row's own
+    extent (h = 1, w = last real position + 1), so a row selects the same alone and in a batch.
     """
     batch, tokens = valid.shape
-    height, width = grid if grid is not None else (1, tokens)
-    on_grid = min(tokens, height * width)
-    coords = torch.stack(
-        [torch.arange(on_grid) // width, torch.arange(on_grid) % width], dim=-1
-    ).double()  # (G, 2)
     picked = torch.zeros_like(valid)
     for row in range(batch):
         want = int(counts[row])
+        if grid is not None:
+            height, width = grid
+        else:  # this row's own extent as a 1-D sequence, so padding never shifts the lattice
+            real = torch.nonzero(valid[row]).flatten()
+            height, width = 1, int(real[-1]) + 1 if real.numel() else 1
+        on_grid = min(tokens, height * width)
+        coords = torch.stack([torch.arange(on_grid) // width, torch.arange(on_grid) % width], dim=-1).double()  # (G, 2)
         free = (valid[row] & ~selected[row]).cpu().clone()
         free[on_grid:] = False
         want_on_grid = min(want, int(free.sum()))
