@@ -40,6 +40,7 @@ from _harness import (  # noqa: E402
 )
 
 from vtprune import framework  # noqa: E402
+from vtprune.experiments.cost import kv_cache_bytes, prefill_flops  # noqa: E402
 from vtprune.framework import Signals  # noqa: E402
 
 
@@ -151,8 +152,7 @@ def main() -> None:
                         ideal_prefill(model, inputs, lengths, span)
 
                 ideal_time = time_call(ideal, device, args.repeats)
-                kv_per_token = base_kv / (layers * sequence * batch)
-                ideal_kv = int(sum(lengths) * batch * kv_per_token)
+                ideal_kv = kv_cache_bytes(slice_.config, lengths, bytes_per_value=torch.finfo(dtype).bits // 8) * batch
                 # selection overhead: the pipeline alone on tensors of the scoring point's shape
                 generator = torch.Generator().manual_seed(0)
                 signals = Signals(
@@ -160,17 +160,20 @@ def main() -> None:
                     prompt=torch.randn(batch, 32, slice_.config.text_config.hidden_size, generator=generator),
                 )
                 selection_time = time_call(lambda: framework.compose("zspaprune").select(signals, budget), torch.device("cpu"), args.repeats)
+                flops = prefill_flops(slice_.config, lengths) * batch
+                flops_unpruned = prefill_flops(slice_.config, [sequence] * layers) * batch
                 row = {
                     "placement": placement, "recipe": recipe, "budget": budget, "batch": batch, "kept": kept[:1],
                     "per_layer_tokens": lengths, "unpruned_s": base_time, "pruned_s": pruned_time, "ideal_s": ideal_time,
                     "time_vs_ideal": pruned_time / ideal_time, "speedup_vs_unpruned": base_time / pruned_time,
                     "kv_bytes": pruned_kv, "ideal_kv_bytes": ideal_kv, "unpruned_kv_bytes": base_kv,
                     "kv_vs_ideal": pruned_kv / ideal_kv, "peak_bytes": pruned_memory["bytes"], "unpruned_peak_bytes": base_memory["bytes"],
+                    "flops": flops, "flops_ratio": flops / flops_unpruned,
                     "selection_s": selection_time, "selection_fraction": selection_time / base_time,
                 }
                 rows.append(row)
                 print(f"B={batch} {placement:<9} budget={budget:<4} prefill {pruned_time:7.3f}s (unpruned {base_time:.3f}s, ideal {ideal_time:.3f}s) "
-                      f"time/ideal {row['time_vs_ideal']:.3f}  KV/ideal {row['kv_vs_ideal']:.3f}  speedup {row['speedup_vs_unpruned']:.2f}x  "
+                      f"time/ideal {row['time_vs_ideal']:.3f}  FLOPs {row['flops_ratio']:.3f} of unpruned  KV/ideal {row['kv_vs_ideal']:.3f}  speedup {row['speedup_vs_unpruned']:.2f}x  "
                       f"selection {100 * row['selection_fraction']:.2f}% of prefill")
     synchronize(device)
     if args.json:
