@@ -25,7 +25,12 @@ import torch
 from vtprune.framework import Signals, build_registry, compose
 from vtprune.strategies.functional.farthest_point import farthest_point_select
 
-DEFAULT_RECIPES = ("zspaprune", "zspaprune_max", "zspaprune_dynamic", "zspaprune_grid", "zspaprune_kmeans", "relevance.none+fps")
+DEFAULT_RECIPES = (
+    "zspaprune", "zspaprune_max", "zspaprune_dynamic", "zspaprune_grid", "zspaprune_kmeans",
+    "divprune", "random", "pooling",
+)
+#: Recipes too slow for the largest sizes (scikit-learn k-means with N/9 clusters), with their largest N.
+MAX_TOKENS = {"zspaprune_kmeans": 2880}
 
 
 def naive_fps_reference(visual: torch.Tensor, selected: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
@@ -64,9 +69,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--naive-max-tokens", type=int, default=2880)
     parser.add_argument("--json", help="also write the rows to this file")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     args = parser.parse_args()
 
     registry = build_registry(autoload=False)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
     rows = []
     for tokens in args.tokens:
@@ -78,6 +86,8 @@ def main() -> None:
                 prompt=torch.randn(batch, 32, args.dim, generator=generator),
             )
             for recipe in args.recipes:
+                if tokens > MAX_TOKENS.get(recipe, tokens):
+                    continue
                 pipeline = compose(recipe, registry=registry)
                 seconds = time_call(lambda: pipeline.select(signals, kept), args.repeats)
                 rows.append({"recipe": recipe, "N": tokens, "K": kept, "B": batch, "D": args.dim, "seconds": seconds})

@@ -84,3 +84,18 @@ def test_kept_tokens_keep_original_order_and_values() -> None:
     selection = compose("zspaprune").select(Signals(visual=visual, prompt=prompt), 5)
     kept = selection.gather(visual)
     assert torch.equal(kept[0], visual[0, selection.row_indices(0)])
+
+
+def test_cpu_chunking_never_changes_the_result(monkeypatch) -> None:
+    from vtprune.strategies.functional import farthest_point
+
+    generator = torch.Generator().manual_seed(3)
+    visual = torch.randn(5, 40, 8, generator=generator)
+    valid = torch.arange(40).unsqueeze(0) < torch.tensor([[40], [31], [40], [12], [25]])
+    selected = torch.zeros(5, 40, dtype=torch.bool)
+    selected[:, :3] = True
+    selected[1, 0] = False
+    counts = torch.tensor([9, 7, 5, 4, 6])
+    whole = farthest_point.farthest_point_select(visual, selected, counts, valid)
+    monkeypatch.setattr(farthest_point, "CPU_CHUNK_BYTES", 2 * 40 * 8 * 4)  # two rows per chunk
+    assert torch.equal(farthest_point.farthest_point_select(visual, selected, counts, valid), whole)

@@ -7,7 +7,12 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-__all__ = ["farthest_point_select", "max_similarity_to_set"]
+__all__ = ["farthest_point_select", "max_similarity_to_set", "CPU_CHUNK_BYTES"]
+
+#: On CPU, rows are processed in chunks whose unit vectors fit in about this many bytes, so every
+#: greedy step reads them from cache instead of memory (each step streams the whole chunk).
+#: Rows are independent, so chunking never changes a result; on GPUs the whole batch runs at once.
+CPU_CHUNK_BYTES = 16 * 2**20
 
 
 def max_similarity_to_set(unit: Tensor, selected: Tensor) -> Tensor:
@@ -46,9 +51,28 @@ def farthest_point_select(
     when ``scores`` (B, N) are given, otherwise the token least similar to the mean of the row's
     real tokens (the most atypical one). Both are deterministic.
 
-    Time O(N * K * D) per row and memory O(N * (K_selected + D)); every step is batched over B.
-    All maths in float32.
+    Time O(N * K * D) per row and memory O(N * (K_selected + D)); every step is batched over the
+    rows of a chunk (the whole batch on GPU, cache-sized chunks on CPU). All maths in float32.
     """
+    batch, tokens, dim = visual.shape
+    rows_per_chunk = batch
+    if visual.device.type == "cpu":
+        rows_per_chunk = max(1, CPU_CHUNK_BYTES // max(1, tokens * dim * 4))
+    if rows_per_chunk >= batch:
+        return _farthest_point_rows(visual, selected, counts, valid, scores)
+    parts = []
+    for start in range(0, batch, rows_per_chunk):
+        rows = slice(start, start + rows_per_chunk)
+        parts.append(
+            _farthest_point_rows(visual[rows], selected[rows], counts[rows], valid[rows], None if scores is None else scores[rows])
+        )
+    return torch.cat(parts)
+
+
+def _farthest_point_rows(
+    visual: Tensor, selected: Tensor, counts: Tensor, valid: Tensor, scores: Optional[Tensor]
+) -> Tensor:
+    """`farthest_point_select` on one chunk of rows, every step batched over them."""
     unit = torch.nn.functional.normalize(visual.float(), dim=-1)  # (B, N, D)
     batch, tokens, _ = unit.shape
     counts = counts.long()
