@@ -34,20 +34,27 @@ class Slice:
     dtype: torch.dtype
 
 
-def build_llava_slice(profile: str, text_layers: int, vision_layers: int, device: str, dtype: torch.dtype, seed: int = 0) -> Slice:
-    """A `LlavaForConditionalGeneration` with a real 7B shape and ``text_layers`` decoder layers."""
+def build_llava_slice(
+    profile: str, text_layers: int, vision_layers: int, device: str, dtype: torch.dtype, seed: int = 0, image_size: int | None = None
+) -> Slice:
+    """A `LlavaForConditionalGeneration` with a real 7B shape and ``text_layers`` decoder layers.
+
+    ``image_size`` overrides the tower's input size (e.g. 756 px -> 54 x 54 = 2916 visual tokens, the
+    scale of LLaVA-NeXT's 2880) to measure larger token counts with the same shapes."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
     spec = PROFILES[profile]
-    vision = CLIPVisionConfig(num_hidden_layers=vision_layers, **spec["vision"])
-    text = LlamaConfig(num_hidden_layers=text_layers, **spec["text"])
+    vision_spec = dict(spec["vision"], **({"image_size": image_size} if image_size else {}))
+    vision = CLIPVisionConfig(num_hidden_layers=vision_layers, **vision_spec)
+    image_tokens = (vision.image_size // vision.patch_size) ** 2
+    text_spec = dict(spec["text"], max_position_embeddings=max(spec["text"]["max_position_embeddings"], image_tokens + 256))
+    text = LlamaConfig(num_hidden_layers=text_layers, **text_spec)
     image_token_id = text.vocab_size - 1
     config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=image_token_id, vision_feature_layer=-1)
     torch.manual_seed(seed)
     with torch.device(device):
         model = LlavaForConditionalGeneration(config)
     model = model.to(dtype=dtype).eval()
-    image_tokens = (vision.image_size // vision.patch_size) ** 2
     return Slice(model, config, image_tokens, torch.device(device), dtype)
 
 

@@ -97,6 +97,8 @@ def main() -> None:
     parser.add_argument("--profile", default="llava-1.5-7b")
     parser.add_argument("--layers", type=int, default=2, help="decoder layers in the slice")
     parser.add_argument("--vision-layers", type=int, default=2)
+    parser.add_argument("--image-size", type=int, default=None, help="override the tower's image size (756 -> 2916 tokens)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     parser.add_argument("--budgets", type=int, nargs="+", default=[576, 192, 128, 64, 32])
     parser.add_argument("--placements", nargs="+", default=["pre_llm", "layer", "schedule"])
     parser.add_argument("--batch", type=int, nargs="+", default=[1])
@@ -109,7 +111,9 @@ def main() -> None:
 
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
-    slice_ = build_llava_slice(args.profile, args.layers, args.vision_layers, args.device, dtype)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    slice_ = build_llava_slice(args.profile, args.layers, args.vision_layers, args.device, dtype, image_size=args.image_size)
     model, layers = slice_.model, args.layers
     print(f"{args.profile} slice: {layers} decoder layers, {args.vision_layers} vision layers, {slice_.image_tokens} image tokens, "
           f"{args.dtype} on {describe_device(device)}")

@@ -122,7 +122,9 @@ class Pipeline:
         remaining = totals - chosen.sum(dim=1)  # (B,)
         values = None
         keep = chosen
-        if bool((remaining > 0).any()):
+        if bool((remaining == (valid & ~chosen).sum(dim=1)).all()):
+            keep = valid  # every remaining real token is kept: nothing for the diversity stage to choose
+        elif bool((remaining > 0).any()):
             supplement = self.diversity.supplement(signals, chosen, remaining, valid, scores)
             keep = chosen | (supplement.mask & valid & ~chosen)
             if supplement.values is not None:
