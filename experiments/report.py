@@ -135,6 +135,9 @@ def _plots(rows: Sequence[Mapping[str, Any]], root: Path, out: Path, overlays: i
             by_method: dict[str, list[Mapping[str, Any]]] = defaultdict(list)
             for row in chosen:
                 by_method[row["method"]].append(row)
+            methods = sorted(m for m in by_method if m != "unpruned")
+            palette = plt.get_cmap("tab20" if len(methods) > 10 else "tab10")
+            styles = {m: (palette(i % palette.N), ("-", "--", ":", "-.")[i // palette.N % 4]) for i, m in enumerate(methods)}
             for method, members in sorted(by_method.items()):
                 points = sorted((m.get(x_key), m.get("accuracy")) for m in members if m.get(x_key) is not None and m.get("accuracy") is not None)
                 if not points:
@@ -143,7 +146,8 @@ def _plots(rows: Sequence[Mapping[str, Any]], root: Path, out: Path, overlays: i
                     axis.axhline(points[0][1], color="black", linestyle="--", linewidth=1, label="unpruned")
                     axis.plot(*zip(*points), "k*", markersize=10)
                 else:
-                    axis.plot(*zip(*points), marker="o", label=method)
+                    colour, style = styles[method]
+                    axis.plot(*zip(*points), marker="o", color=colour, linestyle=style, label=method)
             axis.set_xlabel(x_label)
             axis.set_ylabel("accuracy")
             axis.set_title(f"{task} / {Path(str(model)).name}", fontsize=9)
