@@ -49,13 +49,20 @@ def naive_fps_reference(visual: torch.Tensor, selected: torch.Tensor, counts: to
     return picked
 
 
-def time_call(function: Callable[[], object], repeats: int) -> float:
-    """Median wall time of ``function`` in seconds over ``repeats`` runs (after one warm-up)."""
-    function()
+def time_call(function: Callable[[], object], repeats: int, device: str = "cpu") -> float:
+    """Median wall time of ``function`` in seconds over ``repeats`` runs (after one warm-up),
+    synchronising a CUDA device around each run."""
+
+    def run() -> None:
+        function()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    run()
     samples = []
     for _ in range(repeats):
         start = time.perf_counter()
-        function()
+        run()
         samples.append(time.perf_counter() - start)
     return statistics.median(samples)
 
@@ -70,6 +77,7 @@ def main() -> None:
     parser.add_argument("--naive-max-tokens", type=int, default=2880)
     parser.add_argument("--json", help="also write the rows to this file")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (timings synchronise the device)")
     args = parser.parse_args()
 
     registry = build_registry(autoload=False)
@@ -82,22 +90,22 @@ def main() -> None:
         for batch in args.batch:
             generator = torch.Generator().manual_seed(0)
             signals = Signals(
-                visual=torch.randn(batch, tokens, args.dim, generator=generator),
-                prompt=torch.randn(batch, 32, args.dim, generator=generator),
+                visual=torch.randn(batch, tokens, args.dim, generator=generator).to(args.device),
+                prompt=torch.randn(batch, 32, args.dim, generator=generator).to(args.device),
             )
             for recipe in args.recipes:
                 if tokens > MAX_TOKENS.get(recipe, tokens):
                     continue
                 pipeline = compose(recipe, registry=registry)
-                seconds = time_call(lambda: pipeline.select(signals, kept), args.repeats)
+                seconds = time_call(lambda: pipeline.select(signals, kept), args.repeats, args.device)
                 rows.append({"recipe": recipe, "N": tokens, "K": kept, "B": batch, "D": args.dim, "seconds": seconds})
                 print(f"N={tokens:>6} K={kept:>5} B={batch} {recipe:<24} {seconds * 1e3:10.1f} ms")
             if tokens <= args.naive_max_tokens:
                 seed = _first(signals.visual)  # both start from token 0 so their picks are comparable
-                counts = torch.full((batch,), kept - 1)
-                valid = torch.ones(batch, tokens, dtype=torch.bool)
-                ours = time_call(lambda: farthest_point_select(signals.visual, seed, counts, valid), args.repeats)
-                naive = time_call(lambda: naive_fps_reference(signals.visual, seed, counts), 1)
+                counts = torch.full((batch,), kept - 1, device=args.device)
+                valid = torch.ones(batch, tokens, dtype=torch.bool, device=args.device)
+                ours = time_call(lambda: farthest_point_select(signals.visual, seed, counts, valid), args.repeats, args.device)
+                naive = time_call(lambda: naive_fps_reference(signals.visual, seed, counts), 1, args.device)
                 same = torch.equal(
                     farthest_point_select(signals.visual, seed, counts, valid),
                     naive_fps_reference(signals.visual, seed, counts),
@@ -113,7 +121,7 @@ def main() -> None:
 
 def _first(visual: torch.Tensor) -> torch.Tensor:
     """(B, N) bool with token 0 selected: a common seed so both implementations are comparable."""
-    seed = torch.zeros(visual.shape[:2], dtype=torch.bool)
+    seed = torch.zeros(visual.shape[:2], dtype=torch.bool, device=visual.device)
     seed[:, 0] = True
     return seed
 
