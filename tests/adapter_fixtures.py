@@ -34,6 +34,8 @@ __all__ = [
     "record_hooks",
     "single_thread",
     "generation_positions",
+    "PLACEMENT_RECIPES",
+    "SignalRecorder",
 ]
 
 VOCAB = 96
@@ -435,3 +437,29 @@ def aligned(pruned_logits, result, reference_logits, attention_mask):
     real = attention_mask.bool().gather(1, index) & valid
     ref = reference_logits.gather(1, index.unsqueeze(-1).expand(-1, -1, reference_logits.shape[-1]))
     return pruned_logits[real], ref[real]
+
+
+#: One recipe per placement that the adapter tests run (signals each placement provides).
+PLACEMENT_RECIPES = {
+    "pre_llm": "prompt_cosine+critical+fps+pre_llm",
+    "vision": "random+critical+fps+vision",
+    "layer": "attention+critical+fps+layer(k=2)",
+    "schedule": "attention+critical+fps+schedule(layers=[1,3],ratio=0.5)",
+}
+
+
+class SignalRecorder:
+    """Wraps a composed pipeline and records the `Signals` of every drop; everything else (stages,
+    budget, placement, adapter hints) stays visible through attribute access."""
+
+    def __init__(self, pipeline):
+        self.pipeline = pipeline
+        self.seen = []
+
+    def __getattr__(self, name):
+        return getattr(self.pipeline, name)
+
+    def select(self, signals, budget):
+        self.seen.append(signals)
+        return self.pipeline.select(signals, budget)
+

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from adapter_fixtures import (
+    SignalRecorder,
     llava_inputs,
     record_hooks,
     save_tiny_clip,
@@ -42,17 +43,6 @@ def inputs(model):
     return llava_inputs(model, images_per_sample=(1, 2), question_lengths=(9, 3), seed=1)
 
 
-class Spy:
-    def __init__(self, pipeline):
-        self.pipeline = pipeline
-        self.seen = []
-
-    def __getattr__(self, name):
-        return getattr(self.pipeline, name)
-
-    def select(self, signals, budget):
-        self.seen.append(signals)
-        return self.pipeline.select(signals, budget)
 
 
 def _official_text_embeds(path, text, segment=8):
@@ -73,7 +63,7 @@ def _official_text_embeds(path, text, segment=8):
 def test_clip_signals_follow_the_official_formulas(model, clip_path, inputs):
     from transformers import CLIPModel
 
-    spy = Spy(framework.compose("cdpruner"))
+    spy = SignalRecorder(framework.compose("cdpruner"))
     with framework.prune(
         model, spy, budget=5, prompt_stop=STOP, clip_model=clip_path, tokenizer=tiny_tokenizer()
     ) as handle, torch.no_grad():

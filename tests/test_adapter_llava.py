@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from adapter_fixtures import (
+    PLACEMENT_RECIPES,
     aligned,
     generation_positions,
     kept_only_inputs,
@@ -26,12 +27,7 @@ from vtprune.framework.selection import selection_from_masks
 from vtprune.framework.stages import Drop
 
 ATOL = 1e-5
-RECIPES = {
-    "pre_llm": "prompt_cosine+critical+fps+pre_llm",
-    "vision": "random+critical+fps+vision",
-    "layer": "attention+critical+fps+layer(k=2)",
-    "schedule": "attention+critical+fps+schedule(layers=[1,3],ratio=0.5)",
-}
+RECIPES = PLACEMENT_RECIPES
 PLACEMENTS = list(RECIPES)
 
 

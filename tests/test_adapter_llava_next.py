@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from adapter_fixtures import (
+    PLACEMENT_RECIPES,
     aligned,
     generation_positions,
     kept_only_inputs,
@@ -18,12 +19,7 @@ from adapter_fixtures import (
 from vtprune.framework.prune import prune
 
 ATOL = 1e-5
-RECIPES = {
-    "pre_llm": "prompt_cosine+critical+fps+pre_llm",
-    "vision": "random+critical+fps+vision",
-    "layer": "attention+critical+fps+layer(k=2)",
-    "schedule": "attention+critical+fps+schedule(layers=[1,3],ratio=0.5)",
-}
+RECIPES = PLACEMENT_RECIPES
 PLACEMENTS = list(RECIPES)
 SIZES = (((30, 50),), ((50, 30), (28, 28)))  # sample 0: one wide image, sample 1: a tall one and a small one
 

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from adapter_fixtures import (
+    SignalRecorder,
     IMAGE_TOKEN_ID,
     llava_inputs,
     llava_next_inputs,
@@ -166,19 +167,6 @@ def test_cdpruner_without_clip_model_is_a_clear_error(models):
 # ---------------------------------------------------------------------------------------------------------
 
 
-class Spy:
-    """A composed pipeline that records the `Signals` of every drop (stages / budget stay visible: hints)."""
-
-    def __init__(self, pipeline):
-        self.pipeline = pipeline
-        self.seen = []
-
-    def __getattr__(self, name):
-        return getattr(self.pipeline, name)
-
-    def select(self, signals, budget):
-        self.seen.append(signals)
-        return self.pipeline.select(signals, budget)
 
 
 def _image_positions(inputs, b):
@@ -266,7 +254,7 @@ def _cls_rows(model, hidden_states):
 def test_dart_similarities_use_the_final_norm(models):
     case = models["llava"]
     model, inputs = case["model"], case["inputs"]
-    spy = Spy(framework.compose("dart", registry=REGISTRY))
+    spy = SignalRecorder(framework.compose("dart", registry=REGISTRY))
     with framework.prune(model, spy, budget=BUDGET), torch.no_grad():
         model(**inputs)
     with torch.no_grad():
@@ -286,7 +274,7 @@ def test_attention_scoring_layer(models, preset, offset):
     model, inputs = case["model"], case["inputs"]
     pipeline = framework.compose(preset, registry=REGISTRY)
     k = pipeline.placement.drops(BUDGET)[0].layer
-    spy = Spy(pipeline)
+    spy = SignalRecorder(pipeline)
     with framework.prune(model, spy, budget=BUDGET), torch.no_grad():
         model(**inputs)
     model.set_attn_implementation("eager")
