@@ -81,9 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     organism = commands.add_parser("organism", help="the embedded demo model: reproduce its weights")
     organism_commands = organism.add_subparsers(dest="organism_command", required=True)
+    # every argument after ``organism train`` (``--out DIR``, ``--help``, ...) goes to the trainer's own parser
     train = organism_commands.add_parser("train", help="train the organism (seeded; see docs/demo.md)", add_help=False)
-    train.add_argument("train_args", nargs=argparse.REMAINDER, help="arguments of vtprune.experiments.organism.train")
-    train.set_defaults(func=_cmd_organism_train)
+    train.set_defaults(func=_cmd_organism_train, passes_unknown_args=True)
     return parser
 
 
@@ -122,7 +122,11 @@ def _cmd_organism_train(args: argparse.Namespace) -> int:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if getattr(args, "passes_unknown_args", False):
+        args.train_args = unknown
+    elif unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         return int(args.func(args) or 0)
     except Exception as error:  # noqa: BLE001 - user-facing errors become one clear line

@@ -28,3 +28,22 @@ def test_bad_recipe_is_one_clear_line(capsys) -> None:
 def test_select_example_runs(capsys) -> None:
     assert main(["select-example", "zspaprune", "--budget", "6"]) == 0
     assert "kept 6" in capsys.readouterr().out
+
+
+def test_organism_train_passes_every_argument_to_the_trainer(monkeypatch) -> None:
+    import vtprune.experiments.organism.train as trainer
+
+    seen: list[list[str]] = []
+    monkeypatch.setattr(trainer, "main", lambda argv: seen.append(argv) or 0)
+    assert main(["organism", "train", "--out", "run", "--steps", "3"]) == 0
+    assert seen == [["--out", "run", "--steps", "3"]]
+    config = trainer.parse_args(seen[0])
+    assert (config.out, config.steps) == ("run", 3)
+
+
+def test_unknown_arguments_are_still_an_error(capsys) -> None:
+    import pytest
+
+    with pytest.raises(SystemExit):
+        main(["list", "--bogus"])
+    assert "unrecognized arguments: --bogus" in capsys.readouterr().err

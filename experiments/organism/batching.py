@@ -12,7 +12,11 @@ the same text (checked by the tests), without going through PIL, for speed:
 * ``pixel_values`` (B, 3, H, W): CLIP-normalised images;
 * ``patch_pos`` (B, N, P) alignment targets for the auxiliary loss: for every patch the
   word ids it should align with (object: colour word, shape word, generic "shapes";
-  background: "background" repeated), see ``train.alignment_loss``.
+  background: "background" repeated), see ``train.alignment_loss``;
+* ``question_ids`` (B, R, L) the word ids of each turn's question (``<pad>`` after the
+  end), ``question_mask`` (B, R, L) bool, and ``question_targets`` (B, R, N) bool: the
+  patches covering the objects that turn's question is about (all False for a "no"
+  answer of ``exists``), for ``train.prompt_relevance_loss``.
 """
 
 from __future__ import annotations
@@ -67,15 +71,21 @@ class TrainBatcher:
     def batch(self, indices: list[int]) -> dict[str, torch.Tensor]:
         """Batch for scenes ``indices`` of the split (deterministic in the indices)."""
         seqs, labs, imgs, poss = [], [], [], []
+        questions: list[list[list[int]]] = []
+        covered: list[list[np.ndarray]] = []
         for idx in indices:
             rng = scene_rng(self.split, idx)
             scene = render_scene(rng)
             qas: list[tuple[str, str]] = []
+            targets: list[list[int]] = []
             while len(qas) < self.turns:
                 qs = make_questions(scene, rng)
                 qas += [(q, a) for _, q, a, _ in qs]
+                targets += [t for _, _, _, t in qs]
             order = rng.permutation(len(qas))[: self.turns]
             ids, lab = self._sequence([qas[i] for i in order])
+            questions.append([self._ids(qas[i][0]) for i in order])
+            covered.append([np.isin(scene.patch_labels, targets[i]) for i in order])
             seqs.append(ids)
             labs.append(lab)
             imgs.append(scene.image)
@@ -91,10 +101,21 @@ class TrainBatcher:
         pixels = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).float() / 255.0  # (B, 3, H, W)
         pixels = (pixels - self.mean) / self.std  # (B, 3, H, W)
         patch_pos = torch.from_numpy(np.stack(poss))  # (B, N, P)
+        q_len = max(len(q) for row in questions for q in row)
+        question_ids = torch.full((len(seqs), self.turns, q_len), self.pad, dtype=torch.long)  # (B, R, L)
+        question_mask = torch.zeros((len(seqs), self.turns, q_len), dtype=torch.bool)  # (B, R, L)
+        for b, row in enumerate(questions):
+            for r, q in enumerate(row):
+                question_ids[b, r, : len(q)] = torch.tensor(q)
+                question_mask[b, r, : len(q)] = True
+        question_targets = torch.from_numpy(np.stack([np.stack(row) for row in covered]))  # (B, R, N)
         return {
             "input_ids": input_ids,
             "attention_mask": mask,
             "labels": labels,
             "pixel_values": pixels,
             "patch_pos": patch_pos,
+            "question_ids": question_ids,
+            "question_mask": question_mask,
+            "question_targets": question_targets,
         }

@@ -12,7 +12,11 @@ Contract
   visual token toward the input embeddings of its object's colour word, shape word and
   the generic word "shapes" (background tokens: toward "background"), plus
   ``shape_head_weight`` x the cross-entropy of a training-only linear shape probe on the
-  projected tokens (``ShapeHead``; discarded, the shipped model is a plain LLaVA).
+  projected tokens (``ShapeHead``; discarded, the shipped model is a plain LLaVA), plus
+  ``prompt_weight`` x ``prompt_relevance_loss``: for every question with target objects,
+  an InfoNCE over the image's patches that ranks the target object's patches first by
+  cosine similarity to the *mean-pooled* question word embeddings (exactly the score
+  ZSPAPrune prunes with, so prompt-aware pruning has a signal to work with).
 * Deterministic given the config: seeded init, data is a pure function of the step
   (scene indices ``step * batch_size + b``), deterministic torch algorithms.
 * Checkpoints (``DIR/checkpoint.pt``) every ``ckpt_every`` steps; a rerun with the same
@@ -66,6 +70,7 @@ class TrainConfig:
     shape_head_weight: float = 1.0
     background_weight: float = 0.2
     tau: float = 0.1
+    prompt_weight: float = 0.5
     grad_clip: float = 1.0
     ckpt_every: int = 500
     eval_every: int = 500
@@ -105,6 +110,36 @@ def alignment_loss(proj: torch.Tensor, positives: torch.Tensor, embeddings: torc
         masked = logits.masked_fill(multi & ~own, float("-inf"))  # (M, V)
         losses.append(F.cross_entropy(masked, pos[:, j]))
     return torch.stack(losses).mean()
+
+
+def prompt_relevance_loss(
+    proj: torch.Tensor,
+    question_ids: torch.Tensor,
+    question_mask: torch.Tensor,
+    question_targets: torch.Tensor,
+    embeddings: torch.Tensor,
+    tau: float,
+) -> torch.Tensor:
+    """Multi-positive InfoNCE over patches for the mean-pooled question embedding.
+
+    proj: (B, N, D) projector outputs; question_ids / question_mask: (B, R, L) word ids of
+    R questions per image; question_targets: (B, R, N) bool, the patches of the objects
+    each question is about; embeddings: (V, D). For each question with at least one target
+    patch: ``-log(sum_target exp(s / tau) / sum_all exp(s / tau))`` with ``s`` the cosine
+    between a patch and the mean of the question's word embeddings. Returns the mean over
+    those questions (0 if there are none).
+    """
+    words = embeddings[question_ids]  # (B, R, L, D)
+    m = question_mask.unsqueeze(-1).to(words.dtype)  # (B, R, L, 1)
+    pooled = F.normalize((words * m).sum(2) / m.sum(2).clamp_min(1), dim=-1)  # (B, R, D)
+    patches = F.normalize(proj, dim=-1)  # (B, N, D)
+    logits = torch.einsum("brd,bnd->brn", pooled, patches) / tau  # (B, R, N)
+    has_target = question_targets.any(-1)  # (B, R)
+    if not has_target.any():
+        return logits.sum() * 0.0
+    positive = torch.logsumexp(logits.masked_fill(~question_targets, float("-inf")), dim=-1)  # (B, R)
+    total = torch.logsumexp(logits, dim=-1)  # (B, R)
+    return (total - positive)[has_target].mean()
 
 
 class _StepBatches(torch.utils.data.Dataset):
@@ -171,8 +206,8 @@ def _setup_logging(out: Path) -> None:
 
 @torch.no_grad()
 def _quick_val(model: LlavaForConditionalGeneration, batcher: TrainBatcher, samples: list, processor) -> dict[str, float]:
-    """Validation accuracy by argmax of the next-token logits (fast proxy for ``answer``)."""
-    from .evaluate import accuracy_by_template, encode
+    """Validation accuracy by argmax of the next-token logits (fast proxy for ``answer``) and relevance AUCs."""
+    from .evaluate import accuracy_by_template, encode, prompt_relevance, relevance_auc
 
     model.eval()
     preds: list[str] = []
@@ -181,8 +216,10 @@ def _quick_val(model: LlavaForConditionalGeneration, batcher: TrainBatcher, samp
         inputs = encode(processor, chunk)
         logits = model(**inputs).logits[:, -1]  # (B, V)
         preds += processor.tokenizer.convert_ids_to_tokens(logits.argmax(-1).tolist())
+    rel = prompt_relevance(model, processor, samples)
     model.train()
-    return accuracy_by_template(samples, preds)
+    return {**accuracy_by_template(samples, preds), "auc_mean": relevance_auc(samples, rel["mean"]),
+            "auc_max": relevance_auc(samples, rel["max"])}
 
 
 def _machine() -> str:
@@ -219,16 +256,18 @@ def train(config: TrainConfig) -> Path:
     hook = model.model.multi_modal_projector.register_forward_hook(lambda m, i, o: captured.__setitem__("proj", o))
     val = make_split("validation", config.n_val)
     t0 = time.time() - elapsed
-    run_lm = run_aux = run_shape = 0.0
+    run_lm = run_aux = run_shape = run_prompt = 0.0
     loader = _loader(config, start=start)
     for step, batch in zip(range(start, config.steps), loader):
         patch_pos = batch.pop("patch_pos")
+        questions = (batch.pop("question_ids"), batch.pop("question_mask"), batch.pop("question_targets"))
         for g in opt.param_groups:
             g["lr"] = lr_at(step, config)
         lm = model(**batch).loss
         aux = alignment_loss(captured["proj"], patch_pos, model.get_input_embeddings().weight, config.tau)
         shape = head.loss(captured["proj"], patch_pos, config.background_weight)
-        loss = lm + config.aux_weight * aux + config.shape_head_weight * shape
+        prompt = prompt_relevance_loss(captured["proj"], *questions, model.get_input_embeddings().weight, config.tau)
+        loss = lm + config.aux_weight * aux + config.shape_head_weight * shape + config.prompt_weight * prompt
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
@@ -236,10 +275,11 @@ def train(config: TrainConfig) -> Path:
         run_lm = 0.98 * run_lm + 0.02 * lm.item() if step > start else lm.item()
         run_aux = 0.98 * run_aux + 0.02 * aux.item() if step > start else aux.item()
         run_shape = 0.98 * run_shape + 0.02 * shape.item() if step > start else shape.item()
+        run_prompt = 0.98 * run_prompt + 0.02 * prompt.item() if step > start else prompt.item()
         done = step + 1
         if done % 50 == 0:
-            log.info("step %d lm %.4f aux %.4f shape %.4f lr %.2e %.1fs", done, run_lm, run_aux, run_shape,
-                     lr_at(step, config), time.time() - t0)
+            log.info("step %d lm %.4f aux %.4f shape %.4f prompt %.4f lr %.2e %.1fs", done, run_lm, run_aux,
+                     run_shape, run_prompt, lr_at(step, config), time.time() - t0)
         if done % config.eval_every == 0 or done == config.steps:
             acc = _quick_val(model, batcher, val, processor)
             log.info("step %d val %s", done, json.dumps({k: round(v, 3) for k, v in acc.items()}))
@@ -288,7 +328,7 @@ def export(
 
 def parse_args(argv: list[str] | None) -> TrainConfig:
     """CLI arguments -> ``TrainConfig``."""
-    ap = argparse.ArgumentParser(description="Train the vtprune model organism.")
+    ap = argparse.ArgumentParser(prog="vtprune organism train", description="Train the vtprune model organism.")
     ap.add_argument("--out", required=True, help="run directory (checkpoints, log, weights/)")
     d = TrainConfig(out="")
     ap.add_argument("--steps", type=int, default=d.steps)
@@ -297,6 +337,7 @@ def parse_args(argv: list[str] | None) -> TrainConfig:
     ap.add_argument("--lr", type=float, default=d.lr)
     ap.add_argument("--turns", type=int, default=d.turns)
     ap.add_argument("--aux-weight", type=float, default=d.aux_weight)
+    ap.add_argument("--prompt-weight", type=float, default=d.prompt_weight)
     ap.add_argument("--n-test", type=int, default=d.n_test)
     ap.add_argument("--n-val", type=int, default=d.n_val)
     ap.add_argument("--eval-every", type=int, default=d.eval_every)
@@ -312,7 +353,7 @@ def parse_args(argv: list[str] | None) -> TrainConfig:
     spec = ModelSpec(vision_hidden=a.vision_hidden, vision_layers=a.vision_layers,
                      text_hidden=a.text_hidden, text_layers=a.text_layers)
     return TrainConfig(out=a.out, steps=a.steps, seed=a.seed, batch_size=a.batch_size, lr=a.lr, turns=a.turns,
-                       aux_weight=a.aux_weight, n_test=a.n_test, n_val=a.n_val, eval_every=a.eval_every,
+                       aux_weight=a.aux_weight, prompt_weight=a.prompt_weight, n_test=a.n_test, n_val=a.n_val, eval_every=a.eval_every,
                        ckpt_every=a.ckpt_every, threads=a.threads, workers=a.workers, spec=spec)
 
 
