@@ -155,11 +155,13 @@ class ImageLayout:
         num_tokens: placeholder tokens of the image in the input.
         newline: (num_tokens,) bool, True at image-newline tokens (LLaVA-NeXT); None if there are none.
         grid: (h, w) when the image's tokens are exactly a row-major patch grid; else None.
+        kind: "image" or "video" (Qwen); which vision-tower run the item's features come from.
     """
 
     num_tokens: int
     newline: Optional[Tensor] = None
     grid: Optional[tuple[int, int]] = None
+    kind: str = "image"
 
 
 def _find_subsequence(row: Tensor, pattern: Sequence[int], start: int) -> int:
@@ -281,6 +283,7 @@ class VisionCapture:
     features: Optional[Tensor] = None
     projected: Optional[Tensor] = None
     cls_token: Optional[Tensor] = None  # (crops, Dv) CLS hidden state of the selected feature layer (keep_cls)
+    runs: list = field(default_factory=list)  # adapter-specific records of several tower runs (Qwen: VisionRun)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -358,11 +361,18 @@ class VLMAdapter:
         self.config = self.vlm.config
         self.stack = self.vlm.language_model
         tower = self.vlm.vision_tower
+        self.vision_entry: nn.Module = tower  # the module one vision run enters (its pre-hook opens a capture)
         self.tower = getattr(tower, "vision_model", tower)
         self.projector = self.vlm.multi_modal_projector
 
     def decoder_spec(self) -> DecoderSpec:
         return DecoderSpec.for_llama_like(self.stack)
+
+    def project(self, values: Tensor) -> Tensor:
+        """Vision-space token values (..., n, Dv) -> language-model tokens (..., n, D) through the projector
+        (used for merged values chosen at the ``vision`` placement)."""
+        dtype = next(self.projector.parameters()).dtype
+        return self.projector(values.to(dtype))
 
     def final_norm(self) -> nn.Module:
         """The decoder's final norm (applied to in-LLM ``visual`` / ``prompt`` under the ``final_norm`` hint)."""
@@ -495,7 +505,7 @@ class Attachment:
         self._vision: Optional[VisionCapture] = None
         self._need_vision = self._need_cls or vision_drop or self.clip is not None
         if self._need_vision:
-            self._handles.append(adapter.vlm.vision_tower.register_forward_pre_hook(self._tower_hook))
+            self._handles.append(adapter.vision_entry.register_forward_pre_hook(self._tower_hook, with_kwargs=True))
             self._handles.append(adapter.projector.register_forward_pre_hook(self._projector_pre))
             self._handles.append(adapter.projector.register_forward_hook(self._projector_post))
         if self._need_cls:
@@ -555,7 +565,7 @@ class Attachment:
     def _current(self) -> Optional[_Call]:
         return self._calls[-1] if self._calls else None
 
-    def _tower_hook(self, module, args):
+    def _tower_hook(self, module, args, kwargs):
         if not self._projecting:
             self._vision = VisionCapture()
         return None
@@ -808,12 +818,16 @@ class _Plan:
             [torch.ones(t.shape[0], dtype=torch.bool, device=self.device) for t in texts], value=False
         )
 
-    def _vision_signals(self, state: DropState):
-        columns, slots = self._rows(state)
+    def _vision_feature_rows(self) -> list[Tensor]:
+        """Per image, the projector input aligned with its LLM tokens (num_tokens, Dv)."""
         features = self.capture.features
         if features is None:
             raise RuntimeError("vision placement: the vision tower did not run for this forward")
-        rows = self._vision_rows(features)
+        return self._vision_rows(features)
+
+    def _vision_signals(self, state: DropState):
+        columns, slots = self._rows(state)
+        rows = self._vision_feature_rows()
         newline = [layout.newline for layout in self.layouts]
         fields: dict[str, Any] = {
             "visual": _pad_rows([row.float() for row in rows]),
@@ -850,7 +864,6 @@ class _Plan:
         replace = torch.zeros_like(state.valid)
         values = None
         patches = selection.gather(signals.visual)  # (R, K, Dv): merged values where set
-        proj_dtype = self.adapter.projector.linear_1.weight.dtype
         rows_idx, rows_mask, rows_crit, rows_vals = [], [], [], []
         for r in range(self.num_images):
             b = self.image_sample[r]
@@ -870,7 +883,7 @@ class _Plan:
             self.owner._projecting = True
             try:
                 with torch.no_grad():
-                    projected = self.adapter.projector(sequence.to(proj_dtype).unsqueeze(0))[0]
+                    projected = self.adapter.project(sequence.unsqueeze(0))[0]
             finally:
                 self.owner._projecting = False
             if values is None:
@@ -914,7 +927,7 @@ class _Plan:
             if drop.where == "vision":
                 self.owner._projecting = True
                 try:
-                    vals = self.adapter.projector(vals.to(self.adapter.projector.linear_1.weight.dtype))
+                    vals = self.adapter.project(vals)
                 finally:
                     self.owner._projecting = False
             values = torch.zeros(*state.valid.shape, vals.shape[-1], dtype=state.hidden.dtype, device=self.device)

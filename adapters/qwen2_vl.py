@@ -16,13 +16,20 @@ It is a `VLMAdapter` on the shared runtime (``adapters.base``) and decoder machi
   tokens are numbered ``0 .. K-1`` on all three axes (text position minus the tokens dropped before
   it), the positions the model gives a K-token sequence fed as embeddings; the images' 2-D layout is
   discarded. `continuation_positions` maps a decoding step onto the pruned cache.
-- **Not provided**: ``cls_attention`` (the tower has no CLS token) and the ``vision`` placement
-  (see docs/adapters.md); both fail at attach time with the model and placement named.
+- **Vision placement**: selection on the vision tower's output before the patch merger (the
+  projector). The unit is the LLM token: the ``m * m`` patches the merger fuses into one token,
+  their features concatenated (``Signals.visual`` is (R, N, m*m*Dv), the merger's input rows).
+  Every tower run (the images of a forward, then its videos) is captured with its ``grid_thw``;
+  Qwen2.5-VL's window-attention order is undone (`window_order`) and the result is checked
+  against the tower's own output at run time. Merged values go back through the merger
+  (`QwenVLAdapter.project`).
+- **Not provided**: ``cls_attention`` and ``visual_keys`` at ``vision`` (the tower has no CLS
+  token); asking for them fails at attach time with the model and placement named.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Optional, Sequence
 
 import torch
@@ -30,7 +37,7 @@ from torch import Tensor, nn
 
 from vtprune.framework.errors import MissingSignalError, VtpruneError
 
-from .base import EMBEDDING_SIGNALS, LAYER_SIGNALS, Attachment, ImageLayout, VLMAdapter, _Call, _Plan
+from .base import EMBEDDING_SIGNALS, LAYER_SIGNALS, VISION_SIGNALS, Attachment, ImageLayout, VisionCapture, VLMAdapter, _Call, _Plan
 from .decoder import DecoderSpec
 
 __all__ = [
@@ -44,7 +51,12 @@ __all__ = [
     "with_text_row",
     "compact_positions",
     "continuation_positions",
+    "VisionRun",
+    "group_merge_units",
 ]
+
+#: Most recent vision-tower runs kept for the next prefill (an image run and a video run per forward).
+_KEPT_RUNS = 8
 
 # ------------------------------------------------------------------------------------------------
 # Pure functions: spans and prompt (no model)
@@ -319,6 +331,34 @@ def _text_row(position_ids: Tensor) -> Optional[Tensor]:
     return position_ids[0] if position_ids.dim() == 3 and position_ids.shape[0] == 4 else None
 
 
+def group_merge_units(features: Tensor, merge_size: int) -> Tensor:
+    """Merger input (patches, Dv) -> one row per LLM token (patches / m^2, m^2 * Dv): the processor
+    orders patches so that each run of ``m * m`` consecutive patches is one merged token.
+
+    >>> group_merge_units(torch.arange(8.0).view(8, 1), 2).tolist()
+    [[0.0, 1.0, 2.0, 3.0], [4.0, 5.0, 6.0, 7.0]]
+    """
+    unit = merge_size * merge_size
+    patches, dim = features.shape
+    if patches % unit:
+        raise ValueError(f"{patches} patches do not form whole {merge_size}x{merge_size} merge units")
+    return features.reshape(patches // unit, unit * dim)  # (tokens, m*m*Dv)
+
+
+@dataclass
+class VisionRun:
+    """One run of the Qwen vision tower: the images (or the videos) of one forward.
+
+    Attributes:
+        grid_thw: (items, 3) patch grids the tower was given.
+        features: (tokens, m*m*Dv) merger input, one row per LLM token, in the LLM's token order.
+    """
+
+    grid_thw: Tensor
+    features: Tensor
+    _pending: dict = field(default_factory=dict, repr=False)
+
+
 def _token_ids(value: Any) -> set[int]:
     if value is None:
         return set()
@@ -341,14 +381,14 @@ class QwenVLAdapter(VLMAdapter):
         "Qwen2VLModel",
         "Qwen2_5_VLModel",
     )
-    placements: ClassVar[frozenset[str]] = frozenset({"pre_llm", "layer", "schedule"})
+    placements: ClassVar[frozenset[str]] = frozenset({"vision", "pre_llm", "layer", "schedule"})
     has_grid: ClassVar[bool] = True
 
     @classmethod
     def provides(cls, placement: str) -> frozenset[str]:
         """Signals filled at ``placement``; never ``cls_attention`` (the tower has no CLS token)."""
         if placement == "vision":
-            return frozenset()
+            return VISION_SIGNALS | {"grid"}
         if placement == "pre_llm":
             return EMBEDDING_SIGNALS | {"grid"}
         if placement in ("layer", "schedule"):
@@ -374,6 +414,7 @@ class QwenVLAdapter(VLMAdapter):
         self.config = self.vlm.config
         self.stack = self.vlm.language_model
         self.tower = self.vlm.visual
+        self.vision_entry = self.tower
         self.projector = self.tower.merger
         self.merge_size = int(self.config.vision_config.spatial_merge_size)
         self.video_token_id = int(self.config.video_token_id)
@@ -405,6 +446,31 @@ class QwenVLAdapter(VLMAdapter):
             shift_positions=compact_positions,
             default_positions=default_positions,
         )
+
+    def project(self, values: Tensor) -> Tensor:
+        """Merge units (..., n, m*m*Dv) -> LLM tokens (..., n, D) through the patch merger."""
+        dim = int(self.projector.ln_q.weight.shape[0])  # Dv, the merger's per-patch width
+        if values.shape[-1] != dim * self.merge_size**2:
+            raise ValueError(f"{self.name}: merge units have {values.shape[-1]} features, the merger takes {dim * self.merge_size**2}")
+        lead = values.shape[:-1]
+        dtype = next(self.projector.parameters()).dtype
+        out = self.projector(values.reshape(-1, dim).to(dtype))  # (prod(lead), D)
+        return out.view(*lead, out.shape[-1])
+
+    def window_order(self, grid_thw: Tensor) -> Optional[Tensor]:
+        """Permutation ``p`` with ``natural = window_ordered[p]`` for a tower with window attention
+        (Qwen2.5-VL permutes merge units into windows before its blocks and undoes it after the
+        merger); None for a tower without (Qwen2-VL)."""
+        window = getattr(self.tower, "window_size", None)
+        if window is None:
+            return None
+        if hasattr(self.tower, "get_window_index"):  # transformers 4.x
+            index, _ = self.tower.get_window_index(grid_thw)
+        else:
+            from transformers.vision_utils import get_vision_window_index
+
+            index, _ = get_vision_window_index(grid_thw, self.merge_size, int(window), int(self.tower.patch_size))
+        return torch.argsort(torch.as_tensor(index, device=grid_thw.device))
 
     def cls_layer(self, call: _Call) -> nn.Module:
         raise ValueError(
@@ -438,11 +504,11 @@ class QwenVLAdapter(VLMAdapter):
         layouts = []
         for segment in self.segments(call):
             t, h, w = segment.grid
-            layouts.append(ImageLayout(segment.length, None, (h, w) if t == 1 else None))
+            layouts.append(ImageLayout(segment.length, None, (h, w) if t == 1 else None, kind=segment.kind))
         return layouts
 
     def vision_rows(self, capture: Any, layouts: Any, token_embeds: Any, per_crop: Tensor) -> list[Tensor]:
-        raise NotImplementedError(f"{self.name}: the vision placement is not implemented (docs/adapters.md)")
+        raise NotImplementedError(f"{self.name}: vision rows come from the captured tower runs (QwenPlan)")
 
 
 class QwenAttachment(Attachment):
@@ -456,20 +522,71 @@ class QwenAttachment(Attachment):
         if placement not in adapter.placements:
             raise VtpruneError(
                 f"{type(adapter.model).__name__} (adapter {adapter.name!r}): placement {placement!r} is not "
-                f"implemented; use one of {sorted(adapter.placements)}. The vision placement needs a CLS token or a "
-                "per-run vision capture, which the Qwen tower does not fit (docs/adapters.md)"
+                f"implemented; use one of {sorted(adapter.placements)} (docs/adapters.md)"
             )
         missing = sorted(set(pipeline.requires) - set(adapter.provides(placement)))
         if missing:
-            why = " (the Qwen vision tower has no CLS token)" if "cls_attention" in missing else ""
+            no_cls = {"cls_attention", "visual_keys"} if placement == "vision" else {"cls_attention"}
+            why = " (the Qwen vision tower has no CLS token)" if no_cls & set(missing) else ""
             raise MissingSignalError(
                 f"{type(adapter.model).__name__} (adapter {adapter.name!r}) cannot provide {missing} at placement "
                 f"{placement!r}{why}; it provides {sorted(adapter.provides(placement))}"
             )
+        self._runs: list[VisionRun] = []
+        self._run: Optional[VisionRun] = None
         super().__init__(adapter, pipeline, budget, positions=positions, prompt_stop=prompt_stop)
         self._handles.append(
             adapter.stack.register_forward_pre_hook(self._stack_positions, with_kwargs=True, prepend=True)
         )
+
+    def _install(self, adapter: VLMAdapter, probe: Sequence[Any]) -> None:
+        super()._install(adapter, probe)
+        if self._need_vision:
+            self._handles.append(adapter.vision_entry.register_forward_hook(self._tower_done, with_kwargs=True))
+
+    # -- vision-tower hooks: one `VisionRun` per tower call (images and videos run separately) ----------
+
+    def _tower_hook(self, module, args, kwargs):
+        if self._projecting:
+            return None
+        grid = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
+        if grid is None:
+            raise ValueError(f"{self.adapter.name}: the vision tower was called without grid_thw")
+        self._run = VisionRun(grid_thw=grid, features=torch.empty(0))
+        return None
+
+    def _projector_pre(self, module, args):
+        if self._run is not None and not self._projecting and args:
+            self._run._pending["input"] = args[0]
+        return None
+
+    def _projector_post(self, module, args, output):
+        if self._run is not None and not self._projecting:
+            self._run._pending["merged"] = output
+        return None
+
+    def _tower_done(self, module, args, kwargs, output):
+        run, self._run = self._run, None
+        if run is None or "input" not in run._pending:
+            return None
+        merged = run._pending.pop("merged")  # (tokens, D) in the tower's internal order
+        units = group_merge_units(run._pending.pop("input"), self.adapter.merge_size)  # (tokens, m*m*Dv)
+        order = self.adapter.window_order(run.grid_thw)
+        if order is not None:
+            units, merged = units[order.to(units.device)], merged[order.to(merged.device)]
+        pooled = getattr(output, "pooler_output", None)
+        if pooled is not None and not torch.equal(merged, pooled):
+            raise RuntimeError(
+                f"{self.adapter.name}: the captured merger rows do not match the tower's output order; the vision "
+                "placement cannot align vision features with LLM tokens for this transformers version"
+            )
+        run.features = units.detach()
+        self._runs = (self._runs + [run])[-_KEPT_RUNS:]
+        return None
+
+    def _take_vision(self) -> VisionCapture:
+        runs, self._runs = self._runs, []
+        return VisionCapture(runs=runs)
 
     # -- hooks ------------------------------------------------------------------------------------------
 
@@ -549,3 +666,28 @@ class QwenPlan(_Plan):
             prompt_stop=owner.prompt_stop,
         )
         self.query = query.to(self.device)
+
+    def _vision_feature_rows(self) -> list[Tensor]:
+        """Per image / video, its merge units (num_tokens, m*m*Dv) from the captured tower runs: the run
+        of each kind is the latest one whose ``grid_thw`` equals the forward's (or, when the forward does
+        not carry it, whose token count matches)."""
+        segments = self.adapter.segments(self.call)
+        rows: dict[int, Tensor] = {}
+        for kind in ("image", "video"):
+            numbers = [n for n, s in enumerate(segments) if s.kind == kind]
+            if not numbers:
+                continue
+            sizes = [segments[n].length for n in numbers]
+            grid = self.call.kwargs.get(f"{kind}_grid_thw")
+            candidates = [
+                run for run in self.capture.runs
+                if run.features.shape[0] == sum(sizes)
+                and (grid is None or torch.equal(run.grid_thw.cpu(), grid.cpu()))
+            ]
+            if not candidates:
+                raise RuntimeError(
+                    f"vision placement: no vision-tower run of this forward's {len(numbers)} {kind}(s) was captured"
+                )
+            for n, part in zip(numbers, candidates[-1].features.split(sizes)):
+                rows[n] = part.to(self.device)
+        return [rows[n] for n in range(len(segments))]

@@ -28,6 +28,7 @@ KINDS = ("qwen2_vl", "qwen2_5_vl")
 PRE_LLM = "prompt_cosine+critical+fps+split(critical=0.6)+pre_llm"
 LAYER = "attention+critical+diversity.none+split+layer(k=2)"
 SCHEDULE = "attention+critical+diversity.none+split+schedule(layers=[1,2],ratio=0.5)"
+VISION = "none+critical+fps+vision"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -399,7 +400,7 @@ def test_compact_positions(kind, recipe):
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize(
     "recipe,from_layer,positions",
-    [(PRE_LLM, 0, "keep"), (LAYER, 2, "keep"), (PRE_LLM, 0, "compact"), (LAYER, 2, "compact")],
+    [(PRE_LLM, 0, "keep"), (LAYER, 2, "keep"), (PRE_LLM, 0, "compact"), (LAYER, 2, "compact"), (VISION, 0, "keep")],
 )
 def test_generate_matches_reference_and_cache_holds_kept_tokens(kind, recipe, from_layer, positions):
     model = tiny_qwen(kind)
@@ -440,7 +441,8 @@ def test_generate_compact_matches_kept_tokens_only(kind):
 
 @pytest.mark.parametrize(
     "kind,recipe,positions",
-    [("qwen2_vl", PRE_LLM, "keep"), ("qwen2_5_vl", LAYER, "keep"), ("qwen2_vl", SCHEDULE, "compact")],
+    [("qwen2_vl", PRE_LLM, "keep"), ("qwen2_5_vl", LAYER, "keep"), ("qwen2_vl", SCHEDULE, "compact"),
+     ("qwen2_5_vl", VISION, "keep")],
 )
 def test_left_padded_batch_equals_each_sample_alone(kind, recipe, positions):
     """Images of different sizes and counts, a video, left padding: each row as if alone (last-token
@@ -585,10 +587,12 @@ def test_unavailable_signals_and_placements_fail_at_attach():
         prune(model, NeedsCls(), budget=3)
     with pytest.raises(MissingSignalError, match="no CLS token.*pre_llm|pre_llm.*no CLS token"):
         QwenVLAdapter.attach(model, NeedsCls(), 3)
-    with pytest.raises(VtpruneError, match="vision"):
-        prune(model, "none+critical+fps+vision", budget=3)
-    with pytest.raises(VtpruneError, match="Qwen2VLForConditionalGeneration.*vision"):
-        QwenVLAdapter.attach(model, compose("none+critical+fps+vision"), 3)
+    with pytest.raises(MissingSignalError, match="cls_attention.*placement 'vision'"):
+        prune(model, "visionzip", budget=3)  # CLS attention at the vision placement
+    with pytest.raises(MissingSignalError, match="Qwen2VLForConditionalGeneration.*cls_attention.*vision.*no CLS"):
+        QwenVLAdapter.attach(model, compose("visionzip"), 3)
+    with pytest.raises(VtpruneError, match="does not implement placement 'pre_llm_clip'"):
+        prune(model, "cdpruner", budget=3, clip_model=object())
     with pytest.raises(ValueError, match="input_ids"):
         with prune(model, PRE_LLM, budget=3):
             inputs, _ = batch(MIXED)
@@ -704,3 +708,76 @@ def test_module_docstring_examples_run():
 
     result = doctest.testmod(module)
     assert result.failed == 0 and result.attempted > 0
+
+
+# ------------------------------------------------------------------------------------------------
+# The vision placement (before the patch merger)
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_vision_placement_keep_all_masked_reference_and_signals(kind):
+    """Keep-all is bit-identical; a pruned forward equals the masked reference; every row of
+    ``Signals.visual`` is the merge unit of its LLM token: the merger maps it to exactly the token the
+    model's own ``get_image_features`` / ``get_video_features`` give (Qwen2.5-VL: after undoing the
+    window order, which is not the identity for these grids)."""
+    model = tiny_qwen(kind)
+    samples = MIXED + [Sample(images=((1, 3),), videos=((2, 2, 2),), question=(25,), seed=2)]
+    inputs, layouts = batch(samples)
+    before = logits(model, inputs)
+    with prune(model, VISION, budget=1.0):
+        assert torch.equal(logits(model, inputs), before)
+    recording = Recording(compose(VISION))
+    with prune(model, recording, budget=3) as handle:
+        pruned = logits(model, inputs)
+        result = handle.last_selection
+    assert result.counts.tolist() == [3, 3, 2, 3, 3]
+    keep = kept_mask(result, inputs, layouts)
+    reference = MaskedReference(model, inputs, keep, 0).logits()
+    ours, theirs = aligned(pruned, reference, keep)
+    torch.testing.assert_close(ours, theirs, atol=TOL, rtol=0)
+
+    signals = recording.signals[-1]
+    dv = model.model.visual.merger.ln_q.weight.shape[0]
+    assert signals.visual.shape[-1] == dv * MERGE * MERGE
+    vlm = model.model
+    with torch.no_grad():
+        images = vlm.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"]).pooler_output
+        videos = vlm.get_video_features(inputs["pixel_values_videos"], inputs["video_grid_thw"]).pooler_output
+        # rows in sequence order: sample 0 image, sample 1 two images, sample 2 image then video
+        expected = [images[0], images[1], images[2], images[3], videos[0]]
+        for row, tokens in enumerate(expected):
+            n = tokens.shape[0]
+            assert int(signals.visual_mask[row].sum()) == n
+            merged = vlm.visual.merger(signals.visual[row, :n].reshape(-1, dv))
+            torch.testing.assert_close(merged, tokens, atol=1e-6, rtol=0)
+    if kind == "qwen2_5_vl":
+        order = QwenVLAdapter(model).window_order(inputs["image_grid_thw"])
+        assert not torch.equal(order, torch.arange(order.numel()))
+
+
+class ReplaceWithOwnValues:
+    """A pipeline whose selection carries ``values`` equal to the kept tokens' own vision features:
+    projecting them through the adapter must give back exactly the model's tokens."""
+
+    def __init__(self, recipe: str):
+        self.pipeline = compose(recipe)
+        self.placement, self.requires = self.pipeline.placement, self.pipeline.requires
+
+    def select(self, signals, budget):
+        from dataclasses import replace
+
+        selection = self.pipeline.select(signals, budget)
+        return replace(selection, values=selection.gather(signals.visual))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_vision_merged_values_go_through_the_merger(kind):
+    model = tiny_qwen(kind)
+    inputs, _ = batch(MIXED)
+    with prune(model, VISION, budget=3):
+        plain = logits(model, inputs)
+    with prune(model, ReplaceWithOwnValues(VISION), budget=3) as handle:
+        replaced = logits(model, inputs)
+        assert handle.last_selection.drops[0].selection.values is not None
+    torch.testing.assert_close(replaced, plain, atol=1e-6, rtol=0)
