@@ -313,7 +313,7 @@ class VLMAdapter:
     @classmethod
     def provides(cls, placement: str) -> frozenset[str]:
         """Signals filled at ``placement`` ("vision", "pre_llm", "layer", "schedule")."""
-        grid = frozenset({"grid"}) if cls.has_grid else frozenset()
+        grid = frozenset({"grid", "grids"}) if cls.has_grid else frozenset()
         if placement == "vision":
             return VISION_SIGNALS | CLS_SIGNALS | {"visual_keys"} | grid
         if placement == "pre_llm":
@@ -742,22 +742,22 @@ class _Plan:
     def _strip_cls(self, per_crop: Tensor) -> Tensor:
         return per_crop[:, 1:] if self.adapter.strategy(self.call) == "default" else per_crop
 
-    def _grid(self, columns: list[Tensor]) -> Optional[tuple[int, int]]:
-        grids = {layout.grid for layout in self.layouts}
-        if len(grids) != 1 or None in grids:
-            return None
-        if any(c.numel() != layout.num_tokens for c, layout in zip(columns, self.layouts)):
-            return None
-        return next(iter(grids))
+    def _row_grids(self, columns: list[Tensor]) -> list[Optional[tuple[int, int]]]:
+        """Per image, its (h, w) token grid while all its tokens are present (a drop breaks the grid)."""
+        return [
+            layout.grid if c.numel() == layout.num_tokens else None for c, layout in zip(columns, self.layouts)
+        ]
 
     def _common(self, columns: list[Tensor], fields: dict) -> None:
         if "cls_attention" in self.requires:
             rows = self._cls()
             if rows is not None:
                 fields["cls_attention"] = _pad_rows([rows[r][:, c].t() for r, c in enumerate(columns)]).transpose(1, 2)
-        grid = self._grid(columns)
-        if grid is not None:
-            fields["grid"] = grid
+        grids = self._row_grids(columns)
+        if grids and len(set(grids)) == 1 and grids[0] is not None:
+            fields["grid"] = grids[0]  # one grid for every row
+        elif any(g is not None for g in grids):  # rows differ: per-row grids, (0, 0) = none
+            fields["grids"] = torch.tensor([g if g is not None else (0, 0) for g in grids], dtype=torch.long)
 
     def _llm_signals(self, state: DropState, drop: Any):
         columns, slots = self._rows(state)

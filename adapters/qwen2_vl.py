@@ -388,11 +388,11 @@ class QwenVLAdapter(VLMAdapter):
     def provides(cls, placement: str) -> frozenset[str]:
         """Signals filled at ``placement``; never ``cls_attention`` (the tower has no CLS token)."""
         if placement == "vision":
-            return VISION_SIGNALS | {"grid"}
+            return VISION_SIGNALS | {"grid", "grids"}
         if placement == "pre_llm":
-            return EMBEDDING_SIGNALS | {"grid"}
+            return EMBEDDING_SIGNALS | {"grid", "grids"}
         if placement in ("layer", "schedule"):
-            return EMBEDDING_SIGNALS | LAYER_SIGNALS | {"grid"}
+            return EMBEDDING_SIGNALS | LAYER_SIGNALS | {"grid", "grids"}
         raise ValueError(f"{cls.name} adapter: unknown placement {placement!r}; supported: {sorted(cls.placements)}")
 
     @classmethod

@@ -31,7 +31,9 @@ SIGNAL_DESCRIPTIONS: dict[str, str] = {
     "clip_text": "(B, M, C) CLIP-space text embeddings of the prompt",
     "clip_text_mask": "(B, M) bool, True = real CLIP text token; None = all real",
     "cls_attention": "(B, H, N) the vision encoder's CLS-to-patch attention",
-    "grid": "(h, w) the patch grid shape, row-major token order",
+    "grid": "(h, w) the patch grid shape shared by every row, row-major token order",
+    "grids": "(B, 2) long per-row (h, w) patch grids, (0, 0) = no grid for that row; set instead of `grid` "
+    "when rows differ (images of different sizes)",
 }
 
 
@@ -56,6 +58,7 @@ class Signals:
     clip_text_mask: Optional[Tensor] = None  # (B, M) bool
     cls_attention: Optional[Tensor] = None  # (B, H, N)
     grid: Optional[tuple[int, int]] = field(default=None)
+    grids: Optional[Tensor] = None  # (B, 2) long
 
     def __post_init__(self) -> None:
         if not isinstance(self.visual, Tensor) or self.visual.dim() != 3:
@@ -85,6 +88,12 @@ class Signals:
             raise ValueError(f"Signals.prompt must be (B={batch}, T, D), got {tuple(self.prompt.shape)}")
         if self.grid is not None and self.visual_mask is None and self.grid[0] * self.grid[1] != tokens:
             raise ValueError(f"Signals.grid {self.grid} does not cover the N={tokens} visual tokens")
+        if self.grids is not None:
+            if self.grids.dim() != 2 or tuple(self.grids.shape) != (batch, 2) or self.grids.is_floating_point():
+                raise ValueError(f"Signals.grids must be a (B={batch}, 2) integer tensor, got {tuple(self.grids.shape)}")
+            area = self.grids.prod(-1)  # (B,)
+            if bool((area > tokens).any()):
+                raise ValueError(f"Signals.grids {self.grids.tolist()} has a grid larger than the N={tokens} visual tokens")
 
     @property
     def batch_size(self) -> int:
@@ -99,6 +108,14 @@ class Signals:
         if self.visual_mask is not None:
             return self.visual_mask
         return torch.ones(self.visual.shape[:2], dtype=torch.bool, device=self.visual.device)
+
+    def row_grids(self) -> list[Optional[tuple[int, int]]]:
+        """Per row, its (h, w) patch grid or None: ``grids`` when set (rows with (0, 0) have none), else
+        ``grid`` for every row. Stages that use the grid read it through this, so a row sees the same grid
+        alone (``grid``) as inside a batch of differently sized images (``grids``)."""
+        if self.grids is not None:
+            return [(int(h), int(w)) if int(h) * int(w) > 0 else None for h, w in self.grids.tolist()]
+        return [self.grid] * self.batch_size
 
     def present(self) -> frozenset[str]:
         """Names of the fields that are set (not None)."""

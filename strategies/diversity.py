@@ -63,13 +63,13 @@ class RandomDiversity(DiversitySupplementer):
 
 @dataclass(frozen=True, eq=False)
 class GridDiversity(DiversitySupplementer):
-    """Tokens spread uniformly over the patch grid (needs `Signals.grid`, else 1-D order)."""
+    """Tokens spread uniformly over each row's patch grid (`Signals.row_grids()`; a row without one: 1-D order)."""
 
     name: ClassVar[str] = "grid"
     description: ClassVar[str] = "spatially uniform tokens over the patch grid (nearest free token to each lattice point)"
 
     def supplement(self, signals: Signals, selected: Tensor, counts: Tensor, valid: Tensor, scores: Optional[Tensor]) -> Supplement:
-        return Supplement(grid_uniform_select(selected, counts, valid, signals.grid))
+        return Supplement(grid_uniform_select(selected, counts, valid, signals.row_grids()))
 
 
 @dataclass(frozen=True, eq=False)

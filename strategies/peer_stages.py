@@ -262,7 +262,7 @@ class RandPermDiversity(DiversitySupplementer):
 class PoolingDiversity(DiversitySupplementer):
     """Spatial average pooling to exactly the budget; each kept token is a window mean (merge-style).
 
-    Uses `Signals.grid` when a row's real tokens form it, else pools the row as a 1-D sequence.
+    Uses the row's grid (`Signals.row_grids()`) when the row's real tokens form it, else pools the row as a 1-D sequence.
     Selected tokens (from a critical stage) are not excluded from the windows: combine with
     ``relevance.none``.
     """
@@ -275,7 +275,7 @@ class PoolingDiversity(DiversitySupplementer):
         if bool(selected.any()):  # pool the remaining tokens only, as a 1-D sequence
             keep, values = pooling_exact_select(signals.visual, None, counts, available)
         else:
-            keep, values = pooling_exact_select(signals.visual, signals.grid, counts, available)
+            keep, values = pooling_exact_select(signals.visual, signals.row_grids(), counts, available)
         return Supplement(keep, values)
 
 

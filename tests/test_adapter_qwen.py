@@ -510,7 +510,8 @@ def test_signals_rows_prompt_span_and_grid():
     signals = recording.signals[-1]
     assert signals.visual.shape == (3, 9, 32)
     assert signals.valid().sum(1).tolist() == [6, 9, 2]
-    assert signals.grid is None  # different grids
+    assert signals.grid is None  # different grids: one per row instead
+    assert signals.grids.tolist() == [[2, 3], [3, 3], [1, 2]]
     embed = model.get_input_embeddings().weight
     questions = [MIXED[0].question, MIXED[1].question, MIXED[1].question]
     for row, question in enumerate(questions):
@@ -781,3 +782,24 @@ def test_vision_merged_values_go_through_the_merger(kind):
         replaced = logits(model, inputs)
         assert handle.last_selection.drops[0].selection.values is not None
     torch.testing.assert_close(replaced, plain, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("recipe", ["none+critical+grid+pre_llm", "pooling", "none+critical+grid+vision"])
+def test_grid_stages_see_each_images_own_grid_in_a_mixed_batch(recipe):
+    """Images of different sizes: stages that use the patch grid get each row's own grid
+    (`Signals.grids`), so a row selects the same tokens in the batch as alone (where it gets `grid`)."""
+    model = tiny_qwen("qwen2_5_vl")
+    samples = [Sample(images=((3, 4),), seed=0), Sample(images=((4, 3), (2, 5)), question=(23, 24), seed=1)]
+    inputs, _ = batch(samples)
+    with prune(model, recipe, budget=4) as handle:
+        together = logits(model, inputs)[:, -1]
+        rows = [handle.last_selection.selection.row_indices(r).tolist() for r in range(3)]
+        alone_rows = []
+        for b, sample in enumerate(samples):
+            alone, _ = batch([sample])
+            torch.testing.assert_close(logits(model, alone)[:, -1], together[b : b + 1], atol=TOL, rtol=0)
+            result = handle.last_selection
+            alone_rows += [result.selection.row_indices(r).tolist() for r in range(len(sample.images))]
+    assert rows == alone_rows
+    # a 2-D lattice, not a 1-D spread: on the 3 x 4 image the 4 tokens cover more than one grid row
+    assert len({index // 4 for index in rows[0]}) > 1

@@ -16,7 +16,7 @@ Rules (ours, documented in docs/peers-notes.md):
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -89,7 +89,7 @@ def pooling_bands(h: int, w: int, count: int) -> list[int]:
 
 def pooling_exact_select(
     visual: Tensor,
-    grid: Optional[tuple[int, int]],
+    grid: Union[Optional[tuple[int, int]], Sequence[Optional[tuple[int, int]]]],
     counts: CountLike,
     valid: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor]:
@@ -98,9 +98,11 @@ def pooling_exact_select(
     Like :func:`pooling_select` (same windows, top-left representatives, window means) when the
     pooled grid holds exactly ``count`` tokens; otherwise bands of rows with
     :func:`pooling_bands` windows each (adaptive windows inside each band). A row whose valid
-    token count is not ``h * w`` (or ``grid`` None) is pooled as a 1-D sequence (h = 1).
+    token count is not ``h * w`` (or ``grid`` None) is pooled as a 1-D sequence (h = 1). ``grid``
+    may also be a list with one (h, w) or None per row (``Signals.row_grids()``).
     """
     batch, tokens, dim = visual.shape
+    per_row = list(grid) if isinstance(grid, list) else [grid] * batch
     valid = valid_or_all(valid, batch, tokens, visual.device)
     keep = torch.zeros(batch, tokens, dtype=torch.bool, device=visual.device)
     values = visual.clone()
@@ -109,7 +111,8 @@ def pooling_exact_select(
         k = max(0, min(k, n))
         if k == 0:
             continue
-        h, w = (int(grid[0]), int(grid[1])) if grid is not None and int(grid[0]) * int(grid[1]) == n else (1, n)
+        g = per_row[b]
+        h, w = (int(g[0]), int(g[1])) if g is not None and int(g[0]) * int(g[1]) == n else (1, n)
         bands = pooling_bands(h, w, k)
         oh = len(bands)
         image = visual[b, pos].t().reshape(1, dim, h, w)  # (1, D, h, w)

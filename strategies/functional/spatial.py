@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -30,20 +30,27 @@ def lattice_points(count: int, height: int, width: int) -> Tensor:
     return points
 
 
-def grid_uniform_select(selected: Tensor, counts: Tensor, valid: Tensor, grid: Optional[tuple[int, int]]) -> Tensor:
+def grid_uniform_select(
+    selected: Tensor,
+    counts: Tensor,
+    valid: Tensor,
+    grid: Union[Optional[tuple[int, int]], Sequence[Optional[tuple[int, int]]]],
+) -> Tensor:
     """(B, N) bool: ``counts[b]`` more tokens spread uniformly over the patch grid.
 
     With ``grid`` = (h, w) (row-major tokens; only the first h*w tokens are on the grid), each
     lattice point takes the nearest free candidate (Euclidean grid distance, ties to the lower
     index). Without a grid each row's tokens are treated as a 1-D sequence over that row's own
     extent (h = 1, w = last real position + 1), so a row selects the same alone and in a batch.
+    ``grid`` may also be a list with one (h, w) or None per row (``Signals.row_grids()``).
     """
     batch, tokens = valid.shape
+    per_row = list(grid) if isinstance(grid, list) else [grid] * batch
     picked = torch.zeros_like(valid)
     for row in range(batch):
         want = int(counts[row])
-        if grid is not None:
-            height, width = grid
+        if per_row[row] is not None:
+            height, width = per_row[row]
         else:  # this row's own extent as a 1-D sequence, so padding never shifts the lattice
             real = torch.nonzero(valid[row]).flatten()
             height, width = 1, int(real[-1]) + 1 if real.numel() else 1
