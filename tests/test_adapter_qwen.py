@@ -462,14 +462,15 @@ def test_left_padded_batch_equals_each_sample_alone(kind, recipe, positions):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_sdpa_equals_eager(kind):
-    """Same selection (the layer-1 attention row is recomputed under sdpa) and the same logits at every
-    real token (padding and filler rows attend to nothing and are left out)."""
+@pytest.mark.parametrize("recipe", [LAYER, SCHEDULE, PRE_LLM, VISION])
+def test_sdpa_equals_eager(kind, recipe):
+    """Same selection (in-LLM attention rows are recomputed under sdpa) and the same logits at every
+    real token (padding and filler rows attend to nothing and are left out), for every placement."""
     inputs, layouts = batch(MIXED)
     outputs = {}
     for attn in ("sdpa", "eager"):
         model = tiny_qwen(kind, attn=attn)
-        with prune(model, LAYER, budget=3) as handle:
+        with prune(model, recipe, budget=3) as handle:
             outputs[attn] = (logits(model, inputs), handle.last_selection)
     assert torch.equal(outputs["sdpa"][1].selection.indices, outputs["eager"][1].selection.indices)
     keep = kept_mask(outputs["sdpa"][1], inputs, layouts)
@@ -554,11 +555,12 @@ def test_manual_decoding_without_position_ids_follows_rope_deltas(positions):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_precision_models_run(dtype):
+@pytest.mark.parametrize("recipe", [LAYER, PRE_LLM, VISION])
+def test_half_precision_models_run(dtype, recipe):
     model = tiny_qwen("qwen2_5_vl").to(dtype)
     inputs, _ = batch(MIXED)
     inputs = {k: v.to(dtype) if v.is_floating_point() else v for k, v in inputs.items()}
-    with prune(model, LAYER, budget=3) as handle:
+    with prune(model, recipe, budget=3) as handle:
         out = model.generate(**inputs, max_new_tokens=2, do_sample=False)
         assert handle.last_selection.counts.tolist() == [3, 3, 2]
     assert out.shape == (2, inputs["input_ids"].shape[1] + 2)
