@@ -22,6 +22,12 @@ PROFILES: dict[str, dict] = {
         "text": dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32, vocab_size=32064, max_position_embeddings=4096, rms_norm_eps=1e-5),
         "source": "llava-hf/llava-1.5-7b-hf",
     },
+    # Same code path at toy sizes, for the scripts' own tests (never a reported figure).
+    "tiny": {
+        "vision": dict(hidden_size=32, intermediate_size=64, num_attention_heads=2, image_size=56, patch_size=14, projection_dim=32),
+        "text": dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=4, vocab_size=512, max_position_embeddings=1024, rms_norm_eps=1e-5),
+        "source": "test profile",
+    },
 }
 
 

@@ -29,6 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _harness import (  # noqa: E402
+    PROFILES,
     build_llava_slice,
     cache_bytes,
     describe_device,
@@ -94,7 +95,7 @@ def per_layer_lengths(pipeline, budget, sequence: int, image_tokens: int, layers
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--profile", default="llava-1.5-7b")
+    parser.add_argument("--profile", default="llava-1.5-7b", choices=sorted(PROFILES), help="model shape (benchmarks/_harness.py)")
     parser.add_argument("--layers", type=int, default=2, help="decoder layers in the slice")
     parser.add_argument("--vision-layers", type=int, default=2)
     parser.add_argument("--image-size", type=int, default=None, help="override the tower's image size (756 -> 2916 tokens)")

@@ -9,6 +9,13 @@ reference (one sample at a time, full N x N similarity matrix, a Python loop ove
 
 The naive reference is O(N^2 D) in time and O(N^2) in memory, so it only runs up to
 ``--naive-max-tokens`` (default 2880).
+
+With ``--prefill`` it also times the unpruned prefill of the LLaVA-1.5-7B-shaped slice of
+``benchmarks/prefill.py`` (``--prefill-layers`` decoder layers, the CLIP tower's input resized so
+that it yields the square number of patches nearest to N) at each N and batch, and prints every
+pipeline's selection time as a fraction of it (the overhead targets of docs/performance.md):
+
+    python benchmarks/selection.py --prefill --batch 1 --threads 2
 """
 
 from __future__ import annotations
@@ -19,6 +26,9 @@ import platform
 import statistics
 import time
 from typing import Callable
+
+import sys
+from pathlib import Path
 
 import torch
 
@@ -78,6 +88,11 @@ def main() -> None:
     parser.add_argument("--json", help="also write the rows to this file")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (timings synchronise the device)")
+    parser.add_argument("--prefill", action="store_true", help="also time the slice's unpruned prefill at each N, B")
+    parser.add_argument("--prefill-layers", type=int, default=2, help="decoder layers of the prefill slice")
+    parser.add_argument("--prefill-profile", default="llava-1.5-7b", help="model shape of the prefill slice (benchmarks/_harness.py)")
+    parser.add_argument("--prefill-max-tokens", type=int, nargs=2, default=[11520, 2880], metavar=("B1", "BMORE"),
+                        help="largest N whose prefill is timed at batch 1 / at larger batches (CPU time)")
     args = parser.parse_args()
 
     registry = build_registry(autoload=False)
@@ -93,13 +108,24 @@ def main() -> None:
                 visual=torch.randn(batch, tokens, args.dim, generator=generator).to(args.device),
                 prompt=torch.randn(batch, 32, args.dim, generator=generator).to(args.device),
             )
+            prefill = None
+            if args.prefill and tokens <= args.prefill_max_tokens[0 if batch == 1 else 1]:
+                prefill = prefill_seconds(tokens, batch, args.prefill_layers, args.device, args.prefill_profile)
+                print(f"N={tokens:>6} B={batch} unpruned prefill of the {args.prefill_layers}-layer slice "
+                      f"({prefill['image_tokens']} image tokens): {prefill['seconds']:.2f} s")
             for recipe in args.recipes:
                 if tokens > MAX_TOKENS.get(recipe, tokens):
                     continue
                 pipeline = compose(recipe, registry=registry)
                 seconds = time_call(lambda: pipeline.select(signals, kept), args.repeats, args.device)
-                rows.append({"recipe": recipe, "N": tokens, "K": kept, "B": batch, "D": args.dim, "seconds": seconds})
-                print(f"N={tokens:>6} K={kept:>5} B={batch} {recipe:<24} {seconds * 1e3:10.1f} ms")
+                row = {"recipe": recipe, "N": tokens, "K": kept, "B": batch, "D": args.dim, "seconds": seconds}
+                share = ""
+                if prefill is not None:
+                    row.update(prefill_s=prefill["seconds"], prefill_image_tokens=prefill["image_tokens"],
+                               fraction_of_prefill=seconds / prefill["seconds"])
+                    share = f"  {100 * seconds / prefill['seconds']:6.2f}% of prefill"
+                rows.append(row)
+                print(f"N={tokens:>6} K={kept:>5} B={batch} {recipe:<24} {seconds * 1e3:10.1f} ms{share}")
             if tokens <= args.naive_max_tokens:
                 seed = _first(signals.visual)  # both start from token 0 so their picks are comparable
                 counts = torch.full((batch,), kept - 1, device=args.device)
@@ -117,6 +143,26 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(rows, handle, indent=2)
+
+
+def prefill_seconds(tokens: int, batch: int, layers: int, device: str, profile: str = "llava-1.5-7b") -> dict:
+    """Median-of-1 (after two warm-ups) unpruned prefill time of the ``profile``-shaped slice (LLaVA-1.5-7B
+    by default) whose tower yields the square patch count nearest to ``tokens``."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from _harness import PROFILES, build_llava_slice, llava_batch
+    from _harness import time_call as time_device
+
+    patch = PROFILES[profile]["vision"]["patch_size"]
+    side = max(1, round(tokens**0.5))
+    slice_ = build_llava_slice(profile, layers, 2, device, torch.float32, image_size=side * patch)
+    inputs = llava_batch(slice_, batch)
+
+    def run() -> None:
+        with torch.no_grad():
+            slice_.model(**inputs, logits_to_keep=1, use_cache=True)
+
+    seconds = time_device(run, torch.device(device), repeats=1, warmup=2)
+    return {"seconds": seconds, "image_tokens": slice_.image_tokens}
 
 
 def _first(visual: torch.Tensor) -> torch.Tensor:

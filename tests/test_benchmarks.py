@@ -21,3 +21,34 @@ def test_selection_benchmark_runs_and_agrees_with_the_naive_loop(tmp_path) -> No
     comparisons = [r for r in rows if r["recipe"] == "fps vs naive loop"]
     assert len(comparisons) == 2 and all(r["same_selection"] for r in comparisons)
     assert {r["recipe"] for r in rows} >= {"zspaprune", "divprune"}
+
+
+def test_selection_benchmark_reports_fraction_of_prefill(tmp_path) -> None:
+    out = tmp_path / "selection.json"
+    subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "selection.py"), "--tokens", "16", "--batch", "1", "--dim", "16",
+         "--repeats", "1", "--recipes", "zspaprune", "--prefill", "--prefill-layers", "1", "--prefill-profile", "tiny", "--threads", "1",
+         "--json", str(out)],
+        check=True, capture_output=True, text=True,
+    )
+    row = next(r for r in json.loads(out.read_text()) if r["recipe"] == "zspaprune")
+    assert row["prefill_image_tokens"] == 16 and row["prefill_s"] > 0
+    assert abs(row["fraction_of_prefill"] - row["seconds"] / row["prefill_s"]) < 1e-12
+
+
+def test_prefill_benchmark_writes_ratios_to_the_ideal(tmp_path) -> None:
+    out = tmp_path / "prefill.json"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "prefill.py"), "--profile", "tiny", "--layers", "2", "--vision-layers", "1",
+         "--image-size", "112", "--budgets", "64", "16", "--placements", "pre_llm", "layer", "--repeats", "1",
+         "--threads", "1", "--json", str(out)],
+        check=True, capture_output=True, text=True,
+    )
+    report = json.loads(out.read_text())
+    rows = {(r["placement"], r["budget"]): r for r in report["rows"]}
+    assert set(rows) == {("pre_llm", 64), ("pre_llm", 16), ("layer", 64), ("layer", 16)}
+    assert rows[("pre_llm", 16)]["kept"] == [16] and rows[("pre_llm", 64)]["kept"] == [64]
+    for row in rows.values():
+        assert row["kv_vs_ideal"] == 1.0  # the pruned cache holds exactly the ideal's tokens
+        assert row["time_vs_ideal"] > 0 and 0 < row["flops_ratio"] <= 1.0
+    assert "time/ideal" in result.stdout
