@@ -108,6 +108,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json")
     parser.add_argument("--png")
+    parser.add_argument("--torch-profile", type=int, default=0, metavar="ROWS",
+                        help="profile one pruned and one ideal call of every row with torch.profiler and print the top ROWS ops")
     args = parser.parse_args()
 
     device = torch.device(args.device)
@@ -157,6 +159,10 @@ def main() -> None:
                         ideal_prefill(model, inputs, lengths, span)
 
                 ideal_time = time_call(ideal, device, args.repeats)
+                if args.torch_profile:
+                    with framework.prune(model, pipeline, budget=budget):
+                        print_profile(f"pruned {placement} budget={budget} B={batch}", pruned, device, args.torch_profile)
+                    print_profile(f"ideal {placement} budget={budget} B={batch}", ideal, device, args.torch_profile)
                 ideal_kv = kv_cache_bytes(slice_.config, lengths, bytes_per_value=torch.finfo(dtype).bits // 8) * batch
                 # selection overhead: the pipeline alone on tensors of the scoring point's shape
                 generator = torch.Generator().manual_seed(0)
@@ -186,6 +192,19 @@ def main() -> None:
         Path(args.json).write_text(json.dumps({"device": describe_device(device), "args": vars(args), "rows": rows}, indent=2))
     if args.png:
         plot(rows, args.png)
+
+
+def print_profile(title: str, function, device: torch.device, rows: int) -> None:
+    """torch.profiler table (self CPU / CUDA time) of one call of ``function``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        function()
+        synchronize(device)
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(f"--- torch.profiler: {title}")
+    print(prof.key_averages().table(sort_by=key, row_limit=rows))
 
 
 def plot(rows: list[dict], path: str) -> None:
