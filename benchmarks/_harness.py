@@ -22,6 +22,29 @@ PROFILES: dict[str, dict] = {
         "text": dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32, vocab_size=32064, max_position_embeddings=4096, rms_norm_eps=1e-5),
         "source": "llava-hf/llava-1.5-7b-hf",
     },
+    "qwen2.5-vl-7b": {
+        "family": "qwen2_5_vl",
+        "vision": dict(hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584, patch_size=14,
+                       spatial_merge_size=2, temporal_patch_size=2, window_size=112, in_channels=3, tokens_per_second=2,
+                       hidden_act="silu"),
+        "text": dict(hidden_size=3584, intermediate_size=18944, num_attention_heads=28, num_key_value_heads=4,
+                     vocab_size=152064, max_position_embeddings=128000, rms_norm_eps=1e-6,
+                     rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]}),
+        "ids": dict(image_token_id=151655, video_token_id=151656, vision_start_token_id=151652, vision_end_token_id=151653),
+        "image_size": 672,  # 48 x 48 patches -> 24 x 24 = 576 merged tokens, LLaVA-1.5's count
+        "source": "Qwen/Qwen2.5-VL-7B-Instruct",
+    },
+    "tiny-qwen": {
+        "family": "qwen2_5_vl",
+        "vision": dict(hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=14,
+                       spatial_merge_size=2, temporal_patch_size=2, window_size=56, in_channels=3, tokens_per_second=2),
+        "text": dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, vocab_size=512,
+                     max_position_embeddings=4096, rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2,
+                     rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}),
+        "ids": dict(image_token_id=511, video_token_id=510, vision_start_token_id=509, vision_end_token_id=508),
+        "image_size": 112,
+        "source": "test profile",
+    },
     # Same code path at toy sizes, for the scripts' own tests (never a reported figure).
     "tiny": {
         "vision": dict(hidden_size=32, intermediate_size=64, num_attention_heads=2, image_size=56, patch_size=14, projection_dim=32),
@@ -38,6 +61,77 @@ class Slice:
     image_tokens: int
     device: torch.device
     dtype: torch.dtype
+    family: str = "llava"
+    patch_grid: tuple[int, int] = (0, 0)  # Qwen: (H, W) in vision patches
+
+
+def build_slice(
+    profile: str, text_layers: int, vision_layers: int, device: str, dtype: torch.dtype, seed: int = 0, image_size: int | None = None
+) -> Slice:
+    """The profile's model family (LLaVA or Qwen2.5-VL) with its real shape and ``text_layers`` decoder layers."""
+    if PROFILES[profile].get("family", "llava") == "qwen2_5_vl":
+        return build_qwen_slice(profile, text_layers, vision_layers, device, dtype, seed, image_size)
+    return build_llava_slice(profile, text_layers, vision_layers, device, dtype, seed, image_size)
+
+
+def batch_inputs(slice_: Slice, batch: int, text_before: int = 8, question: int = 32, seed: int = 0) -> dict:
+    """``batch`` prompts of [text, image, question] for the slice's family."""
+    if slice_.family == "qwen2_5_vl":
+        return qwen_batch(slice_, batch, text_before, question, seed)
+    return llava_batch(slice_, batch, text_before, question, seed)
+
+
+def build_qwen_slice(
+    profile: str, text_layers: int, vision_layers: int, device: str, dtype: torch.dtype, seed: int = 0, image_size: int | None = None
+) -> Slice:
+    """A `Qwen2_5_VLForConditionalGeneration` with the profile's shape, ``text_layers`` decoder layers and
+    ``vision_layers`` vision blocks (the last one full attention, the others windowed, as in the real tower)."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    spec = PROFILES[profile]
+    vision = dict(spec["vision"], depth=vision_layers, fullatt_block_indexes=[vision_layers - 1])
+    size = image_size or spec["image_size"]
+    unit = vision["patch_size"] * vision["spatial_merge_size"]
+    if size % unit:
+        raise ValueError(f"{profile}: image size {size} must be a multiple of patch x merge = {unit}")
+    side = size // vision["patch_size"]
+    image_tokens = (side // vision["spatial_merge_size"]) ** 2
+    text = dict(spec["text"], num_hidden_layers=text_layers,
+                max_position_embeddings=max(spec["text"]["max_position_embeddings"], image_tokens + 256))
+    config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, **spec["ids"])
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = Qwen2_5_VLForConditionalGeneration(config)
+    model = model.to(dtype=dtype).eval()
+    return Slice(model, config, image_tokens, torch.device(device), dtype, family="qwen2_5_vl", patch_grid=(side, side))
+
+
+def qwen_batch(slice_: Slice, batch: int, text_before: int = 8, question: int = 32, seed: int = 0) -> dict:
+    """``batch`` chat-like prompts ``text <|vision_start|> <|image_pad|> x N <|vision_end|> question`` with random
+    patches (the processor's flattened layout: (patches, C * T * P * P)) and their ``image_grid_thw``."""
+    generator = torch.Generator().manual_seed(seed)
+    config = slice_.config
+    vocab = config.text_config.vocab_size
+    special = min(config.image_token_id, config.video_token_id, config.vision_start_token_id, config.vision_end_token_id)
+    vision = config.vision_config
+    rows = []
+    for _ in range(batch):
+        before = torch.randint(3, min(vocab, special), (text_before,), generator=generator)
+        after = torch.randint(3, min(vocab, special), (question,), generator=generator)
+        image = torch.full((slice_.image_tokens,), config.image_token_id)
+        rows.append(torch.cat([before, torch.tensor([config.vision_start_token_id]), image,
+                               torch.tensor([config.vision_end_token_id]), after]))
+    input_ids = torch.stack(rows).to(slice_.device)
+    h, w = slice_.patch_grid
+    width = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
+    pixels = torch.randn(batch * h * w, width, generator=generator)
+    return {
+        "input_ids": input_ids,
+        "attention_mask": torch.ones_like(input_ids),
+        "mm_token_type_ids": (input_ids == config.image_token_id).int(),
+        "pixel_values": pixels.to(slice_.device, slice_.dtype),
+        "image_grid_thw": torch.tensor([[1, h, w]] * batch, device=slice_.device),
+    }
 
 
 def build_llava_slice(

@@ -18,14 +18,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _harness import build_llava_slice, describe_device, llava_batch, time_call  # noqa: E402
+from _harness import PROFILES, batch_inputs, build_slice, describe_device, time_call  # noqa: E402
 
 from vtprune import framework  # noqa: E402
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--profile", default="llava-1.5-7b")
+    parser.add_argument("--profile", default="llava-1.5-7b", choices=sorted(PROFILES), help="model shape (benchmarks/_harness.py)")
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--vision-layers", type=int, default=2)
     parser.add_argument("--budgets", type=int, nargs="+", default=[576, 64])
@@ -39,12 +39,12 @@ def main() -> None:
     args = parser.parse_args()
 
     device = torch.device(args.device)
-    slice_ = build_llava_slice(args.profile, args.layers, args.vision_layers, args.device, getattr(torch, args.dtype))
+    slice_ = build_slice(args.profile, args.layers, args.vision_layers, args.device, getattr(torch, args.dtype))
     model = slice_.model
     print(f"{args.profile} slice, {args.layers} decoder layers, {args.dtype} on {describe_device(device)}")
     rows = []
     for batch in args.batch:
-        inputs = llava_batch(slice_, batch)
+        inputs = batch_inputs(slice_, batch)
         baseline = None
         for budget in args.budgets:
             def generate(count: int):

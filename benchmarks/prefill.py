@@ -30,10 +30,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _harness import (  # noqa: E402
     PROFILES,
-    build_llava_slice,
+    batch_inputs,
+    build_slice,
     cache_bytes,
     describe_device,
-    llava_batch,
     output_cache,
     peak_memory,
     synchronize,
@@ -57,8 +57,11 @@ def placement_recipe(placement: str, layers: int) -> str:
     raise ValueError(placement)
 
 
-def ideal_prefill(model, inputs: dict, per_layer_lengths: list[int], image_span: tuple[int, int]) -> None:
-    """The ideal: vision tower + projector, then each decoder layer on the tokens it keeps."""
+def ideal_prefill(model, inputs: dict, per_layer_lengths: list[int], image_span: tuple[int, int]) -> torch.Tensor:
+    """The ideal: vision tower + projector, then each decoder layer on the tokens it keeps; returns the last
+    token's logits (B, 1, V) (with every token kept: the model's own)."""
+    if "image_grid_thw" in inputs:
+        return ideal_prefill_qwen(model, inputs, per_layer_lengths, image_span)
     core = model.model
     features = model.get_image_features(pixel_values=inputs["pixel_values"], vision_feature_layer=-1, vision_feature_select_strategy="default")
     features = features.pooler_output if hasattr(features, "pooler_output") else features
@@ -78,7 +81,34 @@ def ideal_prefill(model, inputs: dict, per_layer_lengths: list[int], image_span:
         embeddings = language.rotary_emb(hidden, position_ids=positions)
         hidden = layer(hidden, attention_mask=None, position_embeddings=embeddings, position_ids=positions)
     hidden = language.norm(hidden[:, -1:])
-    model.lm_head(hidden)
+    return model.lm_head(hidden)  # (B, 1, V)
+
+
+def ideal_prefill_qwen(model, inputs: dict, per_layer_lengths: list[int], image_span: tuple[int, int]) -> torch.Tensor:
+    """The Qwen2.5-VL ideal: tower + merger, the model's own M-RoPE ids, then each decoder layer on the
+    tokens it keeps (kept tokens keep their position ids; the dropped ones are cut like a real drop)."""
+    core = model.model
+    features = core.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"]).pooler_output
+    language = core.language_model
+    embeds = language.embed_tokens(inputs["input_ids"])  # (B, L, D)
+    start, end = image_span
+    image = torch.cat(list(features)).reshape(embeds.shape[0], -1, embeds.shape[-1])  # (B, N, D)
+    hidden = torch.cat([embeds[:, :start], image, embeds[:, end:]], dim=1)
+    positions, _ = core.get_rope_index(
+        inputs["input_ids"], mm_token_type_ids=inputs["mm_token_type_ids"], image_grid_thw=inputs["image_grid_thw"],
+        attention_mask=inputs["attention_mask"],
+    )  # (3, B, L)
+    text = torch.arange(hidden.shape[1], device=hidden.device).expand(hidden.shape[0], -1)  # (B, L)
+    current = hidden.shape[1]
+    for layer, length in zip(language.layers, per_layer_lengths):
+        if length != current:
+            keep = torch.arange(length, device=hidden.device)
+            hidden, positions, text = hidden.index_select(1, keep), positions.index_select(2, keep), text.index_select(1, keep)
+            current = length
+        embeddings = language.rotary_emb(hidden, positions)
+        hidden = layer(hidden, attention_mask=None, position_embeddings=embeddings, position_ids=text)
+    hidden = language.norm(hidden[:, -1:])
+    return model.lm_head(hidden)  # (B, 1, V)
 
 
 def per_layer_lengths(pipeline, budget, sequence: int, image_tokens: int, layers: int) -> list[int]:
@@ -116,13 +146,13 @@ def main() -> None:
     dtype = getattr(torch, args.dtype)
     if args.threads:
         torch.set_num_threads(args.threads)
-    slice_ = build_llava_slice(args.profile, args.layers, args.vision_layers, args.device, dtype, image_size=args.image_size)
+    slice_ = build_slice(args.profile, args.layers, args.vision_layers, args.device, dtype, image_size=args.image_size)
     model, layers = slice_.model, args.layers
     print(f"{args.profile} slice: {layers} decoder layers, {args.vision_layers} vision layers, {slice_.image_tokens} image tokens, "
           f"{args.dtype} on {describe_device(device)}")
     rows = []
     for batch in args.batch:
-        inputs = llava_batch(slice_, batch)
+        inputs = batch_inputs(slice_, batch)
         sequence = inputs["input_ids"].shape[1]
         ids = inputs["input_ids"][0]
         image_positions = torch.nonzero(ids == slice_.config.image_token_id).flatten()

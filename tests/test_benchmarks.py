@@ -52,3 +52,23 @@ def test_prefill_benchmark_writes_ratios_to_the_ideal(tmp_path) -> None:
         assert row["kv_vs_ideal"] == 1.0  # the pruned cache holds exactly the ideal's tokens
         assert row["time_vs_ideal"] > 0 and 0 < row["flops_ratio"] <= 1.0
     assert "time/ideal" in result.stdout
+
+
+def test_ideal_prefill_with_every_token_is_the_model_itself() -> None:
+    """The ideal path (tower, projector, own positions, layer by layer) reproduces the model's logits when
+    nothing is dropped, for both families of profiles, so its timings are of the same computation."""
+    import torch
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from _harness import batch_inputs, build_slice
+    from prefill import ideal_prefill
+
+    for profile in ("tiny", "tiny-qwen"):
+        slice_ = build_slice(profile, 2, 1, "cpu", torch.float32)
+        inputs = batch_inputs(slice_, 2)
+        ids = inputs["input_ids"][0]
+        image = torch.nonzero(ids == slice_.config.image_token_id).flatten()
+        with torch.no_grad():
+            ours = ideal_prefill(slice_.model, inputs, [ids.numel()] * 2, (int(image[0]), int(image[-1]) + 1))
+            theirs = slice_.model(**inputs, logits_to_keep=1).logits
+        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
