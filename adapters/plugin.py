@@ -19,6 +19,13 @@ except ImportError:  # pragma: no cover
 if _Qwen is not None and all(hasattr(_Qwen, a) for a in ("name", "model_classes", "placements", "provides")):
     BUILTIN_ADAPTERS = BUILTIN_ADAPTERS + (_Qwen,)
 
+try:  # the LLaVA-OneVision adapter lives in its own module (separate owner); registered here once it is complete
+    from .llava_onevision import LlavaOnevisionAdapter as _Onevision
+except ImportError:  # pragma: no cover
+    _Onevision = None
+if _Onevision is not None and all(hasattr(_Onevision, a) for a in ("name", "model_classes", "placements", "provides")):
+    BUILTIN_ADAPTERS = BUILTIN_ADAPTERS + (_Onevision,)
+
 
 @hookimpl
 def vtprune_register_adapters(registry):

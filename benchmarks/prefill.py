@@ -1,7 +1,8 @@
 """Prefill benchmark: what pruning costs and saves, against the ideal, measured in one run.
 
-For a 7B-shaped model slice (LLaVA-1.5-7B dimensions, a few decoder layers, random weights) and
-each budget x placement x batch size it measures:
+For a 7B-shaped model slice (``--profile llava-1.5-7b`` or ``qwen2.5-vl-7b``: the published
+dimensions, a few decoder layers, random weights) and each budget x placement x batch size it
+measures:
 
 - prefill wall time of the unpruned model, of the pruned model (vtprune hooks), and of the ideal:
   the same vision tower + projector, then the same decoder layers fed only the tokens each layer
@@ -13,6 +14,8 @@ each budget x placement x batch size it measures:
     python benchmarks/prefill.py                                   # CPU defaults: 2 layers, batch 1
     python benchmarks/prefill.py --device cuda --dtype bfloat16 --layers 4 --batch 1 8
     python benchmarks/prefill.py --json results/prefill.json --png results/prefill.png
+    python benchmarks/prefill.py --profile qwen2.5-vl-7b --budgets 576 64     # 672 px -> 576 merged tokens
+    python benchmarks/prefill.py --torch-profile 15 --budgets 64 --placements pre_llm   # where the time goes
 
 With weights and a GPU, ``--full`` uses all 32 layers (same script; the slice only cuts layers).
 """

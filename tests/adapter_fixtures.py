@@ -5,6 +5,8 @@ layers, GQA, seed) and returns a real ``*ForConditionalGeneration`` in eval mode
 
 - :func:`tiny_llava` / :func:`tiny_llava_next`: models (CLIP vision tower + Llama decoder).
 - :func:`llava_inputs` / :func:`llava_next_inputs`: ready batches (left padding, several images per sample).
+- :func:`tiny_llava_onevision` / :func:`llava_onevision_inputs`: LLaVA-OneVision (SigLIP + Qwen2), images and
+  videos; :func:`llava_onevision_embeddings` / :func:`kept_only_embeddings`: its "kept tokens only" reference.
 - :func:`tiny_tokenizer`, :func:`tiny_llava_processor`: a WordLevel ``PreTrainedTokenizerFast`` and a
   ``LlavaProcessor`` (``CLIPImageProcessor`` without torchvision) for end-to-end tests.
 - :func:`record_hooks`: a snapshot of every hook dict of a model (to assert clean removal).
@@ -24,6 +26,10 @@ __all__ = [
     "tiny_llama_config",
     "tiny_llava",
     "tiny_llava_next",
+    "tiny_llava_onevision",
+    "llava_onevision_inputs",
+    "llava_onevision_embeddings",
+    "kept_only_embeddings",
     "llava_inputs",
     "llava_next_inputs",
     "left_pad",
@@ -122,6 +128,156 @@ def tiny_llava_next(attn: str = "sdpa", dtype: torch.dtype = torch.float32, seed
     )
     torch.manual_seed(seed)
     return _finish(LlavaNextForConditionalGeneration(config), attn, dtype)
+
+
+def tiny_llava_onevision(
+    attn: str = "sdpa",
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+    layers: int = 4,
+    video_token_id: int = 94,
+    vision_aspect_ratio: str = "anyres_max_2",
+    **text,
+):
+    """A random ``LlavaOnevisionForConditionalGeneration``: SigLIP tower (16 patches per crop, no CLS), Qwen2
+    decoder (GQA 4/2), AnyRes pinpoints 28x56, 56x28, 56x56, image tokens ``IMAGE_TOKEN_ID``, video tokens
+    ``video_token_id``. ``anyres_max_2`` makes crop grids above ~2 crops of tokens bilinearly down-scaled (the
+    56x56 pinpoint's 8x8 grid becomes 5x5), so both packing paths are exercised."""
+    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, Qwen2Config, SiglipVisionConfig
+
+    vision = SiglipVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=IMAGE_SIZE,
+        patch_size=PATCH_SIZE,
+        vision_use_head=False,
+    )
+    values = dict(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        pad_token_id=PAD_ID,
+        bos_token_id=BOS_ID,
+        eos_token_id=EOS_ID,
+    )
+    values.update(text)
+    config = LlavaOnevisionConfig(
+        vision_config=vision,
+        text_config=Qwen2Config(**values),
+        image_token_index=IMAGE_TOKEN_ID,
+        video_token_index=video_token_id,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="full",
+        vision_aspect_ratio=vision_aspect_ratio,
+        image_grid_pinpoints=[[IMAGE_SIZE, 2 * IMAGE_SIZE], [2 * IMAGE_SIZE, IMAGE_SIZE], [2 * IMAGE_SIZE, 2 * IMAGE_SIZE]],
+        projector_hidden_act="gelu",
+    )
+    torch.manual_seed(seed)
+    return _finish(LlavaOnevisionForConditionalGeneration(config), attn, dtype)
+
+
+def llava_onevision_inputs(
+    model,
+    items: Sequence[Sequence[tuple]] = ((("image", (56, 56)),), (("image", (30, 50)), ("image", (28, 28)))),
+    question_lengths: Optional[Sequence[int]] = None,
+    frames: int = 3,
+    batch_num_images: bool = True,
+    seed: int = 0,
+    vision_aspect_ratio: Optional[str] = None,
+):
+    """Left-padded batch for ``tiny_llava_onevision``. ``items[i]`` lists sample i's images and videos in prompt
+    order: ``("image", (height, width))`` or ``("video",)`` (``frames`` frames each). With ``batch_num_images``
+    the batch carries it (as the processor does): the image of a one-image sample is cut into AnyRes crops, the
+    images of a multi-image sample are one crop each; without it every image is cropped. Placeholder counts are
+    the lengths of the model's own ``get_image_features`` / ``get_video_features`` outputs (not the adapter's);
+    ``vision_aspect_ratio`` is handed to ``get_image_features`` (and must then be given to ``generate``)."""
+    from transformers.models.llava_onevision.modeling_llava_onevision import image_size_to_num_patches
+
+    config = model.config
+    size = config.vision_config.image_size
+    generator = torch.Generator().manual_seed(seed)
+    images = [[tuple(item[1]) for item in sample if item[0] == "image"] for sample in items]
+    videos = sum(1 for sample in items for item in sample if item[0] == "video")
+    flat_sizes = [s for sample in images for s in sample]
+    numbers = torch.tensor([len(sample) for sample in images], dtype=torch.long)
+    patched = [len(sample) == 1 or not batch_num_images for sample in images for _ in sample]
+    crops = [
+        image_size_to_num_patches(list(s), config.image_grid_pinpoints, size) if p else 1 for s, p in zip(flat_sizes, patched)
+    ]
+    out: dict = {}
+    image_counts: list[int] = []
+    video_counts: list[int] = []
+    with torch.no_grad():
+        if flat_sizes:
+            pixel_values = torch.zeros(len(flat_sizes), max(crops), 3, size, size)
+            for i, c in enumerate(crops):
+                pixel_values[i, :c] = torch.randn(c, 3, size, size, generator=generator)
+            out["pixel_values"] = pixel_values.to(model.dtype)
+            out["image_sizes"] = torch.tensor(flat_sizes, dtype=torch.long)
+            extra = {"vision_aspect_ratio": vision_aspect_ratio} if vision_aspect_ratio else {}
+            if batch_num_images:
+                out["batch_num_images"] = numbers
+                extra["batch_num_images"] = numbers
+            features = model.model.get_image_features(out["pixel_values"], out["image_sizes"], **extra).pooler_output
+            image_counts = [int(f.shape[0]) for f in features]
+        if videos:
+            out["pixel_values_videos"] = torch.randn(videos, frames, 3, size, size, generator=generator).to(model.dtype)
+            features = model.model.get_video_features(out["pixel_values_videos"]).pooler_output
+            video_counts = [int(f.shape[0]) for f in features]
+    question_lengths = question_lengths or [4 + i for i in range(len(items))]
+    rows = []
+    for i, (sample, q) in enumerate(zip(items, question_lengths)):
+        gen = torch.Generator().manual_seed(seed + i)
+        row = [BOS_ID] + torch.randint(3, 40, (3,), generator=gen).tolist()  # system prefix
+        for j, item in enumerate(sample):
+            if item[0] == "image":
+                row += [IMAGE_TOKEN_ID] * image_counts.pop(0)
+            else:
+                row += [int(config.video_token_id)] * video_counts.pop(0)
+            row += [10 + j]  # "\n"-like separator
+        row += torch.randint(3, 90, (q,), generator=generator).tolist()
+        row += [41, 42]  # "assistant" marker
+        rows.append(row)
+    ids, mask = left_pad(rows)
+    return {"input_ids": ids, "attention_mask": mask, **out}
+
+
+def llava_onevision_embeddings(model, inputs) -> torch.Tensor:
+    """The decoder input embeddings of a ``tiny_llava_onevision`` batch (text embeddings with image and video
+    features scattered in), computed with the model's own public methods."""
+    vlm = model.model
+    ids = inputs["input_ids"]
+    embeds = vlm.get_input_embeddings()(ids)
+    if inputs.get("pixel_values") is not None:
+        extra = {"batch_num_images": inputs["batch_num_images"]} if inputs.get("batch_num_images") is not None else {}
+        features = vlm.get_image_features(inputs["pixel_values"], inputs["image_sizes"], **extra).pooler_output
+        mask = (ids == model.config.image_token_id).unsqueeze(-1)
+        embeds = embeds.masked_scatter(mask, torch.cat(list(features), dim=0).to(embeds.dtype))
+    if inputs.get("pixel_values_videos") is not None:
+        features = vlm.get_video_features(inputs["pixel_values_videos"]).pooler_output
+        mask = (ids == model.config.video_token_id).unsqueeze(-1)
+        embeds = embeds.masked_scatter(mask, features.flatten(0, 1).to(embeds.dtype))
+    return embeds
+
+
+def kept_only_embeddings(embeds: torch.Tensor, attention_mask: torch.Tensor, removed: torch.Tensor) -> dict:
+    """:func:`kept_only_inputs` from precomputed decoder input embeddings (B, L, D): ``inputs_embeds`` /
+    ``attention_mask`` / ``position_ids`` of only the kept real tokens, left padded."""
+    real = attention_mask.bool() & ~removed
+    rows = [embeds[b, real[b]] for b in range(embeds.shape[0])]
+    width = max(r.shape[0] for r in rows)
+    out = torch.zeros(len(rows), width, embeds.shape[-1], dtype=embeds.dtype)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for b, r in enumerate(rows):
+        out[b, width - r.shape[0] :] = r
+        mask[b, width - r.shape[0] :] = 1
+    return {"inputs_embeds": out, "attention_mask": mask, "position_ids": generation_positions(mask)}
 
 
 def left_pad(rows: Sequence[Sequence[int]], pad: int = PAD_ID) -> tuple[torch.Tensor, torch.Tensor]:

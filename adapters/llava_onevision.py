@@ -1,0 +1,267 @@
+"""Adapter for LLaVA-OneVision (``LlavaOnevisionForConditionalGeneration``; also ``LlavaOnevisionModel``).
+
+OneVision is LLaVA-NeXT's AnyRes packing (base view, unpadded crop grid with one ``image_newline`` per row)
+with a SigLIP tower, a Qwen2 decoder, bilinear down-scaling of large crop grids (``vision_aspect_ratio``,
+``"anyres_max_9"``) and videos. What differs from LLaVA-NeXT lives here:
+
+- **Images and videos.** Placeholders are ``config.image_token_id`` and ``config.video_token_id``; each run
+  is cut into consecutive items, images taking the rows of ``image_sizes`` and videos the rows of
+  ``pixel_values_videos`` in batch order, exactly as the model scatters them (`find_visual_segments` of the
+  Qwen adapter with ``(1, 1, n)`` grids). **One `Signals` row per image and per video**, in sequence order;
+  the budget applies per row.
+- **Token counts, never hard-coded.** Per image: the lengths of ``mm_encoder_outputs["image"].pooler_output``
+  when ``generate`` pre-encoded the images, else the model's own ``pack_image_features`` run on ones with the
+  crop counts ``get_image_features`` uses (``image_size_to_num_patches`` for a sample with one image, one crop
+  for every image of a multi-image sample when ``batch_num_images`` is given) and its ``vision_aspect_ratio``.
+  Per video: the lengths of ``mm_encoder_outputs["video"].pooler_output``, else frames x the tokens of the
+  model's own ``apply_pooling`` run on ones, plus the video's one ``image_newline``.
+- **Newlines** (images: one per row of the crop grid, or one after a single-crop image; videos: one at the end)
+  are exact copies of ``model.image_newline`` and ordinary candidates at ``pre_llm`` / ``layer``.
+- **Prompt span**: as LLaVA (:func:`vtprune.adapters.base.prompt_positions`), image *and* video placeholders
+  excluded (the text after the sample's last image or video, up to ``prompt_stop``). For the Qwen2 chat
+  template pass the ids of ``"<|im_end|>"`` as ``prompt_stop``.
+- **Not provided**: the ``vision`` placement (large crop grids are bilinearly interpolated and video frames
+  pooled after the projector, so an LLM token is not one vision-tower token) and ``cls_attention`` (SigLIP has
+  no CLS token). Both fail at attach time with the model class, the placement and what is supported.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from vtprune.framework.errors import MissingSignalError, VtpruneError
+
+from .base import EMBEDDING_SIGNALS, LAYER_SIGNALS, Attachment, ImageLayout, VLMAdapter, _Call
+from .qwen2_vl import VisualSegment, find_visual_segments
+
+__all__ = ["LlavaOnevisionAdapter", "OnevisionAttachment"]
+
+
+@dataclass
+class _OnevisionCall(_Call):
+    """A forward in flight, with the placeholder kind of every input position.
+
+    Attributes:
+        kind_ids: (B, L) long: ``image_token_id`` / ``video_token_id`` at placeholders, -1 elsewhere (read from
+            ``input_ids``, or from ``inputs_embeds`` by comparing with the placeholders' embeddings).
+        segments: the images and videos in sequence order (filled on first use).
+    """
+
+    kind_ids: Optional[Tensor] = None
+    segments: Optional[tuple[VisualSegment, ...]] = None
+
+
+class LlavaOnevisionAdapter(VLMAdapter):
+    """LLaVA-OneVision: SigLIP + AnyRes crops with image-newline tokens + Qwen2 decoder; images and videos."""
+
+    name: ClassVar[str] = "llava_onevision"
+    description: ClassVar[str] = (
+        "LLaVA-OneVision (LlavaOnevisionForConditionalGeneration): AnyRes crops with image-newline tokens, "
+        "pooled video frames; one row per image and per video"
+    )
+    model_classes: ClassVar[tuple[str, ...]] = ("LlavaOnevisionForConditionalGeneration", "LlavaOnevisionModel")
+    placements: ClassVar[frozenset[str]] = frozenset({"pre_llm", "layer", "schedule"})
+    has_grid: ClassVar[bool] = False
+
+    @classmethod
+    def provides(cls, placement: str) -> frozenset[str]:
+        """Signals filled at ``placement``; never ``cls_attention`` (SigLIP has no CLS token) nor ``grid``."""
+        if placement == "pre_llm":
+            return EMBEDDING_SIGNALS
+        if placement in ("layer", "schedule"):
+            return EMBEDDING_SIGNALS | LAYER_SIGNALS
+        raise VtpruneError(
+            f"{cls.name} adapter (LlavaOnevisionForConditionalGeneration): placement {placement!r} is not "
+            f"implemented; supported: {sorted(cls.placements)}"
+        )
+
+    @classmethod
+    def attach(
+        cls,
+        model: nn.Module,
+        pipeline: Any,
+        budget: Any,
+        *,
+        positions: str = "keep",
+        prompt_stop: Optional[Sequence[int]] = None,
+        clip_model: Any = None,
+        tokenizer: Any = None,
+        clip_tokenizer: Any = None,
+    ) -> "OnevisionAttachment":
+        """Install the hooks on ``model``; see :class:`vtprune.adapters.base.Attachment`. The CLIP options are
+        accepted like every LLaVA-family adapter's and ignored (``pre_llm_clip`` is not implemented)."""
+        return OnevisionAttachment(cls(model), pipeline, budget, positions=positions, prompt_stop=prompt_stop)
+
+    def __init__(self, model: nn.Module):
+        super().__init__(model)
+        self.video_token_id = int(self.config.video_token_id)
+
+    # -- model access ------------------------------------------------------------------------------------
+
+    def cls_layer(self, call: _Call) -> nn.Module:
+        raise ValueError(
+            f"{type(self.model).__name__}: the SigLIP vision tower has no CLS token, so cls_attention is not "
+            f"available at any placement ({', '.join(sorted(self.placements))})"
+        )
+
+    def _crop_tokens(self, call: _Call) -> int:
+        """Vision-tower tokens of one crop after ``vision_feature_select_strategy`` (what the projector gets)."""
+        vision = self.config.vision_config
+        side = int(vision.image_size) // int(vision.patch_size)
+        embeddings = getattr(self.tower, "embeddings", None)
+        tokens = int(getattr(embeddings, "num_positions", side * side))  # SigLIP: patches; CLIP: patches + CLS
+        return tokens - (1 if self.strategy(call) == "default" else 0)
+
+    # -- token counts ------------------------------------------------------------------------------------
+
+    def image_token_counts(self, call: _Call, expected: Optional[int] = None) -> list[int]:
+        """Tokens of each image of the forward, in batch order (see the module docstring).
+
+        ``LlavaOnevisionModel.forward`` does not hand its ``vision_aspect_ratio`` to ``get_image_features``
+        (transformers 5.x), which then uses the config's; the config's value is tried first and the call's
+        only when the config's does not give the ``expected`` number of image placeholders.
+        """
+        encoded = (call.kwargs.get("mm_encoder_outputs") or {}).get("image")
+        if encoded is not None:  # generate() encodes the images before the forward (image_sizes is consumed there)
+            return [int(f.shape[0]) for f in encoded.pooler_output]
+        if call.kwargs.get("pixel_values") is None:
+            return []
+        sizes = call.kwargs.get("image_sizes")
+        if sizes is None:
+            raise ValueError(f"{self.name}: image_sizes is required to locate the image tokens")
+        from transformers.models.llava_onevision.modeling_llava_onevision import image_size_to_num_patches
+
+        numbers = call.kwargs.get("batch_num_images")
+        if numbers is None:  # as get_image_features: every image is patched
+            patched = [True] * len(sizes)
+        else:  # only the image of a single-image sample is patched
+            patched = [int(n) == 1 for n in numbers for _ in range(int(n))]
+        crops = [
+            image_size_to_num_patches(
+                image_size=size,
+                grid_pinpoints=self.config.image_grid_pinpoints,
+                patch_size=self.config.vision_config.image_size,
+            )
+            if patch
+            else 1
+            for size, patch in zip(sizes, patched)
+        ]
+        sizes = sizes[: len(crops)]
+        ones = torch.ones(sum(crops), self._crop_tokens(call), 1)
+        ratios = [getattr(self.config, "vision_aspect_ratio", None)]
+        if call.kwargs.get("vision_aspect_ratio") not in (None, ratios[0]):
+            ratios.append(call.kwargs["vision_aspect_ratio"])
+        counts: list[int] = []
+        for ratio in ratios:
+            extra = {} if ratio is None else {"vision_aspect_ratio": ratio}
+            packed, _ = self.vlm.pack_image_features(
+                list(torch.split(ones, crops)), sizes, image_newline=ones.new_zeros(1), **extra
+            )
+            counts = [int(p.shape[0]) for p in packed]
+            if expected is None or sum(counts) == expected:
+                break
+        return counts
+
+    def video_token_counts(self, call: _Call) -> list[int]:
+        """Tokens of each video of the forward, in batch order (see the module docstring)."""
+        encoded = (call.kwargs.get("mm_encoder_outputs") or {}).get("video")
+        if encoded is not None:
+            return [int(f.shape[0]) for f in encoded.pooler_output]
+        videos = call.kwargs.get("pixel_values_videos")
+        if videos is None:
+            return []
+        number, frames = int(videos.shape[0]), int(videos.shape[1])
+        pooled = self.vlm.apply_pooling(torch.ones(frames, self._crop_tokens(call), 1))  # (frames, pooled, 1)
+        return [int(pooled.shape[0] * pooled.shape[1]) + 1] * number  # + the video's image_newline
+
+    def segments(self, call: _OnevisionCall) -> tuple[VisualSegment, ...]:
+        """The images and videos of the forward in flight, in sequence order (cached on the call)."""
+        if call.segments is None:
+            kinds = call.kind_ids
+            if kinds is None:
+                raise ValueError(f"{self.name}: the placeholders of this forward could not be located")
+            images = self.image_token_counts(call, int((kinds == self.image_token_id).sum()))
+            videos = self.video_token_counts(call)
+            call.segments = find_visual_segments(
+                kinds,
+                [(1, 1, n) for n in images],
+                [(1, 1, n) for n in videos],
+                image_token_id=self.image_token_id,
+                video_token_id=self.video_token_id,
+            )
+        return call.segments
+
+    def image_counts(self, call: _Call, num_image_tokens: int) -> list[int]:
+        counts = [segment.length for segment in self.segments(call)]
+        if sum(counts) != num_image_tokens:
+            raise ValueError(f"{self.name}: the images and videos cover {sum(counts)} of the {num_image_tokens} visual tokens")
+        return counts
+
+    def layouts(self, call: _Call, counts: list[int], token_embeds: list[Tensor]) -> list[ImageLayout]:
+        """One layout per image / video; newline tokens are exact copies of the model's ``image_newline``."""
+        out = []
+        for segment, count, embeds in zip(self.segments(call), counts, token_embeds):
+            newline = (embeds == self.vlm.image_newline.to(embeds.device, embeds.dtype)).all(dim=-1)
+            out.append(ImageLayout(count, newline if bool(newline.any()) else None, None, kind=segment.kind))
+        return out
+
+    def vision_rows(self, capture: Any, layouts: Any, token_embeds: Any, per_crop: Tensor) -> list[Tensor]:
+        raise NotImplementedError(f"{self.name}: the vision placement is not implemented")
+
+
+class OnevisionAttachment(Attachment):
+    """`Attachment` with the OneVision specifics: attach-time checks of placement and signals, and image + video
+    placeholders (both are visual tokens; both are excluded from the prompt span)."""
+
+    adapter: LlavaOnevisionAdapter
+
+    def __init__(self, adapter: LlavaOnevisionAdapter, pipeline: Any, budget: Any, *, positions: str, prompt_stop=None):
+        model = type(adapter.model).__name__
+        placement = getattr(pipeline.placement, "name", None)
+        if placement not in adapter.placements:
+            why = (
+                " (OneVision interpolates large crop grids and pools video frames after the projector, so an LLM "
+                "token is not one vision-tower token)"
+                if placement == "vision"
+                else ""
+            )
+            raise VtpruneError(
+                f"{model} (adapter {adapter.name!r}): placement {placement!r} is not implemented{why}; use one of "
+                f"{sorted(adapter.placements)} (docs/adapters.md)"
+            )
+        missing = sorted(set(pipeline.requires) - set(adapter.provides(placement)))
+        if missing:
+            why = " (the SigLIP vision tower has no CLS token)" if "cls_attention" in missing else ""
+            raise MissingSignalError(
+                f"{model} (adapter {adapter.name!r}) cannot provide {missing} at placement {placement!r}{why}; it "
+                f"provides {sorted(adapter.provides(placement))}"
+            )
+        super().__init__(adapter, pipeline, budget, positions=positions, prompt_stop=prompt_stop)
+
+    def _vlm_pre(self, module, args, kwargs):
+        bound = dict(kwargs)
+        for name, value in zip(self._vlm_params, args):
+            bound.setdefault(name, value)
+        input_ids = bound.get("input_ids")
+        visual = any(bound.get(key) is not None for key in ("pixel_values", "pixel_values_videos")) or bool(
+            bound.get("mm_encoder_outputs")
+        )
+        kinds = None
+        if visual:
+            image_id, video_id = self.adapter.image_token_id, self.adapter.video_token_id
+            if input_ids is not None:
+                kinds = torch.where(torch.isin(input_ids, torch.tensor([image_id, video_id], device=input_ids.device)), input_ids, -1)
+            elif bound.get("inputs_embeds") is not None:
+                embeds = bound["inputs_embeds"]
+                table = module.get_input_embeddings()(torch.tensor([image_id, video_id], device=embeds.device))
+                is_image = (embeds == table[0]).all(-1)
+                is_video = (embeds == table[1]).all(-1)
+                kinds = torch.full(embeds.shape[:2], -1, dtype=torch.long, device=embeds.device)
+                kinds = kinds.masked_fill(is_image, image_id).masked_fill(is_video, video_id)
+        image_mask = kinds >= 0 if kinds is not None else None
+        self._calls.append(_OnevisionCall(input_ids, image_mask, image_mask is not None, bound, kind_ids=kinds))
+        return None

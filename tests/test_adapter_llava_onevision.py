@@ -1,0 +1,331 @@
+"""LLaVA-OneVision adapter (AnyRes crops + image-newline tokens, images and videos) against independent references."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from adapter_fixtures import (
+    PLACEMENT_RECIPES,
+    SignalRecorder,
+    aligned,
+    generation_positions,
+    kept_only_embeddings,
+    llava_onevision_embeddings,
+    llava_onevision_inputs,
+    masked_reference,
+    record_hooks,
+    removed_by_layer,
+    single_thread,
+    tiny_llava_onevision,
+)
+from vtprune import framework
+from vtprune.adapters.llava_onevision import LlavaOnevisionAdapter
+from vtprune.framework import MissingSignalError, VtpruneError
+from vtprune.framework.compose import compose
+from vtprune.framework.prune import prune
+
+ATOL = 1e-5
+RECIPES = {name: recipe for name, recipe in PLACEMENT_RECIPES.items() if name != "vision"}
+PLACEMENTS = list(RECIPES)
+#: sample 0: one image (AnyRes crops, its 8x8 crop grid down-scaled to 5x5 by anyres_max_2); sample 1: two images
+#: (a multi-image sample: one crop each, since the batch carries batch_num_images)
+IMAGES = ((("image", (56, 56)),), (("image", (30, 50)), ("image", (28, 28))))
+#: sample 0: a video then an image; sample 1: an image then a video (no batch_num_images: every image is cropped)
+VIDEO = ((("video",), ("image", (30, 50))), (("image", (56, 28)), ("video",)))
+SPECS = {"images": IMAGES, "video": VIDEO}
+BATCHES = list(SPECS)
+
+_single_thread = pytest.fixture(scope="module", autouse=True)(single_thread)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_llava_onevision()
+
+
+@pytest.fixture(scope="module")
+def batches(model):
+    return {
+        "images": llava_onevision_inputs(model, IMAGES, question_lengths=(5, 3)),
+        "video": llava_onevision_inputs(model, VIDEO, question_lengths=(3, 6), batch_num_images=False, seed=1),
+    }
+
+
+def _forward(model, inputs, **extra):
+    with torch.no_grad():
+        return model(**inputs, **extra).logits
+
+
+def _own_counts(model, inputs, spec):
+    """Tokens per image / video in sequence order, from the model's own get_image_features / get_video_features."""
+    vlm = model.model
+    images, videos = [], []
+    with torch.no_grad():
+        if "pixel_values" in inputs:
+            extra = {"batch_num_images": inputs["batch_num_images"]} if "batch_num_images" in inputs else {}
+            features = vlm.get_image_features(inputs["pixel_values"], inputs["image_sizes"], **extra).pooler_output
+            images = [int(f.shape[0]) for f in features]
+        if "pixel_values_videos" in inputs:
+            videos = [int(f.shape[0]) for f in vlm.get_video_features(inputs["pixel_values_videos"]).pooler_output]
+    counts, samples = [], []
+    for b, sample in enumerate(spec):
+        for item in sample:
+            counts.append(images.pop(0) if item[0] == "image" else videos.pop(0))
+            samples.append(b)
+    return counts, samples
+
+
+def _alone(inputs, spec, b):
+    """Sample ``b`` of a batch on its own (no padding)."""
+    real = inputs["attention_mask"][b].bool()
+    image0 = sum(1 for sample in spec[:b] for item in sample if item[0] == "image")
+    video0 = sum(1 for sample in spec[:b] for item in sample if item[0] == "video")
+    images = sum(1 for item in spec[b] if item[0] == "image")
+    videos = sum(1 for item in spec[b] if item[0] == "video")
+    out = {"input_ids": inputs["input_ids"][b : b + 1, real], "attention_mask": inputs["attention_mask"][b : b + 1, real]}
+    if images:
+        out["pixel_values"] = inputs["pixel_values"][image0 : image0 + images]
+        out["image_sizes"] = inputs["image_sizes"][image0 : image0 + images]
+    if "batch_num_images" in inputs:
+        out["batch_num_images"] = inputs["batch_num_images"][b : b + 1]
+    if videos:
+        out["pixel_values_videos"] = inputs["pixel_values_videos"][video0 : video0 + videos]
+    return out
+
+
+@pytest.mark.parametrize("name", BATCHES)
+def test_one_row_per_image_and_video_in_sequence_order_with_per_row_budgets(model, batches, name):
+    inputs, spec = batches[name], SPECS[name]
+    counts, samples = _own_counts(model, inputs, spec)
+    assert len(set(counts)) > 1
+    kinds = [item[0] for sample in spec for item in sample]
+    for budget, want in (
+        (5, [min(5, c) for c in counts]),
+        (0.25, [int(c * 0.25 + 0.5) for c in counts]),
+        ([3, 7, 2, 9][: len(counts)], [3, 7, 2, 9][: len(counts)]),
+        ([0.5, 1.0, 0.1, 0.3][: len(counts)], [int(c * f + 0.5) for c, f in zip(counts, [0.5, 1.0, 0.1, 0.3])]),
+    ):
+        with prune(model, RECIPES["pre_llm"], budget=budget) as handle:
+            _forward(model, inputs)
+        result = handle.last_selection
+        assert result.num_tokens.tolist() == counts
+        assert result.image_sample.tolist() == samples
+        assert result.counts.tolist() == want
+    # each row's positions are the placeholders of its own kind, rows in sequence order
+    ids = inputs["input_ids"]
+    token = {"image": model.config.image_token_id, "video": model.config.video_token_id}
+    starts = []
+    for r, (kind, b) in enumerate(zip(kinds, samples)):
+        positions = result.image_positions[r]
+        assert torch.all(ids[b, positions] == token[kind])
+        assert torch.equal(positions, torch.arange(int(positions[0]), int(positions[0]) + counts[r]))
+        starts.append((b, int(positions[0])))
+    assert starts == sorted(starts)
+
+
+@pytest.mark.parametrize("name", BATCHES)
+@pytest.mark.parametrize("placement", PLACEMENTS)
+def test_keep_all_is_bit_identical_and_remove_restores_hooks(model, batches, placement, name):
+    inputs = batches[name]
+    base = _forward(model, inputs)
+    base_gen = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    hooks = record_hooks(model)
+    recipe = RECIPES[placement].replace("ratio=0.5", "ratio=1.0")
+    with prune(model, recipe, budget=10_000) as handle:
+        assert record_hooks(model) != hooks
+        out = _forward(model, inputs)
+        gen = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    assert handle.last_selection.counts.tolist() == handle.last_selection.num_tokens.tolist()
+    assert record_hooks(model) == hooks
+    assert torch.equal(out, base)
+    assert torch.equal(gen, base_gen)
+
+
+@pytest.mark.parametrize("name", BATCHES)
+@pytest.mark.parametrize("positions", ["keep", "compact"])
+@pytest.mark.parametrize("placement", PLACEMENTS)
+def test_pruned_forward_and_generate_match_reference(model, batches, placement, positions, name):
+    inputs = batches[name]
+    feed = {**inputs, "position_ids": generation_positions(inputs["attention_mask"])}
+    with prune(model, RECIPES[placement], budget=6, positions=positions) as handle:
+        out = _forward(model, feed)
+        result = handle.last_selection
+        generated = model.generate(**inputs, max_new_tokens=8, do_sample=False, return_dict_in_generate=True)
+        assert torch.equal(handle.last_selection.selection.indices, result.selection.indices)
+    assert bool((result.counts < result.num_tokens).all())
+    batch, length = inputs["input_ids"].shape
+    layers = model.config.text_config.num_hidden_layers
+    removed = removed_by_layer(result, batch, length, layers)
+    last = layers - 1
+    assert generated.cache.layers[last].keys.shape[-2] == int((~removed[last]).sum(1).max()) + 7
+    new_tokens = generated.sequences[:, length:]
+    if positions == "compact" and placement == "pre_llm":
+        with torch.no_grad():
+            reference_inputs = kept_only_embeddings(
+                llava_onevision_embeddings(model, inputs), inputs["attention_mask"], removed[0]
+            )
+        reference = _forward(model, reference_inputs)
+        real = result.sequence_mask & inputs["attention_mask"].bool().gather(1, result.sequence_index)
+        torch.testing.assert_close(out[real], reference[reference_inputs["attention_mask"].bool()], atol=ATOL, rtol=0)
+        reference_inputs.pop("position_ids")
+        ref_gen = model.generate(**reference_inputs, max_new_tokens=8, do_sample=False)
+        assert torch.equal(new_tokens, ref_gen[:, -8:])
+    else:
+        with masked_reference(model, removed, positions):
+            reference = _forward(model, feed)
+            ref_gen = model.generate(**feed, max_new_tokens=8, do_sample=False)
+        got, want = aligned(out, result, reference, inputs["attention_mask"])
+        torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+        assert torch.equal(new_tokens, ref_gen[:, length:])
+
+
+@pytest.mark.parametrize("name", BATCHES)
+@pytest.mark.parametrize("positions", ["keep", "compact"])
+@pytest.mark.parametrize("placement", ["pre_llm", "layer"])
+def test_batch_equals_samples_alone(model, batches, placement, positions, name):
+    inputs, spec = batches[name], SPECS[name]
+    budgets = [5, 9, 3, 7][: sum(len(sample) for sample in spec)]
+    feed = {**inputs, "position_ids": generation_positions(inputs["attention_mask"])}
+    with prune(model, RECIPES[placement], budget=budgets, positions=positions) as handle:
+        out = _forward(model, feed)
+        gen = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+        first = 0
+        for b, sample in enumerate(spec):
+            alone = _alone(inputs, spec, b)
+            handle.budget = budgets[first : first + len(sample)]
+            first += len(sample)
+            single = _forward(model, alone)
+            single_gen = model.generate(**alone, max_new_tokens=4, do_sample=False)
+            torch.testing.assert_close(out[b, -single.shape[1] :], single[0], atol=ATOL, rtol=0)
+            assert torch.equal(gen[b, -4:], single_gen[0, -4:])
+
+
+def test_prompt_span_excludes_images_and_videos_and_newlines_are_candidates(model, batches):
+    inputs, spec = batches["video"], VIDEO
+    counts, samples = _own_counts(model, inputs, spec)
+    with torch.no_grad():
+        embeds = llava_onevision_embeddings(model, inputs)
+    ids = inputs["input_ids"]
+    visual = (ids == model.config.image_token_id) | (ids == model.config.video_token_id)
+    newline = model.model.image_newline
+    kinds = [item[0] for sample in spec for item in sample]
+    for stop in (None, [41, 42]):
+        recorder = SignalRecorder(compose(RECIPES["pre_llm"]))
+        with prune(model, recorder, budget=10_000, prompt_stop=stop):
+            _forward(model, inputs)
+        signals = recorder.seen[-1]
+        for r, b in enumerate(samples):
+            after = int(visual[b].nonzero().max()) + 1  # the text after the sample's last image or video
+            end = ids.shape[1] - (2 if stop else 0)
+            want = embeds[b, after:end]
+            assert int(signals.prompt_mask[r].sum()) == want.shape[0]
+            assert torch.equal(signals.prompt[r, : want.shape[0]], want)
+            # every token is a candidate, newline tokens (exact copies of image_newline) included
+            rows = signals.visual[r, : counts[r]]
+            assert bool(signals.visual_mask[r, : counts[r]].all()) and not bool(signals.visual_mask[r, counts[r] :].any())
+            is_newline = (rows == newline).all(-1)
+            if kinds[r] == "video":
+                assert is_newline.nonzero().flatten().tolist() == [counts[r] - 1]  # one newline, after the frames
+            else:
+                assert int(is_newline.sum()) > 1  # cropped image: one newline per row of the crop grid
+            assert signals.grid is None and signals.grids is None
+
+
+def test_generate_honours_vision_aspect_ratio_and_inputs_embeds_work(model):
+    spec = ((("image", (56, 56)),), (("video",), ("image", (56, 28))))
+    inputs = llava_onevision_inputs(model, spec, batch_num_images=False, vision_aspect_ratio="anyres_max_9", seed=2)
+    counts, _ = _own_counts(model, inputs, spec)  # config ratio (anyres_max_2)
+    with torch.no_grad():
+        features = model.model.get_image_features(
+            inputs["pixel_values"], inputs["image_sizes"], vision_aspect_ratio="anyres_max_9"
+        ).pooler_output
+    want = [int(features[0].shape[0]), counts[1], int(features[1].shape[0])]
+    assert want[0] > counts[0]  # anyres_max_9 does not down-scale the 8x8 crop grid
+    with prune(model, RECIPES["layer"], budget=4) as handle:
+        model.generate(**inputs, vision_aspect_ratio="anyres_max_9", max_new_tokens=2, do_sample=False)
+    assert handle.last_selection.num_tokens.tolist() == want
+    # inputs_embeds instead of input_ids: placeholders found by their embeddings, same pruned forward
+    inputs = llava_onevision_inputs(model, VIDEO, batch_num_images=False, seed=3)
+    with prune(model, RECIPES["pre_llm"], budget=5) as handle:
+        by_ids = _forward(model, inputs)
+        indices = handle.last_selection.selection.indices
+        embeds = model.get_input_embeddings()(inputs["input_ids"])
+        by_embeds = _forward(model, {**{k: v for k, v in inputs.items() if k != "input_ids"}, "inputs_embeds": embeds})
+        assert torch.equal(handle.last_selection.selection.indices, indices)
+    torch.testing.assert_close(by_embeds, by_ids, atol=ATOL, rtol=0)
+
+
+def test_vision_placement_and_cls_attention_fail_at_attach(model):
+    hooks = record_hooks(model)
+    with pytest.raises(VtpruneError, match="LlavaOnevisionForConditionalGeneration.*placement 'vision'.*layer, pre_llm, schedule"):
+        prune(model, PLACEMENT_RECIPES["vision"], budget=3)
+    with pytest.raises(
+        VtpruneError,
+        match=r"LlavaOnevisionForConditionalGeneration.*placement 'vision' is not implemented.*\['layer', 'pre_llm', 'schedule'\]",
+    ):
+        LlavaOnevisionAdapter.attach(model, compose(PLACEMENT_RECIPES["vision"]), 3)
+
+    class NeedsCls:
+        placement = compose(RECIPES["pre_llm"]).placement
+        requires = frozenset({"visual", "cls_attention"})
+
+        def select(self, signals, budget):  # pragma: no cover - never reached
+            raise AssertionError
+
+    with pytest.raises(MissingSignalError, match="LlavaOnevisionForConditionalGeneration.*cls_attention.*placement 'pre_llm'"):
+        prune(model, NeedsCls(), budget=3)
+    with pytest.raises(MissingSignalError, match="LlavaOnevisionForConditionalGeneration.*cls_attention.*'pre_llm'.*no CLS"):
+        LlavaOnevisionAdapter.attach(model, NeedsCls(), 3)
+    with pytest.raises(MissingSignalError, match="cls_attention.*placement 'layer'"):
+        prune(model, "cls_attention+critical+fps+layer(k=2)", budget=3)
+    with pytest.raises(VtpruneError, match="does not implement placement 'pre_llm_clip'"):
+        prune(model, "cdpruner", budget=3, clip_model=object())
+    for placement in LlavaOnevisionAdapter.placements:
+        assert "cls_attention" not in LlavaOnevisionAdapter.provides(placement)
+    assert record_hooks(model) == hooks
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Every registered preset: runs where the adapter provides its placement and signals, else a clear error
+# ---------------------------------------------------------------------------------------------------------
+
+REGISTRY = framework.build_registry(autoload=False)
+PRESETS = sorted(REGISTRY.presets)
+
+
+@pytest.fixture(scope="module")
+def deep():
+    """A model deep enough for every preset's default drops (PyramidDrop drops before layer 24)."""
+    deepest = max(d.layer or 0 for name in PRESETS for d in framework.compose(name, registry=REGISTRY).placement.drops(0.5))
+    model = tiny_llava_onevision(layers=deepest + 1)
+    spec = ((("image", (30, 50)),), (("video",), ("image", (28, 28))))
+    inputs = llava_onevision_inputs(model, spec, question_lengths=(5, 3), seed=2)
+    base = _forward(model, inputs)
+    gen = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    return dict(model=model, inputs=inputs, base=base, gen=gen)
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_every_preset_runs_or_fails_clearly(deep, preset):
+    model, inputs = deep["model"], deep["inputs"]
+    pipeline = framework.compose(preset, registry=REGISTRY)
+    placement = pipeline.placement.name
+    if placement not in LlavaOnevisionAdapter.placements or not pipeline.requires <= LlavaOnevisionAdapter.provides(placement):
+        before = record_hooks(model)
+        with pytest.raises(VtpruneError, match=f"LlavaOnevisionForConditionalGeneration.*{placement}"):
+            framework.prune(model, preset, budget=6, registry=REGISTRY)
+        assert record_hooks(model) == before
+        return
+    length = inputs["input_ids"].shape[1]
+    with framework.prune(model, preset, budget=6, registry=REGISTRY) as handle:
+        out = _forward(model, inputs)
+        gen = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    result = handle.last_selection
+    assert result.drops[0].counts.tolist() == [6, 6, 6]  # one row per image and per video
+    assert out.shape[1] < length and bool(torch.isfinite(out).all()) and gen.shape[1] == length + 4
+    keep_all = {"ratio": 1.0} if placement == "schedule" else {}
+    with framework.prune(model, preset, budget=10_000, registry=REGISTRY, **keep_all):
+        out = _forward(model, inputs)
+        gen = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    assert torch.equal(out, deep["base"]) and torch.equal(gen, deep["gen"])
