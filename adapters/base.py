@@ -309,6 +309,8 @@ class VLMAdapter:
     options: ClassVar[frozenset[str]] = CLIP_OPTIONS
     #: Whether VisionZip's ``keep_cls`` can be honoured at ``vision`` (one crop per image, CLS-free LLM tokens).
     supports_keep_cls: ClassVar[bool] = False
+    #: Why a placement or signal is not available (placement or signal name -> reason), quoted in errors.
+    limitations: ClassVar[dict[str, str]] = {}
 
     @classmethod
     def provides(cls, placement: str) -> frozenset[str]:

@@ -38,6 +38,9 @@ class LlavaNextAdapter(VLMAdapter):
     description: ClassVar[str] = "LLaVA-NeXT (LlavaNextForConditionalGeneration): AnyRes crops with image-newline tokens"
     model_classes: ClassVar[tuple[str, ...]] = ("LlavaNextForConditionalGeneration", "LlavaNextModel")
     has_grid: ClassVar[bool] = False
+    limitations: ClassVar[dict[str, str]] = {
+        "pre_llm_clip": "CLIP-space signals of AnyRes crops are not implemented",
+    }
 
     def _crops(self, call: _Call) -> tuple[list[int], Tensor]:
         from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches

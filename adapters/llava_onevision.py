@@ -66,6 +66,12 @@ class LlavaOnevisionAdapter(VLMAdapter):
     model_classes: ClassVar[tuple[str, ...]] = ("LlavaOnevisionForConditionalGeneration", "LlavaOnevisionModel")
     placements: ClassVar[frozenset[str]] = frozenset({"pre_llm", "layer", "schedule"})
     has_grid: ClassVar[bool] = False
+    limitations: ClassVar[dict[str, str]] = {
+        "vision": "large crop grids are bilinearly interpolated and video frames pooled after the projector, so an "
+        "LLM token is not one vision-tower token",
+        "cls_attention": "the SigLIP vision tower has no CLS token",
+        "pre_llm_clip": "CLIP-space signals are not implemented for OneVision's SigLIP tower",
+    }
 
     @classmethod
     def provides(cls, placement: str) -> frozenset[str]:

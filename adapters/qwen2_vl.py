@@ -383,6 +383,11 @@ class QwenVLAdapter(VLMAdapter):
     )
     placements: ClassVar[frozenset[str]] = frozenset({"vision", "pre_llm", "layer", "schedule"})
     has_grid: ClassVar[bool] = True
+    limitations: ClassVar[dict[str, str]] = {
+        "cls_attention": "the Qwen vision tower has no CLS token",
+        "visual_keys": "at vision: the Qwen vision tower has no CLS layer to take keys from",
+        "pre_llm_clip": "Qwen's tower is not a CLIP model: no CLIP text space",
+    }
 
     @classmethod
     def provides(cls, placement: str) -> frozenset[str]:

@@ -139,15 +139,18 @@ def prune(
 
         pipeline = compose(recipe, registry=registry, **params)
     placement = pipeline.placement.name
+    notes = getattr(adapter, "limitations", {}) or {}
     if placement not in adapter.placements:
+        why = f" ({notes[placement]})" if placement in notes else ""
         raise VtpruneError(
-            f"adapter {adapter.name!r} ({type(model).__name__}) does not implement placement {placement!r}; it implements "
+            f"adapter {adapter.name!r} ({type(model).__name__}) does not implement placement {placement!r}{why}; it implements "
             f"{', '.join(sorted(adapter.placements))}"
         )
     missing = sorted(set(pipeline.requires) - set(adapter.provides(placement)))
     if missing:
+        why = "".join(f" ({name}: {notes[name]})" for name in missing if name in notes)
         raise MissingSignalError(
-            f"adapter {adapter.name!r} ({type(model).__name__}) cannot provide {missing} at placement {placement!r}; it provides "
+            f"adapter {adapter.name!r} ({type(model).__name__}) cannot provide {missing} at placement {placement!r}{why}; it provides "
             f"{sorted(adapter.provides(placement))}"
         )
     attachment = adapter.attach(model, pipeline, budget, positions=positions, prompt_stop=prompt_stop, **options)

@@ -805,3 +805,13 @@ def test_grid_stages_see_each_images_own_grid_in_a_mixed_batch(recipe):
     assert rows == alone_rows
     # a 2-D lattice, not a 1-D spread: on the 3 x 4 image the 4 tokens cover more than one grid row
     assert len({index // 4 for index in rows[0]}) > 1
+
+
+def test_prune_errors_say_why_a_placement_or_signal_is_missing():
+    from vtprune.framework import MissingSignalError, VtpruneError
+
+    model = tiny_qwen()
+    with pytest.raises(MissingSignalError, match="cls_attention: the Qwen vision tower has no CLS token"):
+        prune(model, "visionzip", budget=3)
+    with pytest.raises(VtpruneError, match="pre_llm_clip' \\(Qwen's tower is not a CLIP model"):
+        prune(model, "cdpruner", budget=3, clip_model=object())
