@@ -541,6 +541,15 @@ class DecoderPruner:
         self._handles.clear()
         self._flights.clear()
 
+    @property
+    def prefill_session(self) -> Optional[Session]:
+        """The `Session` of the pruned prefill running now (from the stack pre-hook to the stack forward hook;
+        its ``segments`` grow as drops happen), else None (no stack forward in flight, a forward left alone, or
+        a decoding step). Lets an adapter keep per-token side inputs of the stack aligned with the current
+        slots (Qwen3-VL's DeepStack features)."""
+        flight = self._flights[-1] if self._flights else None
+        return flight.session if flight is not None and not flight.decoding else None
+
     # -- stack hooks ------------------------------------------------------------------------------------
 
     def _bind(self, args: tuple, kwargs: dict) -> dict:

@@ -26,6 +26,13 @@ except ImportError:  # pragma: no cover
 if _Onevision is not None and all(hasattr(_Onevision, a) for a in ("name", "model_classes", "placements", "provides")):
     BUILTIN_ADAPTERS = BUILTIN_ADAPTERS + (_Onevision,)
 
+try:  # the Qwen3-VL adapter lives in its own module (separate owner); registered here once it is complete
+    from .qwen3_vl import Qwen3VLAdapter as _Qwen3
+except ImportError:  # pragma: no cover
+    _Qwen3 = None
+if _Qwen3 is not None and all(hasattr(_Qwen3, a) for a in ("name", "model_classes", "placements", "provides")):
+    BUILTIN_ADAPTERS = BUILTIN_ADAPTERS + (_Qwen3,)
+
 
 @hookimpl
 def vtprune_register_adapters(registry):

@@ -49,6 +49,7 @@ DOCTEST_MODULES = [
     "vtprune.strategies.functional.prompt_relevance",
     "vtprune.strategies.functional.ranking",
     "vtprune.adapters.qwen2_vl",
+    "vtprune.adapters.qwen3_vl",
 ]
 
 
