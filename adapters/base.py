@@ -55,6 +55,29 @@ def pipeline_hints(pipeline: Any) -> frozenset[str]:
     return frozenset(hints)
 
 
+def check_support(adapter: "VLMAdapter", pipeline: Any) -> None:
+    """Raise before any hook is installed when the adapter does not implement the pipeline's placement
+    (`VtpruneError`) or cannot provide a signal it requires (`MissingSignalError`); both name the model class,
+    the adapter, the placement, the reason (``adapter.limitations``) and what is supported."""
+    model = type(adapter.model).__name__
+    placement = getattr(pipeline.placement, "name", None)
+    notes = adapter.limitations
+    if placement not in adapter.placements:
+        why = f" ({notes[placement]})" if placement in notes else ""
+        raise VtpruneError(
+            f"{model} (adapter {adapter.name!r}): placement {placement!r} is not implemented{why}; use one of "
+            f"{sorted(adapter.placements)} (docs/adapters.md)"
+        )
+    provided = adapter.provides(placement)
+    missing = sorted(set(pipeline.requires) - set(provided))
+    if missing:
+        why = "".join(f" ({name}: {notes[name]})" for name in missing if name in notes)
+        raise MissingSignalError(
+            f"{model} (adapter {adapter.name!r}) cannot provide {missing} at placement {placement!r}{why}; it "
+            f"provides {sorted(provided)}"
+        )
+
+
 def pipeline_keeps_cls(pipeline: Any) -> bool:
     """Whether the pipeline asks for the vision CLS token to be kept (VisionZip: ``budget.visionzip(keep_cls=True)``)."""
     return bool(getattr(getattr(pipeline, "budget", None), "keep_cls", False))
@@ -326,6 +349,9 @@ class VLMAdapter:
             return EMBEDDING_SIGNALS | LAYER_SIGNALS | CLS_SIGNALS | grid
         raise ValueError(f"{cls.name} adapter: unknown placement {placement!r}; supported: {sorted(cls.placements)}")
 
+    #: The runtime ``attach`` builds: `Attachment`, or a subclass for families with their own hooks.
+    attachment_class: ClassVar[Optional[type]] = None
+
     @classmethod
     def attach(
         cls,
@@ -335,25 +361,19 @@ class VLMAdapter:
         *,
         positions: str = "keep",
         prompt_stop: Optional[Sequence[int]] = None,
-        clip_model: Any = None,
-        tokenizer: Any = None,
-        clip_tokenizer: Any = None,
+        **options: Any,
     ) -> "Attachment":
         """Install the hooks on ``model``; see :class:`Attachment`.
 
-        ``clip_model`` / ``tokenizer`` / ``clip_tokenizer`` are used by pipelines at ``pre_llm_clip`` only
-        (:class:`vtprune.adapters.clip_signals.ClipSignals`) and ignored otherwise.
+        ``options`` are the names in ``cls.options`` (LLaVA family: ``clip_model`` / ``tokenizer`` /
+        ``clip_tokenizer``, used by pipelines at ``pre_llm_clip`` only, see
+        :class:`vtprune.adapters.clip_signals.ClipSignals`, and ignored otherwise).
         """
-        return Attachment(
-            cls(model),
-            pipeline,
-            budget,
-            positions=positions,
-            prompt_stop=prompt_stop,
-            clip_model=clip_model,
-            tokenizer=tokenizer,
-            clip_tokenizer=clip_tokenizer,
-        )
+        unknown = sorted(set(options) - set(cls.options))
+        if unknown:
+            raise TypeError(f"adapter {cls.name!r}: unknown option(s) {unknown}; valid: {sorted(cls.options)}")
+        runtime = cls.attachment_class or Attachment
+        return runtime(cls(model), pipeline, budget, positions=positions, prompt_stop=prompt_stop, **options)
 
     # -- model access (LLaVA-family defaults) -------------------------------------------------------------
 
@@ -453,6 +473,7 @@ class Attachment:
         tokenizer: Any = None,
         clip_tokenizer: Any = None,
     ):
+        check_support(adapter, pipeline)
         self.adapter = adapter
         self.pipeline = pipeline
         self.budget = budget

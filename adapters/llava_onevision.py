@@ -28,12 +28,12 @@ with a SigLIP tower, a Qwen2 decoder, bilinear down-scaling of large crop grids 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar, Optional, Sequence
+from typing import Any, ClassVar, Optional
 
 import torch
 from torch import Tensor, nn
 
-from vtprune.framework.errors import MissingSignalError, VtpruneError
+from vtprune.framework.errors import VtpruneError
 
 from .base import EMBEDDING_SIGNALS, LAYER_SIGNALS, Attachment, ImageLayout, VLMAdapter, _Call
 from .qwen2_vl import VisualSegment, find_visual_segments
@@ -84,23 +84,6 @@ class LlavaOnevisionAdapter(VLMAdapter):
             f"{cls.name} adapter (LlavaOnevisionForConditionalGeneration): placement {placement!r} is not "
             f"implemented; supported: {sorted(cls.placements)}"
         )
-
-    @classmethod
-    def attach(
-        cls,
-        model: nn.Module,
-        pipeline: Any,
-        budget: Any,
-        *,
-        positions: str = "keep",
-        prompt_stop: Optional[Sequence[int]] = None,
-        clip_model: Any = None,
-        tokenizer: Any = None,
-        clip_tokenizer: Any = None,
-    ) -> "OnevisionAttachment":
-        """Install the hooks on ``model``; see :class:`vtprune.adapters.base.Attachment`. The CLIP options are
-        accepted like every LLaVA-family adapter's and ignored (``pre_llm_clip`` is not implemented)."""
-        return OnevisionAttachment(cls(model), pipeline, budget, positions=positions, prompt_stop=prompt_stop)
 
     def __init__(self, model: nn.Module):
         super().__init__(model)
@@ -220,33 +203,10 @@ class LlavaOnevisionAdapter(VLMAdapter):
 
 
 class OnevisionAttachment(Attachment):
-    """`Attachment` with the OneVision specifics: attach-time checks of placement and signals, and image + video
-    placeholders (both are visual tokens; both are excluded from the prompt span)."""
+    """`Attachment` with the OneVision specifics: image + video placeholders (both are visual tokens; both are
+    excluded from the prompt span). Placement and signal checks are the base runtime's (`check_support`)."""
 
     adapter: LlavaOnevisionAdapter
-
-    def __init__(self, adapter: LlavaOnevisionAdapter, pipeline: Any, budget: Any, *, positions: str, prompt_stop=None):
-        model = type(adapter.model).__name__
-        placement = getattr(pipeline.placement, "name", None)
-        if placement not in adapter.placements:
-            why = (
-                " (OneVision interpolates large crop grids and pools video frames after the projector, so an LLM "
-                "token is not one vision-tower token)"
-                if placement == "vision"
-                else ""
-            )
-            raise VtpruneError(
-                f"{model} (adapter {adapter.name!r}): placement {placement!r} is not implemented{why}; use one of "
-                f"{sorted(adapter.placements)} (docs/adapters.md)"
-            )
-        missing = sorted(set(pipeline.requires) - set(adapter.provides(placement)))
-        if missing:
-            why = " (the SigLIP vision tower has no CLS token)" if "cls_attention" in missing else ""
-            raise MissingSignalError(
-                f"{model} (adapter {adapter.name!r}) cannot provide {missing} at placement {placement!r}{why}; it "
-                f"provides {sorted(adapter.provides(placement))}"
-            )
-        super().__init__(adapter, pipeline, budget, positions=positions, prompt_stop=prompt_stop)
 
     def _vlm_pre(self, module, args, kwargs):
         bound = dict(kwargs)
@@ -271,3 +231,6 @@ class OnevisionAttachment(Attachment):
         image_mask = kinds >= 0 if kinds is not None else None
         self._calls.append(_OnevisionCall(input_ids, image_mask, image_mask is not None, bound, kind_ids=kinds))
         return None
+
+
+LlavaOnevisionAdapter.attachment_class = OnevisionAttachment

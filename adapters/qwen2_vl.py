@@ -35,7 +35,6 @@ from typing import Any, ClassVar, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from vtprune.framework.errors import MissingSignalError, VtpruneError
 
 from .base import EMBEDDING_SIGNALS, LAYER_SIGNALS, VISION_SIGNALS, Attachment, ImageLayout, VisionCapture, VLMAdapter, _Call, _Plan
 from .decoder import DecoderSpec
@@ -400,19 +399,6 @@ class QwenVLAdapter(VLMAdapter):
             return EMBEDDING_SIGNALS | LAYER_SIGNALS | {"grid", "grids"}
         raise ValueError(f"{cls.name} adapter: unknown placement {placement!r}; supported: {sorted(cls.placements)}")
 
-    @classmethod
-    def attach(
-        cls,
-        model: nn.Module,
-        pipeline: Any,
-        budget: Any,
-        *,
-        positions: str = "keep",
-        prompt_stop: Optional[Sequence[int]] = None,
-    ) -> "QwenAttachment":
-        """Install the hooks on ``model``; see `Attachment`."""
-        return QwenAttachment(cls(model), pipeline, budget, positions=positions, prompt_stop=prompt_stop)
-
     def __init__(self, model: nn.Module):
         self.model = model
         self.vlm = model.model if hasattr(model, "model") and hasattr(model.model, "language_model") else model
@@ -522,24 +508,10 @@ class QwenAttachment(Attachment):
 
     adapter: QwenVLAdapter
 
-    def __init__(self, adapter: QwenVLAdapter, pipeline: Any, budget: Any, *, positions: str, prompt_stop=None):
-        placement = pipeline.placement.name
-        if placement not in adapter.placements:
-            raise VtpruneError(
-                f"{type(adapter.model).__name__} (adapter {adapter.name!r}): placement {placement!r} is not "
-                f"implemented; use one of {sorted(adapter.placements)} (docs/adapters.md)"
-            )
-        missing = sorted(set(pipeline.requires) - set(adapter.provides(placement)))
-        if missing:
-            no_cls = {"cls_attention", "visual_keys"} if placement == "vision" else {"cls_attention"}
-            why = " (the Qwen vision tower has no CLS token)" if no_cls & set(missing) else ""
-            raise MissingSignalError(
-                f"{type(adapter.model).__name__} (adapter {adapter.name!r}) cannot provide {missing} at placement "
-                f"{placement!r}{why}; it provides {sorted(adapter.provides(placement))}"
-            )
+    def __init__(self, adapter: QwenVLAdapter, pipeline: Any, budget: Any, *, positions: str, prompt_stop=None, **options):
         self._runs: list[VisionRun] = []
         self._run: Optional[VisionRun] = None
-        super().__init__(adapter, pipeline, budget, positions=positions, prompt_stop=prompt_stop)
+        super().__init__(adapter, pipeline, budget, positions=positions, prompt_stop=prompt_stop, **options)
         self._handles.append(
             adapter.stack.register_forward_pre_hook(self._stack_positions, with_kwargs=True, prepend=True)
         )
@@ -696,3 +668,6 @@ class QwenPlan(_Plan):
             for n, part in zip(numbers, candidates[-1].features.split(sizes)):
                 rows[n] = part.to(self.device)
         return [rows[n] for n in range(len(segments))]
+
+
+QwenVLAdapter.attachment_class = QwenAttachment

@@ -340,19 +340,6 @@ class Qwen3VLAdapter(QwenVLAdapter):
         "pre_llm_clip": "Qwen3-VL's tower is not a CLIP model: no CLIP text space",
     }
 
-    @classmethod
-    def attach(
-        cls,
-        model: nn.Module,
-        pipeline: Any,
-        budget: Any,
-        *,
-        positions: str = "keep",
-        prompt_stop: Optional[Sequence[int]] = None,
-    ) -> "Qwen3Attachment":
-        """Install the hooks on ``model``; see `Attachment`."""
-        return Qwen3Attachment(cls(model), pipeline, budget, positions=positions, prompt_stop=prompt_stop)
-
     def __init__(self, model: nn.Module):
         super().__init__(model)
         self.vision_width = int(self.config.vision_config.hidden_size)  # Dv, the merger's per-patch width
@@ -394,7 +381,7 @@ class Qwen3Attachment(QwenAttachment):
 
     adapter: Qwen3VLAdapter
 
-    def __init__(self, adapter: Qwen3VLAdapter, pipeline: Any, budget: Any, *, positions: str, prompt_stop=None):
+    def __init__(self, adapter: Qwen3VLAdapter, pipeline: Any, budget: Any, *, positions: str, prompt_stop=None, **options):
         self._feeds: list[Optional[DeepstackFeed]] = []
         stack = adapter.stack
         if adapter.deepstack_layers and not callable(getattr(stack, "_deepstack_process", None)):
@@ -402,7 +389,7 @@ class Qwen3Attachment(QwenAttachment):
                 f"{type(adapter.model).__name__} (adapter {adapter.name!r}): {type(stack).__name__} has no "
                 "_deepstack_process; DeepStack features cannot be pruned with this transformers version"
             )
-        super().__init__(adapter, pipeline, budget, positions=positions, prompt_stop=prompt_stop)
+        super().__init__(adapter, pipeline, budget, positions=positions, prompt_stop=prompt_stop, **options)
         try:
             self._handles.append(stack.register_forward_pre_hook(self._deepstack_pre, with_kwargs=True))
             self._handles.append(stack.register_forward_hook(self._deepstack_post, with_kwargs=True, always_call=True))
@@ -479,3 +466,6 @@ class Qwen3Plan(QwenPlan):
             vision = torch.isin(ids, torch.tensor(sorted(owner.adapter.vision_token_ids), device=ids.device))
             self.prompts, query = without_video_text(self.prompts, self.query, items, vision)
             self.query = query.to(self.device)
+
+
+Qwen3VLAdapter.attachment_class = Qwen3Attachment
