@@ -199,6 +199,36 @@ def test_training_runs_end_to_end(tmp_path: Path) -> None:
     assert train(cfg) == weights
 
 
+def test_training_is_deterministic(tmp_path: Path) -> None:
+    """Two runs of the same config give bit-identical weights (the shipped ones are reproducible)."""
+    from safetensors.torch import load_file
+
+    from vtprune.experiments.organism.model import ModelSpec
+    from vtprune.experiments.organism.train import TrainConfig, train
+
+    spec = ModelSpec(vision_hidden=32, vision_layers=1, text_hidden=32, text_layers=1)
+    tensors = []
+    for run in ("a", "b"):
+        cfg = TrainConfig(out=str(tmp_path / run), steps=3, batch_size=4, turns=2, warmup=1, ckpt_every=3,
+                          eval_every=3, n_val=8, n_test=8, spec=spec)
+        tensors.append(load_file(str(train(cfg) / "model.safetensors")))
+    assert tensors[0].keys() == tensors[1].keys()
+    assert all(torch.equal(tensors[0][k], tensors[1][k]) for k in tensors[0])
+
+
+def test_shipped_weights_come_from_the_default_command() -> None:
+    """metrics.json records the config: every hyper-parameter but the output folder is the default of
+    ``vtprune organism train``, so ``vtprune organism train --out DIR`` reproduces the shipped weights."""
+    weights = _shipped()
+    from dataclasses import asdict
+
+    from vtprune.experiments.organism.train import parse_args
+
+    recorded = json.loads((weights / "metrics.json").read_text())["config"]
+    default = asdict(parse_args(["--out", recorded["out"]]))
+    assert recorded == default
+
+
 # ---------------------------------------------------------------- shipped organism
 def _shipped() -> Path:
     if not (WEIGHTS_DIR / "model.safetensors").exists():

@@ -58,7 +58,7 @@ class TrainConfig:
     """Hyper-parameters of one training run."""
 
     out: str
-    steps: int = 5000
+    steps: int = 8000
     seed: int = 0
     batch_size: int = 32
     lr: float = 2e-3
