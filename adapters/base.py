@@ -407,6 +407,15 @@ class VLMAdapter:
     def image_token_id(self) -> int:
         return int(self.config.image_token_id)
 
+    #: Keyword arguments of the model's forward whose presence means the call carries visual input (besides
+    #: ``mm_encoder_outputs``, the features ``generate`` pre-encodes).
+    pixel_kwargs: ClassVar[tuple[str, ...]] = ("pixel_values",)
+
+    @property
+    def placeholder_ids(self) -> tuple[int, ...]:
+        """Ids of the placeholder tokens that are visual tokens (one `Signals` row per item they form)."""
+        return (self.image_token_id,)
+
     def feature_layer(self, call: _Call) -> int:
         layer = call.kwargs.get("vision_feature_layer")
         if layer is None:
@@ -567,18 +576,34 @@ class Attachment:
         bound = dict(kwargs)
         for name, value in zip(self._vlm_params, args):
             bound.setdefault(name, value)
-        input_ids = bound.get("input_ids")
-        has_images = bound.get("pixel_values") is not None or bool(bound.get("mm_encoder_outputs"))
-        image_mask = None
-        if has_images:
-            if input_ids is not None:
-                image_mask = input_ids == self.adapter.image_token_id
-            elif bound.get("inputs_embeds") is not None:
-                embeds = bound["inputs_embeds"]
-                token = torch.full((), self.adapter.image_token_id, dtype=torch.long, device=embeds.device)
-                image_mask = (embeds == module.get_input_embeddings()(token)).all(-1)
-        self._calls.append(_Call(input_ids, image_mask, has_images and image_mask is not None, bound))
+        visual = any(bound.get(key) is not None for key in self.adapter.pixel_kwargs) or bool(
+            bound.get("mm_encoder_outputs")
+        )
+        kinds = self._placeholders(module, bound) if visual else None
+        self._calls.append(self._new_call(bound, kinds))
         return None
+
+    def _placeholders(self, module, bound: dict) -> Optional[Tensor]:
+        """(B, L) long: the placeholder id (``adapter.placeholder_ids``) at every visual placeholder, -1
+        elsewhere; read from ``input_ids``, else from ``inputs_embeds`` by comparing them with the placeholders'
+        embeddings; None when the call has neither."""
+        ids = self.adapter.placeholder_ids
+        input_ids = bound.get("input_ids")
+        if input_ids is not None:
+            return torch.where(torch.isin(input_ids, torch.tensor(ids, device=input_ids.device)), input_ids, -1)
+        embeds = bound.get("inputs_embeds")
+        if embeds is None:
+            return None
+        table = module.get_input_embeddings()(torch.tensor(ids, device=embeds.device))
+        kinds = torch.full(embeds.shape[:2], -1, dtype=torch.long, device=embeds.device)
+        for token, row in zip(ids, table):
+            kinds = kinds.masked_fill((embeds == row).all(-1), token)
+        return kinds
+
+    def _new_call(self, bound: dict, kinds: Optional[Tensor]) -> _Call:
+        """The `_Call` of a forward, given its placeholders (`_placeholders`; None: no visual input found)."""
+        image_mask = kinds >= 0 if kinds is not None else None
+        return _Call(bound.get("input_ids"), image_mask, image_mask is not None, bound)
 
     def _vlm_post(self, module, args, kwargs, output):
         if self._calls:
@@ -623,6 +648,10 @@ class Attachment:
 
     # -- controller -------------------------------------------------------------------------------------
 
+    #: The drop plan `_controller` builds for a pruned prefill: `_Plan` (assigned after its definition below), or
+    #: a subclass for families with their own prompt span or vision capture (like `VLMAdapter.attachment_class`).
+    plan_class: ClassVar[type]
+
     def _controller(self, embeds: Tensor, mask2d: Tensor, positions: Tensor) -> Optional["_Plan"]:
         call = self._current()
         if call is None or not call.has_images or call.image_mask is None:
@@ -630,7 +659,7 @@ class Attachment:
         image_mask = call.image_mask.to(embeds.device)
         if image_mask.shape != mask2d.shape or not bool(image_mask.any()):
             return None
-        return _Plan(self, call, embeds, image_mask, mask2d)
+        return self.plan_class(self, call, embeds, image_mask, mask2d)
 
 
 class _Plan:
@@ -982,3 +1011,6 @@ class _Plan:
         before = torch.tensor([c.numel() for c in columns], dtype=torch.long)
         self.records.append(DropRecord(drop.where, layer, tuple(budgets), record, before))
         return Decision(keep=keep, values=values, replace=replace)
+
+
+Attachment.plan_class = _Plan

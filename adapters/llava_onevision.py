@@ -66,6 +66,7 @@ class LlavaOnevisionAdapter(VLMAdapter):
     model_classes: ClassVar[tuple[str, ...]] = ("LlavaOnevisionForConditionalGeneration", "LlavaOnevisionModel")
     placements: ClassVar[frozenset[str]] = frozenset({"pre_llm", "layer", "schedule"})
     has_grid: ClassVar[bool] = False
+    pixel_kwargs: ClassVar[tuple[str, ...]] = ("pixel_values", "pixel_values_videos")
     limitations: ClassVar[dict[str, str]] = {
         "vision": "large crop grids are bilinearly interpolated and video frames pooled after the projector, so an "
         "LLM token is not one vision-tower token",
@@ -88,6 +89,10 @@ class LlavaOnevisionAdapter(VLMAdapter):
     def __init__(self, model: nn.Module):
         super().__init__(model)
         self.video_token_id = int(self.config.video_token_id)
+
+    @property
+    def placeholder_ids(self) -> tuple[int, ...]:
+        return (self.image_token_id, self.video_token_id)
 
     # -- model access ------------------------------------------------------------------------------------
 
@@ -203,34 +208,16 @@ class LlavaOnevisionAdapter(VLMAdapter):
 
 
 class OnevisionAttachment(Attachment):
-    """`Attachment` with the OneVision specifics: image + video placeholders (both are visual tokens; both are
-    excluded from the prompt span). Placement and signal checks are the base runtime's (`check_support`)."""
+    """`Attachment` with the OneVision specifics: image + video placeholders (``placeholder_ids``: both are visual
+    tokens, both are excluded from the prompt span), told apart per position in `_OnevisionCall.kind_ids`.
+    Placement and signal checks are the base runtime's (`check_support`)."""
 
     adapter: LlavaOnevisionAdapter
 
-    def _vlm_pre(self, module, args, kwargs):
-        bound = dict(kwargs)
-        for name, value in zip(self._vlm_params, args):
-            bound.setdefault(name, value)
-        input_ids = bound.get("input_ids")
-        visual = any(bound.get(key) is not None for key in ("pixel_values", "pixel_values_videos")) or bool(
-            bound.get("mm_encoder_outputs")
-        )
-        kinds = None
-        if visual:
-            image_id, video_id = self.adapter.image_token_id, self.adapter.video_token_id
-            if input_ids is not None:
-                kinds = torch.where(torch.isin(input_ids, torch.tensor([image_id, video_id], device=input_ids.device)), input_ids, -1)
-            elif bound.get("inputs_embeds") is not None:
-                embeds = bound["inputs_embeds"]
-                table = module.get_input_embeddings()(torch.tensor([image_id, video_id], device=embeds.device))
-                is_image = (embeds == table[0]).all(-1)
-                is_video = (embeds == table[1]).all(-1)
-                kinds = torch.full(embeds.shape[:2], -1, dtype=torch.long, device=embeds.device)
-                kinds = kinds.masked_fill(is_image, image_id).masked_fill(is_video, video_id)
-        image_mask = kinds >= 0 if kinds is not None else None
-        self._calls.append(_OnevisionCall(input_ids, image_mask, image_mask is not None, bound, kind_ids=kinds))
-        return None
+    def _new_call(self, bound: dict, kinds: Optional[Tensor]) -> _OnevisionCall:
+        """The base call, plus the placeholder kind of every position (images and videos are told apart)."""
+        call = super()._new_call(bound, kinds)
+        return _OnevisionCall(call.input_ids, call.image_mask, call.has_images, call.kwargs, kind_ids=kinds)
 
 
 LlavaOnevisionAdapter.attachment_class = OnevisionAttachment

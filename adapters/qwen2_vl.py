@@ -382,6 +382,7 @@ class QwenVLAdapter(VLMAdapter):
     )
     placements: ClassVar[frozenset[str]] = frozenset({"vision", "pre_llm", "layer", "schedule"})
     has_grid: ClassVar[bool] = True
+    pixel_kwargs: ClassVar[tuple[str, ...]] = ("pixel_values", "pixel_values_videos")
     limitations: ClassVar[dict[str, str]] = {
         "cls_attention": "the Qwen vision tower has no CLS token",
         "visual_keys": "at vision: the Qwen vision tower has no CLS layer to take keys from",
@@ -422,6 +423,10 @@ class QwenVLAdapter(VLMAdapter):
             _token_ids(self.config.text_config.eos_token_id) | _token_ids(getattr(generation, "eos_token_id", None))
         )
 
+    @property
+    def placeholder_ids(self) -> tuple[int, ...]:
+        return (self.image_token_id, self.video_token_id)
+
     def decoder_spec(self) -> DecoderSpec:
         """Llama-like stack driven with (4, B, L) position ids (text row + M-RoPE rows)."""
         stack = self.stack
@@ -438,11 +443,16 @@ class QwenVLAdapter(VLMAdapter):
             default_positions=default_positions,
         )
 
+    @property
+    def vision_width(self) -> int:
+        """Dv, the patch merger's per-patch width (a merge unit has m*m*Dv features)."""
+        return int(self.projector.ln_q.weight.shape[0])
+
     def project(self, values: Tensor) -> Tensor:
-        """Merge units (..., n, m*m*Dv) -> LLM tokens (..., n, D) through the patch merger."""
-        dim = int(self.projector.ln_q.weight.shape[0])  # Dv, the merger's per-patch width
-        if values.shape[-1] != dim * self.merge_size**2:
-            raise ValueError(f"{self.name}: merge units have {values.shape[-1]} features, the merger takes {dim * self.merge_size**2}")
+        """Merge units (..., n, m*m*Dv) -> LLM tokens (..., n, D) through the patch merger (``projector``)."""
+        dim, width = self.vision_width, self.vision_width * self.merge_size**2
+        if values.shape[-1] != width:
+            raise ValueError(f"{self.name}: merge units have {values.shape[-1]} features, the merger takes {width}")
         lead = values.shape[:-1]
         dtype = next(self.projector.parameters()).dtype
         out = self.projector(values.reshape(-1, dim).to(dtype))  # (prod(lead), D)
@@ -567,36 +577,18 @@ class QwenAttachment(Attachment):
 
     # -- hooks ------------------------------------------------------------------------------------------
 
-    def _vlm_pre(self, module, args, kwargs):
-        bound = dict(kwargs)
-        for name, value in zip(self._vlm_params, args):
-            bound.setdefault(name, value)
-        input_ids = bound.get("input_ids")
-        visual = any(bound.get(key) is not None for key in ("pixel_values", "pixel_values_videos")) or bool(
-            bound.get("mm_encoder_outputs")
-        )
-        past = bound.get("cache", bound.get("past_key_values"))
-        prefill = past is None or past.get_seq_length() == 0
-        if visual and prefill and input_ids is None:
-            raise ValueError(
-                f"{self.adapter.name}: images and videos are located by their placeholder ids; call the model with "
-                "input_ids (not inputs_embeds) while it is pruned"
-            )
-        image_mask = None
-        if visual and input_ids is not None:
-            ids = torch.tensor([self.adapter.image_token_id, self.adapter.video_token_id], device=input_ids.device)
-            image_mask = torch.isin(input_ids, ids)
-        self._calls.append(_Call(input_ids, image_mask, visual and image_mask is not None, bound))
-        return None
-
-    def _controller(self, embeds: Tensor, mask2d: Tensor, positions: Tensor) -> Optional["QwenPlan"]:
-        call = self._current()
-        if call is None or not call.has_images or call.image_mask is None:
+    def _placeholders(self, module, bound: dict) -> Optional[Tensor]:
+        """From ``input_ids`` only (the items are cut by their ids and grids, see ``segments``): a prefill whose
+        visual input comes with ``inputs_embeds`` raises."""
+        if bound.get("input_ids") is None:
+            past = bound.get("cache", bound.get("past_key_values"))
+            if past is None or past.get_seq_length() == 0:
+                raise ValueError(
+                    f"{self.adapter.name}: images and videos are located by their placeholder ids; call the model "
+                    "with input_ids (not inputs_embeds) while it is pruned"
+                )
             return None
-        image_mask = call.image_mask.to(embeds.device)
-        if image_mask.shape != mask2d.shape or not bool(image_mask.any()):
-            return None
-        return QwenPlan(self, call, embeds, image_mask, mask2d)
+        return super()._placeholders(module, bound)
 
     def _stack_positions(self, module, args, kwargs):
         """Give the stack (4, B, L) positions: at a pruned prefill, and at every continuation of a pruned
@@ -670,4 +662,5 @@ class QwenPlan(_Plan):
         return [rows[n] for n in range(len(segments))]
 
 
+QwenAttachment.plan_class = QwenPlan
 QwenVLAdapter.attachment_class = QwenAttachment

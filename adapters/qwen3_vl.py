@@ -342,18 +342,13 @@ class Qwen3VLAdapter(QwenVLAdapter):
 
     def __init__(self, model: nn.Module):
         super().__init__(model)
-        self.vision_width = int(self.config.vision_config.hidden_size)  # Dv, the merger's per-patch width
         self.deepstack_layers = len(getattr(self.config.vision_config, "deepstack_visual_indexes", ()) or ())
 
-    def project(self, values: Tensor) -> Tensor:
-        """Merge units (..., n, m*m*Dv) -> LLM tokens (..., n, D) through the main patch merger."""
-        dim, width = self.vision_width, self.vision_width * self.merge_size**2
-        if values.shape[-1] != width:
-            raise ValueError(f"{self.name}: merge units have {values.shape[-1]} features, the merger takes {width}")
-        lead = values.shape[:-1]
-        dtype = next(self.projector.parameters()).dtype
-        out = self.projector(values.reshape(-1, dim).to(dtype))  # (prod(lead), D)
-        return out.view(*lead, out.shape[-1])
+    @property
+    def vision_width(self) -> int:
+        """Dv, the main patch merger's per-patch width (``project`` goes through that merger, not the DeepStack
+        mergers)."""
+        return int(self.config.vision_config.hidden_size)
 
     def window_order(self, grid_thw: Tensor) -> Optional[Tensor]:
         return None  # no window attention in the Qwen3-VL tower
@@ -402,15 +397,6 @@ class Qwen3Attachment(QwenAttachment):
     def remove(self) -> None:
         super().remove()
         self._feeds.clear()
-
-    def _controller(self, embeds: Tensor, mask2d: Tensor, positions: Tensor) -> Optional["Qwen3Plan"]:
-        call = self._current()
-        if call is None or not call.has_images or call.image_mask is None:
-            return None
-        image_mask = call.image_mask.to(embeds.device)
-        if image_mask.shape != mask2d.shape or not bool(image_mask.any()):
-            return None
-        return Qwen3Plan(self, call, embeds, image_mask, mask2d)
 
     # -- DeepStack hooks -------------------------------------------------------------------------------
 
@@ -468,4 +454,5 @@ class Qwen3Plan(QwenPlan):
             self.query = query.to(self.device)
 
 
+Qwen3Attachment.plan_class = Qwen3Plan
 Qwen3VLAdapter.attachment_class = Qwen3Attachment

@@ -6,7 +6,9 @@ layers, GQA, seed) and returns a real ``*ForConditionalGeneration`` in eval mode
 - :func:`tiny_llava` / :func:`tiny_llava_next`: models (CLIP vision tower + Llama decoder).
 - :func:`llava_inputs` / :func:`llava_next_inputs`: ready batches (left padding, several images per sample).
 - :func:`tiny_llava_onevision` / :func:`llava_onevision_inputs`: LLaVA-OneVision (SigLIP + Qwen2), images and
-  videos; :func:`llava_onevision_embeddings` / :func:`kept_only_embeddings`: its "kept tokens only" reference.
+  videos.
+- References without vtprune code: :func:`masked_reference` (dropped tokens masked out of attention),
+  :func:`kept_only_inputs` (the model fed only the kept tokens, from :func:`merged_embeddings`).
 - :func:`tiny_tokenizer`, :func:`tiny_llava_processor`: a WordLevel ``PreTrainedTokenizerFast`` and a
   ``LlavaProcessor`` (``CLIPImageProcessor`` without torchvision) for end-to-end tests.
 - :func:`record_hooks`: a snapshot of every hook dict of a model (to assert clean removal).
@@ -28,8 +30,6 @@ __all__ = [
     "tiny_llava_next",
     "tiny_llava_onevision",
     "llava_onevision_inputs",
-    "llava_onevision_embeddings",
-    "kept_only_embeddings",
     "llava_inputs",
     "llava_next_inputs",
     "left_pad",
@@ -42,6 +42,11 @@ __all__ = [
     "generation_positions",
     "PLACEMENT_RECIPES",
     "SignalRecorder",
+    "NeedsCls",
+    "forward_logits",
+    "sample_alone",
+    "check_forward_and_generate",
+    "check_batch_equals_samples_alone",
 ]
 
 VOCAB = 96
@@ -53,9 +58,8 @@ IMAGE_SIZE = 28
 PATCH_SIZE = 7  # 4 x 4 = 16 patches per crop
 
 
-def tiny_clip_config(**overrides):
-    from transformers import CLIPVisionConfig
-
+def _vision_values(**overrides) -> dict:
+    """Keyword arguments of the tiny vision towers' configs (CLIP, SigLIP): 2 layers of width 32, 4 x 4 patches."""
     values = dict(
         hidden_size=32,
         intermediate_size=64,
@@ -63,15 +67,13 @@ def tiny_clip_config(**overrides):
         num_attention_heads=4,
         image_size=IMAGE_SIZE,
         patch_size=PATCH_SIZE,
-        projection_dim=32,
     )
     values.update(overrides)
-    return CLIPVisionConfig(**values)
+    return values
 
 
-def tiny_llama_config(**overrides):
-    from transformers import LlamaConfig
-
+def _text_values(**overrides) -> dict:
+    """Keyword arguments of the tiny decoders' configs (Llama, Qwen2): 4 layers of width 64, GQA 4/2."""
     values = dict(
         vocab_size=VOCAB,
         hidden_size=64,
@@ -85,7 +87,19 @@ def tiny_llama_config(**overrides):
         eos_token_id=EOS_ID,
     )
     values.update(overrides)
-    return LlamaConfig(**values)
+    return values
+
+
+def tiny_clip_config(**overrides):
+    from transformers import CLIPVisionConfig
+
+    return CLIPVisionConfig(**_vision_values(**{"projection_dim": 32, **overrides}))
+
+
+def tiny_llama_config(**overrides):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(**_text_values(**overrides))
 
 
 def _finish(model, attn: str, dtype: torch.dtype):
@@ -145,31 +159,10 @@ def tiny_llava_onevision(
     56x56 pinpoint's 8x8 grid becomes 5x5), so both packing paths are exercised."""
     from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, Qwen2Config, SiglipVisionConfig
 
-    vision = SiglipVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        image_size=IMAGE_SIZE,
-        patch_size=PATCH_SIZE,
-        vision_use_head=False,
-    )
-    values = dict(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        pad_token_id=PAD_ID,
-        bos_token_id=BOS_ID,
-        eos_token_id=EOS_ID,
-    )
-    values.update(text)
+    vision = SiglipVisionConfig(**_vision_values(vision_use_head=False))
     config = LlavaOnevisionConfig(
         vision_config=vision,
-        text_config=Qwen2Config(**values),
+        text_config=Qwen2Config(**_text_values(**{"num_hidden_layers": layers, **text})),
         image_token_index=IMAGE_TOKEN_ID,
         video_token_index=video_token_id,
         vision_feature_layer=-1,
@@ -246,38 +239,6 @@ def llava_onevision_inputs(
         rows.append(row)
     ids, mask = left_pad(rows)
     return {"input_ids": ids, "attention_mask": mask, **out}
-
-
-def llava_onevision_embeddings(model, inputs) -> torch.Tensor:
-    """The decoder input embeddings of a ``tiny_llava_onevision`` batch (text embeddings with image and video
-    features scattered in), computed with the model's own public methods."""
-    vlm = model.model
-    ids = inputs["input_ids"]
-    embeds = vlm.get_input_embeddings()(ids)
-    if inputs.get("pixel_values") is not None:
-        extra = {"batch_num_images": inputs["batch_num_images"]} if inputs.get("batch_num_images") is not None else {}
-        features = vlm.get_image_features(inputs["pixel_values"], inputs["image_sizes"], **extra).pooler_output
-        mask = (ids == model.config.image_token_id).unsqueeze(-1)
-        embeds = embeds.masked_scatter(mask, torch.cat(list(features), dim=0).to(embeds.dtype))
-    if inputs.get("pixel_values_videos") is not None:
-        features = vlm.get_video_features(inputs["pixel_values_videos"]).pooler_output
-        mask = (ids == model.config.video_token_id).unsqueeze(-1)
-        embeds = embeds.masked_scatter(mask, features.flatten(0, 1).to(embeds.dtype))
-    return embeds
-
-
-def kept_only_embeddings(embeds: torch.Tensor, attention_mask: torch.Tensor, removed: torch.Tensor) -> dict:
-    """:func:`kept_only_inputs` from precomputed decoder input embeddings (B, L, D): ``inputs_embeds`` /
-    ``attention_mask`` / ``position_ids`` of only the kept real tokens, left padded."""
-    real = attention_mask.bool() & ~removed
-    rows = [embeds[b, real[b]] for b in range(embeds.shape[0])]
-    width = max(r.shape[0] for r in rows)
-    out = torch.zeros(len(rows), width, embeds.shape[-1], dtype=embeds.dtype)
-    mask = torch.zeros(len(rows), width, dtype=torch.long)
-    for b, r in enumerate(rows):
-        out[b, width - r.shape[0] :] = r
-        mask[b, width - r.shape[0] :] = 1
-    return {"inputs_embeds": out, "attention_mask": mask, "position_ids": generation_positions(mask)}
 
 
 def left_pad(rows: Sequence[Sequence[int]], pad: int = PAD_ID) -> tuple[torch.Tensor, torch.Tensor]:
@@ -559,15 +520,21 @@ class masked_reference:
 
 
 def merged_embeddings(model, inputs) -> torch.Tensor:
-    """The decoder input embeddings of ``inputs`` (text embeddings with image features scattered in),
-    computed with the model's own public methods."""
+    """The decoder input embeddings of ``inputs`` (text embeddings with the image features, and LLaVA-OneVision's
+    video features, scattered in), computed with the model's own public methods."""
     vlm = model.model
-    embeds = vlm.get_input_embeddings()(inputs["input_ids"])
-    kwargs = {"image_sizes": inputs["image_sizes"]} if "image_sizes" in inputs else {}
-    features = vlm.get_image_features(inputs["pixel_values"], **kwargs).pooler_output
-    features = torch.cat(list(features), dim=0).to(embeds.dtype)
-    mask = (inputs["input_ids"] == model.config.image_token_id).unsqueeze(-1)
-    return embeds.masked_scatter(mask, features)
+    ids = inputs["input_ids"]
+    embeds = vlm.get_input_embeddings()(ids)
+    if inputs.get("pixel_values") is not None:
+        extra = {name: inputs[name] for name in ("image_sizes", "batch_num_images") if inputs.get(name) is not None}
+        features = vlm.get_image_features(inputs["pixel_values"], **extra).pooler_output
+        mask = (ids == model.config.image_token_id).unsqueeze(-1)
+        embeds = embeds.masked_scatter(mask, torch.cat(list(features), dim=0).to(embeds.dtype))
+    if inputs.get("pixel_values_videos") is not None:
+        features = vlm.get_video_features(inputs["pixel_values_videos"]).pooler_output
+        mask = (ids == model.config.video_token_id).unsqueeze(-1)
+        embeds = embeds.masked_scatter(mask, features.flatten(0, 1).to(embeds.dtype))
+    return embeds
 
 
 def kept_only_inputs(model, inputs, removed: torch.Tensor) -> dict:
@@ -595,6 +562,83 @@ def aligned(pruned_logits, result, reference_logits, attention_mask):
     return pruned_logits[real], ref[real]
 
 
+def sample_alone(inputs, b: int, first: int, count: int) -> dict:
+    """Sample ``b`` of a left-padded batch on its own (padding removed), with its ``count`` images: those from
+    image ``first`` on (``pixel_values`` and, when the batch has them, ``image_sizes``)."""
+    real = inputs["attention_mask"][b].bool()
+    out = {"input_ids": inputs["input_ids"][b : b + 1, real], "attention_mask": inputs["attention_mask"][b : b + 1, real]}
+    if count:
+        for key in ("pixel_values", "image_sizes"):
+            if key in inputs:
+                out[key] = inputs[key][first : first + count]
+    return out
+
+
+def forward_logits(model, inputs, **extra) -> torch.Tensor:
+    """``model(**inputs, **extra).logits`` without autograd."""
+    with torch.no_grad():
+        return model(**inputs, **extra).logits
+
+
+# --------------------------------------------------------------------------------------------------------
+# Checks shared by the LLaVA-family adapter tests (they prune with vtprune, then compare with the references)
+# --------------------------------------------------------------------------------------------------------
+
+
+def check_forward_and_generate(model, inputs, recipe, positions: str, kept_only: bool, budget=6, atol: float = 1e-5):
+    """A pruned forward (given ``generate``'s position ids) and 8 greedy tokens equal the independent references:
+    with ``kept_only`` (``compact`` after a drop at the decoder input) the model fed only the kept tokens
+    (:func:`kept_only_inputs`), else the unpruned model under :func:`masked_reference`; the last layer's KV cache
+    holds only the kept slots. Returns the `PruneResult` of the forward."""
+    from vtprune.framework.prune import prune
+
+    feed = {**inputs, "position_ids": generation_positions(inputs["attention_mask"])}
+    with prune(model, recipe, budget=budget, positions=positions) as handle:
+        out = forward_logits(model, feed)
+        result = handle.last_selection
+        generated = model.generate(**inputs, max_new_tokens=8, do_sample=False, return_dict_in_generate=True)
+        assert torch.equal(handle.last_selection.selection.indices, result.selection.indices)
+    batch, length = inputs["input_ids"].shape
+    layers = model.config.text_config.num_hidden_layers
+    removed = removed_by_layer(result, batch, length, layers)
+    last = layers - 1
+    assert generated.cache.layers[last].keys.shape[-2] == int((~removed[last]).sum(1).max()) + 7
+    new_tokens = generated.sequences[:, length:]
+    if kept_only:
+        reference_inputs = kept_only_inputs(model, inputs, removed[0])
+        reference = forward_logits(model, reference_inputs)
+        real = result.sequence_mask & inputs["attention_mask"].bool().gather(1, result.sequence_index)
+        torch.testing.assert_close(out[real], reference[reference_inputs["attention_mask"].bool()], atol=atol, rtol=0)
+        reference_inputs.pop("position_ids")
+        ref_gen = model.generate(**reference_inputs, max_new_tokens=8, do_sample=False)
+        assert torch.equal(new_tokens, ref_gen[:, -8:])
+    else:
+        with masked_reference(model, removed, positions):
+            reference = forward_logits(model, feed)
+            ref_gen = model.generate(**feed, max_new_tokens=8, do_sample=False)
+        got, want = aligned(out, result, reference, inputs["attention_mask"])
+        torch.testing.assert_close(got, want, atol=atol, rtol=0)
+        assert torch.equal(new_tokens, ref_gen[:, length:])
+    return result
+
+
+def check_batch_equals_samples_alone(model, inputs, recipe, positions: str, budgets, alone, atol: float = 1e-5):
+    """A left-padded batch pruned with per-image ``budgets`` equals each sample alone (its logits and 4 greedy
+    tokens); ``alone[b]`` is (sample b's unpadded inputs, its images' budgets)."""
+    from vtprune.framework.prune import prune
+
+    feed = {**inputs, "position_ids": generation_positions(inputs["attention_mask"])}
+    with prune(model, recipe, budget=budgets, positions=positions) as handle:
+        out = forward_logits(model, feed)
+        gen = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+        for b, (sample, sample_budgets) in enumerate(alone):
+            handle.budget = sample_budgets
+            single = forward_logits(model, sample)
+            single_gen = model.generate(**sample, max_new_tokens=4, do_sample=False)
+            torch.testing.assert_close(out[b, -single.shape[1] :], single[0], atol=atol, rtol=0)
+            assert torch.equal(gen[b, -4:], single_gen[0, -4:])
+
+
 #: One recipe per placement that the adapter tests run (signals each placement provides).
 PLACEMENT_RECIPES = {
     "pre_llm": "prompt_cosine+critical+fps+pre_llm",
@@ -619,3 +663,15 @@ class SignalRecorder:
         self.seen.append(signals)
         return self.pipeline.select(signals, budget)
 
+
+class NeedsCls:
+    """A duck-typed pipeline at ``placement`` that requires ``cls_attention``: attaching it to an adapter whose
+    vision tower has no CLS token must fail (so it never selects)."""
+
+    requires = frozenset({"visual", "cls_attention"})
+
+    def __init__(self, placement):
+        self.placement = placement
+
+    def select(self, signals, budget):  # pragma: no cover - never reached
+        raise AssertionError

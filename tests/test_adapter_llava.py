@@ -17,9 +17,11 @@ from adapter_fixtures import (
     masked_reference,
     record_hooks,
     removed_by_layer,
+    sample_alone,
     single_thread,
     tiny_llava,
 )
+from adapter_fixtures import forward_logits as _forward
 from vtprune import framework
 from vtprune.framework.errors import RegistrationError
 from vtprune.framework.prune import prune
@@ -47,11 +49,6 @@ def eager_model():
 @pytest.fixture(scope="module")
 def inputs(model):
     return llava_inputs(model, images_per_sample=(1, 2), question_lengths=(5, 3))
-
-
-def _forward(model, inputs, **extra):
-    with torch.no_grad():
-        return model(**inputs, **extra).logits
 
 
 def _with_positions(inputs):
@@ -211,12 +208,7 @@ def test_batch_equals_samples_alone(model, placement, positions):
         gen = model.generate(**inputs, max_new_tokens=5, do_sample=False)
         singles = []
         for b, (first, count) in enumerate(((0, 2), (2, 1))):
-            real = inputs["attention_mask"][b].bool()
-            alone = {
-                "input_ids": inputs["input_ids"][b : b + 1, real],
-                "attention_mask": inputs["attention_mask"][b : b + 1, real],
-                "pixel_values": inputs["pixel_values"][first : first + count],
-            }
+            alone = sample_alone(inputs, b, first, count)
             handle.budget = budgets[first : first + count]
             single = _forward(model, alone)
             single_gen = model.generate(**alone, max_new_tokens=5, do_sample=False)

@@ -7,15 +7,14 @@ import torch
 
 from adapter_fixtures import (
     PLACEMENT_RECIPES,
-    aligned,
-    generation_positions,
-    kept_only_inputs,
+    check_batch_equals_samples_alone,
+    check_forward_and_generate,
     llava_next_inputs,
-    masked_reference,
-    removed_by_layer,
+    sample_alone,
     single_thread,
     tiny_llava_next,
 )
+from adapter_fixtures import forward_logits as _forward
 from vtprune.framework.prune import prune
 
 ATOL = 1e-5
@@ -34,11 +33,6 @@ def model():
 @pytest.fixture(scope="module")
 def inputs(model):
     return llava_next_inputs(model, image_sizes=SIZES, question_lengths=(5, 3))
-
-
-def _forward(model, inputs, **extra):
-    with torch.no_grad():
-        return model(**inputs, **extra).logits
 
 
 def _token_counts(model, inputs):
@@ -77,56 +71,17 @@ def test_keep_all_is_bit_identical(model, inputs, placement):
 @pytest.mark.parametrize("positions", ["keep", "compact"])
 @pytest.mark.parametrize("placement", PLACEMENTS)
 def test_pruned_forward_and_generate_match_reference(model, inputs, placement, positions):
-    feed = {**inputs, "position_ids": generation_positions(inputs["attention_mask"])}
-    with prune(model, RECIPES[placement], budget=6, positions=positions) as handle:
-        out = _forward(model, feed)
-        result = handle.last_selection
-        generated = model.generate(**inputs, max_new_tokens=8, do_sample=False, return_dict_in_generate=True)
-        assert torch.equal(handle.last_selection.selection.indices, result.selection.indices)
-    batch, length = inputs["input_ids"].shape
-    layers = model.config.text_config.num_hidden_layers
-    removed = removed_by_layer(result, batch, length, layers)
-    last = layers - 1
-    assert generated.cache.layers[last].keys.shape[-2] == int((~removed[last]).sum(1).max()) + 7
-    new_tokens = generated.sequences[:, length:]
-    if positions == "compact" and placement in ("pre_llm", "vision"):
-        reference_inputs = kept_only_inputs(model, inputs, removed[0])
-        reference = _forward(model, reference_inputs)
-        real = result.sequence_mask & inputs["attention_mask"].bool().gather(1, result.sequence_index)
-        torch.testing.assert_close(out[real], reference[reference_inputs["attention_mask"].bool()], atol=ATOL, rtol=0)
-        reference_inputs.pop("position_ids")
-        ref_gen = model.generate(**reference_inputs, max_new_tokens=8, do_sample=False)
-        assert torch.equal(new_tokens, ref_gen[:, -8:])
-    else:
-        with masked_reference(model, removed, positions):
-            reference = _forward(model, feed)
-            ref_gen = model.generate(**feed, max_new_tokens=8, do_sample=False)
-        got, want = aligned(out, result, reference, inputs["attention_mask"])
-        torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
-        assert torch.equal(new_tokens, ref_gen[:, length:])
+    kept_only = positions == "compact" and placement in ("pre_llm", "vision")
+    check_forward_and_generate(model, inputs, RECIPES[placement], positions, kept_only, atol=ATOL)
 
 
 @pytest.mark.parametrize("positions", ["keep", "compact"])
 @pytest.mark.parametrize("placement", ["pre_llm", "layer", "vision"])
 def test_batch_equals_samples_alone(model, inputs, placement, positions):
     budgets = [5, 9, 3]
-    feed = {**inputs, "position_ids": generation_positions(inputs["attention_mask"])}
-    with prune(model, RECIPES[placement], budget=budgets, positions=positions) as handle:
-        out = _forward(model, feed)
-        gen = model.generate(**inputs, max_new_tokens=4, do_sample=False)
-        for b, (first, count) in enumerate(((0, 1), (1, 2))):
-            real = inputs["attention_mask"][b].bool()
-            alone = {
-                "input_ids": inputs["input_ids"][b : b + 1, real],
-                "attention_mask": inputs["attention_mask"][b : b + 1, real],
-                "pixel_values": inputs["pixel_values"][first : first + count],
-                "image_sizes": inputs["image_sizes"][first : first + count],
-            }
-            handle.budget = budgets[first : first + count]
-            single = _forward(model, alone)
-            single_gen = model.generate(**alone, max_new_tokens=4, do_sample=False)
-            torch.testing.assert_close(out[b, -single.shape[1] :], single[0], atol=ATOL, rtol=0)
-            assert torch.equal(gen[b, -4:], single_gen[0, -4:])
+    alone = [(sample_alone(inputs, b, first, count), budgets[first : first + count])
+             for b, (first, count) in enumerate(((0, 1), (1, 2)))]
+    check_batch_equals_samples_alone(model, inputs, RECIPES[placement], positions, budgets, alone, atol=ATOL)
 
 
 def test_vision_signals_mask_newlines_and_align_cls(model, inputs):

@@ -7,18 +7,18 @@ import torch
 
 from adapter_fixtures import (
     PLACEMENT_RECIPES,
+    NeedsCls,
     SignalRecorder,
-    aligned,
-    generation_positions,
-    kept_only_embeddings,
-    llava_onevision_embeddings,
+    check_batch_equals_samples_alone,
+    check_forward_and_generate,
     llava_onevision_inputs,
-    masked_reference,
+    merged_embeddings,
     record_hooks,
-    removed_by_layer,
+    sample_alone,
     single_thread,
     tiny_llava_onevision,
 )
+from adapter_fixtures import forward_logits as _forward
 from vtprune import framework
 from vtprune.adapters.llava_onevision import LlavaOnevisionAdapter
 from vtprune.framework import MissingSignalError, VtpruneError
@@ -52,11 +52,6 @@ def batches(model):
     }
 
 
-def _forward(model, inputs, **extra):
-    with torch.no_grad():
-        return model(**inputs, **extra).logits
-
-
 def _own_counts(model, inputs, spec):
     """Tokens per image / video in sequence order, from the model's own get_image_features / get_video_features."""
     vlm = model.model
@@ -78,15 +73,11 @@ def _own_counts(model, inputs, spec):
 
 def _alone(inputs, spec, b):
     """Sample ``b`` of a batch on its own (no padding)."""
-    real = inputs["attention_mask"][b].bool()
     image0 = sum(1 for sample in spec[:b] for item in sample if item[0] == "image")
     video0 = sum(1 for sample in spec[:b] for item in sample if item[0] == "video")
     images = sum(1 for item in spec[b] if item[0] == "image")
     videos = sum(1 for item in spec[b] if item[0] == "video")
-    out = {"input_ids": inputs["input_ids"][b : b + 1, real], "attention_mask": inputs["attention_mask"][b : b + 1, real]}
-    if images:
-        out["pixel_values"] = inputs["pixel_values"][image0 : image0 + images]
-        out["image_sizes"] = inputs["image_sizes"][image0 : image0 + images]
+    out = sample_alone(inputs, b, image0, images)
     if "batch_num_images" in inputs:
         out["batch_num_images"] = inputs["batch_num_images"][b : b + 1]
     if videos:
@@ -147,37 +138,9 @@ def test_keep_all_is_bit_identical_and_remove_restores_hooks(model, batches, pla
 @pytest.mark.parametrize("placement", PLACEMENTS)
 def test_pruned_forward_and_generate_match_reference(model, batches, placement, positions, name):
     inputs = batches[name]
-    feed = {**inputs, "position_ids": generation_positions(inputs["attention_mask"])}
-    with prune(model, RECIPES[placement], budget=6, positions=positions) as handle:
-        out = _forward(model, feed)
-        result = handle.last_selection
-        generated = model.generate(**inputs, max_new_tokens=8, do_sample=False, return_dict_in_generate=True)
-        assert torch.equal(handle.last_selection.selection.indices, result.selection.indices)
+    kept_only = positions == "compact" and placement == "pre_llm"
+    result = check_forward_and_generate(model, inputs, RECIPES[placement], positions, kept_only, atol=ATOL)
     assert bool((result.counts < result.num_tokens).all())
-    batch, length = inputs["input_ids"].shape
-    layers = model.config.text_config.num_hidden_layers
-    removed = removed_by_layer(result, batch, length, layers)
-    last = layers - 1
-    assert generated.cache.layers[last].keys.shape[-2] == int((~removed[last]).sum(1).max()) + 7
-    new_tokens = generated.sequences[:, length:]
-    if positions == "compact" and placement == "pre_llm":
-        with torch.no_grad():
-            reference_inputs = kept_only_embeddings(
-                llava_onevision_embeddings(model, inputs), inputs["attention_mask"], removed[0]
-            )
-        reference = _forward(model, reference_inputs)
-        real = result.sequence_mask & inputs["attention_mask"].bool().gather(1, result.sequence_index)
-        torch.testing.assert_close(out[real], reference[reference_inputs["attention_mask"].bool()], atol=ATOL, rtol=0)
-        reference_inputs.pop("position_ids")
-        ref_gen = model.generate(**reference_inputs, max_new_tokens=8, do_sample=False)
-        assert torch.equal(new_tokens, ref_gen[:, -8:])
-    else:
-        with masked_reference(model, removed, positions):
-            reference = _forward(model, feed)
-            ref_gen = model.generate(**feed, max_new_tokens=8, do_sample=False)
-        got, want = aligned(out, result, reference, inputs["attention_mask"])
-        torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
-        assert torch.equal(new_tokens, ref_gen[:, length:])
 
 
 @pytest.mark.parametrize("name", BATCHES)
@@ -186,26 +149,18 @@ def test_pruned_forward_and_generate_match_reference(model, batches, placement, 
 def test_batch_equals_samples_alone(model, batches, placement, positions, name):
     inputs, spec = batches[name], SPECS[name]
     budgets = [5, 9, 3, 7][: sum(len(sample) for sample in spec)]
-    feed = {**inputs, "position_ids": generation_positions(inputs["attention_mask"])}
-    with prune(model, RECIPES[placement], budget=budgets, positions=positions) as handle:
-        out = _forward(model, feed)
-        gen = model.generate(**inputs, max_new_tokens=4, do_sample=False)
-        first = 0
-        for b, sample in enumerate(spec):
-            alone = _alone(inputs, spec, b)
-            handle.budget = budgets[first : first + len(sample)]
-            first += len(sample)
-            single = _forward(model, alone)
-            single_gen = model.generate(**alone, max_new_tokens=4, do_sample=False)
-            torch.testing.assert_close(out[b, -single.shape[1] :], single[0], atol=ATOL, rtol=0)
-            assert torch.equal(gen[b, -4:], single_gen[0, -4:])
+    alone, first = [], 0
+    for b, sample in enumerate(spec):
+        alone.append((_alone(inputs, spec, b), budgets[first : first + len(sample)]))
+        first += len(sample)
+    check_batch_equals_samples_alone(model, inputs, RECIPES[placement], positions, budgets, alone, atol=ATOL)
 
 
 def test_prompt_span_excludes_images_and_videos_and_newlines_are_candidates(model, batches):
     inputs, spec = batches["video"], VIDEO
     counts, samples = _own_counts(model, inputs, spec)
     with torch.no_grad():
-        embeds = llava_onevision_embeddings(model, inputs)
+        embeds = merged_embeddings(model, inputs)
     ids = inputs["input_ids"]
     visual = (ids == model.config.image_token_id) | (ids == model.config.video_token_id)
     newline = model.model.image_newline
@@ -266,17 +221,11 @@ def test_vision_placement_and_cls_attention_fail_at_attach(model):
     ):
         LlavaOnevisionAdapter.attach(model, compose(PLACEMENT_RECIPES["vision"]), 3)
 
-    class NeedsCls:
-        placement = compose(RECIPES["pre_llm"]).placement
-        requires = frozenset({"visual", "cls_attention"})
-
-        def select(self, signals, budget):  # pragma: no cover - never reached
-            raise AssertionError
-
+    needs_cls = NeedsCls(compose(RECIPES["pre_llm"]).placement)
     with pytest.raises(MissingSignalError, match="LlavaOnevisionForConditionalGeneration.*cls_attention.*placement 'pre_llm'"):
-        prune(model, NeedsCls(), budget=3)
+        prune(model, needs_cls, budget=3)
     with pytest.raises(MissingSignalError, match="LlavaOnevisionForConditionalGeneration.*cls_attention.*'pre_llm'.*no CLS"):
-        LlavaOnevisionAdapter.attach(model, NeedsCls(), 3)
+        LlavaOnevisionAdapter.attach(model, needs_cls, 3)
     with pytest.raises(MissingSignalError, match="cls_attention.*placement 'layer'"):
         prune(model, "cls_attention+critical+fps+layer(k=2)", budget=3)
     with pytest.raises(VtpruneError, match="does not implement placement 'pre_llm_clip'"):
