@@ -33,6 +33,13 @@ from pathlib import Path
 import torch
 
 from vtprune.framework import Signals, build_registry, compose
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _harness import PROFILES, build_llava_slice, llava_batch  # noqa: E402
+from _harness import time_call as time_device  # noqa: E402
+
+#: Profiles whose prefill slice is a LLaVA (image tokens = (image size / patch)^2, used by --prefill).
+LLAVA_PROFILES = sorted(name for name, spec in PROFILES.items() if spec.get("family", "llava") == "llava")
 from vtprune.strategies.functional.farthest_point import farthest_point_select
 
 DEFAULT_RECIPES = (
@@ -90,7 +97,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda (timings synchronise the device)")
     parser.add_argument("--prefill", action="store_true", help="also time the slice's unpruned prefill at each N, B")
     parser.add_argument("--prefill-layers", type=int, default=2, help="decoder layers of the prefill slice")
-    parser.add_argument("--prefill-profile", default="llava-1.5-7b", help="model shape of the prefill slice (benchmarks/_harness.py)")
+    parser.add_argument("--prefill-profile", default="llava-1.5-7b", choices=LLAVA_PROFILES,
+                        help="model shape of the prefill slice (benchmarks/_harness.py)")
     parser.add_argument("--prefill-max-tokens", type=int, nargs=2, default=[11520, 2880], metavar=("B1", "BMORE"),
                         help="largest N whose prefill is timed at batch 1 / at larger batches (CPU time)")
     args = parser.parse_args()
@@ -148,10 +156,6 @@ def main() -> None:
 def prefill_seconds(tokens: int, batch: int, layers: int, device: str, profile: str = "llava-1.5-7b") -> dict:
     """Median-of-1 (after two warm-ups) unpruned prefill time of the ``profile``-shaped slice (LLaVA-1.5-7B
     by default) whose tower yields the square patch count nearest to ``tokens``."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from _harness import PROFILES, build_llava_slice, llava_batch
-    from _harness import time_call as time_device
-
     patch = PROFILES[profile]["vision"]["patch_size"]
     side = max(1, round(tokens**0.5))
     slice_ = build_llava_slice(profile, layers, 2, device, torch.float32, image_size=side * patch)
