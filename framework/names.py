@@ -63,7 +63,7 @@ def unknown_name(name: str, registry: Registry) -> UnknownNameError:
     """`UnknownNameError` for a bare term: the valid spellings, each once, and the nearest name."""
     names = {name for table in registry.stages.values() for name in table} | set(registry.presets)
     closest = nearest(name, names)
-    hint = None
+    hint = ""
     if closest is not None:
         hint = f"{closest!r}"
         if is_shared(closest, registry):
@@ -123,12 +123,13 @@ def _bare_kind(terms: list[Term], index: int, last: int, registry: Registry, tex
     if term.name in registry.presets:
         if not kinds:
             raise RecipeError(text, term.position, f"preset {term.name!r} can only be the first term of a recipe")
-        options = ", ".join(meanings(term.name, registry))
+        stages = " or ".join(f"{kind}.{term.name}" for kind in kinds)
         raise RecipeError(
             text,
             term.position,
-            f"{term.name!r} is ambiguous here: it is a preset (only the first term of a recipe can name "
-            f"a preset) and a {'/'.join(kinds)} stage; write the stage qualified ({options})",
+            f"{term.name!r} is ambiguous here: it is a preset and a {'/'.join(kinds)} stage, and only the "
+            f"first term of a recipe can name a preset; write {stages} for the stage (the preset, "
+            f"{term.name} or {PRESET_KIND}.{term.name}, can only start a recipe)",
         )
     if not kinds:
         raise unknown_name(term.name, registry)

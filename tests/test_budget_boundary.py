@@ -169,3 +169,49 @@ def test_budget_error_is_the_yaml_paths_error() -> None:
             normalize_budget(bad)
         assert str(got.value) == str(expected.value)
         assert isinstance(got.value, VtpruneError)
+
+
+# -- prune() and the handle's setter ----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    from adapter_fixtures import tiny_llava
+
+    return tiny_llava(layers=2)
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, "abc", [], [4, 0], None])
+def test_prune_rejects_a_bad_budget_before_attaching(tiny_model, bad) -> None:
+    from adapter_fixtures import record_hooks
+
+    from vtprune.framework import prune
+
+    before = record_hooks(tiny_model)
+    with pytest.raises(BudgetError, match="budget"):
+        prune(tiny_model, "zspaprune", budget=bad)
+    assert record_hooks(tiny_model) == before
+
+
+def test_handle_budget_setter_validates_and_keeps_the_old_value(tiny_model) -> None:
+    from adapter_fixtures import forward_logits, llava_inputs, record_hooks
+
+    from vtprune.framework import prune
+
+    inputs = llava_inputs(tiny_model, images_per_sample=(1,), seed=1)
+    forward_logits(tiny_model, inputs)  # transformers adds its own output-recording hooks on a first forward
+    before = record_hooks(tiny_model)
+    with prune(tiny_model, "zspaprune", budget=[3, 5]) as handle:
+        assert handle.budget == (3, 5) and handle._attachment.budget == (3, 5)
+        for bad in (0, -1, 1.5, "abc", [], [2, 0.0]):
+            with pytest.raises(BudgetError, match="budget"):
+                handle.budget = bad
+            assert handle.budget == (3, 5)
+        handle.budget = torch.tensor([4, 2])
+        assert handle.budget == (4, 2) and all(type(b) is int for b in handle.budget)
+        handle.budget = 0.5
+        assert handle.budget == 0.5
+        handle.budget = 3
+        forward_logits(tiny_model, inputs)
+        assert handle.last_selection.counts.tolist() == [3]
+    assert record_hooks(tiny_model) == before
