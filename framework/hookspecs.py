@@ -40,7 +40,9 @@ def vtprune_register_stages(registry: Registry) -> None:
 
     ``cls`` subclasses one of the five stage bases in ``vtprune.framework.stages`` and sets:
 
-    - ``name``: unique within its kind, lower_snake_case, used in recipes;
+    - ``name``: unique within its kind, lower_snake_case, used in recipes; a name that another
+      kind or a preset also uses is written ``kind.name`` where a bare name would be ambiguous
+      (the rule: ``vtprune.framework.names``);
     - ``description``: one line for ``vtprune list``;
     - ``requires``: the `Signals` fields it reads besides ``visual``/``visual_mask``; a pipeline
       whose placement cannot provide one fails at ``compose`` time, and a pruning point that lacks
