@@ -7,7 +7,7 @@
 
 from __future__ import annotations
 
-from .budget import resolve_budget, validate_budget
+from .budget import normalize_budget, resolve_budget, validate_budget
 from .catalog import CatalogEntry, catalog, format_catalog
 from .compose import DEFAULT_RECIPE, compose
 from .errors import (
@@ -69,6 +69,7 @@ __all__ = [
     "format_catalog",
     "hookimpl",
     "hookspec",
+    "normalize_budget",
     "PruneHandle",
     "prune",
     "resolve_budget",

@@ -5,7 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from .compose import compose
 from .params import describe_annotation
+from .providers import signal_providers
 from .registry import Registry, default_registry
 from .stages import STAGE_KINDS, stage_params
 
@@ -48,8 +50,6 @@ def catalog(registry: Optional[Registry] = None, kind: Optional[str] = None) -> 
 
     ``kind`` filters to one kind ("relevance", ..., "preset", "adapter", "task", "launcher").
     """
-    from .compose import compose
-
     registry = default_registry(registry)
     entries: list[CatalogEntry] = []
     for stage_kind in STAGE_KINDS:
@@ -92,19 +92,3 @@ def format_catalog(entries: list[CatalogEntry]) -> str:
             lines.append(f"  {'':<18}   needs: {', '.join(entry.requires)}")
     return "\n".join(lines).strip("\n")
 
-
-def signal_providers(signal: str, registry: Optional[Registry] = None) -> str:
-    """A sentence naming the placements and adapters that provide ``signal``."""
-    registry = default_registry(registry)
-    placements = sorted(
-        name for name, item in registry.stages["placement"].items() if signal in item.obj.provides
-    )
-    adapters = []
-    for name, item in sorted(registry.adapters.items()):
-        where = sorted(p for p in item.obj.placements if signal in item.obj.provides(p))
-        if where:
-            adapters.append(f"{name} at {'/'.join(where)}")
-    parts = [f"placements {', '.join(placements)}" if placements else "no placement by itself"]
-    if adapters:
-        parts.append(f"adapters {'; '.join(adapters)}")
-    return "provided by " + " and by ".join(parts)

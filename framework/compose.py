@@ -6,11 +6,11 @@ Rules (docs/architecture.md has the long form):
   stages it names; explicitly named stages replace the preset's stage of the same kind (keeping
   the preset's parameters when the same stage is named again with more parameters); every other
   kind takes the framework default (:data:`DEFAULT_RECIPE`, the ZSPAPrune composition).
-- A bare name is a preset when it is the first term and a preset of that name exists; otherwise
-  the stage kind that has that name. A name several kinds share resolves to the first such kind
-  that comes after the previous term's kind in canonical order (so ``critical+none`` means
-  diversity ``none``); write ``kind.name`` to be explicit. Canonical recipes always qualify
-  such names.
+- Names (`vtprune.framework.names`): ``kind.name`` / ``preset.name`` are explicit; a bare first
+  term that is a preset name is the preset; a later bare term must name exactly one stage (a
+  preset name there, or a shared name that the canonical kind order between its neighbours does
+  not decide, raises `RecipeError` listing the qualified spellings). Canonical recipes qualify
+  every shared name.
 - ``**params`` set stage parameters: ``name=value`` goes to the one stage that has a parameter
   of that name; ``kind__name=value`` targets one kind.
 - Everything is checked before any tensor is touched; errors list the valid choices.
@@ -20,12 +20,15 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Optional, Union
 
-from .errors import ParameterError, RecipeError, UnknownNameError, VtpruneError
+from .errors import ParameterError, RecipeError, VtpruneError
+from .names import PRESET_KIND, is_shared, resolve_terms
 from .params import bind_params
-from .pipeline import ALWAYS_PRESENT, Pipeline
+from .pipeline import Pipeline
+from .providers import signal_providers
 from .recipe import Term, parse_recipe
 from .registry import Registry, default_registry
-from .stages import STAGE_KINDS, Stage, stage_params
+from .signals import ALWAYS_PRESENT
+from .stages import STAGE_KINDS, stage_params
 
 __all__ = ["compose", "DEFAULT_RECIPE", "Recipe"]
 
@@ -68,9 +71,7 @@ def compose(recipe: Recipe, registry: Optional[Registry] = None, **params: Any) 
             stages[kind] = cls(**bound)
         except (ValueError, TypeError) as error:
             raise ParameterError(f"{kind} stage {name!r}: {error}") from None
-    qualified = frozenset(
-        stage.name for stage in stages.values() if len(registry.kinds_of(stage.name)) > 1 or stage.name in registry.presets
-    )
+    qualified = frozenset(stage.name for stage in stages.values() if is_shared(stage.name, registry))
     pipeline = Pipeline(preset=preset_name, qualified=qualified, **stages)
     _check_pipeline(pipeline, registry)
     return pipeline
@@ -89,7 +90,7 @@ def _terms(recipe: Union[str, Mapping[str, Any]]) -> tuple[list[Term], dict[str,
         raise ParameterError(f"unknown recipe keys {unknown}; valid keys: {', '.join(_DICT_KEYS)}")
     terms: list[Term] = []
     if recipe.get("preset"):
-        terms.append(Term(name=str(recipe["preset"]), kind="preset"))
+        terms.append(Term(name=str(recipe["preset"]), kind=PRESET_KIND))
     for kind in STAGE_KINDS:
         value = recipe.get(kind)
         if value is None:
@@ -109,44 +110,21 @@ def _terms(recipe: Union[str, Mapping[str, Any]]) -> tuple[list[Term], dict[str,
 
 
 def _resolve(terms: list[Term], registry: Registry, text: str) -> tuple[Optional[str], dict[str, tuple[str, dict]]]:
-    preset_name: Optional[str] = None
-    explicit: dict[str, tuple[str, dict, int]] = {}
-    last_kind = -1
-    for index, term in enumerate(terms):
-        if term.kind == "preset" or (term.kind is None and index == 0 and term.name in registry.presets):
-            if term.name not in registry.presets:
-                raise UnknownNameError("preset", term.name, registry.presets)
-            if term.params:
-                raise RecipeError(text, term.position, f"preset {term.name!r} takes no parameters; set them on its stages")
-            preset_name = term.name
-            continue
-        if term.kind is not None:
-            if term.kind not in STAGE_KINDS:
-                raise UnknownNameError("stage kind", term.kind, STAGE_KINDS)
-            registry.stage(term.kind, term.name)  # raises for an unknown name
-            kind = term.kind
-        else:
-            kinds = registry.kinds_of(term.name)
-            if not kinds:
-                if term.name in registry.presets:
-                    raise RecipeError(text, term.position, f"preset {term.name!r} must be the first term")
-                choices = registry.all_stage_names() + sorted(registry.presets)
-                raise UnknownNameError("stage or preset", term.name, choices)
-            later = [k for k in kinds if STAGE_KINDS.index(k) > last_kind]
-            kind = (later or kinds)[0]
-        if kind in explicit:
+    preset_name, stage_terms = resolve_terms(terms, registry, text)
+    explicit: dict[str, Term] = {}
+    for term in stage_terms:
+        if term.kind in explicit:
             raise RecipeError(
                 text,
                 term.position,
-                f"two {kind} stages: {explicit[kind][0]!r} and {term.name!r}; a recipe takes one stage of each kind",
+                f"two {term.kind} stages: {explicit[term.kind].name!r} and {term.name!r}; a recipe takes one stage of each kind",
             )
-        explicit[kind] = (term.name, dict(term.params), term.position)
-        last_kind = STAGE_KINDS.index(kind)
+        explicit[term.kind] = term
     base = {t.kind: (t.name, dict(t.params)) for t in _base_terms(preset_name, registry)}
     chosen = {}
     for kind in STAGE_KINDS:
         if kind in explicit:
-            name, params, _ = explicit[kind]
+            name, params = explicit[kind].name, dict(explicit[kind].params)
             if base[kind][0] == name:
                 params = {**base[kind][1], **params}
             chosen[kind] = (name, params)
@@ -157,27 +135,19 @@ def _resolve(terms: list[Term], registry: Registry, text: str) -> tuple[Optional
 
 def _base_terms(preset_name: Optional[str], registry: Registry) -> list[Term]:
     """The default stages, overlaid with the preset's stages (each qualified with its kind)."""
-    default = {kind: term for kind, term in zip(STAGE_KINDS, _qualify(parse_recipe(DEFAULT_RECIPE), registry, DEFAULT_RECIPE))}
+    default = {t.kind: t for t in _stage_terms(DEFAULT_RECIPE, registry)}
     if preset_name is None:
-        return list(default.values())
-    preset = registry.preset(preset_name)
-    overrides = {t.kind: t for t in _qualify(parse_recipe(preset.recipe), registry, preset.recipe)}
+        return [default[kind] for kind in STAGE_KINDS]
+    overrides = {t.kind: t for t in _stage_terms(registry.preset(preset_name).recipe, registry)}
     return [overrides.get(kind, default[kind]) for kind in STAGE_KINDS]
 
 
-def _qualify(terms: list[Term], registry: Registry, text: str) -> list[Term]:
-    """Give every term of a preset/default recipe its kind (same resolution rule as users get)."""
-    out, last_kind = [], -1
-    for term in terms:
-        if term.kind is None:
-            kinds = registry.kinds_of(term.name)
-            if not kinds:
-                raise VtpruneError(f"recipe {text!r} names {term.name!r}, which is not a registered stage")
-            later = [k for k in kinds if STAGE_KINDS.index(k) > last_kind]
-            term = Term(term.name, (later or kinds)[0], term.params, term.position)
-        out.append(term)
-        last_kind = STAGE_KINDS.index(term.kind)
-    return out
+def _stage_terms(recipe: str, registry: Registry) -> list[Term]:
+    """The terms of a preset's (or the default) recipe, each with its kind (the users' rule)."""
+    try:
+        return resolve_terms(parse_recipe(recipe), registry, recipe, allow_preset=False)[1]
+    except VtpruneError as error:
+        raise VtpruneError(f"the registered recipe {recipe!r} does not compose: {error}") from None
 
 
 # -- parameters and checks -------------------------------------------------------------------------
@@ -219,8 +189,6 @@ def _check_pipeline(pipeline: Pipeline, registry: Registry) -> None:
     problems = []
     for stage in pipeline.stages:
         for signal in sorted(stage.requires - available):
-            from .catalog import signal_providers
-
             problems.append(
                 f"{stage.kind} stage {stage.name!r} needs signal {signal!r}, which placement "
                 f"{placement.name!r} cannot provide ({signal_providers(signal, registry)})"

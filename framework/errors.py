@@ -30,11 +30,15 @@ def nearest(name: str, choices: Iterable[str]) -> str | None:
 class UnknownNameError(VtpruneError, KeyError):
     """A name that is not registered for its kind."""
 
-    def __init__(self, kind: str, name: str, choices: Iterable[str]) -> None:
-        self.kind, self.name, self.choices = kind, name, sorted(choices)
-        closest = nearest(name, self.choices)
-        hint = f" Did you mean {closest!r}?" if closest else ""
-        message = f"unknown {kind} {name!r}.{hint} Valid {kind} names: {', '.join(self.choices)}"
+    def __init__(self, kind: str, name: str, choices: Iterable[str], hint: str | None = None) -> None:
+        """``choices``: the valid spellings (listed once each, sorted); ``hint``: the suggestion
+        to print (default: the nearest choice, quoted)."""
+        self.kind, self.name, self.choices = kind, name, sorted(set(choices))
+        if hint is None:
+            closest = nearest(name, self.choices)
+            hint = repr(closest) if closest else None
+        suggestion = f" Did you mean {hint}?" if hint else ""
+        message = f"unknown {kind} {name!r}.{suggestion} Valid {kind} names: {', '.join(self.choices)}"
         super().__init__(message)
 
     def __str__(self) -> str:  # KeyError would repr() the message

@@ -18,12 +18,9 @@ called (no first-result-wins), in pluggy's order. A name registered twice raises
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import pluggy
 
-if TYPE_CHECKING:
-    from .registry import Registry
+from .tables import Registry
 
 __all__ = ["PROJECT", "hookspec", "hookimpl"]
 
@@ -38,12 +35,14 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 
 
 @hookspec
-def vtprune_register_stages(registry: "Registry") -> None:
+def vtprune_register_stages(registry: Registry) -> None:
     """Register stage classes with ``registry.add_stage(cls)``.
 
     ``cls`` subclasses one of the five stage bases in ``vtprune.framework.stages`` and sets:
 
-    - ``name``: unique within its kind, lower_snake_case, used in recipes;
+    - ``name``: unique within its kind, lower_snake_case, used in recipes; a name that another
+      kind or a preset also uses is written ``kind.name`` where a bare name would be ambiguous
+      (the rule: ``vtprune.framework.names``);
     - ``description``: one line for ``vtprune list``;
     - ``requires``: the `Signals` fields it reads besides ``visual``/``visual_mask``; a pipeline
       whose placement cannot provide one fails at ``compose`` time, and a pruning point that lacks
@@ -67,7 +66,7 @@ def vtprune_register_stages(registry: "Registry") -> None:
 
 
 @hookspec
-def vtprune_register_presets(registry: "Registry") -> None:
+def vtprune_register_presets(registry: Registry) -> None:
     """Register named compositions with ``registry.add_preset(name, recipe, description, ...)``.
 
     ``recipe`` uses the recipe grammar with stage names only (no other preset); stages it does not
@@ -82,7 +81,7 @@ def vtprune_register_presets(registry: "Registry") -> None:
 
 
 @hookspec
-def vtprune_register_adapters(registry: "Registry") -> None:
+def vtprune_register_adapters(registry: Registry) -> None:
     """Register model adapters with ``registry.add_adapter(cls)``.
 
     An adapter class has ``name``, ``model_classes`` (the class names of the models it attaches
@@ -99,7 +98,7 @@ def vtprune_register_adapters(registry: "Registry") -> None:
 
 
 @hookspec
-def vtprune_register_tasks(registry: "Registry") -> None:
+def vtprune_register_tasks(registry: Registry) -> None:
     """Register evaluation task classes with ``registry.add_task(name, factory, description)``.
 
     ``factory(**options)`` returns an object with ``samples(limit=None)`` and ``score(sample,
@@ -108,7 +107,7 @@ def vtprune_register_tasks(registry: "Registry") -> None:
 
 
 @hookspec
-def vtprune_register_launchers(registry: "Registry") -> None:
+def vtprune_register_launchers(registry: Registry) -> None:
     """Register grid launchers with ``registry.add_launcher(name, factory, description)``.
 
     ``factory(**options)`` returns an object with ``launch(cells, run_cell) -> None`` that runs

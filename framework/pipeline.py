@@ -12,9 +12,10 @@ from torch import Tensor
 
 from .budget import Budget, validate_budget
 from .errors import BudgetError, MissingSignalError
+from .providers import signal_providers
 from .recipe import format_term
 from .selection import Selection, selection_from_masks
-from .signals import Signals
+from .signals import ALWAYS_PRESENT, Signals
 from .stages import (
     STAGE_KINDS,
     BudgetAllocator,
@@ -27,9 +28,6 @@ from .stages import (
 )
 
 __all__ = ["Pipeline", "ALWAYS_PRESENT"]
-
-#: Signals every pruning point provides.
-ALWAYS_PRESENT = frozenset({"visual", "visual_mask"})
 
 
 @dataclass(frozen=True)
@@ -80,8 +78,6 @@ class Pipeline:
         """Raise `MissingSignalError` naming every required signal that ``signals`` lacks."""
         missing = sorted(self.requires - signals.present())
         if missing:
-            from .catalog import signal_providers
-
             lines = []
             for name in missing:
                 users = [s.name for s in self.stages if name in s.requires]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from typing import Any, Optional, Sequence
 
+from .budget import normalize_budget
 from .errors import MissingSignalError, RegistrationError, VtpruneError
 
 __all__ = ["prune", "PruneHandle", "adapter_for"]
@@ -72,7 +73,9 @@ class PruneHandle:
 
     @budget.setter
     def budget(self, value: Any) -> None:
-        self._attachment.budget = value
+        """Validate and normalise (`normalize_budget`) before storing: a rejected value raises
+        `BudgetError` and leaves the current budget in place."""
+        self._attachment.budget = normalize_budget(value)
 
     @property
     def last_selection(self) -> Any:
@@ -119,7 +122,9 @@ def prune(
         recipe: a recipe string/dict for ``compose``, or an already composed pipeline (any object with
             ``select``, ``requires`` and ``placement``).
         budget: visual tokens kept per image (int), fraction kept (float in (0, 1]), or one of those per
-            image of each forward (a list whose length is the number of images).
+            image of each forward (a list / tuple / 1-D tensor whose length is the number of images).
+            Validated here, before anything is attached (`BudgetError`), and normalised once
+            (`normalize_budget`: a per-image budget becomes a tuple of ints / floats).
         positions: "keep" (kept tokens keep their position ids) or "compact" (renumbered).
         prompt_stop: token ids marking the end of the user turn (see docs/adapters.md, prompt span).
         registry: the registry for ``compose`` and adapter lookup (default: installed plugins).
@@ -127,6 +132,7 @@ def prune(
             in ``options`` go to ``adapter.attach`` instead (LLaVA family: ``clip_model``, ``tokenizer``,
             ``clip_tokenizer`` for the ``pre_llm_clip`` placement, docs/adapters.md).
     """
+    budget = normalize_budget(budget)
     if positions not in POSITIONS:
         raise VtpruneError(f"positions must be one of {POSITIONS}, got {positions!r}")
     adapter = adapter_for(model, registry)

@@ -9,12 +9,26 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Optional
+from types import MappingProxyType
+from typing import Mapping, Optional
 
 import torch
 from torch import Tensor
 
-__all__ = ["Signals", "SIGNAL_DESCRIPTIONS", "signal_names"]
+__all__ = [
+    "ALWAYS_PRESENT",
+    "CLIP_SIGNALS",
+    "CLS_SIGNALS",
+    "DROP_SIGNALS",
+    "EMBEDDING_SIGNALS",
+    "GRID_SIGNALS",
+    "LAYER_SIGNALS",
+    "PLACEMENT_SIGNALS",
+    "SIGNAL_DESCRIPTIONS",
+    "Signals",
+    "VISION_SIGNALS",
+    "signal_names",
+]
 
 #: One line per field: what it holds and its shape. Used by the catalog and by error messages.
 SIGNAL_DESCRIPTIONS: dict[str, str] = {
@@ -35,6 +49,43 @@ SIGNAL_DESCRIPTIONS: dict[str, str] = {
     "grids": "(B, 2) long per-row (h, w) patch grids, (0, 0) = no grid for that row; set instead of `grid` "
     "when rows differ (images of different sizes)",
 }
+
+
+# -- signal-name sets: the one place that says which signals exist where -------------------------
+
+#: Signals every pruning point provides.
+ALWAYS_PRESENT: frozenset[str] = frozenset({"visual", "visual_mask"})
+#: Vision-encoder output (drop kind ``vision``), before any prompt is seen.
+VISION_SIGNALS: frozenset[str] = ALWAYS_PRESENT
+#: Embedding-space points (``pre_llm``, and the inputs of an in-LLM drop): visual and prompt tokens.
+EMBEDDING_SIGNALS: frozenset[str] = ALWAYS_PRESENT | {"prompt", "prompt_mask"}
+#: What the scoring layer of an in-LLM drop adds.
+LAYER_SIGNALS: frozenset[str] = frozenset({"attention", "visual_keys", "prompt_keys"})
+#: The vision encoder's CLS attention (adapters of CLIP-style encoders provide it everywhere).
+CLS_SIGNALS: frozenset[str] = frozenset({"cls_attention"})
+#: CLIP-space embeddings (placement ``pre_llm_clip``).
+CLIP_SIGNALS: frozenset[str] = frozenset({"clip_visual", "clip_text", "clip_text_mask"})
+#: The patch grid, shared (``grid``) or per row (``grids``).
+GRID_SIGNALS: frozenset[str] = frozenset({"grid", "grids"})
+
+#: Drop kind (`Drop.where`) -> the signals every adapter gives there (adapters may add more).
+DROP_SIGNALS: Mapping[str, frozenset[str]] = MappingProxyType(
+    {
+        "vision": VISION_SIGNALS,
+        "pre_llm": EMBEDDING_SIGNALS,
+        "layer": EMBEDDING_SIGNALS | LAYER_SIGNALS,
+    }
+)
+#: Built-in placement name -> its ``LayerPlacement.provides`` (what any adapter implementing it gives).
+PLACEMENT_SIGNALS: Mapping[str, frozenset[str]] = MappingProxyType(
+    {
+        "pre_llm": EMBEDDING_SIGNALS | {"grid"},
+        "pre_llm_clip": EMBEDDING_SIGNALS | {"grid"} | CLIP_SIGNALS,
+        "layer": EMBEDDING_SIGNALS | {"grid"} | LAYER_SIGNALS,
+        "schedule": EMBEDDING_SIGNALS | {"grid"} | LAYER_SIGNALS,
+        "vision": VISION_SIGNALS | CLS_SIGNALS | {"visual_keys", "grid"},
+    }
+)
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ from typing import Any, ClassVar, Optional
 
 from torch import Tensor
 
+from .budget import resolve_budget
 from .signals import Signals
 
 __all__ = [
@@ -212,10 +213,9 @@ class BudgetAllocator(Stage):
 
         The default rule: an int keeps ``min(budget, valid)``; a float f in (0, 1] keeps
         ``max(1, floor(f * valid + 0.5))`` (round half up, at least one token). Allocators that
-        reproduce another method's rounding override this.
+        reproduce another method's rounding override this with
+        ``resolve_budget(budget, valid_counts, rounding=...)``.
         """
-        from .budget import resolve_budget
-
         return resolve_budget(budget, valid_counts)
 
 

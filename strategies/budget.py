@@ -8,6 +8,7 @@ from typing import ClassVar, Optional
 import torch
 from torch import Tensor
 
+from vtprune.framework.budget import scaled_counts
 from vtprune.framework.stages import Allocation, BudgetAllocator
 
 __all__ = ["FixedSplit", "DynamicSplit", "critical_mass_counts"]
@@ -30,8 +31,8 @@ class FixedSplit(BudgetAllocator):
         _check_fraction("critical", self.critical)
 
     def allocate(self, totals: Tensor, valid: Tensor, scores: Optional[Tensor]) -> Allocation:
-        critical = torch.floor(totals.double() * self.critical + 0.5).long()  # (B,) round half up
-        return Allocation(total=totals, critical=torch.minimum(critical, totals))
+        critical = scaled_counts(totals, self.critical, rounding="half_up")  # (B,)
+        return Allocation(total=totals, critical=critical)
 
 
 def critical_mass_counts(scores: Tensor, valid: Tensor, mass: float, temperature: float) -> Tensor:
@@ -77,7 +78,7 @@ class DynamicSplit(BudgetAllocator):
         if scores is None:
             return Allocation(total=totals, critical=torch.zeros_like(totals))
         wanted = critical_mass_counts(scores, valid, self.mass, self.temperature)  # (B,)
-        low = torch.floor(totals.double() * self.min_critical + 0.5).long()
-        high = torch.floor(totals.double() * self.max_critical + 0.5).long()
+        low = scaled_counts(totals, self.min_critical, rounding="half_up")  # (B,)
+        high = scaled_counts(totals, self.max_critical, rounding="half_up")  # (B,)
         critical = torch.minimum(torch.maximum(wanted, low), high)
         return Allocation(total=totals, critical=torch.minimum(critical, totals))

@@ -11,7 +11,8 @@ from typing import ClassVar, Literal, Optional
 import torch
 from torch import Tensor
 
-from vtprune.framework.signals import Signals
+from vtprune.framework.budget import resolve_budget, scaled_counts
+from vtprune.framework.signals import PLACEMENT_SIGNALS, Signals
 from vtprune.framework.stages import (
     Allocation,
     BudgetAllocator,
@@ -31,7 +32,6 @@ from .functional.pooling import pooling_exact_select
 from .functional.random_prune import random_select
 from .functional.vispruner import vispruner_supplement
 from .functional.visionzip import visionzip_contextual
-from .placement import _EMBEDDING_SIGNALS
 
 __all__ = [
     "ClsAttentionRelevance",
@@ -55,25 +55,9 @@ __all__ = [
     "PEER_STAGES",
 ]
 
-_CLIP_SIGNALS = frozenset({"clip_visual", "clip_text", "clip_text_mask"})
-
-
 def _check_fraction(name: str, value: float) -> None:
     if not 0.0 <= value <= 1.0:
         raise ValueError(f"{name} must be in [0, 1], got {value}")
-
-
-def _count_budget(budget: int | float, valid_counts: Tensor, rule) -> Tensor:
-    """(B,) long: ``min(budget, valid)`` for an int; ``rule(valid * f)`` (at least 1, at most
-    valid, 0 for an empty row) for a fraction f."""
-    from vtprune.framework.budget import validate_budget
-
-    budget = validate_budget(budget)
-    valid_counts = valid_counts.long()
-    if isinstance(budget, int):
-        return valid_counts.clamp(max=budget)
-    wanted = rule(valid_counts.double() * budget).long()  # (B,)
-    return torch.minimum(wanted.clamp(min=1), valid_counts)
 
 
 # -- relevance ---------------------------------------------------------------------------------------
@@ -293,7 +277,7 @@ class FastVBudget(BudgetAllocator):
         return Allocation(total=totals, critical=totals)
 
     def resolve(self, budget: int | float, valid_counts: Tensor) -> Tensor:
-        return _count_budget(budget, valid_counts, torch.round)
+        return resolve_budget(budget, valid_counts, rounding="half_even")
 
 
 @dataclass(frozen=True, eq=False)
@@ -310,7 +294,7 @@ class PDropBudget(BudgetAllocator):
         return Allocation(total=totals, critical=totals)
 
     def resolve(self, budget: int | float, valid_counts: Tensor) -> Tensor:
-        return _count_budget(budget, valid_counts, torch.floor)
+        return resolve_budget(budget, valid_counts, rounding="floor")
 
 
 @dataclass(frozen=True, eq=False)
@@ -333,9 +317,8 @@ class VisionZipBudget(BudgetAllocator):
             raise ValueError("dominant and contextual must be >= 0 and not both 0")
 
     def allocate(self, totals: Tensor, valid: Tensor, scores: Optional[Tensor]) -> Allocation:
-        share = totals.double() * self.dominant / (self.dominant + self.contextual)
-        critical = torch.floor(share + 0.5).long()  # (B,) round half up
-        return Allocation(total=totals, critical=torch.minimum(critical, totals))
+        critical = scaled_counts(totals, self.dominant, self.dominant + self.contextual, rounding="half_up")  # (B,)
+        return Allocation(total=totals, critical=critical)
 
 
 @dataclass(frozen=True, eq=False)
@@ -349,7 +332,7 @@ class DivPruneRatio(BudgetAllocator):
         return Allocation(total=totals, critical=torch.zeros_like(totals))
 
     def resolve(self, budget: int | float, valid_counts: Tensor) -> Tensor:
-        return _count_budget(budget, valid_counts, torch.round)
+        return resolve_budget(budget, valid_counts, rounding="half_even")
 
 
 @dataclass(frozen=True, eq=False)
@@ -380,8 +363,8 @@ class VisPrunerBudget(BudgetAllocator):
         _check_fraction("important_ratio", self.important_ratio)
 
     def allocate(self, totals: Tensor, valid: Tensor, scores: Optional[Tensor]) -> Allocation:
-        critical = torch.floor(totals.double() * self.important_ratio).long()
-        return Allocation(total=totals, critical=torch.minimum(critical, totals))
+        critical = scaled_counts(totals, self.important_ratio, rounding="floor")  # (B,) int() truncation
+        return Allocation(total=totals, critical=critical)
 
 
 # -- placement ---------------------------------------------------------------------------------------
@@ -394,7 +377,7 @@ class PreLLMClip(LayerPlacement):
 
     name: ClassVar[str] = "pre_llm_clip"
     description: ClassVar[str] = "pre_llm drop that also provides CLIP image/text embeddings (CDPruner)"
-    provides: ClassVar[frozenset[str]] = _EMBEDDING_SIGNALS | _CLIP_SIGNALS
+    provides: ClassVar[frozenset[str]] = PLACEMENT_SIGNALS["pre_llm_clip"]
 
     def drops(self, budget: int | float) -> tuple[Drop, ...]:
         return (Drop("pre_llm", None, budget),)

@@ -5,12 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+from vtprune.framework.signals import PLACEMENT_SIGNALS
 from vtprune.framework.stages import Drop, LayerPlacement
 
 __all__ = ["PreLLM", "AtLayer", "Schedule", "VisionOutput"]
-
-_EMBEDDING_SIGNALS = frozenset({"visual", "visual_mask", "prompt", "prompt_mask", "grid"})
-_LAYER_SIGNALS = _EMBEDDING_SIGNALS | {"attention", "visual_keys", "prompt_keys"}
 
 
 @dataclass(frozen=True, eq=False)
@@ -19,7 +17,7 @@ class PreLLM(LayerPlacement):
 
     name: ClassVar[str] = "pre_llm"
     description: ClassVar[str] = "select on the projected visual tokens before the first decoder layer"
-    provides: ClassVar[frozenset[str]] = _EMBEDDING_SIGNALS
+    provides: ClassVar[frozenset[str]] = PLACEMENT_SIGNALS["pre_llm"]
 
     def drops(self, budget: int | float) -> tuple[Drop, ...]:
         return (Drop("pre_llm", None, budget),)
@@ -31,7 +29,7 @@ class AtLayer(LayerPlacement):
 
     name: ClassVar[str] = "layer"
     description: ClassVar[str] = "drop before decoder layer k using layer k-1's attention, keys and hidden states"
-    provides: ClassVar[frozenset[str]] = _LAYER_SIGNALS
+    provides: ClassVar[frozenset[str]] = PLACEMENT_SIGNALS["layer"]
     k: int = 2
 
     def __post_init__(self) -> None:
@@ -53,7 +51,7 @@ class Schedule(LayerPlacement):
 
     name: ClassVar[str] = "schedule"
     description: ClassVar[str] = "several in-LLM drops: the budget at layers[0], then `ratio` of what remains at each later layer"
-    provides: ClassVar[frozenset[str]] = _LAYER_SIGNALS
+    provides: ClassVar[frozenset[str]] = PLACEMENT_SIGNALS["schedule"]
     layers: tuple[int, ...] = (8, 16, 24)
     ratio: float = 0.5
 
@@ -76,7 +74,7 @@ class VisionOutput(LayerPlacement):
 
     name: ClassVar[str] = "vision"
     description: ClassVar[str] = "select on the vision encoder's output tokens before the projector"
-    provides: ClassVar[frozenset[str]] = frozenset({"visual", "visual_mask", "cls_attention", "visual_keys", "grid"})
+    provides: ClassVar[frozenset[str]] = PLACEMENT_SIGNALS["vision"]
 
     def drops(self, budget: int | float) -> tuple[Drop, ...]:
         return (Drop("vision", None, budget),)
