@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence, Union
 
 from vtprune.framework.errors import nearest
+from vtprune.framework.typecheck import check_mapping, check_value, signature_problem, type_at
 
 from .cells import Cell, baseline_config, cell_key, expand, method_label
 from .gridfiles import (
@@ -60,6 +61,11 @@ __all__ = [
     "set_dotted",
     "get_dotted",
     "CONFIG_DIR",
+    # the type walker, now `vtprune.framework.typecheck` (re-exported for the old import path)
+    "check_value",
+    "check_mapping",
+    "type_at",
+    "signature_problem",
 ]
 
 
