@@ -26,6 +26,10 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Optional
 
+from .metrics import requested_tokens
+from .pipelines import build_pipeline
+from .samples import Sample
+
 __all__ = ["manifest", "MODEL_ID", "CLASS_PATH", "evaluate_with_lmms_eval", "build_model_class"]
 
 MODEL_ID = "vtprune"
@@ -91,8 +95,7 @@ def build_model_class() -> type:
             **params: Any,
         ) -> None:
             super().__init__()
-            from .config import build_pipeline
-            from .models import load_backend
+            from .models import load_backend  # imports torch: only when the model is built
 
             self.max_new_tokens = int(max_new_tokens)
             self.batch_size_per_gpu = int(batch_size)
@@ -117,8 +120,6 @@ def build_model_class() -> type:
             return cls(_backend=backend, _handle=handle, max_new_tokens=max_new_tokens)
 
         def generate_until(self, requests: list) -> list[str]:
-            from .tasks import Sample
-
             answers = []
             for request in requests:
                 context, gen_kwargs, doc_to_visual, doc_id, task, split = request.args
@@ -170,8 +171,6 @@ def evaluate_with_lmms_eval(task: Any, context: Any) -> dict[str, float]:
     """Run lmms-eval's evaluator on a cell's backend and handle (task ``lmms_eval``)."""
     _require_lmms_eval()
     from lmms_eval import evaluator
-
-    from .metrics import requested_tokens
 
     model = build_model_class().from_backend(context.backend, context.handle, context.max_new_tokens)
     output = evaluator.simple_evaluate(

@@ -19,7 +19,7 @@ from collections import defaultdict
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
 from . import cost
-from .tasks import normalize_answer, primary_metric
+from .samples import normalize_answer, primary_metric
 
 __all__ = ["sample_row", "summarize", "select_groups", "fidelity", "requested_tokens"]
 

@@ -22,7 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
-from .config import Cell, GridSpec
+from .cells import Cell
+from .config import GridSpec
+from .pipelines import PipelineCache, build_pipeline
 from .results import ResultsDir, append_jsonl
 
 __all__ = ["CellRunner", "CellContext", "run_cell", "run_grid", "GridSummary", "ModelCache"]
@@ -87,10 +89,13 @@ def run_cell(
     registry: Any = None,
     cache: Optional[ModelCache] = None,
     progress: bool = True,
+    pipelines: Optional[PipelineCache] = None,
 ) -> dict[str, Any]:
     """Run one cell and append its state ("done" with metrics, or "failed" with the traceback) to
     ``cells.jsonl``; returns that record. Only exceptions are recorded: KeyboardInterrupt and
-    SystemExit stop the grid (the cell then resumes on the next run)."""
+    SystemExit stop the grid (the cell then resumes on the next run). The pipeline comes from
+    ``pipelines`` when that cache belongs to the same registry (the grid's, composed while
+    validating), else it is composed here."""
     from vtprune.framework.registry import default_registry
 
     registry = default_registry(registry)
@@ -106,9 +111,8 @@ def run_cell(
         pipeline = None
         extra = {}
         if not cell.is_baseline:
-            from .config import build_pipeline
-
-            pipeline = build_pipeline(cell.config, registry)
+            shared = pipelines is not None and pipelines.registry is registry
+            pipeline = pipelines.get(cell.config) if shared else build_pipeline(cell.config, registry)
             extra = {"recipe": str(pipeline), "recipe_dict": pipeline.to_dict()}
         tracker = make_tracker(cell.config.get("tracking") or {}, cell, results.root, extra)
         metrics = _execute(cell, results, registry, cache, pipeline, progress, tracker)
@@ -220,16 +224,19 @@ def _save_overlay(results: ResultsDir, cell: Cell, sample: Any, output: Any) -> 
 
 class CellRunner:
     """``runner(cell) -> record``: `run_cell` bound to a results directory (picklable; the model
-    cache and a non-default registry stay in the process that made it)."""
+    cache, the grid's composed pipelines and a non-default registry stay in the process that made it)."""
 
-    def __init__(self, root: Path | str, registry: Any = None, progress: bool = True) -> None:
+    def __init__(
+        self, root: Path | str, registry: Any = None, progress: bool = True, pipelines: Optional[PipelineCache] = None
+    ) -> None:
         self.root = str(root)
         self.registry = registry
         self.progress = progress
+        self.pipelines = pipelines
         self.cache = ModelCache()
 
     def __call__(self, cell: Cell) -> dict[str, Any]:
-        return run_cell(cell, self.root, self.registry, self.cache, self.progress)
+        return run_cell(cell, self.root, self.registry, self.cache, self.progress, self.pipelines)
 
     def __getstate__(self) -> dict[str, Any]:
         return {"root": self.root, "registry": None, "progress": False}
@@ -287,7 +294,7 @@ def run_grid(
     skipped = [cell.key for cell in spec.cells if before.get(cell.key, {}).get("status") == "done"]
     launcher_config = spec.raw.get("launcher") or {}
     launcher = registry.launcher(launcher_config.get("name", "local"))(**(launcher_config.get("options") or {}))
-    runner = runner or CellRunner(results.root, registry, progress)
+    runner = runner or CellRunner(results.root, registry, progress, spec.pipelines)
     if todo:
         launcher.launch(todo, runner, progress=progress) if _takes_progress(launcher) else launcher.launch(todo, runner)
     after = results.states()

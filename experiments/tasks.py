@@ -1,4 +1,5 @@
-"""Evaluation tasks: the interface, answer metrics and the built-in tasks.
+"""Evaluation tasks: the interface and the built-in tasks (`Sample`, `Task` and the answer metrics
+live in `vtprune.experiments.samples` and are re-exported here).
 
 A task is what a factory registered with ``registry.add_task(name, factory, description)``
 returns (hook ``vtprune_register_tasks``). It has:
@@ -25,12 +26,17 @@ Built-in: ``jsonl`` (bring your own data), ``synthetic`` (random images, for dry
 from __future__ import annotations
 
 import json
-import re
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Optional, Protocol, Sequence, runtime_checkable
+from typing import Any, Iterator, Mapping, Optional, Sequence
 
 import numpy as np
+
+from vtprune.framework.errors import VtpruneError
+from vtprune.framework.typecheck import signature_problem
+
+from .lmms_eval_model import evaluate_with_lmms_eval
+from .results import read_jsonl
+from .samples import METRICS, Sample, Task, contains, exact_match, normalize_answer, primary_metric, vqa_accuracy
 
 __all__ = [
     "Sample",
@@ -48,83 +54,9 @@ __all__ = [
 ]
 
 
-@dataclass
-class Sample:
-    """One evaluation item.
-
-    Attributes:
-        id: unique within the task (used to resume and to match the unpruned run).
-        images: PIL images or (H, W, 3) uint8 arrays, in prompt order.
-        question: the question text (without image placeholders).
-        answers: reference answers (several for VQA-style scoring).
-        meta: anything else (kept in the per-sample results).
-    """
-
-    id: str
-    images: list[Any]
-    question: str
-    answers: list[str]
-    meta: dict[str, Any] = field(default_factory=dict)
-
-
-@runtime_checkable
-class Task(Protocol):
-    def samples(self, limit: Optional[int] = None) -> Iterator[Sample]: ...
-
-    def score(self, sample: Sample, prediction: str) -> dict[str, float]: ...
-
-
-# ------------------------------------------------------------------------------------------------
-# Answer metrics
-# ------------------------------------------------------------------------------------------------
-
-_NUMBERS = {w: str(i) for i, w in enumerate("zero one two three four five six seven eight nine ten".split())}
-_ARTICLES = {"a", "an", "the"}
-_PUNCT = re.compile(r"[^\w\s]")
-
-
-def normalize_answer(text: str) -> str:
-    """Lower case, punctuation and articles removed, number words as digits, spaces collapsed."""
-    words = _PUNCT.sub(" ", str(text).lower()).split()
-    return " ".join(_NUMBERS.get(w, w) for w in words if w not in _ARTICLES)
-
-
-def exact_match(prediction: str, answers: Sequence[str]) -> float:
-    """1.0 if the normalized prediction equals a normalized answer."""
-    guess = normalize_answer(prediction)
-    return float(any(guess == normalize_answer(a) for a in answers))
-
-
-def vqa_accuracy(prediction: str, answers: Sequence[str]) -> float:
-    """VQA accuracy: min(#annotators agreeing / 3, 1) on normalized answers (a single reference
-    answer counts as three annotators)."""
-    if not answers:
-        return 0.0
-    guess = normalize_answer(prediction)
-    agree = sum(guess == normalize_answer(a) for a in answers)
-    return min(1.0, agree / (3.0 if len(answers) > 1 else 1.0))
-
-
-def contains(prediction: str, answers: Sequence[str]) -> float:
-    """1.0 if a normalized answer occurs as whole words in the normalized prediction."""
-    guess = f" {normalize_answer(prediction)} "
-    return float(any(f" {normalize_answer(a)} " in guess for a in answers if normalize_answer(a)))
-
-
-METRICS = {"exact_match": exact_match, "vqa": vqa_accuracy, "contains": contains}
-
-
-def primary_metric(task: Any, scores: Mapping[str, float]) -> str:
-    """The name of the task's accuracy metric among ``scores``."""
-    name = getattr(task, "metric", None)
-    return name if name in scores else next(iter(scores))
-
-
 def check_task_options(factory: Any, options: Mapping[str, Any]) -> Optional[str]:
     """Validate task options without building the task: the factory's signature, then its
     ``check_options(**options)`` classmethod/staticmethod when it has one (returns a sentence or None)."""
-    from .config import signature_problem
-
     problem = signature_problem(factory, options)
     if problem is None and hasattr(factory, "check_options"):
         problem = factory.check_options(**options)
@@ -161,8 +93,6 @@ class JsonlTask:
     ) -> None:
         problem = self.check_options(path=path, metric=metric)
         if problem:
-            from vtprune.framework.errors import VtpruneError
-
             raise VtpruneError(problem)
         self.path = Path(path)
         self.metric = metric
@@ -181,8 +111,6 @@ class JsonlTask:
 
     def samples(self, limit: Optional[int] = None) -> Iterator[Sample]:
         from PIL import Image
-
-        from .results import read_jsonl
 
         for number, row in enumerate(read_jsonl(self.path)):
             if limit is not None and number >= limit:
@@ -260,8 +188,6 @@ class LmmsEvalTask:
 
     def evaluate(self, context: Any) -> dict[str, float]:
         """Run lmms-eval with the cell's model; ``context`` is a `vtprune.experiments.runner.CellContext`."""
-        from .lmms_eval_model import evaluate_with_lmms_eval
-
         return evaluate_with_lmms_eval(self, context)
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Iterator, Optional, Sequence
 
-from vtprune.experiments.tasks import Sample, exact_match
+from vtprune.experiments.samples import Sample, exact_match
 
 from .task import TEMPLATES, make_split
 
