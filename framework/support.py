@@ -1,0 +1,162 @@
+"""Does an adapter support a pipeline? The one check, keyed on the kinds of the placement's drops.
+
+A placement is data: ``placement.drops(budget)`` lists `Drop` points whose ``where`` is one of the drop kinds
+``"vision"``, ``"pre_llm"`` or ``"layer"`` (`DROP_KINDS`). An adapter declares the drop kinds it implements
+(``drop_kinds``), the signals it fills at each (``provides(kind)``) and why something is missing
+(``limitations``: drop kind, placement or signal name -> reason). A pipeline is supported when every drop kind of
+its placement is implemented and every signal it requires is provided there, so a third-party placement whose
+drops are ``"layer"`` drops works on every adapter without the adapter knowing its name.
+
+`support_problems` lists the problems (one message each); `check_support` raises the first kind of problem:
+`VtpruneError` for a drop kind the adapter does not implement, `MissingSignalError` for missing signals.
+``framework.prune`` and the experiment config validation both call these, so they give the same messages.
+
+The signal name sets the adapters fill live here too (`EMBEDDING_SIGNALS`, ...).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from .errors import MissingSignalError, VtpruneError
+from .placements import PLACEMENT_WHERE
+
+__all__ = [
+    "DROP_KINDS",
+    "PLACEMENT_KINDS",
+    "VISION_SIGNALS",
+    "EMBEDDING_SIGNALS",
+    "LAYER_SIGNALS",
+    "CLS_SIGNALS",
+    "CLIP_SIGNALS",
+    "GRID_SIGNALS",
+    "drop_kind",
+    "pipeline_drop_kinds",
+    "adapter_drop_kinds",
+    "support_problems",
+    "check_support",
+]
+
+#: The kinds of drop point an adapter may implement (``Drop.where``).
+DROP_KINDS: tuple[str, ...] = PLACEMENT_WHERE
+#: Built-in placement names -> the kind of their drops (lets ``provides`` take a built-in placement name too).
+PLACEMENT_KINDS: dict[str, str] = {
+    "vision": "vision",
+    "pre_llm": "pre_llm",
+    "pre_llm_clip": "pre_llm",
+    "layer": "layer",
+    "schedule": "layer",
+}
+
+#: Vision-side features of the image tokens (``vision`` drops).
+VISION_SIGNALS = frozenset({"visual", "visual_mask"})
+#: Token embeddings / hidden states of the image tokens and the prompt (``pre_llm`` and ``layer`` drops).
+EMBEDDING_SIGNALS = frozenset({"visual", "visual_mask", "prompt", "prompt_mask"})
+#: In-LLM attention row of the query token and key states (``layer`` drops).
+LAYER_SIGNALS = frozenset({"attention", "visual_keys", "prompt_keys"})
+#: The vision tower's CLS attention (towers with a CLS token).
+CLS_SIGNALS = frozenset({"cls_attention"})
+#: CLIP-space embeddings (CDPruner, ``pre_llm`` drops of adapters with a CLIP tower).
+CLIP_SIGNALS = frozenset({"clip_visual", "clip_text", "clip_text_mask"})
+#: Patch grids of the images (adapters whose image tokens are plain patch grids).
+GRID_SIGNALS = frozenset({"grid", "grids"})
+
+#: Budget used to read a placement's drop points when no budget is at hand (any valid budget gives the same kinds).
+_PROBE_BUDGET = 1.0
+
+
+def drop_kind(placement_or_kind: str) -> str:
+    """The drop kind of a built-in placement name, or the drop kind itself; anything else raises `VtpruneError`."""
+    if placement_or_kind in PLACEMENT_KINDS:
+        return PLACEMENT_KINDS[placement_or_kind]
+    raise VtpruneError(
+        f"unknown drop kind or built-in placement {placement_or_kind!r}; drop kinds: {', '.join(DROP_KINDS)} "
+        f"(built-in placements: {', '.join(PLACEMENT_KINDS)})"
+    )
+
+
+def pipeline_drop_kinds(pipeline: Any) -> tuple[str, ...]:
+    """The distinct ``Drop.where`` of ``pipeline.placement.drops(...)``, in model order."""
+    drops = pipeline.placement.drops(_PROBE_BUDGET)
+    kinds: list[str] = []
+    for drop in drops:
+        if drop.where not in kinds:
+            kinds.append(drop.where)
+    return tuple(kinds)
+
+
+def adapter_drop_kinds(adapter: Any) -> frozenset[str]:
+    """The drop kinds ``adapter`` (class or instance) implements: its ``drop_kinds``, or for an adapter that only
+    lists built-in placement names (``placements``), their kinds."""
+    kinds = getattr(adapter, "drop_kinds", None)
+    if kinds is not None:
+        return frozenset(kinds)
+    return frozenset(PLACEMENT_KINDS[p] for p in getattr(adapter, "placements", ()) if p in PLACEMENT_KINDS)
+
+
+def _model_name(adapter: Any, model_name: Optional[str]) -> str:
+    if model_name:
+        return model_name
+    model = getattr(adapter, "model", None)
+    if model is not None and not isinstance(adapter, type):
+        return type(model).__name__
+    classes = tuple(getattr(adapter, "model_classes", ()) or ())
+    return classes[0] if classes else "the model"
+
+
+def _problems(adapter: Any, pipeline: Any, model_name: Optional[str]) -> list[tuple[type, str]]:
+    model = _model_name(adapter, model_name)
+    name = getattr(adapter, "name", type(adapter).__name__)
+    placement = getattr(pipeline.placement, "name", None) or type(pipeline.placement).__name__
+    notes = dict(getattr(adapter, "limitations", {}) or {})
+    implemented = adapter_drop_kinds(adapter)
+    placements = sorted(getattr(adapter, "placements", ()) or ())
+    kinds_text = " / ".join(repr(k) for k in sorted(implemented)) or "no"
+    problems: list[tuple[type, str]] = []
+    for kind in pipeline_drop_kinds(pipeline):
+        if kind not in implemented:
+            reason = notes.get(kind) or notes.get(placement)
+            why = f": {reason}" if reason else ""
+            problems.append(
+                (
+                    VtpruneError,
+                    f"{model} (adapter {name!r}): placement {placement!r} is not implemented (its drops are {kind!r} "
+                    f"drops, which the adapter does not implement{why}); use placement {', '.join(placements)} or any "
+                    f"placement whose drops are {kinds_text} drops (implemented drop kinds: {sorted(implemented)}; "
+                    f"built-in placements: {placements}) (docs/adapters.md)",
+                )
+            )
+            continue
+        provided = frozenset(adapter.provides(kind))
+        missing = sorted(set(pipeline.requires) - provided)
+        if missing:
+            signals_why = "".join(f" ({key}: {notes[key]})" for key in missing if key in notes)
+            placement_why = f" ({notes[placement]})" if placement in notes and placement not in missing else ""
+            problems.append(
+                (
+                    MissingSignalError,
+                    f"{model} (adapter {name!r}) cannot provide {missing} at placement {placement!r} ({kind!r} "
+                    f"drops){signals_why}, so it does not implement placement {placement!r}{placement_why}; at "
+                    f"{kind!r} drops it provides {sorted(provided)}",
+                )
+            )
+    return problems
+
+
+def support_problems(adapter: Any, pipeline: Any, *, model_name: Optional[str] = None) -> list[str]:
+    """Every reason ``adapter`` (class or instance) cannot run ``pipeline`` (anything with ``placement`` and
+    ``requires``), one message each, naming the model class (``model_name``, default the adapter's model or its
+    first model class) and adapter, the placement and drop kind, the reason from ``adapter.limitations`` and
+    what is supported. An empty list means supported."""
+    return [message for _, message in _problems(adapter, pipeline, model_name)]
+
+
+def check_support(adapter: Any, pipeline: Any, *, model_name: Optional[str] = None) -> None:
+    """Raise before anything is attached when `support_problems` finds a problem: `VtpruneError` for a drop kind
+    the adapter does not implement (checked first), else `MissingSignalError` for missing signals."""
+    problems = _problems(adapter, pipeline, model_name)
+    for error, message in problems:
+        if error is VtpruneError:
+            raise VtpruneError(message)
+    if problems:
+        raise MissingSignalError("; ".join(message for _, message in problems))
