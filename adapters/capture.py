@@ -18,6 +18,8 @@ from typing import Any, Callable, Optional, Protocol
 import torch
 from torch import Tensor, nn
 
+from .call import ForwardCall
+
 __all__ = [
     "VisionCapture",
     "CaptureNeeds",
@@ -108,8 +110,6 @@ class ProjectorCapture:
         self._want_keys = False
 
     def install(self, adapter: Any, needs: CaptureNeeds, projecting: Callable[[], bool]) -> list:
-        from .plan import ForwardCall
-
         self._projecting = projecting
         self._want_keys = needs.keys
         layer = None

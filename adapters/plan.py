@@ -12,7 +12,7 @@ sample 0, then sample 1, ...), which is also the order of ``pixel_values``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
 import torch
@@ -21,6 +21,7 @@ from torch import Tensor
 from vtprune.framework.selection import Selection
 from vtprune.framework.signals import Signals
 
+from .call import ForwardCall
 from .capture import VisionCapture
 from .decoder import Decision, DropState, Session
 from .records import DropRecord, ImageLayout, PruneResult
@@ -30,32 +31,6 @@ __all__ = ["ForwardCall", "PlanContext", "Plan", "check_drops", "HINT_FINAL_NORM
 #: Stage hints (``Stage.adapter_hints``) the runtime honours (docs/adapters.md).
 HINT_FINAL_NORM = "final_norm"  # in-LLM visual / prompt = hidden states through the decoder's final norm (DART)
 HINT_OWN_LAYER = "own_layer_scoring"  # layer(k) attention / keys from layer k's own weights on its input (PyramidDrop)
-
-
-@dataclass
-class ForwardCall:
-    """One forward of the multimodal model in flight.
-
-    Attributes:
-        input_ids: (B, L) or None (``inputs_embeds`` given).
-        image_mask: (B, L) bool, True at visual placeholders (None: no visual input found).
-        has_images: whether the call carries visual input.
-        kwargs: the forward's arguments by name.
-        kind_ids: (B, L) long: the placeholder id at every visual placeholder, -1 elsewhere.
-        memo: per-call cache for the adapter description (e.g. its located segments).
-    """
-
-    input_ids: Optional[Tensor]
-    image_mask: Optional[Tensor]  # (B, L) bool
-    has_images: bool
-    kwargs: dict
-    kind_ids: Optional[Tensor] = None  # (B, L) long
-    memo: dict = field(default_factory=dict)
-
-    @classmethod
-    def empty(cls) -> "ForwardCall":
-        """A call with no inputs (for model-access questions asked at attach time)."""
-        return cls(None, None, False, {})
 
 
 @dataclass(frozen=True)

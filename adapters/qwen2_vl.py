@@ -11,12 +11,9 @@ live in ``adapters.spans``, the M-RoPE position helpers in ``adapters.mrope`` an
   ``image_grid_thw`` / ``video_grid_thw`` in batch order (``m = vision_config.spatial_merge_size``).
   One `Signals` row per image or per video (the budget is per image / per video).
 - **Prompt span** (`prompt_span`): the user's text, without vision tokens or the system prefix.
-- **Positions** (M-RoPE): the decoder stack is always given ``(4, B, L)`` position ids, the
-  1-D text positions (``cumsum(attention_mask) - 1``, as ``generate`` builds them) on top of the
-  three M-RoPE rows. ``"keep"``: kept tokens keep their three M-RoPE ids. ``"compact"``: kept
-  tokens are numbered ``0 .. K-1`` on all three axes (text position minus the tokens dropped before
-  it), the positions the model gives a K-token sequence fed as embeddings; the images' 2-D layout is
-  discarded. `continuation_positions` maps a decoding step onto the pruned cache.
+- **Positions** (M-RoPE, `MropePositions`): the decoder stack is always given ``(4, B, L)`` position ids (text
+  positions on top of the three M-RoPE rows); ``"keep"`` keeps a token's ids, ``"compact"`` numbers the kept
+  tokens ``0 .. K-1`` on all axes (``adapters.mrope``); `continuation_positions` maps decoding onto the cache.
 - **Vision placement**: selection on the vision tower's output before the patch merger (the
   projector). The unit is the LLM token: the ``m * m`` patches the merger fuses into one token,
   their features concatenated (``Signals.visual`` is (R, N, m*m*Dv), the merger's input rows).
@@ -30,9 +27,6 @@ live in ``adapters.spans``, the M-RoPE position helpers in ``adapters.mrope`` an
 >>> sorted(QwenVLAdapter.provides("vision")), sorted(QwenVLAdapter.drop_kinds)
 (['grid', 'grids', 'visual', 'visual_mask'], ['layer', 'pre_llm', 'vision'])
 """
-
-from __future__ import annotations
-
 
 from __future__ import annotations
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import inspect
 from typing import Any, Callable, Optional, Sequence
 
-import torch
 from torch import Tensor
 
 from vtprune.framework.errors import MissingSignalError, VtpruneError
