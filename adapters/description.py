@@ -18,12 +18,12 @@ from typing import Any, ClassVar, Optional, Sequence
 from torch import Tensor, nn
 
 from vtprune.framework.support import (
-    CLIP_SIGNALS,
     CLS_SIGNALS,
     EMBEDDING_SIGNALS,
     GRID_SIGNALS,
     LAYER_SIGNALS,
     PLACEMENT_KINDS,
+    PLACEMENT_REQUESTS,
     VISION_SIGNALS,
     drop_kind,
 )
@@ -52,15 +52,16 @@ class Extension:
 
 
 class _Placements:
-    """Class-level ``placements``: the built-in placement names whose drops the adapter implements (derived from
-    ``drop_kinds``; ``pre_llm_clip`` only with CLIP-space signals). Informational: support is keyed on drop kinds."""
+    """Class-level ``placements``: the built-in placement names whose drops the adapter implements and whose
+    requested signals it fills (derived from ``drop_kinds`` and ``on_request``; for the catalog and errors: support
+    itself is keyed on drop kinds, ``framework.support``)."""
 
     def __get__(self, instance: Any, owner: type) -> frozenset[str]:
-        kinds = owner.drop_kinds
-        names = {name for name, kind in PLACEMENT_KINDS.items() if kind in kinds}
-        if not owner.clip_signals:
-            names.discard("pre_llm_clip")
-        return frozenset(names)
+        return frozenset(
+            name
+            for name, kind in PLACEMENT_KINDS.items()
+            if kind in owner.drop_kinds and PLACEMENT_REQUESTS.get(name, frozenset()) <= owner.on_request.get(kind, frozenset())
+        )
 
 
 class VLMAdapter:
@@ -71,7 +72,8 @@ class VLMAdapter:
         drop_kinds: the drop kinds (``Drop.where``) the family implements.
         has_grid: whether ``Signals.grid`` / ``grids`` are provided (images are plain patch grids).
         has_cls: whether the vision tower has a CLS token (``cls_attention``; ``visual_keys`` at ``vision``).
-        clip_signals: whether CLIP-space signals are provided at ``pre_llm`` (a CLIP tower, ``clip_model`` given).
+        on_request: drop kind -> signals filled only for placements that request them in their ``provides``
+            (LLaVA: CLIP-space signals at ``pre_llm`` drops, for ``pre_llm_clip``; needs ``clip_model``).
         supports_keep_cls: whether VisionZip's ``keep_cls`` can be honoured at ``vision``.
         limitations: drop kind, placement or signal name -> why it is not available (quoted in errors).
         options: keyword arguments of ``framework.prune`` that go to the runtime (not to ``compose``).
@@ -84,7 +86,7 @@ class VLMAdapter:
     drop_kinds: ClassVar[frozenset[str]] = frozenset({"vision", "pre_llm", "layer"})
     has_grid: ClassVar[bool] = True
     has_cls: ClassVar[bool] = True
-    clip_signals: ClassVar[bool] = False
+    on_request: ClassVar[dict[str, frozenset[str]]] = {}
     supports_keep_cls: ClassVar[bool] = False
     limitations: ClassVar[dict[str, str]] = {}
     options: ClassVar[frozenset[str]] = CLIP_OPTIONS
@@ -93,18 +95,20 @@ class VLMAdapter:
 
     @classmethod
     def provides(cls, kind: str) -> frozenset[str]:
-        """Signals filled at drops of ``kind`` ("vision", "pre_llm", "layer"; a built-in placement name is read as
-        the kind of its drops)."""
-        kind = drop_kind(kind)
+        """Signals filled at drops of ``kind`` ("vision", "pre_llm", "layer") for any placement. A built-in placement
+        name is read as the kind of its drops plus the ``on_request`` signals that placement requests."""
+        name, kind = kind, drop_kind(kind)
         if kind not in cls.drop_kinds:
             return frozenset()
         grid = GRID_SIGNALS if cls.has_grid else frozenset()
         cls_rows = CLS_SIGNALS if cls.has_cls else frozenset()
         if kind == "vision":
-            return VISION_SIGNALS | grid | (cls_rows | {"visual_keys"} if cls.has_cls else frozenset())
-        if kind == "pre_llm":
-            return EMBEDDING_SIGNALS | cls_rows | grid | (CLIP_SIGNALS if cls.clip_signals else frozenset())
-        return EMBEDDING_SIGNALS | LAYER_SIGNALS | cls_rows | grid
+            signals = VISION_SIGNALS | grid | (cls_rows | {"visual_keys"} if cls.has_cls else frozenset())
+        elif kind == "pre_llm":
+            signals = EMBEDDING_SIGNALS | cls_rows | grid
+        else:
+            signals = EMBEDDING_SIGNALS | LAYER_SIGNALS | cls_rows | grid
+        return signals | (cls.on_request.get(kind, frozenset()) & PLACEMENT_REQUESTS.get(name, frozenset()))
 
     @classmethod
     def attach(

@@ -22,6 +22,8 @@ from typing import ClassVar
 
 from torch import Tensor
 
+from vtprune.framework.support import CLIP_SIGNALS
+
 from .description import VLMAdapter
 from .plan import ForwardCall
 from .records import ImageLayout
@@ -36,7 +38,7 @@ class LlavaAdapter(VLMAdapter):
     description: ClassVar[str] = "LLaVA-1.5 (LlavaForConditionalGeneration): CLIP ViT + MLP projector + decoder"
     model_classes: ClassVar[tuple[str, ...]] = ("LlavaForConditionalGeneration", "LlavaModel")
     has_grid: ClassVar[bool] = True
-    clip_signals: ClassVar[bool] = True  # CLIP tower: clip_visual / clip_text at pre_llm (CDPruner)
+    on_request: ClassVar[dict[str, frozenset[str]]] = {"pre_llm": CLIP_SIGNALS}  # CDPruner's, for pre_llm_clip
     supports_keep_cls: ClassVar[bool] = True
 
     def _side(self) -> int:

@@ -30,7 +30,9 @@ __all__ = [
     "CLS_SIGNALS",
     "CLIP_SIGNALS",
     "GRID_SIGNALS",
+    "PLACEMENT_REQUESTS",
     "drop_kind",
+    "provided_signals",
     "pipeline_drop_kinds",
     "adapter_drop_kinds",
     "support_problems",
@@ -48,6 +50,10 @@ PLACEMENT_KINDS: dict[str, str] = {
     "schedule": "layer",
 }
 
+#: Built-in placement names -> signals the placement requests beyond its drop kind's (an adapter fills them only
+#: where it lists them in ``on_request``, see `provided_signals`).
+PLACEMENT_REQUESTS: dict[str, frozenset[str]] = {}
+
 #: Vision-side features of the image tokens (``vision`` drops).
 VISION_SIGNALS = frozenset({"visual", "visual_mask"})
 #: Token embeddings / hidden states of the image tokens and the prompt (``pre_llm`` and ``layer`` drops).
@@ -61,6 +67,8 @@ CLIP_SIGNALS = frozenset({"clip_visual", "clip_text", "clip_text_mask"})
 #: Patch grids of the images (adapters whose image tokens are plain patch grids).
 GRID_SIGNALS = frozenset({"grid", "grids"})
 
+PLACEMENT_REQUESTS["pre_llm_clip"] = CLIP_SIGNALS
+
 #: Budget used to read a placement's drop points when no budget is at hand (any valid budget gives the same kinds).
 _PROBE_BUDGET = 1.0
 
@@ -73,6 +81,14 @@ def drop_kind(placement_or_kind: str) -> str:
         f"unknown drop kind or built-in placement {placement_or_kind!r}; drop kinds: {', '.join(DROP_KINDS)} "
         f"(built-in placements: {', '.join(PLACEMENT_KINDS)})"
     )
+
+
+def provided_signals(adapter: Any, kind: str, requested: frozenset[str] = frozenset()) -> frozenset[str]:
+    """Signals ``adapter`` fills at drops of ``kind`` for a placement declaring ``requested`` (its ``provides``):
+    ``adapter.provides(kind)``, plus the signals of ``adapter.on_request[kind]`` the placement requests (signals
+    an adapter computes only when asked, e.g. CLIP-space signals at ``pre_llm`` drops for ``pre_llm_clip``)."""
+    on_request = frozenset((getattr(adapter, "on_request", None) or {}).get(kind, ()))
+    return frozenset(adapter.provides(kind)) | (on_request & frozenset(requested))
 
 
 def pipeline_drop_kinds(pipeline: Any) -> tuple[str, ...]:
@@ -127,7 +143,7 @@ def _problems(adapter: Any, pipeline: Any, model_name: Optional[str]) -> list[tu
                 )
             )
             continue
-        provided = frozenset(adapter.provides(kind))
+        provided = provided_signals(adapter, kind, frozenset(getattr(pipeline.placement, "provides", ()) or ()))
         missing = sorted(set(pipeline.requires) - provided)
         if missing:
             signals_why = "".join(f" ({key}: {notes[key]})" for key in missing if key in notes)
