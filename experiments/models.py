@@ -65,19 +65,23 @@ def adapter_by_name(name: str, registry: Any) -> type:
 
 
 def _adapter_for_architectures(architectures: Sequence[str], registry: Any) -> type:
-    """The registered adapter whose ``model_classes`` names one of ``architectures`` (a config's, no model loaded)."""
+    """The registry's adapter for a model known by its config's ``architectures`` only (no weights loaded): the
+    registry's own class-name lookup (`Registry.adapter_for`) on a stand-in of each architecture class."""
+    from vtprune.framework.errors import RegistrationError
     from vtprune.framework.registry import default_registry
 
     table = default_registry(registry)
+    error: Optional[Exception] = None
     for architecture in architectures:
-        for entry in table.adapters.values():
-            if architecture in entry.obj.model_classes:
-                return entry.obj
+        try:
+            return table.adapter_for(type(architecture, (), {})())
+        except RegistrationError as exc:
+            error = exc
     supported = sorted({c for entry in table.adapters.values() for c in entry.obj.model_classes})
     raise VtpruneError(
         f"no vtprune adapter supports {', '.join(architectures) or 'this model'}; supported model classes: "
         f"{', '.join(supported)} (set model.adapter, or write an adapter: docs/adapters.md)"
-    )
+    ) from error
 
 
 def describe_model(model: Mapping[str, Any], registry: Any) -> Optional[tuple[Optional[type], Any]]:
