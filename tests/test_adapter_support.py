@@ -128,6 +128,10 @@ def test_prune_and_support_problems_give_the_same_message(registry):
         assert part in problems[0]
     with pytest.raises(MissingSignalError, match="no CLS token"):
         check_support(QwenVLAdapter, needs_cls)
+    # on-request signals: LLaVA fills CLIP-space signals at pre_llm drops for a placement that requests them
+    assert support_problems(LlavaAdapter, compose("cdpruner")) == []
+    assert "clip_visual" in LlavaAdapter.provides("pre_llm_clip") and "clip_visual" not in LlavaAdapter.provides("pre_llm")
+    assert any("clip_visual" in p for p in support_problems(QwenVLAdapter, compose("cdpruner")))
     # supported: no problem, at any placement whose drop kinds the adapter implements
     for recipe in ("attention+critical+fps+layer(k=2)", "prompt_cosine+critical+fps+pre_llm", "attention+critical+fps+two_step"):
         assert support_problems(LlavaOnevisionAdapter, compose(recipe, registry=registry)) == []
