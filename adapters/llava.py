@@ -6,14 +6,14 @@ placeholders are cut, in row-major order, into consecutive images of ``total / n
 Each image's tokens are a row-major patch grid (``Signals.grid``) when the CLS token is removed
 (``vision_feature_select_strategy="default"``, the LLaVA-1.5 setting).
 
-Prompt span: :func:`vtprune.adapters.base.prompt_positions` (text after the last image token up to the end
+Prompt span: :func:`vtprune.adapters.spans.prompt_positions` (text after the last image token up to the end
 of the input, or up to ``prompt_stop``; for the LLaVA-1.5 template ``"USER: <image>\\n{question}
 ASSISTANT:"`` pass the ids of ``" ASSISTANT:"`` as ``prompt_stop`` to exclude the assistant marker).
 
 ``pre_llm_clip`` (CDPruner): the ``pre_llm`` drop plus ``clip_visual`` / ``clip_text`` / ``clip_text_mask`` computed
 with the CLIP checkpoint of the vision tower (``framework.prune(..., clip_model=..., tokenizer=...)``, see
 ``vtprune.adapters.clip_signals``). VisionZip ``keep_cls=True`` at ``vision``: the image's CLS token is given to
-the LLM in front of the kept patches (see ``_Plan._apply_with_cls`` in ``base.py`` and docs/adapters.md).
+the LLM in front of the kept patches (see ``Plan._apply_with_cls`` in ``plan.py`` and docs/adapters.md).
 """
 
 from __future__ import annotations
@@ -22,7 +22,11 @@ from typing import ClassVar
 
 from torch import Tensor
 
-from .base import ImageLayout, VLMAdapter, _Call
+from vtprune.framework.support import CLIP_SIGNALS
+
+from .description import VLMAdapter
+from .plan import ForwardCall
+from .records import ImageLayout
 
 __all__ = ["LlavaAdapter"]
 
@@ -34,14 +38,14 @@ class LlavaAdapter(VLMAdapter):
     description: ClassVar[str] = "LLaVA-1.5 (LlavaForConditionalGeneration): CLIP ViT + MLP projector + decoder"
     model_classes: ClassVar[tuple[str, ...]] = ("LlavaForConditionalGeneration", "LlavaModel")
     has_grid: ClassVar[bool] = True
-    placements: ClassVar[frozenset[str]] = frozenset({"vision", "pre_llm", "pre_llm_clip", "layer", "schedule"})
+    on_request: ClassVar[dict[str, frozenset[str]]] = {"pre_llm": CLIP_SIGNALS}  # CDPruner's, for pre_llm_clip
     supports_keep_cls: ClassVar[bool] = True
 
     def _side(self) -> int:
         vision = self.config.vision_config
         return int(vision.image_size) // int(vision.patch_size)
 
-    def image_counts(self, call: _Call, num_image_tokens: int) -> list[int]:
+    def image_counts(self, call: ForwardCall, num_image_tokens: int) -> list[int]:
         encoded = (call.kwargs.get("mm_encoder_outputs") or {}).get("image")
         if encoded is not None:  # generate() encodes the images before the forward
             return [int(f.shape[0]) for f in encoded.pooler_output]
@@ -50,7 +54,7 @@ class LlavaAdapter(VLMAdapter):
             raise ValueError(f"llava: {num_image_tokens} image tokens cannot be split into {num_images} images")
         return [num_image_tokens // num_images] * num_images
 
-    def layouts(self, call: _Call, counts: list[int], token_embeds: list[Tensor]) -> list[ImageLayout]:
+    def layouts(self, call: ForwardCall, counts: list[int], token_embeds: list[Tensor]) -> list[ImageLayout]:
         side = self._side()
         return [ImageLayout(c, None, (side, side) if c == side * side else None) for c in counts]
 

@@ -15,7 +15,7 @@ vision-space feature: they are masked out (``visual_mask`` False) and therefore 
 is the CLS row of every crop, packed the same way (0 at newline tokens). No ``grid`` (the layout is not a
 single patch grid).
 
-Prompt span: as for LLaVA (:func:`vtprune.adapters.base.prompt_positions`); for the Mistral template
+Prompt span: as for LLaVA (:func:`vtprune.adapters.spans.prompt_positions`); for the Mistral template
 ``"[INST] <image>\\n{question} [/INST]"`` pass the ids of ``" [/INST]"`` as ``prompt_stop``.
 """
 
@@ -26,7 +26,9 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from .base import ImageLayout, VLMAdapter, _Call
+from .description import VLMAdapter
+from .plan import ForwardCall
+from .records import ImageLayout
 
 __all__ = ["LlavaNextAdapter"]
 
@@ -42,7 +44,7 @@ class LlavaNextAdapter(VLMAdapter):
         "pre_llm_clip": "CLIP-space signals of AnyRes crops are not implemented",
     }
 
-    def _crops(self, call: _Call) -> tuple[list[int], Tensor]:
+    def _crops(self, call: ForwardCall) -> tuple[list[int], Tensor]:
         from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
         sizes = call.kwargs.get("image_sizes")
@@ -58,7 +60,7 @@ class LlavaNextAdapter(VLMAdapter):
         ]
         return crops, sizes
 
-    def image_counts(self, call: _Call, num_image_tokens: int) -> list[int]:
+    def image_counts(self, call: ForwardCall, num_image_tokens: int) -> list[int]:
         encoded = (call.kwargs.get("mm_encoder_outputs") or {}).get("image")
         if encoded is not None:  # generate() encodes the images before the forward (image_sizes is consumed there)
             return [int(f.shape[0]) for f in encoded.pooler_output]
@@ -72,7 +74,7 @@ class LlavaNextAdapter(VLMAdapter):
         )
         return [int(p.shape[0]) for p in packed]
 
-    def layouts(self, call: _Call, counts: list[int], token_embeds: list[Tensor]) -> list[ImageLayout]:
+    def layouts(self, call: ForwardCall, counts: list[int], token_embeds: list[Tensor]) -> list[ImageLayout]:
         # newline tokens are exact copies of the model's image_newline vector
         out = []
         for count, embeds in zip(counts, token_embeds):

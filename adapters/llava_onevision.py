@@ -6,8 +6,8 @@ with a SigLIP tower, a Qwen2 decoder, bilinear down-scaling of large crop grids 
 
 - **Images and videos.** Placeholders are ``config.image_token_id`` and ``config.video_token_id``; each run
   is cut into consecutive items, images taking the rows of ``image_sizes`` and videos the rows of
-  ``pixel_values_videos`` in batch order, exactly as the model scatters them (`find_visual_segments` of the
-  Qwen adapter with ``(1, 1, n)`` grids). **One `Signals` row per image and per video**, in sequence order;
+  ``pixel_values_videos`` in batch order, exactly as the model scatters them (`spans.find_visual_segments`
+  with ``(1, 1, n)`` grids). **One `Signals` row per image and per video**, in sequence order;
   the budget applies per row.
 - **Token counts, never hard-coded.** Per image: the lengths of ``mm_encoder_outputs["image"].pooler_output``
   when ``generate`` pre-encoded the images, else the model's own ``pack_image_features`` run on ones with the
@@ -17,7 +17,7 @@ with a SigLIP tower, a Qwen2 decoder, bilinear down-scaling of large crop grids 
   model's own ``apply_pooling`` run on ones, plus the video's one ``image_newline``.
 - **Newlines** (images: one per row of the crop grid, or one after a single-crop image; videos: one at the end)
   are exact copies of ``model.image_newline`` and ordinary candidates at ``pre_llm`` / ``layer``.
-- **Prompt span**: as LLaVA (:func:`vtprune.adapters.base.prompt_positions`), image *and* video placeholders
+- **Prompt span**: as LLaVA (:func:`vtprune.adapters.spans.prompt_positions`), image *and* video placeholders
   excluded (the text after the sample's last image or video, up to ``prompt_stop``). For the Qwen2 chat
   template pass the ids of ``"<|im_end|>"`` as ``prompt_stop``.
 - **Not provided**: the ``vision`` placement (large crop grids are bilinearly interpolated and video frames
@@ -27,32 +27,17 @@ with a SigLIP tower, a Qwen2 decoder, bilinear down-scaling of large crop grids 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, ClassVar, Optional
+from typing import ClassVar, Optional
 
 import torch
 from torch import Tensor, nn
 
-from vtprune.framework.errors import VtpruneError
+from .description import VLMAdapter
+from .plan import ForwardCall
+from .records import ImageLayout
+from .spans import VisualSegment, find_visual_segments
 
-from .base import EMBEDDING_SIGNALS, LAYER_SIGNALS, Attachment, ImageLayout, VLMAdapter, _Call
-from .qwen2_vl import VisualSegment, find_visual_segments
-
-__all__ = ["LlavaOnevisionAdapter", "OnevisionAttachment"]
-
-
-@dataclass
-class _OnevisionCall(_Call):
-    """A forward in flight, with the placeholder kind of every input position.
-
-    Attributes:
-        kind_ids: (B, L) long: ``image_token_id`` / ``video_token_id`` at placeholders, -1 elsewhere (read from
-            ``input_ids``, or from ``inputs_embeds`` by comparing with the placeholders' embeddings).
-        segments: the images and videos in sequence order (filled on first use).
-    """
-
-    kind_ids: Optional[Tensor] = None
-    segments: Optional[tuple[VisualSegment, ...]] = None
+__all__ = ["LlavaOnevisionAdapter"]
 
 
 class LlavaOnevisionAdapter(VLMAdapter):
@@ -64,7 +49,8 @@ class LlavaOnevisionAdapter(VLMAdapter):
         "pooled video frames; one row per image and per video"
     )
     model_classes: ClassVar[tuple[str, ...]] = ("LlavaOnevisionForConditionalGeneration", "LlavaOnevisionModel")
-    placements: ClassVar[frozenset[str]] = frozenset({"pre_llm", "layer", "schedule"})
+    drop_kinds: ClassVar[frozenset[str]] = frozenset({"pre_llm", "layer"})
+    has_cls: ClassVar[bool] = False
     has_grid: ClassVar[bool] = False
     pixel_kwargs: ClassVar[tuple[str, ...]] = ("pixel_values", "pixel_values_videos")
     limitations: ClassVar[dict[str, str]] = {
@@ -73,18 +59,6 @@ class LlavaOnevisionAdapter(VLMAdapter):
         "cls_attention": "the SigLIP vision tower has no CLS token",
         "pre_llm_clip": "CLIP-space signals are not implemented for OneVision's SigLIP tower",
     }
-
-    @classmethod
-    def provides(cls, placement: str) -> frozenset[str]:
-        """Signals filled at ``placement``; never ``cls_attention`` (SigLIP has no CLS token) nor ``grid``."""
-        if placement == "pre_llm":
-            return EMBEDDING_SIGNALS
-        if placement in ("layer", "schedule"):
-            return EMBEDDING_SIGNALS | LAYER_SIGNALS
-        raise VtpruneError(
-            f"{cls.name} adapter (LlavaOnevisionForConditionalGeneration): placement {placement!r} is not "
-            f"implemented; supported: {sorted(cls.placements)}"
-        )
 
     def __init__(self, model: nn.Module):
         super().__init__(model)
@@ -96,13 +70,13 @@ class LlavaOnevisionAdapter(VLMAdapter):
 
     # -- model access ------------------------------------------------------------------------------------
 
-    def cls_layer(self, call: _Call) -> nn.Module:
+    def cls_layer(self, call: ForwardCall) -> nn.Module:
         raise ValueError(
             f"{type(self.model).__name__}: the SigLIP vision tower has no CLS token, so cls_attention is not "
             f"available at any placement ({', '.join(sorted(self.placements))})"
         )
 
-    def _crop_tokens(self, call: _Call) -> int:
+    def _crop_tokens(self, call: ForwardCall) -> int:
         """Vision-tower tokens of one crop after ``vision_feature_select_strategy`` (what the projector gets)."""
         vision = self.config.vision_config
         side = int(vision.image_size) // int(vision.patch_size)
@@ -112,7 +86,7 @@ class LlavaOnevisionAdapter(VLMAdapter):
 
     # -- token counts ------------------------------------------------------------------------------------
 
-    def image_token_counts(self, call: _Call, expected: Optional[int] = None) -> list[int]:
+    def image_token_counts(self, call: ForwardCall, expected: Optional[int] = None) -> list[int]:
         """Tokens of each image of the forward, in batch order (see the module docstring).
 
         ``LlavaOnevisionModel.forward`` does not hand its ``vision_aspect_ratio`` to ``get_image_features``
@@ -160,7 +134,7 @@ class LlavaOnevisionAdapter(VLMAdapter):
                 break
         return counts
 
-    def video_token_counts(self, call: _Call) -> list[int]:
+    def video_token_counts(self, call: ForwardCall) -> list[int]:
         """Tokens of each video of the forward, in batch order (see the module docstring)."""
         encoded = (call.kwargs.get("mm_encoder_outputs") or {}).get("video")
         if encoded is not None:
@@ -172,52 +146,33 @@ class LlavaOnevisionAdapter(VLMAdapter):
         pooled = self.vlm.apply_pooling(torch.ones(frames, self._crop_tokens(call), 1))  # (frames, pooled, 1)
         return [int(pooled.shape[0] * pooled.shape[1]) + 1] * number  # + the video's image_newline
 
-    def segments(self, call: _OnevisionCall) -> tuple[VisualSegment, ...]:
+    def segments(self, call: ForwardCall) -> tuple[VisualSegment, ...]:
         """The images and videos of the forward in flight, in sequence order (cached on the call)."""
-        if call.segments is None:
+        if "segments" not in call.memo:
             kinds = call.kind_ids
             if kinds is None:
                 raise ValueError(f"{self.name}: the placeholders of this forward could not be located")
             images = self.image_token_counts(call, int((kinds == self.image_token_id).sum()))
             videos = self.video_token_counts(call)
-            call.segments = find_visual_segments(
+            call.memo["segments"] = find_visual_segments(
                 kinds,
                 [(1, 1, n) for n in images],
                 [(1, 1, n) for n in videos],
                 image_token_id=self.image_token_id,
                 video_token_id=self.video_token_id,
             )
-        return call.segments
+        return call.memo["segments"]
 
-    def image_counts(self, call: _Call, num_image_tokens: int) -> list[int]:
+    def image_counts(self, call: ForwardCall, num_image_tokens: int) -> list[int]:
         counts = [segment.length for segment in self.segments(call)]
         if sum(counts) != num_image_tokens:
             raise ValueError(f"{self.name}: the images and videos cover {sum(counts)} of the {num_image_tokens} visual tokens")
         return counts
 
-    def layouts(self, call: _Call, counts: list[int], token_embeds: list[Tensor]) -> list[ImageLayout]:
+    def layouts(self, call: ForwardCall, counts: list[int], token_embeds: list[Tensor]) -> list[ImageLayout]:
         """One layout per image / video; newline tokens are exact copies of the model's ``image_newline``."""
         out = []
         for segment, count, embeds in zip(self.segments(call), counts, token_embeds):
             newline = (embeds == self.vlm.image_newline.to(embeds.device, embeds.dtype)).all(dim=-1)
             out.append(ImageLayout(count, newline if bool(newline.any()) else None, None, kind=segment.kind))
         return out
-
-    def vision_rows(self, capture: Any, layouts: Any, token_embeds: Any, per_crop: Tensor) -> list[Tensor]:
-        raise NotImplementedError(f"{self.name}: the vision placement is not implemented")
-
-
-class OnevisionAttachment(Attachment):
-    """`Attachment` with the OneVision specifics: image + video placeholders (``placeholder_ids``: both are visual
-    tokens, both are excluded from the prompt span), told apart per position in `_OnevisionCall.kind_ids`.
-    Placement and signal checks are the base runtime's (`check_support`)."""
-
-    adapter: LlavaOnevisionAdapter
-
-    def _new_call(self, bound: dict, kinds: Optional[Tensor]) -> _OnevisionCall:
-        """The base call, plus the placeholder kind of every position (images and videos are told apart)."""
-        call = super()._new_call(bound, kinds)
-        return _OnevisionCall(call.input_ids, call.image_mask, call.has_images, call.kwargs, kind_ids=kinds)
-
-
-LlavaOnevisionAdapter.attachment_class = OnevisionAttachment

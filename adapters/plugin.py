@@ -6,32 +6,16 @@ import pluggy
 
 from .llava import LlavaAdapter
 from .llava_next import LlavaNextAdapter
+from .llava_onevision import LlavaOnevisionAdapter
+from .qwen2_vl import QwenVLAdapter
+from .qwen3_vl import Qwen3VLAdapter
+
+__all__ = ["BUILTIN_ADAPTERS", "vtprune_register_adapters"]
 
 hookimpl = pluggy.HookimplMarker("vtprune")
 
-#: Adapters of this package.
-BUILTIN_ADAPTERS: tuple[type, ...] = (LlavaAdapter, LlavaNextAdapter)
-
-try:  # the Qwen2-VL adapter lives in its own module (separate owner); registered here once it is complete
-    from .qwen2_vl import QwenVLAdapter as _Qwen
-except ImportError:  # pragma: no cover
-    _Qwen = None
-if _Qwen is not None and all(hasattr(_Qwen, a) for a in ("name", "model_classes", "placements", "provides")):
-    BUILTIN_ADAPTERS = BUILTIN_ADAPTERS + (_Qwen,)
-
-try:  # the LLaVA-OneVision adapter lives in its own module (separate owner); registered here once it is complete
-    from .llava_onevision import LlavaOnevisionAdapter as _Onevision
-except ImportError:  # pragma: no cover
-    _Onevision = None
-if _Onevision is not None and all(hasattr(_Onevision, a) for a in ("name", "model_classes", "placements", "provides")):
-    BUILTIN_ADAPTERS = BUILTIN_ADAPTERS + (_Onevision,)
-
-try:  # the Qwen3-VL adapter lives in its own module (separate owner); registered here once it is complete
-    from .qwen3_vl import Qwen3VLAdapter as _Qwen3
-except ImportError:  # pragma: no cover
-    _Qwen3 = None
-if _Qwen3 is not None and all(hasattr(_Qwen3, a) for a in ("name", "model_classes", "placements", "provides")):
-    BUILTIN_ADAPTERS = BUILTIN_ADAPTERS + (_Qwen3,)
+#: Adapters of this package, in registration order.
+BUILTIN_ADAPTERS: tuple[type, ...] = (LlavaAdapter, LlavaNextAdapter, QwenVLAdapter, LlavaOnevisionAdapter, Qwen3VLAdapter)
 
 
 @hookimpl

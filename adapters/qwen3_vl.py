@@ -1,20 +1,12 @@
 """Adapter for Qwen3-VL (``Qwen3VLForConditionalGeneration``, ``Qwen3VLModel``): dynamic resolution,
 interleaved M-RoPE, images, videos with frame timestamps, and DeepStack.
 
-It reuses the Qwen2-VL adapter (``adapters.qwen2_vl``: prompt span, ``(4, B, L)`` stack positions, ``keep`` /
-``compact``, rope deltas when decoding, the ``vision`` capture before the patch merger) and the decoder
-machinery (``adapters.decoder``). What is Qwen3-specific lives here:
+It is the Qwen2-VL description (``adapters.qwen2_vl``: prompt span, ``(4, B, L)`` stack positions, ``keep`` /
+``compact``, rope deltas when decoding, the ``vision`` capture before the patch merger) with what differs
+overridden; the DeepStack hooks are in ``adapters.deepstack`` (re-exported here). What is Qwen3-specific:
 
-- **DeepStack** (`DeepstackFeed`): the vision tower also returns features of intermediate vision layers, and
-  ``Qwen3VLTextModel`` adds the i-th of them to the visual tokens' hidden states after decoder layer i
-  (``hidden[visual_pos_masks] += deepstack_visual_embeds[i]``, in ``_deepstack_process``). A forward pre-hook on
-  that one text model (after the decoder machinery's, so a drop at the decoder input has happened) replaces the
-  two keyword arguments by the mask and rows of the sequence the stack actually runs on, in a `DeepstackFeed`
-  whose ``len()`` stops at the first ``layer(k)`` drop: the model adds the features of the layers before it
-  itself. For a DeepStack layer i >= k, a forward hook on layer i adds them to the kept visual slots with the
-  model's own ``_deepstack_process``. A kept token keeps receiving exactly its own features, a dropped one
-  nothing, layers before a ``layer(k)`` drop see the full sequence, and no tensor is modified in place (autograd
-  works); nothing of the model is reassigned.
+- **DeepStack** (`DeepstackHooks`, `DeepstackFeed` in ``adapters.deepstack``): the features the text model adds
+  to the visual tokens after its first layers follow the kept tokens; a keep-all forward is bit-identical.
 - **Visual items** (`find_visual_items`): a Qwen3-VL video is written frame by frame, each frame its own run of
   ``h * w`` placeholders between ``<|vision_start|>`` / ``<|vision_end|>`` and preceded by a timestamp
   (``<0.5 seconds>``). One `Signals` row per image and per *video* (all its frames); the timestamps are not part
@@ -23,23 +15,24 @@ machinery (``adapters.decoder``). What is Qwen3-specific lives here:
 - **Vision placement**: as Qwen2-VL (merge units before the main patch merger; the DeepStack mergers are not
   selection inputs); the kept tokens keep their own DeepStack features.
 - **Not provided**: ``cls_attention`` (no CLS token) and ``visual_keys`` at ``vision``.
+
+>>> sorted(Qwen3VLAdapter.placements)
+['layer', 'pre_llm', 'schedule', 'vision']
 """
 
 from __future__ import annotations
 
-import operator
-from collections.abc import Sequence as SequenceABC
 from dataclasses import dataclass
 from typing import Any, ClassVar, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
 
-from vtprune.framework.errors import VtpruneError
-
-from .base import _Call
-from .decoder import Session
-from .qwen2_vl import QwenAttachment, QwenPlan, QwenVLAdapter, _runs
+from .deepstack import DeepstackFeed, DeepstackHooks
+from .description import Extension
+from .plan import ForwardCall
+from .qwen2_vl import MropePositions, QwenVLAdapter
+from .spans import consecutive_runs
 
 __all__ = [
     "Qwen3VLAdapter",
@@ -48,11 +41,11 @@ __all__ = [
     "refine_item",
     "without_video_text",
     "DeepstackFeed",
+    "DeepstackHooks",
 ]
 
 #: An item's layout: (t, h, w) in language-model tokens, or its token count alone (layout unknown).
 Layout = Union[tuple[int, int, int], int]
-
 
 # ------------------------------------------------------------------------------------------------
 # Visual items: images and frame-by-frame videos
@@ -133,7 +126,7 @@ def find_visual_items(
         runs = [
             (sample, start, length)
             for sample in range(input_ids.shape[0])
-            for start, length in _runs((input_ids[sample] == token_id).nonzero().flatten().tolist())
+            for start, length in consecutive_runs((input_ids[sample] == token_id).nonzero().flatten().tolist())
         ]
         run, offset = 0, 0  # the next unused placeholder: run number, offset inside it
         for number, layout in enumerate(queue):
@@ -231,84 +224,6 @@ def without_video_text(
 
 
 # ------------------------------------------------------------------------------------------------
-# DeepStack
-# ------------------------------------------------------------------------------------------------
-
-
-class DeepstackFeed(SequenceABC):
-    """The ``deepstack_visual_embeds`` a pruned prefill gives ``Qwen3VLTextModel``, with the matching
-    ``visual_pos_masks`` (`mask`).
-
-    Built from the model's own mask (B, L) and features (one (n_visual, D) tensor per DeepStack layer, rows in
-    row-major order of the mask) and the decoder machinery's `Session` of the prefill in flight, whose segments
-    grow as drops happen. Nothing is ever modified in place (neither the model's tensors nor this object's).
-
-    - `mask` and the items are those of **segment 0**, the sequence the stack runs on before any ``layer(k)`` drop
-      (compacted by a ``pre_llm`` / ``vision`` drop): the visual slots, and the rows of the visual tokens present.
-      Without a drop at the input they are the model's own mask and tensors (a keep-all forward is bit-identical).
-    - ``len()`` is what the text model reads after every layer to decide whether it adds DeepStack features: the
-      number of DeepStack layers, cut at the first ``layer(k)`` drop once it has happened. So the model adds the
-      features of layer i itself exactly while layer i runs on segment 0.
-    - `after_layer` gives the (mask, rows) of a DeepStack layer that runs on a later segment (after a ``layer(k)``
-      drop with k inside the DeepStack layers): the adapter adds them with the model's own ``_deepstack_process``
-      from a forward hook on that layer. Reading an item of a later segment raises (a text model that read the
-      length once would otherwise add the wrong rows).
-    """
-
-    def __init__(self, mask: Tensor, features: Sequence[Tensor], session: Session):
-        self._full = mask.bool()  # (B, L) in the stack input's (original) coordinates
-        self._features = list(features)
-        self._session = session
-        flat = self._full.flatten().long()
-        self._rank = (flat.cumsum(0) - 1).view_as(self._full)  # (B, L) feature row of each visual position
-        self._states: dict[int, tuple[Tensor, Optional[Tensor]]] = {}
-        present, rows = self._state(0)
-        self.mask = mask if rows is None else present
-
-    def _state(self, number: int) -> tuple[Tensor, Optional[Tensor]]:
-        """(visual slots (B, Ls) bool, feature rows, None for all of them) of segment ``number``."""
-        if number not in self._states:
-            segment = self._session.segments[number]
-            index = segment.index.to(self._full.device)
-            present = self._full.gather(1, index) & segment.valid.to(self._full.device)
-            rows = self._rank.gather(1, index)[present]
-            identity = present.shape == self._full.shape and torch.equal(present, self._full)
-            self._states[number] = (present, None if identity else rows)
-        return self._states[number]
-
-    def _rows(self, layer: int, number: int) -> Tensor:
-        feature = self._features[layer]
-        rows = self._state(number)[1]
-        return feature if rows is None else feature.index_select(0, rows.to(feature.device))
-
-    def __len__(self) -> int:
-        segments = self._session.segments
-        return min(len(self._features), segments[1].start) if len(segments) > 1 else len(self._features)
-
-    def __getitem__(self, layer):
-        if isinstance(layer, slice):
-            return [self[i] for i in range(len(self._features))[layer]]
-        layer = operator.index(layer)
-        layer = layer + len(self._features) if layer < 0 else layer
-        if self._session.segment_of(layer) != 0:
-            raise RuntimeError(
-                f"DeepStack features of layer {layer} were read by the text model after a drop before layer "
-                f"{self._session.segments[1].start}; this transformers version is not supported by the qwen3_vl adapter"
-            )
-        return self._rows(layer, 0)
-
-    def after_layer(self, layer: int) -> Optional[tuple[Tensor, Tensor]]:
-        """(visual slots (B, Ls), features (n, D)) to add after ``layer`` when it runs on a segment after a drop;
-        None when the model adds them itself (segment 0) or the layer has no DeepStack features."""
-        if layer >= len(self._features):
-            return None
-        number = self._session.segment_of(layer)
-        if number == 0:
-            return None
-        return self._state(number)[0], self._rows(layer, number)
-
-
-# ------------------------------------------------------------------------------------------------
 # The adapter
 # ------------------------------------------------------------------------------------------------
 
@@ -333,7 +248,6 @@ class Qwen3VLAdapter(QwenVLAdapter):
         "images and timestamped videos, DeepStack features pruned with the tokens"
     )
     model_classes: ClassVar[tuple[str, ...]] = ("Qwen3VLForConditionalGeneration", "Qwen3VLModel")
-    placements: ClassVar[frozenset[str]] = frozenset({"vision", "pre_llm", "layer", "schedule"})
     limitations: ClassVar[dict[str, str]] = {
         "cls_attention": "the Qwen3-VL vision tower has no CLS token",
         "visual_keys": "at vision: the Qwen3-VL vision tower has no CLS layer to take keys from",
@@ -353,7 +267,7 @@ class Qwen3VLAdapter(QwenVLAdapter):
     def window_order(self, grid_thw: Tensor) -> Optional[Tensor]:
         return None  # no window attention in the Qwen3-VL tower
 
-    def segments(self, call: _Call) -> tuple[VisualItem, ...]:
+    def segments(self, call: ForwardCall) -> tuple[VisualItem, ...]:
         """The images and videos of the forward in flight, in sequence order (`find_visual_items`)."""
         kwargs = call.kwargs
         encoded = kwargs.get("mm_encoder_outputs") or {}
@@ -368,91 +282,19 @@ class Qwen3VLAdapter(QwenVLAdapter):
             items = tuple(refine_item(item, positions) if item.kind in counted else item for item in items)
         return items
 
+    def extensions(self) -> tuple[Extension, ...]:
+        """M-RoPE positions (as Qwen2-VL), then the DeepStack hooks (after the decoder machinery's)."""
+        deepstack = DeepstackHooks(self.name, type(self.model).__name__, self.stack, self.deepstack_layers)
+        return (MropePositions(self.stack), deepstack)
 
-class Qwen3Attachment(QwenAttachment):
-    """`QwenAttachment` plus the DeepStack hooks: a forward pre-hook on the text model (after the decoder
-    machinery's) that hands it a `DeepstackFeed` and its mask during a pruned prefill, a forward hook that
-    releases it, and forward hooks on the DeepStack layers that add their features after a ``layer(k)`` drop."""
-
-    adapter: Qwen3VLAdapter
-
-    def __init__(self, adapter: Qwen3VLAdapter, pipeline: Any, budget: Any, *, positions: str, prompt_stop=None, **options):
-        self._feeds: list[Optional[DeepstackFeed]] = []
-        stack = adapter.stack
-        if adapter.deepstack_layers and not callable(getattr(stack, "_deepstack_process", None)):
-            raise VtpruneError(
-                f"{type(adapter.model).__name__} (adapter {adapter.name!r}): {type(stack).__name__} has no "
-                "_deepstack_process; DeepStack features cannot be pruned with this transformers version"
-            )
-        super().__init__(adapter, pipeline, budget, positions=positions, prompt_stop=prompt_stop, **options)
-        try:
-            self._handles.append(stack.register_forward_pre_hook(self._deepstack_pre, with_kwargs=True))
-            self._handles.append(stack.register_forward_hook(self._deepstack_post, with_kwargs=True, always_call=True))
-            for number, layer in enumerate(list(stack.layers)[: adapter.deepstack_layers]):
-                self._handles.append(layer.register_forward_hook(self._deepstack_layer(number)))
-        except BaseException:
-            self.remove()
-            raise
-
-    def remove(self) -> None:
-        super().remove()
-        self._feeds.clear()
-
-    # -- DeepStack hooks -------------------------------------------------------------------------------
-
-    def _deepstack_pre(self, module, args, kwargs):
-        """Runs after the decoder machinery's stack pre-hook (a drop at the decoder input has happened)."""
-        session = self.decoder.prefill_session
-        mask, features = kwargs.get("visual_pos_masks"), kwargs.get("deepstack_visual_embeds")
-        if session is None or mask is None or features is None or len(features) == 0:
-            self._feeds.append(None)
-            return None
-        if tuple(mask.shape) != (session.segments[0].index.shape[0], session.length):
-            self._feeds.append(None)
-            raise RuntimeError(
-                f"{self.adapter.name}: visual_pos_masks has shape {tuple(mask.shape)}, the prefill has "
-                f"{session.length} tokens; DeepStack features cannot be aligned with the pruned sequence"
-            )
-        feed = DeepstackFeed(mask, features, session)
-        self._feeds.append(feed)
-        kwargs = dict(kwargs)
-        kwargs["visual_pos_masks"] = feed.mask
-        kwargs["deepstack_visual_embeds"] = feed
-        return args, kwargs
-
-    def _deepstack_post(self, module, args, kwargs, output):
-        if self._feeds:
-            self._feeds.pop()
-        return None
-
-    def _deepstack_layer(self, number: int):
-        """Forward hook of DeepStack layer ``number``: after a drop at a layer <= ``number``, add its features to
-        the kept visual tokens (the text model adds them itself only on the undropped sequence)."""
-
-        def hook(module, args, output):
-            feed = self._feeds[-1] if self._feeds else None
-            extra = feed.after_layer(number) if feed is not None else None
-            if extra is None:
-                return None
-            hidden = output[0] if isinstance(output, tuple) else output
-            hidden = self.adapter.stack._deepstack_process(hidden, *extra)
-            return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
-
-        return hook
-
-
-class Qwen3Plan(QwenPlan):
-    """`QwenPlan` whose prompt span leaves out the text inside videos (frame timestamps)."""
-
-    def __init__(self, owner: Qwen3Attachment, call: _Call, embeds: Tensor, image_mask: Tensor, mask2d: Tensor):
-        super().__init__(owner, call, embeds, image_mask, mask2d)
-        items = owner.adapter.segments(call)
+    def prompt_span(
+        self, call: ForwardCall, image_mask: Tensor, mask2d: Tensor, prompt_stop: Optional[Sequence[int]]
+    ) -> tuple[list[Tensor], Tensor]:
+        """The Qwen rule, without the text inside videos (frame timestamps, `without_video_text`)."""
+        spans, query = super().prompt_span(call, image_mask, mask2d, prompt_stop)
+        items = self.segments(call)
         if any(item.kind == "video" for item in items):
-            ids = call.input_ids.to(embeds.device)
-            vision = torch.isin(ids, torch.tensor(sorted(owner.adapter.vision_token_ids), device=ids.device))
-            self.prompts, query = without_video_text(self.prompts, self.query, items, vision)
-            self.query = query.to(self.device)
-
-
-Qwen3Attachment.plan_class = Qwen3Plan
-Qwen3VLAdapter.attachment_class = Qwen3Attachment
+            ids = call.input_ids.to(mask2d.device)
+            vision = torch.isin(ids, torch.tensor(sorted(self.vision_token_ids), device=ids.device))  # (B, L)
+            spans, query = without_video_text(spans, query, items, vision)
+        return spans, query

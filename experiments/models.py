@@ -58,30 +58,30 @@ def resolve_model_path(name: str) -> str:
 
 
 def adapter_by_name(name: str, registry: Any) -> type:
-    from vtprune.adapters.plugin import BUILTIN_ADAPTERS
+    """The adapter registered as ``name`` (``model.adapter``); unknown -> `UnknownNameError` listing the names."""
+    from vtprune.framework.prune import adapter_for
 
-    table = {entry.name: entry.obj for entry in registry.adapters.values()}
-    table.update({a.name: a for a in BUILTIN_ADAPTERS if a.name not in table})
-    if name not in table:
-        from vtprune.framework.errors import UnknownNameError
-
-        raise UnknownNameError("adapter", name, table)
-    return table[name]
+    return adapter_for(None, registry, name)
 
 
 def _adapter_for_architectures(architectures: Sequence[str], registry: Any) -> type:
-    from vtprune.adapters.plugin import BUILTIN_ADAPTERS
+    """The registry's adapter for a model known by its config's ``architectures`` only (no weights loaded): the
+    registry's own class-name lookup (`Registry.adapter_for`) on a stand-in of each architecture class."""
+    from vtprune.framework.errors import RegistrationError
+    from vtprune.framework.registry import default_registry
 
-    candidates = [entry.obj for entry in registry.adapters.values()] + list(BUILTIN_ADAPTERS)
+    table = default_registry(registry)
+    error: Optional[Exception] = None
     for architecture in architectures:
-        for adapter in candidates:
-            if architecture in adapter.model_classes:
-                return adapter
-    supported = sorted({c for a in candidates for c in a.model_classes})
+        try:
+            return table.adapter_for(type(architecture, (), {})())
+        except RegistrationError as exc:
+            error = exc
+    supported = sorted({c for entry in table.adapters.values() for c in entry.obj.model_classes})
     raise VtpruneError(
         f"no vtprune adapter supports {', '.join(architectures) or 'this model'}; supported model classes: "
         f"{', '.join(supported)} (set model.adapter, or write an adapter: docs/adapters.md)"
-    )
+    ) from error
 
 
 def describe_model(model: Mapping[str, Any], registry: Any) -> Optional[tuple[Optional[type], Any]]:
@@ -176,7 +176,15 @@ class HFBackend:
             return contextlib.nullcontext(None)
         from vtprune.framework.prune import prune
 
-        return prune(self.module, pipeline, budget=budget, positions=positions, prompt_stop=self.prompt_stop, registry=self.registry)
+        return prune(
+            self.module,
+            pipeline,
+            budget=budget,
+            positions=positions,
+            prompt_stop=self.prompt_stop,
+            registry=self.registry,
+            adapter=self.spec.get("adapter") or None,  # model.adapter: attach with the named adapter
+        )
 
     def prompt(self, question: str, num_images: int) -> str:
         if self.template:

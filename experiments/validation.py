@@ -207,27 +207,36 @@ def _adapter_info(model: Mapping[str, Any], registry: Any) -> Any:
 
 def adapter_support_problems(pipeline: Any, run: Mapping[str, Any], adapter: Any) -> list[str]:
     """Whether ``adapter`` (a class, or None when unknown) implements the pipeline's placement and
-    provides the signals its stages need at that placement: one message per problem.
-
-    This will delegate to ``vtprune.framework.support.support_problems(adapter, pipeline,
-    model_name=run["model"]["name"])`` once that module exists; the messages stay these.
-    """
+    provides the signals its stages need there: one message per problem of the one support check
+    (`vtprune.framework.support.support_report`, what ``framework.prune`` raises), worded for a grid
+    file (the model as configured, the stages that need a missing signal)."""
     if adapter is None:
         return []
-    placement = pipeline.placement.name
-    if placement not in adapter.placements:
-        return [
-            f"the {adapter.name!r} adapter of model {run['model']['name']!r} does not implement placement "
-            f"{placement!r}; it implements {', '.join(sorted(adapter.placements))}"
-        ]
-    missing = sorted(set(pipeline.requires) - set(adapter.provides(placement)))
-    if not missing:
-        return []
-    users = sorted({s.name for s in pipeline.stages if s.requires & set(missing)})
-    return [
-        f"stage(s) {', '.join(users)} need signal(s) {', '.join(missing)}, which the {adapter.name!r} "
-        f"adapter cannot provide at placement {placement!r} (it provides {', '.join(sorted(adapter.provides(placement)))})"
-    ]
+    from vtprune.framework.errors import VtpruneError
+    from vtprune.framework.support import PLACEMENT_REQUESTS, support_report
+
+    model = run["model"]["name"]
+    messages = []
+    for problem in support_report(adapter, pipeline, model_name=f"model {model!r}"):
+        requested = PLACEMENT_REQUESTS.get(problem.placement, frozenset())
+        if problem.error is VtpruneError or (problem.missing and set(problem.missing) <= requested):
+            messages.append(
+                f"the {problem.adapter!r} adapter of model {model!r} does not implement placement "
+                f"{problem.placement!r} ({problem.kind!r} drops{_missing(problem)}); it implements "
+                f"{', '.join(problem.implemented)}"
+            )
+            continue
+        users = sorted({s.name for s in pipeline.stages if s.requires & set(problem.missing)})
+        messages.append(
+            f"stage(s) {', '.join(users)} need signal(s) {', '.join(problem.missing)}, which the "
+            f"{problem.adapter!r} adapter cannot provide at placement {problem.placement!r} (it provides "
+            f"{', '.join(problem.provided)})"
+        )
+    return messages
+
+
+def _missing(problem: Any) -> str:
+    return f" need {', '.join(problem.missing)}, which it cannot provide" if problem.missing else ""
 
 
 def text_config_problems(pipeline: Any, run: Mapping[str, Any], text_config: Any) -> list[str]:

@@ -15,38 +15,28 @@ from __future__ import annotations
 from typing import Any, Optional, Sequence
 
 from .budget import normalize_budget
-from .errors import MissingSignalError, RegistrationError, VtpruneError
+from .errors import UnknownNameError, VtpruneError
+from .support import check_support
 
 __all__ = ["prune", "PruneHandle", "adapter_for"]
 
 POSITIONS = ("keep", "compact")
 
 
-def adapter_for(model: Any, registry: Any = None) -> type:
-    """The adapter class for ``model``: the registry's adapters, then the built-in ones (single switch point)."""
+def adapter_for(model: Any, registry: Any = None, adapter: Any = None) -> type:
+    """The adapter class for ``model``, from the registry only (the built-in adapters are registered by the
+    ``vtprune.adapters.plugin`` plugin): the one registered under the name ``adapter`` when given (an adapter
+    class is used as is), else the one whose ``model_classes`` names the model's class or a base of it."""
     from .registry import default_registry
 
-    error: Optional[Exception] = None
-    try:
-        return default_registry(registry).adapter_for(model)
-    except RegistrationError as exc:  # the registry may not list the built-in adapters
-        error = exc
-    from vtprune.adapters.plugin import BUILTIN_ADAPTERS
-
-    for klass in type(model).__mro__:
-        for adapter in BUILTIN_ADAPTERS:
-            if klass.__name__ in adapter.model_classes:
-                return adapter
-    registered = []
-    try:
-        registered = [c for e in default_registry(registry).adapters.values() for c in e.obj.model_classes]
-    except Exception:  # pragma: no cover - registry construction problems are reported by `error`
-        pass
-    supported = sorted(set(registered) | {c for a in BUILTIN_ADAPTERS for c in a.model_classes})
-    raise RegistrationError(
-        f"no vtprune adapter supports {type(model).__name__}; supported model classes: {', '.join(supported)} "
-        "(write one: docs/adapters.md)"
-    ) from error
+    if adapter is not None and not isinstance(adapter, str):
+        return adapter
+    table = default_registry(registry)
+    if adapter is None:
+        return table.adapter_for(model)
+    if adapter not in table.adapters:
+        raise UnknownNameError("adapter", adapter, table.adapters)
+    return table.adapters[adapter].obj
 
 
 class PruneHandle:
@@ -79,7 +69,7 @@ class PruneHandle:
 
     @property
     def last_selection(self) -> Any:
-        """`vtprune.adapters.base.PruneResult` of the last pruned prefill (None before the first one):
+        """`vtprune.adapters.records.PruneResult` of the last pruned prefill (None before the first one):
         ``.selection`` / ``.counts`` (final kept tokens per image, image-token coordinates),
         ``.drops`` (one record per drop) and ``.per_layer_counts`` for schedules, ``.sequence_index`` (the
         original position of every output slot)."""
@@ -113,6 +103,7 @@ def prune(
     positions: str = "keep",
     prompt_stop: Optional[Sequence[int]] = None,
     registry: Any = None,
+    adapter: Any = None,
     **params: Any,
 ) -> PruneHandle:
     """Attach a pruning pipeline to ``model`` (one instance) and return a removable `PruneHandle`.
@@ -128,14 +119,16 @@ def prune(
         positions: "keep" (kept tokens keep their position ids) or "compact" (renumbered).
         prompt_stop: token ids marking the end of the user turn (see docs/adapters.md, prompt span).
         registry: the registry for ``compose`` and adapter lookup (default: installed plugins).
+        adapter: the registered adapter name (or an adapter class) to attach with; default: the registry's adapter
+            for the model's class (`adapter_for`).
         **params: stage parameters for ``compose``, and the adapter's options: the names the adapter class lists
-            in ``options`` go to ``adapter.attach`` instead (LLaVA family: ``clip_model``, ``tokenizer``,
+            in ``options`` go to the adapter's runtime instead (LLaVA family: ``clip_model``, ``tokenizer``,
             ``clip_tokenizer`` for the ``pre_llm_clip`` placement, docs/adapters.md).
     """
     budget = normalize_budget(budget)
     if positions not in POSITIONS:
         raise VtpruneError(f"positions must be one of {POSITIONS}, got {positions!r}")
-    adapter = adapter_for(model, registry)
+    adapter = adapter_for(model, registry, adapter)
     option_names = frozenset(getattr(adapter, "options", ()) or ())
     options = {name: params.pop(name) for name in list(params) if name in option_names}
     if hasattr(recipe, "select") and hasattr(recipe, "placement") and not params:
@@ -144,20 +137,6 @@ def prune(
         from .compose import compose
 
         pipeline = compose(recipe, registry=registry, **params)
-    placement = pipeline.placement.name
-    notes = getattr(adapter, "limitations", {}) or {}
-    if placement not in adapter.placements:
-        why = f" ({notes[placement]})" if placement in notes else ""
-        raise VtpruneError(
-            f"adapter {adapter.name!r} ({type(model).__name__}) does not implement placement {placement!r}{why}; it implements "
-            f"{', '.join(sorted(adapter.placements))}"
-        )
-    missing = sorted(set(pipeline.requires) - set(adapter.provides(placement)))
-    if missing:
-        why = "".join(f" ({name}: {notes[name]})" for name in missing if name in notes)
-        raise MissingSignalError(
-            f"adapter {adapter.name!r} ({type(model).__name__}) cannot provide {missing} at placement {placement!r}{why}; it provides "
-            f"{sorted(adapter.provides(placement))}"
-        )
+    check_support(adapter, pipeline, model_name=type(model).__name__)
     attachment = adapter.attach(model, pipeline, budget, positions=positions, prompt_stop=prompt_stop, **options)
     return PruneHandle(model, pipeline, adapter, attachment, positions)

@@ -48,6 +48,8 @@ DOCTEST_MODULES = [
     "vtprune.framework.compose",
     "vtprune.strategies.functional.prompt_relevance",
     "vtprune.strategies.functional.ranking",
+    "vtprune.adapters.spans",
+    "vtprune.adapters.mrope",
     "vtprune.adapters.qwen2_vl",
     "vtprune.adapters.qwen3_vl",
 ]

@@ -1,0 +1,442 @@
+"""The drop plan of one pruned prefill (implements ``decoder.DropPlan``): signals for each drop, the pipeline's
+selection, the decision, the records.
+
+A plan receives data only: the forward in flight (`ForwardCall`), its input embeddings and masks, the vision
+capture, and a `PlanContext` (the adapter description, the pipeline and its settings, a ``project`` function and
+a ``publish`` function for the `PruneResult`). The hook runtime (``adapters.runtime``) builds one per pruned
+prefill through its plan factory (`Plan` by default).
+
+Rows of `Signals` are images, in the order the model consumes them (row-major over the batch: all images of
+sample 0, then sample 1, ...), which is also the order of ``pixel_values``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from vtprune.framework.selection import Selection
+from vtprune.framework.signals import Signals
+
+from .call import ForwardCall
+from .capture import VisionCapture
+from .decoder import Decision, DropState, Session
+from .records import DropRecord, ImageLayout, PruneResult
+
+__all__ = ["ForwardCall", "PlanContext", "Plan", "check_drops", "HINT_FINAL_NORM", "HINT_OWN_LAYER"]
+
+#: Stage hints (``Stage.adapter_hints``) the runtime honours (docs/adapters.md).
+HINT_FINAL_NORM = "final_norm"  # in-LLM visual / prompt = hidden states through the decoder's final norm (DART)
+HINT_OWN_LAYER = "own_layer_scoring"  # layer(k) attention / keys from layer k's own weights on its input (PyramidDrop)
+
+
+@dataclass(frozen=True)
+class PlanContext:
+    """What a plan needs besides the forward: fixed for one attachment.
+
+    Attributes:
+        adapter: the adapter description (instance) of the model.
+        pipeline: the composed pipeline (``select``, ``requires``, ``placement``).
+        requires: the pipeline's required signals.
+        hints: the union of the stages' ``adapter_hints``.
+        keep_cls: VisionZip ``keep_cls=True`` at ``vision``.
+        clip: `ClipSignals` for CLIP-space signals, or None.
+        prompt_stop: token ids ending the user turn, or None.
+        num_layers: decoder layers of the language model.
+        project: vision-space values (..., n, Dv) -> LLM tokens (..., n, D), run by the runtime.
+        publish: receives the `PruneResult` of the finished prefill.
+    """
+
+    adapter: Any
+    pipeline: Any
+    requires: frozenset
+    hints: frozenset
+    keep_cls: bool
+    clip: Any
+    prompt_stop: Optional[list]
+    num_layers: int
+    project: Callable[[Tensor], Tensor]
+    publish: Callable[[PruneResult], None]
+
+
+def check_drops(drops: Sequence[Any], num_layers: int) -> None:
+    """Raise ``ValueError`` for drops the runtime cannot apply: more than one at the decoder input, an unknown
+    kind, or a layer outside ``1..num_layers - 1``."""
+    at_input = [d for d in drops if d.where in ("vision", "pre_llm")]
+    if len(at_input) > 1:
+        raise ValueError("at most one vision / pre_llm drop per pipeline")
+    for drop in drops:
+        if drop.where not in ("vision", "pre_llm", "layer"):
+            raise ValueError(f"unknown drop point {drop.where!r}")
+        if drop.where == "layer" and not 1 <= int(drop.layer) < num_layers:
+            raise ValueError(
+                f"layer drop before layer {drop.layer}: the language model has {num_layers} layers "
+                f"(valid k: 1..{num_layers - 1})"
+            )
+
+
+def _pad_rows(rows: list[Tensor], width: Optional[int] = None, value: float = 0.0) -> Tensor:
+    width = max([r.shape[0] for r in rows] + [width or 0])
+    out = rows[0].new_full((len(rows), width, *rows[0].shape[1:]), value)
+    for i, r in enumerate(rows):
+        out[i, : r.shape[0]] = r
+    return out
+
+
+class Plan:
+    """The drop plan of one prefill (implements ``decoder.DropPlan``).
+
+    Args:
+        context: the attachment's fixed settings (`PlanContext`).
+        call: the forward in flight.
+        embeds: (B, L, D) the decoder input embeddings.
+        image_mask: (B, L) bool, True at visual placeholders.
+        mask2d: (B, L) bool attention mask.
+        capture: what the vision hooks captured for this forward.
+        budget: the budget of this forward (int, float, or one per image).
+    """
+
+    def __init__(
+        self,
+        context: PlanContext,
+        call: ForwardCall,
+        embeds: Tensor,
+        image_mask: Tensor,
+        mask2d: Tensor,
+        capture: VisionCapture,
+        budget: Any,
+    ):
+        self.context = context
+        self.adapter = adapter = context.adapter
+        self.call = call
+        self.device = embeds.device
+        self.length = image_mask.shape[1]
+        self.capture = capture
+        counts = adapter.image_counts(call, int(image_mask.sum().item()))
+        flat = image_mask.nonzero()  # (T, 2) row-major (sample, position)
+        if sum(counts) != flat.shape[0]:
+            raise ValueError(f"{adapter.name}: {flat.shape[0]} image tokens in the input but the images need {sum(counts)}")
+        self.image_sample, self.image_positions = [], []
+        offset = 0
+        for count in counts:
+            chunk = flat[offset : offset + count]
+            offset += count
+            if not bool((chunk[:, 0] == chunk[0, 0]).all()):
+                raise ValueError("an image's placeholder tokens span two samples")
+            self.image_sample.append(int(chunk[0, 0]))
+            self.image_positions.append(chunk[:, 1])
+        self.num_images = len(counts)
+        self.token_embeds = [embeds[b, p.to(embeds.device)] for b, p in zip(self.image_sample, self.image_positions)]
+        self.layouts: list[ImageLayout] = adapter.layouts(call, counts, self.token_embeds)
+        self.prompts, query = adapter.prompt_span(call, image_mask, mask2d, context.prompt_stop)
+        self.query = query.to(self.device)
+        if isinstance(budget, (list, tuple)) or (isinstance(budget, Tensor) and budget.dim() == 1):
+            budgets = [b.item() if isinstance(b, Tensor) else b for b in budget]
+            if len(budgets) != self.num_images:
+                raise ValueError(f"budget has {len(budgets)} entries for {self.num_images} images in this forward")
+        else:
+            budgets = [budget] * self.num_images
+        placement = context.pipeline.placement
+        self.drops_per_image = [placement.drops(b) for b in budgets]
+        structure = {tuple((d.where, d.layer) for d in drops) for drops in self.drops_per_image}
+        if len(structure) != 1:
+            raise ValueError("per-image budgets must give the same drop points")
+        self.drops = self.drops_per_image[0] if self.drops_per_image else ()
+        check_drops(self.drops, context.num_layers)
+        self.layers = tuple(0 if d.where in ("vision", "pre_llm") else int(d.layer) for d in self.drops)
+        self.records: list[DropRecord] = []
+        self.requires = context.requires
+        # per-image present tokens (image-token coordinates), updated at each drop
+        self.present = [torch.ones(c, dtype=torch.bool, device=self.device) for c in counts]
+        self._cls_rows = None
+        self._vkey_rows = None
+
+    # -- DropPlan API -----------------------------------------------------------------------------------
+
+    def score_layer(self, layer: int) -> int:
+        """Layer whose own q/k score the drop at ``layer``: ``layer`` under the ``own_layer_scoring`` hint
+        (PyramidDrop), else ``layer - 1`` (FastV)."""
+        return layer if HINT_OWN_LAYER in self.context.hints else layer - 1
+
+    def wants(self, layer: int) -> frozenset[str]:
+        wanted = set()
+        if "attention" in self.requires:
+            wanted.add("attention")
+        if self.requires & {"visual_keys", "prompt_keys"}:
+            wanted.add("keys")
+        return frozenset(wanted)
+
+    def decide(self, layer: int, state: DropState) -> Optional[Decision]:
+        number = self.layers.index(layer)
+        drop = self.drops[number]
+        budgets = [drops[number].budget for drops in self.drops_per_image]
+        if drop.where == "vision":
+            signals, columns, slots = self._vision_signals(state)
+        else:
+            signals, columns, slots = self._llm_signals(state, drop)
+        selection = self.context.pipeline.select(signals, budgets if len(set(budgets)) > 1 else budgets[0])
+        if drop.where == "vision" and self.context.keep_cls:
+            return self._apply_with_cls(drop, layer, budgets, selection, signals, columns, slots, state)
+        return self._apply(drop, layer, budgets, selection, columns, slots, state)
+
+    def finish(self, session: Session) -> None:
+        final = session.final
+        self.context.publish(PruneResult(
+            drops=tuple(self.records),
+            image_sample=torch.tensor(self.image_sample, dtype=torch.long),
+            num_tokens=torch.tensor([layout.num_tokens for layout in self.layouts], dtype=torch.long),
+            image_positions=tuple(p.cpu() for p in self.image_positions),
+            sequence_index=final.index.cpu(),
+            sequence_mask=final.valid.cpu(),
+        ))
+
+    # -- signals ----------------------------------------------------------------------------------------
+
+    def _slot_map(self, state: DropState) -> Tensor:
+        batch, width = state.index.shape
+        slot_of = torch.full((batch, self.length + 1), -1, dtype=torch.long, device=self.device)
+        target = torch.where(state.valid, state.index, torch.full_like(state.index, self.length))
+        slot_of.scatter_(1, target, torch.arange(width, device=self.device).expand(batch, -1))
+        return slot_of[:, : self.length]
+
+    def _rows(self, state: DropState) -> tuple[list[Tensor], list[Tensor]]:
+        """Per image: present token ids (image coords) and their current slots."""
+        slot_of = self._slot_map(state)
+        columns, slots = [], []
+        for r in range(self.num_images):
+            s = slot_of[self.image_sample[r], self.image_positions[r].to(self.device)]
+            tokens = (s >= 0).nonzero().flatten()
+            columns.append(tokens)
+            slots.append(s[tokens])
+        return columns, slots
+
+    def _cls(self) -> Optional[list[Tensor]]:
+        if self._cls_rows is None and self.capture.cls is not None:
+            per_crop = self._strip_cls(self.capture.cls.transpose(1, 2))  # (crops, n, H)
+            self._cls_rows = [row.float().t().to(self.device) for row in self._vision_rows(per_crop)]
+        return self._cls_rows
+
+    def _vision_keys(self) -> Optional[list[Tensor]]:
+        if self._vkey_rows is None and self.capture.keys is not None:
+            keys = self._strip_cls(self.capture.keys)  # (crops, n, H, d)
+            crops, n, heads, dim = keys.shape
+            rows = self._vision_rows(keys.reshape(crops, n, heads * dim))
+            self._vkey_rows = [row.float().view(row.shape[0], heads, dim) for row in rows]
+        return self._vkey_rows
+
+    def _vision_rows(self, per_crop: Tensor) -> list[Tensor]:
+        return self.adapter.vision_rows(self.capture, self.layouts, self.token_embeds, per_crop)
+
+    def _strip_cls(self, per_crop: Tensor) -> Tensor:
+        return per_crop[:, 1:] if self.adapter.strategy(self.call) == "default" else per_crop
+
+    def _row_grids(self, columns: list[Tensor]) -> list[Optional[tuple[int, int]]]:
+        """Per image, its (h, w) token grid while all its tokens are present (a drop breaks the grid)."""
+        return [
+            layout.grid if c.numel() == layout.num_tokens else None for c, layout in zip(columns, self.layouts)
+        ]
+
+    def _common(self, columns: list[Tensor], fields: dict) -> None:
+        if "cls_attention" in self.requires:
+            rows = self._cls()
+            if rows is not None:
+                fields["cls_attention"] = _pad_rows([rows[r][:, c].t() for r, c in enumerate(columns)]).transpose(1, 2)
+        grids = self._row_grids(columns)
+        if grids and len(set(grids)) == 1 and grids[0] is not None:
+            fields["grid"] = grids[0]  # one grid for every row
+        elif any(g is not None for g in grids):  # rows differ: per-row grids, (0, 0) = none
+            fields["grids"] = torch.tensor([g if g is not None else (0, 0) for g in grids], dtype=torch.long)
+
+    def _llm_signals(self, state: DropState, drop: Any):
+        columns, slots = self._rows(state)
+        hidden = state.hidden
+        if drop.where == "layer" and HINT_FINAL_NORM in self.context.hints:
+            with torch.no_grad():
+                hidden = self.adapter.final_norm()(hidden)  # DART: similarities on model.norm(hidden states)
+        hidden = hidden.float()
+        fields: dict[str, Any] = {}
+        fields["visual"] = _pad_rows([hidden[self.image_sample[r], slots[r]] for r in range(self.num_images)])
+        fields["visual_mask"] = _pad_rows([torch.ones(len(s), dtype=torch.bool, device=self.device) for s in slots], value=False)
+        width = fields["visual"].shape[1]
+        slot_of = self._slot_map(state)
+        prompt_slots = [slot_of[b, self.prompts[b].to(self.device)] for b in range(state.hidden.shape[0])]
+        if any(bool((p < 0).any()) for p in prompt_slots):
+            raise RuntimeError("a prompt token was dropped")
+        if True:  # prompt hidden states are cheap; stages that do not read them ignore them
+            rows = [hidden[self.image_sample[r], prompt_slots[self.image_sample[r]]] for r in range(self.num_images)]
+            if max(r.shape[0] for r in rows) > 0:
+                fields["prompt"] = _pad_rows(rows)
+                fields["prompt_mask"] = _pad_rows(
+                    [torch.ones(r.shape[0], dtype=torch.bool, device=self.device) for r in rows], value=False
+                )
+        if state.attention is not None:
+            rows = [state.attention[self.image_sample[r]][:, slots[r]].t() for r in range(self.num_images)]
+            fields["attention"] = _pad_rows(rows, width).transpose(1, 2)
+        if state.keys is not None:
+            keys = state.keys.float()
+            fields["visual_keys"] = _pad_rows([keys[self.image_sample[r], slots[r]] for r in range(self.num_images)], width)
+            if "prompt" in fields:
+                fields["prompt_keys"] = _pad_rows(
+                    [keys[self.image_sample[r], prompt_slots[self.image_sample[r]]] for r in range(self.num_images)]
+                )
+        if drop.where == "pre_llm" and self.context.clip is not None:
+            self._clip_fields(columns, fields)
+        self._common(columns, fields)
+        return Signals(**fields), columns, slots
+
+    def _clip_fields(self, columns: list[Tensor], fields: dict) -> None:
+        """``clip_visual`` / ``clip_text`` / ``clip_text_mask`` (CDPruner; see ``adapters/clip_signals.py``)."""
+        clip = self.context.clip
+        features = self.capture.features
+        if features is None:
+            raise RuntimeError("pre_llm_clip: the vision tower did not run for this forward")
+        if self.call.input_ids is None:
+            raise ValueError("pre_llm_clip needs input_ids to recover the prompt text (inputs_embeds was given)")
+        per_crop = clip.image_embeds(features)  # (crops, n, C) fp32
+        rows = self._vision_rows(per_crop)
+        fields["clip_visual"] = _pad_rows([row[c].float() for row, c in zip(rows, columns)]).to(self.device)
+        cache: dict = {}
+        texts = []
+        for r in range(self.num_images):
+            b = self.image_sample[r]
+            ids = self.call.input_ids[b, self.prompts[b].to(self.call.input_ids.device)]
+            texts.append(clip.prompt_embeds(ids, cache).to(self.device))
+        fields["clip_text"] = _pad_rows(texts)
+        fields["clip_text_mask"] = _pad_rows(
+            [torch.ones(t.shape[0], dtype=torch.bool, device=self.device) for t in texts], value=False
+        )
+
+    def _vision_feature_rows(self) -> list[Tensor]:
+        """Per image, the vision-side features aligned with its LLM tokens (``adapter.vision_features``)."""
+        return self.adapter.vision_features(self.call, self.capture, self.layouts, self.token_embeds, self.device)
+
+    def _vision_signals(self, state: DropState):
+        columns, slots = self._rows(state)
+        rows = self._vision_feature_rows()
+        newline = [layout.newline for layout in self.layouts]
+        fields: dict[str, Any] = {
+            "visual": _pad_rows([row.float() for row in rows]),
+            "visual_mask": _pad_rows(
+                [
+                    (~n if n is not None else torch.ones(row.shape[0], dtype=torch.bool, device=row.device))
+                    for row, n in zip(rows, newline)
+                ],
+                value=False,
+            ).to(self.device),
+        }
+        fields["visual"] = fields["visual"].to(self.device)
+        if "visual_keys" in self.requires:
+            keys = self._vision_keys()
+            if keys is not None:
+                fields["visual_keys"] = _pad_rows(keys).to(self.device)
+        self._common(columns, fields)
+        return Signals(**fields), columns, slots
+
+    # -- decision ---------------------------------------------------------------------------------------
+
+    def _apply_with_cls(self, drop, layer, budgets, selection: Selection, signals: Signals, columns, slots, state) -> Decision:
+        """VisionZip ``keep_cls=True`` at ``vision``: each image gives the LLM its CLS token followed by the kept
+        patches in the official order [CLS, dominant ascending, contextual ascending], written (through the
+        projector) into the first ``count + 1`` placeholder slots of the image; the other slots are dropped. An
+        image keeping all its patches has no free slot for CLS and is left untouched."""
+        if self.adapter.strategy(self.call) != "default":
+            raise ValueError("keep_cls=True needs vision_feature_select_strategy='default' (CLS not among the patches)")
+        if not isinstance(self.adapter.feature_layer(self.call), int) or self.capture.cls_token is None:
+            raise RuntimeError("keep_cls=True: the CLS hidden state of the feature layer was not captured")
+        if self.capture.cls_token.shape[0] != self.num_images:
+            raise ValueError(f"keep_cls=True: {self.capture.cls_token.shape[0]} crops for {self.num_images} images")
+        keep = torch.ones_like(state.valid)
+        replace = torch.zeros_like(state.valid)
+        values = None
+        patches = selection.gather(signals.visual)  # (R, K, Dv): merged values where set
+        rows_idx, rows_mask, rows_crit, rows_vals = [], [], [], []
+        for r in range(self.num_images):
+            b = self.image_sample[r]
+            n = columns[r].numel()
+            idx = selection.indices[r][selection.mask[r]]
+            crit = selection.critical[r][selection.mask[r]]
+            count = idx.numel()
+            if count + 1 > n:  # nothing dropped: no slot for CLS, the image stays as it is
+                rows_idx.append(columns[r])
+                rows_crit.append(crit)
+                rows_vals.append(signals.visual[r, :n])
+                continue
+            order = torch.cat([(crit).nonzero().flatten(), (~crit).nonzero().flatten()])  # dominant, then contextual
+            sequence = torch.cat(
+                [self.capture.cls_token[r : r + 1].float().to(self.device), patches[r][selection.mask[r]][order]]
+            )  # (count + 1, Dv)
+            with torch.no_grad():
+                projected = self.context.project(sequence.unsqueeze(0))[0]  # (count + 1, D)
+            if values is None:
+                values = torch.zeros(*state.valid.shape, projected.shape[-1], dtype=state.hidden.dtype, device=self.device)
+            target = slots[r][: count + 1]
+            keep[b, slots[r][count + 1 :]] = False
+            values[b, target] = projected.to(values.dtype)
+            replace[b, target] = True
+            rows_idx.append(columns[r][: count + 1])
+            rows_crit.append(torch.cat([crit.new_ones(1), crit[order]]))
+            rows_vals.append(sequence)
+            new_present = torch.zeros_like(self.present[r])
+            new_present[columns[r][: count + 1]] = True
+            self.present[r] = new_present
+        width = max(t.numel() for t in rows_idx)
+        record = Selection(
+            indices=_pad_rows([t.cpu() for t in rows_idx], width),
+            mask=_pad_rows([torch.ones(t.numel(), dtype=torch.bool) for t in rows_idx], width, value=False),
+            critical=_pad_rows([t.cpu() for t in rows_crit], width, value=False),
+            values=_pad_rows([v.detach().float().cpu() for v in rows_vals], width),
+        )
+        patch_record = Selection(
+            indices=torch.stack([columns[r][selection.indices[r]] for r in range(self.num_images)]).cpu()
+            if self.num_images
+            else selection.indices.cpu(),
+            mask=selection.mask.cpu(),
+            critical=selection.critical.cpu(),
+            values=None if selection.values is None else selection.values.detach().cpu(),
+        )
+        before = torch.tensor([c.numel() for c in columns], dtype=torch.long)
+        self.records.append(DropRecord(drop.where, layer, tuple(budgets), record, before, patches=patch_record))
+        return Decision(keep=keep, values=values, replace=replace if values is not None else None)
+
+    def _apply(self, drop, layer, budgets, selection: Selection, columns, slots, state: DropState) -> Decision:
+        keep = torch.ones_like(state.valid)
+        values = None
+        replace = None
+        kept = selection.kept_mask(max([c.numel() for c in columns] + [selection.indices.shape[1]]))
+        if selection.values is not None:
+            vals = selection.values
+            if drop.where == "vision":
+                vals = self.context.project(vals)  # (R, K, D)
+            values = torch.zeros(*state.valid.shape, vals.shape[-1], dtype=state.hidden.dtype, device=self.device)
+            replace = torch.zeros_like(state.valid)
+        mapped, masks, crit = [], [], []
+        for r in range(self.num_images):
+            b = self.image_sample[r]
+            n = columns[r].numel()
+            row_kept = kept[r, :n]
+            keep[b, slots[r][~row_kept]] = False
+            idx = selection.indices[r][selection.mask[r]]
+            if values is not None:
+                values[b, slots[r][idx]] = vals[r][selection.mask[r]].to(values.dtype)
+                replace[b, slots[r][idx]] = True
+            mapped.append(columns[r][idx])
+            new_present = torch.zeros_like(self.present[r])
+            new_present[columns[r][idx]] = True
+            self.present[r] = new_present
+        width = selection.indices.shape[1]
+        img_indices = torch.zeros(self.num_images, width, dtype=torch.long, device=self.device)
+        for r, m in enumerate(mapped):
+            img_indices[r, : m.numel()] = m
+        record = Selection(
+            indices=img_indices.cpu(),
+            mask=selection.mask.cpu(),
+            critical=selection.critical.cpu(),
+            values=None if selection.values is None else selection.values.detach().cpu(),
+        )
+        before = torch.tensor([c.numel() for c in columns], dtype=torch.long)
+        self.records.append(DropRecord(drop.where, layer, tuple(budgets), record, before))
+        return Decision(keep=keep, values=values, replace=replace)
+
