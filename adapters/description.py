@@ -13,7 +13,7 @@ a new family is one module subclassing this and overriding what differs (docs/ad
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Optional, Sequence
+from typing import Any, Callable, ClassVar, Optional, Sequence
 
 from torch import Tensor, nn
 
@@ -31,8 +31,9 @@ from vtprune.framework.support import (
 from .capture import CaptureNeeds, ProjectorCapture, VisionCapture, VisionHooks
 from .clip_signals import CLIP_OPTIONS
 from .decoder import DecoderSpec
-from .plan import ForwardCall
+from .plan import ForwardCall, Plan
 from .records import ImageLayout
+from .runtime import attach
 from .spans import prompt_positions
 
 __all__ = ["VLMAdapter", "Extension"]
@@ -110,22 +111,12 @@ class VLMAdapter:
             signals = EMBEDDING_SIGNALS | LAYER_SIGNALS | cls_rows | grid
         return signals | (cls.on_request.get(kind, frozenset()) & PLACEMENT_REQUESTS.get(name, frozenset()))
 
-    @classmethod
-    def attach(
-        cls,
-        model: nn.Module,
-        pipeline: Any,
-        budget: Any,
-        *,
-        positions: str = "keep",
-        prompt_stop: Optional[Sequence[int]] = None,
-        **options: Any,
-    ) -> Any:
-        """The adapter protocol's entry point (what ``framework.prune`` calls): ``runtime.attach(cls(model), ...)``.
-        Families never override it; the runtime is the same for all."""
-        from .runtime import attach
-
-        return attach(cls(model), pipeline, budget, positions=positions, prompt_stop=prompt_stop, **options)
+    #: The hook runtime that attaches a description (``framework.prune`` calls
+    #: ``adapter.runtime(adapter(model), pipeline, budget, plan_factory=adapter.plan_factory, ...)``): data,
+    #: not a method, and the same for every built-in family.
+    runtime: ClassVar[Callable[..., Any]] = staticmethod(attach)
+    #: Builds the per-forward drop plan from data (`vtprune.adapters.plan.Plan`); a family may name its own.
+    plan_factory: ClassVar[Callable[..., Any]] = Plan
 
     # -- modules (LLaVA-family defaults) -----------------------------------------------------------------
 

@@ -84,11 +84,16 @@ def vtprune_register_presets(registry: Registry) -> None:
 def vtprune_register_adapters(registry: Registry) -> None:
     """Register model adapters with ``registry.add_adapter(cls)``.
 
-    An adapter class has ``name``, ``model_classes`` (the class names of the models it attaches
-    to), ``placements`` (the placement names it implements) and ``provides(placement) ->
-    frozenset[str]`` (the signals it fills there). ``framework.prune`` picks the adapter whose
-    ``model_classes`` contains the model's class name (or a base class's name). docs/adapters.md
-    describes the attach contract.
+    An adapter class is a *description* of a model family: ``name``, ``model_classes`` (the class
+    names of the models it attaches to), ``drop_kinds`` (the `Drop.where` kinds it implements:
+    "vision", "pre_llm", "layer"), ``provides(kind) -> frozenset[str]`` (the signals it fills at
+    drops of that kind), ``limitations`` (name -> reason, quoted in errors), ``runtime`` (the
+    function that installs the hooks: ``runtime(adapter(model), pipeline, budget, plan_factory=
+    adapter.plan_factory, positions=..., prompt_stop=..., **options)``) and ``plan_factory``.
+    Support is decided by ``vtprune.framework.support`` from this data alone, so a third-party
+    placement works wherever its drop kinds are implemented. ``framework.prune`` picks the adapter
+    whose ``model_classes`` contains the model's class name (or a base class's name), or the one
+    registered under ``adapter=``. docs/adapters.md describes the contract.
     """
 
 

@@ -138,5 +138,13 @@ def prune(
 
         pipeline = compose(recipe, registry=registry, **params)
     check_support(adapter, pipeline, model_name=type(model).__name__)
-    attachment = adapter.attach(model, pipeline, budget, positions=positions, prompt_stop=prompt_stop, **options)
+    attachment = adapter.runtime(
+        adapter(model),
+        pipeline,
+        budget,
+        positions=positions,
+        prompt_stop=prompt_stop,
+        plan_factory=adapter.plan_factory,
+        **options,
+    )
     return PruneHandle(model, pipeline, adapter, attachment, positions)

@@ -171,10 +171,10 @@ def support_report(adapter: Any, pipeline: Any, *, model_name: Optional[str] = N
         unfilled = sorted(PLACEMENT_REQUESTS.get(placement, frozenset()) - provided)
         if unfilled:  # a placement that exists to add signals (pre_llm_clip) is not implemented without them
             reason = notes.get(placement)
-            why = f": {reason}" if reason else ""
+            why = f" ({reason})" if reason else ""
             message = (
-                f"{model} (adapter {name!r}): placement {placement!r} is not implemented (it adds {unfilled} at "
-                f"{kind!r} drops, which the adapter cannot fill{why}); use placement {', '.join(placements)}"
+                f"{model} (adapter {name!r}) does not implement placement {placement!r}{why}: it adds {unfilled} "
+                f"at {kind!r} drops, which the adapter cannot fill; use placement {', '.join(placements)}"
             )
             problems.append(
                 SupportProblem(VtpruneError, message, name, placement, kind, tuple(unfilled), tuple(sorted(provided)), tuple(placements))

@@ -102,9 +102,11 @@ class Registry:
 
     def add_adapter(self, cls: type) -> None:
         """Register a model adapter class (see ``vtprune_register_adapters``)."""
-        for attribute in ("name", "model_classes", "placements", "provides"):
+        for attribute in ("name", "model_classes", "provides", "runtime", "plan_factory"):
             if not hasattr(cls, attribute):
                 raise RegistrationError(f"adapter {cls!r} from plugin {self._source!r} lacks {attribute!r}")
+        if not hasattr(cls, "drop_kinds") and not hasattr(cls, "placements"):
+            raise RegistrationError(f"adapter {cls!r} from plugin {self._source!r} declares neither 'drop_kinds' nor 'placements'")
         self._claim(self.adapters, "adapter", cls.name, cls, getattr(cls, "description", "") or (cls.__doc__ or "").strip().split("\n")[0])
 
     def add_task(self, name: str, factory: Callable[..., Any], description: str) -> None:

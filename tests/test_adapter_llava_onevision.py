@@ -219,13 +219,13 @@ def test_vision_placement_and_cls_attention_fail_at_attach(model):
         VtpruneError,
         match=r"LlavaOnevisionForConditionalGeneration.*placement 'vision' is not implemented.*\['layer', 'pre_llm', 'schedule'\]",
     ):
-        LlavaOnevisionAdapter.attach(model, compose(PLACEMENT_RECIPES["vision"]), 3)
+        LlavaOnevisionAdapter.runtime(LlavaOnevisionAdapter(model), compose(PLACEMENT_RECIPES["vision"]), 3)
 
     needs_cls = NeedsCls(compose(RECIPES["pre_llm"]).placement)
     with pytest.raises(MissingSignalError, match="LlavaOnevisionForConditionalGeneration.*cls_attention.*placement 'pre_llm'"):
         prune(model, needs_cls, budget=3)
     with pytest.raises(MissingSignalError, match="LlavaOnevisionForConditionalGeneration.*cls_attention.*'pre_llm'.*no CLS"):
-        LlavaOnevisionAdapter.attach(model, needs_cls, 3)
+        LlavaOnevisionAdapter.runtime(LlavaOnevisionAdapter(model), needs_cls, 3)
     with pytest.raises(MissingSignalError, match="cls_attention.*placement 'layer'"):
         prune(model, "cls_attention+critical+fps+layer(k=2)", budget=3)
     with pytest.raises(VtpruneError, match="does not implement placement 'pre_llm_clip'"):

@@ -255,11 +255,11 @@ def test_unavailable_signals_and_placements_fail_at_attach():
     with pytest.raises(MissingSignalError, match="cls_attention"):
         prune(model, needs_cls, budget=3)
     with pytest.raises(MissingSignalError, match="no CLS token.*pre_llm|pre_llm.*no CLS token"):
-        QwenVLAdapter.attach(model, needs_cls, 3)
+        QwenVLAdapter.runtime(QwenVLAdapter(model), needs_cls, 3)
     with pytest.raises(MissingSignalError, match="cls_attention.*placement 'vision'"):
         prune(model, "visionzip", budget=3)  # CLS attention at the vision placement
     with pytest.raises(MissingSignalError, match="Qwen2VLForConditionalGeneration.*cls_attention.*vision.*no CLS"):
-        QwenVLAdapter.attach(model, compose("visionzip"), 3)
+        QwenVLAdapter.runtime(QwenVLAdapter(model), compose("visionzip"), 3)
     with pytest.raises(VtpruneError, match="does not implement placement 'pre_llm_clip'"):
         prune(model, "cdpruner", budget=3, clip_model=object())
     with pytest.raises(ValueError, match="input_ids"):

@@ -296,7 +296,7 @@ def test_base_model_and_errors():
     with pytest.raises(MissingSignalError, match="cls_attention"):
         prune(model, needs_cls, budget=3)
     with pytest.raises(MissingSignalError, match="Qwen3VLForConditionalGeneration.*cls_attention.*vision.*no CLS"):
-        Qwen3VLAdapter.attach(model, compose("visionzip"), 3)
+        Qwen3VLAdapter.runtime(Qwen3VLAdapter(model), compose("visionzip"), 3)
     with pytest.raises(MissingSignalError, match="cls_attention.*placement 'vision'.*no CLS token"):
         prune(model, "visionzip", budget=3)
     with pytest.raises(VtpruneError, match="pre_llm_clip' \\(Qwen3-VL's tower is not a CLIP model"):
