@@ -1,0 +1,465 @@
+"""The selection contract, as a check a plugin's own tests call.
+
+:func:`check_selection` checks one pipeline on one batch and one budget; :func:`check_pipeline` sweeps shapes,
+seeds, signal factories and budgets (int and float, keep-all included); :func:`check_stage` /
+:func:`check_preset` compose a registered stage or preset into its standard pipelines first
+(:func:`contract_recipes`) and check each. The rules are those of ``Pipeline.select`` and the stage base
+classes (``framework/pipeline.py``, ``framework/stages.py``):
+
+=========================  =====================================================================================
+property                   rule
+=========================  =====================================================================================
+``selection shapes``       ``indices`` (B, K) long, ``mask`` / ``critical`` (B, K) bool, ``mask`` a prefix per row
+``exact count``            ``counts[b] == pipeline.budget.resolve(budget, real tokens of row b)``
+``keep-all``               a budget at or above a row's real tokens (or 1.0) keeps every real token
+``ascending unique``       a row's kept indices are strictly increasing
+``padding never chosen``   every kept index is a real token (``visual_mask`` True)
+``critical on kept only``  ``critical`` is never set on a padding slot
+``critical count``         critical tokens per row: 0 without scores; the whole budget when the diversity stage
+                           adds nothing; else ``min(allocation.critical, total)``
+``critical top scores``    (``top_scores=True``) no unchosen real token scores above a critical one
+``values shape``           merge stages: ``values`` is (B, K, D) floating point, finite at kept slots
+``batch == per-sample``    each row alone (``Signals.row``) keeps the same indices, critical flags and values
+``padding invariance``     a row cut to its real tokens (no mask, its own grid) keeps the same tokens; the batch
+                           with extra padding of huge values appended keeps the same tokens (a row with exact
+                           duplicate tokens: the same count; their ties may fall differently with the padded width)
+``determinism``            a second call gives the same indices, critical flags and values
+``requires declared``      (:func:`check_pipeline`) signals holding only the declared ``requires`` give the same
+                           selection
+=========================  =====================================================================================
+
+A failure raises :class:`ContractError` (an ``AssertionError``) whose message names the pipeline or recipe,
+the property, the row, the budget and the batch (row lengths, seed, factory), e.g.::
+
+    ContractError: [diversity.my_stage: prompt_cosine+critical+diversity.my_stage] property 'padding never
+    chosen' fails at budget=3, row 1 (lengths [9, 6], seed 0, ragged_signals): kept index 7 is padding
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from vtprune.framework import Pipeline, Registry, Selection, Signals, compose, default_registry, resolve_budget
+from vtprune.framework.errors import VtpruneError
+from vtprune.framework.stages import BudgetAllocator, Drop
+
+from .signals import clustered_signals, pad_signals, ragged_signals, signals_for, trim_row
+
+__all__ = [
+    "ContractError",
+    "DEFAULT_BUDGETS",
+    "DEFAULT_FACTORIES",
+    "DEFAULT_SEEDS",
+    "DEFAULT_SHAPES",
+    "DROP_POINTS",
+    "check_pipeline",
+    "check_placement",
+    "check_preset",
+    "check_selection",
+    "check_stage",
+    "compose_for_contract",
+    "contract_recipes",
+]
+
+#: Budgets every sweep runs: token counts (1 = the smallest budget) and fractions, round-half cases included.
+DEFAULT_BUDGETS: tuple[int | float, ...] = (1, 3, 8, 0.25, 0.5)
+#: Row lengths of the batches a sweep runs: one image, ragged rows (a row of one token, a prime row), equal rows.
+DEFAULT_SHAPES: tuple[tuple[int, ...], ...] = ((16,), (9, 6), (1, 7, 20), (12, 12))
+DEFAULT_SEEDS: tuple[int, ...] = (0, 1)
+#: Signal factories a sweep runs: random values with per-row grids, and clustered tokens with exact ties.
+DEFAULT_FACTORIES: tuple[Callable[..., Signals], ...] = (ragged_signals, clustered_signals)
+#: Extra padding tokens appended for the padding-invariance property.
+EXTRA_PADDING = 3
+#: A budget far above every test row (keep-all).
+LARGE_BUDGET = 10_000
+#: Where a placement may drop tokens (`Drop.where`).
+DROP_POINTS = ("vision", "pre_llm", "layer")
+
+
+class ContractError(AssertionError):
+    """A stage or pipeline broke the selection contract; the message says which property, where and how."""
+
+
+@dataclasses.dataclass(frozen=True)
+class _Where:
+    """What a failure message names besides the property."""
+
+    label: str
+    budget: Any
+    context: str
+
+    def fail(self, prop: str, detail: str, row: Optional[int] = None) -> ContractError:
+        at_row = f", row {row}" if row is not None else ""
+        return ContractError(
+            f"[{self.label}] property {prop!r} fails at budget={self.budget!r}{at_row} ({self.context}): {detail}"
+        )
+
+
+def _describe(signals: Signals) -> str:
+    return f"lengths {signals.valid().sum(1).tolist()}"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One batch, one budget
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _expected_counts(pipeline: Any, budget: Any, valid_counts: Tensor) -> Tensor:
+    allocator = getattr(pipeline, "budget", None)
+    resolve = allocator.resolve if isinstance(allocator, BudgetAllocator) else resolve_budget
+    if isinstance(budget, Sequence) and not isinstance(budget, str):
+        return torch.cat([resolve(b, valid_counts[i : i + 1]) for i, b in enumerate(budget)])
+    return resolve(budget, valid_counts)
+
+
+def _same(
+    a: Selection,
+    b: Selection,
+    row_a: int,
+    row_b: int,
+    visual_a: Tensor,
+    visual_b: Tensor,
+    valid_a: Optional[Tensor] = None,
+) -> Optional[str]:
+    """None when row ``row_a`` of ``a`` and row ``row_b`` of ``b`` keep the same tokens, flags and token values
+    (``Selection.gather``: merged values where a stage set them, else the tokens themselves; ``visual_*`` are the
+    (B, N, D) tokens each selection was made from). With ``valid_a`` (the (N,) real tokens of row ``row_a``), a row
+    with exact duplicate tokens only needs the same count (see :func:`_duplicates`)."""
+    kept_a, kept_b = a.row_indices(row_a), b.row_indices(row_b)
+    values_a = a.gather(visual_a)[row_a][a.mask[row_a]]  # (K_b, D)
+    values_b = b.gather(visual_b)[row_b][b.mask[row_b]]  # (K_b, D)
+    if not torch.equal(kept_a, kept_b):
+        if not (valid_a is not None and _duplicates(kept_a, kept_b, visual_a[row_a], valid_a)):
+            return f"kept {kept_b.tolist()} instead of {kept_a.tolist()}"
+        return None
+    crit_a, crit_b = a.critical[row_a][a.mask[row_a]], b.critical[row_b][b.mask[row_b]]
+    if not torch.equal(crit_a, crit_b):
+        return f"critical flags {crit_b.int().tolist()} instead of {crit_a.int().tolist()}"
+    if not torch.equal(values_a, values_b):
+        return "has different kept (merged) token values"
+    return None
+
+
+def _duplicates(kept_a: Tensor, kept_b: Tensor, visual: Tensor, valid: Tensor) -> bool:
+    """True when two selections of one row may legitimately differ: the same number of tokens from a row whose real
+    tokens include exact duplicates. Distances between duplicates are ties that floating-point noise breaks, and
+    that noise may depend on the padded width (a matmul's summation order), so only counts are comparable."""
+    if kept_a.numel() != kept_b.numel():
+        return False
+    real = visual[valid]  # (n, D)
+    return torch.unique(real, dim=0).shape[0] < real.shape[0]
+
+
+def _check_structure(selection: Selection, signals: Signals, where: _Where) -> None:
+    batch = signals.batch_size
+    if not isinstance(selection, Selection):
+        raise where.fail("selection shapes", f"select returned {type(selection).__name__}, not a Selection")
+    indices, mask, critical = selection.indices, selection.mask, selection.critical
+    if indices.dim() != 2 or indices.shape[0] != batch or indices.dtype != torch.long:
+        raise where.fail("selection shapes", f"indices must be (B={batch}, K) long, got {tuple(indices.shape)} {indices.dtype}")
+    for name, value in (("mask", mask), ("critical", critical)):
+        if value.shape != indices.shape or value.dtype != torch.bool:
+            raise where.fail("selection shapes", f"{name} must be {tuple(indices.shape)} bool, got {tuple(value.shape)} {value.dtype}")
+    for row in range(batch):
+        count = int(mask[row].sum())
+        if bool(mask[row, count:].any()):
+            raise where.fail("selection shapes", f"mask {mask[row].int().tolist()} is not a prefix of real slots", row)
+    if selection.values is not None:
+        values = selection.values
+        wanted = (*indices.shape, signals.visual.shape[-1])
+        if tuple(values.shape) != wanted or not values.is_floating_point():
+            raise where.fail("values shape", f"values must be {wanted} floating point, got {tuple(values.shape)} {values.dtype}")
+        if not bool(torch.isfinite(values[mask]).all()):
+            raise where.fail("values shape", "values at kept slots are not finite")
+
+
+def _check_rows(selection: Selection, signals: Signals, expected: Tensor, where: _Where) -> None:
+    valid = signals.valid()  # (B, N)
+    counts = selection.counts
+    for row in range(signals.batch_size):
+        if int(counts[row]) != int(expected[row]):
+            raise where.fail(
+                "exact count",
+                f"kept {int(counts[row])} tokens, the budget resolves to {int(expected[row])} "
+                f"(row has {int(valid[row].sum())} real tokens)",
+                row,
+            )
+        kept = selection.row_indices(row)
+        if kept.numel() and (int(kept.min()) < 0 or int(kept.max()) >= signals.num_tokens):
+            raise where.fail("padding never chosen", f"kept index out of range 0..{signals.num_tokens - 1}: {kept.tolist()}", row)
+        if not bool(torch.all(kept[1:] > kept[:-1])):
+            raise where.fail("ascending unique", f"kept indices {kept.tolist()} are not strictly increasing", row)
+        padding = kept[~valid[row, kept]]
+        if padding.numel():
+            raise where.fail("padding never chosen", f"kept index {padding.tolist()} is padding", row)
+    stray = selection.critical & ~selection.mask
+    if bool(stray.any()):
+        row = int(stray.any(1).nonzero()[0])
+        raise where.fail("critical on kept only", "critical is set on a padding slot of the selection", row)
+
+
+def _check_critical(pipeline: Any, selection: Selection, signals: Signals, expected: Tensor, where: _Where, top_scores: bool) -> None:
+    """Critical count (the pipeline's rule) and, with ``top_scores``, that the critical tokens are the top-scoring."""
+    stages = ("relevance", "diversity", "budget")
+    if not all(hasattr(pipeline, name) for name in stages):
+        return  # a duck-typed pipeline: no stages to read the rule from
+    valid = signals.valid()
+    scores = pipeline.relevance.score(signals)
+    critical = selection.critical.sum(1)  # (B,)
+    if scores is None:
+        wanted = torch.zeros_like(expected)
+    else:
+        scores = scores.float().masked_fill(~valid, float("-inf"))  # (B, N)
+        if pipeline.diversity.adds_tokens:
+            allocation = pipeline.budget.allocate(expected, valid, scores)
+            wanted = torch.minimum(allocation.critical.clamp(min=0), expected)
+        else:
+            wanted = expected
+    for row in range(signals.batch_size):
+        if int(critical[row]) != int(wanted[row]):
+            raise where.fail("critical count", f"{int(critical[row])} critical tokens, the allocation asks for {int(wanted[row])}", row)
+        if scores is None or not top_scores:
+            continue
+        chosen = selection.indices[row][selection.critical[row] & selection.mask[row]]
+        if chosen.numel():
+            others = valid[row].clone()
+            others[chosen] = False
+            threshold = scores[row, chosen].min()
+            above = others.nonzero().flatten()[scores[row][others] > threshold]
+            if above.numel():
+                raise where.fail(
+                    "critical top scores",
+                    f"unchosen token(s) {above.tolist()} score above critical token(s) scoring {float(threshold):.6g} "
+                    "(pass top_scores=False for a critical selector that is deliberately not top-k)",
+                    row,
+                )
+
+
+def check_selection(
+    pipeline: Any,
+    signals: Signals,
+    budget: Any,
+    *,
+    label: Optional[str] = None,
+    context: str = "",
+    top_scores: bool = True,
+    padding: bool = True,
+) -> Selection:
+    """Check the selection contract of ``pipeline`` on one batch and one budget; return the selection.
+
+    Args:
+        pipeline: a composed `Pipeline`, or any object with ``select(signals, budget)`` (then the critical checks,
+            which read the stages, are skipped, and the count rule is the default one unless it has a ``budget``
+            allocator).
+        signals: the batch (e.g. from :func:`vtprune.testing.make_signals`).
+        budget: an int, a float in (0, 1], or one of those per row.
+        label: what failure messages call the pipeline (default: ``str(pipeline)``).
+        context: extra words for failure messages (how the batch was made).
+        top_scores: check that critical tokens are the top-scoring ones (true of top-k critical selectors).
+        padding: also run the padding-invariance properties (trimmed rows, extra padding).
+    Raises: `ContractError` naming the property, row and budget.
+    """
+    where = _Where(label or str(pipeline), budget, context or _describe(signals))
+    selection = pipeline.select(signals, budget)
+    _check_structure(selection, signals, where)
+    expected = _expected_counts(pipeline, budget, signals.valid().sum(1))
+    _check_rows(selection, signals, expected, where)
+    _check_critical(pipeline, selection, signals, expected, where, top_scores)
+    per_row = isinstance(budget, Sequence) and not isinstance(budget, str)
+    for row in range(signals.batch_size):
+        single = signals.row(row)
+        alone = pipeline.select(single, [budget[row]] if per_row else budget)
+        problem = _same(selection, alone, row, 0, signals.visual, single.visual)
+        if problem:
+            raise where.fail("batch == per-sample", f"alone the row {problem}", row)
+    if padding:
+        lengths = signals.valid().sum(1).tolist()
+        for row, length in enumerate(lengths):
+            own = signals.row_grids()[row]
+            if length == 0 or (own is not None and own[0] * own[1] != length):
+                continue  # a grid over padding cannot be trimmed
+            cut = trim_row(signals, row, length)
+            trimmed = pipeline.select(cut, [budget[row]] if per_row else budget)
+            problem = _same(selection, trimmed, row, 0, signals.visual, cut.visual)
+            if problem:
+                raise where.fail("padding invariance", f"cut to its {length} real tokens the row {problem}", row)
+        extended = pad_signals(signals, EXTRA_PADDING)
+        padded = pipeline.select(extended, budget)
+        for row in range(signals.batch_size):
+            problem = _same(selection, padded, row, row, signals.visual, extended.visual, signals.valid()[row])
+            if problem:
+                raise where.fail("padding invariance", f"with {EXTRA_PADDING} extra padding tokens of huge values the row {problem}", row)
+    again = pipeline.select(signals, budget)
+    for row in range(signals.batch_size):
+        problem = _same(selection, again, row, row, signals.visual, signals.visual)
+        if problem:
+            raise where.fail("determinism", f"a second call {problem}", row)
+    return selection
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sweeps
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def check_pipeline(
+    pipeline: Any,
+    *,
+    registry: Optional[Registry] = None,
+    budgets: Sequence[Any] = DEFAULT_BUDGETS,
+    shapes: Sequence[Sequence[int]] = DEFAULT_SHAPES,
+    seeds: Sequence[int] = DEFAULT_SEEDS,
+    factories: Sequence[Callable[..., Signals]] = DEFAULT_FACTORIES,
+    top_scores: bool = True,
+    label: Optional[str] = None,
+) -> None:
+    """Check the selection contract of a pipeline or recipe over every shape x seed x factory x budget.
+
+    Args:
+        pipeline: a recipe (string or dict, composed with :func:`compose_for_contract` in ``registry``, so a
+            recipe whose signals ``pre_llm`` lacks gets a placement that provides them), a `Pipeline`, or any
+            object with ``select``.
+        registry: where recipe names resolve (default: the installed plugins, so plugin stages are found).
+        budgets: requested budgets; keep-all budgets (the largest row, 10000 and 1.0) are always added.
+        shapes: row lengths of each batch.
+        seeds: seeds of the signal factories.
+        factories: ``factory(lengths, seed=seed) -> Signals`` (see `vtprune.testing.signals`).
+        top_scores: see :func:`check_selection`.
+        label: what failure messages call it (default: the recipe).
+    Raises: `ContractError` on the first broken property.
+    """
+    if isinstance(pipeline, (str, dict)):
+        label = label or (pipeline if isinstance(pipeline, str) else str(pipeline))
+        pipeline = compose_for_contract(pipeline, registry)
+    label = label or str(pipeline)
+    if isinstance(pipeline, Pipeline):
+        check_placement(pipeline.placement, budgets, label=label)
+    for factory in factories:
+        for lengths in shapes:
+            for seed in seeds:
+                signals = factory(list(lengths), seed=seed)
+                context = f"lengths {list(lengths)}, seed {seed}, {getattr(factory, '__name__', factory)}"
+                runs = [(budget, False) for budget in budgets] + [(b, True) for b in (max(lengths), LARGE_BUDGET, 1.0)]
+                for budget, keep_all in runs:
+                    selection = check_selection(pipeline, signals, budget, label=label, context=context, top_scores=top_scores)
+                    if keep_all:
+                        kept = selection.kept_mask(signals.num_tokens)
+                        if not torch.equal(kept, signals.valid()):
+                            row = int((kept != signals.valid()).any(1).nonzero()[0])
+                            raise _Where(label, budget, context).fail("keep-all", "not every real token is kept", row)
+    _check_requires(pipeline, label, budgets[0] if budgets else 1, top_scores)
+
+
+def _check_requires(pipeline: Any, label: str, budget: Any, top_scores: bool) -> None:
+    """Signals holding only the declared fields give the same selection as full signals."""
+    requires = getattr(pipeline, "requires", None)
+    if requires is None:
+        return
+    lengths = [int(n) for n in DEFAULT_SHAPES[1]]
+    full = ragged_signals(lengths, seed=0)
+    partial = signals_for(requires, lengths, seed=0)
+    where = _Where(label, budget, f"lengths {lengths}, seed 0, signals_for({sorted(requires)})")
+    try:
+        sparse = check_selection(pipeline, partial, budget, label=label, context=where.context, top_scores=top_scores, padding=False)
+    except ContractError:
+        raise
+    except Exception as error:  # a stage read a field it did not declare
+        raise where.fail(
+            "requires declared", f"select failed on signals holding only the declared fields: {type(error).__name__}: {error}"
+        ) from error
+    dense = pipeline.select(full, budget)
+    for row in range(full.batch_size):
+        problem = _same(dense, sparse, row, row, full.visual, partial.visual)
+        if problem:
+            raise where.fail("requires declared", f"with only the declared fields the row {problem}", row)
+
+
+def check_placement(placement: Any, budgets: Sequence[Any] = DEFAULT_BUDGETS, *, label: Optional[str] = None) -> None:
+    """A placement's ``drops(budget)``: a non-empty tuple of `Drop` in model order, ``where`` one of
+    :data:`DROP_POINTS`, ``layer`` a non-negative int exactly for ``"layer"``, at most one drop before the LLM."""
+    label = label or f"placement.{getattr(placement, 'name', placement)}"
+    for budget in budgets:
+        where = _Where(label, budget, "placement.drops")
+        drops = placement.drops(budget)
+        if not isinstance(drops, tuple) or not drops or not all(isinstance(d, Drop) for d in drops):
+            raise where.fail("placement drops", f"drops() must return a non-empty tuple of Drop, got {drops!r}")
+        order = []
+        for drop in drops:
+            if drop.where not in DROP_POINTS:
+                raise where.fail("placement drops", f"Drop.where {drop.where!r} is not one of {DROP_POINTS}")
+            if (drop.where == "layer") != isinstance(drop.layer, int) or (drop.layer is not None and drop.layer < 0):
+                raise where.fail("placement drops", f"Drop.layer must be a layer index >= 0 exactly for 'layer', got {drop!r}")
+            order.append(-1 if drop.layer is None else drop.layer)
+        if order != sorted(order) or len(set(order)) != len(order):
+            raise where.fail("placement drops", f"drops are not in model order: {drops!r}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Registered stages and presets
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def contract_recipes(kind: str, name: str, registry: Optional[Registry] = None) -> list[str]:
+    """The standard pipelines that test one registered stage (or preset) among default stages.
+
+    - ``preset``: the preset itself;
+    - ``relevance``: ``relevance.NAME+critical+fps``;
+    - ``critical``: ``prompt_cosine+critical.NAME+diversity.none`` (the selector fills the whole budget);
+    - ``diversity``: ``prompt_cosine+critical+diversity.NAME``, and ``relevance.none+diversity.NAME`` for a stage
+      that adds tokens (it then fills the whole budget);
+    - ``budget``: ``prompt_cosine+critical+fps+budget.NAME``;
+    - ``placement``: ``relevance.none+critical+fps+placement.NAME`` (no signal beyond ``visual``).
+    """
+    registry = default_registry(registry)
+    if kind == "preset":
+        registry.preset(name)
+        return [name]
+    stage = registry.stage(kind, name)  # raises naming the valid choices
+    if kind == "relevance":
+        return [f"relevance.{name}+critical+fps"]
+    if kind == "critical":
+        return [f"prompt_cosine+critical.{name}+diversity.none"]
+    if kind == "diversity":
+        recipes = [f"prompt_cosine+critical+diversity.{name}"]
+        if stage.adds_tokens:
+            recipes.append(f"relevance.none+diversity.{name}")
+        return recipes
+    if kind == "budget":
+        return [f"prompt_cosine+critical+fps+budget.{name}"]
+    return [f"relevance.none+critical+fps+placement.{name}"]
+
+
+def compose_for_contract(recipe: Any, registry: Optional[Registry] = None) -> Pipeline:
+    """``compose(recipe)``; a recipe string whose stages need signals its placement cannot provide is retried with
+    each registered placement appended, in registration order (selection does not depend on the placement).
+    When none fits, the first error is raised."""
+    registry = default_registry(registry)
+    try:
+        return compose(recipe, registry=registry)
+    except VtpruneError as error:
+        if not isinstance(recipe, str):
+            raise
+        first = error
+    for name in registry.stages["placement"]:
+        try:
+            return compose(f"{recipe}+placement.{name}", registry=registry)
+        except VtpruneError:
+            continue
+    raise first
+
+
+def check_stage(kind: str, name: str, *, registry: Optional[Registry] = None, **options: Any) -> None:
+    """Check a registered stage in each of its standard pipelines (:func:`contract_recipes`); ``options`` go to
+    :func:`check_pipeline`. Call it from your plugin's tests: ``check_stage("relevance", "token_norm")``."""
+    registry = default_registry(registry)
+    for recipe in contract_recipes(kind, name, registry):
+        check_pipeline(recipe, registry=registry, label=f"{kind}.{name}: {recipe}", **options)
+
+
+def check_preset(name: str, *, registry: Optional[Registry] = None, **options: Any) -> None:
+    """Check a registered preset (its pipeline); ``options`` go to :func:`check_pipeline`."""
+    check_pipeline(name, registry=default_registry(registry), label=f"preset.{name}", **options)
