@@ -9,6 +9,7 @@ classes (``framework/pipeline.py``, ``framework/stages.py``):
 =========================  =====================================================================================
 property                   rule
 =========================  =====================================================================================
+``select runs``            ``select`` raises nothing on any of the batches below
 ``selection shapes``       ``indices`` (B, K) long, ``mask`` / ``critical`` (B, K) bool, ``mask`` a prefix per row
 ``exact count``            ``counts[b] == pipeline.budget.resolve(budget, real tokens of row b)``
 ``keep-all``               a budget at or above a row's real tokens (or 1.0) keeps every real token
@@ -17,6 +18,9 @@ property                   rule
 ``critical on kept only``  ``critical`` is never set on a padding slot
 ``critical count``         critical tokens per row: 0 without scores; the whole budget when the diversity stage
                            adds nothing; else ``min(allocation.critical, total)``
+``* stage output``         the critical / diversity stage called directly (``Pipeline.select`` masks their output,
+                           which would hide a stage picking padding): (B, N) bool, exactly the asked count, real
+                           tokens only, diversity picks disjoint from the critical ones
 ``critical top scores``    (``top_scores=True``) no unchosen real token scores above a critical one
 ``values shape``           merge stages: ``values`` is (B, K, D) floating point, finite at kept slots
 ``batch == per-sample``    each row alone (``Signals.row``) keeps the same indices, critical flags and values
@@ -202,23 +206,25 @@ def _check_rows(selection: Selection, signals: Signals, expected: Tensor, where:
         raise where.fail("critical on kept only", "critical is set on a padding slot of the selection", row)
 
 
-def _check_critical(pipeline: Any, selection: Selection, signals: Signals, expected: Tensor, where: _Where, top_scores: bool) -> None:
-    """Critical count (the pipeline's rule) and, with ``top_scores``, that the critical tokens are the top-scoring."""
-    stages = ("relevance", "diversity", "budget")
-    if not all(hasattr(pipeline, name) for name in stages):
-        return  # a duck-typed pipeline: no stages to read the rule from
+def _critical_rule(pipeline: Any, signals: Signals, expected: Tensor) -> Optional[tuple[Optional[Tensor], Tensor]]:
+    """(masked scores or None, critical tokens per row the pipeline asks for), or None for a duck-typed pipeline."""
+    if not all(hasattr(pipeline, name) for name in ("relevance", "critical", "diversity", "budget")):
+        return None  # a duck-typed pipeline: no stages to read the rule from
     valid = signals.valid()
     scores = pipeline.relevance.score(signals)
-    critical = selection.critical.sum(1)  # (B,)
     if scores is None:
-        wanted = torch.zeros_like(expected)
-    else:
-        scores = scores.float().masked_fill(~valid, float("-inf"))  # (B, N)
-        if pipeline.diversity.adds_tokens:
-            allocation = pipeline.budget.allocate(expected, valid, scores)
-            wanted = torch.minimum(allocation.critical.clamp(min=0), expected)
-        else:
-            wanted = expected
+        return None, torch.zeros_like(expected)
+    scores = scores.float().masked_fill(~valid, float("-inf"))  # (B, N)
+    if not pipeline.diversity.adds_tokens:
+        return scores, expected
+    allocation = pipeline.budget.allocate(expected, valid, scores)
+    return scores, torch.minimum(allocation.critical.clamp(min=0), expected)
+
+
+def _check_critical(selection: Selection, signals: Signals, scores: Optional[Tensor], wanted: Tensor, where: _Where, top_scores: bool) -> None:
+    """Critical count (the pipeline's rule) and, with ``top_scores``, that the critical tokens are the top-scoring."""
+    valid = signals.valid()
+    critical = selection.critical.sum(1)  # (B,)
     for row in range(signals.batch_size):
         if int(critical[row]) != int(wanted[row]):
             raise where.fail("critical count", f"{int(critical[row])} critical tokens, the allocation asks for {int(wanted[row])}", row)
@@ -237,6 +243,54 @@ def _check_critical(pipeline: Any, selection: Selection, signals: Signals, expec
                     "(pass top_scores=False for a critical selector that is deliberately not top-k)",
                     row,
                 )
+
+
+def _check_stage_outputs(pipeline: Any, signals: Signals, scores: Optional[Tensor], wanted: Tensor, totals: Tensor, where: _Where) -> None:
+    """The critical and diversity stages called directly, as the pipeline calls them: ``Pipeline.select`` masks
+    their outputs with ``valid``, which would hide a stage that picks padding or the wrong number of tokens."""
+    valid = signals.valid()  # (B, N)
+    chosen = torch.zeros_like(valid)
+    if scores is not None and bool((wanted > 0).any()):
+        chosen = pipeline.critical.select(scores, wanted, valid)  # (B, N)
+        stage = f"critical stage {pipeline.critical.name!r}"
+        if tuple(chosen.shape) != tuple(valid.shape) or chosen.dtype != torch.bool:
+            raise where.fail("critical stage output", f"{stage} returned {tuple(chosen.shape)} {chosen.dtype}, not (B, N) bool")
+        for row in range(signals.batch_size):
+            padding = (chosen[row] & ~valid[row]).nonzero().flatten()
+            if padding.numel():
+                raise where.fail("padding never chosen", f"{stage} picked padding {padding.tolist()}", row)
+            if int(chosen[row].sum()) != int(wanted[row]):
+                raise where.fail("exact count", f"{stage} picked {int(chosen[row].sum())} tokens, asked for {int(wanted[row])}", row)
+    remaining = totals - chosen.sum(1)  # (B,)
+    unselected = (valid & ~chosen).sum(1)  # (B,)
+    if bool((remaining == unselected).all()) or not bool((remaining > 0).any()):
+        return  # the pipeline keeps every remaining token itself, or needs nothing more
+    stage = f"diversity stage {pipeline.diversity.name!r}"
+    supplement = pipeline.diversity.supplement(signals, chosen, remaining, valid, scores)
+    mask = supplement.mask
+    if tuple(mask.shape) != tuple(valid.shape) or mask.dtype != torch.bool:
+        raise where.fail("diversity stage output", f"{stage} returned a mask {tuple(mask.shape)} {mask.dtype}, not (B, N) bool")
+    for row in range(signals.batch_size):
+        padding = (mask[row] & ~valid[row]).nonzero().flatten()
+        if padding.numel():
+            raise where.fail("padding never chosen", f"{stage} picked padding {padding.tolist()}", row)
+        again = (mask[row] & chosen[row]).nonzero().flatten()
+        if again.numel():
+            raise where.fail("diversity stage output", f"{stage} picked already selected tokens {again.tolist()}", row)
+        if int(mask[row].sum()) != int(remaining[row]):
+            raise where.fail("exact count", f"{stage} picked {int(mask[row].sum())} tokens, asked for {int(remaining[row])}", row)
+    if supplement.values is not None and tuple(supplement.values.shape[:2]) != tuple(valid.shape):
+        raise where.fail("values shape", f"{stage} returned values {tuple(supplement.values.shape)}, not (B, N, D)")
+
+
+def _select(pipeline: Any, signals: Signals, budget: Any, where: _Where, what: str) -> Selection:
+    """``pipeline.select``; any exception becomes a `ContractError` naming the call."""
+    try:
+        return pipeline.select(signals, budget)
+    except ContractError:
+        raise
+    except Exception as error:
+        raise where.fail("select runs", f"select on {what} raised {type(error).__name__}: {error}") from error
 
 
 def check_selection(
@@ -264,15 +318,19 @@ def check_selection(
     Raises: `ContractError` naming the property, row and budget.
     """
     where = _Where(label or str(pipeline), budget, context or _describe(signals))
-    selection = pipeline.select(signals, budget)
-    _check_structure(selection, signals, where)
     expected = _expected_counts(pipeline, budget, signals.valid().sum(1))
+    rule = _critical_rule(pipeline, signals, expected)
+    if rule is not None:
+        _check_stage_outputs(pipeline, signals, rule[0], rule[1], expected, where)
+    selection = _select(pipeline, signals, budget, where, "the batch")
+    _check_structure(selection, signals, where)
     _check_rows(selection, signals, expected, where)
-    _check_critical(pipeline, selection, signals, expected, where, top_scores)
+    if rule is not None:
+        _check_critical(selection, signals, rule[0], rule[1], where, top_scores)
     per_row = isinstance(budget, Sequence) and not isinstance(budget, str)
     for row in range(signals.batch_size):
         single = signals.row(row)
-        alone = pipeline.select(single, [budget[row]] if per_row else budget)
+        alone = _select(pipeline, single, [budget[row]] if per_row else budget, where, f"row {row} alone")
         problem = _same(selection, alone, row, 0, signals.visual, single.visual)
         if problem:
             raise where.fail("batch == per-sample", f"alone the row {problem}", row)
@@ -283,17 +341,17 @@ def check_selection(
             if length == 0 or (own is not None and own[0] * own[1] != length):
                 continue  # a grid over padding cannot be trimmed
             cut = trim_row(signals, row, length)
-            trimmed = pipeline.select(cut, [budget[row]] if per_row else budget)
+            trimmed = _select(pipeline, cut, [budget[row]] if per_row else budget, where, f"row {row} cut to its real tokens")
             problem = _same(selection, trimmed, row, 0, signals.visual, cut.visual)
             if problem:
                 raise where.fail("padding invariance", f"cut to its {length} real tokens the row {problem}", row)
         extended = pad_signals(signals, EXTRA_PADDING)
-        padded = pipeline.select(extended, budget)
+        padded = _select(pipeline, extended, budget, where, "the batch with extra padding")
         for row in range(signals.batch_size):
             problem = _same(selection, padded, row, row, signals.visual, extended.visual, signals.valid()[row])
             if problem:
                 raise where.fail("padding invariance", f"with {EXTRA_PADDING} extra padding tokens of huge values the row {problem}", row)
-    again = pipeline.select(signals, budget)
+    again = _select(pipeline, signals, budget, where, "the batch, a second time")
     for row in range(signals.batch_size):
         problem = _same(selection, again, row, row, signals.visual, signals.visual)
         if problem:
@@ -364,13 +422,12 @@ def _check_requires(pipeline: Any, label: str, budget: Any, top_scores: bool) ->
     partial = signals_for(requires, lengths, seed=0)
     where = _Where(label, budget, f"lengths {lengths}, seed 0, signals_for({sorted(requires)})")
     try:
-        sparse = check_selection(pipeline, partial, budget, label=label, context=where.context, top_scores=top_scores, padding=False)
-    except ContractError:
-        raise
+        pipeline.select(partial, budget)
     except Exception as error:  # a stage read a field it did not declare
         raise where.fail(
             "requires declared", f"select failed on signals holding only the declared fields: {type(error).__name__}: {error}"
         ) from error
+    sparse = check_selection(pipeline, partial, budget, label=label, context=where.context, top_scores=top_scores, padding=False)
     dense = pipeline.select(full, budget)
     for row in range(full.batch_size):
         problem = _same(dense, sparse, row, row, full.visual, partial.visual)
