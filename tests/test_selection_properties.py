@@ -19,6 +19,8 @@ from vtprune.framework import Signals, build_registry, compose, resolve_budget
 from vtprune.testing import check_case, check_selection, compose_for_contract, make_signals, ragged_signals, registry_cases
 from vtprune.testing.properties import contract_inputs
 
+pytestmark = pytest.mark.filterwarnings("ignore:Number of distinct clusters")  # k-means on clustered signals
+
 _REGISTRY = build_registry(autoload=False)
 _CASES = registry_cases(_REGISTRY)
 

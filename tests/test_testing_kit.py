@@ -47,6 +47,8 @@ from vtprune.testing import (
 from vtprune.testing import models
 from vtprune.testing.adapters import AdapterContractError, record_hooks
 
+pytestmark = pytest.mark.filterwarnings("ignore:Number of distinct clusters")  # k-means on clustered signals
+
 PLUGIN_FILE = Path(__file__).parent / "plugin_package" / "vtprune_example_plugin.py"
 REGISTRY = build_registry(autoload=False)
 FAST = dict(shapes=((9, 6), (12, 12)), seeds=(0,), budgets=(3, 0.5))
@@ -333,6 +335,13 @@ def _wide_values(selection, signals):
     return dataclasses.replace(selection, values=torch.zeros(*selection.indices.shape, signals.visual.shape[-1] + 1))
 
 
+def _drops_last(selection, signals):
+    keep = selection.kept_mask(signals.num_tokens)
+    last = keep.long().cumsum(1).argmax(dim=1)  # (B,) position of each row's last kept token
+    keep[torch.arange(keep.shape[0]), last] = False
+    return selection_from_masks(keep, selection.critical.new_zeros(keep.shape) & keep)
+
+
 class _Forgetful:
     """Different picks when it is given the very same Signals object again (not deterministic)."""
 
@@ -355,6 +364,7 @@ class _Forgetful:
         (_reversed, [9, 6], 4, r"\[broken\(.*\)\] property 'ascending unique' fails at budget=4, row 0 \(lengths \[9, 6\]\): kept indices \[\d+, .*\] are not strictly increasing"),
         (_critical_on_padding, [9, 6], 8, r"property 'critical on kept only' fails at budget=8, row 1"),
         (_wide_values, [9, 6], 4, r"property 'values shape' fails at budget=4 .*values must be \(2, 4, 8\) floating point"),
+        (_drops_last, [9, 6], 4, r"property 'exact count' fails at budget=4, row 0 \(lengths \[9, 6\]\): kept 3 tokens, the budget resolves to 4 \(row has 9 real tokens\)"),
         (_Forgetful(), [9, 6], 4, r"property 'determinism' fails at budget=4, row 0 .*a second call kept"),
     ],
 )
@@ -366,6 +376,8 @@ def test_broken_pipelines_fail_with_the_property_row_and_budget(fix, lengths, bu
 
 def test_contract_error_is_an_assertion_error_and_a_good_pipeline_passes():
     assert issubclass(ContractError, AssertionError)
+    per_row = check_selection(compose("zspaprune"), ragged_signals([9, 6]), [3, 0.5])  # one budget per row
+    assert per_row.counts.tolist() == [3, 3]
     check_pipeline("zspaprune", registry=REGISTRY, **FAST)
     check_pipeline(compose("critical+kmeans"), **FAST)
     check_placement(compose("pdrop").placement)

@@ -13,6 +13,8 @@ import vtprune_example_plugin
 from vtprune.framework import build_registry, compose
 from vtprune.testing import check_case, check_pipeline, check_preset, check_stage, make_signals, registry_cases
 
+pytestmark = pytest.mark.filterwarnings("ignore:Number of distinct clusters")  # k-means on the kit's clustered signals
+
 REGISTRY = build_registry(autoload=False, plugins=[vtprune_example_plugin])
 
 
