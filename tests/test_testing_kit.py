@@ -467,27 +467,26 @@ def test_check_adapter_fails_on_broken_pipelines(fix, message):
         check_adapter(models.tiny_llava, models.llava_batch, _PipelineWrapper(fix), budgets=(3,))
 
 
-def test_check_adapter_fails_on_an_adapter_that_leaves_a_hook():
+def _wrapped_llava(name, wrap):
+    """(model factory, registry) for a LLaVA subclass served by the built-in adapter whose attachment goes through
+    ``wrap(model, attachment) -> attachment``: a deliberately broken adapter, registered like a plugin's."""
     from transformers import LlavaForConditionalGeneration
 
     from vtprune.framework.prune import adapter_for
 
-    class LeakyLlava(LlavaForConditionalGeneration):
-        pass
+    broken_class = type(f"{name.title().replace('_', '')}Llava", (LlavaForConditionalGeneration,), {})
+    base = adapter_for(models.tiny_llava())
 
     def make():
         template = models.tiny_llava()
-        model = LeakyLlava(template.config).eval()
+        model = broken_class(template.config).eval()
         model.load_state_dict(template.state_dict())
         return model
 
-    base = adapter_for(models.tiny_llava())
+    class BrokenAdapter:
+        """The built-in adapter with its attachment wrapped."""
 
-    class LeakyAdapter:
-        """The built-in adapter, plus a forward hook it never removes."""
-
-        name = "leaky_llava"
-        model_classes = ("LeakyLlava",)
+        model_classes = (broken_class.__name__,)
         placements = base.placements
         provides = base.provides
         options = getattr(base, "options", frozenset())
@@ -495,18 +494,54 @@ def test_check_adapter_fails_on_an_adapter_that_leaves_a_hook():
 
         @staticmethod
         def attach(model, pipeline, budget, **kwargs):
-            attachment = base.attach(model, pipeline, budget, **kwargs)
-            model.lm_head.register_forward_hook(lambda module, args, output: None)
-            return attachment
+            return wrap(model, base.attach(model, pipeline, budget, **kwargs))
+
+    BrokenAdapter.name = name
 
     class Plugin:
         @hookimpl
         def vtprune_register_adapters(self, registry):
-            registry.add_adapter(LeakyAdapter)
+            registry.add_adapter(BrokenAdapter)
 
-    registry = build_registry(autoload=False, plugins=[Plugin()])
+    return make, build_registry(autoload=False, plugins=[Plugin()])
+
+
+def test_check_adapter_fails_on_an_adapter_that_leaves_a_hook():
+    def leak(model, attachment):
+        model.lm_head.register_forward_hook(lambda module, args, output: None)  # never removed
+        return attachment
+
+    make, registry = _wrapped_llava("leaky", leak)
     with pytest.raises(AdapterContractError, match=r"\[LeakyLlava .*\] property 'clean removal' fails .*hooks left on the model"):
         check_adapter(make, models.llava_batch, registry=registry, budgets=(3,))
-    model = make()
-    before = record_hooks(model)
-    assert record_hooks(model) == before
+
+
+class _Misreporting:
+    """An attachment whose ``last_result`` reports the first tokens of every image as kept, not the ones it kept."""
+
+    def __init__(self, inner):
+        object.__setattr__(self, "inner", inner)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def __setattr__(self, name, value):
+        setattr(self.inner, name, value)
+
+    @property
+    def last_result(self):
+        result = self.inner.last_result
+        if result is None or not result.drops:
+            return result
+        record = result.drops[0]
+        mask = record.selection.mask
+        first = torch.arange(mask.shape[1]).expand_as(mask)  # (R, K) positions 0..K-1
+        reported = dataclasses.replace(record.selection, indices=torch.where(mask, first, 0))
+        return dataclasses.replace(result, drops=(dataclasses.replace(record, selection=reported), *result.drops[1:]))
+
+
+@pytest.mark.parametrize("placement", ["pre_llm", "layer"])
+def test_check_adapter_fails_when_the_reported_selection_is_not_what_was_dropped(placement):
+    make, registry = _wrapped_llava("misreporting", lambda model, attachment: _Misreporting(attachment))
+    with pytest.raises(AdapterContractError, match=r"property 'masked reference' fails at budget=3, row 0: logits at kept slots differ"):
+        check_adapter(make, models.llava_batch, RECIPES[placement][0], registry=registry, budgets=(3,))
