@@ -7,8 +7,10 @@
   (a registered stage among default stages), :class:`ContractError`.
 - :func:`registry_cases` / :func:`check_case`: a ``pytest.mark.parametrize`` list over every registered stage and
   preset, installed plugins included.
-- The adapter contract (`vtprune.testing.adapters`): :func:`check_adapter` on a tiny model, with tiny LLaVA,
-  LLaVA-NeXT and Qwen2-VL factories in `vtprune.testing.models`.
+- The adapter contract (`vtprune.testing.adapters`): :func:`check_adapter` on a tiny model; tiny LLaVA,
+  LLaVA-NeXT and Qwen2-VL factories and their batches (`vtprune.testing.models`): :func:`tiny_llava` /
+  :func:`llava_batch`, :func:`tiny_llava_next` / :func:`llava_next_batch`, :func:`tiny_qwen2_vl` /
+  :func:`qwen2_vl_batch`.
 - Hypothesis strategies (`vtprune.testing.properties`), imported only where used.
 
 Only torch and vtprune are imported here: pytest, hypothesis and transformers are imported by the functions that
@@ -29,6 +31,7 @@ from .contracts import (
     compose_for_contract,
     contract_recipes,
 )
+from .models import llava_batch, llava_next_batch, qwen2_vl_batch, tiny_llava, tiny_llava_next, tiny_qwen2_vl
 from .signals import clustered_signals, grid_for, make_signals, pad_signals, ragged_signals, signals_for, trim_row
 
 __all__ = [
@@ -46,10 +49,16 @@ __all__ = [
     "compose_for_contract",
     "contract_recipes",
     "grid_for",
+    "llava_batch",
+    "llava_next_batch",
     "make_signals",
     "pad_signals",
+    "qwen2_vl_batch",
     "ragged_signals",
     "registry_cases",
     "signals_for",
+    "tiny_llava",
+    "tiny_llava_next",
+    "tiny_qwen2_vl",
     "trim_row",
 ]

@@ -18,9 +18,9 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
-from vtprune.framework import Pipeline, Registry, Signals, compose, default_registry
+from vtprune.framework import Pipeline, Registry, Signals, build_registry, compose, default_registry, hookimpl
 from vtprune.framework.errors import VtpruneError
-from vtprune.framework.stages import Drop
+from vtprune.framework.stages import Drop, Stage
 
 from .selection_checks import ContractError, _same, _Where, check_selection
 from .signals import clustered_signals, ragged_signals, signals_for
@@ -204,12 +204,42 @@ def compose_for_contract(recipe: Any, registry: Optional[Registry] = None) -> Pi
     raise first
 
 
-def check_stage(kind: str, name: str, *, registry: Optional[Registry] = None, **options: Any) -> None:
-    """Check a registered stage in each of its standard pipelines (:func:`contract_recipes`); ``options`` go to
-    :func:`check_pipeline`. Call it from your plugin's tests: ``check_stage("relevance", "token_norm")``."""
+def check_stage(
+    kind: Any, name: Optional[str] = None, *, registry: Optional[Registry] = None, **options: Any
+) -> None:
+    """Check a stage in each of its standard pipelines (:func:`contract_recipes`); ``options`` go to
+    :func:`check_pipeline`.
+
+    Either a registered stage by kind and name (``check_stage("relevance", "token_norm")``, resolved in ``registry``,
+    default: the installed plugins), or a stage class itself (``check_stage(TokenNorm)``): a class that ``registry``
+    does not hold under its name is registered in a fresh registry of the built-ins, so a stage can be checked
+    before its plugin is installed.
+    """
+    if isinstance(kind, type) and issubclass(kind, Stage):
+        registry = _registry_with(kind, registry)
+        kind, name = kind.kind, kind.name
+    if name is None:
+        raise TypeError("check_stage takes a stage class, or a kind and a name: check_stage('relevance', 'token_norm')")
     registry = default_registry(registry)
     for recipe in contract_recipes(kind, name, registry):
         check_pipeline(recipe, registry=registry, label=f"{kind}.{name}: {recipe}", **options)
+
+
+def _registry_with(cls: type[Stage], registry: Optional[Registry]) -> Registry:
+    """``registry`` (default: installed plugins) if it holds ``cls`` under its name, else built-ins + ``cls``."""
+    registry = default_registry(registry)
+    table = registry.stages.get(cls.kind, {})
+    if cls.name in table and table[cls.name].obj is cls:
+        return registry
+
+    class _OneStage:
+        """A plugin registering only ``cls``."""
+
+        @hookimpl
+        def vtprune_register_stages(self, registry: Registry) -> None:
+            registry.add_stage(cls)
+
+    return build_registry(autoload=False, plugins=[_OneStage()])
 
 
 def check_preset(name: str, *, registry: Optional[Registry] = None, **options: Any) -> None:

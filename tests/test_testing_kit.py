@@ -44,7 +44,7 @@ from vtprune.testing import (
     signals_for,
     trim_row,
 )
-from vtprune.testing import models
+from vtprune.testing import models, tiny_llava
 from vtprune.testing.adapters import AdapterContractError, record_hooks
 
 pytestmark = pytest.mark.filterwarnings("ignore:Number of distinct clusters")  # k-means on clustered signals
@@ -305,6 +305,13 @@ def test_bottom_k_passes_when_top_scores_is_not_required():
     check_stage("critical", "bottom_k", registry=BROKEN, top_scores=False, **FAST)
 
 
+def test_a_stage_class_is_checked_without_registering_it():
+    with pytest.raises(ContractError, match=r"\[relevance.batch_coupled: .*\] property 'batch == per-sample'"):
+        check_stage(BatchCoupled, registry=REGISTRY, **FAST)
+    with pytest.raises(TypeError, match="check_stage takes a stage class, or a kind and a name"):
+        check_stage("relevance")
+
+
 class _Wrapper:
     """A duck-typed pipeline around a composed one; ``fix(selection, signals)`` breaks its output."""
 
@@ -448,6 +455,10 @@ def _one_more(selection, signals):
     first = spare.float().argmax(dim=1)  # (B,) first unkept real token
     keep[torch.arange(keep.shape[0]), first] |= spare.any(1)
     return selection_from_masks(keep, torch.zeros_like(keep))
+
+
+def test_tiny_model_factories_are_exported():
+    assert tiny_llava is models.tiny_llava
 
 
 def test_own_values_pass_so_values_reach_the_model():

@@ -28,6 +28,10 @@ def test_token_norm_meets_the_selection_contract():
     check_stage("relevance", "token_norm", registry=REGISTRY)
 
 
+def test_the_stage_class_can_be_checked_before_registration():
+    check_stage(vtprune_example_plugin.TokenNorm, shapes=((9, 6),), seeds=(0,))
+
+
 def test_token_norm_with_a_parameter_and_other_stages():
     check_pipeline("token_norm(power=0.5)+critical+kmeans+split(critical=0.3)", registry=REGISTRY)
 
