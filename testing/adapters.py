@@ -193,18 +193,18 @@ def check_adapter(
     if not torch.equal(result.counts.cpu(), result.num_tokens.cpu()):
         raise _fail(label, "keep-all", 1.0, f"kept {result.counts.tolist()} of {result.num_tokens.tolist()} tokens")
 
+    singles = [inputs_factory(model, [sample]) for sample in samples]
     for budget in budgets:
         with prune(model, recipe, budget=budget, registry=registry) as handle:
             out = _logits(model, inputs)
             result = handle.last_selection
             pipeline = handle.pipeline
-            alone = [(_logits(model, inputs_factory(model, [s])), handle.last_selection) for s in samples]
+            alone = [(_logits(model, single), handle.last_selection) for single in singles]
         _check_counts(label, budget, pipeline, result)
         _check_reference(label, budget, model, stack, inputs, out, result, atol)
-        index, real = _kept_slots(result, inputs["attention_mask"])
+        _, real = _kept_slots(result, inputs["attention_mask"])
         for row, (single, single_result) in enumerate(alone):
-            sample_inputs = inputs_factory(model, [samples[row]])
-            _, single_real = _kept_slots(single_result, sample_inputs["attention_mask"])
+            _, single_real = _kept_slots(single_result, singles[row]["attention_mask"])
             got, want = out[row][real[row]], single[0][single_real[0]]
             if got.shape != want.shape:
                 raise _fail(label, "batch == alone", budget, f"{got.shape[0]} kept slots in the batch, {want.shape[0]} alone", row)
