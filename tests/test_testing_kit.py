@@ -353,11 +353,11 @@ class _Forgetful:
     """Different picks when it is given the very same Signals object again (not deterministic)."""
 
     def __init__(self):
-        self.seen = set()
+        self.seen = []  # the objects themselves (an id could be reused once an object is freed)
 
     def __call__(self, selection, signals):
-        if id(signals) not in self.seen:
-            self.seen.add(id(signals))
+        if not any(seen is signals for seen in self.seen):
+            self.seen.append(signals)
             return selection
         keep = torch.zeros_like(signals.valid())
         for row, count in enumerate(selection.counts.tolist()):
