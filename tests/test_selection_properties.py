@@ -1,13 +1,14 @@
-"""Selection invariants, generated over every registered critical/diversity stage and preset.
+"""Selection invariants, generated over every registered stage and preset, through the public kit.
 
-For each pipeline and random ragged batch: indices ascending and unique per row, only real tokens,
-count == min(budget, real tokens), the critical subset has the allocator's size, a batch gives
-the same selection as each row alone, and a second run gives the same result (seeded).
+Every property lives in ``vtprune.testing.contracts`` (the check plugin authors call on their own stages): indices
+ascending and unique per row, only real tokens, count == the allocator's resolved budget, the critical subset has
+the allocator's size and holds the top-scoring tokens, critical flags only on kept slots, a batch gives the same
+selection as each row alone, a row cut to its real tokens (or given extra padding) selects the same, a second run
+gives the same result (seeded), keep-all budgets keep every real token, the stages called directly return exactly
+what they are asked for. Here they run on random ragged batches (hypothesis) and on the kit's deterministic sweep.
 """
 
 from __future__ import annotations
-
-import dataclasses
 
 import pytest
 import torch
@@ -15,110 +16,44 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from vtprune.framework import Signals, build_registry, compose, resolve_budget
+from vtprune.testing import check_case, check_selection, compose_for_contract, make_signals, ragged_signals, registry_cases
+from vtprune.testing.properties import contract_inputs
 
-from conftest import make_signals
+pytestmark = pytest.mark.filterwarnings("ignore:Number of distinct clusters")  # k-means on clustered signals
 
 _REGISTRY = build_registry(autoload=False)
+_CASES = registry_cases(_REGISTRY)
 
 
 def _pipelines() -> list[str]:
-    recipes = [f"preset:{name}" for name in sorted(_REGISTRY.presets)]
-    for name in sorted(_REGISTRY.stages["diversity"]):
-        recipes.append(f"prompt_cosine+critical+diversity.{name}")
-        recipes.append(f"relevance.none+diversity.{name}" if _REGISTRY.stages["diversity"][name].obj.adds_tokens else "")
-    for name in sorted(_REGISTRY.stages["critical"]):
-        recipes.append(f"prompt_cosine+{name}+diversity.none")
-    for name in sorted(_REGISTRY.stages["relevance"]):
-        recipes.append(f"relevance.{name}+critical+fps")
-    for name in sorted(_REGISTRY.stages["budget"]):
-        recipes.append(f"prompt_cosine+critical+fps+budget.{name}")
-    return [r for r in dict.fromkeys(recipes) if r]
+    """The standard pipeline of every registered stage and preset (`vtprune.testing.contract_recipes`)."""
+    recipes = [recipe for case in _CASES for recipe in case.values[0].recipes(_REGISTRY)]
+    return list(dict.fromkeys(recipes))
 
 
 def _compose(recipe: str):
-    """Compose; a stage recipe whose signals pre_llm lacks gets the first placement providing them."""
-    if recipe.startswith("preset:"):
-        return compose(recipe.removeprefix("preset:"), registry=_REGISTRY)
-    needed = set()
-    for term in recipe.split("+"):
-        name = term.split("(")[0]
-        kind, _, bare = name.rpartition(".")
-        kinds = [kind] if kind else _REGISTRY.kinds_of(bare)
-        needed |= _REGISTRY.stage(kinds[0], bare).requires
-    for name, item in _REGISTRY.stages["placement"].items():
-        if needed <= item.obj.provides | {"visual", "visual_mask"}:
-            return compose(f"{recipe}+placement.{name}", registry=_REGISTRY)
-    return compose(recipe, registry=_REGISTRY)
+    return compose_for_contract(recipe, _REGISTRY)
 
 
-def _grid_for(tokens: int) -> tuple[int, int] | None:
-    for h in range(int(tokens**0.5), 0, -1):
-        if tokens % h == 0:
-            return (h, tokens // h)
-    return None
-
-
-def _trim(signals: Signals, length: int) -> Signals:
-    """One row cut to its first ``length`` tokens (every per-token field), mask dropped."""
-    import dataclasses
-
-    values = {}
-    for f in dataclasses.fields(signals):
-        value = getattr(signals, f.name)
-        if f.name in ("visual", "clip_visual"):
-            value = value[:, :length]
-        elif f.name == "visual_keys":
-            value = value[:, :length]
-        elif f.name in ("attention", "cls_attention"):
-            value = value[..., :length]
-        elif f.name == "visual_mask":
-            value = None
-        values[f.name] = value
-    return Signals(**values)
-
-
-budgets = st.one_of(st.integers(min_value=1, max_value=40), st.floats(min_value=0.01, max_value=1.0))
+@pytest.mark.parametrize("case", _CASES)
+def test_registered_stage_meets_the_contract(case) -> None:
+    """The kit's deterministic sweep: shapes x seeds x (random, clustered) signals x budgets, keep-all included."""
+    check_case(case, registry=_REGISTRY)
 
 
 @pytest.mark.parametrize("recipe", _pipelines())
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(
-    lengths=st.lists(st.integers(min_value=1, max_value=24), min_size=1, max_size=4),
-    budget=budgets,
-    seed=st.integers(min_value=0, max_value=2**16),
-)
-def test_selection_invariants(recipe: str, lengths: list[int], budget, seed: int) -> None:
+@given(inputs=contract_inputs(max_rows=4, max_tokens=24, max_budget=40))
+def test_selection_invariants(recipe: str, inputs) -> None:
+    lengths, budget, seed = inputs
     pipeline = _compose(recipe)
-    tokens = max(lengths)
-    signals = make_signals(lengths, seed=seed, grid=_grid_for(tokens) if len(set(lengths)) == 1 else None)
-    if signals.grid is None:  # ragged rows: each its own grid, as adapters give images of different sizes
-        signals = dataclasses.replace(signals, grids=torch.tensor([_grid_for(n) for n in lengths]))
-    selection = pipeline.select(signals, budget)
+    # equal rows share `grid`; ragged rows each get their own grid in `grids`, as adapters give images of different sizes
+    signals = ragged_signals(lengths, seed=seed)
+    selection = check_selection(pipeline, signals, budget, label=recipe)
     valid = signals.valid()
     expected = pipeline.budget.resolve(budget, valid.sum(1))
-    assert torch.equal(selection.counts, expected), (selection.counts, expected)
+    assert torch.equal(selection.counts, expected)
     assert torch.equal(expected, resolve_budget(budget, valid.sum(1))) or pipeline.budget.name != "split"
-    for row in range(len(lengths)):
-        kept = selection.row_indices(row)
-        assert torch.all(kept[1:] > kept[:-1]), "indices must be ascending and unique"
-        assert bool(valid[row, kept].all()), "padding selected"
-        assert not bool(selection.mask[row, int(selection.counts[row]) :].any())
-    # the critical subset: only kept slots, and its size is what the allocator asked for
-    assert not bool((selection.critical & ~selection.mask).any())
-    # batch == per-sample
-    for row in range(len(lengths)):
-        alone = pipeline.select(signals.row(row), budget)
-        assert torch.equal(alone.row_indices(0), selection.row_indices(row))
-        assert torch.equal(alone.critical[0][alone.mask[0]], selection.critical[row][selection.mask[row]])
-    # padding never matters: a row trimmed to its own tokens (and given its grid as `grid`) selects the same
-    if signals.grid is None:
-        for row, length in enumerate(lengths):
-            trimmed = dataclasses.replace(_trim(signals.row(row), length), grids=None, grid=_grid_for(length))
-            alone = pipeline.select(trimmed, budget)
-            assert torch.equal(alone.row_indices(0), selection.row_indices(row))
-    # determinism
-    again = pipeline.select(signals, budget)
-    assert torch.equal(again.indices, selection.indices) and torch.equal(again.critical, selection.critical)
 
 
 @pytest.mark.parametrize("recipe", _pipelines())
@@ -126,7 +61,7 @@ def test_budget_at_or_above_tokens_keeps_all(recipe: str) -> None:
     pipeline = _compose(recipe)
     signals = make_signals([9, 6], seed=3, grid=None)
     for budget in (9, 100, 1.0):
-        selection = pipeline.select(signals, budget)
+        selection = check_selection(pipeline, signals, budget, label=recipe)
         assert torch.equal(selection.kept_mask(9), signals.valid())
 
 
