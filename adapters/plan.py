@@ -96,7 +96,8 @@ class Plan:
         image_mask: (B, L) bool, True at visual placeholders.
         mask2d: (B, L) bool attention mask.
         capture: what the vision hooks captured for this forward.
-        budget: the budget of this forward (int, float, or one per image).
+        budget: the budget of this forward, normalised by the runtime (`normalize_budget`): an int, a float,
+            or a tuple with one per image.
     """
 
     def __init__(
@@ -133,12 +134,9 @@ class Plan:
         self.layouts: list[ImageLayout] = adapter.layouts(call, counts, self.token_embeds)
         self.prompts, query = adapter.prompt_span(call, image_mask, mask2d, context.prompt_stop)
         self.query = query.to(self.device)
-        if isinstance(budget, (list, tuple)) or (isinstance(budget, Tensor) and budget.dim() == 1):
-            budgets = [b.item() if isinstance(b, Tensor) else b for b in budget]
-            if len(budgets) != self.num_images:
-                raise ValueError(f"budget has {len(budgets)} entries for {self.num_images} images in this forward")
-        else:
-            budgets = [budget] * self.num_images
+        budgets = list(budget) if isinstance(budget, tuple) else [budget] * self.num_images  # normalised
+        if len(budgets) != self.num_images:
+            raise ValueError(f"budget has {len(budgets)} entries for {self.num_images} images in this forward")
         placement = context.pipeline.placement
         self.drops_per_image = [placement.drops(b) for b in budgets]
         structure = {tuple((d.where, d.layer) for d in drops) for drops in self.drops_per_image}

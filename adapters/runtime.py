@@ -16,6 +16,7 @@ from typing import Any, Callable, Optional, Sequence
 
 from torch import Tensor
 
+from vtprune.framework.budget import normalize_budget
 from vtprune.framework.errors import MissingSignalError, VtpruneError
 from vtprune.framework.support import CLIP_SIGNALS, check_support
 
@@ -88,7 +89,7 @@ class Attachment:
         check_support(adapter, pipeline, model_name=type(adapter.model).__name__)
         self.adapter = adapter
         self.pipeline = pipeline
-        self.budget = budget
+        self.budget = budget  # validated and normalised by the property setter
         self.positions = positions
         self.prompt_stop = list(prompt_stop) if prompt_stop is not None else None
         self.requires = frozenset(pipeline.requires)
@@ -101,7 +102,7 @@ class Attachment:
         self._handles: list = []
         self._extensions = tuple(adapter.extensions())
         spec = adapter.decoder_spec()
-        probe = self.placement.drops(budget if not isinstance(budget, (list, tuple)) else budget[0])
+        probe = self.placement.drops(self.budget[0] if isinstance(self.budget, tuple) else self.budget)
         check_drops(probe, len(spec.layers))
         self.keep_cls = pipeline_keeps_cls(pipeline)
         if self.keep_cls:
@@ -159,6 +160,16 @@ class Attachment:
             self._handles.extend(self._vision.install(adapter, needs, lambda: self._projecting))
         for extension in self._extensions:
             self._handles.extend(extension.install(self))
+
+    @property
+    def budget(self) -> Any:
+        """The budget of the next forwards, normalised (`normalize_budget`): an int, a float, or a tuple with one
+        of those per image of each forward."""
+        return self._budget
+
+    @budget.setter
+    def budget(self, value: Any) -> None:
+        self._budget = normalize_budget(value)
 
     def remove(self) -> None:
         for handle in self._handles:

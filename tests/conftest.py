@@ -1,14 +1,13 @@
-"""Shared fixtures: the registry. The seeded signal builders live in the public kit (`vtprune.testing`);
-``make_signals`` is re-exported here for the tests that import it from conftest."""
+"""Shared fixtures: the registry. Seeded signal builders are in the public kit (`vtprune.testing`);
+helper modules shared by several test packages are in tests/helpers (on pytest's ``pythonpath``)."""
 
 from __future__ import annotations
 
 import pytest
 
 from vtprune.framework import build_registry
-from vtprune.testing import make_signals
 
-__all__ = ["make_signals", "registry"]
+__all__ = ["registry"]
 
 
 @pytest.fixture(scope="session")

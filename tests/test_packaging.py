@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # builds a wheel and pip-installs it in subprocesses
+
 ROOT = Path(__file__).resolve().parent.parent
 
 

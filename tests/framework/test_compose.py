@@ -144,7 +144,7 @@ def test_nothing_selects() -> None:
 
 @pytest.mark.parametrize("bad", [0, -3, 1.5, 0.0, "64", None, True, float("nan")])
 def test_bad_budgets(bad) -> None:
-    from conftest import make_signals
+    from vtprune.testing import make_signals
 
     with pytest.raises(BudgetError, match="budget"):
         compose("zspaprune").select(make_signals([6]), bad)

@@ -21,9 +21,9 @@ from vtprune.framework import (
 )
 from vtprune.framework.signals import SIGNAL_DESCRIPTIONS, signal_names
 
-from conftest import make_signals
+from vtprune.testing import make_signals
 
-PLUGIN_PACKAGE = Path(__file__).parent / "plugin_package"
+PLUGIN_PACKAGE = Path(__file__).resolve().parents[1] / "plugin_package"
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +40,7 @@ def installed_plugin(tmp_path_factory):
     sys.modules.pop("vtprune_example_plugin", None)
 
 
+@pytest.mark.slow  # pip-installs the example plugin in a subprocess
 def test_third_party_package_adds_a_stage_through_its_entry_point(installed_plugin) -> None:
     registry = build_registry(autoload=True)
     assert "token_norm" in registry.stages["relevance"]

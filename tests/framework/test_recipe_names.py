@@ -14,7 +14,7 @@ from vtprune.framework import RecipeError, UnknownNameError, build_registry, com
 from vtprune.framework.names import is_shared, meanings, spellings
 from vtprune.framework.stages import STAGE_KINDS
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 _REGISTRY = build_registry(autoload=False)
 SHARED = sorted(
     name

@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from tests.adapter_fixtures import IMAGE_SIZE, single_thread, tiny_llava, tiny_llava_processor
+from adapter_fixtures import IMAGE_SIZE, single_thread, tiny_llava, tiny_llava_processor
 from vtprune.experiments.config import load_grid
 from vtprune.experiments.results import ResultsDir
 from vtprune.experiments.runner import run_grid

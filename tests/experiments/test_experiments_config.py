@@ -65,7 +65,7 @@ def test_semantic_problems_task_launcher_and_stage_parameters(registry) -> None:
 def _save_config(folder: Path, next_: bool) -> str:
     from transformers import LlavaConfig, LlavaNextConfig
 
-    from tests.adapter_fixtures import tiny_clip_config, tiny_llama_config
+    from adapter_fixtures import tiny_clip_config, tiny_llama_config
 
     cls = LlavaNextConfig if next_ else LlavaConfig
     config = cls(vision_config=tiny_clip_config(), text_config=tiny_llama_config(), image_token_id=95)

@@ -116,6 +116,31 @@ class Sample:
         return images, videos
 
 
+def tiny_qwen(kind: str = "qwen2_vl", attn: str = "sdpa", seed: int = 0, layers: int = 3):
+    """A random Qwen2-VL or Qwen2.5-VL: 4 heads (GQA 4/2) of 8 dims, M-RoPE sections (2, 1, 1)."""
+    from transformers import (
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2VLConfig,
+        Qwen2VLForConditionalGeneration,
+    )
+
+    text = text_config(layers)
+    common = dict(patch_size=PATCH, spatial_merge_size=MERGE, temporal_patch_size=TEMPORAL, in_channels=CHANNELS)
+    if kind == "qwen2_vl":
+        vision = dict(depth=2, embed_dim=16, hidden_size=32, num_heads=2, mlp_ratio=2, **common)
+        config, cls = Qwen2VLConfig(text_config=text, vision_config=vision, **TOKEN_IDS), Qwen2VLForConditionalGeneration
+    else:
+        # windows of 2 x 2 merged tokens (8 px / merge 2 / patch 2): a 3 x 3 grid is windowed unevenly
+        vision = dict(
+            depth=2, hidden_size=16, out_hidden_size=32, intermediate_size=32, num_heads=2, window_size=8,
+            fullatt_block_indexes=[1], tokens_per_second=2, **common,
+        )
+        config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, **TOKEN_IDS)
+        cls = Qwen2_5_VLForConditionalGeneration
+    return build(cls, config, attn, seed)
+
+
 def batch(samples: Sequence[Sample], timestamps: bool = False) -> tuple[dict, list]:
     """Left-padded model inputs and, per sample, its visual items (kind, padded positions, grid); ``timestamps``:
     see `Sample.tokens`."""

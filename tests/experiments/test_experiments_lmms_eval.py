@@ -87,7 +87,7 @@ def stub_lmms_eval(tmp_path, monkeypatch):
 
 
 def test_entry_point_is_declared() -> None:
-    project = tomllib.loads((Path(__file__).resolve().parent.parent / "pyproject.toml").read_text())["project"]
+    project = tomllib.loads((Path(__file__).resolve().parents[2] / "pyproject.toml").read_text())["project"]
     assert project["entry-points"]["lmms_eval.models"]["vtprune"] == "vtprune.experiments.lmms_eval_model:manifest"
     assert any(r.startswith("lmms-eval") for r in project["optional-dependencies"]["eval"])
 

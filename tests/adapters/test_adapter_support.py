@@ -20,7 +20,7 @@ import torch
 
 from adapter_fixtures import NeedsCls, llava_inputs, record_hooks, single_thread, tiny_llava, tiny_llava_onevision
 from qwen_fixtures import MIXED, batch
-from test_adapter_qwen import tiny_qwen
+from qwen_fixtures import tiny_qwen
 from vtprune import framework
 from vtprune.adapters.llava import LlavaAdapter
 from vtprune.adapters.llava_onevision import LlavaOnevisionAdapter
@@ -31,7 +31,7 @@ from vtprune.framework.support import LAYER_SIGNALS, check_support, support_prob
 
 _single_thread = pytest.fixture(scope="module", autouse=True)(single_thread)
 hookimpl = pluggy.HookimplMarker("vtprune")
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @dataclass(frozen=True, eq=False)

@@ -5,6 +5,7 @@ broken stages, pipelines and adapters, and check_adapter passes on tiny LLaVA, L
 from __future__ import annotations
 
 import dataclasses
+import re
 import importlib.util
 import subprocess
 import sys
@@ -49,7 +50,7 @@ from vtprune.testing.adapters import AdapterContractError, record_hooks
 
 pytestmark = pytest.mark.filterwarnings("ignore:Number of distinct clusters")  # k-means on clustered signals
 
-PLUGIN_FILE = Path(__file__).parent / "plugin_package" / "vtprune_example_plugin.py"
+PLUGIN_FILE = Path(__file__).resolve().parents[1] / "plugin_package" / "vtprune_example_plugin.py"
 REGISTRY = build_registry(autoload=False)
 FAST = dict(shapes=((9, 6), (12, 12)), seeds=(0,), budgets=(3, 0.5))
 
@@ -100,10 +101,15 @@ def test_make_signals_is_bit_identical_to_the_historical_factory(args):
         assert (torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b), field.name
 
 
-def test_conftest_reexports_the_kit():
-    import conftest
-
-    assert conftest.make_signals is make_signals
+def test_no_test_imports_helpers_from_conftest():
+    """Fixtures come through conftest; helper functions from the kit or tests/helpers, never ``from conftest``."""
+    tests = Path(__file__).resolve().parents[1]
+    offenders = [
+        str(path.relative_to(tests))
+        for path in tests.rglob("*.py")
+        if "build" not in path.parts and re.search(r"^\s*(from conftest import|import conftest)", path.read_text(), re.M)
+    ]
+    assert offenders == []
 
 
 def test_ragged_signals_give_each_row_its_grid():
@@ -144,6 +150,7 @@ def test_trim_and_pad_keep_the_real_tokens():
     assert torch.equal(padded.visual[:, :9], signals.visual) and padded.visual[:, 9:].abs().max() > 10
 
 
+@pytest.mark.slow  # a fresh interpreter in a subprocess
 def test_kit_imports_without_hypothesis_and_says_how_to_get_it():
     code = (
         "import sys; sys.modules['hypothesis'] = None\n"
@@ -479,8 +486,9 @@ def test_check_adapter_fails_on_broken_pipelines(fix, message):
 
 
 def _wrapped_llava(name, wrap):
-    """(model factory, registry) for a LLaVA subclass served by the built-in adapter whose attachment goes through
-    ``wrap(model, attachment) -> attachment``: a deliberately broken adapter, registered like a plugin's."""
+    """(model factory, registry) for a LLaVA subclass served by the built-in adapter description whose runtime's
+    attachment goes through ``wrap(model, attachment) -> attachment``: a deliberately broken adapter, registered
+    like a plugin's."""
     from transformers import LlavaForConditionalGeneration
 
     from vtprune.framework.prune import adapter_for
@@ -494,18 +502,14 @@ def _wrapped_llava(name, wrap):
         model.load_state_dict(template.state_dict())
         return model
 
-    class BrokenAdapter:
-        """The built-in adapter with its attachment wrapped."""
+    class BrokenAdapter(base):
+        """The built-in adapter (a description) whose runtime's attachment is wrapped."""
 
         model_classes = (broken_class.__name__,)
-        placements = base.placements
-        provides = base.provides
-        options = getattr(base, "options", frozenset())
-        limitations = getattr(base, "limitations", {})
 
         @staticmethod
-        def attach(model, pipeline, budget, **kwargs):
-            return wrap(model, base.attach(model, pipeline, budget, **kwargs))
+        def runtime(description, pipeline, budget, **kwargs):
+            return wrap(description.model, base.runtime(description, pipeline, budget, **kwargs))
 
     BrokenAdapter.name = name
 
