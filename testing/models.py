@@ -22,9 +22,14 @@ __all__ = [
     "llava_batch",
     "llava_next_batch",
     "qwen2_vl_batch",
+    "finish_tiny",
+    "tiny_clip_config",
+    "tiny_llama_config",
     "tiny_llava",
     "tiny_llava_next",
     "tiny_qwen2_vl",
+    "tiny_text_values",
+    "tiny_vision_values",
 ]
 
 PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
@@ -42,15 +47,18 @@ QWEN_MERGE, QWEN_PATCH, QWEN_TEMPORAL, QWEN_CHANNELS = 2, 2, 2, 3
 QWEN_SAMPLES: tuple[tuple[tuple[int, int], ...], ...] = (((2, 3),), ((3, 3), (1, 2)), ((2, 2),))
 
 
-def _finish(model: Any, attn: str, pad: int) -> Any:
+def finish_tiny(model: Any, attn: str, pad: int, dtype: torch.dtype = torch.float32) -> Any:
+    """Set the attention implementation and dtype, eval mode, and a generation config that never stops early
+    (random tiny models emit EOS at once) and pads with ``pad``."""
     model.set_attn_implementation(attn)
-    model = model.eval()
+    model = model.to(dtype).eval()
     model.generation_config.eos_token_id = None  # random tiny models emit EOS early
     model.generation_config.pad_token_id = pad
     return model
 
 
-def _text(**overrides: Any) -> dict:
+def tiny_text_values(**overrides: Any) -> dict:
+    """Keyword arguments of the tiny decoders' configs (Llama, Qwen2): 4 layers of width 64, GQA 4/2."""
     values = dict(
         vocab_size=LLAVA_VOCAB,
         hidden_size=64,
@@ -67,38 +75,53 @@ def _text(**overrides: Any) -> dict:
     return values
 
 
-def _clip() -> Any:
+def tiny_vision_values(**overrides: Any) -> dict:
+    """Keyword arguments of the tiny vision towers' configs (CLIP, SigLIP): 2 layers of width 32, 4 x 4 patches."""
+    values = dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        image_size=IMAGE_SIZE, patch_size=PATCH_SIZE,
+    )
+    values.update(overrides)
+    return values
+
+
+def tiny_clip_config(**overrides: Any) -> Any:
+    """A tiny ``CLIPVisionConfig`` (16 patches per 28 x 28 image)."""
     from transformers import CLIPVisionConfig
 
-    return CLIPVisionConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        image_size=IMAGE_SIZE, patch_size=PATCH_SIZE, projection_dim=32,
-    )
+    return CLIPVisionConfig(**tiny_vision_values(**{"projection_dim": 32, **overrides}))
 
 
-def tiny_llava(seed: int = 0, layers: int = 4, attn: str = "sdpa") -> Any:
+def tiny_llama_config(**overrides: Any) -> Any:
+    """A tiny ``LlamaConfig`` (`tiny_text_values`)."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(**tiny_text_values(**overrides))
+
+
+def tiny_llava(seed: int = 0, layers: int = 4, attn: str = "sdpa", dtype: torch.dtype = torch.float32, **text: Any) -> Any:
     """A random ``LlavaForConditionalGeneration``: CLIP tower (16 tokens per image), Llama decoder (GQA 4/2)."""
-    from transformers import LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
 
     config = LlavaConfig(
-        vision_config=_clip(),
-        text_config=LlamaConfig(**_text(num_hidden_layers=layers)),
+        vision_config=tiny_clip_config(),
+        text_config=tiny_llama_config(num_hidden_layers=layers, **text),
         image_token_id=LLAVA_IMAGE_ID,
         vision_feature_layer=-2,
         vision_feature_select_strategy="default",
         projector_hidden_act="gelu",
     )
     torch.manual_seed(seed)
-    return _finish(LlavaForConditionalGeneration(config), attn, PAD_ID)
+    return finish_tiny(LlavaForConditionalGeneration(config), attn, PAD_ID, dtype)
 
 
-def tiny_llava_next(seed: int = 0, layers: int = 4, attn: str = "sdpa") -> Any:
+def tiny_llava_next(seed: int = 0, layers: int = 4, attn: str = "sdpa", dtype: torch.dtype = torch.float32, **text: Any) -> Any:
     """A random ``LlavaNextForConditionalGeneration`` with AnyRes pinpoints 28x56, 56x28, 56x56."""
-    from transformers import LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration
+    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
 
     config = LlavaNextConfig(
-        vision_config=_clip(),
-        text_config=LlamaConfig(**_text(num_hidden_layers=layers)),
+        vision_config=tiny_clip_config(),
+        text_config=tiny_llama_config(num_hidden_layers=layers, **text),
         image_token_id=LLAVA_IMAGE_ID,
         vision_feature_layer=-2,
         vision_feature_select_strategy="default",
@@ -106,7 +129,7 @@ def tiny_llava_next(seed: int = 0, layers: int = 4, attn: str = "sdpa") -> Any:
         projector_hidden_act="gelu",
     )
     torch.manual_seed(seed)
-    return _finish(LlavaNextForConditionalGeneration(config), attn, PAD_ID)
+    return finish_tiny(LlavaNextForConditionalGeneration(config), attn, PAD_ID, dtype)
 
 
 def _left_pad(rows: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -201,7 +224,7 @@ def tiny_qwen2_vl(seed: int = 0, layers: int = 3, attn: str = "sdpa") -> Any:
         vision_start_token_id=QWEN_VISION_START, vision_end_token_id=QWEN_VISION_END,
     )
     torch.manual_seed(seed)
-    return _finish(Qwen2VLForConditionalGeneration(config), attn, QWEN_PAD)
+    return finish_tiny(Qwen2VLForConditionalGeneration(config), attn, QWEN_PAD)
 
 
 def qwen2_vl_batch(model: Any, samples: Sequence[int]) -> dict:

@@ -20,6 +20,10 @@ from typing import Optional, Sequence
 
 import torch
 
+from vtprune.testing import models as kit_models
+from vtprune.testing.models import finish_tiny
+from vtprune.testing.models import tiny_clip_config, tiny_llama_config, tiny_text_values, tiny_vision_values
+
 __all__ = [
     "IMAGE_TOKEN_ID",
     "PAD_ID",
@@ -58,90 +62,24 @@ IMAGE_SIZE = 28
 PATCH_SIZE = 7  # 4 x 4 = 16 patches per crop
 
 
-def _vision_values(**overrides) -> dict:
-    """Keyword arguments of the tiny vision towers' configs (CLIP, SigLIP): 2 layers of width 32, 4 x 4 patches."""
-    values = dict(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        image_size=IMAGE_SIZE,
-        patch_size=PATCH_SIZE,
-    )
-    values.update(overrides)
-    return values
-
-
-def _text_values(**overrides) -> dict:
-    """Keyword arguments of the tiny decoders' configs (Llama, Qwen2): 4 layers of width 64, GQA 4/2."""
-    values = dict(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        pad_token_id=PAD_ID,
-        bos_token_id=BOS_ID,
-        eos_token_id=EOS_ID,
-    )
-    values.update(overrides)
-    return values
-
-
-def tiny_clip_config(**overrides):
-    from transformers import CLIPVisionConfig
-
-    return CLIPVisionConfig(**_vision_values(**{"projection_dim": 32, **overrides}))
-
-
-def tiny_llama_config(**overrides):
-    from transformers import LlamaConfig
-
-    return LlamaConfig(**_text_values(**overrides))
+# The tiny configs and the LLaVA / LLaVA-NeXT builders are the public kit's (`vtprune.testing.models`): one source
+# for plugin authors and this suite. These wrappers keep the suite's argument order (attn, dtype, seed, layers).
+_vision_values = tiny_vision_values
+_text_values = tiny_text_values
 
 
 def _finish(model, attn: str, dtype: torch.dtype):
-    model.set_attn_implementation(attn)
-    model = model.to(dtype).eval()
-    # random tiny models generate EOS early; greedy tests want 8 real steps
-    model.generation_config.eos_token_id = None
-    model.generation_config.pad_token_id = PAD_ID
-    return model
+    return finish_tiny(model, attn, PAD_ID, dtype)
 
 
 def tiny_llava(attn: str = "sdpa", dtype: torch.dtype = torch.float32, seed: int = 0, layers: int = 4, **text):
     """A random ``LlavaForConditionalGeneration``: 16 image tokens per image, 4 Llama layers (GQA 4/2)."""
-    from transformers import LlavaConfig, LlavaForConditionalGeneration
-
-    config = LlavaConfig(
-        vision_config=tiny_clip_config(),
-        text_config=tiny_llama_config(num_hidden_layers=layers, **text),
-        image_token_id=IMAGE_TOKEN_ID,
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
-        projector_hidden_act="gelu",
-    )
-    torch.manual_seed(seed)
-    return _finish(LlavaForConditionalGeneration(config), attn, dtype)
+    return kit_models.tiny_llava(seed=seed, layers=layers, attn=attn, dtype=dtype, **text)
 
 
 def tiny_llava_next(attn: str = "sdpa", dtype: torch.dtype = torch.float32, seed: int = 0, layers: int = 4, **text):
     """A random ``LlavaNextForConditionalGeneration`` with AnyRes pinpoints 28x56, 56x28, 56x56."""
-    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
-
-    config = LlavaNextConfig(
-        vision_config=tiny_clip_config(),
-        text_config=tiny_llama_config(num_hidden_layers=layers, **text),
-        image_token_id=IMAGE_TOKEN_ID,
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
-        image_grid_pinpoints=[[IMAGE_SIZE, 2 * IMAGE_SIZE], [2 * IMAGE_SIZE, IMAGE_SIZE], [2 * IMAGE_SIZE, 2 * IMAGE_SIZE]],
-        projector_hidden_act="gelu",
-    )
-    torch.manual_seed(seed)
-    return _finish(LlavaNextForConditionalGeneration(config), attn, dtype)
+    return kit_models.tiny_llava_next(seed=seed, layers=layers, attn=attn, dtype=dtype, **text)
 
 
 def tiny_llava_onevision(
