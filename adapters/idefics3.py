@@ -63,7 +63,8 @@ class Idefics3Adapter(VLMAdapter):
     def side(self) -> int:
         """Tokens per side of one sub-image after the pixel shuffle."""
         vision = self.config.vision_config
-        return int(vision.image_size) // int(vision.patch_size) // int(self.config.scale_factor)
+        size, patch = (v[0] if isinstance(v, (list, tuple)) else v for v in (vision.image_size, vision.patch_size))
+        return int(size) // int(patch) // int(self.config.scale_factor)
 
     def strategy(self, call: ForwardCall) -> str:
         return "full"  # every SigLIP patch is a feature (no CLS token to strip)
