@@ -73,14 +73,14 @@ class Idefics3Adapter(VLMAdapter):
         raise ValueError(f"{type(self.model).__name__}: {self.limitations['cls_attention']}")
 
     def image_counts(self, call: ForwardCall, num_image_tokens: int) -> list[int]:
-        counts = placeholder_runs(call.kind_ids, self.name)
-        tokens = self.side() ** 2
-        if sum(counts) != num_image_tokens or any(count != tokens for count in counts):
+        runs = placeholder_runs(call.kind_ids, self.name)
+        tokens = self.side() ** 2  # image_seq_len: every sub-image has exactly this many placeholders
+        if sum(runs) != num_image_tokens or any(run % tokens for run in runs):
             raise ValueError(
-                f"{self.name}: placeholder runs {counts} are not sub-images of {tokens} tokens each "
+                f"{self.name}: placeholder runs {runs} are not whole sub-images of {tokens} tokens "
                 f"(image_seq_len) covering the {num_image_tokens} image tokens"
             )
-        return counts
+        return [tokens] * (num_image_tokens // tokens)  # adjacent sub-images without markers split too
 
     def layouts(self, call: ForwardCall, counts: list[int], token_embeds: list[Tensor]) -> list[ImageLayout]:
         return square_layouts(counts, self.side())
