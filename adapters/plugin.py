@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pluggy
 
+from .idefics3 import Idefics3Adapter, SmolVLMAdapter
+from .internvl import InternVLAdapter
 from .llava import LlavaAdapter
 from .llava_next import LlavaNextAdapter
 from .llava_onevision import LlavaOnevisionAdapter
@@ -16,6 +18,8 @@ hookimpl = pluggy.HookimplMarker("vtprune")
 
 #: Adapters of this package, in registration order.
 BUILTIN_ADAPTERS: tuple[type, ...] = (LlavaAdapter, LlavaNextAdapter, QwenVLAdapter, LlavaOnevisionAdapter, Qwen3VLAdapter)
+BUILTIN_ADAPTERS += (InternVLAdapter,)
+BUILTIN_ADAPTERS += (Idefics3Adapter, SmolVLMAdapter)
 
 
 @hookimpl

@@ -71,7 +71,9 @@ def record_hooks(model: Any) -> dict:
 
 def decoder_layers(model: Any) -> Sequence[Any]:
     """The decoder layers of a Hugging Face VLM (``model.model.language_model.layers`` and the usual variants)."""
-    for path in ("model.language_model.layers", "language_model.layers", "model.layers", "language_model.model.layers"):
+    for path in (
+        "model.language_model.layers", "language_model.layers", "model.text_model.layers", "model.layers", "language_model.model.layers"
+    ):
         found = model
         for part in path.split("."):
             found = getattr(found, part, None)

@@ -400,7 +400,8 @@ class masked_reference:
     minus removed tokens before it; new tokens minus all removed). Works for prefill and decoding."""
 
     def __init__(self, model, removed: list[torch.Tensor], positions: str = "keep"):
-        self.stack = model.model.language_model
+        vlm = model.model
+        self.stack = vlm.language_model if hasattr(vlm, "language_model") else vlm.text_model  # Idefics3: text_model
         self.removed = removed
         self.positions = positions
         self.handles = []
