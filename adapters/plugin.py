@@ -9,13 +9,21 @@ from .llava_next import LlavaNextAdapter
 from .llava_onevision import LlavaOnevisionAdapter
 from .qwen2_vl import QwenVLAdapter
 from .qwen3_vl import Qwen3VLAdapter
+from .qwen3_vl_moe import Qwen3VLMoeAdapter
 
 __all__ = ["BUILTIN_ADAPTERS", "vtprune_register_adapters"]
 
 hookimpl = pluggy.HookimplMarker("vtprune")
 
 #: Adapters of this package, in registration order.
-BUILTIN_ADAPTERS: tuple[type, ...] = (LlavaAdapter, LlavaNextAdapter, QwenVLAdapter, LlavaOnevisionAdapter, Qwen3VLAdapter)
+BUILTIN_ADAPTERS: tuple[type, ...] = (
+    LlavaAdapter,
+    LlavaNextAdapter,
+    QwenVLAdapter,
+    LlavaOnevisionAdapter,
+    Qwen3VLAdapter,
+    Qwen3VLMoeAdapter,
+)
 
 
 @hookimpl
