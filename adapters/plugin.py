@@ -7,6 +7,7 @@ import pluggy
 from .llava import LlavaAdapter
 from .llava_next import LlavaNextAdapter
 from .llava_onevision import LlavaOnevisionAdapter
+from .llava_onevision1_5 import LlavaOnevision15Adapter
 from .qwen2_vl import QwenVLAdapter
 from .qwen3_vl import Qwen3VLAdapter
 from .qwen3_vl_moe import Qwen3VLMoeAdapter
@@ -23,6 +24,7 @@ BUILTIN_ADAPTERS: tuple[type, ...] = (
     LlavaOnevisionAdapter,
     Qwen3VLAdapter,
     Qwen3VLMoeAdapter,
+    LlavaOnevision15Adapter,
 )
 
 
