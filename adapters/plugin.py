@@ -7,6 +7,7 @@ import pluggy
 from .llava import LlavaAdapter
 from .llava_next import LlavaNextAdapter
 from .llava_onevision import LlavaOnevisionAdapter
+from .glm4v import Glm4vAdapter
 from .llava_onevision1_5 import LlavaOnevision15Adapter
 from .qwen2_vl import QwenVLAdapter
 from .qwen3_vl import Qwen3VLAdapter
@@ -25,6 +26,7 @@ BUILTIN_ADAPTERS: tuple[type, ...] = (
     Qwen3VLAdapter,
     Qwen3VLMoeAdapter,
     LlavaOnevision15Adapter,
+    Glm4vAdapter,
 )
 
 

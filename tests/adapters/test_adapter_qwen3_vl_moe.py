@@ -18,9 +18,9 @@ import torch
 from adapter_fixtures import NeedsCls, record_hooks, single_thread
 from qwen_fixtures import (
     CHANNELS, IMAGE, MERGE, MIXED, PATCH, PRE_LLM, SCHEDULE, TEMPORAL, TOKEN_IDS, TOL, VIDEO, VISION, WITH_VIDEO,
-    MaskedReference, Sample, aligned, build, check_batch_equals_each_sample_alone, check_compact_positions,
+    Sample, build, check_batch_equals_each_sample_alone, check_compact_positions,
     check_generate, check_generate_compact, check_keep_positions, check_merge_units,
-    check_own_values_go_through_the_merger, check_schedule_keep, check_sdpa_equals_eager, kept_mask, logits,
+    check_own_values_go_through_the_merger, check_schedule_keep, check_sdpa_equals_eager, logits,
     text_config,
 )
 from qwen_fixtures import batch as qwen_batch
