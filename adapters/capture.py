@@ -190,9 +190,15 @@ class VisionRun:
 
 class TowerRunCapture:
     """Qwen-VL capture: one `VisionRun` per tower call (``grid_thw`` from the call, the merger's input grouped
-    into merge units, window order undone with ``adapter.window_order`` and checked against the tower output)."""
+    into merge units, window order undone with ``adapter.window_order`` and checked against the tower output).
 
-    def __init__(self) -> None:
+    Args:
+        merge_size: the merger input has ``merge_size ** 2`` consecutive rows per LLM token (default: the adapter's
+            ``merge_size``; 1 for a tower that merges before its merger, e.g. GLM-4.1V's downsampling conv).
+    """
+
+    def __init__(self, merge_size: Optional[int] = None) -> None:
+        self._merge_size = merge_size
         self._runs: list[VisionRun] = []
         self._run: Optional[VisionRun] = None
         self._projecting: Callable[[], bool] = lambda: False
@@ -236,7 +242,8 @@ class TowerRunCapture:
             return None
         adapter = self._adapter
         merged = run._pending.pop("merged")  # (tokens, D) in the tower's internal order
-        units = group_merge_units(run._pending.pop("input"), adapter.merge_size)  # (tokens, m*m*Dv)
+        merge = adapter.merge_size if self._merge_size is None else self._merge_size
+        units = group_merge_units(run._pending.pop("input"), merge)  # (tokens, m*m*Dv)
         order = adapter.window_order(run.grid_thw)
         if order is not None:
             units, merged = units[order.to(units.device)], merged[order.to(merged.device)]

@@ -4,22 +4,35 @@ from __future__ import annotations
 
 import pluggy
 
+from .glm4v import Glm4vAdapter
 from .idefics3 import Idefics3Adapter, SmolVLMAdapter
 from .internvl import InternVLAdapter
 from .llava import LlavaAdapter
 from .llava_next import LlavaNextAdapter
 from .llava_onevision import LlavaOnevisionAdapter
+from .llava_onevision1_5 import LlavaOnevision15Adapter
 from .qwen2_vl import QwenVLAdapter
 from .qwen3_vl import Qwen3VLAdapter
+from .qwen3_vl_moe import Qwen3VLMoeAdapter
 
 __all__ = ["BUILTIN_ADAPTERS", "vtprune_register_adapters"]
 
 hookimpl = pluggy.HookimplMarker("vtprune")
 
 #: Adapters of this package, in registration order.
-BUILTIN_ADAPTERS: tuple[type, ...] = (LlavaAdapter, LlavaNextAdapter, QwenVLAdapter, LlavaOnevisionAdapter, Qwen3VLAdapter)
-BUILTIN_ADAPTERS += (InternVLAdapter,)
-BUILTIN_ADAPTERS += (Idefics3Adapter, SmolVLMAdapter)
+BUILTIN_ADAPTERS: tuple[type, ...] = (
+    LlavaAdapter,
+    LlavaNextAdapter,
+    QwenVLAdapter,
+    LlavaOnevisionAdapter,
+    Qwen3VLAdapter,
+    Qwen3VLMoeAdapter,
+    LlavaOnevision15Adapter,
+    Glm4vAdapter,
+    InternVLAdapter,
+    Idefics3Adapter,
+    SmolVLMAdapter,
+)
 
 
 @hookimpl
