@@ -7,6 +7,7 @@ import pluggy
 from .llava import LlavaAdapter
 from .llava_next import LlavaNextAdapter
 from .llava_onevision import LlavaOnevisionAdapter
+from .mistral3 import Mistral3Adapter
 from .qwen2_vl import QwenVLAdapter
 from .qwen3_vl import Qwen3VLAdapter
 
@@ -16,6 +17,7 @@ hookimpl = pluggy.HookimplMarker("vtprune")
 
 #: Adapters of this package, in registration order.
 BUILTIN_ADAPTERS: tuple[type, ...] = (LlavaAdapter, LlavaNextAdapter, QwenVLAdapter, LlavaOnevisionAdapter, Qwen3VLAdapter)
+BUILTIN_ADAPTERS += (Mistral3Adapter,)
 
 
 @hookimpl
