@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pluggy
 
+from .gemma3 import Gemma3Adapter
 from .llava import LlavaAdapter
 from .llava_next import LlavaNextAdapter
 from .llava_onevision import LlavaOnevisionAdapter
@@ -18,6 +19,7 @@ hookimpl = pluggy.HookimplMarker("vtprune")
 #: Adapters of this package, in registration order.
 BUILTIN_ADAPTERS: tuple[type, ...] = (LlavaAdapter, LlavaNextAdapter, QwenVLAdapter, LlavaOnevisionAdapter, Qwen3VLAdapter)
 BUILTIN_ADAPTERS += (Mistral3Adapter,)
+BUILTIN_ADAPTERS += (Gemma3Adapter,)
 
 
 @hookimpl
