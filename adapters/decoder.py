@@ -219,7 +219,7 @@ class DecoderPruner:
             self._flights.append(None)
             return None
         batch, length = embeds.shape[:2]
-        mask = kwargs.get("attention_mask")
+        mask = self._input_mask(kwargs)
         if mask is not None and mask.dim() != 2:
             self._flights.append(None)  # custom 4-D masks: leave the forward alone
             return None
@@ -254,6 +254,13 @@ class DecoderPruner:
                 kwargs["position_ids"] = segment0.positions
         return (), kwargs
 
+    def _input_mask(self, kwargs: dict) -> Any:
+        """The stack's ``attention_mask``, or the 2-D mask ``spec.stack_mask2d`` recovers for one built upstream."""
+        mask = kwargs.get("attention_mask")
+        if mask is not None and not isinstance(mask, Tensor) and self.spec.stack_mask2d is not None:
+            return self.spec.stack_mask2d(kwargs)
+        return mask
+
     def _start_decoding(self, session: Session, cache: Any, kwargs: dict) -> dict:
         embeds = kwargs.get("inputs_embeds")
         if embeds is None:
@@ -268,7 +275,7 @@ class DecoderPruner:
             positions = self.spec.default_positions(embeds, session.length + seen)
         if positions.shape[-2] == 1 and batch > 1:
             positions = positions.expand(*positions.shape[:-2], batch, positions.shape[-1])
-        mask = kwargs.get("attention_mask")
+        mask = self._input_mask(kwargs)
         if mask is not None and mask.dim() != 2:
             raise ValueError("a pruned cache can only continue with a 2-D attention mask (or None)")
         flight = _Flight(session=session, plan=None, decoding=True, cache=cache)
@@ -362,6 +369,8 @@ class DecoderPruner:
             if _score_layer(plan, number) == number and wants & {"attention", "keys"} and query_slot is not None:
                 # scored with this layer's own weights on its (pre-drop) input, under the current segment's mask
                 current = flight.per_segment.get(flight.segment, kwargs) if flight.segment > 0 else kwargs
+                if self.spec.layer_kwargs is not None and (flight.segment > 0 or session.decisions):
+                    current = self.spec.layer_kwargs(number, hidden, {**kwargs, **current}, segment, flight.cache, True)
                 attention, keys = recompute_attention_row(
                     module,
                     self.spec,
@@ -385,6 +394,10 @@ class DecoderPruner:
             overrides = self._segment_overrides(flight, hidden)
             kwargs = dict(kwargs)
             kwargs.update(overrides)
+            changed = True
+        if self.spec.layer_kwargs is not None and (flight.segment > 0 or session.decisions):
+            segment = session.segments[flight.segment]
+            kwargs = self.spec.layer_kwargs(number, hidden, dict(kwargs), segment, flight.cache, True)
             changed = True
         # scoring inputs for a drop after this layer
         if (number + 1) in plan.layers and _score_layer(plan, number + 1) == number:
@@ -425,6 +438,9 @@ class DecoderPruner:
             flight.per_segment[seg_no] = overrides
         kwargs = dict(kwargs)
         kwargs.update(flight.per_segment[seg_no])
+        if self.spec.layer_kwargs is not None:
+            hidden, _ = self._hidden_of(args, kwargs)
+            kwargs = self.spec.layer_kwargs(number, hidden, kwargs, session.segments[seg_no], flight.cache, False)
         return args, kwargs
 
     def _segment_overrides(self, flight: _Flight, hidden: Tensor) -> dict:

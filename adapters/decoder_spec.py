@@ -113,6 +113,13 @@ class DecoderSpec:
         default_positions: ``(inputs_embeds, past_length) -> stack-level position ids`` used when the caller gives
             none (what the stack would compute itself).
         pe_seq_dim: sequence axis of each tensor in ``position_embeddings`` (-2 for cos/sin ``(..., B, L, d)``).
+        stack_mask2d: for stacks whose ``attention_mask`` is built upstream in another form (Gemma 3: a dict of
+            per-layer-type 4-D masks), ``stack kwargs -> the (B, L) 2-D mask it was built from`` (original
+            coordinates; None: no padding). Unused while the stack receives a 2-D mask or None.
+        layer_kwargs: optional ``(layer, hidden, kwargs, segment, cache, prefill) -> kwargs``: the last word on the
+            kwargs of a layer whose slots were changed (a pruned prefill's changed segment, a later segment while
+            decoding), after the generic overrides and before any scoring (per-layer-type masks / rotary
+            embeddings, structure-aware masks such as Gemma 3's bidirectional image blocks).
     """
 
     stack: nn.Module
@@ -127,6 +134,8 @@ class DecoderSpec:
     make_mask: Optional[Callable[..., Any]] = None
     default_positions: Optional[Callable[[Tensor, int], Tensor]] = None
     pe_seq_dim: int = -2
+    stack_mask2d: Optional[Callable[[dict], Optional[Tensor]]] = None
+    layer_kwargs: Optional[Callable[..., dict]] = None
 
     def __post_init__(self) -> None:
         if self.make_mask is None:

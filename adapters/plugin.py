@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pluggy
 
+from .gemma3 import Gemma3Adapter
 from .glm4v import Glm4vAdapter
 from .idefics3 import Idefics3Adapter, SmolVLMAdapter
 from .internvl import InternVLAdapter
@@ -11,6 +12,7 @@ from .llava import LlavaAdapter
 from .llava_next import LlavaNextAdapter
 from .llava_onevision import LlavaOnevisionAdapter
 from .llava_onevision1_5 import LlavaOnevision15Adapter
+from .mistral3 import Mistral3Adapter
 from .qwen2_vl import QwenVLAdapter
 from .qwen3_vl import Qwen3VLAdapter
 from .qwen3_vl_moe import Qwen3VLMoeAdapter
@@ -32,6 +34,8 @@ BUILTIN_ADAPTERS: tuple[type, ...] = (
     InternVLAdapter,
     Idefics3Adapter,
     SmolVLMAdapter,
+    Mistral3Adapter,
+    Gemma3Adapter,
 )
 
 
