@@ -22,6 +22,7 @@ grids, CLIP-space signals, and M-RoPE (3-D position) decoders, which the probe r
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, ClassVar, Optional
 
 import torch
@@ -58,11 +59,15 @@ def _multimodal(model: nn.Module) -> nn.Module:
     return inner if inner is not None and hasattr(inner, "language_model") else model
 
 
-def _three_d_positions(config: Any) -> bool:
-    """Whether the text config asks for M-RoPE (3-D) positions, which the generic path does not build."""
+def _three_d_positions(klass: type, config: Any) -> bool:
+    """Whether the model builds M-RoPE (3-D) positions (an ``mrope_section`` in its text config, or a
+    ``get_rope_index`` in its modeling module, as Qwen-VL and GLM-4V do), which the generic path does not build."""
     text = getattr(config, "text_config", config)
     rope = getattr(text, "rope_parameters", None) or getattr(text, "rope_scaling", None) or {}
-    return isinstance(rope, dict) and "mrope_section" in rope
+    if isinstance(rope, dict) and "mrope_section" in rope:
+        return True
+    module = inspect.getmodule(klass)
+    return any(isinstance(value, type) and hasattr(value, "get_rope_index") for value in vars(module).values())
 
 
 class GenericAdapter(VLMAdapter):
@@ -89,20 +94,24 @@ class GenericAdapter(VLMAdapter):
     @classmethod
     def accepts(cls, model: Any) -> bool:
         """Capability probe (consulted only when no adapter's ``model_classes`` names the model's class): a model
-        class with ``get_image_features``; for an instance also a ``language_model``, an image placeholder id in
-        its config and a decoder with 1-D positions."""
+        with ``get_image_features``, an image placeholder id in its config and 1-D (not M-RoPE) positions; an
+        instance also needs a ``language_model``. A class is judged on its default config."""
         klass = model if isinstance(model, type) else type(model)
         if not callable(getattr(klass, "get_image_features", None)):
             return False
-        if isinstance(model, type):
-            return True
+        if isinstance(model, type):  # a class: probe its default config (no weights are built)
+            try:
+                config = klass.config_class()
+            except Exception:  # noqa: BLE001 - a config that needs arguments: judge by the method alone
+                return True
+            return placeholder_id(config, "image") is not None and not _three_d_positions(klass, config)
         vlm = _multimodal(model)
         config = getattr(vlm, "config", None)
         return (
             hasattr(vlm, "language_model")
             and config is not None
             and placeholder_id(config, "image") is not None
-            and not _three_d_positions(config)
+            and not _three_d_positions(klass, config)
         )
 
     def __init__(self, model: nn.Module):
