@@ -14,11 +14,34 @@ def _cmd_list(args: argparse.Namespace) -> int:
     from vtprune.framework import build_registry, catalog, format_catalog
 
     registry = build_registry(autoload=not args.no_plugins)
+    if args.model:
+        return _print_model_adapter(registry, args.model)
     entries = catalog(registry, kind=args.kind)
     if args.json:
         print(json.dumps([entry.as_dict() for entry in entries], indent=2, default=str))
     else:
         print(format_catalog(entries))
+    return 0
+
+
+def _print_model_adapter(registry, class_name: str) -> int:
+    """``vtprune list --model CLASS``: the adapter a transformers model class resolves to, and how."""
+    import transformers
+
+    from vtprune.framework.errors import RegistrationError
+
+    klass = getattr(transformers, class_name, None)
+    if not isinstance(klass, type):
+        print(f"unknown model class {class_name!r}: not a class exported by transformers {transformers.__version__}", file=sys.stderr)
+        return 2
+    try:
+        adapter = registry.adapter_for(klass)
+    except RegistrationError as error:
+        print(str(error), file=sys.stderr)
+        return 1
+    names = {k.__name__ for k in klass.__mro__}
+    how = "named in its model_classes" if names & set(adapter.model_classes) else "capability probe accepts(model)"
+    print(f"{class_name} -> adapter {adapter.name!r} ({how}); placements: {', '.join(sorted(adapter.placements))}")
     return 0
 
 
@@ -62,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     listing.add_argument("--kind", help="only this kind (relevance, critical, diversity, budget, placement, preset, adapter, task, launcher)")
     listing.add_argument("--json", action="store_true", help="machine-readable output")
     listing.add_argument("--no-plugins", action="store_true", help="skip third-party entry points")
+    listing.add_argument("--model", metavar="CLASS", help="print the adapter a transformers model class resolves to")
     listing.set_defaults(func=_cmd_list)
 
     example = commands.add_parser("select-example", help="run pipelines on random tensors and print the selections")

@@ -9,6 +9,8 @@ description (``runtime``: `Attachment`, `attach`), building a per-forward drop p
 - decoder machinery, model-agnostic: ``decoder`` (`DecoderPruner`), ``decoder_spec``, ``segments``,
   ``attention_rows``;
 - families, one module each: ``llava``, ``llava_next``, ``llava_onevision``, ``qwen2_vl`` (Qwen2-VL and
-  Qwen2.5-VL), ``qwen3_vl`` (Qwen3-VL); ``plugin`` registers them. The support check is
+  Qwen2.5-VL), ``qwen3_vl`` (Qwen3-VL), ``llava_next_video``, ``video_llava``; ``generic`` (any VLM with the
+  standard multimodal interface, chosen through its ``accepts(model)`` probe when no adapter names the class);
+  ``plugin`` registers them. The support check is
   ``vtprune.framework.support``.
 """

@@ -70,6 +70,8 @@ def catalog(registry: Optional[Registry] = None, kind: Optional[str] = None) -> 
             params = {}
             if table_kind == "adapter":
                 params = {"models": ("classes", tuple(item.obj.model_classes)), "placements": ("names", tuple(sorted(item.obj.placements)))}
+                if callable(getattr(item.obj, "accepts", None)):  # fallback for classes no adapter names
+                    params["fallback"] = ("probe", "accepts(model)")
             entries.append(CatalogEntry(name, table_kind, params, (), item.description, item.source))
     if kind is not None:
         entries = [entry for entry in entries if entry.kind == kind]

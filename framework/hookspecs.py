@@ -92,8 +92,9 @@ def vtprune_register_adapters(registry: Registry) -> None:
     adapter.plan_factory, positions=..., prompt_stop=..., **options)``) and ``plan_factory``.
     Support is decided by ``vtprune.framework.support`` from this data alone, so a third-party
     placement works wherever its drop kinds are implemented. ``framework.prune`` picks the adapter
-    whose ``model_classes`` contains the model's class name (or a base class's name), or the one
-    registered under ``adapter=``. docs/adapters.md describes the contract.
+    whose ``model_classes`` contains the model's class name (or a base class's name), else the first whose
+    optional capability probe ``accepts(model)`` is true (the generic adapter), or the one registered under
+    ``adapter=``. docs/adapters.md describes the contract.
     """
 
 

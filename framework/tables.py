@@ -147,14 +147,21 @@ class Registry:
         return self.launchers[name].obj
 
     def adapter_for(self, model: Any) -> type:
-        """The adapter class for ``model`` (matched on the class name of the model or a base)."""
-        for klass in type(model).__mro__:
+        """The adapter class for ``model`` (an instance, or a model class): the one whose ``model_classes`` names
+        the model's class or a base (nearest first); failing that, the first adapter, in registration order,
+        whose optional capability probe ``accepts(model)`` is true (the generic adapter)."""
+        mro = model.__mro__ if isinstance(model, type) else type(model).__mro__
+        for klass in mro:
             for entry in self.adapters.values():
                 if klass.__name__ in entry.obj.model_classes:
                     return entry.obj
+        for entry in self.adapters.values():
+            accepts = getattr(entry.obj, "accepts", None)
+            if callable(accepts) and accepts(model):
+                return entry.obj
         supported = sorted(c for e in self.adapters.values() for c in e.obj.model_classes)
         raise RegistrationError(
-            f"no vtprune adapter supports {type(model).__name__}; supported model classes: "
+            f"no vtprune adapter supports {mro[0].__name__}; supported model classes: "
             f"{', '.join(supported) or 'none'} (write one: docs/adapters.md)"
         )
 

@@ -1,0 +1,112 @@
+"""Adapter for LLaVA-NeXT-Video (``LlavaNextVideoForConditionalGeneration``; also ``LlavaNextVideoModel``).
+
+Images are LLaVA-NeXT's AnyRes images (base view, unpadded crop grid with one ``image_newline`` per row; counts from
+the model's own ``pack_image_features``, `LlavaNextAdapter`); videos are frames of the CLIP tower, each pooled by the
+model's ``vision_resampler`` (``spatial_pool_stride``) *before* the projector, with no newline token. What differs
+from LLaVA-NeXT lives here:
+
+- **Images and videos.** Placeholders ``config.image_token_id`` and ``config.video_token_id``; **one `Signals` row
+  per image and per video**, in sequence order (`spans.find_visual_segments`), the budget per row. Per video:
+  ``frames x`` the tokens of the model's own ``vision_resampler`` run on ones (``mm_encoder_outputs["video"]``'s
+  lengths when ``generate`` pre-encoded it).
+- **Newlines** (images only) are exact copies of ``model.image_newline`` and ordinary candidates at ``pre_llm`` /
+  ``layer``, as for LLaVA-NeXT.
+- **Not provided**: ``vision`` (video frames are pooled before the projector, so a video LLM token is not one
+  vision-tower token) and ``cls_attention`` (images and videos run the tower separately and pooled video tokens
+  have no CLS row).
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from .llava_next import LlavaNextAdapter
+from .plan import ForwardCall
+from .records import ImageLayout
+from .spans import VisualSegment, find_visual_segments
+
+__all__ = ["LlavaNextVideoAdapter"]
+
+
+class LlavaNextVideoAdapter(LlavaNextAdapter):
+    """LLaVA-NeXT-Video: AnyRes images with image-newline tokens + pooled video frames; one row per item."""
+
+    name: ClassVar[str] = "llava_next_video"
+    description: ClassVar[str] = (
+        "LLaVA-NeXT-Video (LlavaNextVideoForConditionalGeneration): AnyRes images with image-newline tokens and "
+        "pooled video frames; one row per image and per video"
+    )
+    model_classes: ClassVar[tuple[str, ...]] = ("LlavaNextVideoForConditionalGeneration", "LlavaNextVideoModel")
+    drop_kinds: ClassVar[frozenset[str]] = frozenset({"pre_llm", "layer"})
+    has_cls: ClassVar[bool] = False
+    pixel_kwargs: ClassVar[tuple[str, ...]] = ("pixel_values", "pixel_values_videos")
+    limitations: ClassVar[dict[str, str]] = {
+        "vision": "video frames are pooled (vision_resampler) before the projector, so a video LLM token is not one "
+        "vision-tower token",
+        "cls_attention": "images and videos run the vision tower separately and pooled video tokens have no CLS row",
+        "pre_llm_clip": "CLIP-space signals of AnyRes crops and pooled frames are not implemented",
+    }
+
+    def __init__(self, model: nn.Module):
+        super().__init__(model)
+        self.video_token_id = int(self.config.video_token_id)
+
+    @property
+    def placeholder_ids(self) -> tuple[int, ...]:
+        return (self.image_token_id, self.video_token_id)
+
+    def cls_layer(self, call: ForwardCall) -> nn.Module:
+        raise ValueError(f"{type(self.model).__name__}: {self.limitations['cls_attention']}")
+
+    def _image_token_counts(self, call: ForwardCall) -> list[int]:
+        encoded = (call.kwargs.get("mm_encoder_outputs") or {}).get("image")
+        if encoded is None and call.kwargs.get("pixel_values") is None:
+            return []
+        return super().image_counts(call, 0)  # LLaVA-NeXT packing (the total is checked by the segments)
+
+    def _video_token_counts(self, call: ForwardCall) -> list[int]:
+        encoded = (call.kwargs.get("mm_encoder_outputs") or {}).get("video")
+        if encoded is not None:  # (videos, frames x pooled, D)
+            return [int(f.shape[0]) for f in encoded.pooler_output]
+        videos = call.kwargs.get("pixel_values_videos")
+        if videos is None:
+            return []
+        vision = self.config.vision_config
+        side = int(vision.image_size) // int(vision.patch_size)
+        per_frame = side * side + (0 if self.strategy(call) == "default" else 1)
+        resampler = self.vlm.vision_resampler
+        weight = next(resampler.parameters(), None)
+        dtype = weight.dtype if weight is not None else torch.float32
+        with torch.no_grad():
+            pooled = resampler(torch.ones(1, per_frame, int(vision.hidden_size), dtype=dtype))  # (1, pooled, C)
+        return [int(videos.shape[1]) * int(pooled.shape[1])] * int(videos.shape[0])
+
+    def segments(self, call: ForwardCall) -> tuple[VisualSegment, ...]:
+        """The images and videos of the forward in flight, in sequence order (cached on the call)."""
+        if "segments" not in call.memo:
+            if call.kind_ids is None:
+                raise ValueError(f"{self.name}: the placeholders of this forward could not be located")
+            call.memo["segments"] = find_visual_segments(
+                call.kind_ids,
+                [(1, 1, n) for n in self._image_token_counts(call)],
+                [(1, 1, n) for n in self._video_token_counts(call)],
+                image_token_id=self.image_token_id,
+                video_token_id=self.video_token_id,
+            )
+        return call.memo["segments"]
+
+    def image_counts(self, call: ForwardCall, num_image_tokens: int) -> list[int]:
+        counts = [segment.length for segment in self.segments(call)]
+        if sum(counts) != num_image_tokens:
+            raise ValueError(f"{self.name}: the images and videos cover {sum(counts)} of the {num_image_tokens} visual tokens")
+        return counts
+
+    def layouts(self, call: ForwardCall, counts: list[int], token_embeds: list[Tensor]) -> list[ImageLayout]:
+        out = []
+        for segment, layout in zip(self.segments(call), super().layouts(call, counts, token_embeds)):
+            newline = layout.newline if segment.kind == "image" else None
+            out.append(ImageLayout(layout.num_tokens, newline, None, kind=segment.kind))
+        return out

@@ -1,0 +1,207 @@
+"""LLaVA-NeXT-Video adapter (AnyRes images with newline tokens + pooled video frames) against independent references."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import pytest
+import torch
+
+from adapter_fixtures import (
+    BOS_ID,
+    IMAGE_SIZE,
+    IMAGE_TOKEN_ID,
+    PLACEMENT_RECIPES,
+    check_batch_equals_samples_alone,
+    check_forward_and_generate,
+    generation_positions,
+    left_pad,
+    record_hooks,
+    single_thread,
+    tiny_clip_config,
+    tiny_llama_config,
+)
+from adapter_fixtures import forward_logits as _forward
+from vtprune.framework import MissingSignalError, VtpruneError
+from vtprune.framework.prune import adapter_for, prune
+from vtprune.testing import check_adapter
+
+ATOL = 1e-5
+VIDEO_TOKEN_ID = 94
+RECIPES = {name: recipe for name, recipe in PLACEMENT_RECIPES.items() if name != "vision"}
+PLACEMENTS = list(RECIPES)
+#: sample 0: a wide image then a video; sample 1: a video, a tall image and a small one (AnyRes: different sizes)
+SPEC = ((("image", (30, 50)), ("video",)), (("video",), ("image", (56, 28)), ("image", (28, 28))))
+
+_single_thread = pytest.fixture(scope="module", autouse=True)(single_thread)
+
+
+def tiny_llava_next_video(attn: str = "sdpa", seed: int = 0, layers: int = 4):
+    from transformers import LlavaNextVideoConfig, LlavaNextVideoForConditionalGeneration
+
+    config = LlavaNextVideoConfig(
+        vision_config=tiny_clip_config(),
+        text_config=tiny_llama_config(num_hidden_layers=layers),
+        image_token_index=IMAGE_TOKEN_ID,
+        video_token_index=VIDEO_TOKEN_ID,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        image_grid_pinpoints=[[IMAGE_SIZE, 2 * IMAGE_SIZE], [2 * IMAGE_SIZE, IMAGE_SIZE], [2 * IMAGE_SIZE, 2 * IMAGE_SIZE]],
+        spatial_pool_stride=2,
+    )
+    torch.manual_seed(seed)
+    model = LlavaNextVideoForConditionalGeneration(config)
+    model.set_attn_implementation(attn)
+    model = model.eval()
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+def llava_next_video_inputs(model, samples: Sequence[int] = (0, 1), frames: int = 2, seed: int = 0):
+    """Left-padded batch of the samples ``SPEC[i]`` (each from its own seed: a sample alone equals its batch row);
+    placeholder counts from the model's own get_image_features / get_video_features."""
+    from transformers.models.llava_next_video.modeling_llava_next_video import image_size_to_num_patches
+
+    config = model.config
+    size = config.vision_config.image_size
+    rows, images, sizes, videos = [], [], [], []
+    for i in samples:
+        generator = torch.Generator().manual_seed(seed * 100 + i)
+        row = [BOS_ID] + torch.randint(3, 40, (3,), generator=generator).tolist()
+        for j, item in enumerate(SPEC[i]):
+            if item[0] == "image":
+                crops = image_size_to_num_patches(list(item[1]), config.image_grid_pinpoints, size)
+                images.append(torch.randn(crops, 3, size, size, generator=generator))
+                sizes.append(list(item[1]))
+                with torch.no_grad():
+                    packed = model.model.get_image_features(images[-1][None], torch.tensor([item[1]])).pooler_output
+                row += [IMAGE_TOKEN_ID] * int(packed[0].shape[0])
+            else:
+                videos.append(torch.randn(frames, 3, size, size, generator=generator))
+                with torch.no_grad():
+                    encoded = model.model.get_video_features(videos[-1][None]).pooler_output  # (1, frames*pooled, D)
+                row += [VIDEO_TOKEN_ID] * int(encoded.shape[1])
+            row += [10 + j]
+        row += torch.randint(3, 90, (4 + 2 * i,), generator=generator).tolist() + [41, 42]
+        rows.append(row)
+    ids, mask = left_pad(rows)
+    out = {"input_ids": ids, "attention_mask": mask}
+    if images:
+        pixel_values = torch.zeros(len(images), max(p.shape[0] for p in images), 3, size, size)
+        for k, p in enumerate(images):
+            pixel_values[k, : p.shape[0]] = p
+        out["pixel_values"] = pixel_values
+        out["image_sizes"] = torch.tensor(sizes, dtype=torch.long)
+    if videos:
+        out["pixel_values_videos"] = torch.stack(videos)
+    return out
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_llava_next_video()
+
+
+@pytest.fixture(scope="module")
+def inputs(model):
+    return llava_next_video_inputs(model)
+
+
+def test_one_row_per_image_and_video_in_sequence_order(model, inputs):
+    assert adapter_for(model).name == "llava_next_video"
+    with prune(model, RECIPES["pre_llm"], budget=0.25) as handle:
+        _forward(model, inputs)
+    result = handle.last_selection
+    ids = inputs["input_ids"]
+    kinds = [item[0] for sample in SPEC for item in sample]
+    token = {"image": IMAGE_TOKEN_ID, "video": VIDEO_TOKEN_ID}
+    assert result.image_sample.tolist() == [0, 0, 1, 1, 1]
+    counts = result.num_tokens.tolist()
+    for r, kind in enumerate(kinds):
+        b = int(result.image_sample[r])
+        positions = result.image_positions[r]
+        assert torch.all(ids[b, positions] == token[kind])
+        assert torch.equal(positions, torch.arange(int(positions[0]), int(positions[0]) + counts[r]))
+    assert counts[1] == counts[2] == 2 * 4  # 2 frames of 4x4 patches pooled to 2x2
+    assert len({counts[0], counts[3], counts[4]}) == 3  # AnyRes: three image sizes, three token counts
+    assert result.counts.tolist() == [int(c * 0.25 + 0.5) for c in counts]
+
+
+@pytest.mark.parametrize("placement", PLACEMENTS)
+def test_keep_all_is_bit_identical_and_remove_restores(model, inputs, placement):
+    base = _forward(model, inputs)
+    base_gen = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    hooks = record_hooks(model)
+    recipe = RECIPES[placement].replace("ratio=0.5", "ratio=1.0")
+    with prune(model, recipe, budget=10_000):
+        out = _forward(model, inputs)
+        gen = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    assert torch.equal(out, base) and torch.equal(gen, base_gen)
+    handle = prune(model, RECIPES[placement], budget=5)
+    assert not torch.equal(_forward(model, inputs), base)
+    handle.remove()
+    assert record_hooks(model) == hooks
+    assert torch.equal(_forward(model, inputs), base)
+
+
+@pytest.mark.parametrize("positions", ["keep", "compact"])
+@pytest.mark.parametrize("placement", PLACEMENTS)
+def test_pruned_forward_and_generate_match_reference(model, inputs, placement, positions):
+    kept_only = positions == "compact" and placement == "pre_llm"
+    check_forward_and_generate(model, inputs, RECIPES[placement], positions, kept_only, atol=ATOL)
+
+
+@pytest.mark.parametrize("positions", ["keep", "compact"])
+@pytest.mark.parametrize("placement", ["pre_llm", "layer"])
+def test_batch_equals_samples_alone(model, inputs, placement, positions):
+    budgets = [5, 3, 7, 9, 4]
+    alone = [(llava_next_video_inputs(model, [0]), budgets[:2]), (llava_next_video_inputs(model, [1]), budgets[2:])]
+    check_batch_equals_samples_alone(model, inputs, RECIPES[placement], positions, budgets, alone, atol=ATOL)
+
+
+@pytest.mark.parametrize("placement", ["pre_llm", "layer"])
+def test_sdpa_equals_eager(model, inputs, placement):
+    eager = tiny_llava_next_video(attn="eager")
+    feed = {**inputs, "position_ids": generation_positions(inputs["attention_mask"])}
+    with prune(model, RECIPES[placement], budget=6) as handle:
+        got = _forward(model, feed)
+    with prune(eager, RECIPES[placement], budget=6) as eager_handle:
+        want = _forward(eager, feed)
+    result = handle.last_selection
+    assert torch.equal(result.selection.indices, eager_handle.last_selection.selection.indices)
+    real = result.sequence_mask & inputs["attention_mask"].bool().gather(1, result.sequence_index)  # padding differs
+    torch.testing.assert_close(got[real], want[real], atol=ATOL, rtol=0)
+
+
+def test_newline_tokens_are_in_images_only(model, inputs):
+    """Image rows carry LLaVA-NeXT's image-newline tokens (exact copies of model.image_newline); video rows none."""
+    from adapter_fixtures import merged_embeddings
+    from vtprune.adapters.call import ForwardCall
+    from vtprune.adapters.llava_next_video import LlavaNextVideoAdapter
+
+    adapter = LlavaNextVideoAdapter(model)
+    ids = inputs["input_ids"]
+    kind_ids = torch.where(torch.isin(ids, torch.tensor([IMAGE_TOKEN_ID, VIDEO_TOKEN_ID])), ids, -1)  # (B, L)
+    call = ForwardCall(ids, kind_ids >= 0, True, dict(inputs), kind_ids=kind_ids)
+    counts = adapter.image_counts(call, int((kind_ids >= 0).sum()))
+    with torch.no_grad():
+        embeds = merged_embeddings(model, inputs)  # (B, L, D)
+    rows = list(torch.split(embeds[kind_ids >= 0], counts))
+    layouts = adapter.layouts(call, counts, rows)
+    assert [layout.kind for layout in layouts] == [item[0] for sample in SPEC for item in sample]
+    for layout, row in zip(layouts, rows):
+        assert (layout.newline is not None) == (layout.kind == "image")
+        if layout.newline is not None:
+            assert torch.all(row[layout.newline] == model.model.image_newline)
+
+
+def test_check_adapter():
+    check_adapter(tiny_llava_next_video, llava_next_video_inputs, recipe=RECIPES["layer"], budgets=(3, 0.5))
+
+
+def test_vision_and_cls_attention_are_declared_limitations(model):
+    with pytest.raises(VtpruneError, match="vision"):
+        prune(model, "random+critical+fps+vision", budget=4)
+    with pytest.raises(MissingSignalError, match="cls_attention"):
+        prune(model, "cls_attention+critical+fps+pre_llm", budget=4)

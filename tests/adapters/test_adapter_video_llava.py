@@ -1,0 +1,195 @@
+"""Video-LLaVA adapter (separate image and video towers, images and videos) against independent references."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import pytest
+import torch
+
+from adapter_fixtures import (
+    BOS_ID,
+    IMAGE_TOKEN_ID,
+    PLACEMENT_RECIPES,
+    check_batch_equals_samples_alone,
+    check_forward_and_generate,
+    generation_positions,
+    left_pad,
+    record_hooks,
+    single_thread,
+    tiny_clip_config,
+    tiny_llama_config,
+)
+from adapter_fixtures import forward_logits as _forward
+from vtprune.framework.prune import adapter_for, prune
+from vtprune.testing import check_adapter
+
+ATOL = 1e-5
+VIDEO_TOKEN_ID = 94
+RECIPES = PLACEMENT_RECIPES
+PLACEMENTS = list(RECIPES)
+#: sample 0: a video then an image; sample 1: two images then a video
+SPEC = ((("video",), ("image",)), (("image",), ("image",), ("video",)))
+
+_single_thread = pytest.fixture(scope="module", autouse=True)(single_thread)
+
+
+def tiny_video_llava(attn: str = "sdpa", seed: int = 0, layers: int = 4):
+    from transformers import VideoLlavaConfig, VideoLlavaForConditionalGeneration
+
+    config = VideoLlavaConfig(
+        vision_config=tiny_clip_config(),
+        text_config=tiny_llama_config(num_hidden_layers=layers),
+        image_token_index=IMAGE_TOKEN_ID,
+        video_token_index=VIDEO_TOKEN_ID,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+    )
+    torch.manual_seed(seed)
+    model = VideoLlavaForConditionalGeneration(config)
+    model.set_attn_implementation(attn)
+    model = model.eval()
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+def video_llava_inputs(model, samples: Sequence[int] = (0, 1), frames: int = 2, seed: int = 0):
+    """Left-padded batch of the samples ``SPEC[i]`` (each built from its own seed, so a sample alone equals its
+    batch row); placeholder counts from the model's own get_image_features / get_video_features."""
+    size = model.config.vision_config.image_size
+    with torch.no_grad():
+        image_count = int(model.model.get_image_features(torch.zeros(1, 3, size, size)).pooler_output.shape[1])
+        encoded = model.model.get_video_features(torch.zeros(1, frames, 3, size, size)).pooler_output  # (frames, n, D)
+    video_count = frames * int(encoded.shape[1])
+    rows, images, videos = [], [], []
+    for i in samples:
+        generator = torch.Generator().manual_seed(seed * 100 + i)
+        row = [BOS_ID] + torch.randint(3, 40, (3,), generator=generator).tolist()
+        for j, item in enumerate(SPEC[i]):
+            if item[0] == "image":
+                images.append(torch.randn(3, size, size, generator=generator))
+                row += [IMAGE_TOKEN_ID] * image_count
+            else:
+                videos.append(torch.randn(frames, 3, size, size, generator=generator))
+                row += [VIDEO_TOKEN_ID] * video_count
+            row += [10 + j]
+        row += torch.randint(3, 90, (4 + 2 * i,), generator=generator).tolist() + [41, 42]
+        rows.append(row)
+    ids, mask = left_pad(rows)
+    out = {"input_ids": ids, "attention_mask": mask}
+    if images:
+        out["pixel_values"] = torch.stack(images)
+    if videos:
+        out["pixel_values_videos"] = torch.stack(videos)
+    return out
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_video_llava()
+
+
+@pytest.fixture(scope="module")
+def inputs(model):
+    return video_llava_inputs(model)
+
+
+def test_resolves_to_its_adapter_and_one_row_per_image_and_video(model, inputs):
+    assert adapter_for(model).name == "video_llava"
+    with prune(model, RECIPES["pre_llm"], budget=0.25) as handle:
+        _forward(model, inputs)
+    result = handle.last_selection
+    ids = inputs["input_ids"]
+    kinds = [item[0] for sample in SPEC for item in sample]
+    token = {"image": IMAGE_TOKEN_ID, "video": VIDEO_TOKEN_ID}
+    assert result.image_sample.tolist() == [0, 0, 1, 1, 1]
+    for r, kind in enumerate(kinds):
+        positions = result.image_positions[r]
+        assert torch.all(ids[result.image_sample[r], positions] == token[kind])
+    counts = result.num_tokens.tolist()
+    assert counts[1] == 16 and counts[0] == 2 * 17  # image: 4x4 patches; video: 2 frames of CLS + 16 patches
+    assert result.counts.tolist() == [int(c * 0.25 + 0.5) for c in counts]
+
+
+@pytest.mark.parametrize("placement", PLACEMENTS)
+def test_keep_all_is_bit_identical_and_remove_restores(model, inputs, placement):
+    base = _forward(model, inputs)
+    base_gen = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    hooks = record_hooks(model)
+    recipe = RECIPES[placement].replace("ratio=0.5", "ratio=1.0")
+    with prune(model, recipe, budget=10_000):
+        out = _forward(model, inputs)
+        gen = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    assert torch.equal(out, base) and torch.equal(gen, base_gen)
+    handle = prune(model, RECIPES[placement], budget=5)
+    assert not torch.equal(_forward(model, inputs), base)
+    handle.remove()
+    assert record_hooks(model) == hooks
+    assert torch.equal(_forward(model, inputs), base)
+
+
+@pytest.mark.parametrize("positions", ["keep", "compact"])
+@pytest.mark.parametrize("placement", PLACEMENTS)
+def test_pruned_forward_and_generate_match_reference(model, inputs, placement, positions):
+    kept_only = positions == "compact" and placement in ("pre_llm", "vision")
+    check_forward_and_generate(model, inputs, RECIPES[placement], positions, kept_only, atol=ATOL)
+
+
+@pytest.mark.parametrize("positions", ["keep", "compact"])
+@pytest.mark.parametrize("placement", ["pre_llm", "layer", "vision"])
+def test_batch_equals_samples_alone(model, inputs, placement, positions):
+    budgets = [5, 9, 3, 7, 4]
+    alone = [(video_llava_inputs(model, [0]), budgets[:2]), (video_llava_inputs(model, [1]), budgets[2:])]
+    check_batch_equals_samples_alone(model, inputs, RECIPES[placement], positions, budgets, alone, atol=ATOL)
+
+
+def test_vision_signals_are_the_projector_inputs_of_both_towers(model, inputs):
+    from adapter_fixtures import SignalRecorder
+    from vtprune.framework.compose import compose
+
+    recorder = SignalRecorder(compose(RECIPES["vision"]))
+    with prune(model, recorder, budget=4):
+        _forward(model, inputs)
+    signals = recorder.seen[-1]
+    vlm = model.model
+    with torch.no_grad():
+        image = vlm.image_tower(inputs["pixel_values"], output_hidden_states=True).hidden_states[-2][:, 1:]
+        frames = inputs["pixel_values_videos"].flatten(0, 1)
+        video = vlm.video_tower(frames, output_hidden_states=True).hidden_states[-2]  # (videos*frames, 17, Dv)
+    video = video.reshape(2, -1, video.shape[-1])
+    want = [video[0], image[0], image[1], image[2], video[1]]
+    for r, row in enumerate(want):
+        torch.testing.assert_close(signals.visual[r, : row.shape[0]], row, atol=1e-6, rtol=0)
+    assert signals.grids.tolist() == [[0, 0], [4, 4], [4, 4], [4, 4], [0, 0]]
+
+
+@pytest.mark.parametrize("placement", ["pre_llm", "layer", "vision"])
+def test_sdpa_equals_eager(model, inputs, placement):
+    eager = tiny_video_llava(attn="eager")
+    feed = {**inputs, "position_ids": generation_positions(inputs["attention_mask"])}
+    with prune(model, RECIPES[placement], budget=6) as handle:
+        got = _forward(model, feed)
+    with prune(eager, RECIPES[placement], budget=6) as eager_handle:
+        want = _forward(eager, feed)
+    result = handle.last_selection
+    assert torch.equal(result.selection.indices, eager_handle.last_selection.selection.indices)
+    real = result.sequence_mask & inputs["attention_mask"].bool().gather(1, result.sequence_index)  # padding differs
+    torch.testing.assert_close(got[real], want[real], atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("recipe", [RECIPES["layer"], "random+critical+fps+vision"])
+def test_check_adapter(recipe):
+    check_adapter(
+        tiny_video_llava,
+        video_llava_inputs,
+        recipe=recipe,
+        budgets=(3, 0.5),
+    )
+
+
+def test_cls_attention_is_a_declared_limitation(model):
+    from vtprune.framework import MissingSignalError
+
+    with pytest.raises(MissingSignalError, match="CLS"):
+        prune(model, "cls_attention+critical+fps+pre_llm", budget=4)
