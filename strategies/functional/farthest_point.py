@@ -72,35 +72,61 @@ def farthest_point_select(
 def _farthest_point_rows(
     visual: Tensor, selected: Tensor, counts: Tensor, valid: Tensor, scores: Optional[Tensor]
 ) -> Tensor:
-    """`farthest_point_select` on one chunk of rows, every step batched over them."""
+    """`farthest_point_select` on one chunk of rows, every step batched over them.
+
+    One running key per row holds each candidate's highest similarity to the selected set, and
+    +inf at tokens that cannot be picked (padding, selected, picked), so a step is: one argmin, one
+    gather of the picked unit vector, one matrix-vector product, one maximum, one write of +inf at
+    the pick. Rows with fewer picks than the longest row keep stepping (rows are independent); their
+    extra picks are dropped at the end. Non-finite features (NaN similarities would escape the +inf
+    guard of ``maximum``) take the same loop with the guard re-applied every step.
+    """
     unit = torch.nn.functional.normalize(visual.float(), dim=-1)  # (B, N, D)
-    batch, tokens, _ = unit.shape
+    batch, tokens, dim = unit.shape
     counts = counts.long()
-    max_sim = max_similarity_to_set(unit, selected)  # (B, N)
-    empty = selected.sum(dim=1) == 0  # (B,)
-    if bool(empty.any()):
+    steps = int(counts.max().item()) if counts.numel() else 0
+    if steps <= 0:
+        return torch.zeros_like(valid)
+    blocked = ~valid | selected  # (B, N) never picked
+    empty = ~selected.any(dim=1)  # (B,)
+    any_empty = bool(empty.any())
+    max_sim = None  # (B, N) highest similarity to the selected set; None: every row starts from its seed
+    if not any_empty or not bool(empty.all()):
+        max_sim = max_similarity_to_set(unit, selected)  # (B, N)
+    if any_empty:
         if scores is not None:
             seed_key = -scores.float()  # (B, N): argmin = highest score
         else:
             weights = valid.float().unsqueeze(-1)  # (B, N, 1)
             centre = (unit * weights).sum(1) / weights.sum(1).clamp(min=1.0)  # (B, D)
             seed_key = torch.einsum("bnd,bd->bn", unit, torch.nn.functional.normalize(centre, dim=-1))
-        max_sim = torch.where(empty.unsqueeze(1), seed_key, max_sim)
-    picked = torch.zeros_like(valid)
-    available = valid & ~selected  # (B, N)
-    rows = torch.arange(batch, device=unit.device)
-    steps = int(counts.max().item()) if counts.numel() else 0
+        max_sim = seed_key if max_sim is None else torch.where(empty.unsqueeze(1), seed_key, max_sim)
+    finite = bool(torch.isfinite(unit).all())
+    key = max_sim.masked_fill(blocked, float("inf")).unsqueeze(-1)  # (B, N, 1)
+    guard = None if finite else blocked.unsqueeze(-1).clone()  # (B, N, 1)
+    columns = unit.transpose(1, 2)  # (B, D, N) view
+    picks = []
     for step in range(steps):
-        active = counts > step  # (B,)
-        key = max_sim.masked_fill(~available, float("inf"))  # (B, N)
-        choice = key.argmin(dim=1)  # (B,) first minimum = lower index on ties
-        picked[rows[active], choice[active]] = True
-        available[rows[active], choice[active]] = False
-        newest = unit[rows, choice]  # (B, D)
-        similarity = torch.einsum("bnd,bd->bn", unit, newest)  # (B, N)
-        if step == 0:
-            updated = torch.where(empty.unsqueeze(1), similarity, torch.maximum(max_sim, similarity))
+        choice = key.argmin(dim=1, keepdim=True)  # (B, 1, 1) first minimum = lower index on ties
+        picks.append(choice)
+        newest = columns.gather(2, choice.expand(batch, dim, 1))  # (B, D, 1)
+        similarity = torch.bmm(unit, newest)  # (B, N, 1)
+        if step == 0 and any_empty:
+            similarity = torch.where(empty.view(batch, 1, 1), similarity, torch.maximum(key, similarity))
+            key = similarity.masked_fill(blocked.unsqueeze(-1), float("inf"))
         else:
-            updated = torch.maximum(max_sim, similarity)
-        max_sim = torch.where(active.unsqueeze(1), updated, max_sim)
-    return picked
+            key = torch.maximum(key, similarity)
+        key.scatter_(1, choice, float("inf"))
+        if guard is not None:
+            guard.scatter_(1, choice, True)
+            key.masked_fill_(guard, float("inf"))
+    return _picks_mask(torch.cat(picks, dim=1).view(batch, steps), counts, tokens)  # (B, N)
+
+
+def _picks_mask(order: Tensor, counts: Tensor, tokens: int) -> Tensor:
+    """(B, N) bool: the first ``counts[b]`` entries of row b of ``order`` (B, S) set to True."""
+    batch, steps = order.shape
+    live = torch.arange(steps, device=order.device) < counts.unsqueeze(1)  # (B, S)
+    target = order.masked_fill(~live, tokens)  # (B, S): dropped picks go to a sink column
+    mask = torch.zeros(batch, tokens + 1, dtype=torch.bool, device=order.device)
+    return mask.scatter_(1, target, True)[:, :tokens]  # (B, N)
