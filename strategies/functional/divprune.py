@@ -26,7 +26,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .common import CountLike, cosine_matrix, per_row_counts, row_positions, valid_or_all
+from .common import CountLike, cosine_matrix, mask_from_positions, per_row_counts, valid_rows
 
 __all__ = ["divprune_keep_count", "divprune_sequence", "divprune_select", "divprune_supplement"]
 
@@ -64,23 +64,6 @@ def _first_pick_scores(dist: Tensor) -> Tensor:
     return dist[0]  # (1,): a single token is the only choice
 
 
-def _rows(visual: Tensor, valid: Tensor) -> tuple[bool, list[Optional[Tensor]]]:
-    """Whether every token is valid, and per row its valid positions (None when all are valid: the
-    row is used in place, without a copy)."""
-    if bool(valid.all()):
-        return True, [None] * visual.shape[0]
-    return False, list(row_positions(valid))
-
-
-def _keep_mask(picks: list[Tensor], valid: Tensor) -> Tensor:
-    """(B, N) bool with True at each row's picked positions (absolute positions)."""
-    keep = torch.zeros_like(valid)
-    for b, chosen in enumerate(picks):
-        if chosen.numel():
-            keep[b].index_fill_(0, chosen, True)
-    return keep
-
-
 def divprune_select(visual: Tensor, counts: CountLike, valid: Optional[Tensor] = None) -> Tensor:
     """DivPrune keep mask.
 
@@ -94,14 +77,13 @@ def divprune_select(visual: Tensor, counts: CountLike, valid: Optional[Tensor] =
         duplicate-token quirk described in the module docstring).
     """
     batch, tokens, _ = visual.shape
-    valid = valid_or_all(valid, batch, tokens, visual.device)
-    _, positions = _rows(visual, valid)
+    positions = valid_rows(valid, batch, tokens, visual.device)
     kept = []
     for b, (pos, k) in enumerate(zip(positions, per_row_counts(counts, batch))):
         row = visual[b] if pos is None else visual[b, pos]  # (n, D)
         picks = divprune_sequence(row, max(0, min(k, row.shape[0])))  # (k,)
         kept.append(picks if pos is None else pos[picks])
-    return _keep_mask(kept, valid)
+    return mask_from_positions(kept, batch, tokens, visual.device)
 
 
 def divprune_supplement(visual: Tensor, selected: Tensor, counts: CountLike, valid: Optional[Tensor] = None) -> Tensor:
@@ -122,8 +104,7 @@ def divprune_supplement(visual: Tensor, selected: Tensor, counts: CountLike, val
     Returns: (B, N) bool, exactly ``min(counts[b], unselected valid)`` new tokens per row.
     """
     batch, tokens, _ = visual.shape
-    valid = valid_or_all(valid, batch, tokens, visual.device)
-    _, positions = _rows(visual, valid)
+    positions = valid_rows(valid, batch, tokens, visual.device)
     kept = []
     for b, (pos, k) in enumerate(zip(positions, per_row_counts(counts, batch))):
         row = visual[b] if pos is None else visual[b, pos]  # (n, D)
@@ -135,7 +116,7 @@ def divprune_supplement(visual: Tensor, selected: Tensor, counts: CountLike, val
             continue
         picks = _max_min_supplement(1.0 - cosine_matrix(row), taken, n_taken, k)  # (k,)
         kept.append(picks if pos is None else pos[picks])
-    return _keep_mask(kept, valid)
+    return mask_from_positions(kept, batch, tokens, visual.device)
 
 
 def _max_min_supplement(dist: Tensor, taken: Tensor, n_taken: int, count: int) -> Tensor:
