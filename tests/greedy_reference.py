@@ -1,21 +1,70 @@
 """Reference copies of the greedy selection loops as they were before the op-count work (issue 19).
 
-Kept verbatim (only renamed where two shared a name) so that ``tests/test_greedy_equivalence.py`` can
+Kept verbatim, with the shared helpers of ``strategies/functional/common.py`` they used so that ``tests/test_greedy_equivalence.py`` can
 check that the optimised kernels in ``strategies/functional`` pick exactly the same tokens. Test code
 only: never imported by the package.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from torch import Tensor
 
-from vtprune.strategies.functional.common import (
-    CountLike, cosine_matrix, mask_from_positions, per_row_counts, row_positions, valid_or_all,
-)
-from vtprune.strategies.functional.cdpruner import cdpruner_relevance
+__all__ = [
+    "farthest_point_select", "divprune_select", "divprune_supplement", "cdpruner_relevance", "cdpruner_select",
+    "cdpruner_supplement", "topk_keep", "top_k_mask", "selection_from_masks_reference",
+]
+
+#: A per-row token count: one int for every row, or a (B,) long tensor.
+CountLike = Union[int, Tensor]
+
+
+def valid_or_all(valid: Optional[Tensor], batch: int, tokens: int, device: torch.device) -> Tensor:
+    """(B, N) bool validity mask; all True when ``valid`` is None."""
+    if valid is None:
+        return torch.ones(batch, tokens, dtype=torch.bool, device=device)
+    if valid.dtype != torch.bool or tuple(valid.shape) != (batch, tokens):
+        raise ValueError(f"valid must be a ({batch}, {tokens}) bool tensor, got {valid.dtype} {tuple(valid.shape)}")
+    return valid
+
+
+def row_positions(valid: Tensor) -> list[Tensor]:
+    """For each row of a (B, N) bool mask, the (n_b,) long positions of its True entries, ascending."""
+    return [torch.nonzero(row, as_tuple=False).flatten() for row in valid]
+
+
+def per_row_counts(counts: CountLike, batch: int) -> list[int]:
+    """Broadcast an int or a (B,) tensor of counts to a list of B Python ints."""
+    if isinstance(counts, Tensor):
+        flat = counts.reshape(-1)
+        if flat.numel() == 1:
+            return [int(flat.item())] * batch
+        if flat.numel() != batch:
+            raise ValueError(f"counts has {flat.numel()} entries for a batch of {batch}")
+        return [int(c) for c in flat.tolist()]
+    return [int(counts)] * batch
+
+
+def mask_from_positions(positions: list[Tensor], batch: int, tokens: int, device: torch.device) -> Tensor:
+    """(B, N) bool mask with True at the given absolute positions of each row."""
+    keep = torch.zeros(batch, tokens, dtype=torch.bool, device=device)
+    for b, pos in enumerate(positions):
+        if pos.numel():
+            keep[b, pos.to(device=device, dtype=torch.long)] = True
+    return keep
+
+
+def cosine_matrix(x: Tensor) -> Tensor:
+    """(..., n, n) cosine similarities of the rows of ``x`` (..., n, d).
+
+    Official arithmetic shared by DivPrune / CDPruner / VisPruner: divide by the L2 norm (no
+    epsilon, so a zero vector yields NaN exactly as in the official code), then one matmul.
+    """
+    unit = x / x.norm(dim=-1, keepdim=True)  # (..., n, d)
+    return unit @ unit.transpose(-1, -2)  # (..., n, n)
+
 
 CPU_CHUNK_BYTES = 16 * 2**20
 
@@ -188,6 +237,37 @@ def divprune_supplement(visual: Tensor, selected: Tensor, counts: CountLike, val
             running = torch.minimum(running, dist[pick])
         kept.append(pos[torch.tensor(picks, dtype=torch.long, device=pos.device)])
     return mask_from_positions(kept, batch, tokens, visual.device)
+
+def cdpruner_relevance(
+    clip_visual: Tensor,
+    clip_text: Tensor,
+    valid: Optional[Tensor] = None,
+    clip_text_mask: Optional[Tensor] = None,
+) -> Tensor:
+    """(B, N) min-max normalised (negated) relevance; 0 at invalid positions.
+
+    Args:
+        clip_visual: (B, N, C) CLIP image embeddings of the patches.
+        clip_text: (B, M, C) CLIP text embeddings of the instruction.
+        valid: (B, N) bool or None. clip_text_mask: (B, M) bool or None.
+    """
+    batch, tokens, _ = clip_visual.shape
+    valid = valid_or_all(valid, batch, tokens, clip_visual.device)
+    text_mask = valid_or_all(clip_text_mask, batch, clip_text.shape[1], clip_text.device)
+    out = torch.zeros(batch, tokens, dtype=torch.result_type(clip_visual, clip_text), device=clip_visual.device)
+    for b, pos in enumerate(row_positions(valid)):
+        if pos.numel() == 0:
+            continue
+        image = clip_visual[b, pos].unsqueeze(0)  # (1, n, C)
+        text = clip_text[b, text_mask[b]]  # (m, C)
+        image = image / image.norm(dim=-1, keepdim=True)
+        text = text / text.norm(dim=-1, keepdim=True)
+        rel = torch.matmul(image, text.t())  # (1, n, m)
+        rel = (-rel).mean(dim=-1)  # (1, n)
+        rel = (rel - rel.min() + 1e-6) / (rel.max() - rel.min())  # (1, n)
+        out[b, pos] = rel[0].to(out.dtype)
+    return out
+
 
 def cdpruner_kernel(visual: Tensor, relevance: Tensor, theta: Optional[float] = None) -> Tensor:
     """(B, N, N) conditional DPP kernel ``r_i * cos(v_i, v_j) * r_j`` (fp32).
