@@ -106,12 +106,25 @@ def topk_keep(scores: Tensor, counts: CountLike, valid: Optional[Tensor] = None)
     using the same call on the same slice reproduces whatever it does.
     """
     batch, tokens = scores.shape
+    if isinstance(counts, int) and torch.compiler.is_compiling():
+        return _topk_keep_static(scores, counts, valid)
     kept = []
     for b, (pos, k) in enumerate(zip(valid_rows(valid, batch, tokens, scores.device), per_row_counts(counts, batch))):
         row = scores[b] if pos is None else scores[b, pos]  # (n_b,)
         chosen = row.topk(max(0, min(k, row.shape[0]))).indices  # (k,)
         kept.append(chosen if pos is None else pos[chosen])
     return mask_from_positions(kept, batch, tokens, scores.device)
+
+
+def _topk_keep_static(scores: Tensor, count: int, valid: Optional[Tensor]) -> Tensor:
+    """`topk_keep` without host syncs or data-dependent shapes (for ``torch.compile``): one ``topk``
+    along the rows with padding scored -inf. For rows without padding this is the same ``topk``
+    call on the same values as the eager row slice; the compiled select only runs such rows."""
+    batch, tokens = scores.shape
+    ranked = scores if valid is None else scores.masked_fill(~valid, float("-inf"))  # (B, N)
+    chosen = ranked.topk(max(0, min(count, tokens)), dim=1).indices  # (B, k)
+    keep = torch.zeros(batch, tokens, dtype=torch.bool, device=scores.device).scatter(1, chosen, True)  # (B, N)
+    return keep if valid is None else keep & valid
 
 
 def argsort_keep(scores: Tensor, counts: CountLike, valid: Optional[Tensor] = None) -> Tensor:

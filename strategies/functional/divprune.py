@@ -26,7 +26,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .common import CountLike, cosine_matrix, mask_from_positions, per_row_counts, valid_rows
+from .common import CountLike, cosine_matrix, mask_from_positions, per_row_counts, valid_or_all, valid_rows
 
 __all__ = ["divprune_keep_count", "divprune_sequence", "divprune_select", "divprune_supplement"]
 
@@ -104,6 +104,8 @@ def divprune_supplement(visual: Tensor, selected: Tensor, counts: CountLike, val
     Returns: (B, N) bool, exactly ``min(counts[b], unselected valid)`` new tokens per row.
     """
     batch, tokens, _ = visual.shape
+    if isinstance(counts, int) and torch.compiler.is_compiling():
+        return _divprune_supplement_static(visual, selected, counts, valid_or_all(valid, batch, tokens, visual.device))
     positions = valid_rows(valid, batch, tokens, visual.device)
     kept = []
     for b, (pos, k) in enumerate(zip(positions, per_row_counts(counts, batch))):
@@ -147,3 +149,32 @@ def _max_min_supplement(dist: Tensor, taken: Tensor, n_taken: int, count: int) -
         chosen[0, pick] = True
         running = torch.minimum(running, dist[pick])  # (1, n)
     return torch.cat(picks)
+
+
+def _divprune_supplement_static(visual: Tensor, selected: Tensor, count: int, valid: Tensor) -> Tensor:
+    """`divprune_supplement` for ``torch.compile``: ``count`` picks per row, no host sync, no
+    data-dependent shape or branch (``count`` must not exceed any row's free real tokens).
+
+    Works on the whole row with padding masked instead of on the gathered valid slice, and takes
+    both seeding branches with ``where``; for rows without padding every value equals the eager one.
+    """
+    batch, tokens, _ = visual.shape
+    keep = torch.zeros(batch, tokens, dtype=torch.bool, device=visual.device)  # (B, N)
+    for b in range(batch):
+        real = valid[b : b + 1]  # (1, N)
+        taken = selected[b : b + 1] & real  # (1, N)
+        dist = 1.0 - cosine_matrix(visual[b])  # (N, N)
+        seed_scores = _first_pick_scores(dist.masked_fill(~real.transpose(0, 1), float("inf")))  # (N,)
+        first = seed_scores.masked_fill(~real[0], float("-inf")).argmax().view(1)  # (1,)
+        empty = ~taken.any()  # () no token selected yet: the first-token rule seeds the row
+        running = dist.masked_fill(~taken.transpose(0, 1), float("inf")).amin(dim=0, keepdim=True)  # (1, N)
+        chosen = taken | ~real  # (1, N) never picked
+        for step in range(count):
+            pick = running.masked_fill(chosen, float("-inf")).argmax(dim=1)  # (1,)
+            if step == 0:
+                pick = torch.where(empty, first, pick)
+            row = dist.index_select(0, pick)  # (1, N)
+            running = torch.where(empty, row, torch.minimum(running, row)) if step == 0 else torch.minimum(running, row)
+            chosen = chosen.index_fill(1, pick, True)
+            keep[b] = keep[b].index_fill(0, pick, True)
+    return keep

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from torch import Tensor
@@ -37,11 +37,13 @@ def max_similarity_to_set(unit: Tensor, selected: Tensor) -> Tensor:
 def farthest_point_select(
     visual: Tensor,
     selected: Tensor,
-    counts: Tensor,
+    counts: Union[int, Tensor],
     valid: Tensor,
     scores: Optional[Tensor] = None,
 ) -> Tensor:
     """(B, N) bool: ``counts[b]`` more tokens of row b chosen by greedy farthest-point sampling.
+
+    ``counts`` is (B,) long, or one int for every row (then at most each row's free real tokens).
 
     Each step adds the candidate whose highest cosine similarity to the already selected set
     (``selected`` plus earlier picks) is lowest; ties go to the lower index. Candidates are real,
@@ -53,8 +55,13 @@ def farthest_point_select(
 
     Time O(N * K * D) per row and memory O(N * (K_selected + D)); every step is batched over the
     rows of a chunk (the whole batch on GPU, cache-sized chunks on CPU). All maths in float32.
+
+    Under ``torch.compile`` with an int ``counts`` it runs without host syncs (see
+    :func:`_farthest_point_static`).
     """
     batch, tokens, dim = visual.shape
+    if isinstance(counts, int) and torch.compiler.is_compiling():
+        return _farthest_point_static(visual, selected, counts, valid, scores)
     rows_per_chunk = batch
     if visual.device.type == "cpu":
         rows_per_chunk = max(1, CPU_CHUNK_BYTES // max(1, tokens * dim * 4))
@@ -64,13 +71,14 @@ def farthest_point_select(
     for start in range(0, batch, rows_per_chunk):
         rows = slice(start, start + rows_per_chunk)
         parts.append(
-            _farthest_point_rows(visual[rows], selected[rows], counts[rows], valid[rows], None if scores is None else scores[rows])
+            _farthest_point_rows(visual[rows], selected[rows], counts if isinstance(counts, int) else counts[rows], valid[rows],
+                                 None if scores is None else scores[rows])
         )
     return torch.cat(parts)
 
 
 def _farthest_point_rows(
-    visual: Tensor, selected: Tensor, counts: Tensor, valid: Tensor, scores: Optional[Tensor]
+    visual: Tensor, selected: Tensor, counts: Union[int, Tensor], valid: Tensor, scores: Optional[Tensor]
 ) -> Tensor:
     """`farthest_point_select` on one chunk of rows, every step batched over them.
 
@@ -83,8 +91,11 @@ def _farthest_point_rows(
     """
     unit = torch.nn.functional.normalize(visual.float(), dim=-1)  # (B, N, D)
     batch, tokens, dim = unit.shape
-    counts = counts.long()
-    steps = int(counts.max().item()) if counts.numel() else 0
+    if isinstance(counts, int):
+        steps = counts
+    else:
+        counts = counts.long()
+        steps = int(counts.max().item()) if counts.numel() else 0
     if steps <= 0:
         return torch.zeros_like(valid)
     blocked = ~valid | selected  # (B, N) never picked
@@ -123,10 +134,54 @@ def _farthest_point_rows(
     return _picks_mask(torch.cat(picks, dim=1).view(batch, steps), counts, tokens)  # (B, N)
 
 
-def _picks_mask(order: Tensor, counts: Tensor, tokens: int) -> Tensor:
+def _picks_mask(order: Tensor, counts: Union[int, Tensor], tokens: int) -> Tensor:
     """(B, N) bool: the first ``counts[b]`` entries of row b of ``order`` (B, S) set to True."""
     batch, steps = order.shape
+    if isinstance(counts, int):  # every row keeps all its picks
+        return torch.zeros(batch, tokens, dtype=torch.bool, device=order.device).scatter_(1, order, True)
     live = torch.arange(steps, device=order.device) < counts.unsqueeze(1)  # (B, S)
     target = order.masked_fill(~live, tokens)  # (B, S): dropped picks go to a sink column
     mask = torch.zeros(batch, tokens + 1, dtype=torch.bool, device=order.device)
     return mask.scatter_(1, target, True)[:, :tokens]  # (B, N)
+
+
+def _farthest_point_static(visual: Tensor, selected: Tensor, count: int, valid: Tensor, scores: Optional[Tensor]) -> Tensor:
+    """`farthest_point_select` for ``torch.compile``: ``count`` steps for every row, no host sync and no
+    data-dependent shape or branch.
+
+    Same rules and step arithmetic as the eager loop; two differences in how the state is built:
+    the highest similarity to the ``selected`` set comes from the full (B, N, N) similarity matrix
+    (the size of the set is not known when tracing), and picked tokens are re-masked every step
+    (the eager loop does so only for non-finite features). A product that rounds differently can
+    only change a pick between near-tied candidates.
+    """
+    unit = torch.nn.functional.normalize(visual.float(), dim=-1)  # (B, N, D)
+    batch, tokens, dim = unit.shape
+    if count <= 0:
+        return torch.zeros_like(valid)
+    blocked = ~valid | selected  # (B, N)
+    empty = ~selected.any(dim=1, keepdim=True)  # (B, 1)
+    similarity = torch.bmm(unit, unit.transpose(1, 2))  # (B, N, N)
+    max_sim = similarity.masked_fill(~selected.unsqueeze(1), float("-inf")).amax(dim=-1)  # (B, N)
+    if scores is not None:
+        seed_key = -scores.float()  # (B, N)
+    else:
+        weights = valid.float().unsqueeze(-1)  # (B, N, 1)
+        centre = (unit * weights).sum(1) / weights.sum(1).clamp(min=1.0)  # (B, D)
+        seed_key = torch.einsum("bnd,bd->bn", unit, torch.nn.functional.normalize(centre, dim=-1))
+    key = torch.where(empty, seed_key, max_sim).masked_fill(blocked, float("inf")).unsqueeze(-1)  # (B, N, 1)
+    guard = blocked.unsqueeze(-1)  # (B, N, 1)
+    columns = unit.transpose(1, 2)  # (B, D, N)
+    picks = []
+    for step in range(count):
+        choice = key.argmin(dim=1, keepdim=True)  # (B, 1, 1)
+        picks.append(choice)
+        newest = columns.gather(2, choice.expand(batch, dim, 1))  # (B, D, 1)
+        step_similarity = torch.bmm(unit, newest)  # (B, N, 1)
+        if step == 0:
+            step_similarity = torch.where(empty.unsqueeze(-1), step_similarity, torch.maximum(key, step_similarity))
+        else:
+            step_similarity = torch.maximum(key, step_similarity)
+        guard = guard.scatter(1, choice, True)
+        key = step_similarity.masked_fill(guard, float("inf"))  # (B, N, 1)
+    return _picks_mask(torch.cat(picks, dim=1).view(batch, count), count, tokens)  # (B, N)
