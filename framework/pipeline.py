@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from .budget import Budget, validate_budget
+from .compiled import CompiledSelect
 from .errors import BudgetError, MissingSignalError
 from .providers import signal_providers
 from .recipe import format_term
@@ -146,6 +147,21 @@ class Pipeline:
         else:
             width = int(keep.sum(dim=1).max().item())
         return assemble_selection(keep, chosen, values, width)
+
+    def compile(
+        self, *, mode: Optional[str] = None, fullgraph: bool = True, backend: str = "inductor", dynamic: bool = False
+    ) -> CompiledSelect:
+        """``select`` compiled with ``torch.compile`` for fixed-size inputs and int budgets.
+
+        Returns a `CompiledSelect`, called like ``select(signals, budget)``. With an int budget and
+        no ``visual_mask`` it runs one compiled graph per (shapes, budget), every count planned on
+        the host (no device sync); other calls fall back to ``select``. ``mode``, ``fullgraph``,
+        ``backend`` and ``dynamic`` go to ``torch.compile`` (on a GPU, ``mode="reduce-overhead"``
+        replays the graph as a CUDA graph). Raises `SelectCompileError` for a pipeline whose split
+        depends on the scores, and at the first call when ``fullgraph`` and a stage cannot be traced
+        without a graph break. See framework/compiled.py for what compiles.
+        """
+        return CompiledSelect(self, mode=mode, fullgraph=fullgraph, backend=backend, dynamic=dynamic)
 
     def _resolve(self, budget: Budget | Sequence[Budget], valid_counts: Tensor) -> Tensor:
         if isinstance(budget, (numbers.Real,)) and not isinstance(budget, bool):
