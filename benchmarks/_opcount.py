@@ -8,13 +8,16 @@ an upper bound on the kernels a GPU would launch for the same Python code.
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from typing import Callable, TypeVar
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-__all__ = ["OpCounter", "count_ops"]
+from vtprune.framework import Signals
+
+__all__ = ["OpCounter", "count_ops", "selection_signals"]
 
 T = TypeVar("T")
 
@@ -41,3 +44,31 @@ def count_ops(function: Callable[[], T]) -> tuple[T, OpCounter]:
     with torch.no_grad(), OpCounter() as counter:
         result = function()
     return result, counter
+
+
+def selection_signals(batch: int, tokens: int, dim: int, *, heads: int = 32, prompt_tokens: int = 32,
+                      clip_dim: int = 768, device: str = "cpu", seed: int = 0) -> Signals:
+    """Random `Signals` with every field a built-in pipeline reads, at LLaVA-1.5-7B-like shapes.
+
+    ``visual`` / ``prompt`` (B, N / T, D); ``attention`` and ``cls_attention`` (B, heads, N) softmax rows;
+    ``visual_keys`` / ``prompt_keys`` (B, N / T, heads, D / heads); ``clip_visual`` (B, N, clip_dim) and
+    one CLIP text embedding ``clip_text`` (B, 1, clip_dim); ``grid`` when N is a square.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    head_dim = max(1, dim // heads)
+
+    def normal(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=generator).to(device)
+
+    side = math.isqrt(tokens)
+    return Signals(
+        visual=normal(batch, tokens, dim),
+        prompt=normal(batch, prompt_tokens, dim),
+        attention=torch.softmax(normal(batch, heads, tokens), dim=-1),
+        cls_attention=torch.softmax(normal(batch, heads, tokens), dim=-1),
+        visual_keys=normal(batch, tokens, heads, head_dim),
+        prompt_keys=normal(batch, prompt_tokens, heads, head_dim),
+        clip_visual=normal(batch, tokens, clip_dim),
+        clip_text=normal(batch, 1, clip_dim),
+        grid=(side, side) if side * side == tokens else None,
+    )
