@@ -17,26 +17,68 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from vtprune.framework import Signals
 
-__all__ = ["OpCounter", "count_ops", "selection_signals"]
+__all__ = ["GATHER_OPS", "NO_KERNEL_OPS", "SCATTER_OPS", "OpCounter", "count_ops", "selection_signals"]
 
 T = TypeVar("T")
 
 
+#: Operators that never launch a device kernel besides views: wrapping a Python constant.
+NO_KERNEL_OPS = frozenset({"aten.lift_fresh.default"})
+#: Indexing reads: they read what they return (and the index), not their whole source.
+GATHER_OPS = frozenset({"aten.gather.default", "aten.index.Tensor", "aten.index_select.default"})
+#: In-place indexed writes: they touch the indexed entries only.
+SCATTER_OPS = frozenset({
+    "aten.scatter_.value", "aten.scatter_.src", "aten.index_fill_.int_Scalar", "aten.index_fill_.int_Tensor",
+    "aten.index_put_.default",
+})
+
+
 class OpCounter(TorchDispatchMode):
-    """A dispatch mode that records each dispatched operator by name (``aten.mm.default`` ...)."""
+    """A dispatch mode that records each dispatched operator by name (``aten.mm.default`` ...).
+
+    Besides the count it keeps ``launches`` (operators other than views and `NO_KERNEL_OPS`, i.e.
+    the ones that run a kernel or a copy on a GPU) and ``bytes`` (for those, the bytes of every
+    tensor argument and result, except that an indexing read counts its result twice plus the index
+    (`GATHER_OPS`) and an in-place indexed write its index and values twice (`SCATTER_OPS`): what a
+    kernel reads and writes, caches ignored).
+    """
 
     def __init__(self) -> None:
         super().__init__()
         self.ops: Counter[str] = Counter()
+        self.launches = 0
+        self.bytes = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
-        self.ops[str(func)] += 1
-        return func(*args, **(kwargs or {}))
+        kwargs = kwargs or {}
+        name = str(func)
+        self.ops[name] += 1
+        result = func(*args, **kwargs)
+        if not getattr(func, "is_view", False) and name not in NO_KERNEL_OPS:
+            self.launches += 1
+            if name in GATHER_OPS:
+                self.bytes += 2 * _tensor_bytes(result) + _tensor_bytes((args[1:], kwargs))
+            elif name in SCATTER_OPS:
+                self.bytes += 2 * _tensor_bytes((args[1:], kwargs))
+            else:
+                self.bytes += _tensor_bytes((args, kwargs, result))
+        return result
 
     @property
     def total(self) -> int:
         """Number of operators dispatched so far."""
         return sum(self.ops.values())
+
+
+def _tensor_bytes(value: object) -> int:
+    """Bytes of every tensor in a nest of tuples, lists and dicts."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, (tuple, list)):
+        return sum(_tensor_bytes(item) for item in value)
+    if isinstance(value, dict):
+        return sum(_tensor_bytes(item) for item in value.values())
+    return 0
 
 
 def count_ops(function: Callable[[], T]) -> tuple[T, OpCounter]:
