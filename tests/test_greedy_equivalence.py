@@ -62,7 +62,7 @@ def test_divprune_picks_unchanged(seed: int, kind: str) -> None:
     assert torch.equal(divprune.divprune_select(c["x"], c["counts"], c["valid"]), old)
 
 
-@pytest.mark.parametrize("kind", ("gauss", "duplicates", "rounded"))
+@pytest.mark.parametrize("kind", ("gauss", "duplicates", "rounded", "nan"))
 @pytest.mark.parametrize("seed", range(8))
 def test_cdpruner_picks_unchanged(seed: int, kind: str) -> None:
     c = _case(seed, kind)

@@ -43,7 +43,7 @@ PINNED = {
     "visionzip": 96,
     "vispruner": 965,
     "dart": 1379,
-    "cdpruner": 1875,
+    "cdpruner": 1557,
 }
 
 #: The issue's targets at this size.

@@ -96,21 +96,24 @@ def _greedy_map(kernel: Tensor, steps: int) -> Tensor:
     di2s = torch.diagonal(kernel, dim1=1, dim2=2).clone()  # (1, n)
     picks = []
     for i in range(steps):
-        j = torch.argmax(di2s, dim=-1)  # (1,)
+        d2, j = di2s.max(dim=-1)  # (1,), (1,): the first maximum, as argmax
         picks.append(j)
-        _map_update(rows, cis, di2s, i, j)
+        _map_update(rows, cis, di2s, i, j, d2)
     return torch.cat(picks) if picks else torch.empty(0, dtype=torch.long, device=kernel.device)
 
 
-def _map_update(rows: Tensor, cis: Tensor, di2s: Tensor, used: int, j: Tensor) -> None:
-    """One fast-greedy-MAP update after picking ``j`` (1,): writes ``cis[used]``, lowers ``di2s`` (1, n)
-    in place and sets ``di2s[j] = -inf`` (official order of operations)."""
+def _map_update(rows: Tensor, cis: Tensor, di2s: Tensor, used: int, j: Tensor, d2: Optional[Tensor] = None) -> None:
+    """One fast-greedy-MAP update after picking ``j`` (1,) whose residual is ``d2`` (1,) (read from
+    ``di2s`` when None): writes ``cis[used]``, lowers ``di2s`` (1, n) in place and sets
+    ``di2s[j] = -inf`` (official order of operations)."""
     row = rows.index_select(0, j)  # (1, n)
     if used:
-        column = cis[:used].index_select(1, j)  # (used, 1)
-        row = row - torch.bmm(column.view(1, 1, used), cis[:used].unsqueeze(0)).view(1, -1)  # (1, n)
-    eis = row / torch.sqrt(di2s.index_select(1, j))  # (1, n)
-    cis[used] = eis[0]
+        head = cis[:used]  # (used, n)
+        column = head.index_select(1, j)  # (used, 1)
+        row = row - torch.bmm(column.view(1, 1, used), head.unsqueeze(0)).view(1, -1)  # (1, n)
+    d2 = di2s.index_select(1, j) if d2 is None else d2.view(1, 1)  # (1, 1)
+    eis = row / torch.sqrt(d2)  # (1, n)
+    cis.narrow(0, used, 1).copy_(eis)
     di2s -= torch.square(eis)
     di2s.index_fill_(1, j, -float("inf"))
 
@@ -156,7 +159,7 @@ def _conditional_greedy_map(kernel: Tensor, forced: list[int], steps: int) -> Te
     """(steps,) long picks of the fast greedy MAP on a (1, n, n) kernel conditioned on the ``forced``
     picks (processed first).
 
-    With no forced pick this is :func:`_greedy_map` op for op (same picks), except that picked
+    With no forced pick this is :func:`_greedy_map`'s arithmetic (same picks), except that picked
     tokens are excluded from the argmax explicitly (the official code relies on ``d2[j] = -inf``,
     which NaN/inf arithmetic past the kernel's rank can undo, re-picking a token; when every free
     ``d2`` is -inf we take the first free token, chosen with tensor ops so a step never waits for
@@ -169,6 +172,7 @@ def _conditional_greedy_map(kernel: Tensor, forced: list[int], steps: int) -> Te
     cis = torch.zeros((len(forced) + steps, n), device=device)  # (T, n)
     di2s = torch.diagonal(kernel, dim1=1, dim2=2).clone()  # (1, n)
     picked = torch.zeros(1, n, dtype=torch.bool, device=device)  # (1, n)
+    free = torch.ones(1, n, dtype=torch.int8, device=device)  # (1, n) 1 = not picked yet
     used = 0
     for index in forced:
         j = torch.tensor([index], device=device)  # (1,)
@@ -178,17 +182,17 @@ def _conditional_greedy_map(kernel: Tensor, forced: list[int], steps: int) -> Te
         else:
             di2s[0, index] = -float("inf")
         picked[0, index] = True
+        free[0, index] = 0
     out = []
     for _ in range(steps):
-        key = di2s.masked_fill(picked, -float("inf"))  # (1, n)
-        j = torch.argmax(key, dim=-1)  # (1,)
+        best, j = di2s.masked_fill(picked, -float("inf")).max(dim=-1)  # (1,), (1,): first maximum
         # every free d2 is -inf (degenerate kernel) exactly when the maximum is -inf: first free token
-        first_free = torch.argmax((~picked).to(torch.int8), dim=-1)  # (1,)
-        j = torch.where(key.index_select(1, j)[0] == -float("inf"), first_free, j)  # (1,)
+        j = torch.where(best == -float("inf"), free.argmax(dim=-1), j)  # (1,)
         out.append(j)
         _map_update(rows, cis, di2s, used, j)
         used += 1
         picked.index_fill_(1, j, True)
+        free.index_fill_(1, j, 0)
     return torch.cat(out) if out else torch.empty(0, dtype=torch.long, device=device)
 
 
