@@ -11,15 +11,17 @@ plan: a new budget or N recompiles once.
 
 What compiles, what falls back (docs/performance.md, "Compiled select"):
 
-* compiled, ``fullgraph=True`` (no graph break): pipelines of deterministic tensor stages, e.g. the
-  presets ``zspaprune``, ``zspaprune_max``, ``fastv``, ``divprune``;
+* compiled, ``fullgraph=True`` (no graph break): the presets ``zspaprune``, ``zspaprune_max``,
+  ``zspaprune_attn``, ``fastv``, ``pdrop`` (one drop) and ``divprune``;
 * eager fallback, silently and exactly ``Pipeline.select``: inputs with ``visual_mask`` set (padded
   rows have data-dependent counts), float or per-row budgets;
-* `SelectCompileError` when the pipeline is compiled: a budget allocator whose split depends on the
-  scores (``dynamic``) while the relevance stage gives scores and the diversity stage adds tokens;
+* `SelectCompileError` when the pipeline is compiled: a budget allocator without
+  ``plans_from_totals`` (``dynamic``, and the peer allocators ``dart``, ``visionzip``,
+  ``vispruner``) while the relevance stage gives scores and the diversity stage adds tokens;
 * `SelectCompileError` at the first call with ``fullgraph=True`` when a stage cannot be traced
-  without a graph break (seeded generators: ``random``; scikit-learn: ``zspaprune_kmeans``; Python
-  geometry: ``zspaprune_grid``, ``pooling``); ``fullgraph=False`` compiles the traceable parts.
+  without a graph break: seeded generators (``random``), scikit-learn (``zspaprune_kmeans``), Python
+  geometry (``zspaprune_grid``, ``pooling``), CDPruner's host-side list of conditioning tokens
+  (``cdpruner``); ``fullgraph=False`` compiles the traceable parts.
 
 Compiled picks equal the eager ones except, possibly, between exactly or nearly tied candidates: the
 graph's fused kernels (and the compiled farthest-point seed, a full similarity matrix) may round
@@ -73,10 +75,10 @@ def _check_plannable(pipeline: Pipeline) -> None:
     """Raise `SelectCompileError` when the pipeline's split needs the device's scores."""
     if pipeline.relevance.gives_scores and pipeline.diversity.adds_tokens and not pipeline.budget.plans_from_totals:
         raise SelectCompileError(
-            f"cannot compile {str(pipeline)!r}: budget allocator {pipeline.budget.name!r} splits each row's budget "
-            "from the relevance scores, so its counts are only known on the device (a graph cannot branch on them); "
-            "use Pipeline.select, or an allocator whose split depends on the totals only "
-            "(BudgetAllocator.plans_from_totals, e.g. 'split')"
+            f"cannot compile {str(pipeline)!r}: budget allocator {pipeline.budget.name!r} does not declare that its "
+            "critical/diversity split depends on the totals only (BudgetAllocator.plans_from_totals), so the counts "
+            "could depend on the relevance scores, known only on the device (a graph cannot branch on them); "
+            "use Pipeline.select, or an allocator that plans from the totals (e.g. 'split')"
         )
 
 
@@ -164,10 +166,10 @@ class CompiledSelect:
         plan = plan_select(self.pipeline, signals.batch_size, signals.num_tokens, int(budget))
         try:
             return self._graph(signals, plan)
-        except torch._dynamo.exc.Unsupported as error:  # a graph break under fullgraph=True
+        except torch._dynamo.exc.TorchDynamoException as error:  # a graph break under fullgraph=True
             raise SelectCompileError(
                 f"cannot compile {str(self.pipeline)!r} without a graph break ({type(error).__name__}: "
-                f"{str(error).splitlines()[0]}); use Pipeline.select, or Pipeline.compile(fullgraph=False)"
+                f"{str(error).strip().splitlines()[0]}); use Pipeline.select, or Pipeline.compile(fullgraph=False)"
             ) from error
 
     def __repr__(self) -> str:
