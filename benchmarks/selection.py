@@ -158,6 +158,13 @@ def main() -> None:
                     share = f"  {100 * seconds / prefill['seconds']:6.2f}% of prefill"
                 rows.append(row)
                 print(f"N={tokens:>6} K={kept:>5} B={batch} {recipe:<24} {seconds * 1e3:10.2f} ms{share}{extra}")
+                if recipe == "fastv":  # the framework's overhead around FastV's own three ops
+                    attention = signals.attention
+                    bare = time_call(lambda: attention.mean(dim=1).topk(kept, dim=-1).indices.sort(dim=-1), args.repeats, args.device)
+                    rows.append({"recipe": "fastv bare ops", "N": tokens, "K": kept, "B": batch, "D": args.dim,
+                                 "seconds": bare, "select_over_bare": seconds / bare})
+                    print(f"N={tokens:>6} K={kept:>5} B={batch} {'fastv bare ops':<24} {bare * 1e3:10.2f} ms  "
+                          f"(mean over heads, topk, sort: FastV's own ops; select / bare = {seconds / bare:.2f})")
             if tokens <= args.naive_max_tokens:
                 seed = _first(signals.visual)  # both start from token 0 so their picks are comparable
                 counts = torch.full((batch,), kept - 1, device=args.device)
