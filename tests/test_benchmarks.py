@@ -33,7 +33,8 @@ def test_selection_benchmark_counts_ops_and_estimates_gpu_time(tmp_path) -> None
         check=True, capture_output=True, text=True,
     )
     rows = {r["recipe"]: r for r in json.loads(out.read_text())}
-    assert set(rows) == {"zspaprune", "fastv"}
+    assert set(rows) == {"zspaprune", "fastv", "fastv bare ops"}
+    assert rows.pop("fastv bare ops")["select_over_bare"] > 0  # FastV's own ops timed beside its select
     for row in rows.values():
         assert 0 < row["launches"] <= row["ops"] and row["bytes"] > 0
         assert row["gpu_fraction_of_ideal_prefill"] == row["gpu_estimate_s"] / row["gpu_ideal_prefill_s"] > 0
