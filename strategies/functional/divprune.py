@@ -127,7 +127,7 @@ def _max_min_supplement(dist: Tensor, taken: Tensor, n_taken: int, count: int) -
     if n_taken == 0:
         pick = torch.argmax(_first_pick_scores(dist)).view(1)  # (1,)
         picks.append(pick)
-    finite = bool(torch.isfinite(dist).all())
+    finite = bool(torch.isfinite(dist.sum()))  # finite cosine distances lie in [0, 2]: a finite sum means no NaN / inf
     if finite:
         dist.diagonal().fill_(float("-inf"))  # a chosen token's running minimum becomes -inf
         running = dist[picks[0]] if n_taken == 0 else dist[taken].min(dim=0, keepdim=True).values  # (1, n)

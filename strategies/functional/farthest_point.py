@@ -112,7 +112,7 @@ def _farthest_point_rows(
             centre = (unit * weights).sum(1) / weights.sum(1).clamp(min=1.0)  # (B, D)
             seed_key = torch.einsum("bnd,bd->bn", unit, torch.nn.functional.normalize(centre, dim=-1))
         max_sim = seed_key if max_sim is None else torch.where(empty.unsqueeze(1), seed_key, max_sim)
-    finite = bool(torch.isfinite(unit).all())
+    finite = bool(torch.isfinite(unit.sum()))  # entries of unit vectors are in [-1, 1]: a finite sum means no NaN / inf
     key = max_sim.masked_fill(blocked, float("inf")).unsqueeze(-1)  # (B, N, 1)
     guard = None if finite else blocked.unsqueeze(-1).clone()  # (B, N, 1)
     columns = unit.transpose(1, 2)  # (B, D, N) view
