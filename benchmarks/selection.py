@@ -16,6 +16,17 @@ that it yields the square number of patches nearest to N) at each N and batch, a
 pipeline's selection time as a fraction of it (the overhead targets of docs/performance.md):
 
     python benchmarks/selection.py --prefill --batch 1 --threads 2
+
+With ``--count-ops`` it also counts the torch ops one ``select`` dispatches (``benchmarks/_opcount.py``;
+each is a kernel launch on a GPU) and estimates the GPU time from them (``benchmarks/_gpu_estimate.py``:
+launches x 5 us + bytes / 3.35 TB/s on an H100) as a share of the 7B model's FLOPs-ideal H100 prefill:
+
+    python benchmarks/selection.py --count-ops --tokens 576 --batch 1 --repeats 1
+
+With ``--compiled`` it also times ``Pipeline.compile()`` (torch.compile, inductor; the first call,
+which compiles, is the warm-up) and prints eager / compiled:
+
+    python benchmarks/selection.py --compiled --tokens 576 --batch 1 --threads 1 --recipes zspaprune divprune fastv
 """
 
 from __future__ import annotations
@@ -35,8 +46,10 @@ import torch
 from vtprune.framework import Signals, build_registry, compose
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _gpu_estimate import H100, ideal_prefill_seconds, selection_seconds  # noqa: E402
 from _harness import PROFILES, build_llava_slice, llava_batch  # noqa: E402
 from _harness import time_call as time_device  # noqa: E402
+from _opcount import count_ops, selection_signals  # noqa: E402
 
 #: Profiles whose prefill slice is a LLaVA (image tokens = (image size / patch)^2, used by --prefill).
 LLAVA_PROFILES = sorted(name for name, spec in PROFILES.items() if spec.get("family", "llava") == "llava")
@@ -44,10 +57,11 @@ from vtprune.strategies.functional.farthest_point import farthest_point_select
 
 DEFAULT_RECIPES = (
     "zspaprune", "zspaprune_max", "zspaprune_dynamic", "zspaprune_grid", "zspaprune_kmeans",
-    "divprune", "random", "pooling",
+    "divprune", "random", "pooling", "fastv", "cdpruner",
 )
-#: Recipes too slow for the largest sizes (scikit-learn k-means with N/9 clusters), with their largest N.
-MAX_TOKENS = {"zspaprune_kmeans": 2880}
+#: Recipes too slow for the largest sizes (scikit-learn k-means with N/9 clusters; CDPruner's N x N
+#: kernel and N/9 greedy steps), with their largest N.
+MAX_TOKENS = {"zspaprune_kmeans": 2880, "cdpruner": 2880}
 
 
 def naive_fps_reference(visual: torch.Tensor, selected: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
@@ -101,6 +115,9 @@ def main() -> None:
                         help="model shape of the prefill slice (benchmarks/_harness.py)")
     parser.add_argument("--prefill-max-tokens", type=int, nargs=2, default=[11520, 2880], metavar=("B1", "BMORE"),
                         help="largest N whose prefill is timed at batch 1 / at larger batches (CPU time)")
+    parser.add_argument("--count-ops", action="store_true",
+                        help="count dispatched ops per select and estimate the H100 time as a share of the 7B ideal prefill")
+    parser.add_argument("--compiled", action="store_true", help="also time Pipeline.compile() (torch.compile, inductor)")
     args = parser.parse_args()
 
     registry = build_registry(autoload=False)
@@ -111,11 +128,7 @@ def main() -> None:
     for tokens in args.tokens:
         kept = max(1, tokens // 9)
         for batch in args.batch:
-            generator = torch.Generator().manual_seed(0)
-            signals = Signals(
-                visual=torch.randn(batch, tokens, args.dim, generator=generator).to(args.device),
-                prompt=torch.randn(batch, 32, args.dim, generator=generator).to(args.device),
-            )
+            signals = selection_signals(batch, tokens, args.dim, device=args.device)
             prefill = None
             if args.prefill and tokens <= args.prefill_max_tokens[0 if batch == 1 else 1]:
                 prefill = prefill_seconds(tokens, batch, args.prefill_layers, args.device, args.prefill_profile)
@@ -127,13 +140,31 @@ def main() -> None:
                 pipeline = compose(recipe, registry=registry)
                 seconds = time_call(lambda: pipeline.select(signals, kept), args.repeats, args.device)
                 row = {"recipe": recipe, "N": tokens, "K": kept, "B": batch, "D": args.dim, "seconds": seconds}
+                extra = ""
+                if args.count_ops:
+                    row.update(op_counts(pipeline, signals, kept, tokens, batch))
+                    extra += (f"  {row['ops']:6d} ops ({row['launches']} launches, {row['bytes'] / 2**20:.1f} MiB)"
+                              f"  ~{row['gpu_estimate_s'] * 1e3:.2f} ms on {H100.name} = "
+                              f"{100 * row['gpu_fraction_of_ideal_prefill']:.1f}% of the 7B ideal prefill")
+                if args.compiled:
+                    row.update(compiled_seconds(pipeline, signals, kept, args.repeats, args.device))
+                    extra += (f"  compiled {row['compiled_seconds'] * 1e3:.2f} ms (eager/compiled "
+                              f"{seconds / row['compiled_seconds']:.2f}x, compile {row['compile_s']:.0f} s)"
+                              if "compiled_seconds" in row else f"  compiled: {row['compile_error']}")
                 share = ""
                 if prefill is not None:
                     row.update(prefill_s=prefill["seconds"], prefill_image_tokens=prefill["image_tokens"],
                                fraction_of_prefill=seconds / prefill["seconds"])
                     share = f"  {100 * seconds / prefill['seconds']:6.2f}% of prefill"
                 rows.append(row)
-                print(f"N={tokens:>6} K={kept:>5} B={batch} {recipe:<24} {seconds * 1e3:10.1f} ms{share}")
+                print(f"N={tokens:>6} K={kept:>5} B={batch} {recipe:<24} {seconds * 1e3:10.2f} ms{share}{extra}")
+                if recipe == "fastv":  # the framework's overhead around FastV's own three ops
+                    attention = signals.attention
+                    bare = time_call(lambda: attention.mean(dim=1).topk(kept, dim=-1).indices.sort(dim=-1), args.repeats, args.device)
+                    rows.append({"recipe": "fastv bare ops", "N": tokens, "K": kept, "B": batch, "D": args.dim,
+                                 "seconds": bare, "select_over_bare": seconds / bare})
+                    print(f"N={tokens:>6} K={kept:>5} B={batch} {'fastv bare ops':<24} {bare * 1e3:10.2f} ms  "
+                          f"(mean over heads, topk, sort: FastV's own ops; select / bare = {seconds / bare:.2f})")
             if tokens <= args.naive_max_tokens:
                 seed = _first(signals.visual)  # both start from token 0 so their picks are comparable
                 counts = torch.full((batch,), kept - 1, device=args.device)
@@ -151,6 +182,34 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(rows, handle, indent=2)
+
+
+def op_counts(pipeline, signals: Signals, kept: int, tokens: int, batch: int) -> dict:
+    """Dispatched ops, launches and bytes of one select, and the H100 estimate (benchmarks/_gpu_estimate.py)
+    as a fraction of the LLaVA-1.5-7B FLOPs-ideal prefill at ``tokens`` image tokens."""
+    _, counter = count_ops(lambda: pipeline.select(signals, kept))
+    estimate = selection_seconds(counter.launches, counter.bytes)
+    ideal = ideal_prefill_seconds(PROFILES["llava-1.5-7b"]["text"], tokens, batch)
+    return {"ops": counter.total, "launches": counter.launches, "bytes": counter.bytes, "gpu_estimate_s": estimate,
+            "gpu_ideal_prefill_s": ideal, "gpu_fraction_of_ideal_prefill": estimate / ideal}
+
+
+def compiled_seconds(pipeline, signals: Signals, kept: int, repeats: int, device: str) -> dict:
+    """Median time of ``pipeline.compile()``'s select (the first call compiles and is timed apart), and
+    whether it picks what the eager select picks; a pipeline that cannot compile reports why."""
+    from vtprune.framework.compiled import SelectCompileError
+
+    try:
+        compiled = pipeline.compile()
+        start = time.perf_counter()
+        first = compiled(signals, kept)
+        compile_s = time.perf_counter() - start
+    except SelectCompileError as error:
+        return {"compile_error": str(error).split(";")[0]}
+    eager = pipeline.select(signals, kept)
+    same = all(torch.equal(getattr(first, f), getattr(eager, f)) for f in ("indices", "mask", "critical"))
+    seconds = time_call(lambda: compiled(signals, kept), repeats, device)
+    return {"compiled_seconds": seconds, "compile_s": compile_s, "compiled_same_selection": same}
 
 
 def prefill_seconds(tokens: int, batch: int, layers: int, device: str, profile: str = "llava-1.5-7b") -> dict:

@@ -11,10 +11,11 @@ import torch
 from torch import Tensor
 
 from .budget import Budget, validate_budget
+from .compiled import CompiledSelect
 from .errors import BudgetError, MissingSignalError
 from .providers import signal_providers
 from .recipe import format_term
-from .selection import Selection, selection_from_masks
+from .selection import Selection, assemble_selection
 from .signals import ALWAYS_PRESENT, Signals
 from .stages import (
     STAGE_KINDS,
@@ -99,33 +100,68 @@ class Pipeline:
             ``critical`` marking the tokens the critical selector chose.
         """
         self.check_signals(signals)
+        dense = signals.visual_mask is None  # every token is real: nothing to mask
         valid = signals.valid()  # (B, N)
-        valid_counts = valid.sum(dim=1)  # (B,)
+        batch, tokens = valid.shape
+        if dense:
+            valid_counts = torch.full((batch,), tokens, dtype=torch.long, device=valid.device)  # (B,)
+        else:
+            valid_counts = valid.sum(dim=1)  # (B,)
         totals = self._resolve(budget, valid_counts)  # (B,)
         scores = self.relevance.score(signals)
         if scores is not None:
-            scores = scores.float().masked_fill(~valid, float("-inf"))  # (B, N)
+            scores = scores.float()  # (B, N)
+            if not dense:
+                scores = scores.masked_fill(~valid, float("-inf"))  # (B, N)
         allocation = self.budget.allocate(totals, valid, scores)
-        critical_counts = allocation.critical.clamp(min=0)
-        critical_counts = torch.minimum(critical_counts, totals)
         if scores is None:
-            critical_counts = torch.zeros_like(totals)
+            critical_counts = None  # nothing is critical without scores
         elif not self.diversity.adds_tokens:
-            critical_counts = totals
-        chosen = torch.zeros_like(valid)
-        if bool((critical_counts > 0).any()):
-            chosen = self.critical.select(scores, critical_counts, valid) & valid  # (B, N)
-        remaining = totals - chosen.sum(dim=1)  # (B,)
+            critical_counts = totals  # the critical selector fills the whole budget
+        else:
+            critical_counts = torch.minimum(allocation.critical.clamp(min=0), totals)  # (B,)
+        chosen = None
+        if critical_counts is not None and bool(critical_counts.any()):  # counts are >= 0
+            chosen = self.critical.select(scores, critical_counts, valid)  # (B, N)
+            if not dense:
+                chosen = chosen & valid
+        if chosen is None:
+            chosen = torch.zeros_like(valid)  # (B, N)
         values = None
         keep = chosen
-        if bool((remaining == (valid & ~chosen).sum(dim=1)).all()):
-            keep = valid  # every remaining real token is kept: nothing for the diversity stage to choose
-        elif bool((remaining > 0).any()):
-            supplement = self.diversity.supplement(signals, chosen, remaining, valid, scores)
-            keep = chosen | (supplement.mask & valid & ~chosen)
-            if supplement.values is not None:
-                values = torch.where(supplement.mask.unsqueeze(-1), supplement.values.to(signals.visual.dtype), signals.visual)  # (B, N, D)
-        return selection_from_masks(keep, chosen, values)
+        # ``chosen`` holds real tokens only, so "the rest of the budget is every remaining real
+        # token" is ``totals == valid_counts``: keep every real token, nothing for diversity to choose.
+        if bool((totals == valid_counts).all()):
+            keep = valid
+        elif self.diversity.adds_tokens:
+            remaining = totals - chosen.sum(dim=1)  # (B,)
+            if bool((remaining > 0).any()):
+                supplement = self.diversity.supplement(signals, chosen, remaining, valid, scores)
+                keep = chosen | (supplement.mask if dense else supplement.mask & valid)  # (B, N)
+                if supplement.values is not None:
+                    values = torch.where(supplement.mask.unsqueeze(-1), supplement.values.to(signals.visual.dtype), signals.visual)  # (B, N, D)
+        if not keep.numel():
+            width = 0
+        elif keep is valid and dense:
+            width = tokens  # every row keeps all its tokens: no need to count them
+        else:
+            width = int(keep.sum(dim=1).max().item())
+        return assemble_selection(keep, chosen, values, width)
+
+    def compile(
+        self, *, mode: Optional[str] = None, fullgraph: bool = True, backend: str = "inductor", dynamic: bool = False
+    ) -> CompiledSelect:
+        """``select`` compiled with ``torch.compile`` for fixed-size inputs and int budgets.
+
+        Returns a `CompiledSelect`, called like ``select(signals, budget)``. With an int budget and
+        no ``visual_mask`` it runs one compiled graph per (shapes, budget), every count planned on
+        the host (no device sync); other calls fall back to ``select``. ``mode``, ``fullgraph``,
+        ``backend`` and ``dynamic`` go to ``torch.compile`` (on a GPU, ``mode="reduce-overhead"``
+        replays the graph as a CUDA graph). Raises `SelectCompileError` for a pipeline whose split
+        depends on the scores, and at the first call when ``fullgraph`` and a stage cannot be traced
+        without a graph break. See framework/compiled.py for what compiles.
+        """
+        return CompiledSelect(self, mode=mode, fullgraph=fullgraph, backend=backend, dynamic=dynamic)
 
     def _resolve(self, budget: Budget | Sequence[Budget], valid_counts: Tensor) -> Tensor:
         if isinstance(budget, (numbers.Real,)) and not isinstance(budget, bool):

@@ -12,9 +12,11 @@ instance and keeps all state on the handle; ``remove()`` leaves the model bit-id
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 from .budget import normalize_budget
+from .compiled import CompiledPipeline
+from .pipeline import Pipeline
 from .errors import UnknownNameError, VtpruneError
 from .support import check_support
 
@@ -104,6 +106,7 @@ def prune(
     prompt_stop: Optional[Sequence[int]] = None,
     registry: Any = None,
     adapter: Any = None,
+    compile: bool | Mapping[str, Any] = False,
     **params: Any,
 ) -> PruneHandle:
     """Attach a pruning pipeline to ``model`` (one instance) and return a removable `PruneHandle`.
@@ -121,6 +124,10 @@ def prune(
         registry: the registry for ``compose`` and adapter lookup (default: installed plugins).
         adapter: the registered adapter name (or an adapter class) to attach with; default: the registry's adapter
             for the model's class (`adapter_for`).
+        compile: select with `Pipeline.compile()` (``torch.compile``; a mapping gives its options, e.g.
+            ``{"mode": "reduce-overhead"}`` on a GPU): drops whose signals are unpadded and whose budget is an
+            int run one compiled graph, the rest the eager ``select`` (identical selections). A pipeline that
+            cannot compile raises `SelectCompileError` here or at its first drop (framework/compiled.py).
         **params: stage parameters for ``compose``, and the adapter's options: the names the adapter class lists
             in ``options`` go to the adapter's runtime instead (LLaVA family: ``clip_model``, ``tokenizer``,
             ``clip_tokenizer`` for the ``pre_llm_clip`` placement, docs/adapters.md).
@@ -138,6 +145,10 @@ def prune(
 
         pipeline = compose(recipe, registry=registry, **params)
     check_support(adapter, pipeline, model_name=type(model).__name__)
+    if compile:
+        if not isinstance(pipeline, Pipeline):
+            raise VtpruneError(f"compile=True needs a composed Pipeline (a recipe), got {type(pipeline).__name__}")
+        pipeline = CompiledPipeline(pipeline, **(dict(compile) if isinstance(compile, Mapping) else {}))
     attachment = adapter.runtime(
         adapter(model),
         pipeline,

@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-__all__ = ["Selection", "selection_from_masks"]
+__all__ = ["Selection", "selection_from_masks", "assemble_selection"]
 
 
 @dataclass(frozen=True)
@@ -75,14 +75,17 @@ def selection_from_masks(
         values: (B, N, D) or None: replacement values indexed by token position; only the kept
             positions are read.
     """
-    counts = keep.sum(dim=1)  # (B,)
-    width = int(counts.max().item()) if keep.numel() else 0
-    positions = torch.arange(keep.shape[1], device=keep.device).expand_as(keep)  # (B, N)
-    # Kept positions first, in ascending order: sort by (not kept, position).
-    order_key = torch.where(keep, positions, positions + keep.shape[1])  # (B, N)
-    order = order_key.argsort(dim=1)[:, :width]  # (B, K)
-    slot_mask = torch.arange(width, device=keep.device).unsqueeze(0) < counts.unsqueeze(1)  # (B, K)
-    indices = torch.where(slot_mask, order, torch.zeros_like(order))  # (B, K)
+    width = int(keep.sum(dim=1).max().item()) if keep.numel() else 0
+    return assemble_selection(keep, critical, values, width)
+
+
+def assemble_selection(keep: Tensor, critical: Tensor, values: Optional[Tensor], width: int) -> Selection:
+    """`selection_from_masks` with the largest row count ``width`` given (no host sync)."""
+    # A stable descending sort of the keep flags puts each row's kept positions first, ascending,
+    # and the sorted flags are the slot mask.
+    flags, order = keep.sort(dim=1, descending=True, stable=True)  # (B, N), (B, N)
+    slot_mask = flags[:, :width]  # (B, K)
+    indices = order[:, :width] * slot_mask  # (B, K): padding slots hold 0
     kept_critical = critical.gather(1, indices) & slot_mask  # (B, K)
     kept_values = None
     if values is not None:

@@ -195,6 +195,9 @@ class BudgetAllocator(Stage):
     """Stage 4: turns the requested budget into per-row totals and the critical/diversity split."""
 
     kind = "budget"
+    #: True when ``allocate`` reads ``totals`` only (never ``valid`` or ``scores``): a compiled select
+    #: (`Pipeline.compile`) then knows the critical/diversity split before its graph runs.
+    plans_from_totals: ClassVar[bool] = False
 
     def allocate(self, totals: Tensor, valid: Tensor, scores: Optional[Tensor]) -> Allocation:
         """Split each row's total.

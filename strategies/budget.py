@@ -25,6 +25,7 @@ class FixedSplit(BudgetAllocator):
 
     name: ClassVar[str] = "split"
     description: ClassVar[str] = "fixed split: critical = round(critical * total), the rest to diversity"
+    plans_from_totals: ClassVar[bool] = True
     critical: float = 0.6
 
     def __post_init__(self) -> None:

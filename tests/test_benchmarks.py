@@ -27,6 +27,37 @@ def test_selection_benchmark_runs_and_agrees_with_the_naive_loop(tmp_path) -> No
     assert {r["recipe"] for r in rows} >= {"zspaprune", "divprune"}
 
 
+def test_selection_benchmark_counts_ops_and_estimates_gpu_time(tmp_path) -> None:
+    out = tmp_path / "selection.json"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "selection.py"), "--tokens", "72", "--batch", "1", "--dim", "16",
+         "--repeats", "1", "--recipes", "zspaprune", "fastv", "--count-ops", "--naive-max-tokens", "0", "--json", str(out)],
+        check=True, capture_output=True, text=True,
+    )
+    rows = {r["recipe"]: r for r in json.loads(out.read_text())}
+    assert set(rows) == {"zspaprune", "fastv", "fastv bare ops"}
+    assert rows.pop("fastv bare ops")["select_over_bare"] > 0  # FastV's own ops timed beside its select
+    for row in rows.values():
+        assert 0 < row["launches"] <= row["ops"] and row["bytes"] > 0
+        assert row["gpu_fraction_of_ideal_prefill"] == row["gpu_estimate_s"] / row["gpu_ideal_prefill_s"] > 0
+    assert rows["fastv"]["ops"] < rows["zspaprune"]["ops"]
+    assert "of the 7B ideal prefill" in result.stdout
+
+
+@pytest.mark.slow
+def test_selection_benchmark_times_the_compiled_select(tmp_path) -> None:
+    out = tmp_path / "selection.json"
+    subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "selection.py"), "--tokens", "36", "--batch", "1", "--dim", "16",
+         "--repeats", "1", "--recipes", "fastv", "zspaprune_dynamic", "--compiled", "--naive-max-tokens", "0",
+         "--threads", "1", "--json", str(out)],
+        check=True, capture_output=True, text=True,
+    )
+    rows = {r["recipe"]: r for r in json.loads(out.read_text())}
+    assert rows["fastv"]["compiled_same_selection"] and rows["fastv"]["compiled_seconds"] > 0
+    assert "dynamic" in rows["zspaprune_dynamic"]["compile_error"]  # a score-dependent split does not compile
+
+
 def test_selection_benchmark_reports_fraction_of_prefill(tmp_path) -> None:
     out = tmp_path / "selection.json"
     subprocess.run(

@@ -28,7 +28,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .common import CountLike, mask_from_positions, per_row_counts, row_positions, valid_or_all
+from .common import CountLike, mask_from_positions, per_row_counts, valid_or_all, valid_rows
 
 __all__ = ["cdpruner_relevance", "cdpruner_kernel", "cdpruner_select", "cdpruner_supplement"]
 
@@ -47,20 +47,22 @@ def cdpruner_relevance(
         valid: (B, N) bool or None. clip_text_mask: (B, M) bool or None.
     """
     batch, tokens, _ = clip_visual.shape
-    valid = valid_or_all(valid, batch, tokens, clip_visual.device)
-    text_mask = valid_or_all(clip_text_mask, batch, clip_text.shape[1], clip_text.device)
+    texts = valid_rows(clip_text_mask, batch, clip_text.shape[1], clip_text.device)
     out = torch.zeros(batch, tokens, dtype=torch.result_type(clip_visual, clip_text), device=clip_visual.device)
-    for b, pos in enumerate(row_positions(valid)):
-        if pos.numel() == 0:
+    for b, pos in enumerate(valid_rows(valid, batch, tokens, clip_visual.device)):
+        if pos is not None and pos.numel() == 0:
             continue
-        image = clip_visual[b, pos].unsqueeze(0)  # (1, n, C)
-        text = clip_text[b, text_mask[b]]  # (m, C)
+        image = (clip_visual[b] if pos is None else clip_visual[b, pos]).unsqueeze(0)  # (1, n, C)
+        text = clip_text[b] if texts[b] is None else clip_text[b, texts[b]]  # (m, C)
         image = image / image.norm(dim=-1, keepdim=True)
         text = text / text.norm(dim=-1, keepdim=True)
         rel = torch.matmul(image, text.t())  # (1, n, m)
         rel = (-rel).mean(dim=-1)  # (1, n)
         rel = (rel - rel.min() + 1e-6) / (rel.max() - rel.min())  # (1, n)
-        out[b, pos] = rel[0].to(out.dtype)
+        if pos is None:
+            out[b] = rel[0].to(out.dtype)
+        else:
+            out[b, pos] = rel[0].to(out.dtype)
     return out
 
 
@@ -82,23 +84,38 @@ def cdpruner_kernel(visual: Tensor, relevance: Tensor, theta: Optional[float] = 
 
 
 def _greedy_map(kernel: Tensor, steps: int) -> Tensor:
-    """(steps,) picks of the official fast greedy MAP on a (1, n, n) kernel (batch of one)."""
-    batch, n, _ = kernel.shape
-    device = kernel.device
-    rows = torch.arange(batch, device=device)
-    cis = torch.zeros((steps, batch, n), device=device)  # (T, 1, n) fp32 like official
+    """(steps,) picks of the official fast greedy MAP on a (1, n, n) kernel (batch of one).
+
+    Same arithmetic as the official loop, with the batch of one made explicit: the official
+    ``einsum('tb,tbn->bn', c[:i, :, j], c[:i])`` is the batched product ``bmm`` of the same two
+    operands in the same layout (what einsum dispatches to), so every value is bit-identical.
+    """
+    n = kernel.shape[1]
+    rows = kernel[0]  # (n, n)
+    cis = torch.zeros((steps, n), device=kernel.device)  # (T, n) fp32 like official
     di2s = torch.diagonal(kernel, dim1=1, dim2=2).clone()  # (1, n)
-    select_idx = torch.empty((steps, batch), dtype=torch.long, device=device)  # (T, 1)
+    picks = []
     for i in range(steps):
-        j = torch.argmax(di2s, dim=-1)
-        select_idx[i] = j
-        eis = (kernel[rows, j] - torch.einsum("tb,tbn->bn", cis[:i, rows, j], cis[:i])) / torch.sqrt(
-            di2s[rows, j]
-        ).unsqueeze(-1)
-        cis[i, :, :] = eis
-        di2s -= torch.square(eis)
-        di2s[rows, j] = -float("inf")
-    return select_idx[:, 0]
+        d2, j = di2s.max(dim=-1)  # (1,), (1,): the first maximum, as argmax
+        picks.append(j)
+        _map_update(rows, cis, di2s, i, j, d2)
+    return torch.cat(picks) if picks else torch.empty(0, dtype=torch.long, device=kernel.device)
+
+
+def _map_update(rows: Tensor, cis: Tensor, di2s: Tensor, used: int, j: Tensor, d2: Optional[Tensor] = None) -> None:
+    """One fast-greedy-MAP update after picking ``j`` (1,) whose residual is ``d2`` (1,) (read from
+    ``di2s`` when None): writes ``cis[used]``, lowers ``di2s`` (1, n) in place and sets
+    ``di2s[j] = -inf`` (official order of operations)."""
+    row = rows.index_select(0, j)  # (1, n)
+    if used:
+        head = cis[:used]  # (used, n)
+        column = head.index_select(1, j)  # (used, 1)
+        row = row - torch.bmm(column.view(1, 1, used), head.unsqueeze(0)).view(1, -1)  # (1, n)
+    d2 = di2s.index_select(1, j) if d2 is None else d2.view(1, 1)  # (1, 1)
+    eis = row / torch.sqrt(d2)  # (1, n)
+    cis.narrow(0, used, 1).copy_(eis)
+    di2s -= torch.square(eis)
+    di2s.index_fill_(1, j, -float("inf"))
 
 
 def cdpruner_select(
@@ -126,52 +143,57 @@ def cdpruner_select(
     valid = valid_or_all(valid, batch, tokens, visual.device)
     relevance = cdpruner_relevance(clip_visual, clip_text, valid, clip_text_mask)  # (B, N)
     kept = []
-    for b, (pos, k) in enumerate(zip(row_positions(valid), per_row_counts(counts, batch))):
-        k = max(0, min(k, int(pos.numel())))
-        kernel = cdpruner_kernel(visual[b : b + 1, pos], relevance[b : b + 1, pos], theta)  # (1, n, n)
-        kept.append(pos[_greedy_map(kernel, k)])
+    for b, (pos, k) in enumerate(zip(valid_rows(valid, batch, tokens, visual.device), per_row_counts(counts, batch))):
+        features, weights = _row(visual, b, pos), _row(relevance, b, pos)  # (1, n, D), (1, n)
+        picks = _greedy_map(cdpruner_kernel(features, weights, theta), max(0, min(k, features.shape[1])))  # (k,)
+        kept.append(picks if pos is None else pos[picks])
     return mask_from_positions(kept, batch, tokens, visual.device)
 
 
-def _conditional_greedy_map(kernel: Tensor, forced: list[int], steps: int) -> list[int]:
-    """Fast greedy MAP on a (1, n, n) kernel conditioned on the ``forced`` picks (processed first).
+def _row(tensor: Tensor, b: int, pos: Optional[Tensor]) -> Tensor:
+    """Row ``b`` of ``tensor`` (B, N, ...) as a batch of one: a view, or the gathered valid positions."""
+    return tensor[b : b + 1] if pos is None else tensor[b : b + 1, pos]
 
-    With no forced pick this is :func:`_greedy_map` op for op (same picks), except that picked
+
+def _conditional_greedy_map(kernel: Tensor, forced: list[int], steps: int) -> Tensor:
+    """(steps,) long picks of the fast greedy MAP on a (1, n, n) kernel conditioned on the ``forced``
+    picks (processed first).
+
+    With no forced pick this is :func:`_greedy_map`'s arithmetic (same picks), except that picked
     tokens are excluded from the argmax explicitly (the official code relies on ``d2[j] = -inf``,
     which NaN/inf arithmetic past the kernel's rank can undo, re-picking a token; when every free
-    ``d2`` is -inf we take the first free token), so exactly ``steps`` distinct tokens come out. A forced pick whose residual
+    ``d2`` is -inf we take the first free token, chosen with tensor ops so a step never waits for
+    the device), so exactly ``steps`` distinct tokens come out. A forced pick whose residual
     ``d2 <= 0`` (already in the span of earlier picks) is marked without an update.
     """
-    batch, n, _ = kernel.shape
+    n = kernel.shape[1]
     device = kernel.device
-    rows = torch.arange(batch, device=device)
-    total = len(forced) + steps
-    cis = torch.zeros((total, batch, n), device=device)
+    rows = kernel[0]  # (n, n)
+    cis = torch.zeros((len(forced) + steps, n), device=device)  # (T, n)
     di2s = torch.diagonal(kernel, dim1=1, dim2=2).clone()  # (1, n)
-    picked = torch.zeros(batch, n, dtype=torch.bool, device=device)
-    out: list[int] = []
+    picked = torch.zeros(1, n, dtype=torch.bool, device=device)  # (1, n)
+    free = torch.ones(1, n, dtype=torch.int8, device=device)  # (1, n) 1 = not picked yet
     used = 0
-    for i in range(total):
-        if i < len(forced):
-            j = torch.tensor([forced[i]], device=device)
-            if not bool(di2s[rows, j] > 0):
-                picked[rows, j] = True
-                di2s[rows, j] = -float("inf")
-                continue
+    for index in forced:
+        j = torch.tensor([index], device=device)  # (1,)
+        if bool(di2s[0, index] > 0):
+            _map_update(rows, cis, di2s, used, j)
+            used += 1
         else:
-            j = torch.argmax(di2s.masked_fill(picked, -float("inf")), dim=-1)
-            if bool(picked[rows, j].any()):  # every free d2 is -inf (degenerate kernel): first free token
-                j = torch.argmax((~picked).to(torch.int8), dim=-1)
-            out.append(int(j))
-        eis = (kernel[rows, j] - torch.einsum("tb,tbn->bn", cis[:used, rows, j], cis[:used])) / torch.sqrt(
-            di2s[rows, j]
-        ).unsqueeze(-1)
-        cis[used, :, :] = eis
+            di2s[0, index] = -float("inf")
+        picked[0, index] = True
+        free[0, index] = 0
+    out = []
+    for _ in range(steps):
+        best, j = di2s.masked_fill(picked, -float("inf")).max(dim=-1)  # (1,), (1,): first maximum
+        # every free d2 is -inf (degenerate kernel) exactly when the maximum is -inf: first free token
+        j = torch.where(best == -float("inf"), free.argmax(dim=-1), j)  # (1,)
+        out.append(j)
+        _map_update(rows, cis, di2s, used, j)
         used += 1
-        di2s -= torch.square(eis)
-        di2s[rows, j] = -float("inf")
-        picked[rows, j] = True
-    return out
+        picked.index_fill_(1, j, True)
+        free.index_fill_(1, j, 0)
+    return torch.cat(out) if out else torch.empty(0, dtype=torch.long, device=device)
 
 
 def cdpruner_supplement(
@@ -192,18 +214,17 @@ def cdpruner_supplement(
     :func:`cdpruner_select` exactly (kernel and greedy on each row's valid slice).
     """
     batch, tokens, _ = visual.shape
-    valid = valid_or_all(valid, batch, tokens, visual.device)
     if relevance is None:
         relevance = torch.ones(batch, tokens, device=visual.device)
     kept = []
-    for b, (pos, k) in enumerate(zip(row_positions(valid), per_row_counts(counts, batch))):
-        taken = selected[b, pos]
-        k = max(0, min(k, int(pos.numel()) - int(taken.sum())))
-        if k == 0:
-            kept.append(pos[:0])
-            continue
-        kernel = cdpruner_kernel(visual[b : b + 1, pos], relevance[b : b + 1, pos], theta)  # (1, n, n)
+    for b, (pos, k) in enumerate(zip(valid_rows(valid, batch, tokens, visual.device), per_row_counts(counts, batch))):
+        taken = selected[b] if pos is None else selected[b, pos]  # (n,)
         forced = torch.nonzero(taken, as_tuple=False).flatten().tolist()
-        picks = _conditional_greedy_map(kernel, forced, k)
-        kept.append(pos[torch.tensor(picks, dtype=torch.long, device=pos.device)])
+        k = max(0, min(k, taken.shape[0] - len(forced)))
+        if k == 0:
+            kept.append(taken.new_zeros(0, dtype=torch.long))
+            continue
+        kernel = cdpruner_kernel(_row(visual, b, pos), _row(relevance, b, pos), theta)  # (1, n, n)
+        picks = _conditional_greedy_map(kernel, forced, k)  # (k,)
+        kept.append(picks if pos is None else pos[picks])
     return mask_from_positions(kept, batch, tokens, visual.device)

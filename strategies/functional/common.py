@@ -17,6 +17,7 @@ __all__ = [
     "CountLike",
     "valid_or_all",
     "row_positions",
+    "valid_rows",
     "per_row_counts",
     "mask_from_positions",
     "cosine_matrix",
@@ -42,6 +43,21 @@ def row_positions(valid: Tensor) -> list[Tensor]:
     return [torch.nonzero(row, as_tuple=False).flatten() for row in valid]
 
 
+def valid_rows(valid: Optional[Tensor], batch: int, tokens: int, device: torch.device) -> list[Optional[Tensor]]:
+    """Per row, the (n_b,) positions of its valid tokens, or None for a row whose tokens are all valid.
+
+    When every token of the batch is valid (``valid`` None or all True) every entry is None: the
+    caller then works on the row in place, with no gather copy, which gives the same result as the
+    gathered slice (identical values in identical order).
+    """
+    if valid is None:
+        return [None] * batch
+    valid = valid_or_all(valid, batch, tokens, device)
+    if bool(valid.all()):
+        return [None] * batch
+    return row_positions(valid)
+
+
 def per_row_counts(counts: CountLike, batch: int) -> list[int]:
     """Broadcast an int or a (B,) tensor of counts to a list of B Python ints."""
     if isinstance(counts, Tensor):
@@ -59,7 +75,7 @@ def mask_from_positions(positions: list[Tensor], batch: int, tokens: int, device
     keep = torch.zeros(batch, tokens, dtype=torch.bool, device=device)
     for b, pos in enumerate(positions):
         if pos.numel():
-            keep[b, pos.to(device=device, dtype=torch.long)] = True
+            keep[b].index_fill_(0, pos.to(device=device, dtype=torch.long), True)
     return keep
 
 
@@ -90,23 +106,35 @@ def topk_keep(scores: Tensor, counts: CountLike, valid: Optional[Tensor] = None)
     using the same call on the same slice reproduces whatever it does.
     """
     batch, tokens = scores.shape
-    valid = valid_or_all(valid, batch, tokens, scores.device)
+    if isinstance(counts, int) and torch.compiler.is_compiling():
+        return _topk_keep_static(scores, counts, valid)
     kept = []
-    for b, (pos, k) in enumerate(zip(row_positions(valid), per_row_counts(counts, batch))):
-        k = max(0, min(k, int(pos.numel())))
-        row = scores[b, pos]  # (n_b,)
-        kept.append(pos[row.topk(k).indices])
+    for b, (pos, k) in enumerate(zip(valid_rows(valid, batch, tokens, scores.device), per_row_counts(counts, batch))):
+        row = scores[b] if pos is None else scores[b, pos]  # (n_b,)
+        chosen = row.topk(max(0, min(k, row.shape[0]))).indices  # (k,)
+        kept.append(chosen if pos is None else pos[chosen])
     return mask_from_positions(kept, batch, tokens, scores.device)
+
+
+def _topk_keep_static(scores: Tensor, count: int, valid: Optional[Tensor]) -> Tensor:
+    """`topk_keep` without host syncs or data-dependent shapes (for ``torch.compile``): one ``topk``
+    along the rows with padding scored -inf. For rows without padding this is the same ``topk``
+    call on the same values as the eager row slice; the compiled select only runs such rows."""
+    batch, tokens = scores.shape
+    ranked = scores if valid is None else scores.masked_fill(~valid, float("-inf"))  # (B, N)
+    chosen = ranked.topk(max(0, min(count, tokens)), dim=1).indices  # (B, k)
+    keep = torch.zeros(batch, tokens, dtype=torch.bool, device=scores.device).scatter(1, chosen, True)  # (B, N)
+    return keep if valid is None else keep & valid
 
 
 def argsort_keep(scores: Tensor, counts: CountLike, valid: Optional[Tensor] = None) -> Tensor:
     """Like :func:`topk_keep` but with VisPruner's op: the first ``counts[b]`` entries of
     ``argsort(descending=True)`` on the row's valid slice (its tie order may differ from topk's)."""
     batch, tokens = scores.shape
-    valid = valid_or_all(valid, batch, tokens, scores.device)
     kept = []
-    for b, (pos, k) in enumerate(zip(row_positions(valid), per_row_counts(counts, batch))):
-        k = max(0, min(k, int(pos.numel())))
-        order = scores[b, pos].unsqueeze(0).argsort(dim=-1, descending=True)[0]  # (n_b,)
-        kept.append(pos[order[:k]])
+    for b, (pos, k) in enumerate(zip(valid_rows(valid, batch, tokens, scores.device), per_row_counts(counts, batch))):
+        row = scores[b] if pos is None else scores[b, pos]  # (n_b,)
+        order = row.unsqueeze(0).argsort(dim=-1, descending=True)[0]  # (n_b,)
+        chosen = order[: max(0, min(k, row.shape[0]))]  # (k,)
+        kept.append(chosen if pos is None else pos[chosen])
     return mask_from_positions(kept, batch, tokens, scores.device)

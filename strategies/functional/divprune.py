@@ -26,7 +26,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .common import CountLike, cosine_matrix, mask_from_positions, per_row_counts, row_positions, valid_or_all
+from .common import CountLike, cosine_matrix, mask_from_positions, per_row_counts, valid_or_all, valid_rows
 
 __all__ = ["divprune_keep_count", "divprune_sequence", "divprune_select", "divprune_supplement"]
 
@@ -40,23 +40,28 @@ def divprune_sequence(features: Tensor, count: int) -> Tensor:
     """(count,) long picks of the greedy max-min selection over ``features`` (n, d), in pick order.
 
     May contain repeated indices (see module docstring). Uses a running minimum, which equals the
-    official recomputed ``min`` over the selected rows exactly (min does not round).
+    official recomputed ``min`` over the selected rows exactly (min does not round). A step is one
+    argmax, one distance row and one minimum.
     """
-    n = features.shape[0]
-    picks = torch.empty(count, dtype=torch.long, device=features.device)
     if count == 0:
-        return picks
+        return torch.empty(0, dtype=torch.long, device=features.device)
     dist = 1.0 - cosine_matrix(features)  # (n, n)
-    if n >= 2:
-        scores = torch.topk(dist, 2, dim=0, largest=False).values[1, :]  # (n,)
-    else:
-        scores = dist[0]  # (1,): a single token is the only choice
-    picks[0] = torch.argmax(scores)
-    running = dist[picks[0]].clone()  # (n,) min distance to the selected set
+    pick = torch.argmax(_first_pick_scores(dist)).view(1)  # (1,)
+    picks = [pick]
+    running = dist[pick]  # (1, n) min distance to the selected set
     for i in range(1, count):
-        picks[i] = torch.argmax(running)
-        running = torch.minimum(running, dist[picks[i]])
-    return picks
+        pick = running.argmax(dim=1)  # (1,) first maximum
+        picks.append(pick)
+        if i + 1 < count:
+            running = torch.minimum(running, dist[pick])  # (1, n)
+    return torch.cat(picks)  # (count,)
+
+
+def _first_pick_scores(dist: Tensor) -> Tensor:
+    """(n,) official step-0 scores: each column's second smallest distance (a lone token: its own)."""
+    if dist.shape[0] >= 2:
+        return torch.topk(dist, 2, dim=0, largest=False).values[1, :]  # (n,)
+    return dist[0]  # (1,): a single token is the only choice
 
 
 def divprune_select(visual: Tensor, counts: CountLike, valid: Optional[Tensor] = None) -> Tensor:
@@ -72,11 +77,12 @@ def divprune_select(visual: Tensor, counts: CountLike, valid: Optional[Tensor] =
         duplicate-token quirk described in the module docstring).
     """
     batch, tokens, _ = visual.shape
-    valid = valid_or_all(valid, batch, tokens, visual.device)
+    positions = valid_rows(valid, batch, tokens, visual.device)
     kept = []
-    for b, (pos, k) in enumerate(zip(row_positions(valid), per_row_counts(counts, batch))):
-        k = max(0, min(k, int(pos.numel())))
-        kept.append(pos[divprune_sequence(visual[b, pos], k)])  # (k,)
+    for b, (pos, k) in enumerate(zip(positions, per_row_counts(counts, batch))):
+        row = visual[b] if pos is None else visual[b, pos]  # (n, D)
+        picks = divprune_sequence(row, max(0, min(k, row.shape[0])))  # (k,)
+        kept.append(picks if pos is None else pos[picks])
     return mask_from_positions(kept, batch, tokens, visual.device)
 
 
@@ -90,32 +96,85 @@ def divprune_supplement(visual: Tensor, selected: Tensor, counts: CountLike, val
     ours), and a non-empty ``selected`` set seeds the running minimum instead of the first-token
     rule (second-smallest distance), which applies only when ``selected`` is empty.
 
+    Exclusion costs nothing per step: the distance matrix's diagonal is set to -inf (after the
+    first-token rule has read it), so a token's running minimum becomes -inf once it is chosen.
+    With non-finite distances (a zero feature vector: the official ``1 - cos`` has no epsilon) a
+    NaN would survive ``minimum``, so that case masks the chosen tokens explicitly every step.
+
     Returns: (B, N) bool, exactly ``min(counts[b], unselected valid)`` new tokens per row.
     """
     batch, tokens, _ = visual.shape
-    valid = valid_or_all(valid, batch, tokens, visual.device)
+    if isinstance(counts, int) and torch.compiler.is_compiling():
+        return _divprune_supplement_static(visual, selected, counts, valid_or_all(valid, batch, tokens, visual.device))
+    positions = valid_rows(valid, batch, tokens, visual.device)
     kept = []
-    for b, (pos, k) in enumerate(zip(row_positions(valid), per_row_counts(counts, batch))):
-        n = int(pos.numel())
-        taken = selected[b, pos].clone()  # (n,)
-        k = max(0, min(k, n - int(taken.sum())))
-        picks = []
+    for b, (pos, k) in enumerate(zip(positions, per_row_counts(counts, batch))):
+        row = visual[b] if pos is None else visual[b, pos]  # (n, D)
+        taken = selected[b] if pos is None else selected[b, pos]  # (n,)
+        n_taken = int(taken.sum())
+        k = max(0, min(k, row.shape[0] - n_taken))
         if k == 0:
-            kept.append(pos[:0])
+            kept.append(torch.empty(0, dtype=torch.long, device=visual.device))
             continue
-        dist = 1.0 - cosine_matrix(visual[b, pos])  # (n, n)
-        if bool(taken.any()):
-            running = dist[taken].min(dim=0).values  # (n,)
-        else:
-            first = torch.topk(dist, 2, dim=0, largest=False).values[1, :] if n >= 2 else dist[0]
-            pick = int(torch.argmax(first))
-            picks.append(pick)
-            taken[pick] = True
-            running = dist[pick].clone()
-        while len(picks) < k:
-            pick = int(torch.argmax(running.masked_fill(taken, float("-inf"))))
-            picks.append(pick)
-            taken[pick] = True
-            running = torch.minimum(running, dist[pick])
-        kept.append(pos[torch.tensor(picks, dtype=torch.long, device=pos.device)])
+        picks = _max_min_supplement(1.0 - cosine_matrix(row), taken, n_taken, k)  # (k,)
+        kept.append(picks if pos is None else pos[picks])
     return mask_from_positions(kept, batch, tokens, visual.device)
+
+
+def _max_min_supplement(dist: Tensor, taken: Tensor, n_taken: int, count: int) -> Tensor:
+    """(count,) long: the greedy max-min picks on one row's (n, n) distances, excluding ``taken`` (n,)."""
+    picks = []
+    if n_taken == 0:
+        pick = torch.argmax(_first_pick_scores(dist)).view(1)  # (1,)
+        picks.append(pick)
+    finite = bool(torch.isfinite(dist.sum()))  # finite cosine distances lie in [0, 2]: a finite sum means no NaN / inf
+    if finite:
+        dist.diagonal().fill_(float("-inf"))  # a chosen token's running minimum becomes -inf
+        running = dist[picks[0]] if n_taken == 0 else dist[taken].min(dim=0, keepdim=True).values  # (1, n)
+        while len(picks) < count:
+            pick = running.argmax(dim=1)  # (1,) first maximum among the free tokens
+            picks.append(pick)
+            if len(picks) < count:
+                running = torch.minimum(running, dist[pick])  # (1, n)
+        return torch.cat(picks)
+    chosen = taken.clone().unsqueeze(0)  # (1, n)
+    if n_taken == 0:
+        chosen[0, picks[0]] = True
+        running = dist[picks[0]]  # (1, n)
+    else:
+        running = dist[taken].min(dim=0, keepdim=True).values  # (1, n)
+    while len(picks) < count:
+        pick = running.masked_fill(chosen, float("-inf")).argmax(dim=1)  # (1,)
+        picks.append(pick)
+        chosen[0, pick] = True
+        running = torch.minimum(running, dist[pick])  # (1, n)
+    return torch.cat(picks)
+
+
+def _divprune_supplement_static(visual: Tensor, selected: Tensor, count: int, valid: Tensor) -> Tensor:
+    """`divprune_supplement` for ``torch.compile``: ``count`` picks per row, no host sync, no
+    data-dependent shape or branch (``count`` must not exceed any row's free real tokens).
+
+    Works on the whole row with padding masked instead of on the gathered valid slice, and takes
+    both seeding branches with ``where``; for rows without padding every value equals the eager one.
+    """
+    batch, tokens, _ = visual.shape
+    keep = torch.zeros(batch, tokens, dtype=torch.bool, device=visual.device)  # (B, N)
+    for b in range(batch):
+        real = valid[b : b + 1]  # (1, N)
+        taken = selected[b : b + 1] & real  # (1, N)
+        dist = 1.0 - cosine_matrix(visual[b])  # (N, N)
+        seed_scores = _first_pick_scores(dist.masked_fill(~real.transpose(0, 1), float("inf")))  # (N,)
+        first = seed_scores.masked_fill(~real[0], float("-inf")).argmax().view(1)  # (1,)
+        empty = ~taken.any()  # () no token selected yet: the first-token rule seeds the row
+        running = dist.masked_fill(~taken.transpose(0, 1), float("inf")).amin(dim=0, keepdim=True)  # (1, N)
+        chosen = taken | ~real  # (1, N) never picked
+        for step in range(count):
+            pick = running.masked_fill(chosen, float("-inf")).argmax(dim=1)  # (1,)
+            if step == 0:
+                pick = torch.where(empty, first, pick)
+            row = dist.index_select(0, pick)  # (1, N)
+            running = torch.where(empty, row, torch.minimum(running, row)) if step == 0 else torch.minimum(running, row)
+            chosen = chosen.index_fill(1, pick, True)
+            keep[b] = keep[b].index_fill(0, pick, True)
+    return keep
