@@ -28,12 +28,20 @@ class Selection:
         critical: (B, K) bool, True where the kept token came from the critical selector.
         values: (B, K, D) or None. Replacement token values for merge-style stages (e.g. a token
             that absorbed the tokens merged into it); None means "keep the original values".
+        sizes: (B, K) long or None (merging output). How many original tokens each kept slot stands
+            for (1 for a token that absorbed nothing, 0 at padding slots); None when nothing merged.
+        assignment: (B, N) long or None (merging output). For every original token of the row, the
+            kept *slot* (0..K-1, an index into ``indices``) it was merged into or is; -1 for a token
+            dropped without being merged anywhere and for padding. A kept token is assigned its own
+            slot, so ``sizes[b, k] == (assignment[b] == k).sum()``. None when nothing merged.
     """
 
     indices: Tensor  # (B, K) long
     mask: Tensor  # (B, K) bool
     critical: Tensor  # (B, K) bool
     values: Optional[Tensor] = None  # (B, K, D)
+    sizes: Optional[Tensor] = None  # (B, K) long
+    assignment: Optional[Tensor] = None  # (B, N) long
 
     @property
     def counts(self) -> Tensor:
