@@ -30,16 +30,16 @@ placeholders), so each forward carries images or videos.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Optional, Sequence
+from typing import ClassVar, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from .capture import TowerRunCapture, VisionCapture, VisionHooks
+from .capture import TowerRunCapture, VisionHooks
 from .description import VLMAdapter
 from .plan import ForwardCall
 from .qwen2_vl import QwenVLAdapter, _token_ids
-from .qwen3_vl import Layout, VisualItem, find_visual_items, refine_item
+from .qwen3_vl import VisualItem, cut_items
 from .spans import prompt_span
 
 __all__ = ["Glm4vAdapter", "video_token_mask"]
@@ -55,15 +55,6 @@ def video_token_mask(input_ids: Tensor, start_id: int, end_id: int) -> Tensor:
     [[0, 1, 1, 1, 1, 0, 0]]
     """
     return (input_ids == start_id).long().cumsum(1) > (input_ids == end_id).long().cumsum(1)
-
-
-def _layouts(grid_thw: Optional[Tensor], encoded: Any, merge_size: int) -> list[Layout]:
-    """Per item (t, h, w) in LLM tokens from ``*_grid_thw``, else the token count of each precomputed tower output."""
-    if grid_thw is not None:
-        return [(int(t), int(h) // merge_size, int(w) // merge_size) for t, h, w in grid_thw.tolist()]
-    if encoded is not None:
-        return [int(item.shape[0]) for item in encoded.pooler_output]
-    return []
 
 
 class Glm4vAdapter(QwenVLAdapter):
@@ -118,23 +109,14 @@ class Glm4vAdapter(QwenVLAdapter):
         return TowerRunCapture(merge_size=1)  # the merger's input rows are already one per LLM token
 
     def segments(self, call: ForwardCall) -> tuple[VisualItem, ...]:
-        """The images and videos of the forward in flight, in sequence order (`find_visual_items` on the ids with
+        """The images and videos of the forward in flight, in sequence order (`qwen3_vl.cut_items` on the ids with
         video placeholders told apart by `video_token_mask`)."""
-        if "glm4v_items" in call.memo:
-            return call.memo["glm4v_items"]
-        kwargs, ids = call.kwargs, call.input_ids
-        encoded = kwargs.get("mm_encoder_outputs") or {}
-        images = _layouts(kwargs.get("image_grid_thw"), encoded.get("image"), self.merge_size)
-        videos = _layouts(kwargs.get("video_grid_thw"), encoded.get("video"), self.merge_size)
-        inside = video_token_mask(ids, self.video_start_id, self.video_end_id)  # (B, L)
-        kinds = torch.where((ids == self.image_token_id) & inside, torch.full_like(ids, _VIDEO_KIND), ids)
-        items = find_visual_items(kinds, images, videos, image_token_id=self.image_token_id, video_token_id=_VIDEO_KIND)
-        positions = kwargs.get("position_ids")
-        if positions is not None and positions.dim() == 3 and positions.shape[0] in (3, 4):
-            counted = {kind for kind in ("image", "video") if kwargs.get(f"{kind}_grid_thw") is None}
-            items = tuple(refine_item(item, positions) if item.kind in counted else item for item in items)
-        call.memo["glm4v_items"] = items
-        return items
+        if "glm4v_items" not in call.memo:
+            ids = call.input_ids
+            inside = video_token_mask(ids, self.video_start_id, self.video_end_id)  # (B, L)
+            kinds = torch.where((ids == self.image_token_id) & inside, torch.full_like(ids, _VIDEO_KIND), ids)  # (B, L)
+            call.memo["glm4v_items"] = cut_items(call, kinds, self.image_token_id, _VIDEO_KIND, self.merge_size)
+        return call.memo["glm4v_items"]
 
     def prompt_span(
         self, call: ForwardCall, image_mask: Tensor, mask2d: Tensor, prompt_stop: Optional[Sequence[int]]
@@ -153,28 +135,8 @@ class Glm4vAdapter(QwenVLAdapter):
             queries.append(kept[-1] if kept.numel() else query[row])
         return out, torch.stack(queries).long() if queries else query
 
-    def vision_features(
-        self, call: ForwardCall, capture: VisionCapture, layouts: Any, token_embeds: Any, device: Any
-    ) -> list[Tensor]:
-        """Per image / video, its merger-input rows (num_tokens, Dv) from the captured tower runs: the latest run
-        whose grids are the forward's (videos: one single-frame grid per frame) or, without grids, whose row count
-        matches."""
-        items = self.segments(call)
-        rows: dict[int, Tensor] = {}
-        for kind in ("image", "video"):
-            numbers = [n for n, item in enumerate(items) if item.kind == kind]
-            if not numbers:
-                continue
-            sizes = [items[n].length for n in numbers]
-            grid = call.kwargs.get(f"{kind}_grid_thw")
-            if grid is not None and kind == "video":  # the tower runs each frame as a (1, h, w) grid
-                grid = torch.cat([torch.ones_like(grid[:, :1]), grid[:, 1:]], 1).repeat_interleave(grid[:, 0], 0)
-            candidates = [
-                run for run in capture.runs
-                if run.features.shape[0] == sum(sizes) and (grid is None or torch.equal(run.grid_thw.cpu(), grid.cpu()))
-            ]
-            if not candidates:
-                raise RuntimeError(f"vision placement: no vision-tower run of this forward's {len(numbers)} {kind}(s) was captured")
-            for n, part in zip(numbers, candidates[-1].features.split(sizes)):
-                rows[n] = part.to(device)
-        return [rows[n] for n in range(len(items))]
+    def tower_grid(self, kind: str, grid_thw: Tensor) -> Tensor:
+        """Video frames run through the tower one by one: each video's (t, h, w) becomes t grids (1, h, w)."""
+        if kind != "video":
+            return grid_thw
+        return torch.cat([torch.ones_like(grid_thw[:, :1]), grid_thw[:, 1:]], 1).repeat_interleave(grid_thw[:, 0], 0)

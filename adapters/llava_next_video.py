@@ -26,12 +26,12 @@ from torch import Tensor, nn
 from .llava_next import LlavaNextAdapter
 from .plan import ForwardCall
 from .records import ImageLayout
-from .spans import VisualSegment, find_visual_segments
+from .video_items import CountedVideoItems
 
 __all__ = ["LlavaNextVideoAdapter"]
 
 
-class LlavaNextVideoAdapter(LlavaNextAdapter):
+class LlavaNextVideoAdapter(CountedVideoItems, LlavaNextAdapter):
     """LLaVA-NeXT-Video: AnyRes images with image-newline tokens + pooled video frames; one row per item."""
 
     name: ClassVar[str] = "llava_next_video"
@@ -50,14 +50,6 @@ class LlavaNextVideoAdapter(LlavaNextAdapter):
         "pre_llm_clip": "CLIP-space signals of AnyRes crops and pooled frames are not implemented",
     }
 
-    def __init__(self, model: nn.Module):
-        super().__init__(model)
-        self.video_token_id = int(self.config.video_token_id)
-
-    @property
-    def placeholder_ids(self) -> tuple[int, ...]:
-        return (self.image_token_id, self.video_token_id)
-
     def cls_layer(self, call: ForwardCall) -> nn.Module:
         raise ValueError(f"{type(self.model).__name__}: {self.limitations['cls_attention']}")
 
@@ -65,7 +57,7 @@ class LlavaNextVideoAdapter(LlavaNextAdapter):
         encoded = (call.kwargs.get("mm_encoder_outputs") or {}).get("image")
         if encoded is None and call.kwargs.get("pixel_values") is None:
             return []
-        return super().image_counts(call, 0)  # LLaVA-NeXT packing (the total is checked by the segments)
+        return LlavaNextAdapter.image_counts(self, call, 0)  # LLaVA-NeXT packing (the total is checked by the segments)
 
     def _video_token_counts(self, call: ForwardCall) -> list[int]:
         encoded = (call.kwargs.get("mm_encoder_outputs") or {}).get("video")
@@ -84,25 +76,8 @@ class LlavaNextVideoAdapter(LlavaNextAdapter):
             pooled = resampler(torch.ones(1, per_frame, int(vision.hidden_size), dtype=dtype))  # (1, pooled, C)
         return [int(videos.shape[1]) * int(pooled.shape[1])] * int(videos.shape[0])
 
-    def segments(self, call: ForwardCall) -> tuple[VisualSegment, ...]:
-        """The images and videos of the forward in flight, in sequence order (cached on the call)."""
-        if "segments" not in call.memo:
-            if call.kind_ids is None:
-                raise ValueError(f"{self.name}: the placeholders of this forward could not be located")
-            call.memo["segments"] = find_visual_segments(
-                call.kind_ids,
-                [(1, 1, n) for n in self._image_token_counts(call)],
-                [(1, 1, n) for n in self._video_token_counts(call)],
-                image_token_id=self.image_token_id,
-                video_token_id=self.video_token_id,
-            )
-        return call.memo["segments"]
-
-    def image_counts(self, call: ForwardCall, num_image_tokens: int) -> list[int]:
-        counts = [segment.length for segment in self.segments(call)]
-        if sum(counts) != num_image_tokens:
-            raise ValueError(f"{self.name}: the images and videos cover {sum(counts)} of the {num_image_tokens} visual tokens")
-        return counts
+    def item_token_counts(self, call: ForwardCall, kinds: Tensor) -> tuple[list[int], list[int]]:
+        return self._image_token_counts(call), self._video_token_counts(call)
 
     def layouts(self, call: ForwardCall, counts: list[int], token_embeds: list[Tensor]) -> list[ImageLayout]:
         out = []

@@ -6,8 +6,8 @@ with a SigLIP tower, a Qwen2 decoder, bilinear down-scaling of large crop grids 
 
 - **Images and videos.** Placeholders are ``config.image_token_id`` and ``config.video_token_id``; each run
   is cut into consecutive items, images taking the rows of ``image_sizes`` and videos the rows of
-  ``pixel_values_videos`` in batch order, exactly as the model scatters them (`spans.find_visual_segments`
-  with ``(1, 1, n)`` grids). **One `Signals` row per image and per video**, in sequence order;
+  ``pixel_values_videos`` in batch order, exactly as the model scatters them (`video_items.CountedVideoItems`:
+  `spans.find_visual_segments` with ``(1, 1, n)`` grids). **One `Signals` row per image and per video**, in sequence order;
   the budget applies per row.
 - **Token counts, never hard-coded.** Per image: the lengths of ``mm_encoder_outputs["image"].pooler_output``
   when ``generate`` pre-encoded the images, else the model's own ``pack_image_features`` run on ones with the
@@ -35,12 +35,12 @@ from torch import Tensor, nn
 from .description import VLMAdapter
 from .plan import ForwardCall
 from .records import ImageLayout
-from .spans import VisualSegment, find_visual_segments
+from .video_items import CountedVideoItems
 
 __all__ = ["LlavaOnevisionAdapter"]
 
 
-class LlavaOnevisionAdapter(VLMAdapter):
+class LlavaOnevisionAdapter(CountedVideoItems, VLMAdapter):
     """LLaVA-OneVision: SigLIP + AnyRes crops with image-newline tokens + Qwen2 decoder; images and videos."""
 
     name: ClassVar[str] = "llava_onevision"
@@ -59,14 +59,6 @@ class LlavaOnevisionAdapter(VLMAdapter):
         "cls_attention": "the SigLIP vision tower has no CLS token",
         "pre_llm_clip": "CLIP-space signals are not implemented for OneVision's SigLIP tower",
     }
-
-    def __init__(self, model: nn.Module):
-        super().__init__(model)
-        self.video_token_id = int(self.config.video_token_id)
-
-    @property
-    def placeholder_ids(self) -> tuple[int, ...]:
-        return (self.image_token_id, self.video_token_id)
 
     # -- model access ------------------------------------------------------------------------------------
 
@@ -146,28 +138,9 @@ class LlavaOnevisionAdapter(VLMAdapter):
         pooled = self.vlm.apply_pooling(torch.ones(frames, self._crop_tokens(call), 1))  # (frames, pooled, 1)
         return [int(pooled.shape[0] * pooled.shape[1]) + 1] * number  # + the video's image_newline
 
-    def segments(self, call: ForwardCall) -> tuple[VisualSegment, ...]:
-        """The images and videos of the forward in flight, in sequence order (cached on the call)."""
-        if "segments" not in call.memo:
-            kinds = call.kind_ids
-            if kinds is None:
-                raise ValueError(f"{self.name}: the placeholders of this forward could not be located")
-            images = self.image_token_counts(call, int((kinds == self.image_token_id).sum()))
-            videos = self.video_token_counts(call)
-            call.memo["segments"] = find_visual_segments(
-                kinds,
-                [(1, 1, n) for n in images],
-                [(1, 1, n) for n in videos],
-                image_token_id=self.image_token_id,
-                video_token_id=self.video_token_id,
-            )
-        return call.memo["segments"]
-
-    def image_counts(self, call: ForwardCall, num_image_tokens: int) -> list[int]:
-        counts = [segment.length for segment in self.segments(call)]
-        if sum(counts) != num_image_tokens:
-            raise ValueError(f"{self.name}: the images and videos cover {sum(counts)} of the {num_image_tokens} visual tokens")
-        return counts
+    def item_token_counts(self, call: ForwardCall, kinds: Tensor) -> tuple[list[int], list[int]]:
+        images = self.image_token_counts(call, int((kinds == self.image_token_id).sum()))
+        return images, self.video_token_counts(call)
 
     def layouts(self, call: ForwardCall, counts: list[int], token_embeds: list[Tensor]) -> list[ImageLayout]:
         """One layout per image / video; newline tokens are exact copies of the model's ``image_newline``."""

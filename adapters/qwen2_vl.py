@@ -41,7 +41,7 @@ from .description import Extension, VLMAdapter
 from .mrope import compact_positions, continuation_positions, text_positions, text_row, with_text_row
 from .plan import ForwardCall
 from .records import ImageLayout
-from .spans import VisualSegment, find_visual_segments, llm_grids, prompt_span, refine_grid
+from .spans import VisualSegment, find_visual_segments, llm_grids, prompt_span, refine_grid, segment_lengths
 
 __all__ = [
     "QwenVLAdapter",
@@ -225,10 +225,7 @@ class QwenVLAdapter(VLMAdapter):
         return segments
 
     def image_counts(self, call: ForwardCall, num_image_tokens: int) -> list[int]:
-        counts = [segment.length for segment in self.segments(call)]
-        if sum(counts) != num_image_tokens:
-            raise ValueError(f"{self.name}: the grids cover {sum(counts)} of the {num_image_tokens} visual tokens")
-        return counts
+        return segment_lengths(self.segments(call), num_image_tokens, self.name, "the grids")
 
     def layouts(self, call: ForwardCall, counts: list[int], token_embeds: list[Tensor]) -> list[ImageLayout]:
         """One layout per image / video; ``grid`` = (h, w) merged tokens for images (t = 1)."""
@@ -272,6 +269,10 @@ class QwenVLAdapter(VLMAdapter):
             prompt_stop=prompt_stop,
         )
 
+    def tower_grid(self, kind: str, grid_thw: Tensor) -> Tensor:
+        """The ``grid_thw`` the vision tower runs the forward's ``kind`` items with (the forward's own here)."""
+        return grid_thw
+
     def vision_features(
         self, call: ForwardCall, capture: VisionCapture, layouts: Any, token_embeds: Any, device: Any
     ) -> list[Tensor]:
@@ -286,6 +287,7 @@ class QwenVLAdapter(VLMAdapter):
                 continue
             sizes = [segments[n].length for n in numbers]
             grid = call.kwargs.get(f"{kind}_grid_thw")
+            grid = None if grid is None else self.tower_grid(kind, grid)
             candidates = [
                 run for run in capture.runs
                 if run.features.shape[0] == sum(sizes) and (grid is None or torch.equal(run.grid_thw.cpu(), grid.cpu()))

@@ -238,6 +238,24 @@ def _layouts(grid_thw: Optional[Tensor], encoded: Any, merge_size: int) -> list[
     return []
 
 
+def cut_items(
+    call: ForwardCall, kinds: Tensor, image_token_id: int, video_token_id: int, merge_size: int
+) -> tuple[VisualItem, ...]:
+    """The images and videos of the forward ``call``, in sequence order: `find_visual_items` on ``kinds`` ((B, L)
+    ids, videos marked with ``video_token_id``) with the layouts of the call's ``*_grid_thw`` (else of
+    ``mm_encoder_outputs``), the items counted without grids refined from 3-D ``position_ids`` (`refine_item`)."""
+    kwargs = call.kwargs
+    encoded = kwargs.get("mm_encoder_outputs") or {}
+    images = _layouts(kwargs.get("image_grid_thw"), encoded.get("image"), merge_size)
+    videos = _layouts(kwargs.get("video_grid_thw"), encoded.get("video"), merge_size)
+    items = find_visual_items(kinds, images, videos, image_token_id=image_token_id, video_token_id=video_token_id)
+    positions = kwargs.get("position_ids")
+    if positions is not None and positions.dim() == 3 and positions.shape[0] in (3, 4):
+        counted = {kind for kind in ("image", "video") if kwargs.get(f"{kind}_grid_thw") is None}
+        items = tuple(refine_item(item, positions) if item.kind in counted else item for item in items)
+    return items
+
+
 class Qwen3VLAdapter(QwenVLAdapter):
     """Qwen3-VL: ViT with learned + 2-D rotary positions, a patch merger and DeepStack mergers; Qwen3 decoder
     (q/k norms) with interleaved M-RoPE."""
@@ -269,18 +287,7 @@ class Qwen3VLAdapter(QwenVLAdapter):
 
     def segments(self, call: ForwardCall) -> tuple[VisualItem, ...]:
         """The images and videos of the forward in flight, in sequence order (`find_visual_items`)."""
-        kwargs = call.kwargs
-        encoded = kwargs.get("mm_encoder_outputs") or {}
-        images = _layouts(kwargs.get("image_grid_thw"), encoded.get("image"), self.merge_size)
-        videos = _layouts(kwargs.get("video_grid_thw"), encoded.get("video"), self.merge_size)
-        items = find_visual_items(
-            call.input_ids, images, videos, image_token_id=self.image_token_id, video_token_id=self.video_token_id
-        )
-        positions = kwargs.get("position_ids")
-        if positions is not None and positions.dim() == 3 and positions.shape[0] in (3, 4):
-            counted = {kind for kind in ("image", "video") if kwargs.get(f"{kind}_grid_thw") is None}
-            items = tuple(refine_item(item, positions) if item.kind in counted else item for item in items)
-        return items
+        return cut_items(call, call.input_ids, self.image_token_id, self.video_token_id, self.merge_size)
 
     def extensions(self) -> tuple[Extension, ...]:
         """M-RoPE positions (as Qwen2-VL), then the DeepStack hooks (after the decoder machinery's)."""

@@ -18,6 +18,7 @@ __all__ = [
     "llm_grids",
     "refine_grid",
     "prompt_span",
+    "segment_lengths",
 ]
 
 
@@ -264,3 +265,16 @@ def prompt_span(
         fallback = reals[-1] if reals.numel() else torch.tensor(length - 1, device=device)
         queries.append(positions[-1] if positions.numel() else fallback)
     return spans, torch.stack(queries).long()
+
+
+def segment_lengths(segments: Sequence[Any], num_tokens: int, name: str, what: str) -> list[int]:
+    """Token count of each item (anything with a ``length``), in order; raises when they do not add up to the
+    ``num_tokens`` visual placeholders of the forward (``what`` names the items in the message).
+
+    >>> segment_lengths([VisualSegment(0, "image", 1, (1, 2, 2))], 4, "x", "the grids")
+    [4]
+    """
+    counts = [int(segment.length) for segment in segments]
+    if sum(counts) != num_tokens:
+        raise ValueError(f"{name}: {what} cover {sum(counts)} of the {num_tokens} visual tokens")
+    return counts

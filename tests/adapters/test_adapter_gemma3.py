@@ -15,12 +15,12 @@ from adapter_fixtures import (
     kept_only_inputs,
     left_pad,
     masked_reference,
-    record_hooks,
     removed_by_layer,
     sample_alone,
     single_thread,
 )
 from adapter_fixtures import forward_logits as _forward
+from family_checks import check_keep_all_is_bit_identical, check_sdpa_equals_eager
 from vtprune.adapters.gemma3 import Gemma3Adapter
 from vtprune.framework import VtpruneError
 from vtprune.framework.compose import compose
@@ -168,17 +168,9 @@ def test_rows_are_image_blocks_with_grids_and_markers_stay(model, inputs):
 
 @pytest.mark.parametrize("placement", PLACEMENTS)
 def test_keep_all_is_bit_identical_and_remove_restores_hooks(model, inputs, placement):
-    base = _forward(model, inputs)
-    base_gen = model.generate(**inputs, max_new_tokens=4, do_sample=False)
-    hooks = record_hooks(model)
-    recipe = PLACEMENT_RECIPES[placement].replace("ratio=0.5", "ratio=1.0")
-    with prune(model, recipe, budget=10_000) as handle:
-        out = _forward(model, inputs)
-        gen = model.generate(**inputs, max_new_tokens=4, do_sample=False)
-    assert handle.last_selection.counts.tolist() == handle.last_selection.num_tokens.tolist()
-    assert record_hooks(model) == hooks
-    assert torch.equal(out, base) and torch.equal(gen, base_gen)
-    assert torch.equal(_forward(model, inputs), base)
+    check_keep_all_is_bit_identical(
+        model, inputs, PLACEMENT_RECIPES[placement], _forward, all_counted=True, unpruned_after=True
+    )
 
 
 @pytest.mark.parametrize("positions", ["keep", "compact"])
@@ -224,14 +216,7 @@ def test_sdpa_equals_eager_and_vision_is_refused():
     sdpa, eager = tiny_gemma3("sdpa"), tiny_gemma3("eager")
     batch = gemma3_inputs(sdpa, [0, 1])
     for placement in PLACEMENTS:
-        outs = []
-        for m in (sdpa, eager):
-            with prune(m, PLACEMENT_RECIPES[placement], budget=5) as handle:
-                logits, result = _forward(m, batch), handle.last_selection
-            real = result.sequence_mask & batch["attention_mask"].bool().gather(1, result.sequence_index)
-            outs.append((logits[real], result.selection.indices))
-        torch.testing.assert_close(outs[0][0], outs[1][0], atol=1e-5, rtol=0)
-        assert torch.equal(outs[0][1], outs[1][1])
+        check_sdpa_equals_eager(sdpa, eager, batch, PLACEMENT_RECIPES[placement], 5, 1e-5, _forward)
     with pytest.raises(VtpruneError, match="pool"):
         prune(sdpa, PLACEMENT_RECIPES["vision"], budget=5)
 

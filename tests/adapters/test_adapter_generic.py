@@ -18,13 +18,13 @@ from adapter_fixtures import (
     check_forward_and_generate,
     generation_positions,
     left_pad,
-    record_hooks,
     single_thread,
     tiny_clip_config,
     tiny_llama_config,
     tiny_llava,
 )
 from adapter_fixtures import forward_logits as _forward
+from family_checks import check_keep_all_is_bit_identical, check_remove_restores, check_sdpa_equals_eager
 from vtprune import framework
 from vtprune.adapters.generic import GenericAdapter
 from vtprune.framework import VtpruneError
@@ -140,18 +140,8 @@ def test_one_row_per_run_of_placeholders(model, inputs):
 
 @pytest.mark.parametrize("placement", PLACEMENTS)
 def test_keep_all_is_bit_identical_and_remove_restores(model, inputs, placement):
-    base = _forward(model, inputs)
-    base_gen = model.generate(**inputs, max_new_tokens=4, do_sample=False)
-    hooks = record_hooks(model)
-    with prune(model, RECIPES[placement].replace("ratio=0.5", "ratio=1.0"), budget=10_000):
-        out = _forward(model, inputs)
-        gen = model.generate(**inputs, max_new_tokens=4, do_sample=False)
-    assert torch.equal(out, base) and torch.equal(gen, base_gen)
-    handle = prune(model, RECIPES[placement], budget=5)
-    assert not torch.equal(_forward(model, inputs), base)
-    handle.remove()
-    assert record_hooks(model) == hooks
-    assert torch.equal(_forward(model, inputs), base)
+    check_keep_all_is_bit_identical(model, inputs, RECIPES[placement], _forward)
+    check_remove_restores(model, inputs, RECIPES[placement], 5, _forward)
 
 
 @pytest.mark.parametrize("positions", ["keep", "compact"])
@@ -169,16 +159,8 @@ def test_batch_equals_samples_alone(model, inputs, positions):
 
 
 def test_sdpa_equals_eager(model, inputs):
-    eager = tiny_vipllava(attn="eager")
     feed = {**inputs, "position_ids": generation_positions(inputs["attention_mask"])}
-    with prune(model, RECIPES["schedule"], budget=6) as handle:
-        got = _forward(model, feed)
-    with prune(eager, RECIPES["schedule"], budget=6) as eager_handle:
-        want = _forward(eager, feed)
-    result = handle.last_selection
-    assert torch.equal(result.selection.indices, eager_handle.last_selection.selection.indices)
-    real = result.sequence_mask & inputs["attention_mask"].bool().gather(1, result.sequence_index)  # padding differs
-    torch.testing.assert_close(got[real], want[real], atol=ATOL, rtol=0)
+    check_sdpa_equals_eager(model, tiny_vipllava(attn="eager"), feed, RECIPES["schedule"], 6, ATOL, _forward)
 
 
 def test_check_adapter_and_limitations(model):

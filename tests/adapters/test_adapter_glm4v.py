@@ -19,6 +19,12 @@ import pytest
 import torch
 
 from adapter_fixtures import NeedsCls, left_pad, record_hooks, single_thread
+from family_checks import (
+    check_base_model_matches,
+    check_docstring_examples,
+    check_keep_all_every_placement,
+    check_text_only_untouched,
+)
 from qwen_fixtures import (
     END, PAD, PRE_LLM, SCHEDULE, TOL, TURN, VISION, Recording, aligned, build, check_compact_positions,
     check_generate, check_keep_positions, check_manual_decoding, check_schedule_keep, check_sdpa_equals_eager,
@@ -157,17 +163,8 @@ def compact_reference(model, inputs: dict, keep: torch.Tensor, steps: int = 0) -
 def test_keep_all_is_bit_identical_for_every_placement_and_removal_restores_hooks(kind):
     model = tiny_glm4v()
     inputs, layouts = batch(BATCHES[kind][0])
-    before, hooks = logits(model, inputs), record_hooks(model)
-    generated = model.generate(**inputs, max_new_tokens=3, do_sample=False)
-    for recipe in (PRE_LLM, LAYER_IN, LAYER_AFTER, SCHEDULE.replace("ratio=0.5", "ratio=1.0"), VISION):
-        handle = prune(model, recipe, budget=1.0)
-        assert handle.adapter is Glm4vAdapter
-        assert torch.equal(logits(model, inputs), before), recipe
-        assert torch.equal(model.generate(**inputs, max_new_tokens=3, do_sample=False), generated), recipe
-        assert handle.last_selection.counts.tolist() == [len(p) for items in layouts for _, p, _ in items]
-        handle.remove()
-        assert record_hooks(model) == hooks
-        assert torch.equal(logits(model, inputs), before)
+    recipes = (PRE_LLM, LAYER_IN, LAYER_AFTER, SCHEDULE.replace("ratio=0.5", "ratio=1.0"), VISION)
+    check_keep_all_every_placement(model, inputs, recipes, Glm4vAdapter, [len(p) for items in layouts for _, p, _ in items], logits)
 
 
 @pytest.mark.parametrize("kind", list(BATCHES))
@@ -301,27 +298,16 @@ def test_base_model_and_errors():
     """``Glm4vModel`` is supported too; no CLS signals, no CLIP space; text-only calls are untouched."""
     model = tiny_glm4v()
     inputs, _ = batch(IMAGES)
-    with prune(model, LAYER_IN, budget=3):
-        full = logits(model, inputs)
-    with prune(model.model, LAYER_IN, budget=3) as handle:
-        assert handle.adapter is Glm4vAdapter
-        with torch.no_grad():
-            hidden = model.model(**inputs, use_cache=False).last_hidden_state
-    torch.testing.assert_close(model.lm_head(hidden).detach(), full, atol=TOL, rtol=0)
+    check_base_model_matches(model, inputs, LAYER_IN, 3, Glm4vAdapter, TOL, logits)
     with pytest.raises(MissingSignalError, match="cls_attention"):
         prune(model, NeedsCls(compose(PRE_LLM).placement), budget=3)
     with pytest.raises(VtpruneError, match="pre_llm_clip' \\(GLM-4.1V's tower is not a CLIP model"):
         prune(model, "cdpruner", budget=3, clip_model=object())
     ids = torch.tensor([[TURN, 5, 6, END, TURN, 20, 21, 22]])
-    before = logits(model, {"input_ids": ids})
-    with prune(model, LAYER_IN, budget=3):
-        assert torch.equal(logits(model, {"input_ids": ids}), before)
+    check_text_only_untouched(model, ids, LAYER_IN, 3, logits)
 
 
 def test_module_docstring_examples_run():
-    import doctest
-
     import vtprune.adapters.glm4v as module
 
-    result = doctest.testmod(module)
-    assert result.failed == 0 and result.attempted > 0
+    check_docstring_examples(module)

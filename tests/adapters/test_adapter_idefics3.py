@@ -15,9 +15,9 @@ from adapter_fixtures import (
     check_forward_and_generate,
     forward_logits,
     left_pad,
-    record_hooks,
     single_thread,
 )
+from family_checks import check_keep_all_is_bit_identical, check_remove_restores, check_sdpa_equals_eager
 from vtprune.framework.prune import prune
 from vtprune.testing import check_adapter
 
@@ -156,14 +156,7 @@ def test_vision_signals_are_shuffled_features_with_grid(model, inputs):
 
 @pytest.mark.parametrize("placement", PLACEMENTS)
 def test_keep_all_is_bit_identical(model, inputs, placement):
-    base = forward_logits(model, inputs)
-    base_gen = model.generate(**inputs, max_new_tokens=4, do_sample=False)
-    recipe = RECIPES[placement].replace("ratio=0.5", "ratio=1.0")
-    with prune(model, recipe, budget=10_000):
-        out = forward_logits(model, inputs)
-        gen = model.generate(**inputs, max_new_tokens=4, do_sample=False)
-    assert torch.equal(out, base)
-    assert torch.equal(gen, base_gen)
+    check_keep_all_is_bit_identical(model, inputs, RECIPES[placement])
 
 
 @pytest.mark.parametrize("positions", ["keep", "compact"])
@@ -183,26 +176,11 @@ def test_batch_equals_samples_alone(model, inputs, placement, positions):
 
 @pytest.mark.parametrize("placement", ["pre_llm", "layer"])
 def test_sdpa_equals_eager(model, inputs, family, placement):
-    eager = tiny_model(family, attn="eager")
-    outs, results = [], []
-    for m in (model, eager):
-        with prune(m, RECIPES[placement], budget=6) as handle:
-            outs.append(forward_logits(m, inputs))
-            results.append(handle.last_selection)
-    assert torch.equal(results[0].selection.indices, results[1].selection.indices)
-    result = results[0]
-    real = result.sequence_mask & inputs["attention_mask"].bool().gather(1, result.sequence_index)
-    torch.testing.assert_close(outs[0][real], outs[1][real], atol=ATOL, rtol=0)  # pad slots are garbage
+    check_sdpa_equals_eager(model, tiny_model(family, attn="eager"), inputs, RECIPES[placement], 6, ATOL)  # pad slots are garbage
 
 
 def test_remove_restores_bit_identical(model, inputs):
-    base = forward_logits(model, inputs)
-    hooks = record_hooks(model)
-    handle = prune(model, RECIPES["schedule"], budget=6)
-    assert not torch.equal(forward_logits(model, inputs), base)
-    handle.remove()
-    assert record_hooks(model) == hooks
-    assert torch.equal(forward_logits(model, inputs), base)
+    check_remove_restores(model, inputs, RECIPES["schedule"], 6)
 
 
 def test_check_adapter(family):

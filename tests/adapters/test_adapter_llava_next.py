@@ -15,6 +15,7 @@ from adapter_fixtures import (
     tiny_llava_next,
 )
 from adapter_fixtures import forward_logits as _forward
+from family_checks import KEEP_ALL_BUDGET, NEW_TOKENS, check_keep_all_is_bit_identical, keep_all_recipe
 from vtprune.framework.prune import prune
 
 ATOL = 1e-5
@@ -54,18 +55,15 @@ def test_layout_budget_applies_per_image_over_all_tokens(model, inputs):
 
 @pytest.mark.parametrize("placement", PLACEMENTS)
 def test_keep_all_is_bit_identical(model, inputs, placement):
-    base = _forward(model, inputs)
-    base_gen = model.generate(**inputs, max_new_tokens=4, do_sample=False)
-    recipe = RECIPES[placement].replace("ratio=0.5", "ratio=1.0")
-    with prune(model, recipe, budget=10_000):
-        out = _forward(model, inputs)
-        gen = model.generate(**inputs, max_new_tokens=4, do_sample=False)
-    if placement == "vision":
-        # newline tokens have no vision feature: the vision placement never keeps them
-        assert out.shape[1] < base.shape[1]
+    if placement != "vision":
+        check_keep_all_is_bit_identical(model, inputs, RECIPES[placement], _forward)
         return
-    assert torch.equal(out, base)
-    assert torch.equal(gen, base_gen)
+    # newline tokens have no vision feature: the vision placement never keeps them
+    base = _forward(model, inputs)
+    with prune(model, keep_all_recipe(RECIPES[placement]), budget=KEEP_ALL_BUDGET):
+        out = _forward(model, inputs)
+        model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False)
+    assert out.shape[1] < base.shape[1]
 
 
 @pytest.mark.parametrize("positions", ["keep", "compact"])

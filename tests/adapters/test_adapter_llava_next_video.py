@@ -16,12 +16,12 @@ from adapter_fixtures import (
     check_forward_and_generate,
     generation_positions,
     left_pad,
-    record_hooks,
     single_thread,
     tiny_clip_config,
     tiny_llama_config,
 )
 from adapter_fixtures import forward_logits as _forward
+from family_checks import check_keep_all_is_bit_identical, check_remove_restores, check_rows_are_items, check_sdpa_equals_eager
 from vtprune.framework import MissingSignalError, VtpruneError
 from vtprune.framework.prune import adapter_for, prune
 from vtprune.testing import check_adapter
@@ -112,37 +112,19 @@ def test_one_row_per_image_and_video_in_sequence_order(model, inputs):
     assert adapter_for(model).name == "llava_next_video"
     with prune(model, RECIPES["pre_llm"], budget=0.25) as handle:
         _forward(model, inputs)
-    result = handle.last_selection
-    ids = inputs["input_ids"]
     kinds = [item[0] for sample in SPEC for item in sample]
     token = {"image": IMAGE_TOKEN_ID, "video": VIDEO_TOKEN_ID}
-    assert result.image_sample.tolist() == [0, 0, 1, 1, 1]
-    counts = result.num_tokens.tolist()
-    for r, kind in enumerate(kinds):
-        b = int(result.image_sample[r])
-        positions = result.image_positions[r]
-        assert torch.all(ids[b, positions] == token[kind])
-        assert torch.equal(positions, torch.arange(int(positions[0]), int(positions[0]) + counts[r]))
+    counts = check_rows_are_items(
+        handle.last_selection, inputs["input_ids"], kinds, [0, 0, 1, 1, 1], token, contiguous=True, ratio=0.25
+    )
     assert counts[1] == counts[2] == 2 * 4  # 2 frames of 4x4 patches pooled to 2x2
     assert len({counts[0], counts[3], counts[4]}) == 3  # AnyRes: three image sizes, three token counts
-    assert result.counts.tolist() == [int(c * 0.25 + 0.5) for c in counts]
 
 
 @pytest.mark.parametrize("placement", PLACEMENTS)
 def test_keep_all_is_bit_identical_and_remove_restores(model, inputs, placement):
-    base = _forward(model, inputs)
-    base_gen = model.generate(**inputs, max_new_tokens=4, do_sample=False)
-    hooks = record_hooks(model)
-    recipe = RECIPES[placement].replace("ratio=0.5", "ratio=1.0")
-    with prune(model, recipe, budget=10_000):
-        out = _forward(model, inputs)
-        gen = model.generate(**inputs, max_new_tokens=4, do_sample=False)
-    assert torch.equal(out, base) and torch.equal(gen, base_gen)
-    handle = prune(model, RECIPES[placement], budget=5)
-    assert not torch.equal(_forward(model, inputs), base)
-    handle.remove()
-    assert record_hooks(model) == hooks
-    assert torch.equal(_forward(model, inputs), base)
+    check_keep_all_is_bit_identical(model, inputs, RECIPES[placement], _forward)
+    check_remove_restores(model, inputs, RECIPES[placement], 5, _forward)
 
 
 @pytest.mark.parametrize("positions", ["keep", "compact"])
@@ -162,16 +144,8 @@ def test_batch_equals_samples_alone(model, inputs, placement, positions):
 
 @pytest.mark.parametrize("placement", ["pre_llm", "layer"])
 def test_sdpa_equals_eager(model, inputs, placement):
-    eager = tiny_llava_next_video(attn="eager")
     feed = {**inputs, "position_ids": generation_positions(inputs["attention_mask"])}
-    with prune(model, RECIPES[placement], budget=6) as handle:
-        got = _forward(model, feed)
-    with prune(eager, RECIPES[placement], budget=6) as eager_handle:
-        want = _forward(eager, feed)
-    result = handle.last_selection
-    assert torch.equal(result.selection.indices, eager_handle.last_selection.selection.indices)
-    real = result.sequence_mask & inputs["attention_mask"].bool().gather(1, result.sequence_index)  # padding differs
-    torch.testing.assert_close(got[real], want[real], atol=ATOL, rtol=0)
+    check_sdpa_equals_eager(model, tiny_llava_next_video(attn="eager"), feed, RECIPES[placement], 6, ATOL, _forward)
 
 
 def test_newline_tokens_are_in_images_only(model, inputs):

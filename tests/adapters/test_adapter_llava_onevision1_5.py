@@ -18,8 +18,14 @@ import pytest
 import torch
 
 from adapter_fixtures import (
-    NeedsCls, aligned, forward_logits, generation_positions, masked_reference, record_hooks, removed_by_layer,
+    NeedsCls, aligned, forward_logits, generation_positions, masked_reference, removed_by_layer,
     single_thread,
+)
+from family_checks import (
+    check_base_model_matches,
+    check_docstring_examples,
+    check_keep_all_every_placement,
+    check_text_only_untouched,
 )
 from qwen_fixtures import (
     CHANNELS, END, IMAGE, MERGE, MIXED, PAD, PATCH, PRE_LLM, SCHEDULE, TOKEN_IDS, VIDEO, VISION, VOCAB, WITH_VIDEO,
@@ -97,17 +103,8 @@ def kept_only(model, inputs: dict, keep: torch.Tensor) -> dict:
 def test_keep_all_is_bit_identical_for_every_placement_and_removal_restores_hooks():
     model = tiny_ov15()
     inputs, _ = batch(WITH_VIDEO)
-    before, hooks = logits(model, inputs), record_hooks(model)
-    generated = model.generate(**inputs, max_new_tokens=3, do_sample=False)
-    for recipe in (PRE_LLM, LAYER, LAYER2, SCHEDULE.replace("ratio=0.5", "ratio=1.0"), VISION):
-        handle = prune(model, recipe, budget=1.0)
-        assert handle.adapter is LlavaOnevision15Adapter
-        assert torch.equal(logits(model, inputs), before), recipe
-        assert torch.equal(model.generate(**inputs, max_new_tokens=3, do_sample=False), generated), recipe
-        assert handle.last_selection.counts.tolist() == [6, 9, 2, 3, 8]
-        handle.remove()
-        assert record_hooks(model) == hooks
-        assert torch.equal(logits(model, inputs), before)
+    recipes = (PRE_LLM, LAYER, LAYER2, SCHEDULE.replace("ratio=0.5", "ratio=1.0"), VISION)
+    check_keep_all_every_placement(model, inputs, recipes, LlavaOnevision15Adapter, [6, 9, 2, 3, 8], logits)
 
 
 @pytest.mark.parametrize(
@@ -209,13 +206,7 @@ def test_base_model_and_errors():
     """``LlavaOnevision15Model`` is supported too; no CLS signals, no CLIP space; text-only calls are untouched."""
     model = tiny_ov15()
     inputs, _ = batch(MIXED)
-    with prune(model, LAYER, budget=3):
-        full = logits(model, inputs)
-    with prune(model.model, LAYER, budget=3) as handle:
-        assert handle.adapter is LlavaOnevision15Adapter
-        with torch.no_grad():
-            hidden = model.model(**inputs, use_cache=False).last_hidden_state
-    torch.testing.assert_close(model.lm_head(hidden).detach(), full, atol=TOL, rtol=0)
+    check_base_model_matches(model, inputs, LAYER, 3, LlavaOnevision15Adapter, TOL, logits)
     with pytest.raises(MissingSignalError, match="cls_attention"):
         prune(model, NeedsCls(compose(PRE_LLM).placement), budget=3)
     with pytest.raises(MissingSignalError, match="cls_attention.*CLS token"):
@@ -223,15 +214,10 @@ def test_base_model_and_errors():
     with pytest.raises(VtpruneError, match="pre_llm_clip' \\(LLaVA-OneVision-1.5's tower is not a CLIP model"):
         prune(model, "cdpruner", budget=3, clip_model=object())
     ids = torch.tensor([[2, 5, 6, END, 2, 20, 21, 22]])
-    before = logits(model, {"input_ids": ids})
-    with prune(model, LAYER, budget=3):
-        assert torch.equal(logits(model, {"input_ids": ids}), before)
+    check_text_only_untouched(model, ids, LAYER, 3, logits)
 
 
 def test_module_docstring_examples_run():
-    import doctest
-
     import vtprune.adapters.llava_onevision1_5 as module
 
-    result = doctest.testmod(module)
-    assert result.failed == 0 and result.attempted > 0
+    check_docstring_examples(module)

@@ -15,7 +15,12 @@ from functools import partial
 import pytest
 import torch
 
-from adapter_fixtures import NeedsCls, record_hooks, single_thread
+from adapter_fixtures import NeedsCls, single_thread
+from family_checks import (
+    check_base_model_matches,
+    check_docstring_examples,
+    check_keep_all_every_placement,
+)
 from qwen_fixtures import (
     CHANNELS, IMAGE, MERGE, MIXED, PATCH, PRE_LLM, SCHEDULE, TEMPORAL, TOKEN_IDS, TOL, VIDEO, VISION, WITH_VIDEO,
     Sample, build, check_batch_equals_each_sample_alone, check_compact_positions,
@@ -90,17 +95,8 @@ def compact_reference(model, inputs: dict, keep: torch.Tensor, steps: int = 0) -
 def test_keep_all_is_bit_identical_for_every_placement_and_removal_restores_hooks():
     model = tiny_moe()
     inputs, _ = batch(WITH_VIDEO)
-    before, hooks = logits(model, inputs), record_hooks(model)
-    generated = model.generate(**inputs, max_new_tokens=3, do_sample=False)
-    for recipe in (PRE_LLM, LAYER_IN, LAYER_AFTER, SCHEDULE.replace("ratio=0.5", "ratio=1.0"), VISION):
-        handle = prune(model, recipe, budget=1.0)
-        assert handle.adapter is Qwen3VLMoeAdapter
-        assert torch.equal(logits(model, inputs), before), recipe
-        assert torch.equal(model.generate(**inputs, max_new_tokens=3, do_sample=False), generated), recipe
-        assert handle.last_selection.counts.tolist() == [6, 9, 2, 3, 8]
-        handle.remove()
-        assert record_hooks(model) == hooks
-        assert torch.equal(logits(model, inputs), before)
+    recipes = (PRE_LLM, LAYER_IN, LAYER_AFTER, SCHEDULE.replace("ratio=0.5", "ratio=1.0"), VISION)
+    check_keep_all_every_placement(model, inputs, recipes, Qwen3VLMoeAdapter, [6, 9, 2, 3, 8], logits)
 
 
 @pytest.mark.parametrize(
@@ -184,13 +180,7 @@ def test_base_model_and_errors():
     """``Qwen3VLMoeModel`` is supported too; no CLS signals, no CLIP space."""
     model = tiny_moe()
     inputs, _ = batch(MIXED)
-    with prune(model, LAYER_IN, budget=3):
-        full = logits(model, inputs)
-    with prune(model.model, LAYER_IN, budget=3) as handle:
-        assert handle.adapter is Qwen3VLMoeAdapter
-        with torch.no_grad():
-            hidden = model.model(**inputs, use_cache=False).last_hidden_state
-    torch.testing.assert_close(model.lm_head(hidden).detach(), full, atol=TOL, rtol=0)
+    check_base_model_matches(model, inputs, LAYER_IN, 3, Qwen3VLMoeAdapter, TOL, logits)
     with pytest.raises(MissingSignalError, match="cls_attention"):
         prune(model, NeedsCls(compose(PRE_LLM).placement), budget=3)
     with pytest.raises(VtpruneError, match="pre_llm_clip' \\(Qwen3-VL-MoE's tower is not a CLIP model"):
@@ -198,9 +188,6 @@ def test_base_model_and_errors():
 
 
 def test_module_docstring_examples_run():
-    import doctest
-
     import vtprune.adapters.qwen3_vl_moe as module
 
-    result = doctest.testmod(module)
-    assert result.failed == 0 and result.attempted > 0
+    check_docstring_examples(module)

@@ -15,12 +15,12 @@ from adapter_fixtures import (
     check_forward_and_generate,
     generation_positions,
     left_pad,
-    record_hooks,
     single_thread,
     tiny_clip_config,
     tiny_llama_config,
 )
 from adapter_fixtures import forward_logits as _forward
+from family_checks import check_keep_all_is_bit_identical, check_remove_restores, check_rows_are_items, check_sdpa_equals_eager
 from vtprune.framework.prune import adapter_for, prune
 from vtprune.testing import check_adapter
 
@@ -99,34 +99,16 @@ def test_resolves_to_its_adapter_and_one_row_per_image_and_video(model, inputs):
     assert adapter_for(model).name == "video_llava"
     with prune(model, RECIPES["pre_llm"], budget=0.25) as handle:
         _forward(model, inputs)
-    result = handle.last_selection
-    ids = inputs["input_ids"]
     kinds = [item[0] for sample in SPEC for item in sample]
     token = {"image": IMAGE_TOKEN_ID, "video": VIDEO_TOKEN_ID}
-    assert result.image_sample.tolist() == [0, 0, 1, 1, 1]
-    for r, kind in enumerate(kinds):
-        positions = result.image_positions[r]
-        assert torch.all(ids[result.image_sample[r], positions] == token[kind])
-    counts = result.num_tokens.tolist()
+    counts = check_rows_are_items(handle.last_selection, inputs["input_ids"], kinds, [0, 0, 1, 1, 1], token, ratio=0.25)
     assert counts[1] == 16 and counts[0] == 2 * 17  # image: 4x4 patches; video: 2 frames of CLS + 16 patches
-    assert result.counts.tolist() == [int(c * 0.25 + 0.5) for c in counts]
 
 
 @pytest.mark.parametrize("placement", PLACEMENTS)
 def test_keep_all_is_bit_identical_and_remove_restores(model, inputs, placement):
-    base = _forward(model, inputs)
-    base_gen = model.generate(**inputs, max_new_tokens=4, do_sample=False)
-    hooks = record_hooks(model)
-    recipe = RECIPES[placement].replace("ratio=0.5", "ratio=1.0")
-    with prune(model, recipe, budget=10_000):
-        out = _forward(model, inputs)
-        gen = model.generate(**inputs, max_new_tokens=4, do_sample=False)
-    assert torch.equal(out, base) and torch.equal(gen, base_gen)
-    handle = prune(model, RECIPES[placement], budget=5)
-    assert not torch.equal(_forward(model, inputs), base)
-    handle.remove()
-    assert record_hooks(model) == hooks
-    assert torch.equal(_forward(model, inputs), base)
+    check_keep_all_is_bit_identical(model, inputs, RECIPES[placement], _forward)
+    check_remove_restores(model, inputs, RECIPES[placement], 5, _forward)
 
 
 @pytest.mark.parametrize("positions", ["keep", "compact"])
@@ -166,16 +148,8 @@ def test_vision_signals_are_the_projector_inputs_of_both_towers(model, inputs):
 
 @pytest.mark.parametrize("placement", ["pre_llm", "layer", "vision"])
 def test_sdpa_equals_eager(model, inputs, placement):
-    eager = tiny_video_llava(attn="eager")
     feed = {**inputs, "position_ids": generation_positions(inputs["attention_mask"])}
-    with prune(model, RECIPES[placement], budget=6) as handle:
-        got = _forward(model, feed)
-    with prune(eager, RECIPES[placement], budget=6) as eager_handle:
-        want = _forward(eager, feed)
-    result = handle.last_selection
-    assert torch.equal(result.selection.indices, eager_handle.last_selection.selection.indices)
-    real = result.sequence_mask & inputs["attention_mask"].bool().gather(1, result.sequence_index)  # padding differs
-    torch.testing.assert_close(got[real], want[real], atol=ATOL, rtol=0)
+    check_sdpa_equals_eager(model, tiny_video_llava(attn="eager"), feed, RECIPES[placement], 6, ATOL, _forward)
 
 
 @pytest.mark.parametrize("recipe", [RECIPES["layer"], "random+critical+fps+vision"])
