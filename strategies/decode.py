@@ -29,6 +29,7 @@ from typing import ClassVar, Literal, Optional
 
 from vtprune.framework.errors import ParameterError
 from vtprune.framework.recipe import parse_recipe
+from vtprune.framework.signals import PLACEMENT_SIGNALS
 from vtprune.framework.stages import Drop, LayerPlacement, stage_params
 
 __all__ = ["DecodePlacement", "DECODE_POLICIES", "DECODE_MODES"]
@@ -48,6 +49,7 @@ class DecodePlacement(LayerPlacement):
     )
     #: The parameter ``compose`` fills with the recipe's other placement when a recipe does not give it.
     prefill_param: ClassVar[Optional[str]] = "prefill"
+    provides: ClassVar[frozenset[str]] = PLACEMENT_SIGNALS["pre_llm"]
     prefill: str = "pre_llm"
     layer: int = 2
     keep: int | float = 0.5
@@ -61,7 +63,8 @@ class DecodePlacement(LayerPlacement):
             (isinstance(self.keep, int) and self.keep >= 1) or (isinstance(self.keep, float) and 0.0 < self.keep <= 1.0)
         ):
             raise ValueError(f"keep must be an int >= 1 or a float in (0, 1], got {self.keep!r}")
-        self.inner  # validates prefill
+        # what this instance provides is its prefill placement's (the class value: the default prefill's)
+        object.__setattr__(self, "provides", frozenset(self.inner.provides))
 
     @property
     def inner(self) -> LayerPlacement:
@@ -80,10 +83,6 @@ class DecodePlacement(LayerPlacement):
         if unknown:
             raise ParameterError(f"prefill placement {name!r}: unknown parameter(s) {unknown}; valid: {sorted(known)}")
         return cls(**terms[0].params)
-
-    @property
-    def provides(self) -> frozenset[str]:  # type: ignore[override]
-        return self.inner.provides
 
     def drops(self, budget: int | float) -> tuple[Drop, ...]:
         return self.inner.drops(budget)
