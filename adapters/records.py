@@ -3,7 +3,7 @@ and the per-image `ImageLayout` an adapter describes."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -11,7 +11,7 @@ from torch import Tensor
 
 from vtprune.framework.selection import Selection
 
-__all__ = ["DropRecord", "PruneResult", "ImageLayout"]
+__all__ = ["DropRecord", "DecodeRecord", "PruneResult", "ImageLayout"]
 
 
 @dataclass(frozen=True)
@@ -46,6 +46,22 @@ class DropRecord:
 
 
 @dataclass(frozen=True)
+class DecodeRecord:
+    """One decoding step of placement ``decode``: the visual cache entries hidden from layers ``>= layer``.
+
+    Attributes:
+        step: 0 for the first token generated after the prefill's own, then 1, 2, ...
+        layer: first decoder layer that no longer sees them.
+        hidden: per batch row, (n_b,) long original sequence positions of the visual entries the prefill left in
+            layer ``layer - 1``'s cache that are hidden at this step (ascending).
+    """
+
+    step: int
+    layer: int
+    hidden: tuple[Tensor, ...]
+
+
+@dataclass(frozen=True)
 class PruneResult:
     """What the last pruned forward kept (``handle.last_selection``).
 
@@ -57,6 +73,7 @@ class PruneResult:
         sequence_index: (B, L') original sequence position of every slot after the last drop (what the
             output logits / last hidden states are aligned with).
         sequence_mask: (B, L') bool, False for filler slots.
+        decode_records: placement ``decode``: one `DecodeRecord` per decoding step (appended while decoding).
     """
 
     drops: tuple[DropRecord, ...]
@@ -65,6 +82,8 @@ class PruneResult:
     image_positions: tuple[Tensor, ...]
     sequence_index: Tensor
     sequence_mask: Tensor
+    #: placement ``decode``: one `DecodeRecord` per decoding step that continued this prefill's cache.
+    decode_records: list = field(default_factory=list, compare=False)
 
     @property
     def selection(self) -> Selection:

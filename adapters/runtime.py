@@ -22,6 +22,7 @@ from vtprune.framework.support import CLIP_SIGNALS, check_support
 
 from .capture import VisionCapture
 from .clip_signals import ClipSignals
+from .decode_hooks import DecodeHooks, decode_policy_of
 from .decoder import DecoderPruner
 from .plan import ForwardCall, Plan, PlanContext, check_drops
 from .records import PruneResult
@@ -160,6 +161,9 @@ class Attachment:
             self._handles.extend(self._vision.install(adapter, needs, lambda: self._projecting))
         for extension in self._extensions:
             self._handles.extend(extension.install(self))
+        decode = decode_policy_of(self.placement)
+        if decode is not None:  # placement ``decode``: hooks after the pruner's (adapters/decode_hooks.py)
+            self._handles.extend(DecodeHooks(self, self.decoder.spec, decode).install())
 
     @property
     def budget(self) -> Any:

@@ -25,7 +25,7 @@ from .names import PRESET_KIND, is_shared, resolve_terms
 from .params import bind_params
 from .pipeline import Pipeline
 from .providers import signal_providers
-from .recipe import Term, parse_recipe
+from .recipe import Term, format_term, parse_recipe
 from .registry import Registry, default_registry
 from .signals import ALWAYS_PRESENT
 from .stages import STAGE_KINDS, stage_params
@@ -127,10 +127,19 @@ def _resolve(terms: list[Term], registry: Registry, text: str) -> tuple[Optional
             name, params = explicit[kind].name, dict(explicit[kind].params)
             if base[kind][0] == name:
                 params = {**base[kind][1], **params}
+            _inherit_prefill(kind, name, params, base[kind], registry)
             chosen[kind] = (name, params)
         else:
             chosen[kind] = base[kind]
     return preset_name, chosen
+
+
+def _inherit_prefill(kind: str, name: str, params: dict, base: tuple[str, dict], registry: Registry) -> None:
+    """A placement that wraps another (``prefill_param``, e.g. ``decode``) and is named without it takes the
+    placement the recipe would otherwise use (the preset's or the default), as a recipe term."""
+    field_name = getattr(registry.stage(kind, name), "prefill_param", None) if kind == "placement" else None
+    if field_name and field_name not in params and base[0] != name:
+        params[field_name] = format_term(base[0], dict(base[1]))
 
 
 def _base_terms(preset_name: Optional[str], registry: Registry) -> list[Term]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from vtprune.framework.hookspecs import hookimpl
 from vtprune.framework.registry import Registry
 
-from . import budget, critical, diversity, placement, relevance
+from . import budget, critical, decode, diversity, placement, relevance
 from .peer_presets import register_peer_presets
 from .peer_stages import PEER_STAGES
 from .presets import register_presets
@@ -29,6 +29,7 @@ BUILTIN_STAGES = (
     placement.AtLayer,
     placement.Schedule,
     placement.VisionOutput,
+    decode.DecodePlacement,
     *PEER_STAGES,
 )
 
