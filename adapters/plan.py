@@ -26,7 +26,7 @@ from .capture import VisionCapture
 from .decoder import Decision, DropState, Session
 from .records import DropRecord, ImageLayout, PruneResult
 
-__all__ = ["ForwardCall", "PlanContext", "Plan", "check_drops", "HINT_FINAL_NORM", "HINT_OWN_LAYER"]
+__all__ = ["ForwardCall", "PlanContext", "Plan", "check_drops", "image_assignment", "HINT_FINAL_NORM", "HINT_OWN_LAYER"]
 
 #: Stage hints (``Stage.adapter_hints``) the runtime honours (docs/adapters.md).
 HINT_FINAL_NORM = "final_norm"  # in-LLM visual / prompt = hidden states through the decoder's final norm (DART)
@@ -76,6 +76,17 @@ def check_drops(drops: Sequence[Any], num_layers: int) -> None:
                 f"layer drop before layer {drop.layer}: the language model has {num_layers} layers "
                 f"(valid k: 1..{num_layers - 1})"
             )
+
+
+def image_assignment(assignment: Tensor, columns: list[Tensor], layouts: Sequence[ImageLayout]) -> Tensor:
+    """(R, max num_tokens) long, CPU: a selection's slot ``assignment`` (R, N) over the present tokens of each image
+    (``columns[r]``, image-token coordinates) put at the image's own token indices; -1 for tokens absent at the
+    drop, dropped unmerged, and past an image's end."""
+    width = max([layout.num_tokens for layout in layouts] + [0])
+    out = torch.full((len(columns), width), -1, dtype=torch.long)
+    for r, present in enumerate(columns):
+        out[r, present.cpu()] = assignment[r, : present.numel()].cpu()
+    return out
 
 
 def _pad_rows(rows: list[Tensor], width: Optional[int] = None, value: float = 0.0) -> Tensor:
@@ -433,6 +444,8 @@ class Plan:
             mask=selection.mask.cpu(),
             critical=selection.critical.cpu(),
             values=None if selection.values is None else selection.values.detach().cpu(),
+            sizes=None if selection.sizes is None else selection.sizes.cpu(),
+            assignment=None if selection.assignment is None else image_assignment(selection.assignment, columns, self.layouts),
         )
         before = torch.tensor([c.numel() for c in columns], dtype=torch.long)
         self.records.append(DropRecord(drop.where, layer, tuple(budgets), record, before))
