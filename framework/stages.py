@@ -234,7 +234,8 @@ class Drop:
 
     Attributes:
         where: "vision" (vision-encoder output, before the projector), "pre_llm" (projected
-            tokens before decoder layer 0) or "layer" (inside the language model).
+            tokens before decoder layer 0), "layer" (inside the language model) or "vision_layers"
+            (inside the vision tower, progressively across its layers; the LLM receives the reduced sequence).
         layer: for "layer", the decoder layer k before which tokens are dropped: layers < k see the
             full sequence and scoring signals come from layer k - 1. None otherwise.
         budget: int = visual tokens kept per image; float in (0, 1] = fraction of the image's

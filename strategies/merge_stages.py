@@ -13,12 +13,12 @@ from typing import ClassVar, Optional
 
 from torch import Tensor
 
-from vtprune.framework.signals import Signals
-from vtprune.framework.stages import DiversitySupplementer, Supplement
+from vtprune.framework.signals import PLACEMENT_SIGNALS, Signals
+from vtprune.framework.stages import DiversitySupplementer, Drop, LayerPlacement, Supplement
 
 from .functional.tome import tome_reduce
 
-__all__ = ["ToMeMerge", "MERGE_STAGES"]
+__all__ = ["ToMeMerge", "VisionLayers", "MERGE_STAGES"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -35,4 +35,26 @@ class ToMeMerge(DiversitySupplementer):
         return Supplement(keep, values, assignment)
 
 
-MERGE_STAGES = (ToMeMerge,)
+@dataclass(frozen=True, eq=False)
+class VisionLayers(LayerPlacement):
+    """Inside the vision tower, progressively across its layers (ToMe): every encoder layer up to the feature
+    layer merges tokens between its attention and its MLP, later layers add ``log(size)`` to their attention
+    logits; the LLM receives the reduced sequence (the image's placeholders beyond the reduced count are dropped
+    at the decoder input). ``r = 0``: tokens per layer derived from the budget (exactly the budget remains);
+    ``r > 0``: the official constant r per layer, never below the budget. Adapters: CLIP towers (LLaVA-1.5);
+    see ``adapters/tower_merge.py``."""
+
+    name: ClassVar[str] = "vision_layers"
+    description: ClassVar[str] = "merge inside the vision tower layer by layer (ToMe); the LLM gets the reduced sequence"
+    provides: ClassVar[frozenset[str]] = PLACEMENT_SIGNALS["vision_layers"]
+    r: int = 0
+
+    def __post_init__(self) -> None:
+        if self.r < 0:
+            raise ValueError(f"r must be >= 0 (0 = derived from the budget), got {self.r}")
+
+    def drops(self, budget: int | float) -> tuple[Drop, ...]:
+        return (Drop("vision_layers", None, budget),)
+
+
+MERGE_STAGES = (ToMeMerge, VisionLayers)

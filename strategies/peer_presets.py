@@ -63,6 +63,13 @@ PEER_PRESETS: dict[str, tuple[str, str, str, str]] = {
         "Faster (arXiv 2412.01818v1)",
         "github.com/Theia-4869/FasterVLM @ f5d5f120",
     ),
+    "tome": (
+        "relevance.none+critical.critical+diversity.tome+budget.split(critical=0.0)+placement.vision_layers",
+        "ToMe: bipartite soft matching in every CLIP layer (class token protected, size-weighted merge, "
+        "proportional attention); r per layer from the budget",
+        "Bolya et al., Token Merging: Your ViT But Faster, ICLR 2023 (arXiv 2210.09461)",
+        "github.com/facebookresearch/ToMe @ af95e4b1",
+    ),
     "random": (
         "relevance.none+critical.critical+diversity.randperm(seed=0)+budget.split(critical=0.0)+placement.pre_llm",
         "random baseline: seeded randperm of each row's tokens",
