@@ -43,15 +43,17 @@ __all__ = ["TowerMerge", "TowerRun", "merge_schedule", "apply_tower_merge", "tow
 def merge_schedule(tokens: int, keep: int, layers: int, r: int = 0, protected: int = 1) -> list[int]:
     """Tokens removed at each of ``layers`` merging layers, from ``tokens`` (class token included) down to ``keep``
     patches (never fewer). ``r = 0``: the removals spread as evenly as ToMe's half rule allows (earlier layers take
-    the remainder), so exactly ``keep`` remain when reachable; ``r > 0``: the official constant ``r`` per layer
-    (``parse_r``), stopping at ``keep``."""
+    the remainder) and the last layer removes whatever is left (in several matching rounds if it is more than half),
+    so exactly ``keep`` remain; ``r > 0``: the official constant ``r`` per layer (``parse_r``, each clamped by the
+    half rule), stopping at ``keep``."""
     plan = []
     current = tokens
     remaining = max(tokens - protected - keep, 0)
     constant = parse_r(layers, r) if r > 0 else None
     for number in range(layers):
         want = constant[number] if constant is not None else math.ceil(remaining / (layers - number))
-        step = max(0, min(want, remaining, (current - protected) // 2))
+        last = constant is None and number == layers - 1
+        step = max(0, min(want, remaining) if last else min(want, remaining, (current - protected) // 2))
         plan.append(step)
         current -= step
         remaining -= step
@@ -173,12 +175,19 @@ class TowerMerge:
             merged = hidden + attended  # (B, t, D)
             batch, tokens, _ = merged.shape
             metric = run.keys.view(batch, tokens, attention.num_heads, -1).mean(dim=2)  # (B, t, dh): k.mean(heads)
-            matching = bipartite_matching(metric, r, class_token=True)
             if run.slots is None:
                 run.slots = torch.arange(tokens, device=hidden.device).expand(batch, -1)  # (B, T0)
-            run.slots = merge_slots(run.slots, matching)
-            merged, run.size = merge_wavg(merged, matching, run.size)  # (B, t - r, D), (B, t - r, 1)
-            run.done.append(matching.r)
+            left = r
+            while left > 0:  # one round (official) unless the schedule asks for more than half the tokens
+                matching = bipartite_matching(metric, left, class_token=True)
+                if matching.r == 0:
+                    break
+                run.slots = merge_slots(run.slots, matching)
+                if left > matching.r:  # the next round's metric: size-weighted mean keys of the merged tokens
+                    metric, _ = merge_wavg(metric, matching, run.size)
+                merged, run.size = merge_wavg(merged, matching, run.size)  # (B, t - r, D), (B, t - r, 1)
+                left -= matching.r
+            run.done.append(r - left)
             run.skip = True
             return _with_input(args, kwargs, merged, None)
 
@@ -238,14 +247,14 @@ def apply_tower_merge(plan: Any, drop: Any, layer: int, budgets: list, state: Dr
 
 def tower_merge_for(adapter: Any, pipeline: Any, drops: Any, budget_of: Callable[[], Any]) -> Optional[TowerMerge]:
     """The `TowerMerge` of a pipeline whose placement drops at ``vision_layers`` (None otherwise). The merge rule
-    inside the tower is ToMe's, so the pipeline's diversity stage must be ``tome``; the budget (one for every image
+    inside the tower is ToMe's, so the pipeline's diversity stage must be ``tome_merge``; the budget (one for every image
     of a forward: the tower merges its images as one batch) resolves to the patches kept per image."""
     if not any(d.where == "vision_layers" for d in drops):
         return None
     diversity = getattr(getattr(pipeline, "diversity", None), "name", None)
-    if diversity != "tome":
+    if diversity != "tome_merge":
         raise ValueError(
-            f"placement vision_layers merges inside the vision tower with ToMe: use diversity.tome (got diversity "
+            f"placement vision_layers merges inside the vision tower with ToMe: use diversity.tome_merge (got diversity "
             f"{diversity!r}), e.g. the preset 'tome'"
         )
     allocator = pipeline.budget

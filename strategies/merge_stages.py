@@ -27,7 +27,7 @@ class ToMeMerge(DiversitySupplementer):
     themselves (size-weighted averages, cosine of the tokens as the metric) until the asked count remains; each
     merged token sits at its B-set destination's position. The in-tower ToMe is ``placement.vision_layers``."""
 
-    name: ClassVar[str] = "tome"
+    name: ClassVar[str] = "tome_merge"
     description: ClassVar[str] = "ToMe bipartite soft matching on the remaining tokens down to the budget (size-weighted merge)"
 
     def supplement(self, signals: Signals, selected: Tensor, counts: Tensor, valid: Tensor, scores: Optional[Tensor]) -> Supplement:

@@ -64,7 +64,7 @@ PEER_PRESETS: dict[str, tuple[str, str, str, str]] = {
         "github.com/Theia-4869/FasterVLM @ f5d5f120",
     ),
     "tome": (
-        "relevance.none+critical.critical+diversity.tome+budget.split(critical=0.0)+placement.vision_layers",
+        "relevance.none+critical.critical+diversity.tome_merge+budget.split(critical=0.0)+placement.vision_layers",
         "ToMe: bipartite soft matching in every CLIP layer (class token protected, size-weighted merge, "
         "proportional attention); r per layer from the budget",
         "Bolya et al., Token Merging: Your ViT But Faster, ICLR 2023 (arXiv 2210.09461)",

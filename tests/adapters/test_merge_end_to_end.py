@@ -2,7 +2,7 @@
 
 - FasterVLM: the kept tokens are the official rule computed from the tower itself (the penultimate CLIP layer's
   CLS attention, head mean, ``torch.topk``, raster order), and the LLM sees the projected kept tokens only.
-- A merging stage at ``pre_llm`` (``diversity.tome``): ``last_selection`` records sizes and the assignment in
+- A merging stage at ``pre_llm`` (``diversity.tome_merge``): ``last_selection`` records sizes and the assignment in
   image-token coordinates; the LLM receives, at each kept slot, the size-weighted mean of the projected tokens
   assigned to it (computed here from the model's own embeddings).
 """
@@ -67,7 +67,7 @@ def test_fastervlm_keeps_the_official_topk_in_raster_order(case, budget):
 
 def test_merging_stage_records_sizes_and_assignment(case):
     model, inputs = case
-    recipe = "relevance.none+diversity.tome+placement.pre_llm"
+    recipe = "relevance.none+diversity.tome_merge+placement.pre_llm"
     with torch.no_grad():
         embeds = merged_embeddings(model, inputs)  # (B, L, D) unpruned decoder input
     captured = {}

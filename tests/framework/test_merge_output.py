@@ -28,7 +28,7 @@ def test_positions_become_slots_and_sizes_count_them():
 
 
 def test_pipeline_select_reports_merges_with_critical_tokens_standing_for_themselves():
-    pipeline = compose("prompt_cosine+critical+diversity.tome+budget.split(critical=0.5)")
+    pipeline = compose("prompt_cosine+critical+diversity.tome_merge+budget.split(critical=0.5)")
     signals = ragged_signals([12, 7], seed=3)
     selection = pipeline.select(signals, 4)
     for row, n in enumerate([12, 7]):
@@ -44,14 +44,14 @@ def test_pipeline_select_reports_merges_with_critical_tokens_standing_for_themse
 
 
 def test_tome_stage_passes_the_contract():
-    check_stage("diversity", "tome")
+    check_stage("diversity", "tome_merge")
 
 
 class _BadSizes:
     """A duck-typed pipeline whose merge sizes do not count its assignment."""
 
     def __init__(self):
-        self.inner = compose("relevance.none+diversity.tome")
+        self.inner = compose("relevance.none+diversity.tome_merge")
 
     def select(self, signals, budget):
         selection = self.inner.select(signals, budget)

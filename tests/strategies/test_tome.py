@@ -128,3 +128,14 @@ def test_tome_reduce_ragged_rows_equal_rows_alone(seed):
         for position in keep[row].nonzero().flatten():
             group = x[row, :n][assignment[row, :n] == position]
             torch.testing.assert_close(values[row, position], group.mean(0), atol=1e-5, rtol=1e-5)
+
+
+def test_tower_schedule_official_r_and_derived_from_the_budget():
+    from vtprune.adapters.tower_merge import merge_schedule
+
+    assert merge_schedule(577, 1, 23, r=8) == [8] * 23  # official constant r (budget as a floor only)
+    assert merge_schedule(17, 12, 4, r=2) == [2, 2, 0, 0]  # stops at the budget (16 - 12 = 4 patches removed)
+    derived = merge_schedule(577, 64, 23)
+    assert sum(derived) == 512 and max(derived) - min(derived) <= 1
+    assert merge_schedule(17, 2, 1) == [14]  # one layer: several rounds remove more than half
+    assert merge_schedule(17, 16, 3) == [0, 0, 0]
