@@ -103,7 +103,9 @@ class VLMAdapter:
             return frozenset()
         grid = GRID_SIGNALS if cls.has_grid else frozenset()
         cls_rows = CLS_SIGNALS if cls.has_cls else frozenset()
-        if kind == "vision":
+        if kind == "vision_layers":
+            signals = VISION_SIGNALS  # the tower's own tokens, merged as they go (placement vision_layers)
+        elif kind == "vision":
             signals = VISION_SIGNALS | grid | (cls_rows | {"visual_keys"} if cls.has_cls else frozenset())
         elif kind == "pre_llm":
             signals = EMBEDDING_SIGNALS | cls_rows | grid

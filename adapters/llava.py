@@ -40,6 +40,8 @@ class LlavaAdapter(VLMAdapter):
     has_grid: ClassVar[bool] = True
     on_request: ClassVar[dict[str, frozenset[str]]] = {"pre_llm": CLIP_SIGNALS}  # CDPruner's, for pre_llm_clip
     supports_keep_cls: ClassVar[bool] = True
+    #: ``vision_layers``: ToMe inside the CLIP tower (``adapters/tower_merge.py``).
+    drop_kinds: ClassVar[frozenset[str]] = VLMAdapter.drop_kinds | {"vision_layers"}
 
     def _side(self) -> int:
         vision = self.config.vision_config

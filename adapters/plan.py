@@ -25,12 +25,15 @@ from .call import ForwardCall
 from .capture import VisionCapture
 from .decoder import Decision, DropState, Session
 from .records import DropRecord, ImageLayout, PruneResult
+from .tower_merge import apply_tower_merge
 
-__all__ = ["ForwardCall", "PlanContext", "Plan", "check_drops", "HINT_FINAL_NORM", "HINT_OWN_LAYER"]
+__all__ = ["ForwardCall", "PlanContext", "Plan", "check_drops", "image_assignment", "HINT_FINAL_NORM", "HINT_OWN_LAYER"]
 
 #: Stage hints (``Stage.adapter_hints``) the runtime honours (docs/adapters.md).
 HINT_FINAL_NORM = "final_norm"  # in-LLM visual / prompt = hidden states through the decoder's final norm (DART)
 HINT_OWN_LAYER = "own_layer_scoring"  # layer(k) attention / keys from layer k's own weights on its input (PyramidDrop)
+#: Drop kinds applied at the decoder input (layer 0).
+INPUT_DROPS = ("vision", "vision_layers", "pre_llm")
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,8 @@ class PlanContext:
         num_layers: decoder layers of the language model.
         project: vision-space values (..., n, Dv) -> LLM tokens (..., n, D), run by the runtime.
         publish: receives the `PruneResult` of the finished prefill.
+        tower_merge: the in-tower merging hooks (`adapters.tower_merge.TowerMerge`) of a ``vision_layers``
+            placement, or None.
     """
 
     adapter: Any
@@ -60,22 +65,34 @@ class PlanContext:
     num_layers: int
     project: Callable[[Tensor], Tensor]
     publish: Callable[[PruneResult], None]
+    tower_merge: Any = None
 
 
 def check_drops(drops: Sequence[Any], num_layers: int) -> None:
     """Raise ``ValueError`` for drops the runtime cannot apply: more than one at the decoder input, an unknown
     kind, or a layer outside ``1..num_layers - 1``."""
-    at_input = [d for d in drops if d.where in ("vision", "pre_llm")]
+    at_input = [d for d in drops if d.where in INPUT_DROPS]
     if len(at_input) > 1:
-        raise ValueError("at most one vision / pre_llm drop per pipeline")
+        raise ValueError("at most one vision / vision_layers / pre_llm drop per pipeline")
     for drop in drops:
-        if drop.where not in ("vision", "pre_llm", "layer"):
+        if drop.where not in (*INPUT_DROPS, "layer"):
             raise ValueError(f"unknown drop point {drop.where!r}")
         if drop.where == "layer" and not 1 <= int(drop.layer) < num_layers:
             raise ValueError(
                 f"layer drop before layer {drop.layer}: the language model has {num_layers} layers "
                 f"(valid k: 1..{num_layers - 1})"
             )
+
+
+def image_assignment(assignment: Tensor, columns: list[Tensor], layouts: Sequence[ImageLayout]) -> Tensor:
+    """(R, max num_tokens) long, CPU: a selection's slot ``assignment`` (R, N) over the present tokens of each image
+    (``columns[r]``, image-token coordinates) put at the image's own token indices; -1 for tokens absent at the
+    drop, dropped unmerged, and past an image's end."""
+    width = max([layout.num_tokens for layout in layouts] + [0])
+    out = torch.full((len(columns), width), -1, dtype=torch.long)
+    for r, present in enumerate(columns):
+        out[r, present.cpu()] = assignment[r, : present.numel()].cpu()
+    return out
 
 
 def _pad_rows(rows: list[Tensor], width: Optional[int] = None, value: float = 0.0) -> Tensor:
@@ -144,7 +161,7 @@ class Plan:
             raise ValueError("per-image budgets must give the same drop points")
         self.drops = self.drops_per_image[0] if self.drops_per_image else ()
         check_drops(self.drops, context.num_layers)
-        self.layers = tuple(0 if d.where in ("vision", "pre_llm") else int(d.layer) for d in self.drops)
+        self.layers = tuple(0 if d.where in INPUT_DROPS else int(d.layer) for d in self.drops)
         self.records: list[DropRecord] = []
         self.requires = context.requires
         # per-image present tokens (image-token coordinates), updated at each drop
@@ -171,6 +188,8 @@ class Plan:
         number = self.layers.index(layer)
         drop = self.drops[number]
         budgets = [drops[number].budget for drops in self.drops_per_image]
+        if drop.where == "vision_layers":
+            return apply_tower_merge(self, drop, layer, budgets, state)
         if drop.where == "vision":
             signals, columns, slots = self._vision_signals(state)
         else:
@@ -433,6 +452,8 @@ class Plan:
             mask=selection.mask.cpu(),
             critical=selection.critical.cpu(),
             values=None if selection.values is None else selection.values.detach().cpu(),
+            sizes=None if selection.sizes is None else selection.sizes.cpu(),
+            assignment=None if selection.assignment is None else image_assignment(selection.assignment, columns, self.layouts),
         )
         before = torch.tensor([c.numel() for c in columns], dtype=torch.long)
         self.records.append(DropRecord(drop.where, layer, tuple(budgets), record, before))

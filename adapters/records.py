@@ -19,11 +19,15 @@ class DropRecord:
     """One drop of the last pruned forward.
 
     Attributes:
-        where: "vision", "pre_llm" or "layer".
-        layer: decoder layer before which tokens were dropped (0 for vision / pre_llm).
+        where: "vision", "pre_llm", "layer" or "vision_layers".
+        layer: decoder layer before which tokens were dropped (0 for vision / vision_layers / pre_llm).
         budgets: the budget of each image row at this drop.
         selection: `Selection` over image rows; ``indices`` are positions among the image's own tokens
-            (0..num_tokens-1, the order in which the image's placeholders appear in the input).
+            (0..num_tokens-1, the order in which the image's placeholders appear in the input). After a merging
+            stage, ``sizes`` and ``assignment`` (image-token coordinates: every token of the image -> the kept
+            slot it was merged into, -1 when absent or dropped unmerged). ``vision_layers`` (ToMe in the tower):
+            ``indices`` are the image's first k placeholder slots, which hold the merged tokens in ToMe's order,
+            and ``assignment`` maps each of the image's patches to its slot.
         before: (R,) tokens of each image present before this drop.
     """
 

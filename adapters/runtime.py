@@ -26,6 +26,7 @@ from .decode_hooks import DecodeHooks, decode_policy_of
 from .decoder import DecoderPruner
 from .plan import ForwardCall, Plan, PlanContext, check_drops
 from .records import PruneResult
+from .tower_merge import tower_merge_for
 
 __all__ = ["Attachment", "attach", "PlanFactory", "pipeline_hints", "pipeline_keeps_cls"]
 
@@ -127,6 +128,7 @@ class Attachment:
                     "tokenizer=<the VLM's tokenizer or processor>)"
                 )
             self.clip = ClipSignals(clip_model, tokenizer, adapter.tower, clip_tokenizer=clip_tokenizer)
+        self.tower_merge = tower_merge_for(adapter, pipeline, probe, lambda: self.budget)  # placement vision_layers
         self.context = PlanContext(
             adapter=adapter,
             pipeline=pipeline,
@@ -138,6 +140,7 @@ class Attachment:
             num_layers=len(spec.layers),
             project=self._project,
             publish=self._publish,
+            tower_merge=self.tower_merge,
         )
         self.decoder = DecoderPruner(spec, self._controller, positions=positions)
         try:
@@ -159,6 +162,8 @@ class Attachment:
         if needs.cls or needs.cls_token or vision_drop or self.clip is not None:
             self._vision = adapter.vision_hooks()
             self._handles.extend(self._vision.install(adapter, needs, lambda: self._projecting))
+        if self.tower_merge is not None:
+            self._handles.extend(self.tower_merge.install())
         for extension in self._extensions:
             self._handles.extend(extension.install(self))
         decode = decode_policy_of(self.placement)

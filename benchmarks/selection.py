@@ -57,7 +57,7 @@ from vtprune.strategies.functional.farthest_point import farthest_point_select
 
 DEFAULT_RECIPES = (
     "zspaprune", "zspaprune_max", "zspaprune_dynamic", "zspaprune_grid", "zspaprune_kmeans",
-    "divprune", "random", "pooling", "fastv", "cdpruner",
+    "divprune", "random", "pooling", "fastv", "cdpruner", "fastervlm", "tome",
 )
 #: Recipes too slow for the largest sizes (scikit-learn k-means with N/9 clusters; CDPruner's N x N
 #: kernel and N/9 greedy steps), with their largest N.

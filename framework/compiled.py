@@ -39,7 +39,7 @@ import torch
 
 from .budget import Budget, validate_budget
 from .errors import VtpruneError
-from .selection import Selection, assemble_selection
+from .selection import Selection, assemble_selection, merge_output
 from .signals import Signals
 
 #: A `framework.Pipeline` (not imported: pipeline.py imports this module).
@@ -114,6 +114,7 @@ def planned_select(pipeline: Pipeline, signals: Signals, plan: SelectPlan) -> Se
     if scores is not None and plan.critical > 0:
         chosen = pipeline.critical.select(scores, plan.critical, valid)  # (B, N)
     keep, values = chosen, None
+    merged: tuple = (None, None)  # (sizes, assignment) when the diversity stage merges
     if plan.total >= plan.tokens:
         keep = valid  # every token is kept
     elif pipeline.diversity.adds_tokens and plan.remaining > 0:
@@ -121,8 +122,10 @@ def planned_select(pipeline: Pipeline, signals: Signals, plan: SelectPlan) -> Se
         keep = chosen | supplement.mask  # (B, N)
         if supplement.values is not None:
             values = torch.where(supplement.mask.unsqueeze(-1), supplement.values.to(signals.visual.dtype), signals.visual)  # (B, N, D)
+        if supplement.assignment is not None:
+            merged = merge_output(keep, supplement.assignment, valid)
     width = plan.tokens if plan.total >= plan.tokens else plan.total
-    return assemble_selection(keep, chosen, values, width)
+    return assemble_selection(keep, chosen, values, width, *merged)
 
 
 class CompiledSelect:

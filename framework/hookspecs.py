@@ -86,7 +86,7 @@ def vtprune_register_adapters(registry: Registry) -> None:
 
     An adapter class is a *description* of a model family: ``name``, ``model_classes`` (the class
     names of the models it attaches to), ``drop_kinds`` (the `Drop.where` kinds it implements:
-    "vision", "pre_llm", "layer"), ``provides(kind) -> frozenset[str]`` (the signals it fills at
+    "vision", "pre_llm", "layer", "vision_layers"), ``provides(kind) -> frozenset[str]`` (the signals it fills at
     drops of that kind), ``limitations`` (name -> reason, quoted in errors), ``runtime`` (the
     function that installs the hooks: ``runtime(adapter(model), pipeline, budget, plan_factory=
     adapter.plan_factory, positions=..., prompt_stop=..., **options)``) and ``plan_factory``.

@@ -15,7 +15,7 @@ from .compiled import CompiledSelect
 from .errors import BudgetError, MissingSignalError
 from .providers import signal_providers
 from .recipe import format_term
-from .selection import Selection, assemble_selection
+from .selection import Selection, assemble_selection, merge_output
 from .signals import ALWAYS_PRESENT, Signals
 from .stages import (
     STAGE_KINDS,
@@ -128,6 +128,7 @@ class Pipeline:
         if chosen is None:
             chosen = torch.zeros_like(valid)  # (B, N)
         values = None
+        merged: Optional[tuple[Tensor, Tensor]] = None  # (sizes, assignment) by position, when a stage merges
         keep = chosen
         # ``chosen`` holds real tokens only, so "the rest of the budget is every remaining real
         # token" is ``totals == valid_counts``: keep every real token, nothing for diversity to choose.
@@ -140,13 +141,16 @@ class Pipeline:
                 keep = chosen | (supplement.mask if dense else supplement.mask & valid)  # (B, N)
                 if supplement.values is not None:
                     values = torch.where(supplement.mask.unsqueeze(-1), supplement.values.to(signals.visual.dtype), signals.visual)  # (B, N, D)
+                if supplement.assignment is not None:
+                    merged = merge_output(keep, supplement.assignment, valid)
         if not keep.numel():
             width = 0
         elif keep is valid and dense:
             width = tokens  # every row keeps all its tokens: no need to count them
         else:
             width = int(keep.sum(dim=1).max().item())
-        return assemble_selection(keep, chosen, values, width)
+        sizes, assignment = merged if merged is not None else (None, None)
+        return assemble_selection(keep, chosen, values, width, sizes, assignment)
 
     def compile(
         self, *, mode: Optional[str] = None, fullgraph: bool = True, backend: str = "inductor", dynamic: bool = False

@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-__all__ = ["Selection", "selection_from_masks", "assemble_selection"]
+__all__ = ["Selection", "selection_from_masks", "assemble_selection", "positions_to_slots", "merge_output"]
 
 
 @dataclass(frozen=True)
@@ -87,8 +87,20 @@ def selection_from_masks(
     return assemble_selection(keep, critical, values, width)
 
 
-def assemble_selection(keep: Tensor, critical: Tensor, values: Optional[Tensor], width: int) -> Selection:
-    """`selection_from_masks` with the largest row count ``width`` given (no host sync)."""
+def assemble_selection(
+    keep: Tensor,
+    critical: Tensor,
+    values: Optional[Tensor],
+    width: int,
+    sizes: Optional[Tensor] = None,
+    assignment: Optional[Tensor] = None,
+) -> Selection:
+    """`selection_from_masks` with the largest row count ``width`` given (no host sync).
+
+    Merging output (both or neither): ``sizes`` (B, N) long, the size of the token at each kept position;
+    ``assignment`` (B, N) long, for every token the *position* of the kept token it was merged into (itself
+    for a kept token), -1 for none. They become the `Selection`'s per-slot ``sizes`` and slot ``assignment``.
+    """
     # A stable descending sort of the keep flags puts each row's kept positions first, ascending,
     # and the sorted flags are the slot mask.
     flags, order = keep.sort(dim=1, descending=True, stable=True)  # (B, N), (B, N)
@@ -99,4 +111,40 @@ def assemble_selection(keep: Tensor, critical: Tensor, values: Optional[Tensor],
     if values is not None:
         index = indices.unsqueeze(-1).expand(-1, -1, values.shape[-1])  # (B, K, D)
         kept_values = values.gather(1, index)
-    return Selection(indices=indices, mask=slot_mask, critical=kept_critical, values=kept_values)
+    if (sizes is None) != (assignment is None):
+        raise ValueError("merging output needs both sizes and assignment (or neither)")
+    slot_sizes = slot_assignment = None
+    if sizes is not None:
+        slot_sizes = sizes.gather(1, indices) * slot_mask  # (B, K): 0 at padding slots
+        slot_assignment = positions_to_slots(assignment, indices, slot_mask)  # (B, N)
+    return Selection(
+        indices=indices, mask=slot_mask, critical=kept_critical, values=kept_values,
+        sizes=slot_sizes, assignment=slot_assignment,
+    )
+
+
+def positions_to_slots(assignment: Tensor, indices: Tensor, mask: Tensor) -> Tensor:
+    """(B, N) long: ``assignment`` (B, N) of kept *positions* (-1 = none) as slots of ``indices`` / ``mask``
+    (B, K); a position that is not kept maps to -1."""
+    batch, tokens = assignment.shape
+    slot_of = torch.full((batch, tokens + 1), -1, dtype=torch.long, device=assignment.device)  # (B, N + 1)
+    target = torch.where(mask, indices, torch.full_like(indices, tokens))  # (B, K): padding -> sink column
+    slots = torch.arange(indices.shape[1], device=indices.device).expand_as(indices)  # (B, K)
+    slot_of.scatter_(1, target, slots)
+    slot_of[:, tokens] = -1
+    mapped = slot_of.gather(1, assignment.clamp(min=0))  # (B, N)
+    return torch.where(assignment >= 0, mapped, torch.full_like(mapped, -1))
+
+
+def merge_output(keep: Tensor, assignment: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
+    """Position-level (sizes, assignment) of a whole kept set from a merging stage's ``assignment`` (B, N) long
+    (`Supplement.assignment`: position merged into, -1 = none): every kept token is assigned its own position,
+    padding (``valid`` False) none; ``sizes`` (B, N) long counts the tokens assigned to each position."""
+    tokens = keep.shape[1]
+    positions = torch.arange(tokens, device=keep.device).expand_as(keep)  # (B, N)
+    merged = torch.where(keep, positions, assignment.long())  # (B, N)
+    merged = torch.where(valid & (merged >= 0), merged, torch.full_like(merged, -1))  # (B, N)
+    target = torch.where(merged >= 0, merged, torch.full_like(merged, tokens))  # (B, N): none -> sink column
+    sizes = torch.zeros(keep.shape[0], tokens + 1, dtype=torch.long, device=keep.device)  # (B, N + 1)
+    sizes.scatter_add_(1, target, torch.ones_like(target))
+    return sizes[:, :tokens], merged

@@ -74,6 +74,8 @@ DROP_SIGNALS: Mapping[str, frozenset[str]] = MappingProxyType(
         "vision": VISION_SIGNALS,
         "pre_llm": EMBEDDING_SIGNALS,
         "layer": EMBEDDING_SIGNALS | LAYER_SIGNALS,
+        # inside the vision tower, progressively across its layers (ToMe); the tower's own tokens only
+        "vision_layers": VISION_SIGNALS,
     }
 )
 #: Built-in placement name -> its ``LayerPlacement.provides`` (what any adapter implementing it gives).
@@ -84,6 +86,7 @@ PLACEMENT_SIGNALS: Mapping[str, frozenset[str]] = MappingProxyType(
         "layer": EMBEDDING_SIGNALS | {"grid"} | LAYER_SIGNALS,
         "schedule": EMBEDDING_SIGNALS | {"grid"} | LAYER_SIGNALS,
         "vision": VISION_SIGNALS | CLS_SIGNALS | {"visual_keys", "grid"},
+        "vision_layers": VISION_SIGNALS,
     }
 )
 

@@ -149,10 +149,16 @@ class Supplement:
         mask: (B, N) bool, the newly chosen tokens (disjoint from the already selected set).
         values: (B, N, D) or None. For merge-style stages: replacement values, read only at the
             positions in ``mask`` (e.g. a centre token plus the tokens merged into it).
+        assignment: (B, N) long or None (merging output): for every token of the row, the *position* of the
+            kept token it was merged into (a token of ``mask`` or an already selected one), or -1 when it was
+            dropped without being merged. A token of ``mask`` is assigned its own position. ``Pipeline.select``
+            turns positions into `Selection` slots and derives ``Selection.sizes`` by counting; kept tokens
+            nothing was merged into stand for themselves.
     """
 
     mask: Tensor  # (B, N) bool
     values: Optional[Tensor] = None  # (B, N, D)
+    assignment: Optional[Tensor] = None  # (B, N) long
 
 
 class DiversitySupplementer(Stage):
@@ -228,7 +234,8 @@ class Drop:
 
     Attributes:
         where: "vision" (vision-encoder output, before the projector), "pre_llm" (projected
-            tokens before decoder layer 0) or "layer" (inside the language model).
+            tokens before decoder layer 0), "layer" (inside the language model) or "vision_layers"
+            (inside the vision tower, progressively across its layers; the LLM receives the reduced sequence).
         layer: for "layer", the decoder layer k before which tokens are dropped: layers < k see the
             full sequence and scoring signals come from layer k - 1. None otherwise.
         budget: int = visual tokens kept per image; float in (0, 1] = fraction of the image's

@@ -1,7 +1,7 @@
 """Does an adapter support a pipeline? The one check, keyed on the kinds of the placement's drops.
 
 A placement is data: ``placement.drops(budget)`` lists `Drop` points whose ``where`` is one of the drop kinds
-``"vision"``, ``"pre_llm"`` or ``"layer"`` (`DROP_KINDS`). An adapter declares the drop kinds it implements
+``"vision"``, ``"pre_llm"``, ``"layer"`` or ``"vision_layers"`` (`DROP_KINDS`). An adapter declares the drop kinds it implements
 (``drop_kinds``), the signals it fills at each (``provides(kind)``) and why something is missing
 (``limitations``: drop kind, placement or signal name -> reason). A pipeline is supported when every drop kind of
 its placement is implemented and every signal it requires is provided there, so a third-party placement whose
@@ -61,6 +61,7 @@ PLACEMENT_KINDS: Mapping[str, str] = MappingProxyType(
         "pre_llm_clip": "pre_llm",
         "layer": "layer",
         "schedule": "layer",
+        "vision_layers": "vision_layers",
     }
 )
 

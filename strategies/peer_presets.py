@@ -55,6 +55,21 @@ PEER_PRESETS: dict[str, tuple[str, str, str, str]] = {
         "Zhang et al., Beyond Text-Visual Attention: Exploiting Visual Cues for Effective Token Pruning in VLMs, ICCV 2025 (arXiv 2412.01818)",
         "github.com/Theia-4869/VisPruner @ aefa01adc7c7ce6334e880c88225e90cede760d1",
     ),
+    "fastervlm": (
+        "relevance.cls_attention(reduce=mean)+critical.topk_official(op=topk)+diversity.none+budget.split(critical=1.0)"
+        "+placement.pre_llm",
+        "FasterVLM: head-mean CLS attention of the penultimate CLIP layer, top-k after the projector, raster order",
+        "Zhang et al., [CLS] Attention is All You Need for Training-Free Visual Token Pruning: Make VLM Inference "
+        "Faster (arXiv 2412.01818v1)",
+        "github.com/Theia-4869/FasterVLM @ f5d5f120",
+    ),
+    "tome": (
+        "relevance.none+critical.critical+diversity.tome_merge+budget.split(critical=0.0)+placement.vision_layers",
+        "ToMe: bipartite soft matching in every CLIP layer (class token protected, size-weighted merge, "
+        "proportional attention); r per layer from the budget",
+        "Bolya et al., Token Merging: Your ViT But Faster, ICLR 2023 (arXiv 2210.09461)",
+        "github.com/facebookresearch/ToMe @ af95e4b1",
+    ),
     "random": (
         "relevance.none+critical.critical+diversity.randperm(seed=0)+budget.split(critical=0.0)+placement.pre_llm",
         "random baseline: seeded randperm of each row's tokens",

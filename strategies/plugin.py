@@ -7,6 +7,7 @@ from vtprune.framework.registry import Registry
 
 from . import budget, critical, decode, diversity, placement, relevance
 from .peer_presets import register_peer_presets
+from .merge_stages import MERGE_STAGES
 from .peer_stages import PEER_STAGES
 from .presets import register_presets
 
@@ -31,6 +32,7 @@ BUILTIN_STAGES = (
     placement.VisionOutput,
     decode.DecodePlacement,
     *PEER_STAGES,
+    *MERGE_STAGES,
 )
 
 

@@ -51,7 +51,7 @@ DEFAULT_FACTORIES: tuple[Callable[..., Signals], ...] = (ragged_signals, cluster
 #: A budget far above every test row (keep-all).
 LARGE_BUDGET = 10_000
 #: Where a placement may drop tokens (`Drop.where`).
-DROP_POINTS = ("vision", "pre_llm", "layer")
+DROP_POINTS = ("vision", "pre_llm", "layer", "vision_layers")
 
 
 # ---------------------------------------------------------------------------------------------------------------

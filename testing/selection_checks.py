@@ -20,6 +20,10 @@ property                   rule
                            tokens only, diversity picks disjoint from the critical ones
 ``critical top scores``    (``top_scores=True``) no unchosen real token scores above a critical one
 ``values shape``           merge stages: ``values`` is (B, K, D) floating point, finite at kept slots
+``merge output``           merging stages (``sizes`` / ``assignment`` set, both or neither): ``sizes`` (B, K) long,
+                           0 at padding slots and >= 1 at kept ones; ``assignment`` (B, N) long in -1..K-1, -1 at
+                           padding tokens, each kept token assigned its own slot; ``sizes[b, k]`` is the number of
+                           tokens assigned to slot k, so a row's sizes sum to the real tokens it covers
 ``batch == per-sample``    each row alone (``Signals.row``) keeps the same indices, critical flags and values
 ``padding invariance``     a row cut to its real tokens (no mask, its own grid) keeps the same tokens; the batch
                            with extra padding of huge values appended keeps the same tokens (a row with exact
@@ -117,7 +121,29 @@ def _same(
         return f"critical flags {crit_b.int().tolist()} instead of {crit_a.int().tolist()}"
     if not torch.equal(values_a, values_b):
         return "has different kept (merged) token values"
+    if a.sizes is not None or b.sizes is not None:
+        sizes_a, slots_a = _merge_view(a, row_a, visual_a.shape[1])
+        sizes_b, slots_b = _merge_view(b, row_b, visual_b.shape[1])
+        if not torch.equal(sizes_a, sizes_b):
+            return f"merged sizes {sizes_b.tolist()} instead of {sizes_a.tolist()}"
+        common = min(slots_a.numel(), slots_b.numel())  # the longer one only adds padding (-1)
+        if not torch.equal(slots_a[:common], slots_b[:common]) or bool((slots_a[common:] >= 0).any()) or bool(
+            (slots_b[common:] >= 0).any()
+        ):
+            return "has a different merge assignment"
     return None
+
+
+def _merge_view(selection: Selection, row: int, tokens: int) -> tuple[Tensor, Tensor]:
+    """A row's (K_b,) sizes and (N,) slot assignment; a selection without merging output is the identity merge
+    (size 1, each kept token its own slot, every other token -1)."""
+    mask = selection.mask[row]
+    if selection.sizes is not None:
+        return selection.sizes[row][mask], selection.assignment[row]
+    kept = selection.row_indices(row)
+    slots = torch.full((tokens,), -1, dtype=torch.long, device=kept.device)
+    slots[kept] = torch.arange(kept.numel(), device=kept.device)
+    return torch.ones(kept.numel(), dtype=torch.long, device=kept.device), slots
 
 
 def _duplicates(kept_a: Tensor, kept_b: Tensor, visual: Tensor, valid: Tensor) -> bool:
@@ -151,6 +177,40 @@ def _check_structure(selection: Selection, signals: Signals, where: _Where) -> N
             raise where.fail("values shape", f"values must be {wanted} floating point, got {tuple(values.shape)} {values.dtype}")
         if not bool(torch.isfinite(values[mask]).all()):
             raise where.fail("values shape", "values at kept slots are not finite")
+
+
+def _check_merge(selection: Selection, signals: Signals, where: _Where) -> None:
+    """The merging output (``sizes``, ``assignment``) of `Selection`, when set."""
+    sizes, assignment = selection.sizes, selection.assignment
+    if sizes is None and assignment is None:
+        return
+    if sizes is None or assignment is None:
+        raise where.fail("merge output", "sizes and assignment must be set together")
+    batch, width = selection.indices.shape
+    if tuple(sizes.shape) != (batch, width) or sizes.dtype != torch.long:
+        raise where.fail("merge output", f"sizes must be ({batch}, {width}) long, got {tuple(sizes.shape)} {sizes.dtype}")
+    wanted = (batch, signals.num_tokens)
+    if tuple(assignment.shape) != wanted or assignment.dtype != torch.long:
+        raise where.fail("merge output", f"assignment must be {wanted} long, got {tuple(assignment.shape)} {assignment.dtype}")
+    valid = signals.valid()
+    for row in range(batch):
+        mask = selection.mask[row]
+        if bool((sizes[row][~mask] != 0).any()) or bool((sizes[row][mask] < 1).any()):
+            raise where.fail("merge output", f"sizes {sizes[row].tolist()} are not >= 1 at kept slots and 0 at padding", row)
+        slots = assignment[row]
+        if bool((slots < -1).any()) or bool((slots >= int(mask.sum())).any()):
+            raise where.fail("merge output", f"assignment {slots.tolist()} is outside -1..{int(mask.sum()) - 1}", row)
+        if bool((slots[~valid[row]] != -1).any()):
+            raise where.fail("merge output", "a padding token is assigned to a kept slot", row)
+        kept = selection.row_indices(row)
+        own = slots[kept]
+        if not torch.equal(own, torch.arange(kept.numel(), device=own.device)):
+            raise where.fail("merge output", f"kept tokens are assigned slots {own.tolist()}, not their own", row)
+        counts = torch.bincount(slots[slots >= 0], minlength=width)[:width]
+        if not torch.equal(counts, sizes[row]):
+            raise where.fail(
+                "merge output", f"sizes {sizes[row].tolist()} do not count the assignment ({counts.tolist()})", row
+            )
 
 
 def _check_rows(selection: Selection, signals: Signals, expected: Tensor, where: _Where) -> None:
@@ -297,6 +357,7 @@ def check_selection(
     selection = _select(pipeline, signals, budget, where, "the batch")
     _check_structure(selection, signals, where)
     _check_rows(selection, signals, expected, where)
+    _check_merge(selection, signals, where)
     if rule is not None:
         _check_critical(selection, signals, rule[0], rule[1], where, top_scores)
     per_row = isinstance(budget, Sequence) and not isinstance(budget, str)

@@ -44,6 +44,8 @@ PINNED = {
     "vispruner": 965,
     "dart": 1379,
     "cdpruner": 1557,
+    "fastervlm": 34,
+    "tome": 435,  # the one-point select (diversity.tome); in the tower the matching runs in the layers' hooks
 }
 
 #: The issue's targets at this size.
