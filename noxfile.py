@@ -71,7 +71,9 @@ def _torch(session: nox.Session) -> str:
             )
         spec = DEFAULT_TORCH
     session.install(spec)
-    version = session.run("python", "-c", "import torch; print(torch.__version__.split('+')[0])", silent=True).strip()
+    # the installed build, local label included (2.13.0+cpu): read from its metadata, torch is not imported
+    probe = "from importlib.metadata import version; print(version('torch'))"
+    version = session.run("python", "-c", probe, silent=True).strip().splitlines()[-1]
     constraints = Path(session.create_tmp()) / "torch-constraint.txt"
     constraints.write_text(f"torch=={version}\n")
     return str(constraints)
@@ -88,7 +90,11 @@ def floor(session: nox.Session) -> None:
     project = _pyproject()
     constraints = _torch(session)
     extras = project["project"]["optional-dependencies"]
-    requirements = [r for r in project["project"]["dependencies"] if not r.startswith("torch")]
+    dependencies = project["project"]["dependencies"]
+    (torch_floor,) = floor_pins([r for r in dependencies if r.startswith("torch")])
+    held = Path(constraints).read_text().strip()
+    session.log(f"torch: declared floor {torch_floor}, running {held} (VTPRUNE_TORCH; see docs/reproducing.md)")
+    requirements = [r for r in dependencies if not r.startswith("torch")]
     for name in PINNED_EXTRAS:
         requirements += extras[name]
     pins = sorted(set(floor_pins(requirements)))

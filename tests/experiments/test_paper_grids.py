@@ -60,6 +60,7 @@ def _plan(capsys, path: Path, *overrides: str) -> tuple[int, str, str]:
     return code, out, err
 
 
+@pytest.mark.slow  # plans 104 + 80 cells twice (about 10 s each on 2 cores)
 @pytest.mark.parametrize("name", sorted(GRIDS))
 def test_paper_grid_plans_as_shipped(name: str, capsys) -> None:
     path = CONFIG_DIR / name
@@ -82,6 +83,7 @@ def test_paper_grid_plans_as_shipped(name: str, capsys) -> None:
     assert "docs/reproducing.md" in path.read_text().splitlines()[3]
 
 
+@pytest.mark.slow  # plans every cell against the local config
 @pytest.mark.parametrize("name", sorted(GRIDS))
 def test_paper_grid_model_checks_run_against_a_local_config(name: str, tmp_path, capsys) -> None:
     model = GRIDS[name][0]
@@ -96,9 +98,10 @@ def test_paper_grid_model_checks_run_against_a_local_config(name: str, tmp_path,
     assert code == 0, err
     assert "unpruned baselines" in out
     # the checks are live: a recipe the model's adapter cannot take is refused, naming the problem
+    one_cell = (f"model.name={local}", "grid.task.options.tasks=[[pope]]", f"grid.budget=[{GRIDS[name][1][0]}]")
     if name == "paper_qwen25vl.yaml":
-        code, _, err = _plan(capsys, CONFIG_DIR / name, f"model.name={local}", "grid.method.recipe=[cdpruner]")
+        code, _, err = _plan(capsys, CONFIG_DIR / name, *one_cell, "grid.method.recipe=[cdpruner]")
         assert code != 0 and "'qwen2_vl' adapter" in err and "pre_llm_clip" in err, err
     else:
-        code, _, err = _plan(capsys, CONFIG_DIR / name, f"model.name={local}", "grid.method.recipe=[fastv]", "placement=layer(k=40)")
+        code, _, err = _plan(capsys, CONFIG_DIR / name, *one_cell, "grid.method.recipe=[fastv]", "placement=layer(k=40)")
         assert code != 0 and "has 32 layers" in err, err
