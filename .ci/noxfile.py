@@ -29,7 +29,7 @@ import nox
 
 __all__ = ["floor", "newest", "tests", "floor_pins"]
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[1]  # the repository (this file lives in .ci/, outside the package)
 #: the torch every session installs first (the CPU wheel in this project's find-links)
 DEFAULT_TORCH = "torch==2.13.0"
 #: the interpreter the default torch wheel is built for
@@ -61,7 +61,9 @@ def _pyproject() -> dict:
 
 
 def _torch(session: nox.Session) -> str:
-    """Install torch from ``$VTPRUNE_TORCH`` and return a constraints file that holds it."""
+    """Install torch from ``$VTPRUNE_TORCH`` and return a constraints file that holds it. Every session calls
+    this first; it also moves to the repository root (nox starts in the noxfile's folder, .ci/)."""
+    session.chdir(str(ROOT))
     spec = os.environ.get("VTPRUNE_TORCH")
     if spec is None:
         if session.python not in (None, DEFAULT_PYTHON):
