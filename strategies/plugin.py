@@ -6,6 +6,7 @@ from vtprune.framework.hookspecs import hookimpl
 from vtprune.framework.registry import Registry
 
 from . import budget, critical, decode, diversity, placement, relevance
+from .mustdrop import MUSTDROP_STAGES
 from .peer_presets import register_peer_presets
 from .peer_stages import PEER_STAGES
 from .presets import register_presets
@@ -31,6 +32,7 @@ BUILTIN_STAGES = (
     placement.VisionOutput,
     decode.DecodePlacement,
     *PEER_STAGES,
+    *MUSTDROP_STAGES,
 )
 
 
