@@ -47,7 +47,8 @@ class MustDropDual(RelevanceScorer):
 
     name: ClassVar[str] = "mustdrop_dual"
     description: ClassVar[str] = "MustDrop dual-attention filter (global_thr / individual_thr) + CLS key set, as tiered scores"
-    requires: ClassVar[frozenset[str]] = frozenset({"attention", "cls_attention"})
+    #: The class needs ``attention``; an instance with ``keep_rate > 0`` also ``cls_attention`` (the key set).
+    requires: ClassVar[frozenset[str]] = frozenset({"attention"})
     global_thr: float = 0.011
     individual_thr: float = 0.01
     keep_rate: float = 0.08
@@ -57,17 +58,19 @@ class MustDropDual(RelevanceScorer):
             raise ValueError(f"global_thr and individual_thr must be >= 0, got {self.global_thr}, {self.individual_thr}")
         if not 0.0 <= self.keep_rate <= 1.0:
             raise ValueError(f"keep_rate must be in [0, 1], got {self.keep_rate}")
+        if self.keep_rate > 0:
+            object.__setattr__(self, "requires", frozenset({"attention", "cls_attention"}))
 
     def score(self, signals: Signals) -> Tensor:
         attention = signals.attention.unsqueeze(2)  # (B, H, 1, N): the last prompt token is the text row
-        return dual_scores(attention, signals.cls_attention, signals.valid(), self.global_thr, self.individual_thr, self.keep_rate)
+        return dual_scores(attention, signals.cls_attention if self.keep_rate > 0 else None, signals.valid(), self.global_thr, self.individual_thr, self.keep_rate)
 
 
 @dataclass(frozen=True, eq=False)
 class MustDropBudget(BudgetAllocator):
     """Critical = the tokens scoring at least ``PASS_TIER`` (what MustDrop's rules keep), capped at the total."""
 
-    name: ClassVar[str] = "mustdrop"
+    name: ClassVar[str] = "mustdrop_split"
     description: ClassVar[str] = "MustDrop split: critical = the tokens the official thresholds keep (score >= PASS_TIER), capped at the total"
 
     def allocate(self, totals: Tensor, valid: Tensor, scores: Optional[Tensor]) -> Allocation:
@@ -100,7 +103,7 @@ class MustDropMerge(DiversitySupplementer):
     critical set the grid is broken and the rest is cut as an ungridded sequence.
     """
 
-    name: ClassVar[str] = "mustdrop_merge"
+    name: ClassVar[str] = "local_merge"
     description: ClassVar[str] = "MustDrop local merge: similar window x window neighbourhoods averaged into their last token, to the budget"
     window: int = 3
 

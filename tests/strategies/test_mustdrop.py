@@ -273,7 +273,7 @@ def test_mustdrop_critical_set_is_the_official_kept_set() -> None:
     """Through `Pipeline.select` at a layer drop: the critical tokens are what the official rules keep (budget
     above their count), and the official set is cut by global attention share otherwise."""
     pipeline = compose("relevance.mustdrop_dual(global_thr=0.05,individual_thr=0.2,keep_rate=0.08)+critical"
-                       "+diversity.mustdrop_fill+budget.mustdrop+layer(k=3)", registry=REGISTRY)
+                       "+diversity.mustdrop_fill+budget.mustdrop_split+layer(k=3)", registry=REGISTRY)
     gen = torch.Generator().manual_seed(3)
     n = 30
     attention = torch.softmax(torch.randn(2, 4, n + 6, generator=gen) * 2, -1)[..., :n]  # (B, H, N)
