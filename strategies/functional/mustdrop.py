@@ -105,16 +105,20 @@ def _merge_row(tokens: Tensor, windows: Tensor, order: Tensor, events: int) -> t
     keep = torch.ones(count, dtype=torch.bool, device=tokens.device)  # (N,)
     assignment = torch.arange(count, device=tokens.device)  # (N,)
     values = tokens.clone()  # (N, D)
-    full, part = divmod(events, n - 1) if n > 1 else (0, 0)
-    for rank in range(min(full + (part > 0), order.numel())):
-        positions = windows[order[rank]]  # (n,)
-        src = positions[: n - 1] if rank < full else positions[:part]  # (m,)
-        dst = positions[n - 1]
-        # official merge_wavg: (dst + sum of src) / size, unit sizes
-        merged = (tokens[dst].float() + tokens[src].float().sum(0)) / (src.numel() + 1)  # (D,)
+    full, part = divmod(events, n - 1)
+    full = min(full, order.numel())
+    part = part if full < order.numel() else 0
+    groups = [(windows[order[:full]], n - 1)] if full else []  # (F, n) windows merged completely
+    if part:
+        groups.append((windows[order[full : full + 1]], part))  # (1, n) the next window, its first `part` tokens
+    for chosen, taken in groups:
+        src = chosen[:, :taken]  # (F, m)
+        dst = chosen[:, n - 1]  # (F,)
+        # official merge_wavg with unit sizes: (dst + sum of src) / size
+        merged = (tokens[dst].float() + tokens[src].float().sum(1)) / (taken + 1)  # (F, D)
         values[dst] = merged.to(tokens.dtype)
-        keep[src] = False
-        assignment[src] = dst
+        keep[src.flatten()] = False
+        assignment[src.flatten()] = dst.repeat_interleave(taken)
     return keep, values, assignment
 
 

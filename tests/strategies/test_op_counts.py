@@ -44,6 +44,8 @@ PINNED = {
     "vispruner": 965,
     "dart": 1379,
     "cdpruner": 1557,
+    "mustdrop": 103,
+    "mustdrop_vision": 118,
 }
 
 #: The issue's targets at this size.
