@@ -192,9 +192,11 @@ def _check_pipeline(pipeline: Pipeline, registry: Registry) -> None:
         )
     placement = pipeline.placement
     available = set(ALWAYS_PRESENT) | set(placement.provides)
+    # a placement wrapping a prefill placement (``decode``) gets the adapter signals of the one it wraps
+    at = placement.inner if getattr(placement, "prefill_param", None) else placement
     for item in registry.adapters.values():
-        if placement.name in item.obj.placements:
-            available |= set(item.obj.provides(placement.name))
+        if at.name in item.obj.placements:
+            available |= set(item.obj.provides(at.name))
     problems = []
     for stage in pipeline.stages:
         for signal in sorted(stage.requires - available):

@@ -70,6 +70,20 @@ PEER_PRESETS: dict[str, tuple[str, str, str, str]] = {
         "Bolya et al., Token Merging: Your ViT But Faster, ICLR 2023 (arXiv 2210.09461)",
         "github.com/facebookresearch/ToMe @ af95e4b1",
     ),
+    "mustdrop": (
+        "relevance.mustdrop_dual(global_thr=0.011,individual_thr=0.01,keep_rate=0.08)+critical.critical"
+        "+diversity.mustdrop_fill+budget.mustdrop_split"
+        "+placement.decode(prefill='schedule(layers=[3,7,11,15],ratio=1.0)',layer=2,policy=final)",
+        "MustDrop (LLM part): dual-attention filter + CLS key set before layers 3/7/11/15, decode cache cut to the final set",
+        "Liu et al., Multi-Stage Vision Token Dropping: Towards Efficient Multimodal Large Language Model (arXiv 2411.10803)",
+        "github.com/liuting20/MustDrop @ 909afa53",
+    ),
+    "mustdrop_vision": (
+        "relevance.none+critical.critical+diversity.local_merge(window=3)+budget.split(critical=0.0)+placement.vision",
+        "MustDrop (vision part): similar 3x3 neighbourhoods of the patch grid averaged into one token",
+        "Liu et al., Multi-Stage Vision Token Dropping: Towards Efficient Multimodal Large Language Model (arXiv 2411.10803)",
+        "github.com/liuting20/MustDrop @ 909afa53",
+    ),
     "random": (
         "relevance.none+critical.critical+diversity.randperm(seed=0)+budget.split(critical=0.0)+placement.pre_llm",
         "random baseline: seeded randperm of each row's tokens",

@@ -6,6 +6,7 @@ from vtprune.framework.hookspecs import hookimpl
 from vtprune.framework.registry import Registry
 
 from . import budget, critical, decode, diversity, placement, relevance
+from .mustdrop import MUSTDROP_STAGES
 from .peer_presets import register_peer_presets
 from .merge_stages import MERGE_STAGES
 from .peer_stages import PEER_STAGES
@@ -33,6 +34,7 @@ BUILTIN_STAGES = (
     decode.DecodePlacement,
     *PEER_STAGES,
     *MERGE_STAGES,
+    *MUSTDROP_STAGES,
 )
 
 

@@ -76,7 +76,8 @@ def models(tmp_path_factory):
 def _supported(preset: str, model) -> bool:
     pipeline = framework.compose(preset, registry=REGISTRY)
     adapter = adapter_for(model, REGISTRY)
-    placement = pipeline.placement.name
+    # a placement wrapping a prefill placement (``decode``) is supported where the wrapped one is
+    placement = getattr(pipeline.placement, "inner", pipeline.placement).name
     return placement in adapter.placements and pipeline.requires <= adapter.provides(placement)
 
 

@@ -41,6 +41,7 @@ _RESOLVE = {
     "visionzip": _half_up,
     "vispruner": _half_up,
     "dart": _half_up,
+    "mustdrop_split": _half_up,  # BudgetAllocator.resolve default (new allocator, issue 14)
     "fastv": round,  # torch.round: half to even, as Python's round
     "divprune_ratio": lambda x: int(round(x)),
     "pdrop": int,  # torch.floor on a non-negative value = int()
@@ -60,6 +61,8 @@ def _critical(stage, total: int) -> int:
     if name in ("fastv", "pdrop"):
         return total
     if name == "divprune_ratio":
+        return 0
+    if name == "mustdrop_split":  # critical = tokens scoring >= PASS_TIER: none with the all-zero scores used here
         return 0
     raise AssertionError(name)
 

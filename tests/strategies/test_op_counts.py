@@ -46,6 +46,8 @@ PINNED = {
     "cdpruner": 1557,
     "fastervlm": 34,
     "tome": 435,  # the one-point select (diversity.tome); in the tower the matching runs in the layers' hooks
+    "mustdrop": 103,
+    "mustdrop_vision": 148,  # with the merging output (sizes, assignment) now that Supplement carries it
 }
 
 #: The issue's targets at this size.
