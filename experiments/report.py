@@ -15,7 +15,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
-from .metrics import fidelity
+from .metrics import fidelity, fidelity_text
 from .results import ResultsDir
 
 __all__ = ["collect_rows", "write_report", "COLUMNS"]
@@ -45,8 +45,10 @@ def collect_rows(root: Path | str) -> list[dict[str, Any]]:
             value, count = fidelity(results.samples(key), results.samples(baseline_key))
             if count:
                 metrics["fidelity"] = value
+                metrics["fidelity_text"] = fidelity_text(results.samples(key), results.samples(baseline_key))[0]
         elif config.get("method") is None:
             metrics.setdefault("fidelity", 1.0)
+            metrics.setdefault("fidelity_text", 1.0)
         model = (config.get("model") or {}).get("name", "?")
         task = (config.get("task") or {}).get("name", "?")
         budget = "-" if config.get("method") is None else config.get("budget")

@@ -154,6 +154,7 @@ def _execute(cell: Cell, results: ResultsDir, registry: Any, cache: ModelCache, 
 
     from .measure import PhaseMeter
     from .metrics import accuracy_key, sample_row, select_groups, summarize
+    from .samples import task_answer
     from .schema import METRIC_GROUPS
 
     run = cell.config
@@ -190,7 +191,8 @@ def _execute(cell: Cell, results: ResultsDir, registry: Any, cache: ModelCache, 
                     if hasattr(task, "selection_scores") and output.kept_indices:
                         scores.update(task.selection_scores(sample, output.kept_indices))
                     key = key or accuracy_key(task, scores)
-                    row = sample_row(sample, question, output, scores, key, backend.config, budget, timing, f"{run_id}-{number}")
+                    answer = task_answer(task, sample, output.prediction)
+                    row = sample_row(sample, question, output, scores, key, backend.config, budget, timing, f"{run_id}-{number}", answer)
                     append_jsonl(samples_file, row)
                     if overlays_left > 0 and output.kept_indices and sample.images:
                         path = _save_overlay(results, cell, sample, output)
