@@ -9,16 +9,17 @@ one unpruned baseline per (model, task, generation settings).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import itertools
 import json
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
 from .gridfiles import get_dotted, set_dotted
 from .schema import NOT_HASHED, RunConfig
 
-__all__ = ["Cell", "cell_key", "baseline_config", "method_label", "expand", "DROPPED"]
+__all__ = ["Cell", "cell_key", "baseline_config", "method_label", "expand", "rekey", "DROPPED"]
 
 
 @dataclass(frozen=True)
@@ -26,7 +27,8 @@ class Cell:
     """One run of a grid.
 
     Attributes:
-        key: 12 hex digits of the SHA-256 of the resolved config (tracking and output_dir excluded).
+        key: 12 hex digits of the SHA-256 of the resolved config (tracking and output_dir excluded)
+            and, once `rekey` ran (`load_grid` does), of the canonical composed recipe.
         config: the resolved run config (plain dict, every default filled in).
         assignment: the axis / include values that define this cell (dotted key -> value).
         origins: dotted key -> where its value came from (``grid.budget[1]``, ``include[0].budget``).
@@ -62,9 +64,15 @@ def _short(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def cell_key(config: Mapping[str, Any]) -> str:
-    """The hash that names a cell's results (resolved config minus `NOT_HASHED` keys)."""
+def cell_key(config: Mapping[str, Any], recipe: Optional[Mapping[str, Any]] = None) -> str:
+    """The hash that names a cell's results: the resolved config minus `NOT_HASHED` keys, plus
+    ``recipe``, the canonical composed recipe with every stage parameter resolved
+    (`vtprune.experiments.pipelines.canonical_recipe`), so that a changed default changes the key."""
     view = {k: v for k, v in config.items() if k not in NOT_HASHED}
+    if recipe is not None:
+        # the recipe as written, its params and the placement override are all in the composed recipe
+        method = {k: v for k, v in (config.get("method") or {}).items() if k not in ("recipe", "params")}
+        view.update(method=method, placement=None, canonical_recipe=recipe)
     text = json.dumps(view, sort_keys=True, default=str, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
@@ -144,6 +152,17 @@ def expand(raw: Mapping[str, Any], name: str = "") -> list[Cell]:
                 baselines[bkey] = Cell(bkey, base_run, {}, {}, name, None)
             cells.setdefault(key, Cell(key, run, cell_assignment, origins, name, bkey))
     return [*baselines.values(), *cells.values()]
+
+
+def rekey(cells: list[Cell], recipe_of: Callable[[Mapping[str, Any]], Optional[Mapping[str, Any]]]) -> list[Cell]:
+    """``cells`` keyed on their canonical composed recipes (``recipe_of(config)``; None for the
+    unpruned run); cells whose recipes resolve to the same method are kept once."""
+    out: dict[str, Cell] = {}
+    for cell in cells:
+        key = cell_key(cell.config, recipe_of(cell.config)) if not cell.is_baseline else cell.key
+        if key not in out:
+            out[key] = dataclasses.replace(cell, key=key)
+    return list(out.values())
 
 
 def _matches(config: Mapping[str, Any], entry: Mapping[str, Any]) -> bool:

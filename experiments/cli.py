@@ -23,6 +23,7 @@ def add_experiment_commands(commands: Any) -> None:
     run.add_argument("grid", help="grid YAML file (or the name of a shipped one, e.g. zspaprune_ratio)")
     run.add_argument("overrides", nargs="*", help=overrides_help)
     run.add_argument("--retry-failed", action="store_true", help="run failed cells again (default: keep their failure)")
+    run.add_argument("--rerun-stale", action="store_true", help="run again the finished cells that ran with other vtprune / plugin versions (default: keep them, listed as stale)")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
     run.add_argument("--no-plugins", action="store_true", help="skip third-party entry points")
     run.set_defaults(func=_cmd_run)
@@ -69,7 +70,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from .runner import run_grid
 
     spec, registry = _load(args)
-    summary = run_grid(spec, retry_failed=args.retry_failed, registry=registry, progress=not args.no_progress)
+    summary = run_grid(
+        spec, retry_failed=args.retry_failed, registry=registry, progress=not args.no_progress, rerun_stale=args.rerun_stale
+    )
     print(summary.format(spec))
     return 1 if summary.failed else 0
 

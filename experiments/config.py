@@ -27,7 +27,7 @@ from typing import Any, Mapping, Sequence, Union
 from vtprune.framework.errors import nearest
 from vtprune.framework.typecheck import check_mapping, check_value, signature_problem, type_at
 
-from .cells import Cell, baseline_config, cell_key, expand, method_label
+from .cells import Cell, baseline_config, cell_key, expand, method_label, rekey
 from .gridfiles import (
     CONFIG_DIR,
     ConfigError,
@@ -38,7 +38,7 @@ from .gridfiles import (
     read_config_file,
     set_dotted,
 )
-from .pipelines import PipelineCache, build_pipeline
+from .pipelines import PipelineCache, build_pipeline, canonical_recipe
 from .schema import GridConfig, RunConfig
 from .validation import check_grid, validate_cells, without
 
@@ -137,6 +137,7 @@ def load_grid(
         )
     if problems:
         raise ConfigError(problems, label)
+    cells = rekey(cells, lambda run: canonical_recipe(pipelines.get(run)))
     typed = OmegaConf.merge(OmegaConf.structured(GridConfig), raw)
     OmegaConf.set_struct(typed, True)
     return GridSpec(name, raw, typed, cells, label, pipelines)

@@ -18,13 +18,13 @@ import sys
 import time
 import traceback
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 from .cells import Cell
 from .config import GridSpec
-from .pipelines import PipelineCache, build_pipeline
+from .pipelines import PipelineCache, build_pipeline, recipe_versions
 from .results import ResultsDir, append_jsonl
 
 __all__ = ["CellRunner", "CellContext", "run_cell", "run_grid", "GridSummary", "ModelCache"]
@@ -114,6 +114,7 @@ def run_cell(
             shared = pipelines is not None and pipelines.registry is registry
             pipeline = pipelines.get(cell.config) if shared else build_pipeline(cell.config, registry)
             extra = {"recipe": str(pipeline), "recipe_dict": pipeline.to_dict()}
+        extra["versions"] = recipe_versions(pipeline)
         tracker = make_tracker(cell.config.get("tracking") or {}, cell, results.root, extra)
         metrics = _execute(cell, results, registry, cache, pipeline, progress, tracker)
         record = {**base, "status": "done", "metrics": metrics, "config": cell.config, **extra, "seconds": time.time() - started}
@@ -256,6 +257,8 @@ class GridSummary:
     skipped: list[str]
     pending: list[str]
     root: Path
+    stale: dict[str, str] = field(default_factory=dict)
+    """Finished cells kept although they ran with other versions: key -> ``vtprune 0.1.0 -> 0.2.0``."""
 
     def format(self, spec: GridSpec) -> str:
         states = ResultsDir(self.root).states()
@@ -265,6 +268,10 @@ class GridSummary:
             f"results: {self.root}",
         ]
         by_key = {c.key: c for c in spec.cells}
+        for key, change in self.stale.items():
+            lines.append(f"  STALE {key} {by_key[key].describe() if key in by_key else ''}: ran with {change}")
+        if self.stale:
+            lines.append(f"  {len(self.stale)} finished cell(s) ran with other versions and were kept; rerun them with --rerun-stale")
         for key in self.failed:
             state = states.get(key, {})
             lines.append(f"  FAILED {key} {by_key[key].describe() if key in by_key else ''}: {state.get('error', '?')}")
@@ -280,8 +287,13 @@ def run_grid(
     registry: Any = None,
     progress: bool = True,
     runner: Optional[Callable[[Cell], Any]] = None,
+    rerun_stale: bool = False,
 ) -> GridSummary:
-    """Run every cell of ``spec`` that is not finished, with the grid's launcher."""
+    """Run every cell of ``spec`` that is not finished, with the grid's launcher.
+
+    A finished cell whose recorded versions (vtprune and the distributions providing its stages)
+    differ from the installed ones is stale: kept and listed in the summary, or run again from
+    scratch with ``rerun_stale`` (its old samples are moved aside, not deleted)."""
     import yaml
 
     from vtprune.framework.registry import default_registry
@@ -291,9 +303,17 @@ def run_grid(
     results.root.mkdir(parents=True, exist_ok=True)
     (results.root / "grid.yaml").write_text(yaml.safe_dump(spec.raw, sort_keys=False))
     before = results.states()
+    stale = _stale_cells(spec, before)
+    if rerun_stale:
+        for key in stale:
+            results.archive_samples(key)
     skip_status = {"done"} if retry_failed else {"done", "failed"}
-    todo = [cell for cell in spec.cells if before.get(cell.key, {}).get("status") not in skip_status]
-    skipped = [cell.key for cell in spec.cells if before.get(cell.key, {}).get("status") == "done"]
+    todo = [
+        cell for cell in spec.cells
+        if before.get(cell.key, {}).get("status") not in skip_status or (rerun_stale and cell.key in stale)
+    ]
+    todo_keys = {cell.key for cell in todo}
+    skipped = [cell.key for cell in spec.cells if before.get(cell.key, {}).get("status") == "done" and cell.key not in todo_keys]
     launcher_config = spec.raw.get("launcher") or {}
     launcher = registry.launcher(launcher_config.get("name", "local"))(**(launcher_config.get("options") or {}))
     runner = runner or CellRunner(results.root, registry, progress, spec.pipelines)
@@ -303,7 +323,25 @@ def run_grid(
     done = [c.key for c in todo if after.get(c.key, {}).get("status") == "done"]
     failed = [c.key for c in spec.cells if after.get(c.key, {}).get("status") == "failed"]
     pending = [c.key for c in todo if c.key not in after]
-    return GridSummary(done, failed, skipped, pending, results.root)
+    return GridSummary(done, failed, skipped, pending, results.root, {} if rerun_stale else stale)
+
+
+def _stale_cells(spec: GridSpec, states: Mapping[str, Mapping[str, Any]]) -> dict[str, str]:
+    """Finished cells recorded with other versions than the installed ones: key -> what changed."""
+    out = {}
+    for cell in spec.cells:
+        state = states.get(cell.key) or {}
+        recorded = state.get("versions")
+        if state.get("status") != "done" or not isinstance(recorded, Mapping):
+            continue
+        current = recipe_versions(None if cell.is_baseline else spec.pipelines.get(cell.config))
+        changes = [
+            f"{name} {recorded.get(name, '?')} -> {current.get(name, '?')}"
+            for name in sorted(set(recorded) | set(current)) if recorded.get(name) != current.get(name)
+        ]
+        if changes:
+            out[cell.key] = ", ".join(changes)
+    return out
 
 
 def _takes_progress(launcher: Any) -> bool:

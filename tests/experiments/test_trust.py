@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 import torch
@@ -15,6 +17,7 @@ from vtprune.experiments.runner import run_grid
 from vtprune.experiments.samples import Sample, task_answer
 from vtprune.experiments.tasks import SyntheticTask
 from vtprune.framework import build_registry, hookimpl
+from vtprune.framework.stages import RelevanceScorer
 
 
 @pytest.fixture(autouse=True)
@@ -93,3 +96,64 @@ def test_organism_answer_is_its_first_word() -> None:
     base = [{"id": "a", "prediction": "red", "answer": "red"}]
     out = summarize(rows, base)
     assert out["fidelity"] == 1.0 and out["fidelity_text"] == 0.0
+
+
+# ------------------------------------------------------------------------------------------------
+# 2. stale results: the key hashes the canonical composed recipe; a version change is reported
+# ------------------------------------------------------------------------------------------------
+
+
+def _scaled_stage(default: float) -> type:
+    @dataclass(frozen=True, eq=False)
+    class Scaled(RelevanceScorer):
+        name: ClassVar[str] = "scaled"
+        description: ClassVar[str] = "test stage whose default changes between releases"
+        requires: ClassVar[frozenset[str]] = frozenset({"prompt"})
+        scale: float = default
+
+        def score(self, signals):
+            return signals.visual.float().mean(-1) * self.scale  # (B, N)
+
+    return Scaled
+
+
+def _registry_with(stage: type):
+    import types
+
+    plugin = types.SimpleNamespace(vtprune_register_stages=hookimpl(lambda registry: registry.add_stage(stage)))
+    return build_registry(autoload=False, plugins=[plugin])
+
+
+def test_a_changed_stage_default_gives_a_new_key(tmp_path) -> None:
+    config = grid(tmp_path, base={"method": {"recipe": "scaled+critical+fps"}})
+    old_registry, new_registry = _registry_with(_scaled_stage(1.0)), _registry_with(_scaled_stage(2.0))
+    old = load_grid(config, registry=old_registry)
+    run_grid(old, registry=old_registry, progress=False)
+    new = load_grid(config, registry=new_registry)
+    assert old.cells[0].key == new.cells[0].key  # the unpruned run did not change
+    assert old.cells[1].key != new.cells[1].key
+    summary = run_grid(new, registry=new_registry, progress=False)
+    assert summary.done == [new.cells[1].key] and summary.skipped == [new.cells[0].key]
+
+
+def test_recipes_written_differently_but_resolving_alike_share_a_key(tmp_path, registry) -> None:
+    spec = load_grid(grid(tmp_path, grid={"method.recipe": ["zspaprune", "zspaprune+fps"]}), registry=registry)
+    assert len(spec.cells) == 2  # the baseline and one zspaprune cell
+
+
+def test_a_version_change_is_reported_and_rerun_only_on_request(tmp_path, registry, monkeypatch) -> None:
+    import vtprune
+
+    spec = load_grid(grid(tmp_path), registry=registry)
+    run_grid(spec, registry=registry, progress=False)
+    monkeypatch.setattr(vtprune, "__version__", "99.0")
+    summary = run_grid(spec, registry=registry, progress=False)
+    assert summary.done == [] and sorted(summary.stale) == sorted(c.key for c in spec.cells)
+    assert "vtprune " in summary.stale[spec.cells[1].key] and "-> 99.0" in summary.stale[spec.cells[1].key]
+    assert "--rerun-stale" in summary.format(spec)
+    summary = run_grid(spec, registry=registry, progress=False, rerun_stale=True)
+    assert sorted(summary.done) == sorted(c.key for c in spec.cells) and not summary.stale
+    results = ResultsDir(spec.output_dir)
+    assert len(results.samples(spec.cells[1].key)) == 4
+    assert (results.cell_dir(spec.cells[1].key) / "samples.0.stale.jsonl").exists()
+    assert run_grid(spec, registry=registry, progress=False).stale == {}
