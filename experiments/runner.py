@@ -24,6 +24,7 @@ from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 from .cells import Cell
 from .config import GridSpec
+from .locks import cell_lock
 from .pipelines import PipelineCache, build_pipeline, recipe_versions
 from .results import ResultsDir, append_jsonl
 
@@ -93,28 +94,43 @@ def run_cell(
 ) -> dict[str, Any]:
     """Run one cell and append its state ("done" with metrics, or "failed" with the traceback) to
     ``cells.jsonl``; returns that record. Only exceptions are recorded: KeyboardInterrupt and
-    SystemExit stop the grid (the cell then resumes on the next run). The pipeline comes from
+    SystemExit stop the grid (the cell then resumes on the next run). A cell whose lock another
+    process holds (`vtprune.experiments.locks`) is left to it: nothing is written and the returned
+    record's status is "busy"; one that another run finished meanwhile is not run again. The pipeline comes from
     ``pipelines`` when that cache belongs to the same registry (the grid's, composed while
     validating), else it is composed here."""
     from vtprune.framework.registry import default_registry
 
     registry = default_registry(registry)
     results = ResultsDir(root)
-    cache = cache or ModelCache()
-    started = time.time()
     base = {"key": cell.key, "grid": cell.grid, "label": cell.label, "assignment": cell.assignment, "baseline_key": cell.baseline_key}
+    with cell_lock(results.cell_dir(cell.key)) as mine:
+        if not mine:  # another run (process, Slurm task) holds this cell
+            return {**base, "status": "busy"}
+        return _run_locked(cell, results, registry, cache or ModelCache(), progress, pipelines, base)
+
+
+def _run_locked(
+    cell: Cell, results: ResultsDir, registry: Any, cache: ModelCache, progress: bool,
+    pipelines: Optional[PipelineCache], base: dict[str, Any],
+) -> dict[str, Any]:
+    """`run_cell` once this process holds the cell's lock."""
+    started = time.time()
     _write_config(results, cell)
     tracker = None
     try:
         from .tracking import make_tracker
 
         pipeline = None
-        extra = {}
+        extra: dict[str, Any] = {}
         if not cell.is_baseline:
             shared = pipelines is not None and pipelines.registry is registry
             pipeline = pipelines.get(cell.config) if shared else build_pipeline(cell.config, registry)
             extra = {"recipe": str(pipeline), "recipe_dict": pipeline.to_dict()}
         extra["versions"] = recipe_versions(pipeline)
+        latest = results.states().get(cell.key) or {}
+        if latest.get("status") == "done" and latest.get("versions") == extra["versions"]:
+            return latest  # another run finished it since this run planned it
         tracker = make_tracker(cell.config.get("tracking") or {}, cell, results.root, extra)
         metrics = _execute(cell, results, registry, cache, pipeline, progress, tracker)
         record = {**base, "status": "done", "metrics": metrics, "config": cell.config, **extra, "seconds": time.time() - started}

@@ -157,3 +157,48 @@ def test_a_version_change_is_reported_and_rerun_only_on_request(tmp_path, regist
     assert len(results.samples(spec.cells[1].key)) == 4
     assert (results.cell_dir(spec.cells[1].key) / "samples.0.stale.jsonl").exists()
     assert run_grid(spec, registry=registry, progress=False).stale == {}
+
+
+# ------------------------------------------------------------------------------------------------
+# 3. concurrent runs on one folder split the work (per-cell locks)
+# ------------------------------------------------------------------------------------------------
+
+
+def _hold_lock(folder: Path):
+    """A separate process holding a cell's lock (as a concurrent ``vtprune run`` does)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, time; from pathlib import Path; from vtprune.experiments.locks import cell_lock\n"
+        "with cell_lock(Path(sys.argv[1])) as mine:\n    print(mine, flush=True); time.sleep(60)\n"
+    )
+    process = subprocess.Popen([sys.executable, "-c", code, str(folder)], stdout=subprocess.PIPE, text=True)
+    assert process.stdout.readline().strip() == "True"
+    return process
+
+
+def test_a_cell_locked_by_another_run_is_left_to_it(tmp_path, registry) -> None:
+    spec = load_grid(grid(tmp_path, grid={"budget": [8, 16]}), registry=registry)
+    results = ResultsDir(spec.output_dir)
+    busy = spec.cells[1].key
+    holder = _hold_lock(results.cell_dir(busy))
+    try:
+        summary = run_grid(spec, registry=registry, progress=False)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert summary.pending == [busy] and busy not in results.states() and results.samples(busy) == []
+    assert sorted(summary.done) == sorted(c.key for c in spec.cells if c.key != busy)
+    assert "still running" in summary.format(spec)
+    summary = run_grid(spec, registry=registry, progress=False)  # the holder died: its lock went with it
+    assert summary.done == [busy]
+
+
+def test_a_cell_finished_by_another_run_meanwhile_is_not_run_again(tmp_path, registry) -> None:
+    from vtprune.experiments.runner import run_cell
+
+    spec = load_grid(grid(tmp_path), registry=registry)
+    first = run_cell(spec.cells[1], spec.output_dir, registry, progress=False)
+    again = run_cell(spec.cells[1], spec.output_dir, registry, progress=False)
+    assert again == first and len(list(ResultsDir(spec.output_dir).cells_file.open())) == 1
