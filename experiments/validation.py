@@ -13,8 +13,8 @@ import json
 import re
 from typing import Any, Mapping, Optional, Sequence
 
-from vtprune.framework.errors import VtpruneError, nearest
-from vtprune.framework.typecheck import check_mapping, check_value, type_at
+from vtprune.framework.errors import VtpruneError
+from vtprune.framework.typecheck import check_mapping, check_value, close_match, type_at
 
 from .cells import DROPPED, Cell
 from .pipelines import PipelineCache
@@ -27,6 +27,7 @@ __all__ = [
     "adapter_support_problems",
     "text_config_problems",
     "without",
+    "method_problems",
 ]
 
 
@@ -157,7 +158,7 @@ def validate_cells(
         run = cell.config
         task = run["task"]
         if task["name"] not in registry.tasks:
-            hint = nearest(task["name"], registry.tasks)
+            hint = close_match(task["name"], registry.tasks)
             problems.add(
                 f"{_origin(cell, 'task')}",
                 f"unknown task {task['name']!r}" + (f" (did you mean {hint!r}?)" if hint else "") + f"; valid tasks: {', '.join(sorted(registry.tasks))}",
@@ -177,7 +178,8 @@ def validate_cells(
         try:
             pipeline = pipelines.get(run)
         except (VtpruneError, TypeError, ValueError) as error:
-            problems.add(_origin(cell, "method", "placement"), str(error), cell)
+            for where, message in method_problems(cell, registry, error):
+                problems.add(where, message, cell)
             continue
         if check_models:
             model_key = json.dumps(run["model"], sort_keys=True, default=str)
@@ -192,6 +194,54 @@ def validate_cells(
                 for message in messages:
                     problems.add(_origin(cell, "method", "placement", "model"), message, cell)
     return problems.lines()
+
+
+_COMPOSE_ERRORS = (VtpruneError, TypeError, ValueError)
+
+
+def method_problems(cell: Cell, registry: Any, error: Exception) -> list[tuple[str, str]]:
+    """(key path, message) for every problem of a cell's method that failed to compose with
+    ``error``: the recipe on its own (at the recipe's key path), then each of ``method.params``
+    with the recipe (at that parameter's key path, when its error is not the recipe's), then the
+    placement override; ``error`` itself at the method's origin when no part fails alone."""
+    from vtprune.framework.compose import compose
+
+    from .pipelines import build_pipeline
+
+    run = cell.config
+    method = run["method"]
+    found: list[tuple[str, str]] = []
+    alone = _compose_error(lambda: compose(method["recipe"], registry=registry))
+    if alone is not None:
+        found.append((_origin_of(cell, "method.recipe"), alone))
+    for name, value in (method.get("params") or {}).items():
+        message = _compose_error(lambda: compose(method["recipe"], registry=registry, **{name: value}))
+        if message is not None and message != alone:
+            found.append((_origin_of(cell, f"method.params.{name}"), message))
+    if not found and run.get("placement"):
+        message = _compose_error(lambda: build_pipeline(run, registry))
+        if message is not None:
+            found.append((_origin_of(cell, "placement"), message))
+    return found or [(_origin(cell, "method", "placement"), str(error))]
+
+
+def _compose_error(build: Any) -> Optional[str]:
+    try:
+        build()
+    except _COMPOSE_ERRORS as error:
+        return str(error)
+    return None
+
+
+def _origin_of(cell: Cell, dotted: str) -> str:
+    """Where a cell's value at ``dotted`` (``method.params.critical``) came from: the grid axis or
+    include entry that set it or a key above it, else ``base.<dotted>``."""
+    parts = dotted.split(".")
+    for end in range(len(parts), 0, -1):
+        origin = cell.origins.get(".".join(parts[:end]))
+        if origin is not None:
+            return origin + ("." + ".".join(parts[end:]) if end < len(parts) and "[" not in origin.rsplit(".", 1)[-1] else "")
+    return f"base.{dotted}"
 
 
 def _adapter_info(model: Mapping[str, Any], registry: Any) -> Any:

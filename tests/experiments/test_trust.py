@@ -202,3 +202,45 @@ def test_a_cell_finished_by_another_run_meanwhile_is_not_run_again(tmp_path, reg
     first = run_cell(spec.cells[1], spec.output_dir, registry, progress=False)
     again = run_cell(spec.cells[1], spec.output_dir, registry, progress=False)
     assert again == first and len(list(ResultsDir(spec.output_dir).cells_file.open())) == 1
+
+
+# ------------------------------------------------------------------------------------------------
+# 6. validation: one pass, every problem at its own key path, suggestions only when close
+# ------------------------------------------------------------------------------------------------
+
+
+def problems_of(config: dict, registry) -> list[str]:
+    with pytest.raises(ConfigError) as caught:
+        load_grid(config, registry=registry, check_models=False)
+    return list(caught.value.problems)
+
+
+def test_every_problem_of_a_method_at_its_own_key_path(tmp_path, registry) -> None:
+    config = grid(
+        tmp_path,
+        base={"method": {"recipe": "zspaprune", "params": {"critcal": 0.3}}},
+        grid={"method.recipe": ["zspaprune+kmeans(seed=x)"], "budget": [8]},
+    )
+    problems = problems_of(config, registry)
+    assert any(p.startswith("grid.method.recipe[0]: ") and "seed" in p for p in problems), problems
+    assert any(p.startswith("base.method.params.critcal: ") and "critcal" in p for p in problems), problems
+    assert len(problems) == 2, problems
+
+
+def test_type_and_semantic_problems_come_in_one_pass(tmp_path, registry) -> None:
+    config = grid(tmp_path, base={"generation": {"max_new_tokens": "many"}}, launcher={"name": "slurmm"})
+    config["base"]["method"] = {"recipe": "zspaprune+fsp"}
+    problems = problems_of(config, registry)
+    assert any(p.startswith("base.generation.max_new_tokens") for p in problems), problems
+    assert any(p.startswith("launcher.name") and "slurm" in p for p in problems), problems
+    assert any(p.startswith("base.method.recipe") and "fsp" in p for p in problems), problems
+
+
+def test_a_far_key_gets_no_suggestion(tmp_path, registry) -> None:
+    config = grid(tmp_path)
+    config["base"]["pruning"] = {"preset": "zspaprune"}
+    config["base"]["model"]["dtyp"] = "float16"
+    problems = problems_of(config, registry)
+    pruning = next(p for p in problems if p.startswith("base.pruning"))
+    assert "did you mean" not in pruning and "valid keys" in pruning
+    assert "did you mean 'dtype'" in next(p for p in problems if p.startswith("base.model.dtyp"))
