@@ -7,7 +7,7 @@ import json
 import sys
 from typing import Optional, Sequence
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "budget_arg", "INTERRUPTED"]
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
@@ -50,8 +50,22 @@ def _cmd_select_example(args: argparse.Namespace) -> int:
 
 
 def budget_arg(text: str) -> int | float:
-    """A budget from the command line: digits -> int (tokens kept), otherwise float (fraction)."""
-    return int(text) if text.strip().isdigit() else float(text)
+    """A budget from the command line: an integer -> int (tokens kept), otherwise float (fraction);
+    validated (`framework.budget.validate_budget`), so a bad value is argparse's one-line error."""
+    from vtprune.framework.budget import validate_budget
+    from vtprune.framework.errors import VtpruneError
+
+    try:
+        value: int | float = int(text)
+    except ValueError:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"a budget is an int (tokens kept) or a float in (0, 1], got {text!r}") from None
+    try:
+        return validate_budget(value)
+    except VtpruneError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -120,6 +134,15 @@ def _cmd_organism_train(args: argparse.Namespace) -> int:
     return int(train_main(list(args.train_args)) or 0)
 
 
+INTERRUPTED = 130
+"""Exit status after Ctrl-C (128 + SIGINT, the shell's convention)."""
+
+_RESUME_HINT = {
+    "run": "; finished cells and samples are kept: run the same command again to resume",
+    "demo": "; finished cells and samples are kept: run `vtprune demo` again to resume",
+}
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
@@ -129,6 +152,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print(f"\nvtprune: interrupted{_RESUME_HINT.get(args.command, '')}", file=sys.stderr)
+        return INTERRUPTED
     except Exception as error:  # noqa: BLE001 - user-facing errors become one clear line
         from vtprune.framework import VtpruneError
 

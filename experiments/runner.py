@@ -134,6 +134,9 @@ def _run_locked(
         tracker = make_tracker(cell.config.get("tracking") or {}, cell, results.root, extra)
         metrics = _execute(cell, results, registry, cache, pipeline, progress, tracker)
         record = {**base, "status": "done", "metrics": metrics, "config": cell.config, **extra, "seconds": time.time() - started}
+        notes = _notes(cell, metrics)
+        if notes:
+            record["notes"] = notes
         tracker.log_metrics(metrics)
         tracker.finish()
     except Exception as error:  # noqa: BLE001 - a failing cell is recorded and the grid goes on
@@ -152,6 +155,14 @@ def _run_locked(
                 pass
     results.record(record)
     return record
+
+
+def _notes(cell: Cell, metrics: Mapping[str, Any]) -> list[str]:
+    """What a finished cell's user should know: a ``task.limit`` above the task's sample count."""
+    limit, count = cell.config["task"].get("limit"), metrics.get("n_samples")
+    if limit is not None and isinstance(count, int) and count < limit:
+        return [f"task.limit is {limit} but task {cell.config['task']['name']!r} has {count} samples: ran {count}"]
+    return []
 
 
 def _write_config(results: ResultsDir, cell: Cell) -> None:
@@ -284,6 +295,9 @@ class GridSummary:
             f"results: {self.root}",
         ]
         by_key = {c.key: c for c in spec.cells}
+        for key in self.done:
+            for note in states.get(key, {}).get("notes") or []:
+                lines.append(f"  NOTE {key} {by_key[key].describe() if key in by_key else ''}: {note}")
         for key, change in self.stale.items():
             lines.append(f"  STALE {key} {by_key[key].describe() if key in by_key else ''}: ran with {change}")
         if self.stale:

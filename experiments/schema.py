@@ -45,7 +45,8 @@ class ModelConfig:
     Attributes:
         name: a Hugging Face hub id, a local directory, ``pkg:<package>/<relative dir>`` (a directory
             inside an installed Python package, e.g. ``pkg:vtprune.experiments.organism/weights``), or
-            ``dummy`` (a fast fake model for dry runs and tests).
+            ``dummy`` (a fast fake model for dry runs and tests). Required: a grid without it is
+            rejected (never silently the fake model).
         dtype: weights and activations dtype ("auto" = float16 on GPU, float32 on CPU).
         device: "auto" (cuda if available, else cpu), "cpu", "cuda", "cuda:1", ...
         attn_implementation: passed to ``from_pretrained`` ("eager", "sdpa", ...); None = default.
@@ -59,7 +60,7 @@ class ModelConfig:
             ``local_files_only``, ``low_cpu_mem_usage``).
     """
 
-    name: str = "dummy"
+    name: Optional[str] = None
     dtype: Dtype = "auto"
     device: str = "auto"
     attn_implementation: Optional[str] = None

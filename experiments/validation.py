@@ -28,6 +28,7 @@ __all__ = [
     "text_config_problems",
     "without",
     "method_problems",
+    "range_problems",
 ]
 
 
@@ -36,7 +37,10 @@ def check_grid(raw: Mapping[str, Any]) -> list[str]:
     the grid axes (each a run key with a list of values of that key's type) and include / exclude."""
     problems: list[str] = []
     check_mapping(GridConfig, raw, "", problems)
-    return problems + _check_axes(raw)
+    axes = _check_axes(raw)
+    # an axis that is not a list: the axis check's message (with the fix) replaces the type walker's
+    explained = {line.split(": ", 1)[0] for line in axes}
+    return [line for line in problems if line.split(": ", 1)[0] not in explained] + axes
 
 
 _INDEX = re.compile(r"^(.*)\[(\d+)\]$")
@@ -96,12 +100,22 @@ def _check_axes(raw: Mapping[str, Any]) -> list[str]:
         except KeyError as error:
             problems.append(f"grid.{key}: {error.args[0]}")
             continue
+        if not isinstance(values, list):
+            problems.append(f"grid.{key}: an axis is a list of values, got {values!r}; write [{values!r}] for one value, or set base.{key}")
+            continue
         if not values:
             problems.append(f"grid.{key}: an axis needs at least one value")
         for index, value in enumerate(values or []):
             check_value(value, annotation, f"grid.{key}[{index}]", problems)
     for section in ("include", "exclude"):
-        for index, entry in enumerate(raw.get(section) or []):
+        entries = raw.get(section) or []
+        if not isinstance(entries, list):
+            problems.append(f"{section}: a list of {{dotted key: value}} entries, got {entries!r}")
+            continue
+        for index, entry in enumerate(entries):
+            if not isinstance(entry, Mapping):
+                problems.append(f"{section}[{index}]: an entry is a mapping {{dotted key: value}}, got {entry!r}")
+                continue
             for key, value in entry.items():
                 try:
                     annotation = type_at(RunConfig, key)
@@ -156,6 +170,8 @@ def validate_cells(
     adapters: dict[str, Any] = {}
     for cell in cells:
         run = cell.config
+        for where, message in range_problems(cell):
+            problems.add(where, message, cell)
         task = run["task"]
         if task["name"] not in registry.tasks:
             hint = close_match(task["name"], registry.tasks)
@@ -181,7 +197,7 @@ def validate_cells(
             for where, message in method_problems(cell, registry, error):
                 problems.add(where, message, cell)
             continue
-        if check_models:
+        if check_models and run["model"].get("name") is not None:
             model_key = json.dumps(run["model"], sort_keys=True, default=str)
             if model_key not in adapters:
                 adapters[model_key] = _adapter_info(run["model"], registry)
@@ -194,6 +210,33 @@ def validate_cells(
                 for message in messages:
                     problems.add(_origin(cell, "method", "placement", "model"), message, cell)
     return problems.lines()
+
+
+#: Run keys that must be at least a given value: (dotted key, minimum, what the key is).
+_MINIMUMS: tuple[tuple[str, int, str], ...] = (
+    ("generation.batch_size", 1, "samples per generate call"),
+    ("generation.max_new_tokens", 1, "tokens generated per answer"),
+    ("task.limit", 1, "the number of samples to run (null = all)"),
+    ("tracking.log_images", 0, "overlays logged per cell"),
+)
+
+
+def range_problems(cell: Cell) -> list[tuple[str, str]]:
+    """(key path, message) for a missing ``model.name`` and for counts below their minimum."""
+    run = cell.config
+    found = []
+    if run["model"].get("name") is None:
+        found.append((
+            _origin_of(cell, "model.name"),
+            "required: a Hugging Face hub id, a local directory, pkg:<package>/<dir>, or 'dummy' "
+            "(the fake model, for dry runs)",
+        ))
+    for dotted, minimum, what in _MINIMUMS:
+        section, key = dotted.split(".")
+        value = (run.get(section) or {}).get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and value < minimum:
+            found.append((_origin_of(cell, dotted), f"must be >= {minimum} ({what}), got {value}"))
+    return found
 
 
 _COMPOSE_ERRORS = (VtpruneError, TypeError, ValueError)

@@ -244,3 +244,72 @@ def test_a_far_key_gets_no_suggestion(tmp_path, registry) -> None:
     pruning = next(p for p in problems if p.startswith("base.pruning"))
     assert "did you mean" not in pruning and "valid keys" in pruning
     assert "did you mean 'dtype'" in next(p for p in problems if p.startswith("base.model.dtyp"))
+
+
+# ------------------------------------------------------------------------------------------------
+# 4. and 5. bad input caught with clear errors
+# ------------------------------------------------------------------------------------------------
+
+
+def test_a_scalar_axis_is_a_clear_problem(tmp_path, registry) -> None:
+    problems = problems_of(grid(tmp_path, grid={"budget": 6}), registry)
+    assert problems == ["grid.budget: an axis is a list of values, got 6; write [6] for one value, or set base.budget"]
+
+
+def test_a_missing_grid_file_is_one_line(tmp_path, capsys) -> None:
+    from vtprune.cli import main
+
+    assert main(["plan", str(tmp_path / "nope.yaml"), "--no-plugins"]) == 2
+    error = capsys.readouterr().err
+    assert "no config file" in error and "shipped grids: " in error and "demo" in error and "Traceback" not in error
+
+
+def test_ctrl_c_is_one_line_with_the_resume_hint(tmp_path, monkeypatch, capsys) -> None:
+    import yaml
+
+    from vtprune.cli import INTERRUPTED, main
+    from vtprune.experiments import runner
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner, "run_grid", interrupted)
+    path = tmp_path / "g.yaml"
+    path.write_text(yaml.safe_dump(grid(tmp_path)))
+    assert main(["run", str(path), "--no-plugins"]) == INTERRUPTED
+    assert "interrupted; finished cells and samples are kept" in capsys.readouterr().err
+
+
+def test_select_example_rejects_a_negative_int_budget_as_an_int(capsys) -> None:
+    from vtprune.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["select-example", "--budget", "-1"])
+    error = capsys.readouterr().err
+    assert "positive token count, got -1" in error and "float" not in error
+
+
+def test_signals_with_a_prompt_of_another_width_are_rejected() -> None:
+    from vtprune.framework import Signals
+
+    with pytest.raises(ValueError, match="prompt has width D=8 but Signals.visual has D=16"):
+        Signals(visual=torch.zeros(1, 4, 16), prompt=torch.zeros(1, 3, 8))
+
+
+def test_a_grid_without_model_name_is_rejected(tmp_path, registry) -> None:
+    config = grid(tmp_path)
+    del config["base"]["model"]
+    problems = problems_of(config, registry)
+    assert any(p.startswith("base.model.name: required") and "'dummy'" in p for p in problems), problems
+
+
+@pytest.mark.parametrize("size", [0, -3])
+def test_batch_size_must_be_positive(tmp_path, registry, size) -> None:
+    problems = problems_of(grid(tmp_path, base={"generation": {"batch_size": size}}), registry)
+    assert any(p.startswith("base.generation.batch_size: must be >= 1") and str(size) in p for p in problems), problems
+
+
+def test_a_limit_above_the_task_size_is_said(tmp_path, registry) -> None:
+    spec = load_grid(grid(tmp_path, base={"task": {"name": "synthetic", "options": {"n": 3}, "limit": 5}}), registry=registry)
+    summary = run_grid(spec, registry=registry, progress=False)
+    assert "NOTE" in summary.format(spec) and "task.limit is 5 but task 'synthetic' has 3 samples" in summary.format(spec)
