@@ -19,7 +19,7 @@ from typing import Any, Callable, Mapping, Optional
 from .gridfiles import get_dotted, set_dotted
 from .schema import NOT_HASHED, RunConfig
 
-__all__ = ["Cell", "cell_key", "baseline_config", "method_label", "expand", "rekey", "DROPPED"]
+__all__ = ["Cell", "cell_key", "baseline_config", "method_label", "expand", "first_seed_only", "rekey", "DROPPED"]
 
 
 @dataclass(frozen=True)
@@ -132,12 +132,13 @@ def expand(raw: Mapping[str, Any], name: str = "") -> list[Cell]:
         for key, value in assignment.items():
             set_dotted(config, key, value)
         resolved = _resolved_run(config)
-        for seed in seeds if seeds is not None else [None]:
+        for number, seed in enumerate(seeds if seeds is not None else [None]):
             run = copy.deepcopy(resolved)
-            cell_assignment = dict(assignment)
+            cell_assignment, cell_origins = dict(assignment), dict(origins)
             if seed is not None:
                 run["seed"] = seed
                 cell_assignment["seed"] = seed
+                cell_origins["seed"] = f"seeds[{number}]"
             if any(_matches(run, entry) for entry in raw.get("exclude") or []):
                 continue
             if run.get("method") is None:
@@ -146,12 +147,23 @@ def expand(raw: Mapping[str, Any], name: str = "") -> list[Cell]:
             base_run = baseline_config(run)
             bkey = cell_key(base_run)
             if run.get("method") is None:
-                baselines.setdefault(key, Cell(key, run, cell_assignment, origins, name, None))
+                baselines.setdefault(key, Cell(key, run, cell_assignment, cell_origins, name, None))
                 continue
             if raw.get("baseline", True) and bkey not in baselines:
                 baselines[bkey] = Cell(bkey, base_run, {}, {}, name, None)
-            cells.setdefault(key, Cell(key, run, cell_assignment, origins, name, bkey))
+            cells.setdefault(key, Cell(key, run, cell_assignment, cell_origins, name, bkey))
     return [*baselines.values(), *cells.values()]
+
+
+def first_seed_only(cells: list[Cell], stochastic: Callable[[Mapping[str, Any]], bool]) -> list[Cell]:
+    """``cells`` without the repeats that ``seeds`` made of deterministic methods: a cell whose
+    seed came from ``seeds[i > 0]`` is dropped unless ``stochastic(config)`` (its pipeline draws
+    random numbers). Seeds set by an axis or an include entry are kept."""
+    return [
+        cell for cell in cells
+        if cell.is_baseline or cell.origins.get("seed", "seeds[0]") == "seeds[0]"
+        or not cell.origins["seed"].startswith("seeds[") or stochastic(cell.config)
+    ]
 
 
 def rekey(cells: list[Cell], recipe_of: Callable[[Mapping[str, Any]], Optional[Mapping[str, Any]]]) -> list[Cell]:

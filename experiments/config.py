@@ -26,7 +26,7 @@ from typing import Any, Mapping, Sequence, Union
 
 from vtprune.framework.typecheck import check_mapping, check_value, close_match, signature_problem, type_at
 
-from .cells import Cell, baseline_config, cell_key, expand, method_label, rekey
+from .cells import Cell, baseline_config, cell_key, expand, first_seed_only, method_label, rekey
 from .gridfiles import (
     CONFIG_DIR,
     ConfigError,
@@ -37,7 +37,7 @@ from .gridfiles import (
     read_config_file,
     set_dotted,
 )
-from .pipelines import PipelineCache, build_pipeline, canonical_recipe
+from .pipelines import PipelineCache, build_pipeline, canonical_recipe, draws_random
 from .schema import GridConfig, RunConfig
 from .validation import check_grid, validate_cells, without
 
@@ -135,6 +135,8 @@ def load_grid(
     if problems:
         raise ConfigError(problems, label)
     raw["name"] = name
+    if raw.get("seeds_for", "stochastic") == "stochastic":
+        cells = first_seed_only(cells, lambda run: draws_random(pipelines.get(run)))
     cells = rekey(cells, lambda run: canonical_recipe(pipelines.get(run)))
     typed = OmegaConf.merge(OmegaConf.structured(GridConfig), raw)
     OmegaConf.set_struct(typed, True)

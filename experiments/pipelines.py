@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from typing import Any, Mapping, Optional, Sequence
 
-__all__ = ["build_pipeline", "method_key", "PipelineCache", "canonical_recipe", "recipe_versions"]
+__all__ = ["build_pipeline", "method_key", "PipelineCache", "canonical_recipe", "recipe_versions", "draws_random"]
 
 
 def build_pipeline(run: Mapping[str, Any], registry: Any = None) -> Any:
@@ -50,6 +50,13 @@ def canonical_recipe(pipeline: Any) -> Optional[dict[str, Any]]:
     if pipeline is None:
         return None
     return {stage.kind: {"name": stage.name, **stage.params} for stage in pipeline.stages}
+
+
+def draws_random(pipeline: Any) -> bool:
+    """Whether any stage of the pipeline draws random numbers (`vtprune.framework.stages.is_stochastic`)."""
+    from vtprune.framework.stages import is_stochastic
+
+    return pipeline is not None and any(is_stochastic(stage) for stage in pipeline.stages)
 
 
 def recipe_versions(pipeline: Any) -> dict[str, str]:

@@ -171,7 +171,10 @@ class GridConfig:
         exclude: partial assignments (``{budget: 16, placement: pre_llm}``); a cell matching every key
             of one entry is dropped.
         include: extra cells, each a set of ``dotted.key: value`` overrides of ``base``.
-        seeds: every cell is run once per seed (sets ``seed``); null = ``base.seed`` only.
+        seeds: cells are run once per seed (sets ``seed``); null = ``base.seed`` only.
+        seeds_for: "stochastic" (default): only cells whose method draws random numbers (a stage
+            with ``stochastic = True`` or a ``seed`` parameter) repeat per seed, the others run once
+            with the first seed; "all": every cell runs once per seed.
         baseline: also run the unpruned model once per (model, task) (needed for fidelity).
         launcher: see `LauncherConfig`.
     """
@@ -183,5 +186,6 @@ class GridConfig:
     exclude: list[dict[str, Any]] = field(default_factory=list)
     include: list[dict[str, Any]] = field(default_factory=list)
     seeds: Optional[list[int]] = None
+    seeds_for: Literal["stochastic", "all"] = "stochastic"
     baseline: bool = True
     launcher: LauncherConfig = field(default_factory=LauncherConfig)

@@ -313,3 +313,40 @@ def test_a_limit_above_the_task_size_is_said(tmp_path, registry) -> None:
     spec = load_grid(grid(tmp_path, base={"task": {"name": "synthetic", "options": {"n": 3}, "limit": 5}}), registry=registry)
     summary = run_grid(spec, registry=registry, progress=False)
     assert "NOTE" in summary.format(spec) and "task.limit is 5 but task 'synthetic' has 3 samples" in summary.format(spec)
+
+
+# ------------------------------------------------------------------------------------------------
+# 7. seeds repeat only the cells whose stages draw random numbers
+# ------------------------------------------------------------------------------------------------
+
+
+def _seeded(spec) -> list[tuple[str, int]]:
+    return sorted((cell.config["method"]["recipe"], cell.config["seed"]) for cell in spec.cells if not cell.is_baseline)
+
+
+def test_seeds_repeat_only_stochastic_cells(tmp_path, registry) -> None:
+    config = grid(tmp_path, grid={"method.recipe": ["zspaprune", "zspaprune+kmeans", "random"]}, seeds=[3, 4])
+    spec = load_grid(config, registry=registry, check_models=False)
+    assert _seeded(spec) == [("random", 3), ("random", 4), ("zspaprune", 3), ("zspaprune+kmeans", 3), ("zspaprune+kmeans", 4)]
+    every = load_grid({**config, "seeds_for": "all"}, registry=registry, check_models=False)
+    assert ("zspaprune", 4) in _seeded(every) and len(_seeded(every)) == 6
+
+
+def test_a_stage_declares_whether_it_draws_random_numbers() -> None:
+    from vtprune.framework.stages import is_stochastic
+
+    registry = build_registry(autoload=False)
+    assert is_stochastic(registry.stage("diversity", "kmeans")) and is_stochastic(registry.stage("relevance", "random"))
+    assert not is_stochastic(registry.stage("diversity", "fps"))
+
+    class Shuffled(_scaled_stage(1.0)):
+        stochastic: ClassVar[bool] = True  # draws from the global generator: no seed parameter
+
+    assert is_stochastic(Shuffled) and not is_stochastic(_scaled_stage(1.0))
+
+
+def test_the_demo_grid_needs_no_seed_excludes_for_deterministic_methods() -> None:
+    from vtprune.experiments.gridfiles import CONFIG_DIR, read_config_file
+
+    excluded = {entry["method.recipe"] for entry in read_config_file(CONFIG_DIR / "demo.yaml")["exclude"]}
+    assert excluded == {"zspaprune+kmeans"}
