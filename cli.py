@@ -148,7 +148,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args, unknown = parser.parse_known_args(argv)
     if getattr(args, "passes_unknown_args", False):
         args.train_args = unknown
-    elif unknown:
+        unknown = []
+    elif isinstance(getattr(args, "overrides", None), list):
+        # overrides after a flag (``run GRID --no-progress budget=8``): argparse leaves them over
+        args.overrides += [item for item in unknown if not item.startswith("-")]
+        unknown = [item for item in unknown if item.startswith("-")]
+    if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         return int(args.func(args) or 0)

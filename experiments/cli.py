@@ -2,8 +2,8 @@
 
 ::
 
-    vtprune plan GRID.yaml [key=value ...]              # the cells and their count; runs nothing
-    vtprune run GRID.yaml [key=value ...] [--retry-failed]
+    vtprune plan GRID.yaml [key=value ...]              # the cells, their status and count; runs nothing
+    vtprune run GRID.yaml [key=value ...] [--retry-failed] [--rerun-stale]   (flags and overrides in any order)
     vtprune report RESULTS_DIR [--out DIR]
 """
 
@@ -13,7 +13,7 @@ import argparse
 import sys
 from typing import Any
 
-__all__ = ["add_experiment_commands"]
+__all__ = ["add_experiment_commands", "cell_status"]
 
 
 def add_experiment_commands(commands: Any) -> None:
@@ -57,12 +57,26 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     states = ResultsDir(spec.output_dir).states()
     baselines = sum(cell.is_baseline for cell in spec.cells)
     print(f"grid {spec.name!r} ({spec.source}) -> {spec.output_dir}")
+    results = ResultsDir(spec.output_dir)
     for number, cell in enumerate(spec.cells):
-        status = states.get(cell.key, {}).get("status", "todo")
-        print(f"  {number:>3}  {cell.key}  {status:<6}  {cell.label:<32}  {cell.describe()}")
+        status = cell_status(results, cell, states)
+        print(f"  {number:>3}  {cell.key}  {status:<16}  {cell.label:<32}  {cell.describe()}")
     todo = sum(states.get(c.key, {}).get("status") != "done" for c in spec.cells)
     print(f"{len(spec.cells)} cells ({baselines} unpruned baseline{'s' if baselines != 1 else ''}), {todo} to run")
     return 0
+
+
+def cell_status(results: Any, cell: Any, states: Any) -> str:
+    """``done``, ``failed``, ``partial (n of m)`` (samples written, cell not finished; ``m`` is
+    ``task.limit``, else ``partial (n answered)``) or ``todo``."""
+    status = (states.get(cell.key) or {}).get("status")
+    if status in ("done", "failed"):
+        return status
+    answered = len(results.samples(cell.key))
+    if not answered:
+        return "todo"
+    limit = cell.config["task"].get("limit")
+    return f"partial ({answered} of {limit})" if limit else f"partial ({answered} answered)"
 
 
 def _cmd_run(args: argparse.Namespace) -> int:

@@ -350,3 +350,76 @@ def test_the_demo_grid_needs_no_seed_excludes_for_deterministic_methods() -> Non
 
     excluded = {entry["method.recipe"] for entry in read_config_file(CONFIG_DIR / "demo.yaml")["exclude"]}
     assert excluded == {"zspaprune+kmeans"}
+
+
+# ------------------------------------------------------------------------------------------------
+# 10. wandb resumes a cell's run; plan shows partial cells; flags and overrides in any order
+# ------------------------------------------------------------------------------------------------
+
+
+def test_a_retried_cell_resumes_its_wandb_run(tmp_path, registry, monkeypatch) -> None:
+    import sys
+    import types
+
+    calls: list[dict] = []
+
+    class FakeRun:
+        summary: dict = {}
+
+        def log(self, data):
+            pass
+
+        def finish(self, exit_code=0):
+            pass
+
+    fake = types.SimpleNamespace(init=lambda **kwargs: calls.append(kwargs) or FakeRun(), Settings=lambda **kwargs: kwargs)
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    spec = load_grid(grid(tmp_path, base={"tracking": {"mode": "offline", "log_images": 0}}), registry=registry)
+    from vtprune.experiments.runner import run_cell
+
+    run_cell(spec.cells[1], spec.output_dir, registry, progress=False)
+    ResultsDir(spec.output_dir).record({"key": spec.cells[1].key, "status": "failed"})
+    run_grid(spec, registry=registry, progress=False, retry_failed=True)
+    ids = [call["id"] for call in calls if spec.cells[1].key in call["id"]]
+    assert len(ids) == 2 and len(set(ids)) == 1 and all(call["resume"] == "allow" for call in calls)
+
+
+def test_plan_shows_partial_cells(tmp_path, registry, monkeypatch, capsys) -> None:
+    import yaml
+
+    from vtprune.cli import main
+
+    config = grid(tmp_path, base={"task": {"name": "synthetic", "options": {"n": 4}, "limit": 4}})
+    path = tmp_path / "g.yaml"
+    path.write_text(yaml.safe_dump(config))
+    spec = load_grid(config, registry=registry)
+    calls = {"n": 0}
+    real = DummyBackend.generate
+
+    def dies(self, *args):
+        calls["n"] += 1
+        if calls["n"] == 7:  # the third sample of the pruned cell
+            raise KeyboardInterrupt
+        return real(self, *args)
+
+    monkeypatch.setattr(DummyBackend, "generate", dies)
+    with pytest.raises(KeyboardInterrupt):
+        run_grid(spec, registry=registry, progress=False)
+    capsys.readouterr()
+    assert main(["plan", str(path), "--no-plugins"]) == 0
+    out = capsys.readouterr().out
+    assert f"{spec.cells[0].key}  done" in out and f"{spec.cells[1].key}  partial (2 of 4)" in out
+
+
+def test_flags_before_or_after_overrides(tmp_path, capsys) -> None:
+    import yaml
+
+    from vtprune.cli import main
+
+    path = tmp_path / "g.yaml"
+    path.write_text(yaml.safe_dump(grid(tmp_path)))
+    assert main(["plan", str(path), "--no-plugins", "grid.budget=[8,16,32]"]) == 0
+    assert "4 cells" in capsys.readouterr().out
+    assert main(["plan", str(path), "grid.budget=[8,16]", "--no-plugins"]) == 0
+    assert "3 cells" in capsys.readouterr().out
