@@ -91,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("overrides", nargs="*", help="dotted overrides of experiments/configs/demo.yaml (e.g. seeds=[0])")
     demo.add_argument("--out", default=None, help="results directory (default: the grid's output_dir, results/demo)")
     demo.add_argument("--no-progress", action="store_true")
+    demo.add_argument("--rerun-stale", action="store_true", help="run again the finished cells that ran with other versions")
     demo.set_defaults(func=_cmd_demo)
 
     organism = commands.add_parser("organism", help="the embedded demo model: reproduce its weights")
@@ -120,7 +121,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     overrides = list(args.overrides) + ([f"output_dir={args.out}"] if args.out else [])
     spec = load_grid(demo_grid_path(), overrides)
-    summary = run_grid(spec, progress=not args.no_progress)
+    progress = not args.no_progress and sys.stderr.isatty()  # a log file gets one line per cell
+    summary = run_grid(spec, progress=progress, rerun_stale=args.rerun_stale)
     print(summary.format(spec))
     written = write_report(summary.root)
     print(Path(written["markdown"]).read_text())

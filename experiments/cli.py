@@ -84,9 +84,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from .runner import run_grid
 
     spec, registry = _load(args)
-    summary = run_grid(
-        spec, retry_failed=args.retry_failed, registry=registry, progress=not args.no_progress, rerun_stale=args.rerun_stale
-    )
+    progress = not args.no_progress and sys.stderr.isatty()  # a log file gets one line per cell
+    summary = run_grid(spec, retry_failed=args.retry_failed, registry=registry, progress=progress, rerun_stale=args.rerun_stale)
     print(summary.format(spec))
     return 1 if summary.failed else 0
 

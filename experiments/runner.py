@@ -11,7 +11,7 @@ traceback when anything raises, as one line of ``cells.jsonl``.
 
 from __future__ import annotations
 
-import json
+import contextlib
 import os
 import random
 import sys
@@ -32,21 +32,43 @@ __all__ = ["CellRunner", "CellContext", "run_cell", "run_grid", "GridSummary", "
 
 
 class ModelCache:
-    """The last loaded backend, re-used while consecutive cells name the same model."""
+    """The last loaded backend, re-used while consecutive cells name the same weights (model name,
+    dtype, device, ... : `vtprune.experiments.models.LOAD_KEYS`); prompt settings are per cell.
+    Weights load quietly (no transformers progress bar) unless ``progress``."""
 
-    def __init__(self) -> None:
+    def __init__(self, progress: bool = True) -> None:
         self.key: Optional[str] = None
         self.backend: Any = None
+        self.loads = 0
+        self.progress = progress
 
     def get(self, model: Mapping[str, Any], registry: Any) -> Any:
-        from .models import load_backend
+        from .models import load_backend, load_key
 
-        key = json.dumps(model, sort_keys=True, default=str)
+        key = load_key(model)
         if key != self.key:
             self.backend = None
-            self.backend = load_backend(model, registry)
+            with _loading_bars(self.progress):
+                self.backend = load_backend(model, registry)
             self.key = key
-        return self.backend
+            self.loads += 1
+        return self.backend.for_model(model)
+
+
+@contextlib.contextmanager
+def _loading_bars(show: bool) -> Iterator[None]:
+    """transformers' weight-loading progress bar on or off for the duration (restored after)."""
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        yield
+        return
+    before = hf_logging.is_progress_bar_enabled()
+    (hf_logging.enable_progress_bar if show else hf_logging.disable_progress_bar)()
+    try:
+        yield
+    finally:
+        (hf_logging.enable_progress_bar if before else hf_logging.disable_progress_bar)()
 
 
 @dataclass
@@ -107,7 +129,7 @@ def run_cell(
     with cell_lock(results.cell_dir(cell.key)) as mine:
         if not mine:  # another run (process, Slurm task) holds this cell
             return {**base, "status": "busy"}
-        return _run_locked(cell, results, registry, cache or ModelCache(), progress, pipelines, base)
+        return _run_locked(cell, results, registry, cache or ModelCache(progress), progress, pipelines, base)
 
 
 def _run_locked(
@@ -263,7 +285,7 @@ class CellRunner:
         self.registry = registry
         self.progress = progress
         self.pipelines = pipelines
-        self.cache = ModelCache()
+        self.cache = ModelCache(progress)
 
     def __call__(self, cell: Cell) -> dict[str, Any]:
         return run_cell(cell, self.root, self.registry, self.cache, self.progress, self.pipelines)
@@ -342,6 +364,7 @@ def run_grid(
         cell for cell in spec.cells
         if before.get(cell.key, {}).get("status") not in skip_status or (rerun_stale and cell.key in stale)
     ]
+    todo = _by_weights(todo)
     todo_keys = {cell.key for cell in todo}
     skipped = [cell.key for cell in spec.cells if before.get(cell.key, {}).get("status") == "done" and cell.key not in todo_keys]
     launcher_config = spec.raw.get("launcher") or {}
@@ -354,6 +377,17 @@ def run_grid(
     failed = [c.key for c in spec.cells if after.get(c.key, {}).get("status") == "failed"]
     pending = [c.key for c in todo if c.key not in after]
     return GridSummary(done, failed, skipped, pending, results.root, {} if rerun_stale else stale)
+
+
+def _by_weights(cells: list[Cell]) -> list[Cell]:
+    """``cells`` grouped by the weights they load (first appearance order; stable within a group,
+    so baselines stay first), so that each model loads once per run."""
+    from .models import load_key
+
+    order: dict[str, int] = {}
+    for cell in cells:
+        order.setdefault(load_key(cell.config["model"]), len(order))
+    return sorted(cells, key=lambda cell: order[load_key(cell.config["model"])])
 
 
 def _stale_cells(spec: GridSpec, states: Mapping[str, Mapping[str, Any]]) -> dict[str, str]:

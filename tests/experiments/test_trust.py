@@ -423,3 +423,33 @@ def test_flags_before_or_after_overrides(tmp_path, capsys) -> None:
     assert "4 cells" in capsys.readouterr().out
     assert main(["plan", str(path), "grid.budget=[8,16]", "--no-plugins"]) == 0
     assert "3 cells" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------------------------
+# 8. output without a terminal; the weights load once per (model, dtype, device, ...)
+# ------------------------------------------------------------------------------------------------
+
+
+def test_without_a_terminal_each_cell_is_one_line(tmp_path, capsys) -> None:
+    import yaml
+
+    from vtprune.cli import main
+
+    path = tmp_path / "g.yaml"
+    path.write_text(yaml.safe_dump(grid(tmp_path, grid={"budget": [8, 16]})))
+    assert main(["run", str(path), "--no-plugins"]) == 0  # captured output is not a TTY
+    captured = capsys.readouterr()
+    assert [line.split()[:2] for line in captured.out.splitlines() if line.startswith("[")] == [
+        ["[1/3]", "done"], ["[2/3]", "done"], ["[3/3]", "done"]
+    ]
+    assert "%|" not in captured.err and "sample/s" not in captured.err
+
+
+def test_the_weights_load_once_when_only_prompt_settings_differ(tmp_path, registry) -> None:
+    from vtprune.experiments.runner import CellRunner
+
+    config = grid(tmp_path, grid={"model.prompt_template": ["A {question}", "B {question}"], "budget": [8, 16]})
+    spec = load_grid(config, registry=registry)
+    runner = CellRunner(spec.output_dir, registry, progress=False, pipelines=spec.pipelines)
+    summary = run_grid(spec, registry=registry, progress=False, runner=runner)
+    assert len(summary.done) == 6 and runner.cache.loads == 1
