@@ -37,6 +37,7 @@ def add_experiment_commands(commands: Any) -> None:
     report = commands.add_parser("report", help="table (markdown + CSV) and plots of a results directory")
     report.add_argument("results", help="the grid's output_dir")
     report.add_argument("--out", help="where to write (default RESULTS/report)")
+    report.add_argument("--wide", action="store_true", help="also print the table of every metric (always in report.md / report.csv)")
     report.set_defaults(func=_cmd_report)
 
 
@@ -101,6 +102,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
     if not (Path(args.results) / "cells.jsonl").exists():
         raise VtpruneError(f"{args.results} has no cells.jsonl: pass the output_dir of a grid run")
     written = write_report(args.results, args.out)
-    print(Path(written["markdown"]).read_text().split("\n![")[0].rstrip())
+    text = Path(written["markdown"]).read_text().split("\n![")[0]
+    print((text if args.wide else text.split("\n## All metrics")[0]).rstrip())
     print("\nwritten: " + ", ".join(str(p) for p in written.values()), file=sys.stderr)
     return 0

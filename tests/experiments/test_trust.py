@@ -453,3 +453,54 @@ def test_the_weights_load_once_when_only_prompt_settings_differ(tmp_path, regist
     runner = CellRunner(spec.output_dir, registry, progress=False, pipelines=spec.pipelines)
     summary = run_grid(spec, registry=registry, progress=False, runner=runner)
     assert len(summary.done) == 6 and runner.cache.loads == 1
+
+
+# ------------------------------------------------------------------------------------------------
+# 9. the report prints the README's view; plots and overlays show the grid's methods
+# ------------------------------------------------------------------------------------------------
+
+
+def test_report_prints_method_by_budget_in_grid_order(tmp_path, capsys) -> None:
+    import yaml
+
+    from vtprune.cli import main
+
+    config = grid(
+        tmp_path, grid={"budget": [16, 8], "method.recipe": ["zspaprune", "divprune", "random"]},
+        seeds=[0, 1], base={"tracking": {"mode": "disabled", "log_images": 2}},
+    )
+    path = tmp_path / "g.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert main(["run", str(path), "--no-plugins"]) == 0
+    capsys.readouterr()
+    assert main(["report", str(tmp_path / "out")]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    assert lines[0] == "| method | all tokens | 16 tokens | 8 tokens |"
+    assert [line.split(" | ")[0] for line in lines[1:]] == ["| unpruned", "| zspaprune", "| divprune", "| random (2 seeds)"]
+    assert all(line.count("|") == 5 for line in lines) and "dummy | synthetic" not in "\n".join(lines)
+    assert "± " in lines[2] or lines[2].split(" | ")[2].strip() == "1.000"
+    report = (tmp_path / "out" / "report" / "report.md").read_text()
+    assert report.startswith("# vtprune report: t\n") and "## All metrics" in report
+
+
+def test_overlays_show_every_method_at_one_budget(tmp_path, registry, monkeypatch) -> None:
+    from vtprune.experiments import plots
+
+    config = grid(
+        tmp_path, grid={"budget": [16, 8], "method.recipe": ["zspaprune", "divprune", "random", "pooling", "zspaprune+grid"]},
+        base={"tracking": {"mode": "disabled", "log_images": 1}},
+    )
+    spec = load_grid(config, registry=registry)
+    run_grid(spec, registry=registry, progress=False)
+    from vtprune.experiments.report import collect_rows
+
+    rows = collect_rows(spec.output_dir)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    titles: list[str] = []  # the methods' row titles, read as the montage's figure is closed
+    monkeypatch.setattr(plt, "close", lambda figure: titles.extend(a.get_title(loc="left") for a in figure.axes if a.get_title(loc="left")))
+    assert plots._overlay_montage(rows, Path(spec.output_dir), tmp_path, 8, plt) is not None
+    assert titles == ["zspaprune", "divprune", "random", "pooling", "zspaprune+grid"]
