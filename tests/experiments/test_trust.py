@@ -504,3 +504,49 @@ def test_overlays_show_every_method_at_one_budget(tmp_path, registry, monkeypatc
     monkeypatch.setattr(plt, "close", lambda figure: titles.extend(a.get_title(loc="left") for a in figure.axes if a.get_title(loc="left")))
     assert plots._overlay_montage(rows, Path(spec.output_dir), tmp_path, 8, plt) is not None
     assert titles == ["zspaprune", "divprune", "random", "pooling", "zspaprune+grid"]
+
+
+_CONCURRENT_RUN = """
+import sys, time
+from vtprune.experiments.config import load_grid
+from vtprune.experiments.runner import run_grid
+from vtprune.experiments.tasks import SyntheticTask
+from vtprune.framework import build_registry, hookimpl
+
+class SlowTask(SyntheticTask):
+    def score(self, sample, prediction):
+        time.sleep(0.02)  # long enough for the two runs to overlap
+        return super().score(sample, prediction)
+
+class Plugin:
+    @hookimpl
+    def vtprune_register_tasks(self, registry):
+        registry.add_task("slow", SlowTask, "synthetic, slowly scored")
+
+registry = build_registry(autoload=False, plugins=[Plugin()])
+spec = load_grid(sys.argv[1], registry=registry)
+while time.time() < float(sys.argv[2]):  # both processes start together
+    time.sleep(0.01)
+run_grid(spec, registry=registry, progress=False)
+"""
+
+
+@pytest.mark.slow  # two processes
+def test_two_concurrent_runs_on_one_folder_split_the_work(tmp_path) -> None:
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
+    config = grid(tmp_path, grid={"budget": [4, 8, 12, 16, 24, 32]}, base={"task": {"name": "slow", "options": {"n": 8}}})
+    path = tmp_path / "g.yaml"
+    path.write_text(yaml.safe_dump(config))
+    start = str(time.time() + 8)
+    runs = [subprocess.Popen([sys.executable, "-c", _CONCURRENT_RUN, str(path), start]) for _ in range(2)]
+    assert [run.wait(timeout=300) for run in runs] == [0, 0]
+    results = ResultsDir(tmp_path / "out")
+    records = [line for line in results.cells_file.read_text().splitlines() if line.strip()]
+    assert len(records) == 7  # one "done" record per cell, none twice
+    for key in results.states():
+        assert len(results.samples_file(key).read_text().splitlines()) == 8  # every sample answered once
