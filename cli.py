@@ -125,7 +125,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     summary = run_grid(spec, progress=progress, rerun_stale=args.rerun_stale)
     print(summary.format(spec))
     written = write_report(summary.root)
-    print(Path(written["markdown"]).read_text())
+    print(Path(written["markdown"]).read_text().split("\n## All metrics")[0].rstrip())  # every metric: report.md / .csv
     print(f"report: {written['markdown']}")
     return 0 if not summary.failed else 1
 
