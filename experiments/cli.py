@@ -53,17 +53,21 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any]:
 def _cmd_plan(args: argparse.Namespace) -> int:
     """Validate the grid (every problem at once) and print each cell with its key and status."""
     from .results import ResultsDir
+    from .runner import stale_cells
 
     spec, _ = _load(args)
     states = ResultsDir(spec.output_dir).states()
     baselines = sum(cell.is_baseline for cell in spec.cells)
     print(f"grid {spec.name!r} ({spec.source}) -> {spec.output_dir}")
     results = ResultsDir(spec.output_dir)
+    stale = stale_cells(spec, states)
     for number, cell in enumerate(spec.cells):
-        status = cell_status(results, cell, states)
+        status = cell_status(results, cell, states) + (" (stale)" if cell.key in stale else "")
         print(f"  {number:>3}  {cell.key}  {status:<16}  {cell.label:<32}  {cell.describe()}")
     todo = sum(states.get(c.key, {}).get("status") != "done" for c in spec.cells)
     print(f"{len(spec.cells)} cells ({baselines} unpruned baseline{'s' if baselines != 1 else ''}), {todo} to run")
+    if stale:
+        print(f"{len(stale)} finished cell(s) ran with other versions; `vtprune run ... --rerun-stale` runs them again")
     return 0
 
 

@@ -28,7 +28,7 @@ from .locks import cell_lock
 from .pipelines import PipelineCache, build_pipeline, recipe_versions
 from .results import ResultsDir, append_jsonl
 
-__all__ = ["CellRunner", "CellContext", "run_cell", "run_grid", "GridSummary", "ModelCache"]
+__all__ = ["CellRunner", "CellContext", "run_cell", "run_grid", "GridSummary", "ModelCache", "stale_cells"]
 
 
 class ModelCache:
@@ -355,7 +355,7 @@ def run_grid(
     results.root.mkdir(parents=True, exist_ok=True)
     (results.root / "grid.yaml").write_text(yaml.safe_dump(spec.raw, sort_keys=False))
     before = results.states()
-    stale = _stale_cells(spec, before)
+    stale = stale_cells(spec, before)
     if rerun_stale:
         for key in stale:
             results.archive_samples(key)
@@ -390,7 +390,7 @@ def _by_weights(cells: list[Cell]) -> list[Cell]:
     return sorted(cells, key=lambda cell: order[load_key(cell.config["model"])])
 
 
-def _stale_cells(spec: GridSpec, states: Mapping[str, Mapping[str, Any]]) -> dict[str, str]:
+def stale_cells(spec: GridSpec, states: Mapping[str, Mapping[str, Any]]) -> dict[str, str]:
     """Finished cells recorded with other versions than the installed ones: key -> what changed."""
     out = {}
     for cell in spec.cells:

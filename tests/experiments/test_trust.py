@@ -141,7 +141,7 @@ def test_recipes_written_differently_but_resolving_alike_share_a_key(tmp_path, r
     assert len(spec.cells) == 2  # the baseline and one zspaprune cell
 
 
-def test_a_version_change_is_reported_and_rerun_only_on_request(tmp_path, registry, monkeypatch) -> None:
+def test_a_version_change_is_reported_and_rerun_only_on_request(tmp_path, registry, monkeypatch, capsys) -> None:
     import vtprune
 
     spec = load_grid(grid(tmp_path), registry=registry)
@@ -151,6 +151,13 @@ def test_a_version_change_is_reported_and_rerun_only_on_request(tmp_path, regist
     assert summary.done == [] and sorted(summary.stale) == sorted(c.key for c in spec.cells)
     assert "vtprune " in summary.stale[spec.cells[1].key] and "-> 99.0" in summary.stale[spec.cells[1].key]
     assert "--rerun-stale" in summary.format(spec)
+    import argparse
+
+    from vtprune.experiments.cli import _cmd_plan  # plan says so too
+
+    monkeypatch.setattr("vtprune.experiments.cli._load", lambda args: (spec, registry))
+    _cmd_plan(argparse.Namespace())
+    assert f"{spec.cells[1].key}  done (stale)" in capsys.readouterr().out
     summary = run_grid(spec, registry=registry, progress=False, rerun_stale=True)
     assert sorted(summary.done) == sorted(c.key for c in spec.cells) and not summary.stale
     results = ResultsDir(spec.output_dir)
