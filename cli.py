@@ -7,7 +7,7 @@ import json
 import sys
 from typing import Optional, Sequence
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "budget_arg", "INTERRUPTED"]
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
@@ -73,8 +73,22 @@ def _cmd_select_example(args: argparse.Namespace) -> int:
 
 
 def budget_arg(text: str) -> int | float:
-    """A budget from the command line: digits -> int (tokens kept), otherwise float (fraction)."""
-    return int(text) if text.strip().isdigit() else float(text)
+    """A budget from the command line: an integer -> int (tokens kept), otherwise float (fraction);
+    validated (`framework.budget.validate_budget`), so a bad value is argparse's one-line error."""
+    from vtprune.framework.budget import validate_budget
+    from vtprune.framework.errors import VtpruneError
+
+    try:
+        value: int | float = int(text)
+    except ValueError:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"a budget is an int (tokens kept) or a float in (0, 1], got {text!r}") from None
+    try:
+        return validate_budget(value)
+    except VtpruneError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -101,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("overrides", nargs="*", help="dotted overrides of experiments/configs/demo.yaml (e.g. seeds=[0])")
     demo.add_argument("--out", default=None, help="results directory (default: the grid's output_dir, results/demo)")
     demo.add_argument("--no-progress", action="store_true")
+    demo.add_argument("--rerun-stale", action="store_true", help="run again the finished cells that ran with other versions")
     demo.set_defaults(func=_cmd_demo)
 
     organism = commands.add_parser("organism", help="the embedded demo model: reproduce its weights")
@@ -130,10 +145,11 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     overrides = list(args.overrides) + ([f"output_dir={args.out}"] if args.out else [])
     spec = load_grid(demo_grid_path(), overrides)
-    summary = run_grid(spec, progress=not args.no_progress)
+    progress = not args.no_progress and sys.stderr.isatty()  # a log file gets one line per cell
+    summary = run_grid(spec, progress=progress, rerun_stale=args.rerun_stale)
     print(summary.format(spec))
     written = write_report(summary.root)
-    print(Path(written["markdown"]).read_text())
+    print(Path(written["markdown"]).read_text().split("\n## All metrics")[0].rstrip())  # every metric: report.md / .csv
     print(f"report: {written['markdown']}")
     return 0 if not summary.failed else 1
 
@@ -144,15 +160,32 @@ def _cmd_organism_train(args: argparse.Namespace) -> int:
     return int(train_main(list(args.train_args)) or 0)
 
 
+INTERRUPTED = 130
+"""Exit status after Ctrl-C (128 + SIGINT, the shell's convention)."""
+
+_RESUME_HINT = {
+    "run": "; finished cells and samples are kept: run the same command again to resume",
+    "demo": "; finished cells and samples are kept: run `vtprune demo` again to resume",
+}
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
     if getattr(args, "passes_unknown_args", False):
         args.train_args = unknown
-    elif unknown:
+        unknown = []
+    elif isinstance(getattr(args, "overrides", None), list):
+        # overrides after a flag (``run GRID --no-progress budget=8``): argparse leaves them over
+        args.overrides += [item for item in unknown if not item.startswith("-")]
+        unknown = [item for item in unknown if item.startswith("-")]
+    if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print(f"\nvtprune: interrupted{_RESUME_HINT.get(args.command, '')}", file=sys.stderr)
+        return INTERRUPTED
     except Exception as error:  # noqa: BLE001 - user-facing errors become one clear line
         from vtprune.framework import VtpruneError
 

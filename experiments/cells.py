@@ -9,16 +9,17 @@ one unpruned baseline per (model, task, generation settings).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import itertools
 import json
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
 from .gridfiles import get_dotted, set_dotted
 from .schema import NOT_HASHED, RunConfig
 
-__all__ = ["Cell", "cell_key", "baseline_config", "method_label", "expand", "DROPPED"]
+__all__ = ["Cell", "cell_key", "baseline_config", "method_label", "expand", "first_seed_only", "rekey", "DROPPED"]
 
 
 @dataclass(frozen=True)
@@ -26,7 +27,8 @@ class Cell:
     """One run of a grid.
 
     Attributes:
-        key: 12 hex digits of the SHA-256 of the resolved config (tracking and output_dir excluded).
+        key: 12 hex digits of the SHA-256 of the resolved config (tracking and output_dir excluded)
+            and, once `rekey` ran (`load_grid` does), of the canonical composed recipe.
         config: the resolved run config (plain dict, every default filled in).
         assignment: the axis / include values that define this cell (dotted key -> value).
         origins: dotted key -> where its value came from (``grid.budget[1]``, ``include[0].budget``).
@@ -62,9 +64,15 @@ def _short(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def cell_key(config: Mapping[str, Any]) -> str:
-    """The hash that names a cell's results (resolved config minus `NOT_HASHED` keys)."""
+def cell_key(config: Mapping[str, Any], recipe: Optional[Mapping[str, Any]] = None) -> str:
+    """The hash that names a cell's results: the resolved config minus `NOT_HASHED` keys, plus
+    ``recipe``, the canonical composed recipe with every stage parameter resolved
+    (`vtprune.experiments.pipelines.canonical_recipe`), so that a changed default changes the key."""
     view = {k: v for k, v in config.items() if k not in NOT_HASHED}
+    if recipe is not None:
+        # the recipe as written, its params and the placement override are all in the composed recipe
+        method = {k: v for k, v in (config.get("method") or {}).items() if k not in ("recipe", "params")}
+        view.update(method=method, placement=None, canonical_recipe=recipe)
     text = json.dumps(view, sort_keys=True, default=str, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
@@ -124,12 +132,13 @@ def expand(raw: Mapping[str, Any], name: str = "") -> list[Cell]:
         for key, value in assignment.items():
             set_dotted(config, key, value)
         resolved = _resolved_run(config)
-        for seed in seeds if seeds is not None else [None]:
+        for number, seed in enumerate(seeds if seeds is not None else [None]):
             run = copy.deepcopy(resolved)
-            cell_assignment = dict(assignment)
+            cell_assignment, cell_origins = dict(assignment), dict(origins)
             if seed is not None:
                 run["seed"] = seed
                 cell_assignment["seed"] = seed
+                cell_origins["seed"] = f"seeds[{number}]"
             if any(_matches(run, entry) for entry in raw.get("exclude") or []):
                 continue
             if run.get("method") is None:
@@ -138,12 +147,34 @@ def expand(raw: Mapping[str, Any], name: str = "") -> list[Cell]:
             base_run = baseline_config(run)
             bkey = cell_key(base_run)
             if run.get("method") is None:
-                baselines.setdefault(key, Cell(key, run, cell_assignment, origins, name, None))
+                baselines.setdefault(key, Cell(key, run, cell_assignment, cell_origins, name, None))
                 continue
             if raw.get("baseline", True) and bkey not in baselines:
                 baselines[bkey] = Cell(bkey, base_run, {}, {}, name, None)
-            cells.setdefault(key, Cell(key, run, cell_assignment, origins, name, bkey))
+            cells.setdefault(key, Cell(key, run, cell_assignment, cell_origins, name, bkey))
     return [*baselines.values(), *cells.values()]
+
+
+def first_seed_only(cells: list[Cell], stochastic: Callable[[Mapping[str, Any]], bool]) -> list[Cell]:
+    """``cells`` without the repeats that ``seeds`` made of deterministic methods: a cell whose
+    seed came from ``seeds[i > 0]`` is dropped unless ``stochastic(config)`` (its pipeline draws
+    random numbers). Seeds set by an axis or an include entry are kept."""
+    return [
+        cell for cell in cells
+        if cell.is_baseline or cell.origins.get("seed", "seeds[0]") == "seeds[0]"
+        or not cell.origins["seed"].startswith("seeds[") or stochastic(cell.config)
+    ]
+
+
+def rekey(cells: list[Cell], recipe_of: Callable[[Mapping[str, Any]], Optional[Mapping[str, Any]]]) -> list[Cell]:
+    """``cells`` keyed on their canonical composed recipes (``recipe_of(config)``; None for the
+    unpruned run); cells whose recipes resolve to the same method are kept once."""
+    out: dict[str, Cell] = {}
+    for cell in cells:
+        key = cell_key(cell.config, recipe_of(cell.config)) if not cell.is_baseline else cell.key
+        if key not in out:
+            out[key] = dataclasses.replace(cell, key=key)
+    return list(out.values())
 
 
 def _matches(config: Mapping[str, Any], entry: Mapping[str, Any]) -> bool:

@@ -2,8 +2,8 @@
 
 ::
 
-    vtprune plan GRID.yaml [key=value ...]              # the cells and their count; runs nothing
-    vtprune run GRID.yaml [key=value ...] [--retry-failed]
+    vtprune plan GRID.yaml [key=value ...]              # the cells, their status and count; runs nothing
+    vtprune run GRID.yaml [key=value ...] [--retry-failed] [--rerun-stale]   (flags and overrides in any order)
     vtprune report RESULTS_DIR [--out DIR]
 """
 
@@ -13,7 +13,7 @@ import argparse
 import sys
 from typing import Any
 
-__all__ = ["add_experiment_commands"]
+__all__ = ["add_experiment_commands", "cell_status"]
 
 
 def add_experiment_commands(commands: Any) -> None:
@@ -23,6 +23,7 @@ def add_experiment_commands(commands: Any) -> None:
     run.add_argument("grid", help="grid YAML file (or the name of a shipped one, e.g. zspaprune_ratio)")
     run.add_argument("overrides", nargs="*", help=overrides_help)
     run.add_argument("--retry-failed", action="store_true", help="run failed cells again (default: keep their failure)")
+    run.add_argument("--rerun-stale", action="store_true", help="run again the finished cells that ran with other vtprune / plugin versions (default: keep them, listed as stale)")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
     run.add_argument("--no-plugins", action="store_true", help="skip third-party entry points")
     run.set_defaults(func=_cmd_run)
@@ -36,6 +37,7 @@ def add_experiment_commands(commands: Any) -> None:
     report = commands.add_parser("report", help="table (markdown + CSV) and plots of a results directory")
     report.add_argument("results", help="the grid's output_dir")
     report.add_argument("--out", help="where to write (default RESULTS/report)")
+    report.add_argument("--wide", action="store_true", help="also print the table of every metric (always in report.md / report.csv)")
     report.set_defaults(func=_cmd_report)
 
 
@@ -51,17 +53,35 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any]:
 def _cmd_plan(args: argparse.Namespace) -> int:
     """Validate the grid (every problem at once) and print each cell with its key and status."""
     from .results import ResultsDir
+    from .runner import stale_cells
 
     spec, _ = _load(args)
     states = ResultsDir(spec.output_dir).states()
     baselines = sum(cell.is_baseline for cell in spec.cells)
     print(f"grid {spec.name!r} ({spec.source}) -> {spec.output_dir}")
+    results = ResultsDir(spec.output_dir)
+    stale = stale_cells(spec, states)
     for number, cell in enumerate(spec.cells):
-        status = states.get(cell.key, {}).get("status", "todo")
-        print(f"  {number:>3}  {cell.key}  {status:<6}  {cell.label:<32}  {cell.describe()}")
+        status = cell_status(results, cell, states) + (" (stale)" if cell.key in stale else "")
+        print(f"  {number:>3}  {cell.key}  {status:<16}  {cell.label:<32}  {cell.describe()}")
     todo = sum(states.get(c.key, {}).get("status") != "done" for c in spec.cells)
     print(f"{len(spec.cells)} cells ({baselines} unpruned baseline{'s' if baselines != 1 else ''}), {todo} to run")
+    if stale:
+        print(f"{len(stale)} finished cell(s) ran with other versions; `vtprune run ... --rerun-stale` runs them again")
     return 0
+
+
+def cell_status(results: Any, cell: Any, states: Any) -> str:
+    """``done``, ``failed``, ``partial (n of m)`` (samples written, cell not finished; ``m`` is
+    ``task.limit``, else ``partial (n answered)``) or ``todo``."""
+    status = (states.get(cell.key) or {}).get("status")
+    if status in ("done", "failed"):
+        return status
+    answered = len(results.samples(cell.key))
+    if not answered:
+        return "todo"
+    limit = cell.config["task"].get("limit")
+    return f"partial ({answered} of {limit})" if limit else f"partial ({answered} answered)"
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -69,7 +89,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from .runner import run_grid
 
     spec, registry = _load(args)
-    summary = run_grid(spec, retry_failed=args.retry_failed, registry=registry, progress=not args.no_progress)
+    progress = not args.no_progress and sys.stderr.isatty()  # a log file gets one line per cell
+    summary = run_grid(spec, retry_failed=args.retry_failed, registry=registry, progress=progress, rerun_stale=args.rerun_stale)
     print(summary.format(spec))
     return 1 if summary.failed else 0
 
@@ -85,6 +106,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
     if not (Path(args.results) / "cells.jsonl").exists():
         raise VtpruneError(f"{args.results} has no cells.jsonl: pass the output_dir of a grid run")
     written = write_report(args.results, args.out)
-    print(Path(written["markdown"]).read_text().split("\n![")[0].rstrip())
+    text = Path(written["markdown"]).read_text().split("\n![")[0]
+    print((text if args.wide else text.split("\n## All metrics")[0]).rstrip())
     print("\nwritten: " + ", ".join(str(p) for p in written.values()), file=sys.stderr)
     return 0

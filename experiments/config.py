@@ -24,10 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence, Union
 
-from vtprune.framework.errors import nearest
-from vtprune.framework.typecheck import check_mapping, check_value, signature_problem, type_at
+from vtprune.framework.typecheck import check_mapping, check_value, close_match, signature_problem, type_at
 
-from .cells import Cell, baseline_config, cell_key, expand, method_label
+from .cells import Cell, baseline_config, cell_key, expand, first_seed_only, method_label, rekey
 from .gridfiles import (
     CONFIG_DIR,
     ConfigError,
@@ -38,7 +37,7 @@ from .gridfiles import (
     read_config_file,
     set_dotted,
 )
-from .pipelines import PipelineCache, build_pipeline
+from .pipelines import PipelineCache, build_pipeline, canonical_recipe, draws_random
 from .schema import GridConfig, RunConfig
 from .validation import check_grid, validate_cells, without
 
@@ -111,32 +110,34 @@ def load_grid(
         raw = OmegaConf.to_container(OmegaConf.create(raw), resolve=True)  # type: ignore[assignment]
     except OmegaConfBaseException as error:
         raise ConfigError([f"interpolation: {error}".replace("\n", " ")], label) from None
+    # One pass: the type check, then every semantic check on what type-checked (values with a
+    # type problem are left out, so each problem is reported once, at its own key path).
     problems = check_grid(raw)
     pipelines = PipelineCache(registry)
     name = raw.get("name") if isinstance(raw.get("name"), str) and raw.get("name") else (name or "grid")
-    if problems:
-        # Still check what can be checked (recipes, tasks, budgets) without the ill-typed parts,
-        # so that one error lists every problem.
-        try:
-            clean = without(raw, [p.split(": ", 1)[0] for p in problems])
-            problems += validate_cells(expand(clean, name), registry, check_models, pipelines)
-        except Exception:  # noqa: BLE001 - the structural problems are reported either way
-            pass
-        raise ConfigError(problems, label)
-    raw["name"] = name
-    cells = expand(raw, name)
-    if not cells:
-        problems.append("grid: every cell is excluded; nothing to run")
-    problems += validate_cells(cells, registry, check_models, pipelines)
-    launcher = (raw.get("launcher") or {}).get("name", "local")
-    if launcher not in registry.launchers:
-        hint = nearest(launcher, registry.launchers)
+    clean = without(raw, [p.split(": ", 1)[0] for p in problems]) if problems else raw
+    clean["name"] = name
+    try:
+        cells = expand(clean, name)
+        if not cells and not problems:
+            problems.append("grid: every cell is excluded; nothing to run")
+        problems += validate_cells(cells, registry, check_models, pipelines)
+    except Exception:  # noqa: BLE001 - only where the type check already found the cause
+        if not problems:
+            raise
+    launcher = (clean.get("launcher") or {}).get("name", "local")
+    if isinstance(launcher, str) and launcher not in registry.launchers:
+        hint = close_match(launcher, registry.launchers)
         problems.append(
             f"launcher.name: unknown launcher {launcher!r}" + (f" (did you mean {hint!r}?)" if hint else "")
             + f"; valid: {', '.join(sorted(registry.launchers))}"
         )
     if problems:
         raise ConfigError(problems, label)
+    raw["name"] = name
+    if raw.get("seeds_for", "stochastic") == "stochastic":
+        cells = first_seed_only(cells, lambda run: draws_random(pipelines.get(run)))
+    cells = rekey(cells, lambda run: canonical_recipe(pipelines.get(run)))
     typed = OmegaConf.merge(OmegaConf.structured(GridConfig), raw)
     OmegaConf.set_struct(typed, True)
     return GridSpec(name, raw, typed, cells, label, pipelines)

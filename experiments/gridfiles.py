@@ -50,7 +50,11 @@ def read_config_file(path: Union[str, Path], _seen: tuple[Path, ...] = ()) -> di
     of a shipped config); later files and finally this file win; mappings merge key by key, any
     other value (lists included) is replaced.
     """
-    path = _find_file(path, Path.cwd())
+    try:
+        path = _find_file(path, Path.cwd())
+    except FileNotFoundError as error:
+        shipped = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
+        raise ConfigError([f"<file>: {error}; shipped grids: {shipped}"], str(path)) from None
     if path in _seen:
         chain = " -> ".join(str(p) for p in (*_seen, path))
         raise ConfigError([f"defaults: circular composition {chain}"], str(path))

@@ -7,6 +7,7 @@ the next ``vtprune run``), so a launcher may return before its jobs finish.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
@@ -14,7 +15,8 @@ __all__ = ["LocalLauncher", "SlurmLauncher"]
 
 
 class LocalLauncher:
-    """Runs the cells one after the other in this process, with a progress bar over the grid.
+    """Runs the cells one after the other in this process, with a progress bar over the grid, or,
+    without progress bars (``--no-progress``, or output that is not a terminal), one line per cell.
     Baselines come first, so every pruned cell can compute its fidelity."""
 
     def __init__(self) -> None:
@@ -25,12 +27,16 @@ class LocalLauncher:
 
         bar = tqdm(cells, desc="grid", unit="cell", disable=not progress)
         failed = 0
-        for cell in bar:
+        for number, cell in enumerate(bar, start=1):
             bar.set_postfix_str(f"{failed} failed" if failed else "", refresh=False)
+            started = time.perf_counter()
             record = run_cell(cell)
-            if isinstance(record, dict) and record.get("status") == "failed":
+            status = record.get("status", "?") if isinstance(record, dict) else "?"
+            if status == "failed":
                 failed += 1
                 bar.write(f"cell {cell.key} ({cell.describe()}) failed: {record.get('error')}")
+            elif not progress:
+                print(f"[{number}/{len(cells)}] {status} {cell.key} {cell.describe()} ({time.perf_counter() - started:.1f}s)", flush=True)
         bar.close()
 
 

@@ -4,7 +4,9 @@ A per-sample row (one line of ``samples.jsonl``) is built by `sample_row`; `summ
 rows of a cell (and those of the unpruned run, for fidelity) into the cell's metrics:
 
 - ``accuracy``: mean of the task's primary metric (``score/<name>`` for every metric);
-- ``fidelity``: share of samples whose normalized answer equals the unpruned model's;
+- ``fidelity``: share of samples whose answer (what the task scores: `task_answer`, e.g. the
+  organism's first word) equals the unpruned model's; ``fidelity_text``: the same on the whole
+  generated strings (after `normalize_answer`), a stricter second view;
 - ``tokens_visual`` / ``tokens_requested`` / ``tokens_kept`` (means per sample, all images),
   ``kept_ratio``, ``tokens_kept_layer/<k>`` for in-LLM drops and schedules;
 - ``flops`` / ``flops_ratio`` and ``kv_bytes`` / ``kv_ratio``: analytic prefill FLOPs and KV-cache
@@ -21,7 +23,7 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 from . import cost
 from .samples import normalize_answer, primary_metric
 
-__all__ = ["sample_row", "summarize", "select_groups", "fidelity", "requested_tokens"]
+__all__ = ["sample_row", "summarize", "select_groups", "fidelity", "fidelity_text", "requested_tokens"]
 
 _GROUP_PREFIXES = {
     "accuracy": ("accuracy", "score/"),
@@ -51,8 +53,10 @@ def sample_row(
     budget: Any,
     timing: Mapping[str, Any],
     batch: int,
+    answer: Optional[str] = None,
 ) -> dict[str, Any]:
-    """The JSON record of one answered sample."""
+    """The JSON record of one answered sample; ``answer`` is the normalised answer the task scores
+    (`vtprune.experiments.samples.task_answer`; default: the normalised prediction)."""
     shape = cost.decoder_shape(config)
     visual = int(sum(generation.visual_tokens))
     full = [generation.total_tokens] * shape.layers
@@ -63,6 +67,7 @@ def sample_row(
         "question": question,
         "answers": list(sample.answers),
         "prediction": generation.prediction,
+        "answer": answer if answer is not None else normalize_answer(generation.prediction),
         "scores": dict(scores),
         "accuracy": float(scores[accuracy_key]),
         "visual_tokens": visual,
@@ -83,11 +88,30 @@ def sample_row(
     }
 
 
-def fidelity(rows: Iterable[Mapping[str, Any]], baseline: Iterable[Mapping[str, Any]]) -> tuple[Optional[float], int]:
-    """(share of answers equal to the unpruned model's after normalization, samples compared)."""
-    reference = {str(r["id"]): normalize_answer(r.get("prediction", "")) for r in baseline}
-    same = [normalize_answer(r.get("prediction", "")) == reference[str(r["id"])] for r in rows if str(r["id"]) in reference]
+def _row_answer(row: Mapping[str, Any]) -> str:
+    """A row's scored answer (rows written before the ``answer`` field: the normalised prediction)."""
+    answer = row.get("answer")
+    return str(answer) if answer is not None else normalize_answer(row.get("prediction", ""))
+
+
+def _row_text(row: Mapping[str, Any]) -> str:
+    return normalize_answer(row.get("prediction", ""))
+
+
+def _agreement(rows: Iterable[Mapping[str, Any]], baseline: Iterable[Mapping[str, Any]], view: Any) -> tuple[Optional[float], int]:
+    reference = {str(r["id"]): view(r) for r in baseline}
+    same = [view(r) == reference[str(r["id"])] for r in rows if str(r["id"]) in reference]
     return (sum(same) / len(same) if same else None), len(same)
+
+
+def fidelity(rows: Iterable[Mapping[str, Any]], baseline: Iterable[Mapping[str, Any]]) -> tuple[Optional[float], int]:
+    """(share of samples whose scored answer equals the unpruned model's, samples compared)."""
+    return _agreement(rows, baseline, _row_answer)
+
+
+def fidelity_text(rows: Iterable[Mapping[str, Any]], baseline: Iterable[Mapping[str, Any]]) -> tuple[Optional[float], int]:
+    """(share of samples whose whole normalised generated text equals the unpruned model's, samples compared)."""
+    return _agreement(rows, baseline, _row_text)
 
 
 def _mean(values: Iterable[Any]) -> Optional[float]:
@@ -105,6 +129,7 @@ def summarize(rows: Sequence[Mapping[str, Any]], baseline: Optional[Sequence[Map
         out[f"score/{name}"] = _mean((r.get("scores") or {}).get(name) for r in rows)
     if baseline is not None:
         out["fidelity"], out["fidelity_n"] = fidelity(rows, baseline)
+        out["fidelity_text"] = fidelity_text(rows, baseline)[0]
     for key in ("visual_tokens", "tokens_requested", "tokens_kept"):
         out[key if key != "visual_tokens" else "tokens_visual"] = _mean(r.get(key) for r in rows)
     if out.get("tokens_visual"):

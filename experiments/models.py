@@ -10,7 +10,9 @@ max_new_tokens) -> list[Generation]``.
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
+import json
 import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -120,6 +122,15 @@ def _dtype(name: str, device: torch.device) -> torch.dtype:
     return getattr(torch, name)
 
 
+#: The ``model:`` keys that change the loaded weights; the others (prompt, adapter) are per cell.
+LOAD_KEYS: tuple[str, ...] = ("name", "dtype", "device", "attn_implementation", "revision", "options")
+
+
+def load_key(model: Mapping[str, Any]) -> str:
+    """What decides whether two ``model:`` sections share loaded weights (`LOAD_KEYS`), as JSON."""
+    return json.dumps({k: model.get(k) for k in LOAD_KEYS}, sort_keys=True, default=str)
+
+
 def load_backend(model: Mapping[str, Any], registry: Any = None) -> Any:
     """The backend for a ``model:`` config section (loads weights)."""
     if model["name"] == "dummy":
@@ -165,11 +176,22 @@ class HFBackend:
         self.tokenizer = getattr(self.processor, "tokenizer", self.processor)
         if getattr(self.tokenizer, "padding_side", None) is not None:
             self.tokenizer.padding_side = "left"
+        self._set_prompt(model)
+        self.image_token_id = getattr(self.config, "image_token_id", None) or getattr(self.config, "image_token_index", None)
+
+    def _set_prompt(self, model: Mapping[str, Any]) -> None:
+        self.spec = dict(model)
         self.template = model.get("prompt_template")
         self.prompt_stop = None
         if model.get("prompt_stop"):
             self.prompt_stop = self.tokenizer(model["prompt_stop"], add_special_tokens=False)["input_ids"]
-        self.image_token_id = getattr(self.config, "image_token_id", None) or getattr(self.config, "image_token_index", None)
+
+    def for_model(self, model: Mapping[str, Any]) -> "HFBackend":
+        """This backend (same loaded weights) with ``model``'s prompt template, prompt stop and
+        adapter: ``model`` differs from the loaded one only outside `LOAD_KEYS`."""
+        view = copy.copy(self)
+        view._set_prompt(model)
+        return view
 
     def prune(self, pipeline: Any, budget: Any, positions: str) -> Any:
         if pipeline is None:
@@ -283,6 +305,10 @@ class DummyBackend:
             hidden_size=64, intermediate_size=128, num_hidden_layers=int(options.get("layers", 4)),
             num_attention_heads=4, num_key_value_heads=2, vocab_size=100,
         )
+
+    def for_model(self, model: Mapping[str, Any]) -> "DummyBackend":
+        """This backend (the dummy has no prompt settings)."""
+        return self
 
     def prune(self, pipeline: Any, budget: Any, positions: str) -> Any:
         if pipeline is None:

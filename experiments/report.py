@@ -15,10 +15,11 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
-from .metrics import fidelity
+from .metrics import fidelity, fidelity_text
+from .plots import write_plots
 from .results import ResultsDir
 
-__all__ = ["collect_rows", "write_report", "COLUMNS"]
+__all__ = ["collect_rows", "write_report", "budget_table", "COLUMNS"]
 
 COLUMNS: tuple[str, ...] = (
     "model", "task", "method", "budget", "seeds", "n_samples", "tokens_kept", "kept_ratio", "accuracy",
@@ -32,9 +33,12 @@ def _mean(values: Sequence[Any]) -> Optional[float]:
 
 
 def collect_rows(root: Path | str) -> list[dict[str, Any]]:
-    """Table rows from a results directory (finished cells only), unpruned rows first."""
+    """Table rows from a results directory (finished cells only): per (model, task), the unpruned
+    row first, then methods in the grid's order (first appearance in ``cells.jsonl``), budgets
+    from large to small."""
     results = ResultsDir(root)
     groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
+    order: dict[str, int] = {}  # method -> first appearance in cells.jsonl (the grid's order)
     for key, state in results.states().items():
         if state.get("status") != "done":
             continue
@@ -45,12 +49,15 @@ def collect_rows(root: Path | str) -> list[dict[str, Any]]:
             value, count = fidelity(results.samples(key), results.samples(baseline_key))
             if count:
                 metrics["fidelity"] = value
+                metrics["fidelity_text"] = fidelity_text(results.samples(key), results.samples(baseline_key))[0]
         elif config.get("method") is None:
             metrics.setdefault("fidelity", 1.0)
+            metrics.setdefault("fidelity_text", 1.0)
         model = (config.get("model") or {}).get("name", "?")
         task = (config.get("task") or {}).get("name", "?")
         budget = "-" if config.get("method") is None else config.get("budget")
         label = state.get("label") or ("unpruned" if config.get("method") is None else "?")
+        order.setdefault(label, len(order))
         groups[(model, task, label, str(budget))].append({"metrics": metrics, "seed": config.get("seed"), "key": key, "budget": budget})
     rows = []
     for (model, task, label, _), members in groups.items():
@@ -64,7 +71,7 @@ def collect_rows(root: Path | str) -> list[dict[str, Any]]:
         row["target_kept"] = row.get("score/target_kept")
         row["accuracy_ci95"] = _ci95(row.get("accuracy"), sum(int(m["metrics"].get("n_samples") or 0) for m in members))
         rows.append(row)
-    rows.sort(key=lambda r: (r["model"], r["task"], r["method"] != "unpruned", r["method"], _budget_order(r["budget"])))
+    rows.sort(key=lambda r: (r["model"], r["task"], r["method"] != "unpruned", order[r["method"]], -_budget_order(r["budget"])))
     return rows
 
 
@@ -89,6 +96,55 @@ def _format(value: Any) -> str:
     return str(value)
 
 
+def _accuracy(row: Mapping[str, Any]) -> str:
+    accuracy, interval = row.get("accuracy"), row.get("accuracy_ci95")
+    if accuracy is None:
+        return ""
+    return f"{accuracy:.3f}" + (f" ± {interval:.3f}" if interval else "")
+
+
+def _budget_name(budget: Any) -> str:
+    if isinstance(budget, float):
+        return f"{budget:.0%}"
+    return f"{budget} tokens" if isinstance(budget, int) else str(budget)
+
+
+def budget_table(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The README's view, as markdown lines: per (model, task) a heading, then one row per method
+    (unpruned first, then the grid's order) and one column per budget (large to small), each cell
+    the accuracy ± its 95% interval half-width."""
+    lines: list[str] = []
+    for model, task in dict.fromkeys((r["model"], r["task"]) for r in rows):
+        chosen = [r for r in rows if (r["model"], r["task"]) == (model, task)]
+        budgets = sorted({r["budget"] for r in chosen if r["method"] != "unpruned"}, key=_budget_order, reverse=True)
+        methods = list(dict.fromkeys(r["method"] for r in chosen))
+        cells = {(r["method"], r["budget"]): r for r in chosen}
+        lines += [f"## {task}: {model}", "", "| method | all tokens | " + " | ".join(_budget_name(b) for b in budgets) + " |"]
+        lines.append("|---" * (len(budgets) + 2) + "|")
+        for method in methods:
+            if method == "unpruned":
+                row = next(r for r in chosen if r["method"] == "unpruned")
+                lines.append(f"| unpruned | {_accuracy(row)} |" + " |" * len(budgets))
+                continue
+            seeds = max((r.get("seeds") or 1) for r in chosen if r["method"] == method)
+            name = f"{method} ({seeds} seeds)" if seeds > 1 else method
+            values = [_accuracy(cells[(method, b)]) if (method, b) in cells else "" for b in budgets]
+            lines.append(f"| {name} | | " + " | ".join(values) + " |")
+        lines.append("")
+    return lines[:-1] if lines else ["(no finished cells)"]
+
+
+def _grid_name(root: Path) -> str:
+    """The grid's name from ``grid.yaml`` (else the folder's name)."""
+    import yaml
+
+    try:
+        data = yaml.safe_load((root / "grid.yaml").read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        data = {}
+    return str(data.get("name") or root.name) if isinstance(data, dict) else root.name
+
+
 def write_report(root: Path | str, out: Optional[Path | str] = None, overlays: int = 8) -> dict[str, Path]:
     """Write ``report.md``, ``report.csv`` and the plots into ``out`` (default ``ROOT/report``);
     returns the written paths by name."""
@@ -103,90 +159,18 @@ def write_report(root: Path | str, out: Optional[Path | str] = None, overlays: i
         for row in rows:
             writer.writerow({c: row.get(c) for c in COLUMNS})
     written["csv"] = out / "report.csv"
+    title = _grid_name(root)
     header = "| " + " | ".join(COLUMNS) + " |"
-    lines = [f"# vtprune report: {root}", "", header, "|" + "---|" * len(COLUMNS)]
+    lines = [f"# vtprune report: {title}", "", f"Results: `{root}`; every metric per row: `report.csv` and the table below.", ""]
+    lines += budget_table(rows)
+    lines += ["", "## All metrics", "", header, "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(_format(row.get(c)) for c in COLUMNS) + " |" for row in rows]
     states = ResultsDir(root).states()
     failed = [s for s in states.values() if s.get("status") == "failed"]
     if failed:
         lines += ["", f"{len(failed)} failed cell(s):"] + [f"- `{s['key']}` {s.get('label', '')}: {s.get('error', '')}" for s in failed]
-    written.update(_plots(rows, root, out, overlays))
+    written.update(write_plots(rows, root, out, overlays, title))
     lines += [""] + [f"![{name}]({path.name})" for name, path in written.items() if path.suffix == ".png"]
     (out / "report.md").write_text("\n".join(lines) + "\n")
     written["markdown"] = out / "report.md"
     return written
-
-
-def _plots(rows: Sequence[Mapping[str, Any]], root: Path, out: Path, overlays: int) -> dict[str, Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    written: dict[str, Path] = {}
-    pairs = sorted({(r["model"], r["task"]) for r in rows})
-    for x_key, x_label, name in (
-        ("tokens_kept", "visual tokens kept (per sample)", "accuracy_vs_tokens"),
-        ("flops_ratio", "prefill FLOPs (ratio to unpruned)", "accuracy_vs_flops"),
-    ):
-        figure, axes = plt.subplots(1, max(len(pairs), 1), figsize=(6 * max(len(pairs), 1), 4.2), squeeze=False)
-        for axis, (model, task) in zip(axes[0], pairs):
-            chosen = [r for r in rows if (r["model"], r["task"]) == (model, task)]
-            by_method: dict[str, list[Mapping[str, Any]]] = defaultdict(list)
-            for row in chosen:
-                by_method[row["method"]].append(row)
-            methods = sorted(m for m in by_method if m != "unpruned")
-            palette = plt.get_cmap("tab20" if len(methods) > 10 else "tab10")
-            styles = {m: (palette(i % palette.N), ("-", "--", ":", "-.")[i // palette.N % 4]) for i, m in enumerate(methods)}
-            for method, members in sorted(by_method.items()):
-                points = sorted((m.get(x_key), m.get("accuracy")) for m in members if m.get(x_key) is not None and m.get("accuracy") is not None)
-                if not points:
-                    continue
-                if method == "unpruned":
-                    axis.axhline(points[0][1], color="black", linestyle="--", linewidth=1, label="unpruned")
-                    axis.plot(*zip(*points), "k*", markersize=10)
-                else:
-                    colour, style = styles[method]
-                    axis.plot(*zip(*points), marker="o", color=colour, linestyle=style, label=method)
-            axis.set_xlabel(x_label)
-            axis.set_ylabel("accuracy")
-            axis.set_title(f"{task} / {Path(str(model)).name}", fontsize=9)
-            axis.grid(alpha=0.3)
-            axis.legend(fontsize=7)
-        figure.tight_layout()
-        path = out / f"{name}.png"
-        figure.savefig(path, dpi=110)
-        plt.close(figure)
-        written[name] = path
-    montage = _overlay_montage(rows, root, out, overlays, plt)
-    if montage is not None:
-        written["kept_tokens"] = montage
-    return written
-
-
-def _overlay_montage(rows: Sequence[Mapping[str, Any]], root: Path, out: Path, limit: int, plt: Any) -> Optional[Path]:
-    from PIL import Image
-
-    results = ResultsDir(root)
-    picks = []
-    for row in rows:
-        for key in row.get("keys", [])[:1]:
-            images = sorted(results.overlay_dir(key).glob("*.png"))[:1]
-            if images:
-                picks.append((f"{row['method']} b={row['budget']}", images[0]))
-    picks = picks[:limit]
-    if not picks:
-        return None
-    columns = min(4, len(picks))
-    lines = math.ceil(len(picks) / columns)
-    figure, axes = plt.subplots(lines, columns, figsize=(3 * columns, 3.2 * lines), squeeze=False)
-    for axis in axes.flat:
-        axis.axis("off")
-    for axis, (title, path) in zip(axes.flat, picks):
-        axis.imshow(Image.open(path))
-        axis.set_title(title, fontsize=7)
-    figure.tight_layout()
-    target = out / "kept_tokens.png"
-    figure.savefig(target, dpi=110)
-    plt.close(figure)
-    return target

@@ -116,6 +116,16 @@ class ResultsDir:
     def record(self, record: Mapping[str, Any]) -> None:
         append_jsonl(self.cells_file, record)
 
+    def archive_samples(self, key: str) -> Optional[Path]:
+        """Move a cell's ``samples.jsonl`` aside (``samples.<n>.stale.jsonl``) so the cell starts afresh."""
+        source = self.samples_file(key)
+        if not source.exists():
+            return None
+        number = len(list(source.parent.glob("samples.*.stale.jsonl")))
+        target = source.parent / f"samples.{number}.stale.jsonl"
+        os.replace(source, target)
+        return target
+
     def samples(self, key: str) -> list[dict[str, Any]]:
         """Per-sample rows of a cell, the last row per sample id."""
         rows: dict[str, dict[str, Any]] = {}

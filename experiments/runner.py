@@ -11,41 +11,64 @@ traceback when anything raises, as one line of ``cells.jsonl``.
 
 from __future__ import annotations
 
-import json
+import contextlib
 import os
 import random
 import sys
 import time
 import traceback
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 from .cells import Cell
 from .config import GridSpec
-from .pipelines import PipelineCache, build_pipeline
+from .locks import cell_lock
+from .pipelines import PipelineCache, build_pipeline, recipe_versions
 from .results import ResultsDir, append_jsonl
 
-__all__ = ["CellRunner", "CellContext", "run_cell", "run_grid", "GridSummary", "ModelCache"]
+__all__ = ["CellRunner", "CellContext", "run_cell", "run_grid", "GridSummary", "ModelCache", "stale_cells"]
 
 
 class ModelCache:
-    """The last loaded backend, re-used while consecutive cells name the same model."""
+    """The last loaded backend, re-used while consecutive cells name the same weights (model name,
+    dtype, device, ... : `vtprune.experiments.models.LOAD_KEYS`); prompt settings are per cell.
+    Weights load quietly (no transformers progress bar) unless ``progress``."""
 
-    def __init__(self) -> None:
+    def __init__(self, progress: bool = True) -> None:
         self.key: Optional[str] = None
         self.backend: Any = None
+        self.loads = 0
+        self.progress = progress
 
     def get(self, model: Mapping[str, Any], registry: Any) -> Any:
-        from .models import load_backend
+        from .models import load_backend, load_key
 
-        key = json.dumps(model, sort_keys=True, default=str)
+        key = load_key(model)
         if key != self.key:
             self.backend = None
-            self.backend = load_backend(model, registry)
+            with _loading_bars(self.progress):
+                self.backend = load_backend(model, registry)
             self.key = key
-        return self.backend
+            self.loads += 1
+        return self.backend.for_model(model)
+
+
+@contextlib.contextmanager
+def _loading_bars(show: bool) -> Iterator[None]:
+    """transformers' weight-loading progress bar on or off for the duration (restored after)."""
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        yield
+        return
+    before = hf_logging.is_progress_bar_enabled()
+    (hf_logging.enable_progress_bar if show else hf_logging.disable_progress_bar)()
+    try:
+        yield
+    finally:
+        (hf_logging.enable_progress_bar if before else hf_logging.disable_progress_bar)()
 
 
 @dataclass
@@ -93,30 +116,49 @@ def run_cell(
 ) -> dict[str, Any]:
     """Run one cell and append its state ("done" with metrics, or "failed" with the traceback) to
     ``cells.jsonl``; returns that record. Only exceptions are recorded: KeyboardInterrupt and
-    SystemExit stop the grid (the cell then resumes on the next run). The pipeline comes from
+    SystemExit stop the grid (the cell then resumes on the next run). A cell whose lock another
+    process holds (`vtprune.experiments.locks`) is left to it: nothing is written and the returned
+    record's status is "busy"; one that another run finished meanwhile is not run again. The pipeline comes from
     ``pipelines`` when that cache belongs to the same registry (the grid's, composed while
     validating), else it is composed here."""
     from vtprune.framework.registry import default_registry
 
     registry = default_registry(registry)
     results = ResultsDir(root)
-    cache = cache or ModelCache()
-    started = time.time()
     base = {"key": cell.key, "grid": cell.grid, "label": cell.label, "assignment": cell.assignment, "baseline_key": cell.baseline_key}
+    with cell_lock(results.cell_dir(cell.key)) as mine:
+        if not mine:  # another run (process, Slurm task) holds this cell
+            return {**base, "status": "busy"}
+        return _run_locked(cell, results, registry, cache or ModelCache(progress), progress, pipelines, base)
+
+
+def _run_locked(
+    cell: Cell, results: ResultsDir, registry: Any, cache: ModelCache, progress: bool,
+    pipelines: Optional[PipelineCache], base: dict[str, Any],
+) -> dict[str, Any]:
+    """`run_cell` once this process holds the cell's lock."""
+    started = time.time()
     _write_config(results, cell)
     tracker = None
     try:
         from .tracking import make_tracker
 
         pipeline = None
-        extra = {}
+        extra: dict[str, Any] = {}
         if not cell.is_baseline:
             shared = pipelines is not None and pipelines.registry is registry
             pipeline = pipelines.get(cell.config) if shared else build_pipeline(cell.config, registry)
             extra = {"recipe": str(pipeline), "recipe_dict": pipeline.to_dict()}
+        extra["versions"] = recipe_versions(pipeline)
+        latest = results.states().get(cell.key) or {}
+        if latest.get("status") == "done" and latest.get("versions") == extra["versions"]:
+            return latest  # another run finished it since this run planned it
         tracker = make_tracker(cell.config.get("tracking") or {}, cell, results.root, extra)
         metrics = _execute(cell, results, registry, cache, pipeline, progress, tracker)
         record = {**base, "status": "done", "metrics": metrics, "config": cell.config, **extra, "seconds": time.time() - started}
+        notes = _notes(cell, metrics)
+        if notes:
+            record["notes"] = notes
         tracker.log_metrics(metrics)
         tracker.finish()
     except Exception as error:  # noqa: BLE001 - a failing cell is recorded and the grid goes on
@@ -137,6 +179,14 @@ def run_cell(
     return record
 
 
+def _notes(cell: Cell, metrics: Mapping[str, Any]) -> list[str]:
+    """What a finished cell's user should know: a ``task.limit`` above the task's sample count."""
+    limit, count = cell.config["task"].get("limit"), metrics.get("n_samples")
+    if limit is not None and isinstance(count, int) and count < limit:
+        return [f"task.limit is {limit} but task {cell.config['task']['name']!r} has {count} samples: ran {count}"]
+    return []
+
+
 def _write_config(results: ResultsDir, cell: Cell) -> None:
     import yaml
 
@@ -154,6 +204,7 @@ def _execute(cell: Cell, results: ResultsDir, registry: Any, cache: ModelCache, 
 
     from .measure import PhaseMeter
     from .metrics import accuracy_key, sample_row, select_groups, summarize
+    from .samples import task_answer
     from .schema import METRIC_GROUPS
 
     run = cell.config
@@ -190,7 +241,8 @@ def _execute(cell: Cell, results: ResultsDir, registry: Any, cache: ModelCache, 
                     if hasattr(task, "selection_scores") and output.kept_indices:
                         scores.update(task.selection_scores(sample, output.kept_indices))
                     key = key or accuracy_key(task, scores)
-                    row = sample_row(sample, question, output, scores, key, backend.config, budget, timing, f"{run_id}-{number}")
+                    answer = task_answer(task, sample, output.prediction)
+                    row = sample_row(sample, question, output, scores, key, backend.config, budget, timing, f"{run_id}-{number}", answer)
                     append_jsonl(samples_file, row)
                     if overlays_left > 0 and output.kept_indices and sample.images:
                         path = _save_overlay(results, cell, sample, output)
@@ -233,7 +285,7 @@ class CellRunner:
         self.registry = registry
         self.progress = progress
         self.pipelines = pipelines
-        self.cache = ModelCache()
+        self.cache = ModelCache(progress)
 
     def __call__(self, cell: Cell) -> dict[str, Any]:
         return run_cell(cell, self.root, self.registry, self.cache, self.progress, self.pipelines)
@@ -254,6 +306,8 @@ class GridSummary:
     skipped: list[str]
     pending: list[str]
     root: Path
+    stale: dict[str, str] = field(default_factory=dict)
+    """Finished cells kept although they ran with other versions: key -> ``vtprune 0.1.0 -> 0.2.0``."""
 
     def format(self, spec: GridSpec) -> str:
         states = ResultsDir(self.root).states()
@@ -263,6 +317,13 @@ class GridSummary:
             f"results: {self.root}",
         ]
         by_key = {c.key: c for c in spec.cells}
+        for key in self.done:
+            for note in states.get(key, {}).get("notes") or []:
+                lines.append(f"  NOTE {key} {by_key[key].describe() if key in by_key else ''}: {note}")
+        for key, change in self.stale.items():
+            lines.append(f"  STALE {key} {by_key[key].describe() if key in by_key else ''}: ran with {change}")
+        if self.stale:
+            lines.append(f"  {len(self.stale)} finished cell(s) ran with other versions and were kept; rerun them with --rerun-stale")
         for key in self.failed:
             state = states.get(key, {})
             lines.append(f"  FAILED {key} {by_key[key].describe() if key in by_key else ''}: {state.get('error', '?')}")
@@ -278,8 +339,13 @@ def run_grid(
     registry: Any = None,
     progress: bool = True,
     runner: Optional[Callable[[Cell], Any]] = None,
+    rerun_stale: bool = False,
 ) -> GridSummary:
-    """Run every cell of ``spec`` that is not finished, with the grid's launcher."""
+    """Run every cell of ``spec`` that is not finished, with the grid's launcher.
+
+    A finished cell whose recorded versions (vtprune and the distributions providing its stages)
+    differ from the installed ones is stale: kept and listed in the summary, or run again from
+    scratch with ``rerun_stale`` (its old samples are moved aside, not deleted)."""
     import yaml
 
     from vtprune.framework.registry import default_registry
@@ -289,9 +355,18 @@ def run_grid(
     results.root.mkdir(parents=True, exist_ok=True)
     (results.root / "grid.yaml").write_text(yaml.safe_dump(spec.raw, sort_keys=False))
     before = results.states()
+    stale = stale_cells(spec, before)
+    if rerun_stale:
+        for key in stale:
+            results.archive_samples(key)
     skip_status = {"done"} if retry_failed else {"done", "failed"}
-    todo = [cell for cell in spec.cells if before.get(cell.key, {}).get("status") not in skip_status]
-    skipped = [cell.key for cell in spec.cells if before.get(cell.key, {}).get("status") == "done"]
+    todo = [
+        cell for cell in spec.cells
+        if before.get(cell.key, {}).get("status") not in skip_status or (rerun_stale and cell.key in stale)
+    ]
+    todo = _by_weights(todo)
+    todo_keys = {cell.key for cell in todo}
+    skipped = [cell.key for cell in spec.cells if before.get(cell.key, {}).get("status") == "done" and cell.key not in todo_keys]
     launcher_config = spec.raw.get("launcher") or {}
     launcher = registry.launcher(launcher_config.get("name", "local"))(**(launcher_config.get("options") or {}))
     runner = runner or CellRunner(results.root, registry, progress, spec.pipelines)
@@ -301,7 +376,36 @@ def run_grid(
     done = [c.key for c in todo if after.get(c.key, {}).get("status") == "done"]
     failed = [c.key for c in spec.cells if after.get(c.key, {}).get("status") == "failed"]
     pending = [c.key for c in todo if c.key not in after]
-    return GridSummary(done, failed, skipped, pending, results.root)
+    return GridSummary(done, failed, skipped, pending, results.root, {} if rerun_stale else stale)
+
+
+def _by_weights(cells: list[Cell]) -> list[Cell]:
+    """``cells`` grouped by the weights they load (first appearance order; stable within a group,
+    so baselines stay first), so that each model loads once per run."""
+    from .models import load_key
+
+    order: dict[str, int] = {}
+    for cell in cells:
+        order.setdefault(load_key(cell.config["model"]), len(order))
+    return sorted(cells, key=lambda cell: order[load_key(cell.config["model"])])
+
+
+def stale_cells(spec: GridSpec, states: Mapping[str, Mapping[str, Any]]) -> dict[str, str]:
+    """Finished cells recorded with other versions than the installed ones: key -> what changed."""
+    out = {}
+    for cell in spec.cells:
+        state = states.get(cell.key) or {}
+        recorded = state.get("versions")
+        if state.get("status") != "done" or not isinstance(recorded, Mapping):
+            continue
+        current = recipe_versions(None if cell.is_baseline else spec.pipelines.get(cell.config))
+        changes = [
+            f"{name} {recorded.get(name, '?')} -> {current.get(name, '?')}"
+            for name in sorted(set(recorded) | set(current)) if recorded.get(name) != current.get(name)
+        ]
+        if changes:
+            out[cell.key] = ", ".join(changes)
+    return out
 
 
 def _takes_progress(launcher: Any) -> bool:

@@ -25,6 +25,7 @@ __all__ = [
     "vqa_accuracy",
     "contains",
     "primary_metric",
+    "task_answer",
 ]
 
 
@@ -52,6 +53,15 @@ class Task(Protocol):
     def samples(self, limit: Optional[int] = None) -> Iterator[Sample]: ...
 
     def score(self, sample: Sample, prediction: str) -> dict[str, float]: ...
+
+
+def task_answer(task: Any, sample: Sample, prediction: str) -> str:
+    """The normalised answer ``task`` scores in ``prediction``: ``task.answer(sample, prediction)``
+    (optional task hook, e.g. the first word) when the task has one, else the whole prediction,
+    passed through `normalize_answer` either way. Fidelity compares these answers."""
+    hook = getattr(task, "answer", None)
+    text = hook(sample, prediction) if callable(hook) else prediction
+    return normalize_answer(text)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -45,7 +45,8 @@ class ModelConfig:
     Attributes:
         name: a Hugging Face hub id, a local directory, ``pkg:<package>/<relative dir>`` (a directory
             inside an installed Python package, e.g. ``pkg:vtprune.experiments.organism/weights``), or
-            ``dummy`` (a fast fake model for dry runs and tests).
+            ``dummy`` (a fast fake model for dry runs and tests). Required: a grid without it is
+            rejected (never silently the fake model).
         dtype: weights and activations dtype ("auto" = float16 on GPU, float32 on CPU).
         device: "auto" (cuda if available, else cpu), "cpu", "cuda", "cuda:1", ...
         attn_implementation: passed to ``from_pretrained`` ("eager", "sdpa", ...); None = default.
@@ -59,7 +60,7 @@ class ModelConfig:
             ``local_files_only``, ``low_cpu_mem_usage``).
     """
 
-    name: str = "dummy"
+    name: Optional[str] = None
     dtype: Dtype = "auto"
     device: str = "auto"
     attn_implementation: Optional[str] = None
@@ -170,7 +171,10 @@ class GridConfig:
         exclude: partial assignments (``{budget: 16, placement: pre_llm}``); a cell matching every key
             of one entry is dropped.
         include: extra cells, each a set of ``dotted.key: value`` overrides of ``base``.
-        seeds: every cell is run once per seed (sets ``seed``); null = ``base.seed`` only.
+        seeds: cells are run once per seed (sets ``seed``); null = ``base.seed`` only.
+        seeds_for: "stochastic" (default): only cells whose method draws random numbers (a stage
+            with ``stochastic = True`` or a ``seed`` parameter) repeat per seed, the others run once
+            with the first seed; "all": every cell runs once per seed.
         baseline: also run the unpruned model once per (model, task) (needed for fidelity).
         launcher: see `LauncherConfig`.
     """
@@ -182,5 +186,6 @@ class GridConfig:
     exclude: list[dict[str, Any]] = field(default_factory=list)
     include: list[dict[str, Any]] = field(default_factory=list)
     seeds: Optional[list[int]] = None
+    seeds_for: Literal["stochastic", "all"] = "stochastic"
     baseline: bool = True
     launcher: LauncherConfig = field(default_factory=LauncherConfig)

@@ -13,11 +13,10 @@ metrics (history and summary), a table of per-sample results and the kept-token 
 from __future__ import annotations
 
 import os
-import uuid
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
-__all__ = ["Tracker", "NullTracker", "WandbTracker", "make_tracker", "versions"]
+__all__ = ["Tracker", "NullTracker", "WandbTracker", "make_tracker", "versions", "run_id"]
 
 _TABLE_COLUMNS = ("id", "question", "answers", "prediction", "accuracy", "tokens_kept", "visual_tokens", "flops")
 
@@ -80,6 +79,12 @@ def _cell(value: Any) -> Any:
     return value
 
 
+def run_id(cell: Any) -> str:
+    """The wandb run id of a cell: its key, so an interrupted or retried cell resumes its own run
+    (``resume="allow"``) instead of opening another one."""
+    return f"vtprune-{cell.key}"
+
+
 def make_tracker(tracking: Mapping[str, Any], cell: Any, root: Path, extra: Optional[Mapping[str, Any]] = None) -> Tracker:
     """A tracker for one cell (`NullTracker` when ``tracking.mode`` is "disabled")."""
     mode = tracking.get("mode", "offline")
@@ -101,7 +106,8 @@ def make_tracker(tracking: Mapping[str, Any], cell: Any, root: Path, extra: Opti
         group=cell.grid or None,
         job_type="baseline" if cell.is_baseline else "cell",
         name=name,
-        id=f"{cell.key}-{uuid.uuid4().hex[:8]}",
+        id=run_id(cell),
+        resume="allow",
         tags=list(tracking.get("tags") or []),
         config=config,
         dir=directory,

@@ -13,8 +13,8 @@ import json
 import re
 from typing import Any, Mapping, Optional, Sequence
 
-from vtprune.framework.errors import VtpruneError, nearest
-from vtprune.framework.typecheck import check_mapping, check_value, type_at
+from vtprune.framework.errors import VtpruneError
+from vtprune.framework.typecheck import check_mapping, check_value, close_match, type_at
 
 from .cells import DROPPED, Cell
 from .pipelines import PipelineCache
@@ -27,6 +27,8 @@ __all__ = [
     "adapter_support_problems",
     "text_config_problems",
     "without",
+    "method_problems",
+    "range_problems",
 ]
 
 
@@ -35,7 +37,10 @@ def check_grid(raw: Mapping[str, Any]) -> list[str]:
     the grid axes (each a run key with a list of values of that key's type) and include / exclude."""
     problems: list[str] = []
     check_mapping(GridConfig, raw, "", problems)
-    return problems + _check_axes(raw)
+    axes = _check_axes(raw)
+    # an axis that is not a list: the axis check's message (with the fix) replaces the type walker's
+    explained = {line.split(": ", 1)[0] for line in axes}
+    return [line for line in problems if line.split(": ", 1)[0] not in explained] + axes
 
 
 _INDEX = re.compile(r"^(.*)\[(\d+)\]$")
@@ -95,12 +100,22 @@ def _check_axes(raw: Mapping[str, Any]) -> list[str]:
         except KeyError as error:
             problems.append(f"grid.{key}: {error.args[0]}")
             continue
+        if not isinstance(values, list):
+            problems.append(f"grid.{key}: an axis is a list of values, got {values!r}; write [{values!r}] for one value, or set base.{key}")
+            continue
         if not values:
             problems.append(f"grid.{key}: an axis needs at least one value")
         for index, value in enumerate(values or []):
             check_value(value, annotation, f"grid.{key}[{index}]", problems)
     for section in ("include", "exclude"):
-        for index, entry in enumerate(raw.get(section) or []):
+        entries = raw.get(section) or []
+        if not isinstance(entries, list):
+            problems.append(f"{section}: a list of {{dotted key: value}} entries, got {entries!r}")
+            continue
+        for index, entry in enumerate(entries):
+            if not isinstance(entry, Mapping):
+                problems.append(f"{section}[{index}]: an entry is a mapping {{dotted key: value}}, got {entry!r}")
+                continue
             for key, value in entry.items():
                 try:
                     annotation = type_at(RunConfig, key)
@@ -155,9 +170,11 @@ def validate_cells(
     adapters: dict[str, Any] = {}
     for cell in cells:
         run = cell.config
+        for where, message in range_problems(cell):
+            problems.add(where, message, cell)
         task = run["task"]
         if task["name"] not in registry.tasks:
-            hint = nearest(task["name"], registry.tasks)
+            hint = close_match(task["name"], registry.tasks)
             problems.add(
                 f"{_origin(cell, 'task')}",
                 f"unknown task {task['name']!r}" + (f" (did you mean {hint!r}?)" if hint else "") + f"; valid tasks: {', '.join(sorted(registry.tasks))}",
@@ -177,9 +194,10 @@ def validate_cells(
         try:
             pipeline = pipelines.get(run)
         except (VtpruneError, TypeError, ValueError) as error:
-            problems.add(_origin(cell, "method", "placement"), str(error), cell)
+            for where, message in method_problems(cell, registry, error):
+                problems.add(where, message, cell)
             continue
-        if check_models:
+        if check_models and run["model"].get("name") is not None:
             model_key = json.dumps(run["model"], sort_keys=True, default=str)
             if model_key not in adapters:
                 adapters[model_key] = _adapter_info(run["model"], registry)
@@ -192,6 +210,81 @@ def validate_cells(
                 for message in messages:
                     problems.add(_origin(cell, "method", "placement", "model"), message, cell)
     return problems.lines()
+
+
+#: Run keys that must be at least a given value: (dotted key, minimum, what the key is).
+_MINIMUMS: tuple[tuple[str, int, str], ...] = (
+    ("generation.batch_size", 1, "samples per generate call"),
+    ("generation.max_new_tokens", 1, "tokens generated per answer"),
+    ("task.limit", 1, "the number of samples to run (null = all)"),
+    ("tracking.log_images", 0, "overlays logged per cell"),
+)
+
+
+def range_problems(cell: Cell) -> list[tuple[str, str]]:
+    """(key path, message) for a missing ``model.name`` and for counts below their minimum."""
+    run = cell.config
+    found = []
+    if run["model"].get("name") is None:
+        found.append((
+            _origin_of(cell, "model.name"),
+            "required: a Hugging Face hub id, a local directory, pkg:<package>/<dir>, or 'dummy' "
+            "(the fake model, for dry runs)",
+        ))
+    for dotted, minimum, what in _MINIMUMS:
+        section, key = dotted.split(".")
+        value = (run.get(section) or {}).get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and value < minimum:
+            found.append((_origin_of(cell, dotted), f"must be >= {minimum} ({what}), got {value}"))
+    return found
+
+
+_COMPOSE_ERRORS = (VtpruneError, TypeError, ValueError)
+
+
+def method_problems(cell: Cell, registry: Any, error: Exception) -> list[tuple[str, str]]:
+    """(key path, message) for every problem of a cell's method that failed to compose with
+    ``error``: the recipe on its own (at the recipe's key path), then each of ``method.params``
+    with the recipe (at that parameter's key path, when its error is not the recipe's), then the
+    placement override; ``error`` itself at the method's origin when no part fails alone."""
+    from vtprune.framework.compose import compose
+
+    from .pipelines import build_pipeline
+
+    run = cell.config
+    method = run["method"]
+    found: list[tuple[str, str]] = []
+    alone = _compose_error(lambda: compose(method["recipe"], registry=registry))
+    if alone is not None:
+        found.append((_origin_of(cell, "method.recipe"), alone))
+    for name, value in (method.get("params") or {}).items():
+        message = _compose_error(lambda: compose(method["recipe"], registry=registry, **{name: value}))
+        if message is not None and message != alone:
+            found.append((_origin_of(cell, f"method.params.{name}"), message))
+    if not found and run.get("placement"):
+        message = _compose_error(lambda: build_pipeline(run, registry))
+        if message is not None:
+            found.append((_origin_of(cell, "placement"), message))
+    return found or [(_origin(cell, "method", "placement"), str(error))]
+
+
+def _compose_error(build: Any) -> Optional[str]:
+    try:
+        build()
+    except _COMPOSE_ERRORS as error:
+        return str(error)
+    return None
+
+
+def _origin_of(cell: Cell, dotted: str) -> str:
+    """Where a cell's value at ``dotted`` (``method.params.critical``) came from: the grid axis or
+    include entry that set it or a key above it, else ``base.<dotted>``."""
+    parts = dotted.split(".")
+    for end in range(len(parts), 0, -1):
+        origin = cell.origins.get(".".join(parts[:end]))
+        if origin is not None:
+            return origin + ("." + ".".join(parts[end:]) if end < len(parts) and "[" not in origin.rsplit(".", 1)[-1] else "")
+    return f"base.{dotted}"
 
 
 def _adapter_info(model: Mapping[str, Any], registry: Any) -> Any:

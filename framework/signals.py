@@ -140,6 +140,11 @@ class Signals:
             raise ValueError("Signals.visual_mask must be a bool tensor (True = real token)")
         if self.prompt is not None and (self.prompt.dim() != 3 or self.prompt.shape[0] != batch):
             raise ValueError(f"Signals.prompt must be (B={batch}, T, D), got {tuple(self.prompt.shape)}")
+        if self.prompt is not None and self.prompt.shape[-1] != self.visual.shape[-1]:
+            raise ValueError(
+                f"Signals.prompt has width D={self.prompt.shape[-1]} but Signals.visual has D={self.visual.shape[-1]}: "
+                "the prompt tokens must be in the same space as the visual tokens"
+            )
         if self.grid is not None and self.visual_mask is None and self.grid[0] * self.grid[1] != tokens:
             raise ValueError(f"Signals.grid {self.grid} does not cover the N={tokens} visual tokens")
         if self.grids is not None:

@@ -34,6 +34,7 @@ __all__ = [
     "Drop",
     "ParamSpec",
     "stage_params",
+    "is_stochastic",
 ]
 
 #: The stage kinds in canonical recipe order.
@@ -71,6 +72,16 @@ def stage_params(cls: type) -> tuple[ParamSpec, ...]:
     return tuple(specs)
 
 
+def is_stochastic(stage: Any) -> bool:
+    """Whether a stage (class or instance) draws random numbers: its ``stochastic`` attribute, or,
+    where that is None, whether it has a ``seed`` parameter."""
+    cls = stage if isinstance(stage, type) else type(stage)
+    declared = getattr(cls, "stochastic", None)
+    if declared is not None:
+        return bool(declared)
+    return any(spec.name == "seed" for spec in stage_params(cls))
+
+
 class Stage:
     """Common base of every stage.
 
@@ -78,6 +89,9 @@ class Stage:
         name: the registry name used in recipes (lower_snake_case).
         description: one line for the catalog.
         requires: the `Signals` fields the stage reads (besides ``visual`` and ``visual_mask``).
+        stochastic: whether the stage draws random numbers (so a run repeated with another seed
+            can select differently); None (default) = derived: True when the stage has a ``seed``
+            parameter (`is_stochastic`). Experiment grids repeat only stochastic cells per seed.
     """
 
     kind: ClassVar[str] = ""
@@ -90,6 +104,7 @@ class Stage:
     #: keys come from layer k's own weights on its input instead of layer k-1's (PyramidDrop). Adapters that
     #: do not know a hint ignore it.
     adapter_hints: ClassVar[frozenset[str]] = frozenset()
+    stochastic: ClassVar[Optional[bool]] = None
 
     @property
     def params(self) -> dict[str, Any]:

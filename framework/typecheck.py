@@ -32,9 +32,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, Optional, Union
 
-from .errors import ParameterError, nearest
+import difflib
+
+from .errors import ParameterError
 
 __all__ = [
+    "close_match",
+    "KEY_HINT_CUTOFF",
     "Mismatch",
     "walk",
     "coerce",
@@ -101,7 +105,7 @@ def walk(value: Any, annotation: Any, path: tuple[PathPart, ...] = ("",), conver
     if origin is Literal:
         if value in args:
             return value, []
-        hint = nearest(str(value), [str(a) for a in args])
+        hint = close_match(str(value), [str(a) for a in args])
         return value, [Mismatch(path, "choice", annotation, value, hint=hint)]
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
@@ -151,6 +155,17 @@ def _walk_dict(value: Any, args: tuple[Any, ...], path: tuple[PathPart, ...], co
         return value, problems or not_mapping
 
 
+KEY_HINT_CUTOFF = 0.6
+"""How alike (difflib ratio) an unknown key must be to a valid one to be suggested: ``dtyp`` ->
+``dtype`` (0.89), ``gird`` -> ``grid`` (0.75); ``pruning`` -> ``tracking`` (0.53) is not suggested."""
+
+
+def close_match(name: str, choices: Any) -> Optional[str]:
+    """The valid key or name closest to ``name`` when it is close (`KEY_HINT_CUTOFF`), else None."""
+    matches = difflib.get_close_matches(name, sorted(str(c) for c in choices), n=1, cutoff=KEY_HINT_CUTOFF)
+    return matches[0] if matches else None
+
+
 def _walk_fields(cls: type, data: Any, path: tuple[PathPart, ...]) -> list[Mismatch]:
     if not isinstance(data, Mapping):
         return [Mismatch(path, "mapping", cls, data)]
@@ -159,7 +174,7 @@ def _walk_fields(cls: type, data: Any, path: tuple[PathPart, ...]) -> list[Misma
     for key, value in data.items():
         where = (*path, key)
         if key not in hints:
-            problems.append(Mismatch(where, "unknown_key", cls, key, hint=nearest(str(key), hints), valid=tuple(hints)))
+            problems.append(Mismatch(where, "unknown_key", cls, key, hint=close_match(str(key), hints), valid=tuple(hints)))
             continue
         problems += walk(value, hints[key], where)[1]
     return problems
@@ -299,7 +314,7 @@ def type_at(cls: type, dotted: str) -> Any:
         if dataclasses.is_dataclass(annotation):
             hints = typing.get_type_hints(annotation)
             if part not in hints:
-                hint = nearest(part, hints)
+                hint = close_match(part, hints)
                 where = ".".join(walked) or "the run"
                 raise KeyError(
                     f"{where} has no key {part!r}" + (f" (did you mean {hint!r}?)" if hint else "") + f"; valid keys: {', '.join(hints)}"

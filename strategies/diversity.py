@@ -36,6 +36,7 @@ class KMeansDiversity(DiversitySupplementer):
 
     name: ClassVar[str] = "kmeans"
     description: ClassVar[str] = "k-means (scikit-learn, seeded) on the remaining tokens; keep the one nearest each centroid"
+    stochastic: ClassVar[Optional[bool]] = True
     seed: int = 0
     n_init: int = 1
     max_iter: int = 100
@@ -54,6 +55,7 @@ class RandomDiversity(DiversitySupplementer):
 
     name: ClassVar[str] = "random"
     description: ClassVar[str] = "seeded random tokens among the remaining ones (per-row generator)"
+    stochastic: ClassVar[Optional[bool]] = True
     seed: int = 0
 
     def supplement(self, signals: Signals, selected: Tensor, counts: Tensor, valid: Tensor, scores: Optional[Tensor]) -> Supplement:

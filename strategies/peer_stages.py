@@ -236,6 +236,7 @@ class RandPermDiversity(DiversitySupplementer):
 
     name: ClassVar[str] = "randperm"
     description: ClassVar[str] = "seeded random tokens: the first k of randperm(remaining) per row (random baseline)"
+    stochastic: ClassVar[Optional[bool]] = True
     seed: int = 0
 
     def supplement(self, signals: Signals, selected: Tensor, counts: Tensor, valid: Tensor, scores: Optional[Tensor]) -> Supplement:

@@ -47,6 +47,7 @@ class RandomRelevance(RelevanceScorer):
 
     name: ClassVar[str] = "random"
     description: ClassVar[str] = "seeded uniform random scores, the same draw for a row alone or in a batch"
+    stochastic: ClassVar[Optional[bool]] = True
     seed: int = 0
 
     def score(self, signals: Signals) -> Tensor:

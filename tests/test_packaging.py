@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -28,16 +29,41 @@ def _source_packages() -> set[str]:
     return names
 
 
+#: What a build writes into the folder it builds (setuptools' ``build/`` and ``*.egg-info``).
+BUILD_LEFTOVERS: tuple[str, ...] = ("build", "*.egg-info")
+#: Not copied into the temporary build folder.
+NOT_SOURCES: tuple[str, ...] = (".git", ".venv", "build", "dist", "*.egg-info", "results", "__pycache__", ".pytest_cache")
+
+
+def _leftovers() -> set[str]:
+    return {path.name for pattern in BUILD_LEFTOVERS for path in ROOT.glob(pattern)}
+
+
 @pytest.fixture(scope="module")
-def wheel(tmp_path_factory) -> Path:
+def built(tmp_path_factory) -> tuple[Path, set[str], set[str]]:
+    """(the wheel, build leftovers in the source tree before, after): built from a copy of the
+    source tree in a temporary folder, so the tree gets no ``build/`` or ``*.egg-info``."""
+    before = _leftovers()
+    source = tmp_path_factory.mktemp("source") / "vtprune"
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(*NOT_SOURCES))
     out = tmp_path_factory.mktemp("wheel")
     subprocess.run(
-        [sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", str(out), str(ROOT)],
+        [sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", str(out), str(source)],
         check=True,
         capture_output=True,
     )
-    (built,) = out.glob("vtprune-*.whl")
-    return built
+    (wheel_file,) = out.glob("vtprune-*.whl")
+    return wheel_file, before, _leftovers()
+
+
+@pytest.fixture(scope="module")
+def wheel(built) -> Path:
+    return built[0]
+
+
+def test_building_leaves_the_source_tree_clean(built) -> None:
+    _, before, after = built
+    assert after <= before, f"the build wrote {sorted(after - before)} into {ROOT}"
 
 
 def test_wheel_contains_every_package(wheel: Path) -> None:

@@ -42,8 +42,13 @@ class OrganismTask:
             self._labels[sample_id] = (item.patch_labels.tolist(), list(item.target_objects))
             yield Sample(sample_id, [item.image], item.question, [item.answer], {"template": item.template})
 
+    def answer(self, sample: Sample, prediction: str) -> str:
+        """The answer this task scores: the first generated word (``""`` when there is none)."""
+        words = prediction.split()
+        return words[0] if words else ""
+
     def score(self, sample: Sample, prediction: str) -> dict[str, float]:
-        correct = exact_match(prediction.split()[0] if prediction.split() else "", sample.answers)
+        correct = exact_match(self.answer(sample, prediction), sample.answers)
         return {"exact_match": correct, f"exact_match/{sample.meta['template']}": correct}
 
     def selection_scores(self, sample: Sample, kept_indices: Sequence[Sequence[int]]) -> dict[str, float]:

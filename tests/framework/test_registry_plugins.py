@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -30,8 +31,10 @@ PLUGIN_PACKAGE = Path(__file__).resolve().parents[1] / "plugin_package"
 def installed_plugin(tmp_path_factory):
     """Install the one-file plugin package into a private folder (no change to the environment)."""
     target = tmp_path_factory.mktemp("site")
+    source = tmp_path_factory.mktemp("plugin") / "package"  # built from a copy: no build/ or egg-info in tests/
+    shutil.copytree(PLUGIN_PACKAGE, source, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
     subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--quiet", "--target", str(target), str(PLUGIN_PACKAGE)],
+        [sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--quiet", "--target", str(target), str(source)],
         check=True,
     )
     sys.path.insert(0, str(target))
