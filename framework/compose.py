@@ -29,6 +29,7 @@ from .recipe import Term, format_term, parse_recipe
 from .registry import Registry, default_registry
 from .signals import ALWAYS_PRESENT
 from .stages import STAGE_KINDS, stage_params
+from .support import adapter_drop_kinds, pipeline_drop_kinds, provided_signals
 
 __all__ = ["compose", "DEFAULT_RECIPE", "Recipe"]
 
@@ -192,11 +193,14 @@ def _check_pipeline(pipeline: Pipeline, registry: Registry) -> None:
         )
     placement = pipeline.placement
     available = set(ALWAYS_PRESENT) | set(placement.provides)
-    # a placement wrapping a prefill placement (``decode``) gets the adapter signals of the one it wraps
-    at = placement.inner if getattr(placement, "prefill_param", None) else placement
+    # what some registered adapter fills at this placement's drop kinds (the one rule of framework/support.py;
+    # a placement wrapping a prefill placement, ``decode``, has that placement's drops)
+    kinds = pipeline_drop_kinds(pipeline)
+    requested = frozenset(placement.provides)
     for item in registry.adapters.values():
-        if at.name in item.obj.placements:
-            available |= set(item.obj.provides(at.name))
+        if set(kinds) <= adapter_drop_kinds(item.obj):
+            for kind in kinds:
+                available |= provided_signals(item.obj, kind, requested)
     problems = []
     for stage in pipeline.stages:
         for signal in sorted(stage.requires - available):

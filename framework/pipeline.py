@@ -113,12 +113,12 @@ class Pipeline:
             scores = scores.float()  # (B, N)
             if not dense:
                 scores = scores.masked_fill(~valid, float("-inf"))  # (B, N)
-        allocation = self.budget.allocate(totals, valid, scores)
         if scores is None:
             critical_counts = None  # nothing is critical without scores
         elif not self.diversity.adds_tokens:
             critical_counts = totals  # the critical selector fills the whole budget
         else:
+            allocation = self.budget.allocate(totals, valid, scores)  # only the split is read
             critical_counts = torch.minimum(allocation.critical.clamp(min=0), totals)  # (B,)
         chosen = None
         if critical_counts is not None and bool(critical_counts.any()):  # counts are >= 0
