@@ -113,21 +113,21 @@ def expand(raw: Mapping[str, Any], name: str = "") -> list[Cell]:
     Baselines come first; duplicates (same key) are kept once."""
     base = raw.get("base") or {}
     axes = list((raw.get("grid") or {}).items())
-    drafts: list[tuple[dict, dict, dict]] = []
+    drafts: list[tuple[dict, dict]] = []  # (assignment, key -> where it came from)
     for combo in itertools.product(*[list(enumerate(values)) for _, values in axes]):
         if any(isinstance(value, _Dropped) for _, value in combo):
             continue
         assignment = {key: value for (key, _), (_, value) in zip(axes, combo)}
         origins = {key: f"grid.{key}[{index}]" for (key, _), (index, _) in zip(axes, combo)}
-        drafts.append((assignment, origins, {}))
+        drafts.append((assignment, origins))
     for index, extra in enumerate(raw.get("include") or []):
         if isinstance(extra, _Dropped):
             continue
-        drafts.append((dict(extra), {key: f"include[{index}].{key}" for key in extra}, {}))
+        drafts.append((dict(extra), {key: f"include[{index}].{key}" for key in extra}))
     seeds = raw.get("seeds")
     cells: dict[str, Cell] = {}
     baselines: dict[str, Cell] = {}
-    for assignment, origins, _ in drafts:
+    for assignment, origins in drafts:
         config = copy.deepcopy(dict(base))
         for key, value in assignment.items():
             set_dotted(config, key, value)

@@ -56,10 +56,10 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     from .runner import stale_cells
 
     spec, _ = _load(args)
-    states = ResultsDir(spec.output_dir).states()
+    results = ResultsDir(spec.output_dir)
+    states = results.states()
     baselines = sum(cell.is_baseline for cell in spec.cells)
     print(f"grid {spec.name!r} ({spec.source}) -> {spec.output_dir}")
-    results = ResultsDir(spec.output_dir)
     stale = stale_cells(spec, states)
     for number, cell in enumerate(spec.cells):
         status = cell_status(results, cell, states) + (" (stale)" if cell.key in stale else "")

@@ -46,10 +46,11 @@ def collect_rows(root: Path | str) -> list[dict[str, Any]]:
         metrics = dict(state.get("metrics") or {})
         baseline_key = state.get("baseline_key")
         if baseline_key:
-            value, count = fidelity(results.samples(key), results.samples(baseline_key))
+            rows, reference = results.samples(key), results.samples(baseline_key)  # each file read once
+            value, count = fidelity(rows, reference)
             if count:
                 metrics["fidelity"] = value
-                metrics["fidelity_text"] = fidelity_text(results.samples(key), results.samples(baseline_key))[0]
+                metrics["fidelity_text"] = fidelity_text(rows, reference)[0]
         elif config.get("method") is None:
             metrics.setdefault("fidelity", 1.0)
             metrics.setdefault("fidelity_text", 1.0)

@@ -14,13 +14,12 @@ from __future__ import annotations
 import contextlib
 import os
 import random
-import sys
 import time
 import traceback
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
+from typing import Any, Callable, Iterator, Mapping, Optional
 
 from .cells import Cell
 from .config import GridSpec
@@ -384,10 +383,12 @@ def _by_weights(cells: list[Cell]) -> list[Cell]:
     so baselines stay first), so that each model loads once per run."""
     from .models import load_key
 
+    keys = [load_key(cell.config["model"]) for cell in cells]
     order: dict[str, int] = {}
-    for cell in cells:
-        order.setdefault(load_key(cell.config["model"]), len(order))
-    return sorted(cells, key=lambda cell: order[load_key(cell.config["model"])])
+    for key in keys:
+        order.setdefault(key, len(order))
+    ranked = sorted(zip(keys, range(len(cells))), key=lambda pair: order[pair[0]])  # stable: grid order within a model
+    return [cells[index] for _, index in ranked]
 
 
 def stale_cells(spec: GridSpec, states: Mapping[str, Mapping[str, Any]]) -> dict[str, str]:

@@ -155,6 +155,10 @@ class _Problems:
         return out
 
 
+#: What composing a method raises for a bad recipe, parameter or placement (reported, never propagated).
+_COMPOSE_ERRORS = (VtpruneError, TypeError, ValueError)
+
+
 def validate_cells(
     cells: Sequence[Cell], registry: Any, check_models: bool = True, pipelines: Optional[PipelineCache] = None
 ) -> list[str]:
@@ -193,7 +197,7 @@ def validate_cells(
             continue
         try:
             pipeline = pipelines.get(run)
-        except (VtpruneError, TypeError, ValueError) as error:
+        except _COMPOSE_ERRORS as error:
             for where, message in method_problems(cell, registry, error):
                 problems.add(where, message, cell)
             continue
@@ -238,8 +242,6 @@ def range_problems(cell: Cell) -> list[tuple[str, str]]:
             found.append((_origin_of(cell, dotted), f"must be >= {minimum} ({what}), got {value}"))
     return found
 
-
-_COMPOSE_ERRORS = (VtpruneError, TypeError, ValueError)
 
 
 def method_problems(cell: Cell, registry: Any, error: Exception) -> list[tuple[str, str]]:
