@@ -26,7 +26,7 @@ dynamic caches, ``eager`` / ``sdpa`` attention (not flash: its masks are 2-D).
 from __future__ import annotations
 
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
@@ -70,7 +70,6 @@ class _Step:
     state: _CacheState
     cache: Any
     hidden_orig: Optional[Tensor] = None  # (B, L) bool: original positions hidden from layers >= layer
-    masks: dict = field(default_factory=dict)  # layer -> rewritten mask
 
 
 def _scatter_positions(index: Tensor, flags: Tensor, length: int) -> Tensor:

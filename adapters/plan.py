@@ -164,8 +164,6 @@ class Plan:
         self.layers = tuple(0 if d.where in INPUT_DROPS else int(d.layer) for d in self.drops)
         self.records: list[DropRecord] = []
         self.requires = context.requires
-        # per-image present tokens (image-token coordinates), updated at each drop
-        self.present = [torch.ones(c, dtype=torch.bool, device=self.device) for c in counts]
         self._cls_rows = None
         self._vkey_rows = None
 
@@ -282,13 +280,13 @@ class Plan:
         prompt_slots = [slot_of[b, self.prompts[b].to(self.device)] for b in range(state.hidden.shape[0])]
         if any(bool((p < 0).any()) for p in prompt_slots):
             raise RuntimeError("a prompt token was dropped")
-        if True:  # prompt hidden states are cheap; stages that do not read them ignore them
-            rows = [hidden[self.image_sample[r], prompt_slots[self.image_sample[r]]] for r in range(self.num_images)]
-            if max(r.shape[0] for r in rows) > 0:
-                fields["prompt"] = _pad_rows(rows)
-                fields["prompt_mask"] = _pad_rows(
-                    [torch.ones(r.shape[0], dtype=torch.bool, device=self.device) for r in rows], value=False
-                )
+        # prompt hidden states are cheap; stages that do not read them ignore them
+        rows = [hidden[self.image_sample[r], prompt_slots[self.image_sample[r]]] for r in range(self.num_images)]
+        if max(r.shape[0] for r in rows) > 0:
+            fields["prompt"] = _pad_rows(rows)
+            fields["prompt_mask"] = _pad_rows(
+                [torch.ones(r.shape[0], dtype=torch.bool, device=self.device) for r in rows], value=False
+            )
         if state.attention is not None:
             rows = [state.attention[self.image_sample[r]][:, slots[r]].t() for r in range(self.num_images)]
             fields["attention"] = _pad_rows(rows, width).transpose(1, 2)
@@ -369,7 +367,7 @@ class Plan:
         replace = torch.zeros_like(state.valid)
         values = None
         patches = selection.gather(signals.visual)  # (R, K, Dv): merged values where set
-        rows_idx, rows_mask, rows_crit, rows_vals = [], [], [], []
+        rows_idx, rows_crit, rows_vals = [], [], []
         for r in range(self.num_images):
             b = self.image_sample[r]
             n = columns[r].numel()
@@ -396,9 +394,6 @@ class Plan:
             rows_idx.append(columns[r][: count + 1])
             rows_crit.append(torch.cat([crit.new_ones(1), crit[order]]))
             rows_vals.append(sequence)
-            new_present = torch.zeros_like(self.present[r])
-            new_present[columns[r][: count + 1]] = True
-            self.present[r] = new_present
         width = max(t.numel() for t in rows_idx)
         record = Selection(
             indices=_pad_rows([t.cpu() for t in rows_idx], width),
@@ -429,7 +424,7 @@ class Plan:
                 vals = self.context.project(vals)  # (R, K, D)
             values = torch.zeros(*state.valid.shape, vals.shape[-1], dtype=state.hidden.dtype, device=self.device)
             replace = torch.zeros_like(state.valid)
-        mapped, masks, crit = [], [], []
+        mapped = []
         for r in range(self.num_images):
             b = self.image_sample[r]
             n = columns[r].numel()
@@ -440,9 +435,6 @@ class Plan:
                 values[b, slots[r][idx]] = vals[r][selection.mask[r]].to(values.dtype)
                 replace[b, slots[r][idx]] = True
             mapped.append(columns[r][idx])
-            new_present = torch.zeros_like(self.present[r])
-            new_present[columns[r][idx]] = True
-            self.present[r] = new_present
         width = selection.indices.shape[1]
         img_indices = torch.zeros(self.num_images, width, dtype=torch.long, device=self.device)
         for r, m in enumerate(mapped):

@@ -230,9 +230,6 @@ def apply_tower_merge(plan: Any, drop: Any, layer: int, budgets: list, state: Dr
     keep = torch.ones_like(state.valid)
     for r in range(plan.num_images):
         keep[plan.image_sample[r], slots[r][kept:]] = False
-        present = torch.zeros_like(plan.present[r])
-        present[columns[r][:kept]] = True
-        plan.present[r] = present
     record = Selection(
         indices=torch.arange(kept).expand(images, -1).clone(),
         mask=torch.ones(images, kept, dtype=torch.bool),

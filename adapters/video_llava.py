@@ -22,7 +22,6 @@ from __future__ import annotations
 
 from typing import Any, Callable, ClassVar, Optional
 
-import torch
 from torch import Tensor, nn
 
 from .capture import CaptureNeeds, VisionCapture

@@ -15,7 +15,6 @@ from typing import ClassVar, Optional
 import torch
 from torch import Tensor
 
-from vtprune.framework.budget import scaled_counts
 from vtprune.framework.signals import Signals
 from vtprune.framework.stages import Allocation, BudgetAllocator, DiversitySupplementer, RelevanceScorer, Supplement
 
