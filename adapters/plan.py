@@ -217,9 +217,10 @@ class Plan:
         slot_of.scatter_(1, target, torch.arange(width, device=self.device).expand(batch, -1))
         return slot_of[:, : self.length]
 
-    def _rows(self, state: DropState) -> tuple[list[Tensor], list[Tensor]]:
-        """Per image: present token ids (image coords) and their current slots."""
-        slot_of = self._slot_map(state)
+    def _rows(self, state: DropState, slot_of: Optional[Tensor] = None) -> tuple[list[Tensor], list[Tensor]]:
+        """Per image: present token ids (image coords) and their current slots (``slot_of``: the drop's
+        `_slot_map`, built here when not given)."""
+        slot_of = self._slot_map(state) if slot_of is None else slot_of
         columns, slots = [], []
         for r in range(self.num_images):
             s = slot_of[self.image_sample[r], self.image_positions[r].to(self.device)]
@@ -266,7 +267,8 @@ class Plan:
             fields["grids"] = torch.tensor([g if g is not None else (0, 0) for g in grids], dtype=torch.long)
 
     def _llm_signals(self, state: DropState, drop: Any):
-        columns, slots = self._rows(state)
+        slot_of = self._slot_map(state)  # (B, L): built once, read for the image rows and the prompt
+        columns, slots = self._rows(state, slot_of)
         hidden = state.hidden
         if drop.where == "layer" and HINT_FINAL_NORM in self.context.hints:
             with torch.no_grad():
@@ -276,7 +278,6 @@ class Plan:
         fields["visual"] = _pad_rows([hidden[self.image_sample[r], slots[r]] for r in range(self.num_images)])
         fields["visual_mask"] = _pad_rows([torch.ones(len(s), dtype=torch.bool, device=self.device) for s in slots], value=False)
         width = fields["visual"].shape[1]
-        slot_of = self._slot_map(state)
         prompt_slots = [slot_of[b, self.prompts[b].to(self.device)] for b in range(state.hidden.shape[0])]
         if any(bool((p < 0).any()) for p in prompt_slots):
             raise RuntimeError("a prompt token was dropped")
