@@ -140,6 +140,12 @@ class VLMAdapter:
         dtype = next(self.projector.parameters()).dtype
         return self.projector(values.to(dtype))
 
+    def patch_side(self) -> int:
+        """Patches per side of one square crop of the vision tower (``image_size // patch_size`` of the vision
+        config): a crop gives ``patch_side() ** 2`` patch tokens before any CLS token or pooling."""
+        vision = self.config.vision_config
+        return int(vision.image_size) // int(vision.patch_size)
+
     def final_norm(self) -> nn.Module:
         """The decoder's final norm (applied to in-LLM ``visual`` / ``prompt`` under the ``final_norm`` hint)."""
         norm = getattr(self.stack, "norm", None)

@@ -43,10 +43,6 @@ class LlavaAdapter(VLMAdapter):
     #: ``vision_layers``: ToMe inside the CLIP tower (``adapters/tower_merge.py``).
     drop_kinds: ClassVar[frozenset[str]] = VLMAdapter.drop_kinds | {"vision_layers"}
 
-    def _side(self) -> int:
-        vision = self.config.vision_config
-        return int(vision.image_size) // int(vision.patch_size)
-
     def image_counts(self, call: ForwardCall, num_image_tokens: int) -> list[int]:
         encoded = (call.kwargs.get("mm_encoder_outputs") or {}).get("image")
         if encoded is not None:  # generate() encodes the images before the forward
@@ -57,7 +53,7 @@ class LlavaAdapter(VLMAdapter):
         return [num_image_tokens // num_images] * num_images
 
     def layouts(self, call: ForwardCall, counts: list[int], token_embeds: list[Tensor]) -> list[ImageLayout]:
-        side = self._side()
+        side = self.patch_side()
         return [ImageLayout(c, None, (side, side) if c == side * side else None) for c in counts]
 
     def vision_rows(self, capture, layouts, token_embeds, per_crop: Tensor) -> list[Tensor]:

@@ -65,8 +65,7 @@ class LlavaNextAdapter(VLMAdapter):
         if encoded is not None:  # generate() encodes the images before the forward (image_sizes is consumed there)
             return [int(f.shape[0]) for f in encoded.pooler_output]
         crops, sizes = self._crops(call)
-        vision = self.config.vision_config
-        side = int(vision.image_size) // int(vision.patch_size)
+        side = self.patch_side()
         per_crop_tokens = side * side + (0 if self.strategy(call) == "default" else 1)
         ones = torch.ones(sum(crops), per_crop_tokens, 1)
         packed, _ = self.vlm.pack_image_features(

@@ -66,14 +66,13 @@ class LlavaNextVideoAdapter(CountedVideoItems, LlavaNextAdapter):
         videos = call.kwargs.get("pixel_values_videos")
         if videos is None:
             return []
-        vision = self.config.vision_config
-        side = int(vision.image_size) // int(vision.patch_size)
+        side = self.patch_side()
         per_frame = side * side + (0 if self.strategy(call) == "default" else 1)
         resampler = self.vlm.vision_resampler
         weight = next(resampler.parameters(), None)
         dtype = weight.dtype if weight is not None else torch.float32
         with torch.no_grad():
-            pooled = resampler(torch.ones(1, per_frame, int(vision.hidden_size), dtype=dtype))  # (1, pooled, C)
+            pooled = resampler(torch.ones(1, per_frame, int(self.config.vision_config.hidden_size), dtype=dtype))  # (1, pooled, C)
         return [int(videos.shape[1]) * int(pooled.shape[1])] * int(videos.shape[0])
 
     def item_token_counts(self, call: ForwardCall, kinds: Tensor) -> tuple[list[int], list[int]]:

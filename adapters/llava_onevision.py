@@ -70,8 +70,7 @@ class LlavaOnevisionAdapter(CountedVideoItems, VLMAdapter):
 
     def _crop_tokens(self, call: ForwardCall) -> int:
         """Vision-tower tokens of one crop after ``vision_feature_select_strategy`` (what the projector gets)."""
-        vision = self.config.vision_config
-        side = int(vision.image_size) // int(vision.patch_size)
+        side = self.patch_side()
         embeddings = getattr(self.tower, "embeddings", None)
         tokens = int(getattr(embeddings, "num_positions", side * side))  # SigLIP: patches; CLIP: patches + CLS
         return tokens - (1 if self.strategy(call) == "default" else 0)

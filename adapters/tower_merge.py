@@ -103,7 +103,7 @@ class TowerMerge:
         self.feature = len(self.layers) + layer if layer < 0 else max(layer - 1, 0)  # last layer whose output is used
         self.r = int(r)
         self.keep_of = keep_of
-        side = int(adapter.config.vision_config.image_size) // int(adapter.config.vision_config.patch_size)
+        side = adapter.patch_side()
         self.patches = side * side
         self.run: Optional[TowerRun] = None
         self.last: Optional[TowerRun] = None

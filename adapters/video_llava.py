@@ -104,13 +104,9 @@ class VideoLlavaAdapter(VLMAdapter):
     def vision_hooks(self) -> TwoTowerCapture:
         return TwoTowerCapture({"image": self.vlm.image_tower, "video": self.vlm.video_tower})
 
-    def _side(self) -> int:
-        vision = self.config.vision_config
-        return int(vision.image_size) // int(vision.patch_size)
-
     def _image_tokens(self, call: ForwardCall) -> int:
         """LLM tokens of one image: the tower's patches, plus CLS under the ``full`` strategy."""
-        return self._side() ** 2 + (0 if self.strategy(call) == "default" else 1)
+        return self.patch_side() ** 2 + (0 if self.strategy(call) == "default" else 1)
 
     def segments(self, call: ForwardCall) -> tuple[VisualSegment, ...]:
         """The images and videos of the forward in flight, in sequence order (cached on the call)."""
@@ -119,7 +115,7 @@ class VideoLlavaAdapter(VLMAdapter):
         kinds = call.kind_ids
         if kinds is None:
             raise ValueError(f"{self.name}: the placeholders of this forward could not be located")
-        per_image, per_frame = self._image_tokens(call), self._side() ** 2 + 1
+        per_image, per_frame = self._image_tokens(call), self.patch_side() ** 2 + 1
         segments = []
         for sample in range(kinds.shape[0]):
             for token, kind in ((self.image_token_id, "image"), (self.video_token_id, "video")):
@@ -141,7 +137,7 @@ class VideoLlavaAdapter(VLMAdapter):
         return [segment.length for segment in self.segments(call)]
 
     def layouts(self, call: ForwardCall, counts: list[int], token_embeds: list[Tensor]) -> list[ImageLayout]:
-        side = self._side()
+        side = self.patch_side()
         grid = (side, side) if self.strategy(call) == "default" else None
         return [
             ImageLayout(s.length, None, grid if s.kind == "image" else None, kind=s.kind) for s in self.segments(call)
