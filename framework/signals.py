@@ -23,6 +23,7 @@ __all__ = [
     "EMBEDDING_SIGNALS",
     "GRID_SIGNALS",
     "LAYER_SIGNALS",
+    "VIDEO_SIGNALS",
     "PLACEMENT_SIGNALS",
     "SIGNAL_DESCRIPTIONS",
     "Signals",
@@ -48,6 +49,10 @@ SIGNAL_DESCRIPTIONS: dict[str, str] = {
     "grid": "(h, w) the patch grid shape shared by every row, row-major token order",
     "grids": "(B, 2) long per-row (h, w) patch grids, (0, 0) = no grid for that row; set instead of `grid` "
     "when rows differ (images of different sizes)",
+    "frames": "(B, 3) long per-row (T, H, W) frame structure of a video row: its frame-grid tokens are the "
+    "T*H*W tokens with `frame_index` >= 0, frame-major (frame t, then row-major h, w); (0, 0, 0) = not a video row",
+    "frame_index": "(B, N) long, the frame of each visual token; -1 for tokens outside the frame grids "
+    "(newline / separator tokens, image rows, padding)",
 }
 
 
@@ -67,6 +72,8 @@ CLS_SIGNALS: frozenset[str] = frozenset({"cls_attention"})
 CLIP_SIGNALS: frozenset[str] = frozenset({"clip_visual", "clip_text", "clip_text_mask"})
 #: The patch grid, shared (``grid``) or per row (``grids``).
 GRID_SIGNALS: frozenset[str] = frozenset({"grid", "grids"})
+#: The frame structure of video rows (adapters that take videos provide both wherever they provide a grid).
+VIDEO_SIGNALS: frozenset[str] = frozenset({"frames", "frame_index"})
 
 #: Drop kind (`Drop.where`) -> the signals every adapter gives there (adapters may add more).
 DROP_SIGNALS: Mapping[str, frozenset[str]] = MappingProxyType(
@@ -113,6 +120,8 @@ class Signals:
     cls_attention: Optional[Tensor] = None  # (B, H, N)
     grid: Optional[tuple[int, int]] = field(default=None)
     grids: Optional[Tensor] = None  # (B, 2) long
+    frames: Optional[Tensor] = None  # (B, 3) long (T, H, W)
+    frame_index: Optional[Tensor] = None  # (B, N) long, -1 = outside the frame grids
 
     def __post_init__(self) -> None:
         if not isinstance(self.visual, Tensor) or self.visual.dim() != 3:
@@ -153,6 +162,30 @@ class Signals:
             area = self.grids.prod(-1)  # (B,)
             if bool((area > tokens).any()):
                 raise ValueError(f"Signals.grids {self.grids.tolist()} has a grid larger than the N={tokens} visual tokens")
+        self._check_frames(batch, tokens)
+
+    def _check_frames(self, batch: int, tokens: int) -> None:
+        """``frames`` and ``frame_index`` come together; each video row's frame tokens number T*H*W, and the
+        frame index never decreases along the row (frame-major order)."""
+        if (self.frames is None) != (self.frame_index is None):
+            raise ValueError("Signals.frames and Signals.frame_index must be set together (or neither)")
+        if self.frames is None:
+            return
+        if self.frames.dim() != 2 or tuple(self.frames.shape) != (batch, 3) or self.frames.is_floating_point():
+            raise ValueError(f"Signals.frames must be a (B={batch}, 3) integer tensor (T, H, W), got {tuple(self.frames.shape)}")
+        index = self.frame_index
+        if index.dim() != 2 or tuple(index.shape) != (batch, tokens) or index.is_floating_point():
+            raise ValueError(f"Signals.frame_index must be a (B={batch}, N={tokens}) integer tensor, got {tuple(index.shape)}")
+        counts = (index >= 0).sum(-1)  # (B,)
+        volume = self.frames.prod(-1)  # (B,)
+        if not torch.equal(counts.cpu(), volume.cpu()):
+            raise ValueError(
+                f"Signals.frames {self.frames.tolist()} (T*H*W = {volume.tolist()}) disagree with frame_index, "
+                f"which marks {counts.tolist()} frame tokens per row"
+            )
+        frame_tokens = torch.where(index >= 0, index, torch.full_like(index, -1)).cummax(-1).values  # (B, N)
+        if bool(((index >= 0) & (index != frame_tokens)).any()) or bool((index >= self.frames[:, :1]).any()):
+            raise ValueError("Signals.frame_index must be frame-major: non-decreasing along each row and < T")
 
     @property
     def batch_size(self) -> int:
@@ -175,6 +208,12 @@ class Signals:
         if self.grids is not None:
             return [(int(h), int(w)) if int(h) * int(w) > 0 else None for h, w in self.grids.tolist()]
         return [self.grid] * self.batch_size
+
+    def row_frames(self) -> list[Optional[tuple[int, int, int]]]:
+        """Per row, its (T, H, W) frame structure, or None for rows that are not videos (or no ``frames``)."""
+        if self.frames is None:
+            return [None] * self.batch_size
+        return [(int(t), int(h), int(w)) if int(t) * int(h) * int(w) > 0 else None for t, h, w in self.frames.tolist()]
 
     def present(self) -> frozenset[str]:
         """Names of the fields that are set (not None)."""

@@ -1,6 +1,6 @@
 """vtprune.testing: a testing kit for plugin authors (and vtprune's own tests).
 
-- Signals factories (`vtprune.testing.signals`): :func:`make_signals`, :func:`ragged_signals`,
+- Signals factories (`vtprune.testing.signals`): :func:`make_signals`, :func:`make_video_signals`, :func:`ragged_signals`,
   :func:`clustered_signals`, :func:`signals_for`.
 - The selection contract (`vtprune.testing.contracts`): :func:`check_selection` (one batch),
   :func:`check_pipeline` (a sweep over shapes, seeds and budgets), :func:`check_stage` / :func:`check_preset`
@@ -32,7 +32,7 @@ from .contracts import (
     contract_recipes,
 )
 from .models import llava_batch, llava_next_batch, qwen2_vl_batch, tiny_llava, tiny_llava_next, tiny_qwen2_vl
-from .signals import clustered_signals, grid_for, make_signals, pad_signals, ragged_signals, signals_for, trim_row
+from .signals import clustered_signals, grid_for, make_signals, make_video_signals, pad_signals, ragged_signals, signals_for, trim_row
 
 __all__ = [
     "AdapterContractError",
@@ -52,6 +52,7 @@ __all__ = [
     "llava_batch",
     "llava_next_batch",
     "make_signals",
+    "make_video_signals",
     "pad_signals",
     "qwen2_vl_batch",
     "ragged_signals",

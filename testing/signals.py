@@ -9,6 +9,8 @@ row b has ``lengths[b]`` real tokens (``visual_mask`` True) followed by padding.
 - :func:`clustered_signals`: tokens drawn from a few centres, with exact duplicates (ties in every score).
 - :func:`signals_for`: only the fields a stage or pipeline ``requires`` (plus ``visual`` / ``visual_mask``), so
   a stage that reads an undeclared field fails loudly instead of passing by accident.
+- :func:`make_video_signals`: video rows (``frames`` / ``frame_index``) with static backgrounds, a moving
+  region, scene cuts, optional near-ties and newline tokens, as temporal methods meet them.
 - :func:`grid_for`, :func:`trim_row`, :func:`pad_signals`: the helpers the contract check uses.
 """
 
@@ -27,6 +29,7 @@ __all__ = [
     "clustered_signals",
     "grid_for",
     "make_signals",
+    "make_video_signals",
     "pad_signals",
     "ragged_signals",
     "signals_for",
@@ -41,6 +44,7 @@ PER_TOKEN_AXIS: dict[str, int] = {
     "clip_visual": 1,
     "attention": 2,
     "cls_attention": 2,
+    "frame_index": 1,
 }
 #: Fields that come with another field (a mask with its tensor).
 _COMPANIONS: dict[str, tuple[str, ...]] = {"prompt": ("prompt_mask",), "clip_text": ("clip_text_mask",)}
@@ -193,9 +197,76 @@ def pad_signals(signals: Signals, extra: int, seed: int = 0, scale: float = 1e3)
         shape[axis] = extra
         if value.dtype == torch.bool:
             filler = torch.zeros(shape, dtype=torch.bool)
+        elif not value.is_floating_point():  # frame_index: padding is outside every frame
+            filler = torch.full(shape, -1, dtype=value.dtype)
         else:
             filler = (scale * torch.rand(shape, generator=generator)).to(value.dtype)
         values[name] = torch.cat([value, filler], dim=axis)
     grids = torch.tensor([g or (0, 0) for g in signals.row_grids()], dtype=torch.long)  # (B, 2)
     has_grid = bool((grids.prod(-1) > 0).any())
     return dataclasses.replace(signals, grid=None, grids=grids if has_grid else None, **values)
+
+
+def make_video_signals(
+    frames: Sequence[tuple[int, int, int]],
+    dim: int = 16,
+    prompt_len: int = 5,
+    seed: int = 0,
+    cuts: Sequence[Sequence[int]] = (),
+    newlines: str = "none",
+    noise: float = 0.05,
+    near_ties: bool = False,
+) -> Signals:
+    """Seeded video rows for temporal stages: row b is a (T, H, W) = ``frames[b]`` video, frame-major.
+
+    Each scene has a static background (one random (H, W, D) map, repeated over its frames plus ``noise``) and
+    one moving square region (2x2 patches, new random values, shifted one patch right per frame). ``cuts[b]``
+    lists the frames where row b starts a new scene (fresh background). ``near_ties`` makes the background
+    exactly static (no noise), so frame similarities tie. ``newlines``: ``"none"``, ``"frame"`` (one newline
+    token after every frame, as some layouts do) or ``"video"`` (one after the last frame, LLaVA-OneVision's
+    video layout); newline tokens have ``frame_index`` -1. Rows are padded to the longest (``visual_mask``).
+    Prompt tokens are random, in the same space.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    rows, indices = [], []
+    for b, (t_len, h, w) in enumerate(frames):
+        starts = {0, *[int(c) for c in (cuts[b] if b < len(cuts) else ())]}
+        newline = torch.randn(1, dim, generator=generator)  # (1, D)
+        tokens, index = [], []
+        background = None
+        for t in range(t_len):
+            if t in starts or background is None:
+                background = torch.randn(h, w, dim, generator=generator)  # (H, W, D)
+            frame = background.clone()
+            if not near_ties:
+                frame = frame + noise * torch.randn(h, w, dim, generator=generator)
+            size = min(2, h, w)
+            left = t % max(w - size + 1, 1)
+            frame[:size, left : left + size] = torch.randn(size, size, dim, generator=generator)
+            tokens.append(frame.reshape(h * w, dim))  # (H*W, D)
+            index.append(torch.full((h * w,), t, dtype=torch.long))
+            if newlines == "frame" or (newlines == "video" and t == t_len - 1):
+                tokens.append(newline)
+                index.append(torch.full((1,), -1, dtype=torch.long))
+            elif newlines not in ("none", "frame", "video"):
+                raise ValueError(f"newlines must be one of 'none', 'frame', 'video', got {newlines!r}")
+        rows.append(torch.cat(tokens))  # (n_b, D)
+        indices.append(torch.cat(index))  # (n_b,)
+    longest = max(row.shape[0] for row in rows)
+    batch = len(rows)
+    visual = torch.zeros(batch, longest, dim)  # (B, N, D)
+    frame_index = torch.full((batch, longest), -1, dtype=torch.long)  # (B, N)
+    mask = torch.zeros(batch, longest, dtype=torch.bool)  # (B, N)
+    for b, (row, index) in enumerate(zip(rows, indices)):
+        visual[b, : row.shape[0]] = row
+        frame_index[b, : row.shape[0]] = index
+        mask[b, : row.shape[0]] = True
+    prompt = torch.randn(batch, prompt_len, dim, generator=generator)  # (B, T, D)
+    return Signals(
+        visual=visual,
+        visual_mask=None if bool(mask.all()) else mask,
+        prompt=prompt,
+        prompt_mask=torch.ones(batch, prompt_len, dtype=torch.bool),
+        frames=torch.tensor([list(f) for f in frames], dtype=torch.long),  # (B, 3)
+        frame_index=frame_index,
+    )

@@ -33,3 +33,23 @@ def test_row_grids_prefer_per_row_grids() -> None:
 def test_bad_grids_are_rejected(grids, message) -> None:
     with pytest.raises(ValueError, match=message):
         Signals(visual=torch.zeros(2, 12, 4), grids=grids)
+
+
+def test_video_frames_contract():
+    """frames / frame_index: set together, T*H*W frame tokens per video row, frame-major, newlines at -1."""
+    import pytest
+    from vtprune.framework import Signals
+    from vtprune.testing import make_video_signals
+
+    signals = make_video_signals([(3, 2, 2), (2, 2, 3)], newlines="frame", cuts=[[1]])
+    assert signals.row_frames() == [(3, 2, 2), (2, 2, 3)]
+    index = signals.frame_index
+    assert int((index[0] >= 0).sum()) == 12 and int((index[1] >= 0).sum()) == 12
+    assert int((index[0] == -1).sum()) == 3  # one newline after each frame, none padding in row 0
+    assert signals.row(1).row_frames() == [(2, 2, 3)]
+    with pytest.raises(ValueError, match="set together"):
+        Signals(visual=signals.visual, frames=signals.frames)
+    with pytest.raises(ValueError, match="disagree with frame_index"):
+        Signals(visual=signals.visual, frames=signals.frames + 1, frame_index=index)
+    with pytest.raises(ValueError, match="frame-major"):
+        Signals(visual=signals.visual, frames=signals.frames, frame_index=index.flip(-1))
