@@ -88,10 +88,10 @@ DROP_SIGNALS: Mapping[str, frozenset[str]] = MappingProxyType(
 #: Built-in placement name -> its ``LayerPlacement.provides`` (what any adapter implementing it gives).
 PLACEMENT_SIGNALS: Mapping[str, frozenset[str]] = MappingProxyType(
     {
-        "pre_llm": EMBEDDING_SIGNALS | {"grid"},
+        "pre_llm": EMBEDDING_SIGNALS | {"grid"} | VIDEO_SIGNALS,
         "pre_llm_clip": EMBEDDING_SIGNALS | {"grid"} | CLIP_SIGNALS,
-        "layer": EMBEDDING_SIGNALS | {"grid"} | LAYER_SIGNALS,
-        "schedule": EMBEDDING_SIGNALS | {"grid"} | LAYER_SIGNALS,
+        "layer": EMBEDDING_SIGNALS | {"grid"} | LAYER_SIGNALS | VIDEO_SIGNALS,
+        "schedule": EMBEDDING_SIGNALS | {"grid"} | LAYER_SIGNALS | VIDEO_SIGNALS,
         "vision": VISION_SIGNALS | CLS_SIGNALS | {"visual_keys", "grid"},
         "vision_layers": VISION_SIGNALS,
     }
