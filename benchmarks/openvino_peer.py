@@ -162,12 +162,13 @@ class _HFRunner:
 
     def __init__(self, model_dir: Path) -> None:
         import torch
-        from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
+        from transformers import AutoTokenizer, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor
 
         self.torch = torch
         self.model = Qwen2VLForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
-        self.processor = AutoProcessor.from_pretrained(model_dir)
-        self.tokenizer = self.processor.tokenizer
+        # tokenizer + image processor by hand: AutoProcessor wants a video processor, which needs torchvision
+        self.images = Qwen2VLImageProcessor.from_pretrained(model_dir)
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
 
     def run(self, samples: list[Any], preset: Optional[str], kept: int, max_new_tokens: int) -> tuple[list[str], float]:
         from vtprune.framework import prune
@@ -180,7 +181,10 @@ class _HFRunner:
                     [{"role": "user", "content": "<|vision_start|><|image_pad|><|vision_end|>" + sample.question}],
                     tokenize=False, add_generation_prompt=True,
                 )
-                inputs = self.processor(text=[text], images=[_image(sample)], return_tensors="pt")
+                pixels = self.images(images=[_image(sample)], return_tensors="pt")
+                merged = int(pixels["image_grid_thw"].prod()) // (self.images.merge_size**2)
+                text = text.replace("<|image_pad|>", "<|image_pad|>" * merged)
+                inputs = dict(self.tokenizer([text], return_tensors="pt"), **pixels)
                 with self.torch.no_grad():
                     out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
                 answers.append(self.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
