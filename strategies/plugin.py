@@ -10,6 +10,7 @@ from .mustdrop import MUSTDROP_STAGES
 from .peer_presets import register_peer_presets
 from .merge_stages import MERGE_STAGES
 from .peer_stages import PEER_STAGES
+from .ov_stages import OV_STAGES
 from .presets import register_presets
 
 __all__ = ["BUILTIN_STAGES", "vtprune_register_stages", "vtprune_register_presets"]
@@ -33,6 +34,7 @@ BUILTIN_STAGES = (
     placement.VisionOutput,
     decode.DecodePlacement,
     *PEER_STAGES,
+    *OV_STAGES,
     *MERGE_STAGES,
     *MUSTDROP_STAGES,
 )
