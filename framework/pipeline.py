@@ -141,8 +141,9 @@ class Pipeline:
         merged: Optional[tuple[Tensor, Tensor]] = None  # (sizes, assignment) by position, when a stage merges
         keep = chosen
         # ``chosen`` holds real tokens only, so "the rest of the budget is every remaining real
-        # token" is ``totals == valid_counts``: keep every real token, nothing for diversity to choose.
-        if bool((totals == valid_counts).all()):
+        # token" is ``totals == valid_counts``: keep every real token, nothing for diversity to choose
+        # (not for an adaptive allocator: its split of a full count may still merge, e.g. SparseVLM's recycling).
+        if not self.budget.adaptive_counts and bool((totals == valid_counts).all()):
             keep = valid
         elif self.diversity.adds_tokens:
             remaining = totals - chosen.sum(dim=1)  # (B,)

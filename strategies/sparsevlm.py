@@ -113,6 +113,8 @@ class SparseRecycle(DiversitySupplementer):
     name: ClassVar[str] = "recycle"
     description: ClassVar[str] = "SparseVLM token recycling: cluster the top 30% pruned tokens and merge each cluster"
     adapter_hints: ClassVar[frozenset[str]] = frozenset({HINT_APPEND_MERGED})
+    #: At most ``int(0.3 n) + 1`` tokens are recycled, so an allocator asking for more clusters gets fewer.
+    exact_counts: ClassVar[bool] = False
 
     def supplement(self, signals: Signals, selected: Tensor, counts: Tensor, valid: Tensor, scores: Optional[Tensor]) -> Supplement:
         ranked = scores if scores is not None else torch.zeros(valid.shape, device=valid.device)  # (B, N)
