@@ -105,6 +105,15 @@ PEER_PRESETS: dict[str, tuple[str, str, str, str]] = {
         "Liu et al., Multi-Stage Vision Token Dropping: Towards Efficient Multimodal Large Language Model (arXiv 2411.10803)",
         "github.com/liuting20/MustDrop @ 909afa53",
     ),
+    "sparsevlm": (
+        "relevance.sparsevlm_raters+critical.critical+diversity.recycle+budget.sparsevlm_rank"
+        "+placement.sparse_layers(layers=[3, 7, 16])",
+        "SparseVLM: text raters' attention at sparse layers 2/6/15, adaptive rank-rule count, pruned tokens recycled "
+        "(clustered, merged, appended)",
+        "Zhang et al., SparseVLM: Visual Token Sparsification for Efficient Vision-Language Model Inference, ICML 2025 "
+        "(arXiv 2410.04417)",
+        "github.com/Gumpest/SparseVLMs @ b72c5d62",
+    ),
     "random": (
         "relevance.none+critical.critical+diversity.randperm(seed=0)+budget.split(critical=0.0)+placement.pre_llm",
         "random baseline: seeded randperm of each row's tokens",

@@ -7,6 +7,7 @@ from vtprune.framework.registry import Registry
 
 from . import budget, critical, decode, diversity, placement, relevance
 from .mustdrop import MUSTDROP_STAGES
+from .sparsevlm import SPARSEVLM_STAGES
 from .peer_presets import register_peer_presets
 from .merge_stages import MERGE_STAGES
 from .peer_stages import PEER_STAGES
@@ -37,6 +38,7 @@ BUILTIN_STAGES = (
     *OV_STAGES,
     *MERGE_STAGES,
     *MUSTDROP_STAGES,
+    *SPARSEVLM_STAGES,
 )
 
 
