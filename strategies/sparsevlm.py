@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from vtprune.framework.budget import Budget
+from vtprune.framework.errors import BudgetError
 from vtprune.framework.signals import PLACEMENT_SIGNALS, Signals
 from vtprune.framework.stages import (
     Allocation,
@@ -23,7 +24,7 @@ from vtprune.framework.stages import (
     Supplement,
 )
 
-from .functional.sparsevlm import rank_counts, rater_rows, recycle, scale_bias_for, text_raters
+from .functional.sparsevlm import OFFICIAL_SCALE_BIAS, rank_counts, rater_rows, recycle, scale_bias_for, text_raters
 
 __all__ = ["HINT_APPEND_MERGED", "SparseRaters", "SparseRank", "SparseRecycle", "SparseLayers", "SPARSEVLM_STAGES"]
 
@@ -63,7 +64,8 @@ class SparseRank(BudgetAllocator):
     (``int(m / 10) + 1`` for ``m = int(0.3 (n - kept)) + 1``) are the rest of the row's count.
 
     The budget is the target: with ``scale``/``bias`` unset (None) it selects the official pair (192 -> 13.5 / 0,
-    128 -> 9 / 6, 64 -> 0.8 / 0); other budgets need both set. The count never exceeds the row's real tokens.
+    128 -> 9 / 6, 64 -> 0.8 / 0); other budgets need both set (else `BudgetError`), except a budget asking for the whole
+    row (an int >= its real tokens, a fraction >= 1), which keeps every token. The count never exceeds the row's real tokens.
     """
 
     name: ClassVar[str] = "sparsevlm_rank"
@@ -86,14 +88,28 @@ class SparseRank(BudgetAllocator):
         """(scale, bias) for one row's budget: the parameters when set, else the official pair of the budget."""
         if self.scale is not None and self.bias is not None:
             return float(self.scale), float(self.bias)
-        return scale_bias_for(budget)
+        try:
+            return scale_bias_for(budget)
+        except ValueError as error:
+            raise BudgetError(str(error)) from None
+
+    def _keeps_all(self, budget: Any, real_tokens: int) -> bool:
+        """A budget that is not an official target (scale/bias unset) and asks for every real token of the row keeps
+        the row whole (so keep-all reproduces the unpruned model); the official targets always run the rank rule."""
+        official = isinstance(budget, int) and budget in OFFICIAL_SCALE_BIAS
+        return self.scale is None and not official and _covers_row(budget, real_tokens)
 
     def adapt(self, signals: Signals, budget: Any, totals: Tensor, valid: Tensor, scores: Optional[Tensor]) -> Allocation:
         per_row: Sequence = budget if isinstance(budget, Sequence) else [budget] * totals.shape[0]
-        pairs = [self.scale_bias(b) for b in per_row]
+        covered = [self._keeps_all(b, int(valid[r].sum())) for r, b in enumerate(per_row)]
+        pairs = [(0.0, 0.0) if full else self.scale_bias(b) for full, b in zip(covered, per_row)]
         raters = _raters(signals)
         kept, clusters = [], []
         for b, (scale, bias) in enumerate(pairs):  # the pair may differ per row
+            if covered[b]:  # a budget asking for the whole row keeps every token
+                kept.append(valid[b : b + 1].sum(-1).cpu())
+                clusters.append(torch.zeros(1, dtype=torch.long))
+                continue
             k, c, _ = rank_counts(signals.prompt_attention[b : b + 1], raters[b : b + 1], valid[b : b + 1], scale, bias)
             kept.append(k)
             clusters.append(c)
@@ -102,6 +118,16 @@ class SparseRank(BudgetAllocator):
 
     def allocate(self, totals: Tensor, valid: Tensor, scores: Optional[Tensor]) -> Allocation:
         raise NotImplementedError("sparsevlm_rank is adaptive: Pipeline.select calls adapt()")
+
+
+def _covers_row(budget: Any, real_tokens: int) -> bool:
+    """True when ``budget`` asks for every real token of the row (an int >= its count, a fraction >= 1): every
+    preset keeps the whole row then, so keeping everything reproduces the unpruned model."""
+    if isinstance(budget, bool):
+        return False
+    if isinstance(budget, float):
+        return budget >= 1.0
+    return isinstance(budget, int) and budget >= real_tokens
 
 
 @dataclass(frozen=True, eq=False)

@@ -19,6 +19,7 @@ Every function works per row (rows are independent); ragged rows are given by ``
 from __future__ import annotations
 
 import math
+
 import torch
 from torch import Tensor
 
@@ -55,7 +56,8 @@ PAPER_DEPTH = 32
 
 
 def scale_bias_for(budget: object) -> tuple[float, float]:
-    """The official (scale, bias) of a target budget (192, 128 or 64); ``ValueError`` naming the choices else."""
+    """The official (scale, bias) of a target budget (192, 128 or 64); ``ValueError`` naming the choices
+    else."""
     if isinstance(budget, int) and not isinstance(budget, bool) and budget in OFFICIAL_SCALE_BIAS:
         return OFFICIAL_SCALE_BIAS[budget]
     choices = ", ".join(f"{b} -> scale={s}, bias={c}" for b, (s, c) in OFFICIAL_SCALE_BIAS.items())

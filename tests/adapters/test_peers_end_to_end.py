@@ -31,7 +31,8 @@ from adapter_fixtures import (
     tiny_tokenizer,
 )
 from vtprune import framework
-from vtprune.framework.errors import VtpruneError
+from vtprune.framework.errors import BudgetError, VtpruneError
+from vtprune.framework.support import support_problems
 from vtprune.framework.prune import adapter_for
 
 REGISTRY = framework.build_registry(autoload=False)
@@ -74,11 +75,15 @@ def models(tmp_path_factory):
 
 
 def _supported(preset: str, model) -> bool:
+    """The framework's one support check (drop kinds and signals per kind; a `decode` placement is supported where
+    its prefill placement is): the cases below then show that what it accepts runs and what it refuses raises."""
     pipeline = framework.compose(preset, registry=REGISTRY)
-    adapter = adapter_for(model, REGISTRY)
-    # a placement wrapping a prefill placement (``decode``) is supported where the wrapped one is
-    placement = getattr(pipeline.placement, "inner", pipeline.placement).name
-    return placement in adapter.placements and pipeline.requires <= adapter.provides(placement)
+    return not support_problems(adapter_for(model, REGISTRY), pipeline)
+
+
+def _adaptive(preset: str) -> bool:
+    """Presets whose kept count comes from the data (an allocator with ``adaptive_counts``)."""
+    return bool(getattr(framework.compose(preset, registry=REGISTRY).budget, "adaptive_counts", False))
 
 
 def _options(case, preset):
@@ -94,6 +99,29 @@ def _sample(inputs, b):
     if "image_sizes" in inputs:
         alone["image_sizes"] = inputs["image_sizes"][b : b + 1]
     return alone
+
+
+def _check_keep_all(case, preset, adapter, keep_all, options):
+    """A budget covering every token reproduces the unpruned model bit for bit (every preset, adaptive too)."""
+    model, inputs = case["model"], case["inputs"]
+    with framework.prune(model, preset, budget=10_000, registry=REGISTRY, **keep_all, **options) as handle:
+        with torch.no_grad():
+            out = model(**inputs).logits
+        gen = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    result = handle.last_selection
+    if adapter == "llava_next" and result.drops[0].where == "vision":
+        # newline tokens have no vision feature: `vision` never keeps them (docs/adapters.md)
+        removed = removed_by_layer(result, *inputs["input_ids"].shape, LAYERS)
+        assert int(removed[0].sum()) == int((result.num_tokens - result.counts).sum()) > 0
+        with masked_reference(model, removed), torch.no_grad():
+            reference = model(**inputs).logits
+        real = result.sequence_mask & inputs["attention_mask"].bool().gather(1, result.sequence_index)
+        want = reference.gather(1, result.sequence_index.unsqueeze(-1).expand(-1, -1, reference.shape[-1]))
+        torch.testing.assert_close(out[real], want[real], atol=ATOL, rtol=0)
+    else:
+        assert result.counts.tolist() == result.num_tokens.tolist()
+        assert torch.equal(out, case["base"])
+        assert torch.equal(gen, case["gen"])
 
 
 @pytest.mark.parametrize("adapter", ADAPTERS)
@@ -114,13 +142,28 @@ def test_preset_end_to_end(models, preset, adapter):
     keep_all = {"ratio": 1.0} if framework.compose(preset, registry=REGISTRY).placement.name == "schedule" else {}
     length = inputs["input_ids"].shape[1]
 
-    # pruned forward + generate; the first drop keeps exactly the budget
+    # pruned forward + generate; the first drop keeps exactly the budget (an adaptive preset: its own count,
+    # or a clear BudgetError for a budget it has no setting for, e.g. SparseVLM's official 64 / 128 / 192)
+    before = record_hooks(model)
+    if _adaptive(preset):
+        try:
+            with framework.prune(model, preset, budget=BUDGET, registry=REGISTRY, **options), torch.no_grad():
+                model(**inputs)
+        except BudgetError as error:
+            assert "budget" in str(error)
+            assert record_hooks(model) == before
+            _check_keep_all(case, preset, adapter, keep_all, options)
+            return
     with framework.prune(model, preset, budget=BUDGET, registry=REGISTRY, **options) as handle:
         with torch.no_grad():
             out = model(**inputs).logits
         gen = model.generate(**inputs, max_new_tokens=4, do_sample=False)
         result = handle.last_selection
-        assert result.drops[0].counts.tolist() == [BUDGET, BUDGET]
+        first = result.drops[0].counts
+        if _adaptive(preset):
+            assert bool((first > 0).all()) and bool((first <= result.num_tokens).all())
+        else:
+            assert first.tolist() == [BUDGET, BUDGET]
         assert out.shape[1] < length and torch.isfinite(out).all()
         assert gen.shape[1] == length + 4
         # batch of two == each sample alone
@@ -134,25 +177,7 @@ def test_preset_end_to_end(models, preset, adapter):
             torch.testing.assert_close(out[b, -n:], single[0], atol=ATOL, rtol=0)
             assert torch.equal(gen[b, length:], single_gen[0, -4:])
 
-    # keep-all
-    with framework.prune(model, preset, budget=10_000, registry=REGISTRY, **keep_all, **options) as handle:
-        with torch.no_grad():
-            out = model(**inputs).logits
-        gen = model.generate(**inputs, max_new_tokens=4, do_sample=False)
-    result = handle.last_selection
-    if adapter == "llava_next" and result.drops[0].where == "vision":
-        # newline tokens have no vision feature: `vision` never keeps them (docs/adapters.md)
-        removed = removed_by_layer(result, *inputs["input_ids"].shape, LAYERS)
-        assert int(removed[0].sum()) == int((result.num_tokens - result.counts).sum()) > 0
-        with masked_reference(model, removed), torch.no_grad():
-            reference = model(**inputs).logits
-        real = result.sequence_mask & inputs["attention_mask"].bool().gather(1, result.sequence_index)
-        want = reference.gather(1, result.sequence_index.unsqueeze(-1).expand(-1, -1, reference.shape[-1]))
-        torch.testing.assert_close(out[real], want[real], atol=ATOL, rtol=0)
-    else:
-        assert result.counts.tolist() == result.num_tokens.tolist()
-        assert torch.equal(out, case["base"])
-        assert torch.equal(gen, case["gen"])
+    _check_keep_all(case, preset, adapter, keep_all, options)
 
 
 def test_cdpruner_without_clip_model_is_a_clear_error(models):

@@ -191,8 +191,11 @@ def test_counts_formulas():
 def test_budget_selects_the_official_pair_and_rejects_others():
     stage = framework.compose("sparsevlm", registry=REGISTRY).budget
     assert stage.scale_bias(192) == (13.5, 0.0) and stage.scale_bias(128) == (9.0, 6.0) and stage.scale_bias(64) == (0.8, 0.0)
-    with pytest.raises(ValueError, match="192"):
-        framework.compose("sparsevlm", registry=REGISTRY).select(_signals([20], 0), 100)
+    with pytest.raises(BudgetError, match="192"):  # no official setting for 100 of 200 tokens
+        framework.compose("sparsevlm", registry=REGISTRY).select(_signals([200], 0), 100)
+    # a budget asking for every token keeps the row whole (keep-all reproduces the unpruned model)
+    whole = framework.compose("sparsevlm", registry=REGISTRY).select(_signals([20], 0), 100)
+    assert whole.counts.tolist() == [20] and whole.values is None
     with pytest.raises(ValueError, match="scale and bias"):
         framework.compose("sparsevlm", scale=1.0, registry=REGISTRY)
     with pytest.raises(BudgetError):
