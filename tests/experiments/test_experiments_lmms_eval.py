@@ -108,7 +108,7 @@ def test_manifest_and_model_class(stub_lmms_eval) -> None:
 
     output = evaluator.simple_evaluate(model=model, tasks=["gqa"], limit=2)
     assert set(output["results"]["gqa"]) >= {"exact_match,none"}
-    assert [len(o.kept_indices[0]) for _, o in model.records] == [8, 8]
+    assert [len(a.generation.kept_indices[0]) for a in model.answered] == [8, 8]
     with pytest.raises(NotImplementedError, match="generate_until"):
         model.loglikelihood([])
 
