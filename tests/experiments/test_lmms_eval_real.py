@@ -16,7 +16,7 @@ import torch
 
 pytest.importorskip(
     "lmms_eval.evaluator",
-    reason="lmms-eval is not importable here: `make install-eval` (the CPU route of docs/experiments.md#lmms-eval)",
+    reason="lmms-eval is not importable here: `make install` installs it (the CPU route of docs/experiments.md#lmms-eval)",
 )
 
 from lmms_organism_task import ORGANISM_MODEL, ORGANISM_TEMPLATE, TASK_NAME, write_organism_task  # noqa: E402
