@@ -39,12 +39,13 @@ from typing import Any, Mapping, Optional, Sequence
 from vtprune.framework.errors import VtpruneError
 
 from .gen_options import GenerationOptions, cut_at_stops, parse_gen_kwargs
+from .metrics import sample_row
 from .pipelines import build_pipeline
-from .samples import Sample
+from .samples import Sample, normalize_answer
 
 __all__ = [
     "manifest", "MODEL_ID", "CLASS_PATH", "AUTO_MAX_BATCH", "Answered", "build_model_class",
-    "parse_batch_size", "evaluate_with_lmms_eval", "flatten_results",
+    "parse_batch_size", "answered_row", "flatten_results",
 ]
 
 MODEL_ID = "vtprune"
@@ -293,7 +294,6 @@ def build_model_class() -> type:
             return answers
 
         def _write_record(self, answered: Answered) -> None:
-            from .lmms_eval_run import answered_row
             from .results import append_jsonl
 
             append_jsonl(self.records_path, answered_row(answered, self.backend.config, self.budget))
@@ -315,16 +315,30 @@ def build_model_class() -> type:
     return VtpruneLMM
 
 
-def evaluate_with_lmms_eval(task: Any, context: Any) -> dict[str, Any]:
-    """Run lmms-eval's evaluator on a cell's backend and handle (task ``lmms_eval``): see
-    `vtprune.experiments.lmms_eval_run.evaluate_cell`."""
-    from .lmms_eval_run import evaluate_cell
-
-    return evaluate_cell(task, context)
-
-
 def flatten_results(results: Mapping[str, Any]) -> dict[str, float]:
     """``{"gqa": {"exact_match,none": 0.6, "alias": "gqa"}}`` -> ``{"gqa/exact_match": 0.6}``."""
-    from .lmms_eval_run import flatten_results as flatten
+    out = {}
+    for task, metrics in (results.get("results") or {}).items():
+        for name, value in (metrics or {}).items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and "_stderr" not in name:
+                out[f"{task}/{name.split(',')[0]}"] = float(value)
+    return out
 
-    return flatten(results)
+
+def answered_row(
+    answered: Any, config: Any, budget: Any, scores: Optional[Mapping[str, float]] = None,
+    scored: Optional[str] = None, metric: Optional[str] = None,
+) -> dict[str, Any]:
+    """The ``samples.jsonl`` row of one `Answered` request: `sample_row`'s fields (``accuracy`` is
+    None without scores), ``answer`` = the normalised response lmms-eval scored (default: the
+    returned text), and with ``fidelity`` the unpruned ``unpruned_prediction`` / ``unpruned_answer``."""
+    scores = dict(scores or {})
+    key = metric if metric in scores else next(iter(scores), "")
+    answer = normalize_answer(scored if scored is not None else answered.text)
+    generation = answered.generation
+    generation.prediction = answered.text
+    row = sample_row(answered.sample, answered.question, generation, scores, key, config, budget, answered.timing, answered.batch, answer)
+    if answered.unpruned is not None:
+        row["unpruned_prediction"] = answered.unpruned.prediction
+        row["unpruned_answer"] = normalize_answer(answered.unpruned.prediction)
+    return row

@@ -15,20 +15,10 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Optional
 
-from .metrics import sample_row, select_groups, summarize
-from .samples import normalize_answer
+from .lmms_eval_model import _require_lmms_eval, answered_row, build_model_class, flatten_results
+from .metrics import select_groups, summarize
 
-__all__ = ["evaluate_cell", "answered_row", "sample_scores", "flatten_results", "chat_template_problem"]
-
-
-def flatten_results(results: Mapping[str, Any]) -> dict[str, float]:
-    """``{"gqa": {"exact_match,none": 0.6, "alias": "gqa"}}`` -> ``{"gqa/exact_match": 0.6}``."""
-    out = {}
-    for task, metrics in (results.get("results") or {}).items():
-        for name, value in (metrics or {}).items():
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and "_stderr" not in name:
-                out[f"{task}/{name.split(',')[0]}"] = float(value)
-    return out
+__all__ = ["evaluate_cell", "evaluate_with_lmms_eval", "sample_scores", "chat_template_problem"]
 
 
 def sample_scores(output: Mapping[str, Any]) -> dict[tuple[str, str], tuple[dict[str, float], Optional[str], list[str]]]:
@@ -52,25 +42,6 @@ def sample_scores(output: Mapping[str, Any]) -> dict[tuple[str, str], tuple[dict
     return out
 
 
-def answered_row(
-    answered: Any, config: Any, budget: Any, scores: Optional[Mapping[str, float]] = None,
-    scored: Optional[str] = None, metric: Optional[str] = None,
-) -> dict[str, Any]:
-    """The ``samples.jsonl`` row of one `Answered` request: `sample_row`'s fields (``accuracy`` is
-    None without scores), ``answer`` = the normalised response lmms-eval scored (default: the
-    returned text), and with ``fidelity`` the unpruned ``unpruned_prediction`` / ``unpruned_answer``."""
-    scores = dict(scores or {})
-    key = metric if metric in scores else next(iter(scores), "")
-    answer = normalize_answer(scored if scored is not None else answered.text)
-    generation = answered.generation
-    generation.prediction = answered.text
-    row = sample_row(answered.sample, answered.question, generation, scores, key, config, budget, answered.timing, answered.batch, answer)
-    if answered.unpruned is not None:
-        row["unpruned_prediction"] = answered.unpruned.prediction
-        row["unpruned_answer"] = normalize_answer(answered.unpruned.prediction)
-    return row
-
-
 def chat_template_problem() -> Optional[str]:
     """Why lmms-eval's ``apply_chat_template`` cannot run here, or None. lmms-eval 0.7.3's
     ``ConfigurableTask.fewshot_context`` calls ``self.append_target_question``, which that class does
@@ -88,7 +59,6 @@ def chat_template_problem() -> Optional[str]:
 
 def evaluate_cell(task: Any, context: Any) -> dict[str, Any]:
     """Run ``task`` (an `LmmsEvalTask`) on a cell (``context``: a `CellContext`); returns its metrics."""
-    from .lmms_eval_model import _require_lmms_eval, build_model_class
     from .results import append_jsonl
     from .schema import METRIC_GROUPS
 
@@ -138,3 +108,7 @@ def evaluate_cell(task: Any, context: Any) -> dict[str, Any]:
     if aggregates:
         metrics["accuracy"] = aggregates[task.metric if task.metric in aggregates else next(iter(aggregates))]
     return metrics
+
+
+#: the name `vtprune.experiments.tasks.LmmsEvalTask` calls
+evaluate_with_lmms_eval = evaluate_cell

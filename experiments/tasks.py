@@ -34,7 +34,7 @@ import numpy as np
 from vtprune.framework.errors import VtpruneError
 from vtprune.framework.typecheck import signature_problem
 
-from .lmms_eval_model import evaluate_with_lmms_eval
+from .lmms_eval_run import evaluate_with_lmms_eval
 from .results import read_jsonl
 from .samples import METRICS, Sample, Task, contains, exact_match, normalize_answer, primary_metric, vqa_accuracy
 
