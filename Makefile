@@ -3,6 +3,10 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# lmms-eval for its tests, the CPU route of docs/experiments.md#lmms-eval: no dependencies (they pull
+# torchvision and a CUDA torch), then the few modules it imports (filelock<4: lmms-eval 0.7.1-0.7.3 break with 4)
+LMMS_EVAL := lmms-eval==0.7.3
+LMMS_EVAL_IMPORTS := 'filelock<4' accelerate loguru sacrebleu evaluate pytz tenacity pytablewriter
 
 .PHONY: demo test install clean
 
@@ -11,6 +15,8 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet --no-deps '$(LMMS_EVAL)'
+	$(PY) -m pip install --quiet $(LMMS_EVAL_IMPORTS)
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -56,7 +56,8 @@ def sample_row(
     answer: Optional[str] = None,
 ) -> dict[str, Any]:
     """The JSON record of one answered sample; ``answer`` is the normalised answer the task scores
-    (`vtprune.experiments.samples.task_answer`; default: the normalised prediction)."""
+    (`vtprune.experiments.samples.task_answer`; default: the normalised prediction). ``accuracy`` is
+    None when ``scores`` lacks ``accuracy_key`` (a request answered before it is scored)."""
     shape = cost.decoder_shape(config)
     visual = int(sum(generation.visual_tokens))
     full = [generation.total_tokens] * shape.layers
@@ -69,7 +70,7 @@ def sample_row(
         "prediction": generation.prediction,
         "answer": answer if answer is not None else normalize_answer(generation.prediction),
         "scores": dict(scores),
-        "accuracy": float(scores[accuracy_key]),
+        "accuracy": float(scores[accuracy_key]) if accuracy_key in scores else None,
         "visual_tokens": visual,
         "tokens_requested": requested_tokens(budget, generation.visual_tokens),
         "tokens_kept": int(sum(generation.kept)) if generation.kept is not None else visual,

@@ -22,7 +22,7 @@ import torch
 
 from vtprune.framework.errors import VtpruneError
 
-__all__ = ["Generation", "HFBackend", "DummyBackend", "load_backend", "describe_model", "resolve_model_path", "adapter_by_name"]
+__all__ = ["Generation", "HFBackend", "DummyBackend", "load_backend", "with_images", "describe_model", "resolve_model_path", "adapter_by_name"]
 
 
 @dataclass
@@ -211,19 +211,31 @@ class HFBackend:
     def prompt(self, question: str, num_images: int) -> str:
         if self.template:
             return self.template.replace("{question}", question)
+        return self.chat_prompt([{"role": "user", "content": question}], num_images)
+
+    def chat_prompt(self, messages: Sequence[Mapping[str, Any]], num_images: int) -> str:
+        """``messages`` (``{"role", "content"}``; content a string or a list of parts) rendered with the
+        processor's chat template, ``num_images`` image parts first in the last user turn, and the
+        generation prompt appended. A processor without a chat template raises `VtpruneError`."""
         if getattr(self.processor, "chat_template", None) is None:
             raise VtpruneError(
                 f"the processor of {self.spec['name']!r} has no chat template: set model.prompt_template, e.g. "
-                "'USER: <image>\\n{question} ASSISTANT:'"
+                "'USER: <image>\\n{question} ASSISTANT:' (and do not ask lmms-eval to apply a chat template)"
             )
-        content = [{"type": "image"} for _ in range(num_images)] + [{"type": "text", "text": question}]
-        return self.processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False)
+        return self.processor.apply_chat_template(with_images(messages, num_images), add_generation_prompt=True, tokenize=False)
 
     @torch.no_grad()
-    def generate(self, samples: Sequence[Any], questions: Sequence[str], handle: Any, max_new_tokens: int) -> list[Generation]:
+    def generate(
+        self, samples: Sequence[Any], questions: Sequence[str], handle: Any, max_new_tokens: int,
+        options: Any = None, prompts: Optional[Sequence[Optional[str]]] = None,
+    ) -> list[Generation]:
+        """One batch: ``questions`` wrapped in the prompt (or ``prompts[i]`` when given: a rendered
+        prompt used as is), greedy unless ``options`` (a `GenerationOptions`) asks to sample; its
+        ``until`` strings stop the generation (transformers' ``stop_strings``)."""
         from PIL import Image
 
-        texts = [self.prompt(q, len(s.images)) for s, q in zip(samples, questions)]
+        prompts = prompts or [None] * len(samples)
+        texts = [p if p is not None else self.prompt(q, len(s.images)) for s, q, p in zip(samples, questions, prompts)]
         images = [[img if isinstance(img, Image.Image) else Image.fromarray(img) for img in s.images] for s in samples]
         flat = [img for group in images for img in group]
         inputs = self.processor(images=flat or None, text=texts, return_tensors="pt", padding=True)
@@ -231,7 +243,13 @@ class HFBackend:
         if "pixel_values" in inputs:
             inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
         pad = getattr(self.tokenizer, "pad_token_id", None)
-        output = self.module.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
+        settings = options.generate_kwargs() if options is not None else {"do_sample": False}
+        if options is not None and options.until:
+            from transformers import StoppingCriteriaList
+
+            prompt_length = inputs["input_ids"].shape[1]
+            settings["stopping_criteria"] = StoppingCriteriaList([_StopStrings(self.tokenizer, options.until, prompt_length)])
+        output = self.module.generate(**inputs, max_new_tokens=max_new_tokens, pad_token_id=pad, **settings)
         length = inputs["input_ids"].shape[1]
         answers = self.tokenizer.batch_decode(output[:, length:], skip_special_tokens=True)
         real = inputs["attention_mask"].sum(dim=1).tolist() if "attention_mask" in inputs else [length] * len(samples)
@@ -241,6 +259,37 @@ class HFBackend:
             _generation(i, answer.strip(), int(real[i]), int(image_counts[i]), len(samples[i].images), result)
             for i, answer in enumerate(answers)
         ]
+
+
+class _StopStrings:
+    """A transformers stopping criterion: a row is done once its decoded new tokens contain a stop
+    string (transformers' own ``stop_strings`` needs a tokenizer whose vocabulary it can parse)."""
+
+    def __init__(self, tokenizer: Any, stops: Sequence[str], prompt_length: int) -> None:
+        self.tokenizer, self.stops, self.prompt_length = tokenizer, tuple(stops), prompt_length
+
+    def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:  # (B, L) -> (B,)
+        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_length :], skip_special_tokens=True)
+        done = [any(stop in text for stop in self.stops) for text in texts]
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)  # (B,)
+
+
+def with_images(messages: Sequence[Mapping[str, Any]], num_images: int) -> list[dict[str, Any]]:
+    """Chat messages with list-of-parts content (a string becomes one text part) and ``num_images``
+    image parts first in the last user message (images the messages already hold are kept)."""
+    out = []
+    for message in messages:
+        content = message.get("content", "")
+        parts = [{"type": "text", "text": content}] if isinstance(content, str) else [dict(p) for p in content]
+        out.append({**message, "content": parts})
+    users = [i for i, m in enumerate(out) if m.get("role") == "user"]
+    if num_images and not users:
+        raise VtpruneError("the chat has no user message to put the images in")
+    if num_images:
+        last = out[users[-1]]
+        present = sum(p.get("type") == "image" for m in out for p in m["content"])
+        last["content"] = [{"type": "image"} for _ in range(max(num_images - present, 0))] + last["content"]
+    return out
 
 
 def _generation(row: int, answer: str, total: int, visual: int, num_images: int, result: Any) -> Generation:
@@ -352,7 +401,21 @@ class DummyBackend:
             per_layer[int(drop.layer or 0)] = int(present.sum())
         return per_layer, present[0].nonzero().flatten().tolist()
 
-    def generate(self, samples: Sequence[Any], questions: Sequence[str], handle: Any, max_new_tokens: int) -> list[Generation]:
+    def chat_prompt(self, messages: Sequence[Mapping[str, Any]], num_images: int) -> str:
+        """``role: text`` lines (the dummy has no chat template), ``<image>`` parts in the last user turn."""
+        lines = []
+        for message in with_images(messages, num_images):
+            parts = message["content"]
+            text = " ".join("<image>" if p.get("type") == "image" else str(p.get("text", "")) for p in parts)
+            lines.append(f"{message['role']}: {text}")
+        return "\n".join(lines + ["assistant:"])
+
+    def generate(
+        self, samples: Sequence[Any], questions: Sequence[str], handle: Any, max_new_tokens: int,
+        options: Any = None, prompts: Optional[Sequence[Optional[str]]] = None,
+    ) -> list[Generation]:
+        """Answers that depend on the sample id and the share of tokens kept (``options`` and
+        ``prompts`` are accepted and do not change them)."""
         out = []
         self.module(torch.zeros(1, self.text_tokens + self.num_tokens, 8))  # the "prefill"
         for _ in range(max(max_new_tokens - 1, 0)):

@@ -34,7 +34,7 @@ import numpy as np
 from vtprune.framework.errors import VtpruneError
 from vtprune.framework.typecheck import signature_problem
 
-from .lmms_eval_model import evaluate_with_lmms_eval
+from .lmms_eval_run import evaluate_with_lmms_eval
 from .results import read_jsonl
 from .samples import METRICS, Sample, Task, contains, exact_match, normalize_answer, primary_metric, vqa_accuracy
 
@@ -161,17 +161,23 @@ class SyntheticTask:
 
 
 class LmmsEvalTask:
-    """Benchmarks through lmms-eval (``pip install 'vtprune[eval]'``): GQA, POPE, TextVQA, ...
+    """Benchmarks through lmms-eval (docs/experiments.md#lmms-eval): GQA, POPE, TextVQA, ...
 
     The cell's already-loaded model and pruning pipeline run inside lmms-eval's evaluator as the
     ``vtprune`` model (`vtprune.experiments.lmms_eval_model`); the task's metrics become the cell's
-    metrics (``<task>/<metric>``). Per-sample rows, fidelity and analytic costs come from the
-    model wrapper's records.
+    metrics (``<task>/<metric>``), and per-sample rows (tokens, FLOPs, KV bytes, latency, the
+    answer fidelity compares) are written like any task's (`vtprune.experiments.lmms_eval_run`).
 
     Args:
         tasks: lmms-eval task names.
-        num_fewshot, gen_kwargs, log_samples: passed to ``lmms_eval.evaluator.simple_evaluate``.
+        num_fewshot, gen_kwargs: passed to ``lmms_eval.evaluator.simple_evaluate``
+            (``gen_kwargs``: ``"temperature=0.7,do_sample=True"``; unsupported keys raise).
+        log_samples: kept for older grid files (per-sample logs are always collected).
         metric: the ``<task>/<metric>`` reported as accuracy (default: the first one).
+        include_path: a folder (or list of folders) of local lmms-eval task yamls.
+        apply_chat_template: render the contexts with the processor's chat template (lmms-eval's
+            ``--apply_chat_template``).
+        batch_size: requests per batch, ``"auto"`` or ``"auto:N"`` (default: ``generation.batch_size``).
     """
 
     def __init__(
@@ -179,12 +185,36 @@ class LmmsEvalTask:
         tasks: Sequence[str] = ("gqa",),
         num_fewshot: Optional[int] = None,
         gen_kwargs: str = "",
-        log_samples: bool = False,
+        log_samples: bool = True,
         metric: Optional[str] = None,
+        include_path: Optional[str | list[str]] = None,
+        apply_chat_template: bool = False,
+        batch_size: Optional[int | str] = None,
     ) -> None:
+        problem = self.check_options(include_path=include_path, batch_size=batch_size)
+        if problem:
+            raise VtpruneError(problem)
         self.tasks = [tasks] if isinstance(tasks, str) else list(tasks)
         self.num_fewshot, self.gen_kwargs, self.log_samples = num_fewshot, gen_kwargs, log_samples
         self.metric = metric
+        self.include_path = include_path
+        self.apply_chat_template = apply_chat_template
+        self.batch_size = batch_size
+
+    @staticmethod
+    def check_options(include_path: Optional[str | list[str]] = None, batch_size: Any = None, **_: Any) -> Optional[str]:
+        folders = [include_path] if isinstance(include_path, str) else list(include_path or [])
+        missing = [f for f in folders if not Path(f).is_dir()]
+        if missing:
+            return f"include_path: no such folder {', '.join(repr(str(m)) for m in missing)} (a folder of lmms-eval task yamls)"
+        if batch_size is not None:
+            from .lmms_eval_model import parse_batch_size
+
+            try:
+                parse_batch_size(batch_size)
+            except VtpruneError as error:
+                return str(error)
+        return None
 
     def evaluate(self, context: Any) -> dict[str, float]:
         """Run lmms-eval with the cell's model; ``context`` is a `vtprune.experiments.runner.CellContext`."""

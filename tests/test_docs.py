@@ -53,6 +53,7 @@ DOCTEST_MODULES = [
     "vtprune.adapters.mrope",
     "vtprune.adapters.qwen2_vl",
     "vtprune.adapters.qwen3_vl",
+    "vtprune.experiments.gen_options",
 ]
 
 

@@ -108,7 +108,7 @@ def test_manifest_and_model_class(stub_lmms_eval) -> None:
 
     output = evaluator.simple_evaluate(model=model, tasks=["gqa"], limit=2)
     assert set(output["results"]["gqa"]) >= {"exact_match,none"}
-    assert [len(o.kept_indices[0]) for _, o in model.records] == [8, 8]
+    assert [len(a.generation.kept_indices[0]) for a in model.answered] == [8, 8]
     with pytest.raises(NotImplementedError, match="generate_until"):
         model.loglikelihood([])
 
@@ -135,3 +135,76 @@ def test_a_grid_cell_runs_lmms_eval_tasks(stub_lmms_eval, tmp_path) -> None:
     metrics = next(s["metrics"] for s in states.values() if s["label"] == "zspaprune")
     assert set(metrics) >= {"gqa/exact_match", "pope/exact_match", "accuracy", "tokens_kept"}
     assert metrics["tokens_kept"] == 8 and metrics["n_samples"] == 4
+
+
+def test_parse_gen_kwargs_applies_or_refuses() -> None:
+    from vtprune.experiments.gen_options import SUPPORTED, cut_at_stops, parse_gen_kwargs
+    from vtprune.framework.errors import VtpruneError
+
+    options = parse_gen_kwargs({"temperature": "0.7", "top_p": 0.9, "until": "\n\n", "stop": ["###"]}, 16)
+    assert (options.max_new_tokens, options.do_sample, options.temperature, options.until) == (16, True, 0.7, ("\n\n", "###"))
+    assert options.generate_kwargs() == {"do_sample": True, "temperature": 0.7, "top_p": 0.9}
+    greedy = parse_gen_kwargs({"temperature": 0, "top_p": 1.0, "num_beams": 1, "do_sample": False, "max_new_tokens": 3}, 16)
+    assert greedy.generate_kwargs() == {"do_sample": False} and greedy.max_new_tokens == 3
+    assert cut_at_stops("a###b\n\nc", options.until) == "a" and cut_at_stops("abc", ()) == "abc"
+    bad = [({"foo": 1}, "'foo' not supported.*" + ", ".join(SUPPORTED)), ({"num_beams": 4}, "num_beams=4"),
+           ({"do_sample": True, "temperature": 0}, "temperature > 0"), ({"top_p": 0}, r"top_p must be in \(0, 1\]"),
+           ({"max_new_tokens": 0}, "max_new_tokens must be >= 1"), ({"do_sample": "maybe"}, "expected true or false"),
+           ({"until": [1]}, "list of strings"), ({"max_new_tokens": 2.5}, "whole number")]
+    for kwargs, message in bad:
+        with pytest.raises(VtpruneError, match=message):
+            parse_gen_kwargs(kwargs, 16)
+
+
+def test_batch_size_auto_halves_on_out_of_memory_and_keeps_the_size(stub_lmms_eval) -> None:
+    from lmms_eval.api.instance import Instance
+
+    from vtprune.framework.errors import VtpruneError
+
+    assert stub_lmms_eval.parse_batch_size("auto:4") == "auto" and stub_lmms_eval.parse_batch_size("3") == 3
+    for bad in ("0", "lots", -1):
+        with pytest.raises(VtpruneError, match="batch_size must be an integer >= 1, 'auto'"):
+            stub_lmms_eval.parse_batch_size(bad)
+    cls = stub_lmms_eval.build_model_class()
+    model = cls(pretrained="dummy", recipe="zspaprune", budget=8, batch_size="auto", max_batch_size=8)
+    calls = []
+    generate = model.backend.generate
+
+    def limited(samples, *args, **kwargs):  # a device that fits 3 requests at once
+        calls.append(len(samples))
+        if len(samples) > 3:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return generate(samples, *args, **kwargs)
+
+    model.backend.generate = limited
+    docs = [{"q": "what color ?"}] * 10
+    model.task_dict = {"t": {"test": docs}}
+    visual = lambda doc: [torch.zeros(4, 4, 3, dtype=torch.uint8).numpy()]  # noqa: E731
+    requests = [Instance("generate_until", ("<image> what color ?", {"max_new_tokens": 1}, visual, i, "t", "test"), i) for i in range(10)]
+    answers = model.generate_until(requests)
+    assert calls == [8, 4, 2, 2, 2, 2, 2] and model.batch_size_per_gpu == 2 and len(answers) == 10
+    assert [a.sample.id for a in model.answered] == [f"t/test/{i}" for i in range(10)]
+    fixed = cls(pretrained="dummy", recipe="zspaprune", budget=8, batch_size=8)
+    fixed.backend.generate = lambda samples, *a, **k: (_ for _ in ()).throw(torch.OutOfMemoryError("simulated"))
+    fixed.task_dict = model.task_dict
+    with pytest.raises(torch.OutOfMemoryError):  # a fixed batch size is never changed behind the user's back
+        fixed.generate_until(requests)
+
+
+def test_requests_with_different_gen_kwargs_are_batched_apart_and_answered_in_order(stub_lmms_eval) -> None:
+    from lmms_eval.api.instance import Instance
+
+    model = stub_lmms_eval.build_model_class()(pretrained="dummy", recipe="none", batch_size=4)
+    seen = []
+    generate = model.backend.generate
+
+    def spy(samples, questions, handle, max_new_tokens, options=None, prompts=None):
+        seen.append(([s.id for s in samples], max_new_tokens))
+        return generate(samples, questions, handle, max_new_tokens, options, prompts)
+
+    model.backend.generate = spy
+    model.task_dict = {"t": {"test": [{}] * 5}}
+    requests = [Instance("generate_until", ("q", {"max_new_tokens": 1 + i % 2}, None, i, "t", "test"), i) for i in range(5)]
+    model.generate_until(requests)
+    assert seen == [(["t/test/0", "t/test/2", "t/test/4"], 1), (["t/test/1", "t/test/3"], 2)]
+    assert [a.sample.id for a in model.answered] == ["t/test/0", "t/test/2", "t/test/4", "t/test/1", "t/test/3"]
