@@ -11,6 +11,8 @@ from .peer_presets import register_peer_presets
 from .merge_stages import MERGE_STAGES
 from .peer_stages import PEER_STAGES
 from .presets import register_presets
+from .video_presets import register_video_presets
+from .video_stages import VIDEO_STAGES
 
 __all__ = ["BUILTIN_STAGES", "vtprune_register_stages", "vtprune_register_presets"]
 
@@ -35,6 +37,7 @@ BUILTIN_STAGES = (
     *PEER_STAGES,
     *MERGE_STAGES,
     *MUSTDROP_STAGES,
+    *VIDEO_STAGES,
 )
 
 
@@ -48,3 +51,4 @@ def vtprune_register_stages(registry: Registry) -> None:
 def vtprune_register_presets(registry: Registry) -> None:
     register_presets(registry)
     register_peer_presets(registry)
+    register_video_presets(registry)
