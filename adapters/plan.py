@@ -27,7 +27,7 @@ from .decoder import Decision, DropState, Session
 from .records import DropRecord, ImageLayout, PruneResult
 from .tower_merge import apply_tower_merge
 
-__all__ = ["ForwardCall", "PlanContext", "Plan", "check_drops", "image_assignment", "HINT_FINAL_NORM", "HINT_OWN_LAYER"]
+__all__ = ["ForwardCall", "PlanContext", "Plan", "check_drops", "frame_fields", "image_assignment", "HINT_FINAL_NORM", "HINT_OWN_LAYER"]
 
 #: Stage hints (``Stage.adapter_hints``) the runtime honours (docs/adapters.md).
 HINT_FINAL_NORM = "final_norm"  # in-LLM visual / prompt = hidden states through the decoder's final norm (DART)
@@ -93,6 +93,21 @@ def image_assignment(assignment: Tensor, columns: list[Tensor], layouts: Sequenc
     for r, present in enumerate(columns):
         out[r, present.cpu()] = assignment[r, : present.numel()].cpu()
     return out
+
+
+def frame_fields(layouts: Sequence[ImageLayout], columns: list[Tensor], width: int, device: Any) -> tuple[Tensor, Tensor]:
+    """``Signals.frames`` (R, 3) and ``frame_index`` (R, width) of a drop from the rows' layouts and their present
+    tokens (``columns[r]``, image-token coordinates, ascending). A video row keeps its (T, H, W) while all its
+    tokens are present; a row without frames (an image) or with tokens already dropped (the frame grid is broken,
+    as ``grid`` is) gets (0, 0, 0) and -1 everywhere, as does padding."""
+    frames = torch.zeros(len(layouts), 3, dtype=torch.long)  # (R, 3)
+    index = torch.full((len(layouts), width), -1, dtype=torch.long)  # (R, N)
+    for r, (layout, present) in enumerate(zip(layouts, columns)):
+        if layout.frames is None or present.numel() != layout.num_tokens:
+            continue
+        frames[r] = torch.tensor(layout.frames, dtype=torch.long)
+        index[r, : present.numel()] = layout.frame_index[present.cpu()]
+    return frames.to(device), index.to(device)
 
 
 def _pad_rows(rows: list[Tensor], width: Optional[int] = None, value: float = 0.0) -> Tensor:
@@ -265,6 +280,8 @@ class Plan:
             fields["grid"] = grids[0]  # one grid for every row
         elif any(g is not None for g in grids):  # rows differ: per-row grids, (0, 0) = none
             fields["grids"] = torch.tensor([g if g is not None else (0, 0) for g in grids], dtype=torch.long)
+        if getattr(self.adapter, "has_frames", False):
+            fields["frames"], fields["frame_index"] = frame_fields(self.layouts, columns, fields["visual"].shape[1], self.device)
 
     def _llm_signals(self, state: DropState, drop: Any):
         slot_of = self._slot_map(state)  # (B, L): built once, read for the image rows and the prompt
