@@ -97,12 +97,11 @@ def dycoke_ttm(
         x = visual[b, where].float().view(t_len, per_frame, -1)  # (T, P, D)
         reference = torch.tensor(dycoke_reference_frames(t_len), dtype=torch.long, device=visual.device)  # (T,)
         sims = torch.zeros(t_len, per_frame, device=visual.device)  # (T, P)
-        pairs = torch.arange(1, t_len, 2, device=visual.device)  # odd frames: against the previous frame
-        pairs = pairs[reference[pairs] == pairs - 1] if pairs.numel() else pairs
+        frame_numbers = torch.arange(t_len, device=visual.device)  # (T,)
+        pairs = frame_numbers[(reference >= 0) & (reference == frame_numbers - 1)]  # odd frames: the previous frame
         if pairs.numel():
             sims[pairs] = F.cosine_similarity(F.normalize(x[pairs - 1], p=2, dim=-1), F.normalize(x[pairs], p=2, dim=-1), dim=-1)
-        quads = torch.arange(2, t_len, 4, device=visual.device)
-        quads = quads[reference[quads] == quads - 2] if quads.numel() else quads
+        quads = frame_numbers[(reference >= 0) & (reference == frame_numbers - 2)]  # frame i + 2 of a group of four
         if quads.numel():
             sims[quads] = F.cosine_similarity(x[quads - 2], x[quads], dim=-1)  # raw tokens (official)
         pruned = reference >= 0  # (T,)
