@@ -17,7 +17,10 @@ import torch
 from adapter_fixtures import SignalRecorder
 from vtprune.framework import compose, prune
 
-__all__ = ["FRAME_RECIPES", "Row", "record_signals", "expected_frame_index", "check_frames", "check_frames_batch_equals_alone"]
+__all__ = [
+    "FRAME_RECIPES", "Row", "record_signals", "expected_frame_index", "check_frames", "check_frames_batch_equals_alone", "grid_rows",
+    "placeholder_items",
+]
 
 #: One pipeline per placement whose drops carry the frame signals (the schedule's second drop sees broken rows).
 FRAME_RECIPES = {
@@ -113,3 +116,42 @@ def check_frames_batch_equals_alone(
                 assert torch.equal(batch.frame_index[r, :width].cpu(), signals.frame_index[row].cpu()), (placement, r)
                 assert bool((batch.frame_index[r, width:] == -1).all())
                 r += 1
+
+
+def grid_rows(model, inputs: dict, layouts: Sequence[Sequence[tuple]]) -> list[Row]:
+    """Rows of the Qwen-style families (Qwen2-VL / 2.5-VL, Qwen3-VL(-MoE), GLM-4.1V, LLaVA-OneVision-1.5) from the
+    test's own layouts (per sample, (kind, positions, (t, h, w)) in sequence order) and the model's own
+    ``get_video_features`` (merged tokens of every video, in batch order, frame-major)."""
+    videos = []
+    if "pixel_values_videos" in inputs:
+        with torch.no_grad():
+            out = model.model.get_video_features(inputs["pixel_values_videos"], inputs["video_grid_thw"])
+        pooled = out.pooler_output if hasattr(out, "pooler_output") else out[0]
+        flat = torch.cat(list(pooled)) if isinstance(pooled, (list, tuple)) else pooled.reshape(-1, pooled.shape[-1])
+        sizes = [t * h * w for items in layouts for kind, _, (t, h, w) in items if kind == "video"]
+        assert flat.shape[0] == sum(sizes)
+        videos = list(flat.split(sizes))
+    rows = []
+    for items in layouts:
+        for kind, positions, (t, h, w) in items:
+            if kind == "image":
+                rows.append(Row(len(positions)))
+            else:
+                rows.append(Row(len(positions), (t, h, w), (), videos.pop(0).reshape(t, h * w, -1)))
+    return rows
+
+
+def placeholder_items(input_ids: torch.Tensor, image_id: int, video_id: int) -> list[tuple[str, int]]:
+    """(kind, length) of every unbroken run of image / video placeholders, sample after sample, in sequence order
+    (the LLaVA-family test inputs write each item as one run followed by text)."""
+    items = []
+    for row in input_ids.tolist():
+        previous, length = None, 0
+        for token in row + [None]:
+            if token == previous and token is not None:
+                length += 1
+                continue
+            if previous in (image_id, video_id):
+                items.append(("image" if previous == image_id else "video", length))
+            previous, length = token, 1
+    return items
