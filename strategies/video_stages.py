@@ -16,6 +16,7 @@ from vtprune.framework.signals import Signals
 from vtprune.framework.stages import RelevanceScorer
 
 from .functional.temporal import dycoke_ttm
+from .prunevid import PRUNEVID_STAGES
 
 __all__ = ["DyCokeRelevance", "VIDEO_STAGES"]
 
@@ -44,4 +45,4 @@ class DyCokeRelevance(RelevanceScorer):
 
 
 #: Registration order.
-VIDEO_STAGES = (DyCokeRelevance,)
+VIDEO_STAGES = (DyCokeRelevance, *PRUNEVID_STAGES)
