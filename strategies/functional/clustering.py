@@ -9,8 +9,7 @@ drawing one (B, N) tensor exactly as the official call does); each token's dista
 cluster j is the j-th highest score); every token joins its nearest centre (``argmin``, first on ties) and each
 centre its own cluster. ``cluster_means`` averages each cluster's tokens (empty clusters: zeros).
 
-Not yet used by a preset: the ``prunevid`` preset (static/dynamic separation, temporal merging of static tokens,
-this clustering, the in-LLM question-guided pruning) is left for a follow-up (docs/methods.md, "PruneVid").
+Used by the ``prunevid`` preset (`vtprune.strategies.functional.prunevid`, docs/methods.md, "PruneVid").
 """
 
 from __future__ import annotations
