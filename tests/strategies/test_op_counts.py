@@ -58,6 +58,7 @@ PINNED = {
     "mustdrop": 103,
     "mustdrop_vision": 148,  # with the merging output (sizes, assignment) now that Supplement carries it
     "dycoke": 129,  # video (frames VIDEO_FRAMES); the decode policy runs in the decoding steps' hooks
+    "prunevid": 1390,  # video; the pre-LLM merge (per segment and frame group DPC-KNN; capped at K by cluster size)
 }
 
 #: The issue's targets at this size.
