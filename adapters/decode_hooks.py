@@ -12,7 +12,9 @@ forward that continues a cache they saw filled:
    attention over that layer's cache entries plus itself, recomputed as eager attention does (fp32 softmax,
    under the layer's own mask and the entries hidden for this step), head mean, ranks the visual entries
    still present; each row keeps its top ``keep`` (`framework.budget.resolve_budget`, counted on the visual
-   entries the row had after prefill), ties to the earlier entry. Policy ``final``: the kept set is the
+   entries the row had after prefill), ties to the earlier entry. Policy ``dycoke``: the same ranking, the count
+   ``int(n * (1 - prune_ratio))``, and a row hides nothing at a step whose attention (original positions) has a
+   cosine >= ``threshold`` with its previous step's (DyCoke's ``dycoke_pruning``). Policy ``final``: the kept set is the
    prefill's last segment (MustDrop's decode stage).
 3. pre-hooks of layers ``>= layer``: their attention mask is ANDed with "not a hidden visual entry" (4-D bool
    under sdpa, additive under eager), so exactly those cache entries are invisible to this step's token.
@@ -61,6 +63,7 @@ class _CacheState:
     length: int
     alive: Optional[Tensor] = None  # (B, L) bool: visual positions not evicted (mode "evict")
     steps: int = 0
+    previous: Optional[Tensor] = None  # (B, L) float: last step's attention at the original positions (policy "dycoke")
 
 
 @dataclass
@@ -213,13 +216,18 @@ class DecodeHooks:
             candidates = present & state.alive.to(device).gather(1, index)  # (B, S)
             attention = self._attention(module, number, step, hidden, kwargs, candidates)  # (B, S)
             start = present.sum(1)  # (B,) visual entries after prefill
-            counts = torch.cat([resolve_budget(placement.keep, start[b : b + 1]) for b in range(batch)])  # (B,)
+            if placement.policy == "dycoke":
+                counts, prune = self._dycoke_counts(state, index, present, attention, start)  # (B,), (B,) bool
+            else:
+                counts = torch.cat([resolve_budget(placement.keep, start[b : b + 1]) for b in range(batch)])  # (B,)
+                prune = torch.ones(batch, dtype=torch.bool, device=device)
             counts = torch.minimum(counts, candidates.sum(1))
             scores = attention.masked_fill(~candidates, float("-inf"))  # (B, S)
             order = scores.sort(dim=1, descending=True, stable=True).indices  # (B, S)
             rank = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1], device=device).expand(batch, -1))
             chosen = candidates & (rank < counts.unsqueeze(1))  # (B, S)
             hidden_orig = present_orig & ~_scatter_positions(index, chosen, state.length)
+            hidden_orig = hidden_orig & prune.unsqueeze(1)  # rows whose step is not pruned hide nothing
             if placement.mode == "evict":
                 state.alive = state.alive.to(device) & ~hidden_orig
         if state.result is not None and hasattr(state.result, "decode_records"):
@@ -227,6 +235,22 @@ class DecodeHooks:
             state.result.decode_records.append(DecodeRecord(state.steps, placement.layer, hidden_rows))
         state.steps += 1
         return hidden_orig
+
+    def _dycoke_counts(self, state: _CacheState, index: Tensor, present: Tensor, attention: Tensor, start: Tensor) -> tuple[Tensor, Tensor]:
+        """Policy ``dycoke``: per row the kept count ``int(n * (1 - prune_ratio))`` (float64 = Python float) and
+        whether this step prunes (cosine of this step's visual attention with the previous step's < threshold;
+        the first step always prunes). Remembers this step's attention."""
+        placement = self.placement
+        current = torch.zeros(index.shape[0], state.length, dtype=torch.float32, device=attention.device)  # (B, L)
+        current.scatter_(1, torch.where(present, index, 0), torch.where(present, attention.float(), 0.0))
+        if state.previous is None:
+            prune = torch.ones(index.shape[0], dtype=torch.bool, device=attention.device)
+        else:
+            similarity = torch.nn.functional.cosine_similarity(current, state.previous.to(current.device), dim=1)  # (B,)
+            prune = similarity < placement.threshold
+        state.previous = current
+        counts = torch.floor(start.double() * (1.0 - placement.prune_ratio)).long()  # (B,)
+        return counts, prune
 
     @staticmethod
     def _final_positions(state: _CacheState, batch: int, device) -> Tensor:

@@ -4,13 +4,20 @@
 its ``prefill`` placement does (its ``drops`` are the prefill placement's), and then, at every decoding step,
 hides visual entries of the KV cache from decoder layers ``>= layer``:
 
-``policy="attention"`` (DyCoke's dynamic pruning; the per-step form of MustDrop's decode stage)
+``policy="attention"`` (step-wise attention pruning; the per-step form of MustDrop's decode stage)
     the current token's softmax attention at layer ``layer - 1`` (head mean, over that layer's cache) ranks the
     visual entries still present; each row keeps its top ``keep`` of them (an int: entries per row; a float:
     fraction of the visual entries the row had after prefill, ``resolve_budget`` rounding half up, at least
     one); ties go to the earlier entry. ``mode="dynamic"`` re-selects among every prefill-kept entry at each
     step (hidden entries may come back); ``mode="evict"`` selects among the entries not hidden before, so a
     hidden entry never returns (the same as deleting it from the cache).
+``policy="dycoke"`` (DyCoke's dynamic KV-cache pruning, KD-TAO/DyCoke @ dd746349, ``modeling_qwen2.py``
+    ``PrunableDynamicCache.dycoke_pruning`` / ``update_cache``)
+    per row, the current token's head-mean attention at layer ``layer - 1`` over the visual entries present after
+    prefill is compared (cosine) with the previous step's; when it is below ``threshold`` (always at the first step)
+    layers ``>= layer`` see only the top ``int(n * (1 - prune_ratio))`` of the n visual entries (official
+    arithmetic), otherwise nothing is hidden at this step (the official cache index is reset at every step and only
+    rebuilt when the attention changed). ``keep`` is unused; ``mode="evict"`` ranks only entries never hidden.
 ``policy="final"`` (MustDrop's official decode stage, ``modelling_sparse_llama.py`` ``LlamaDynamicvitModel.forward``,
     "Sparse kv cache (decoding stage)")
     layers ``>= layer`` see only the visual tokens that survived the *last* prefill drop: the caches that the
@@ -34,7 +41,7 @@ from vtprune.framework.stages import Drop, LayerPlacement, stage_params
 
 __all__ = ["DecodePlacement", "DECODE_POLICIES", "DECODE_MODES"]
 
-DECODE_POLICIES: tuple[str, ...] = ("attention", "final")
+DECODE_POLICIES: tuple[str, ...] = ("attention", "final", "dycoke")
 DECODE_MODES: tuple[str, ...] = ("dynamic", "evict")
 
 
@@ -53,8 +60,12 @@ class DecodePlacement(LayerPlacement):
     prefill: str = "pre_llm"
     layer: int = 2
     keep: int | float = 0.5
-    policy: Literal["attention", "final"] = "attention"
+    policy: Literal["attention", "final", "dycoke"] = "attention"
     mode: Literal["dynamic", "evict"] = "dynamic"
+    #: policy ``dycoke``: the fraction of visual entries hidden at a pruned step (DyCoke's ``dycoke_p``).
+    prune_ratio: float = 0.8
+    #: policy ``dycoke``: a step prunes only when its attention's cosine to the previous step's is below this.
+    threshold: float = 0.9
 
     def __post_init__(self) -> None:
         if self.layer < 1:
@@ -63,6 +74,10 @@ class DecodePlacement(LayerPlacement):
             (isinstance(self.keep, int) and self.keep >= 1) or (isinstance(self.keep, float) and 0.0 < self.keep <= 1.0)
         ):
             raise ValueError(f"keep must be an int >= 1 or a float in (0, 1], got {self.keep!r}")
+        if not 0.0 <= float(self.prune_ratio) < 1.0:
+            raise ValueError(f"prune_ratio must be a float in [0, 1), got {self.prune_ratio!r}")
+        if not -1.0 <= float(self.threshold) <= 1.0:
+            raise ValueError(f"threshold must be a cosine in [-1, 1], got {self.threshold!r}")
         # what this instance provides is its prefill placement's (the class value: the default prefill's)
         object.__setattr__(self, "provides", frozenset(self.inner.provides))
 

@@ -13,6 +13,8 @@ from .merge_stages import MERGE_STAGES
 from .peer_stages import PEER_STAGES
 from .ov_stages import OV_STAGES
 from .presets import register_presets
+from .video_presets import register_video_presets
+from .video_stages import VIDEO_STAGES
 
 __all__ = ["BUILTIN_STAGES", "vtprune_register_stages", "vtprune_register_presets"]
 
@@ -39,6 +41,7 @@ BUILTIN_STAGES = (
     *MERGE_STAGES,
     *MUSTDROP_STAGES,
     *SPARSEVLM_STAGES,
+    *VIDEO_STAGES,
 )
 
 
@@ -52,3 +55,4 @@ def vtprune_register_stages(registry: Registry) -> None:
 def vtprune_register_presets(registry: Registry) -> None:
     register_presets(registry)
     register_peer_presets(registry)
+    register_video_presets(registry)

@@ -14,10 +14,12 @@ on these fixed inputs. Counted with ``benchmarks/_opcount.py``, the counter behi
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from vtprune.framework import build_registry, compose
 
@@ -25,6 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 from _opcount import count_ops, selection_signals  # noqa: E402
 
 TOKENS, BUDGET, BATCH, DIM = 576, 64, 1, 64
+#: (T, H, W) of the video presets' rows: T * H * W = TOKENS.
+VIDEO_FRAMES = (16, 6, 6)
 
 #: preset -> ops per select at N = 576, K = 64, B = 1 (the issue's counts before the work, in
 #: brackets: zspaprune 832, divprune 581, random 62, fastv 54; targets 350 / 300 / - / 40).
@@ -54,6 +58,8 @@ PINNED = {
     "mustdrop": 103,
     "mustdrop_vision": 148,  # with the merging output (sizes, assignment) now that Supplement carries it
     "sparsevlm": 236,  # prompt_attention + prompt_mask added to the inputs (only SparseVLM reads them)
+    "dycoke": 129,  # video (frames VIDEO_FRAMES); the decode policy runs in the decoding steps' hooks
+    "prunevid": 1390,  # video; the pre-LLM merge (per segment and frame group DPC-KNN; capped at K by cluster size)
 }
 
 #: The issue's targets at this size.
@@ -79,6 +85,9 @@ def _with_prompt_attention(signals):
 def counts() -> dict[str, int]:
     registry = build_registry(autoload=False)
     signals = selection_signals(BATCH, TOKENS, DIM)
+    # video presets read the frame structure: the N = 576 tokens as VIDEO_FRAMES frames (no other preset reads it)
+    frame_index = torch.arange(TOKENS).div(TOKENS // VIDEO_FRAMES[0], rounding_mode="floor").expand(BATCH, -1)  # (B, N)
+    signals = dataclasses.replace(signals, frames=torch.tensor([VIDEO_FRAMES] * BATCH), frame_index=frame_index)
     out = {}
     for name in PINNED:
         pipeline = compose(name, registry=registry)

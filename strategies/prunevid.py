@@ -1,0 +1,197 @@
+"""PruneVid's stages (docs/methods.md, "PruneVid"): thin wrappers over `vtprune.strategies.functional.prunevid`.
+
+Before the LLM, ``diversity.prunevid`` (with the adaptive ``budget.prunevid``) merges each video row: temporal
+segments, static tokens averaged over their segment, DPC-KNN spatial clustering, merged values + assignment
+through the merging output. Inside the LLM, ``placement.prunevid_layer`` runs a second drop at layer ``k`` with
+``relevance.prunevid_attention`` (max over heads and prompt tokens of the attention to each visual token),
+``critical`` and ``budget.prunevid_alpha`` (``int(n * alpha)`` of the n present tokens).
+
+Rows: a video row's frame tokens are those with ``frame_index >= 0`` (``Signals.frames`` (T, H, W)); tokens
+outside the frames (newlines, ``frame_index`` -1) are kept as they are; a row without frames is one frame (a
+one-frame segment: all dynamic, clustered).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, ClassVar, Optional
+
+import torch
+from torch import Tensor
+
+from vtprune.framework.budget import resolve_budget
+from vtprune.framework.signals import PLACEMENT_SIGNALS, Signals
+from vtprune.framework.stages import (
+    Allocation,
+    BudgetAllocator,
+    DiversitySupplementer,
+    Drop,
+    LayerPlacement,
+    RelevanceScorer,
+    Supplement,
+)
+
+from .critical import TopKCritical
+from .diversity import NoDiversity
+from .functional.prunevid import DEFAULT_K, prunevid_frames
+
+__all__ = ["PruneVidMerge", "PruneVidBudget", "PruneVidAttention", "PruneVidAlpha", "PruneVidPlacement", "PRUNEVID_STAGES"]
+
+
+def _frame_positions(signals: Signals, b: int, free: Tensor) -> tuple[Tensor, Tensor]:
+    """Row ``b``'s frame positions (T, n) (frame-major) and its other free positions (M,): with frames, the free
+    tokens of ``frame_index >= 0`` / the rest; without, every free token is one frame."""
+    frames = signals.row_frames()[b]
+    real = torch.nonzero(free[b], as_tuple=False).squeeze(1)  # (R,)
+    if frames is None or signals.frame_index is None:
+        return real[None], real[:0]
+    in_frames = signals.frame_index[b, real] >= 0  # (R,)
+    inside, others = real[in_frames], real[~in_frames]
+    t_len, h, w = frames
+    if inside.numel() != t_len * h * w:
+        raise ValueError(f"row {b}: {inside.numel()} free frame tokens, but Signals.frames says {t_len}x{h}x{w}")
+    return inside.view(t_len, h * w), others
+
+
+def _cap(keep: Tensor, assignment: Tensor, count: int) -> None:
+    """Keep at most ``count`` of a row's kept tokens (``keep`` (N,), ``assignment`` (N,), in place): the largest
+    merged tokens first (ties to the earlier position); tokens merged into a dropped one get -1."""
+    kept = torch.nonzero(keep, as_tuple=False).squeeze(1)  # (m,)
+    if kept.numel() <= count:
+        return
+    sizes = (assignment[:, None] == kept[None]).sum(dim=0)  # (m,)
+    order = torch.sort(-sizes, stable=True).indices  # (m,)
+    dropped = kept[order[count:]]  # (m - count,)
+    keep[dropped] = False
+    assignment[torch.isin(assignment, dropped)] = -1
+
+
+@dataclass(frozen=True, eq=False)
+class PruneVidMerge(DiversitySupplementer):
+    """PruneVid before the LLM: temporal segments (DPC-KNN over frame means, ``segment_ratio`` of T clusters,
+    refined into runs), static positions (mean pairwise cosine ``> tau``) averaged over their segment, groups of
+    more than 14 tokens DPC-KNN clustered to ``cluster_ratio`` of them (``k`` neighbours, tie noise from ``seed``).
+    Keeps its own count; a row count below it keeps the largest merged tokens (docs/methods.md, "PruneVid")."""
+
+    name: ClassVar[str] = "prunevid"
+    description: ClassVar[str] = "PruneVid before the LLM: temporal segments, static tokens merged over time, DPC-KNN spatial merging"
+    stochastic: ClassVar[Optional[bool]] = True
+    #: The method keeps its own data-dependent count (at most ``counts``).
+    exact_counts: ClassVar[bool] = False
+    tau: float = 0.8
+    cluster_ratio: float = 0.5
+    segment_ratio: float = 0.25
+    k: int = DEFAULT_K
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for field, value in (("cluster_ratio", self.cluster_ratio), ("segment_ratio", self.segment_ratio)):
+            if not 0.0 < float(value) <= 1.0:
+                raise ValueError(f"{field} must be in (0, 1], got {value!r}")
+        if self.k < 1:
+            raise ValueError(f"k (DPC-KNN neighbours) must be >= 1, got {self.k}")
+
+    def supplement(self, signals: Signals, selected: Tensor, counts: Tensor, valid: Tensor, scores: Optional[Tensor]) -> Supplement:
+        visual = signals.visual
+        keep = torch.zeros(valid.shape, dtype=torch.bool, device=valid.device)  # (B, N)
+        values = visual.float().clone()  # (B, N, D)
+        assignment = torch.full(valid.shape, -1, dtype=torch.long, device=valid.device)  # (B, N)
+        free = valid & ~selected  # (B, N)
+        for b in range(signals.batch_size):
+            positions, others = _frame_positions(signals, b, free)  # (T, n), (M,)
+            if positions.numel():
+                generator = torch.Generator().manual_seed(self.seed)
+                row = prunevid_frames(
+                    visual[b, positions], self.tau, self.cluster_ratio, self.segment_ratio, self.k, generator,
+                )
+                flat = positions.reshape(-1)  # (T * n,)
+                keep[b, flat] = row.keep
+                values[b, flat] = row.values
+                assignment[b, flat] = flat[row.assignment]
+            keep[b, others] = True
+            assignment[b, others] = others
+            _cap(keep[b], assignment[b], int(counts[b]))
+        return Supplement(keep & valid, values, assignment)
+
+
+@dataclass(frozen=True, eq=False)
+class PruneVidBudget(BudgetAllocator):
+    """Adaptive: the resolved total is an upper bound, all of it handed to ``diversity.prunevid``, which keeps its own
+    count (docs/architecture.md, "Adaptive counts"). A budget of 1.0 never caps the method."""
+
+    name: ClassVar[str] = "prunevid"
+    description: ClassVar[str] = "adaptive: PruneVid keeps its own count, at most the budget"
+    adaptive_counts: ClassVar[bool] = True
+
+    def adapt(self, signals: Signals, budget: Any, totals: Tensor, valid: Tensor, scores: Optional[Tensor]) -> Allocation:
+        return Allocation(total=totals, critical=torch.zeros_like(totals))
+
+    def allocate(self, totals: Tensor, valid: Tensor, scores: Optional[Tensor]) -> Allocation:
+        return Allocation(total=totals, critical=torch.zeros_like(totals))
+
+
+@dataclass(frozen=True, eq=False)
+class PruneVidAttention(RelevanceScorer):
+    """PruneVid's question-guided score inside the LLM: for each visual token the largest attention any head of any
+    prompt token pays it (official ``max`` over heads, then over the text queries after the video)."""
+
+    name: ClassVar[str] = "prunevid_attention"
+    description: ClassVar[str] = "max over heads and prompt tokens of the attention to each visual token (PruneVid in-LLM)"
+    requires: ClassVar[frozenset[str]] = frozenset({"prompt_attention"})
+
+    def score(self, signals: Signals) -> Tensor:
+        attention = signals.prompt_attention.float()  # (B, H, T, N)
+        if signals.prompt_mask is not None:
+            attention = attention.masked_fill(~signals.prompt_mask[:, None, :, None], 0.0)  # (B, H, T, N)
+        return attention.amax(dim=1).amax(dim=1)  # (B, N)
+
+
+@dataclass(frozen=True, eq=False)
+class PruneVidAlpha(BudgetAllocator):
+    """PruneVid's in-LLM count: a fraction ``alpha`` keeps ``int(n * alpha)`` (floor, at least one) of the n present
+    tokens, all by the critical selector."""
+
+    name: ClassVar[str] = "prunevid_alpha"
+    description: ClassVar[str] = "no diversity share; fractions floored (PruneVid's int(size * alpha))"
+    plans_from_totals: ClassVar[bool] = True
+
+    def resolve(self, budget: int | float, valid_counts: Tensor) -> Tensor:
+        return resolve_budget(budget, valid_counts, rounding="floor")
+
+    def allocate(self, totals: Tensor, valid: Tensor, scores: Optional[Tensor]) -> Allocation:
+        return Allocation(total=totals, critical=totals)
+
+
+@dataclass(frozen=True, eq=False)
+class PruneVidPlacement(LayerPlacement):
+    """A ``pre_llm`` drop with the budget (PruneVid's merge), then one before decoder layer ``k`` keeping ``alpha``
+    of the present tokens by ``relevance.prunevid_attention`` (+ ``critical``, ``budget.prunevid_alpha``,
+    ``diversity.none``). Official: ``selected_layer=10``, ``alpha=0.4``; the attention is layer ``k - 1``'s."""
+
+    name: ClassVar[str] = "prunevid_layer"
+    description: ClassVar[str] = "drop before the LLM with the budget, then before layer k keeping alpha by prompt attention (PruneVid)"
+    provides: ClassVar[frozenset[str]] = PLACEMENT_SIGNALS["pre_llm"]
+    k: int = 10
+    alpha: float = 0.4
+
+    def __post_init__(self) -> None:
+        if self.k < 1:
+            raise ValueError(f"k must be >= 1, got {self.k}")
+        if not 0.0 < float(self.alpha) <= 1.0:
+            raise ValueError(f"alpha (fraction kept inside the LLM) must be in (0, 1], got {self.alpha!r}")
+
+    def drops(self, budget: int | float) -> tuple[Drop, ...]:
+        return (Drop("pre_llm", None, budget), Drop("layer", self.k, float(self.alpha)))
+
+    def drop_pipeline(self, pipeline: Any, number: int) -> Any:
+        if number == 0:
+            return pipeline
+        return dataclasses.replace(
+            pipeline, relevance=PruneVidAttention(), critical=TopKCritical(), diversity=NoDiversity(),
+            budget=PruneVidAlpha(), preset=None,
+        )
+
+
+#: Registration order.
+PRUNEVID_STAGES = (PruneVidMerge, PruneVidBudget, PruneVidAttention, PruneVidAlpha, PruneVidPlacement)

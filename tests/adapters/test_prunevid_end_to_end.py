@@ -1,0 +1,94 @@
+"""PruneVid end to end on the tiny LLaVA-OneVision with video inputs (two scenes of still frames, so segments,
+static tokens and merging all happen): the prefill's first drop keeps exactly the reference merge of the model's
+own video features (tests/helpers/prunevid_reference.py) with its merged values (newline kept); the second drop
+keeps ``int(n * alpha)`` tokens inside the LLM; the pruned forward and ``generate`` equal the unpruned model fed the
+merged values and masked as the drops remove; batch == each sample alone."""
+
+from __future__ import annotations
+
+import torch
+from adapter_fixtures import (
+    aligned,
+    generation_positions,
+    llava_onevision_inputs,
+    masked_reference,
+    merged_embeddings,
+    removed_by_layer,
+    tiny_llava_onevision,
+)
+from prunevid_reference import ref_merge_video
+
+from vtprune.framework.prune import prune
+
+FRAMES = 6
+VIDEO = ((("video",),), (("video",),))
+RECIPE = "prunevid+diversity.prunevid(segment_ratio=0.5)+prunevid_layer(k=2,alpha=0.4)"
+
+
+def _setup():
+    model = tiny_llava_onevision()
+    inputs = llava_onevision_inputs(model, VIDEO, question_lengths=(3, 6), frames=FRAMES)
+    videos = inputs["pixel_values_videos"]  # (B, T, 3, S, S)
+    noise = torch.randn(videos.shape, generator=torch.Generator().manual_seed(5)) * 0.02
+    videos = torch.cat([videos[:, :1].expand(-1, 3, -1, -1, -1), videos[:, 3:4].expand(-1, FRAMES - 3, -1, -1, -1)], dim=1)
+    inputs["pixel_values_videos"] = (videos + noise).contiguous()
+    with torch.no_grad():
+        features = list(model.model.get_video_features(inputs["pixel_values_videos"]).pooler_output)  # (T*P + 1, D)
+    return model, inputs, features
+
+
+def test_drops_keep_the_reference_merge_and_forward_generate_equal_the_merged_masked_reference():
+    model, inputs, features = _setup()
+    batch, length = inputs["input_ids"].shape
+    feed = {**inputs, "position_ids": generation_positions(inputs["attention_mask"])}
+    with prune(model, RECIPE, budget=1.0, positions="keep") as handle:
+        with torch.no_grad():
+            out = model(**feed).logits
+        result = handle.last_selection
+        generated = model.generate(**inputs, max_new_tokens=6, do_sample=False)
+    first, second = result.drops
+    per_frame = (features[0].shape[0] - 1) // FRAMES
+    embeds = merged_embeddings(model, inputs)
+    for row, video in enumerate(features):
+        tokens = video[:-1].view(FRAMES, per_frame, -1)
+        segments, groups = ref_merge_video(tokens.double(), 0.8, 0.5, 0.5, torch.Generator().manual_seed(0))
+        assert sum(len(g) for g in groups) < FRAMES * per_frame  # static tokens merged over their segment
+        expected = {p: v for members in groups for p, v in members} | {video.shape[0] - 1: video[-1].tolist()}
+        kept = first.selection.row_indices(row).tolist()
+        assert kept == sorted(expected)
+        slots = first.selection.mask[row]
+        for slot, p in enumerate(kept):
+            torch.testing.assert_close(first.selection.values[row][slots][slot], torch.tensor(expected[p]), atol=1e-5, rtol=0)
+        # the in-LLM drop keeps int(n * alpha) of the n merged tokens
+        assert second.selection.row_indices(row).numel() == int(len(kept) * 0.4)
+        assert set(second.selection.row_indices(row).tolist()) <= set(kept)
+        positions = result.image_positions[row]
+        b = int(result.image_sample[row])
+        for slot, p in enumerate(kept):
+            embeds[b, positions[p]] = first.selection.values[row][slots][slot]
+    removed = removed_by_layer(result, batch, length, model.config.text_config.num_hidden_layers)
+    reference_feed = {"inputs_embeds": embeds, "attention_mask": inputs["attention_mask"], "position_ids": feed["position_ids"]}
+    with torch.no_grad(), masked_reference(model, removed):
+        reference = model(**reference_feed).logits
+        ref_gen = model.generate(**reference_feed, max_new_tokens=6, do_sample=False)
+    got, want = aligned(out, result, reference, inputs["attention_mask"])
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    assert torch.equal(generated[:, length:], ref_gen[:, -6:])
+
+
+def test_batch_equals_each_sample_alone():
+    model, inputs, _ = _setup()
+    offset = inputs["input_ids"].shape[1]
+    with prune(model, RECIPE, budget=1.0) as handle:
+        batch = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+        batch_kept = [handle.last_selection.drops[1].selection.row_indices(r).tolist() for r in range(2)]
+        for b in range(2):
+            real = inputs["attention_mask"][b].bool()
+            sample = {
+                "input_ids": inputs["input_ids"][b : b + 1, real],
+                "attention_mask": inputs["attention_mask"][b : b + 1, real],
+                "pixel_values_videos": inputs["pixel_values_videos"][b : b + 1],
+            }
+            alone = model.generate(**sample, max_new_tokens=4, do_sample=False)
+            assert torch.equal(batch[b, offset:], alone[0, sample["input_ids"].shape[1] :])
+            assert handle.last_selection.drops[1].selection.row_indices(0).tolist() == batch_kept[b]
