@@ -11,6 +11,7 @@ from .peer_presets import register_peer_presets
 from .merge_stages import MERGE_STAGES
 from .peer_stages import PEER_STAGES
 from .presets import register_presets
+from .video import VIDEO_STAGES
 
 __all__ = ["BUILTIN_STAGES", "vtprune_register_stages", "vtprune_register_presets"]
 
@@ -35,6 +36,7 @@ BUILTIN_STAGES = (
     *PEER_STAGES,
     *MERGE_STAGES,
     *MUSTDROP_STAGES,
+    *VIDEO_STAGES,
 )
 
 
