@@ -49,6 +49,16 @@ def row_layout(signals: Signals, row: int, valid: Tensor) -> tuple[Tensor, Tenso
     return positions, others
 
 
+def _keeps_all(counts: Tensor, free: Tensor, b: int, keep: Tensor, assignment: Tensor) -> bool:
+    """A row whose count reaches its free real tokens keeps them all unchanged (as ``Pipeline.select`` does for a
+    row alone), so a row is the same alone and in a batch."""
+    if int(counts[b]) < int(free[b].sum()):
+        return False
+    keep[b] = free[b]
+    assignment[b] = torch.where(free[b], torch.arange(free.shape[1], device=free.device), assignment[b])
+    return True
+
+
 def _ratio(counts: Tensor, valid: Tensor, row: int) -> float:
     return float(counts[row]) / max(int(valid[row].sum()), 1)
 
@@ -117,8 +127,11 @@ class FastVIDMerge(DiversitySupplementer):
         values = visual.clone()  # (B, N, D)
         assignment = torch.full(valid.shape, -1, dtype=torch.long, device=valid.device)  # (B, N)
         ranked = scores if scores is not None else torch.zeros(valid.shape, device=valid.device)  # (B, N)
+        free = valid & ~selected  # (B, N)
         for b in range(signals.batch_size):
-            positions, others = row_layout(signals, b, valid & ~selected)  # (T, n), (M,)
+            if _keeps_all(counts, free, b, keep, assignment):
+                continue
+            positions, others = row_layout(signals, b, free)  # (T, n), (M,)
             if not positions.numel():
                 continue
             tokens = visual[b, positions]  # (T, n, D)
@@ -161,6 +174,8 @@ class HoliTomMerge(DiversitySupplementer):
         ranked = scores if scores is not None else torch.zeros(valid.shape, device=valid.device)  # (B, N)
         free = valid & ~selected  # (B, N)
         for b in range(signals.batch_size):
+            if _keeps_all(counts, free, b, keep, assignment):
+                continue
             if signals.attention is not None:  # the inner-LLM merge: every present token, newlines included
                 real = torch.nonzero(free[b], as_tuple=False).squeeze(1)  # (n,)
                 row_keep, row_values, target = inner_merge(visual[b, real], ranked[b, real], int(counts[b]))
