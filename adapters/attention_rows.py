@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from .decoder_spec import DecoderSpec, _to_additive, gather_seq
 
-__all__ = ["recompute_attention_row"]
+__all__ = ["recompute_attention_row", "recompute_attention_rows"]
 
 
 def recompute_attention_row(
@@ -73,3 +73,56 @@ def recompute_attention_row(
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32)[:, :, 0]  # (B, H, L)
     keys = key.transpose(1, 2) if want_keys else None
     return probs, keys
+
+
+def recompute_attention_rows(
+    layer: nn.Module,
+    spec: DecoderSpec,
+    hidden: Tensor,
+    attention_mask: Any,
+    position_embeddings: tuple[Tensor, Tensor],
+    query_slots: Tensor,
+) -> Tensor:
+    """`recompute_attention_row` for several query tokens per batch row (SparseVLM's prompt rows).
+
+    Args:
+        query_slots: (B, Q) long, the slots of the query tokens of each row (pad a short row by repeating a slot).
+        The other arguments are those of `recompute_attention_row`.
+    Returns: (B, H, Q, L) fp32 softmax attention rows, as eager attention computes them.
+    """
+    attn = spec.attention(layer)
+    normed = spec.input_norm(layer)(hidden)
+    batch, length, _ = normed.shape
+    rows_q = query_slots.shape[1]
+    head_dim = attn.head_dim
+    rows = gather_seq(normed, query_slots, 1)  # (B, Q, D)
+    query = attn.q_proj(rows).view(batch, rows_q, -1, head_dim)
+    key = attn.k_proj(normed).view(batch, length, -1, head_dim)
+    if getattr(attn, "q_norm", None) is not None:
+        query = attn.q_norm(query)
+    if getattr(attn, "k_norm", None) is not None:
+        key = attn.k_norm(key)
+    query, key = query.transpose(1, 2), key.transpose(1, 2)  # (B, H, Q, d), (B, Hk, L, d)
+    cos, sin = position_embeddings
+    cos_q = gather_seq(cos, query_slots, spec.pe_seq_dim)
+    sin_q = gather_seq(sin, query_slots, spec.pe_seq_dim)
+    query = spec.apply_rope(query, query, cos_q, sin_q)[0]
+    key = spec.apply_rope(key, key, cos, sin)[1]
+    groups = query.shape[1] // key.shape[1]
+    expanded = key.repeat_interleave(groups, dim=1) if groups > 1 else key
+    scores = torch.matmul(query, expanded.transpose(2, 3)) * attn.scaling  # (B, H, Q, L)
+    if attention_mask is None:
+        allowed = torch.arange(length, device=hidden.device).view(1, 1, length) <= query_slots.unsqueeze(-1)  # (B, Q, L)
+        scores = scores + _to_additive(allowed.unsqueeze(1), scores.dtype)
+    else:
+        mask = attention_mask
+        if not isinstance(mask, Tensor):
+            raise TypeError(f"cannot recompute attention under a {type(mask).__name__} mask")
+        if mask.shape[-2] == 1:
+            mask_rows = mask
+        else:
+            mask = mask.expand(batch, *mask.shape[1:])
+            index = torch.arange(batch, device=mask.device).unsqueeze(1)  # (B, 1)
+            mask_rows = mask[index, :, query_slots.to(mask.device), :].permute(0, 2, 1, 3)  # (B, 1 or H, Q, KV)
+        scores = scores + _to_additive(mask_rows[..., -length:], scores.dtype)
+    return torch.softmax(scores, dim=-1, dtype=torch.float32)  # (B, H, Q, L)

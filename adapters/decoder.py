@@ -81,7 +81,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor, nn
 
-from .attention_rows import recompute_attention_row
+from .attention_rows import recompute_attention_row, recompute_attention_rows
 from .decoder_spec import (
     POSITIONS,
     Decision,
@@ -138,6 +138,7 @@ class _Flight:
     orig_positions: Optional[Tensor] = None  # decoding: stack-level original position ids of the new tokens
     per_segment: dict = field(default_factory=dict)  # segment number -> dict of layer kwargs overrides
     scores: dict = field(default_factory=dict)  # drop layer -> (attention, keys)
+    prompt_scores: dict = field(default_factory=dict)  # drop layer -> (B, H, Q, L) prompt rows
 
 
 class DecoderPruner:
@@ -381,7 +382,8 @@ class DecoderPruner:
                     want_keys="keys" in wants,
                 )
                 attention = attention if "attention" in wants else None
-            state = DropState(number, hidden, segment.index, segment.valid, attention, keys, query_slot)
+            prompt_attention = flight.prompt_scores.pop(number, None)
+            state = DropState(number, hidden, segment.index, segment.valid, attention, keys, query_slot, prompt_attention)
             decision = plan.decide(number, state)
             if decision is not None and not bool(decision.keep[segment.valid].all()):
                 new, source, new_valid = self._compact(session, segment, decision, start=number)
@@ -415,6 +417,11 @@ class DecoderPruner:
                     want_keys="keys" in wants,
                 )
                 flight.scores[number + 1] = (attention if "attention" in wants else None, keys)
+            if "prompt_attention" in wants:
+                slots = plan.prompt_query_slots(segment.index, segment.valid)  # (B, Q)
+                flight.prompt_scores[number + 1] = recompute_attention_rows(
+                    module, self.spec, hidden, kwargs.get("attention_mask"), kwargs.get("position_embeddings"), slots
+                )
         if changed:
             return self._with_hidden(args, kwargs, hidden, positional)
         return None

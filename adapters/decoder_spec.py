@@ -182,6 +182,8 @@ class DropState:
             itself when the plan's optional ``score_layer(layer)`` says so) (None at layer 0 or when not requested).
         keys: (B, Ls, Hk, dk) post-RoPE key states of that same layer (None when not requested).
         query_slot: (B,) slot of the query token, or None.
+        prompt_attention: (B, H, Q, Ls) fp32 softmax attention rows of the plan's prompt query tokens
+            (``plan.prompt_query_slots``) at the scoring layer, or None when not requested.
     """
 
     layer: int
@@ -191,6 +193,7 @@ class DropState:
     attention: Optional[Tensor] = None
     keys: Optional[Tensor] = None
     query_slot: Optional[Tensor] = None
+    prompt_attention: Optional[Tensor] = None
 
 
 @dataclass(frozen=True)
@@ -216,7 +219,8 @@ class DropPlan(Protocol):
     query: Optional[Tensor]
 
     def wants(self, layer: int) -> frozenset[str]:
-        """Subset of {"attention", "keys"} the drop at ``layer`` needs from layer ``layer - 1``."""
+        """Subset of {"attention", "keys", "prompt_attention"} the drop at ``layer`` needs from layer ``layer - 1``
+        ("prompt_attention" needs the optional ``prompt_query_slots(index, valid) -> (B, Q) long`` method)."""
 
     def decide(self, layer: int, state: DropState) -> Optional[Decision]:
         """The drop at ``layer``; None keeps everything."""

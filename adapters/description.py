@@ -27,6 +27,7 @@ from vtprune.framework.support import (
     VISION_SIGNALS,
     drop_kind,
 )
+from vtprune.framework.signals import VIDEO_SIGNALS
 
 from .capture import CaptureNeeds, ProjectorCapture, VisionCapture, VisionHooks
 from .clip_signals import CLIP_OPTIONS
@@ -36,7 +37,13 @@ from .records import ImageLayout
 from .runtime import attach
 from .spans import prompt_positions
 
-__all__ = ["VLMAdapter", "Extension"]
+__all__ = ["VLMAdapter", "Extension", "without_videos"]
+
+
+def without_videos(reason: str) -> dict[str, str]:
+    """``limitations`` entries of a family that takes no videos: why ``frames`` / ``frame_index`` are absent
+    (quoted by the support check when a pipeline requires them)."""
+    return {name: reason for name in sorted(VIDEO_SIGNALS)}
 
 
 class Extension:
@@ -72,6 +79,8 @@ class VLMAdapter:
         name, model_classes, description: registry metadata.
         drop_kinds: the drop kinds (``Drop.where``) the family implements.
         has_grid: whether ``Signals.grid`` / ``grids`` are provided (images are plain patch grids).
+        has_frames: whether the family takes videos and fills ``Signals.frames`` / ``frame_index`` (every drop kind
+            it implements but ``vision_layers``; layouts give them through ``records.with_frames``).
         has_cls: whether the vision tower has a CLS token (``cls_attention``; ``visual_keys`` at ``vision``).
         on_request: drop kind -> signals filled only for placements that request them in their ``provides``
             (LLaVA: CLIP-space signals at ``pre_llm`` drops, for ``pre_llm_clip``; needs ``clip_model``).
@@ -86,6 +95,7 @@ class VLMAdapter:
     model_classes: ClassVar[tuple[str, ...]] = ()
     drop_kinds: ClassVar[frozenset[str]] = frozenset({"vision", "pre_llm", "layer"})
     has_grid: ClassVar[bool] = True
+    has_frames: ClassVar[bool] = False
     has_cls: ClassVar[bool] = True
     on_request: ClassVar[dict[str, frozenset[str]]] = {}
     supports_keep_cls: ClassVar[bool] = False
@@ -111,6 +121,8 @@ class VLMAdapter:
             signals = EMBEDDING_SIGNALS | cls_rows | grid
         else:
             signals = EMBEDDING_SIGNALS | LAYER_SIGNALS | cls_rows | grid
+        if cls.has_frames and kind != "vision_layers":
+            signals = signals | VIDEO_SIGNALS
         return signals | (cls.on_request.get(kind, frozenset()) & PLACEMENT_REQUESTS.get(name, frozenset()))
 
     #: The hook runtime that attaches a description (``framework.prune`` calls

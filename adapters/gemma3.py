@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from .decoder import DecoderSpec, gather_seq
-from .description import Extension, VLMAdapter
+from .description import Extension, VLMAdapter, without_videos
 from .plan import ForwardCall
 from .records import ImageLayout
 from .segments import Segment
@@ -79,6 +79,9 @@ class Gemma3Adapter(VLMAdapter):
         "vision": "Gemma 3 average-pools k x k SigLIP patches into one LLM token (no vision feature per LLM token)",
         "cls_attention": "the SigLIP vision tower has no CLS token",
         "pre_llm_clip": "CLIP-space signals are not implemented for Gemma 3",
+        **without_videos(
+            "Gemma 3 takes images only: no video rows, so no frame structure"
+        ),
     }
 
     def __init__(self, model: Any):

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from vtprune.framework.errors import VtpruneError
 
 from .decoder import DecoderSpec
-from .description import VLMAdapter
+from .description import VLMAdapter, without_videos
 from .plan import ForwardCall
 from .records import ImageLayout
 
@@ -89,6 +89,9 @@ class GenericAdapter(VLMAdapter):
         "(write a specific adapter, docs/adapters.md)",
         "cls_attention": "the generic adapter does not locate a CLS token in the vision tower",
         "pre_llm_clip": "CLIP-space signals need a specific adapter",
+        **without_videos(
+            "the generic adapter knows image placeholders only: no video rows, so no frame structure"
+        ),
     }
 
     @classmethod

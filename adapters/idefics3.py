@@ -24,7 +24,7 @@ from typing import ClassVar
 from torch import Tensor, nn
 
 from .decoder import DecoderSpec
-from .description import VLMAdapter
+from .description import VLMAdapter, without_videos
 from .plan import ForwardCall
 from .records import ImageLayout
 from .runs import placeholder_runs, split_blocks, square_layouts
@@ -45,6 +45,10 @@ class Idefics3Adapter(VLMAdapter):
     limitations: ClassVar[dict[str, str]] = {
         "cls_attention": "the SigLIP vision tower has no CLS token",
         "pre_llm_clip": "CLIP-space signals are not implemented for the SigLIP tower",
+        **without_videos(
+            "Idefics3 / SmolVLM are driven with images here (their video input is frames written as images "
+            "with text between them): no frame structure"
+        ),
     }
 
     def __init__(self, model: nn.Module):

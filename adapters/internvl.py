@@ -24,7 +24,7 @@ from typing import ClassVar
 
 from torch import Tensor, nn
 
-from .description import VLMAdapter
+from .description import VLMAdapter, without_videos
 from .plan import ForwardCall
 from .records import ImageLayout
 from .runs import placeholder_runs, split_blocks, square_layouts
@@ -49,6 +49,10 @@ class InternVLAdapter(VLMAdapter):
     limitations: ClassVar[dict[str, str]] = {
         "cls_attention": "the pixel shuffle merges 2x2 patches into one LLM token: no CLS row per LLM token",
         "pre_llm_clip": "CLIP-space signals are not implemented for the InternViT tower",
+        **without_videos(
+            "InternVL's processor writes a video as images (`Frame{i}: <img>...</img>`), indistinguishable "
+            "in the model input from several images: every frame is its own image row, no frame structure"
+        ),
     }
 
     def tile_side(self) -> int:

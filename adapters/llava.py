@@ -24,7 +24,7 @@ from torch import Tensor
 
 from vtprune.framework.support import CLIP_SIGNALS
 
-from .description import VLMAdapter
+from .description import VLMAdapter, without_videos
 from .plan import ForwardCall
 from .records import ImageLayout
 
@@ -40,6 +40,7 @@ class LlavaAdapter(VLMAdapter):
     has_grid: ClassVar[bool] = True
     on_request: ClassVar[dict[str, frozenset[str]]] = {"pre_llm": CLIP_SIGNALS}  # CDPruner's, for pre_llm_clip
     supports_keep_cls: ClassVar[bool] = True
+    limitations: ClassVar[dict[str, str]] = without_videos("LLaVA-1.5 takes images only: no video rows, so no frame structure")
     #: ``vision_layers``: ToMe inside the CLIP tower (``adapters/tower_merge.py``).
     drop_kinds: ClassVar[frozenset[str]] = VLMAdapter.drop_kinds | {"vision_layers"}
 

@@ -26,7 +26,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from .description import VLMAdapter
+from .description import VLMAdapter, without_videos
 from .plan import ForwardCall
 from .records import ImageLayout
 
@@ -42,6 +42,9 @@ class LlavaNextAdapter(VLMAdapter):
     has_grid: ClassVar[bool] = False
     limitations: ClassVar[dict[str, str]] = {
         "pre_llm_clip": "CLIP-space signals of AnyRes crops are not implemented",
+        **without_videos(
+            "LLaVA-NeXT takes images only: no video rows, so no frame structure"
+        ),
     }
 
     def _crops(self, call: ForwardCall) -> tuple[list[int], Tensor]:

@@ -9,6 +9,8 @@ from LLaVA-NeXT lives here:
   per image and per video**, in sequence order (`spans.find_visual_segments`), the budget per row. Per video:
   ``frames x`` the tokens of the model's own ``vision_resampler`` run on ones (``mm_encoder_outputs["video"]``'s
   lengths when ``generate`` pre-encoded it).
+- **Frames** (``Signals.frames`` / ``frame_index``): a video row is (T, H, W) = (frames, the resampler's pooled
+  square grid), frame-major, no newline.
 - **Newlines** (images only) are exact copies of ``model.image_newline`` and ordinary candidates at ``pre_llm`` /
   ``layer``, as for LLaVA-NeXT.
 - **Not provided**: ``vision`` (video frames are pooled before the projector, so a video LLM token is not one
@@ -18,14 +20,15 @@ from LLaVA-NeXT lives here:
 
 from __future__ import annotations
 
-from typing import ClassVar
+import math
+from typing import ClassVar, Optional
 
 import torch
 from torch import Tensor, nn
 
 from .llava_next import LlavaNextAdapter
 from .plan import ForwardCall
-from .records import ImageLayout
+from .records import ImageLayout, with_frames
 from .video_items import CountedVideoItems
 
 __all__ = ["LlavaNextVideoAdapter"]
@@ -42,6 +45,7 @@ class LlavaNextVideoAdapter(CountedVideoItems, LlavaNextAdapter):
     model_classes: ClassVar[tuple[str, ...]] = ("LlavaNextVideoForConditionalGeneration", "LlavaNextVideoModel")
     drop_kinds: ClassVar[frozenset[str]] = frozenset({"pre_llm", "layer"})
     has_cls: ClassVar[bool] = False
+    has_frames: ClassVar[bool] = True
     pixel_kwargs: ClassVar[tuple[str, ...]] = ("pixel_values", "pixel_values_videos")
     limitations: ClassVar[dict[str, str]] = {
         "vision": "video frames are pooled (vision_resampler) before the projector, so a video LLM token is not one "
@@ -66,14 +70,28 @@ class LlavaNextVideoAdapter(CountedVideoItems, LlavaNextAdapter):
         videos = call.kwargs.get("pixel_values_videos")
         if videos is None:
             return []
-        side = self.patch_side()
-        per_frame = side * side + (0 if self.strategy(call) == "default" else 1)
-        resampler = self.vlm.vision_resampler
-        weight = next(resampler.parameters(), None)
-        dtype = weight.dtype if weight is not None else torch.float32
-        with torch.no_grad():
-            pooled = resampler(torch.ones(1, per_frame, int(self.config.vision_config.hidden_size), dtype=dtype))  # (1, pooled, C)
-        return [int(videos.shape[1]) * int(pooled.shape[1])] * int(videos.shape[0])
+        return [int(videos.shape[1]) * self._pooled_tokens(call)] * int(videos.shape[0])
+
+    def _pooled_tokens(self, call: ForwardCall) -> int:
+        """Tokens of one video frame after the model's own ``vision_resampler`` (run on ones)."""
+        if "pooled_tokens" not in call.memo:
+            side = self.patch_side()
+            per_frame = side * side + (0 if self.strategy(call) == "default" else 1)
+            resampler = self.vlm.vision_resampler
+            weight = next(resampler.parameters(), None)
+            dtype = weight.dtype if weight is not None else torch.float32
+            with torch.no_grad():
+                ones = torch.ones(1, per_frame, int(self.config.vision_config.hidden_size), dtype=dtype)
+                call.memo["pooled_tokens"] = int(resampler(ones).shape[1])  # (1, pooled, C)
+        return call.memo["pooled_tokens"]
+
+    def _frame_grid(self, call: ForwardCall, count: int) -> Optional[tuple[int, int, int]]:
+        """(T, H, W) of a video of ``count`` tokens: frames of the resampler's square pooled grid."""
+        pooled = self._pooled_tokens(call)
+        side = math.isqrt(pooled)
+        if side * side != pooled or count % pooled:
+            return None
+        return count // pooled, side, side
 
     def item_token_counts(self, call: ForwardCall, kinds: Tensor) -> tuple[list[int], list[int]]:
         return self._image_token_counts(call), self._video_token_counts(call)
@@ -82,5 +100,8 @@ class LlavaNextVideoAdapter(CountedVideoItems, LlavaNextAdapter):
         out = []
         for segment, layout in zip(self.segments(call), super().layouts(call, counts, token_embeds)):
             newline = layout.newline if segment.kind == "image" else None
-            out.append(ImageLayout(layout.num_tokens, newline, None, kind=segment.kind))
+            item = ImageLayout(layout.num_tokens, newline, None, kind=segment.kind)
+            if segment.kind == "video":
+                item = with_frames(item, self._frame_grid(call, layout.num_tokens))
+            out.append(item)
         return out

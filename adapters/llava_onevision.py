@@ -17,6 +17,8 @@ with a SigLIP tower, a Qwen2 decoder, bilinear down-scaling of large crop grids 
   model's own ``apply_pooling`` run on ones, plus the video's one ``image_newline``.
 - **Newlines** (images: one per row of the crop grid, or one after a single-crop image; videos: one at the end)
   are exact copies of ``model.image_newline`` and ordinary candidates at ``pre_llm`` / ``layer``.
+- **Frames** (``Signals.frames`` / ``frame_index``): a video row is (T, H, W) = (frames, ceil(side / 2),
+  ceil(side / 2)) pooled tokens, frame-major, then its newline (``frame_index`` -1).
 - **Prompt span**: as LLaVA (:func:`vtprune.adapters.spans.prompt_positions`), image *and* video placeholders
   excluded (the text after the sample's last image or video, up to ``prompt_stop``). For the Qwen2 chat
   template pass the ids of ``"<|im_end|>"`` as ``prompt_stop``.
@@ -34,7 +36,7 @@ from torch import Tensor, nn
 
 from .description import VLMAdapter
 from .plan import ForwardCall
-from .records import ImageLayout
+from .records import ImageLayout, with_frames
 from .video_items import CountedVideoItems
 
 __all__ = ["LlavaOnevisionAdapter"]
@@ -52,6 +54,7 @@ class LlavaOnevisionAdapter(CountedVideoItems, VLMAdapter):
     drop_kinds: ClassVar[frozenset[str]] = frozenset({"pre_llm", "layer"})
     has_cls: ClassVar[bool] = False
     has_grid: ClassVar[bool] = False
+    has_frames: ClassVar[bool] = True
     pixel_kwargs: ClassVar[tuple[str, ...]] = ("pixel_values", "pixel_values_videos")
     limitations: ClassVar[dict[str, str]] = {
         "vision": "large crop grids are bilinearly interpolated and video frames pooled after the projector, so an "
@@ -141,10 +144,22 @@ class LlavaOnevisionAdapter(CountedVideoItems, VLMAdapter):
         images = self.image_token_counts(call, int((kinds == self.image_token_id).sum()))
         return images, self.video_token_counts(call)
 
+    def pooled_frame(self) -> tuple[int, int]:
+        """(H, W) of one video frame after the model's ``apply_pooling`` (bilinear, ``ceil(side / 2)`` per side)."""
+        side = self.patch_side()
+        return -(-side // 2), -(-side // 2)
+
     def layouts(self, call: ForwardCall, counts: list[int], token_embeds: list[Tensor]) -> list[ImageLayout]:
-        """One layout per image / video; newline tokens are exact copies of the model's ``image_newline``."""
+        """One layout per image / video; newline tokens are exact copies of the model's ``image_newline``. A video
+        is ``T`` pooled (H, W) frames then one newline (its last token, ``frame_index`` -1)."""
         out = []
+        height, width = self.pooled_frame()
         for segment, count, embeds in zip(self.segments(call), counts, token_embeds):
             newline = (embeds == self.vlm.image_newline.to(embeds.device, embeds.dtype)).all(dim=-1)
-            out.append(ImageLayout(count, newline if bool(newline.any()) else None, None, kind=segment.kind))
+            layout = ImageLayout(count, newline if bool(newline.any()) else None, None, kind=segment.kind)
+            if segment.kind == "video":
+                last = torch.zeros(count, dtype=torch.bool)
+                last[-1] = True  # the video's image_newline
+                layout = with_frames(layout, ((count - 1) // (height * width), height, width), last)
+            out.append(layout)
         return out

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from .capture import CaptureNeeds, VisionCapture, VisionHooks
-from .description import VLMAdapter
+from .description import VLMAdapter, without_videos
 from .plan import ForwardCall
 from .records import ImageLayout
 
@@ -78,6 +78,9 @@ class Mistral3Adapter(VLMAdapter):
     limitations: ClassVar[dict[str, str]] = {
         "cls_attention": "the Pixtral vision tower has no CLS token",
         "pre_llm_clip": "CLIP-space signals are not implemented for Pixtral (no CLIP tower)",
+        **without_videos(
+            "Mistral 3 / Pixtral takes images only: no video rows, so no frame structure"
+        ),
     }
 
     def __init__(self, model: Any):

@@ -25,13 +25,15 @@ from .call import ForwardCall
 from .capture import VisionCapture
 from .decoder import Decision, DropState, Session
 from .records import DropRecord, ImageLayout, PruneResult
+from .row_fields import frame_fields, image_assignment
 from .tower_merge import apply_tower_merge
 
-__all__ = ["ForwardCall", "PlanContext", "Plan", "check_drops", "image_assignment", "HINT_FINAL_NORM", "HINT_OWN_LAYER"]
+__all__ = ["ForwardCall", "PlanContext", "Plan", "check_drops", "frame_fields", "image_assignment", "HINT_FINAL_NORM", "HINT_OWN_LAYER", "HINT_APPEND_MERGED"]
 
 #: Stage hints (``Stage.adapter_hints``) the runtime honours (docs/adapters.md).
 HINT_FINAL_NORM = "final_norm"  # in-LLM visual / prompt = hidden states through the decoder's final norm (DART)
 HINT_OWN_LAYER = "own_layer_scoring"  # layer(k) attention / keys from layer k's own weights on its input (PyramidDrop)
+HINT_APPEND_MERGED = "append_merged"  # merged (non-critical, valued) kept tokens written after the critical ones (SparseVLM)
 #: Drop kinds applied at the decoder input (layer 0).
 INPUT_DROPS = ("vision", "vision_layers", "pre_llm")
 
@@ -84,23 +86,20 @@ def check_drops(drops: Sequence[Any], num_layers: int) -> None:
             )
 
 
-def image_assignment(assignment: Tensor, columns: list[Tensor], layouts: Sequence[ImageLayout]) -> Tensor:
-    """(R, max num_tokens) long, CPU: a selection's slot ``assignment`` (R, N) over the present tokens of each image
-    (``columns[r]``, image-token coordinates) put at the image's own token indices; -1 for tokens absent at the
-    drop, dropped unmerged, and past an image's end."""
-    width = max([layout.num_tokens for layout in layouts] + [0])
-    out = torch.full((len(columns), width), -1, dtype=torch.long)
-    for r, present in enumerate(columns):
-        out[r, present.cpu()] = assignment[r, : present.numel()].cpu()
-    return out
-
-
 def _pad_rows(rows: list[Tensor], width: Optional[int] = None, value: float = 0.0) -> Tensor:
     width = max([r.shape[0] for r in rows] + [width or 0])
     out = rows[0].new_full((len(rows), width, *rows[0].shape[1:]), value)
     for i, r in enumerate(rows):
         out[i, : r.shape[0]] = r
     return out
+
+
+def _pad_prompt(rows: Tensor, width: int) -> Tensor:
+    """(R, H, width, N): ``rows`` (R, H, T, N) padded with zero rows along the prompt axis to ``width``."""
+    if rows.shape[2] >= width:
+        return rows[:, :, :width]
+    pad = rows.new_zeros(rows.shape[0], rows.shape[1], width - rows.shape[2], rows.shape[3])
+    return torch.cat([rows, pad], dim=2)
 
 
 class Plan:
@@ -180,7 +179,23 @@ class Plan:
             wanted.add("attention")
         if self.requires & {"visual_keys", "prompt_keys"}:
             wanted.add("keys")
+        if "prompt_attention" in self.requires and layer > 0:
+            wanted.add("prompt_attention")
         return frozenset(wanted)
+
+    def prompt_query_slots(self, index: Tensor, valid: Tensor) -> Tensor:
+        """(B, Q) long: the current slots of each sample's prompt tokens (``index`` / ``valid``: the segment's
+        (B, Ls) original positions and real slots), in prompt order; a shorter prompt repeats its last slot (its
+        extra rows are never read); Q = the longest prompt (at least 1)."""
+        slot_of = self._slot_map(DropState(0, index.new_zeros(0), index, valid))
+        width = max([p.numel() for p in self.prompts] + [1])
+        out = torch.zeros(index.shape[0], width, dtype=torch.long, device=self.device)
+        for b, prompt in enumerate(self.prompts):
+            if prompt.numel():
+                slots = slot_of[b, prompt.to(self.device)]
+                out[b, : slots.numel()] = slots
+                out[b, slots.numel() :] = slots[-1]
+        return out
 
     def decide(self, layer: int, state: DropState) -> Optional[Decision]:
         number = self.layers.index(layer)
@@ -265,6 +280,8 @@ class Plan:
             fields["grid"] = grids[0]  # one grid for every row
         elif any(g is not None for g in grids):  # rows differ: per-row grids, (0, 0) = none
             fields["grids"] = torch.tensor([g if g is not None else (0, 0) for g in grids], dtype=torch.long)
+        if getattr(self.adapter, "has_frames", False):
+            fields["frames"], fields["frame_index"] = frame_fields(self.layouts, columns, fields["visual"].shape[1], self.device)
 
     def _llm_signals(self, state: DropState, drop: Any):
         slot_of = self._slot_map(state)  # (B, L): built once, read for the image rows and the prompt
@@ -291,6 +308,14 @@ class Plan:
         if state.attention is not None:
             rows = [state.attention[self.image_sample[r]][:, slots[r]].t() for r in range(self.num_images)]
             fields["attention"] = _pad_rows(rows, width).transpose(1, 2)
+        if state.prompt_attention is not None and "prompt" in fields:
+            tmax = fields["prompt"].shape[1]
+            rows = []
+            for r in range(self.num_images):
+                b = self.image_sample[r]
+                part = state.prompt_attention[b, :, : self.prompts[b].numel()][:, :, slots[r]]  # (H, T_b, n)
+                rows.append(_pad_prompt(part.unsqueeze(0), tmax)[0].permute(2, 0, 1))  # (n, H, T)
+            fields["prompt_attention"] = _pad_rows(rows, width).permute(0, 2, 3, 1)  # (R, H, T, N)
         if state.keys is not None:
             keys = state.keys.float()
             fields["visual_keys"] = _pad_rows([keys[self.image_sample[r], slots[r]] for r in range(self.num_images)], width)
@@ -426,15 +451,25 @@ class Plan:
             values = torch.zeros(*state.valid.shape, vals.shape[-1], dtype=state.hidden.dtype, device=self.device)
             replace = torch.zeros_like(state.valid)
         mapped = []
+        append = values is not None and HINT_APPEND_MERGED in self.context.hints
         for r in range(self.num_images):
             b = self.image_sample[r]
             n = columns[r].numel()
-            row_kept = kept[r, :n]
-            keep[b, slots[r][~row_kept]] = False
             idx = selection.indices[r][selection.mask[r]]
-            if values is not None:
-                values[b, slots[r][idx]] = vals[r][selection.mask[r]].to(values.dtype)
-                replace[b, slots[r][idx]] = True
+            if append:
+                # [critical ascending, merged ascending] in the image's first slots (SparseVLM appends its
+                # recycled tokens after the kept ones); the image's other slots are dropped
+                crit = selection.critical[r][selection.mask[r]]
+                order = torch.cat([crit.nonzero().flatten(), (~crit).nonzero().flatten()])
+                target = slots[r][: idx.numel()]
+                keep[b, slots[r][idx.numel() :]] = False
+                values[b, target] = vals[r][selection.mask[r]][order].to(values.dtype)
+                replace[b, target] = True
+            else:
+                keep[b, slots[r][~kept[r, :n]]] = False
+                if values is not None:
+                    values[b, slots[r][idx]] = vals[r][selection.mask[r]].to(values.dtype)
+                    replace[b, slots[r][idx]] = True
             mapped.append(columns[r][idx])
         width = selection.indices.shape[1]
         img_indices = torch.zeros(self.num_images, width, dtype=torch.long, device=self.device)

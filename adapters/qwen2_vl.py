@@ -10,6 +10,8 @@ live in ``adapters.spans``, the M-RoPE position helpers in ``adapters.mrope`` an
   ``t * (h / m) * (w / m)`` tokens (the merged patches the LLM sees), taking the rows of
   ``image_grid_thw`` / ``video_grid_thw`` in batch order (``m = vision_config.spatial_merge_size``).
   One `Signals` row per image or per video (the budget is per image / per video).
+- **Frames** (``Signals.frames`` / ``frame_index``): a video row is (T, H, W) = (grid_t temporal patches,
+  h / m, w / m), frame-major as the placeholders are; no separator tokens inside the row.
 - **Prompt span** (`prompt_span`): the user's text, without vision tokens or the system prefix.
 - **Positions** (M-RoPE, `MropePositions`): the decoder stack is always given ``(4, B, L)`` position ids (text
   positions on top of the three M-RoPE rows); ``"keep"`` keeps a token's ids, ``"compact"`` numbers the kept
@@ -25,7 +27,7 @@ live in ``adapters.spans``, the M-RoPE position helpers in ``adapters.mrope`` an
   token); asking for them fails at attach time with the model and placement named.
 
 >>> sorted(QwenVLAdapter.provides("vision")), sorted(QwenVLAdapter.drop_kinds)
-(['grid', 'grids', 'visual', 'visual_mask'], ['layer', 'pre_llm', 'vision'])
+(['frame_index', 'frames', 'grid', 'grids', 'visual', 'visual_mask'], ['layer', 'pre_llm', 'vision'])
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from .decoder import DecoderSpec
 from .description import Extension, VLMAdapter
 from .mrope import compact_positions, continuation_positions, text_positions, text_row, with_text_row
 from .plan import ForwardCall
-from .records import ImageLayout
+from .records import ImageLayout, with_frames
 from .spans import VisualSegment, find_visual_segments, llm_grids, prompt_span, refine_grid, segment_lengths
 
 __all__ = [
@@ -122,6 +124,7 @@ class QwenVLAdapter(VLMAdapter):
         "Qwen2_5_VLModel",
     )
     has_grid: ClassVar[bool] = True
+    has_frames: ClassVar[bool] = True
     has_cls: ClassVar[bool] = False  # the Qwen tower has no CLS token
     pixel_kwargs: ClassVar[tuple[str, ...]] = ("pixel_values", "pixel_values_videos")
     limitations: ClassVar[dict[str, str]] = {
@@ -228,11 +231,17 @@ class QwenVLAdapter(VLMAdapter):
         return segment_lengths(self.segments(call), num_image_tokens, self.name, "the grids")
 
     def layouts(self, call: ForwardCall, counts: list[int], token_embeds: list[Tensor]) -> list[ImageLayout]:
-        """One layout per image / video; ``grid`` = (h, w) merged tokens for images (t = 1)."""
+        """One layout per image / video; ``grid`` = (h, w) merged tokens for images (t = 1); ``frames`` = (t, h, w)
+        for videos (temporal patches, merged tokens), unless only the video's token count is known (no
+        ``video_grid_thw`` and no M-RoPE ids to read the grid from)."""
         layouts = []
+        known = call.kwargs.get("video_grid_thw") is not None
         for segment in self.segments(call):
             t, h, w = segment.grid
-            layouts.append(ImageLayout(segment.length, None, (h, w) if t == 1 else None, kind=segment.kind))
+            layout = ImageLayout(segment.length, None, (h, w) if t == 1 else None, kind=segment.kind)
+            if known or h > 1:  # a grid from video_grid_thw or read back from the M-RoPE ids, not a bare count
+                layout = with_frames(layout, (t, h, w))
+            layouts.append(layout)
         return layouts
 
     # -- what differs from the LLaVA-family defaults --------------------------------------------------------

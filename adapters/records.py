@@ -3,6 +3,7 @@ and the per-image `ImageLayout` an adapter describes."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -11,7 +12,7 @@ from torch import Tensor
 
 from vtprune.framework.selection import Selection
 
-__all__ = ["DropRecord", "DecodeRecord", "PruneResult", "ImageLayout"]
+__all__ = ["DropRecord", "DecodeRecord", "PruneResult", "ImageLayout", "with_frames", "frame_positions"]
 
 
 @dataclass(frozen=True)
@@ -123,9 +124,45 @@ class ImageLayout:
         newline: (num_tokens,) bool, True at image-newline tokens (LLaVA-NeXT); None if there are none.
         grid: (h, w) when the image's tokens are exactly a row-major patch grid; else None.
         kind: "image" or "video" (Qwen); which vision-tower run the item's features come from.
+        frames: (T, H, W) of a video item whose frame tokens are frame-major (frame t, then row-major h, w);
+            None for images (and videos with no frame grid). Set through `with_frames`.
+        frame_index: (num_tokens,) long, the frame of each token, -1 outside the frame grids (newline /
+            separator / per-frame CLS tokens); None when ``frames`` is None. Set through `with_frames`.
     """
 
     num_tokens: int
     newline: Optional[Tensor] = None
     grid: Optional[tuple[int, int]] = None
     kind: str = "image"
+    frames: Optional[tuple[int, int, int]] = None
+    frame_index: Optional[Tensor] = None
+
+
+def frame_positions(num_tokens: int, frames: tuple[int, int, int], outside: Optional[Tensor] = None) -> Tensor:
+    """(num_tokens,) long: the frame of each token of an item whose tokens other than ``outside`` ((num_tokens,)
+    bool, True at newline / separator tokens; None = none) are a frame-major (T, H, W) grid; -1 at ``outside``.
+    Raises ``ValueError`` when the item's other tokens are not T*H*W.
+
+    >>> frame_positions(5, (2, 1, 2), torch.tensor([False, False, False, False, True])).tolist()
+    [0, 0, 1, 1, -1]
+    """
+    t, h, w = (int(v) for v in frames)
+    inside = torch.ones(num_tokens, dtype=torch.bool) if outside is None else ~outside.cpu().bool()  # (n,)
+    if int(inside.sum()) != t * h * w:
+        raise ValueError(
+            f"a video item of {num_tokens} tokens ({num_tokens - int(inside.sum())} outside the frames) cannot hold "
+            f"frames (T, H, W) = {(t, h, w)} ({t * h * w} frame tokens)"
+        )
+    index = torch.full((num_tokens,), -1, dtype=torch.long)
+    index[inside] = torch.arange(t * h * w, dtype=torch.long) // max(h * w, 1)
+    return index
+
+
+def with_frames(layout: ImageLayout, frames: Optional[tuple[int, int, int]], outside: Optional[Tensor] = None) -> ImageLayout:
+    """The one way an adapter gives a video item its frame structure: ``layout`` with ``frames`` = (T, H, W) and
+    its `frame_positions` (``outside``: the item's tokens that are not frame-grid tokens, e.g. a video's trailing
+    newline or each frame's CLS token). ``frames`` None (or an image layout) returns ``layout`` unchanged."""
+    if frames is None or layout.kind != "video":
+        return layout
+    frames = tuple(int(v) for v in frames)
+    return dataclasses.replace(layout, frames=frames, frame_index=frame_positions(layout.num_tokens, frames, outside))

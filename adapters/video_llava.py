@@ -11,6 +11,9 @@ token, so every visual LLM token has exactly one vision-tower feature.
   config); a video is one contiguous run of video placeholders (``generate`` pre-encodes the frames without
   saying how many videos they form, so two videos with no text between them are one row, in ``forward`` and in
   ``generate`` alike). Images are row-major patch grids (``Signals.grid`` / ``grids``); videos have no grid.
+- **Frames** (``Signals.frames`` / ``frame_index``): a video row is (T, side, side) patch tokens; each frame's
+  CLS token (first of its ``side**2 + 1`` tokens) has ``frame_index`` -1 (a row may hold several videos written
+  with no text between them: T counts all their frames).
 - **No marker tokens**: every placeholder is a tower feature (a video frame's CLS token included).
 - **vision**: ``Signals.visual`` is the projector input of each token, captured from both towers' runs
   (`TwoTowerCapture`); merged values go through the projector.
@@ -22,12 +25,13 @@ from __future__ import annotations
 
 from typing import Any, Callable, ClassVar, Optional
 
+import torch
 from torch import Tensor, nn
 
 from .capture import CaptureNeeds, VisionCapture
 from .description import VLMAdapter
 from .plan import ForwardCall
-from .records import ImageLayout
+from .records import ImageLayout, with_frames
 from .spans import VisualSegment, consecutive_runs
 
 __all__ = ["VideoLlavaAdapter", "TwoTowerCapture"]
@@ -76,6 +80,7 @@ class VideoLlavaAdapter(VLMAdapter):
     )
     model_classes: ClassVar[tuple[str, ...]] = ("VideoLlavaForConditionalGeneration", "VideoLlavaModel")
     has_grid: ClassVar[bool] = True
+    has_frames: ClassVar[bool] = True
     has_cls: ClassVar[bool] = False
     options: ClassVar[frozenset[str]] = frozenset()
     pixel_kwargs: ClassVar[tuple[str, ...]] = ("pixel_values", "pixel_values_videos")
@@ -139,9 +144,15 @@ class VideoLlavaAdapter(VLMAdapter):
     def layouts(self, call: ForwardCall, counts: list[int], token_embeds: list[Tensor]) -> list[ImageLayout]:
         side = self.patch_side()
         grid = (side, side) if self.strategy(call) == "default" else None
-        return [
-            ImageLayout(s.length, None, grid if s.kind == "image" else None, kind=s.kind) for s in self.segments(call)
-        ]
+        per_frame = side * side + 1  # the frame's CLS token, then its patches
+        layouts = []
+        for s in self.segments(call):
+            layout = ImageLayout(s.length, None, grid if s.kind == "image" else None, kind=s.kind)
+            if s.kind == "video":
+                cls_tokens = torch.arange(s.length) % per_frame == 0  # (n,) each frame's CLS token
+                layout = with_frames(layout, (s.length // per_frame, side, side), cls_tokens)
+            layouts.append(layout)
+        return layouts
 
     def vision_features(self, call, capture: VisionCapture, layouts, token_embeds, device) -> list[Tensor]:
         """Per image / video, the projector input of each of its LLM tokens (tower runs in batch order)."""

@@ -27,6 +27,14 @@ With ``--compiled`` it also times ``Pipeline.compile()`` (torch.compile, inducto
 which compiles, is the warm-up) and prints eager / compiled:
 
     python benchmarks/selection.py --compiled --tokens 576 --batch 1 --threads 1 --recipes zspaprune divprune fastv
+
+With ``--profile video`` it times, on video `Signals` of ``--frames`` x ``--frame-side``^2 tokens (default 32 x 196,
+plus LLaVA-OneVision's one video newline; D = 3584; ``benchmarks/_video_profile.py``), every registered preset the
+LLaVA-OneVision adapter supports (``--recipes`` narrows them; ``--video-only``: only presets reading ``frames``), at
+``--keep-ratio`` (default 0.25) of the tokens, and prints each one's time as a share of the measured CPU prefill of
+the unpruned sequence through ``--prefill-layers`` Qwen2-7B-shaped decoder layers (LLaVA-OneVision-7B's LLM):
+
+    python benchmarks/selection.py --profile video --batch 1 --threads 2
 """
 
 from __future__ import annotations
@@ -50,6 +58,7 @@ from _gpu_estimate import H100, ideal_prefill_seconds, selection_seconds  # noqa
 from _harness import PROFILES, build_llava_slice, llava_batch  # noqa: E402
 from _harness import time_call as time_device  # noqa: E402
 from _opcount import count_ops, selection_signals  # noqa: E402
+from _video_profile import VIDEO_ADAPTER, VIDEO_PREFILL_PROFILES, text_prefill_seconds, video_presets, video_signals  # noqa: E402
 
 #: Profiles whose prefill slice is a LLaVA (image tokens = (image size / patch)^2, used by --prefill).
 LLAVA_PROFILES = sorted(name for name, spec in PROFILES.items() if spec.get("family", "llava") == "llava")
@@ -102,8 +111,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, nargs="+", default=[576, 2880, 11520])
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
-    parser.add_argument("--dim", type=int, default=4096)
-    parser.add_argument("--recipes", nargs="+", default=list(DEFAULT_RECIPES))
+    parser.add_argument("--dim", type=int, default=None, help="default 4096 (video profile: 3584, Qwen2-7B)")
+    parser.add_argument("--recipes", nargs="+", default=None, help=f"default: {' '.join(DEFAULT_RECIPES)} "
+                        "(video profile: every supported preset)")
+    parser.add_argument("--profile", choices=("image", "video"), default="image",
+                        help="image: N tokens per --tokens; video: --frames x --frame-side^2 tokens (see above)")
+    parser.add_argument("--frames", type=int, default=32, help="video profile: frames per row")
+    parser.add_argument("--frame-side", type=int, default=14, help="video profile: tokens per frame side")
+    parser.add_argument("--keep-ratio", type=float, default=0.25, help="video profile: kept fraction of the tokens")
+    parser.add_argument("--video-only", action="store_true", help="video profile: only presets that read frames")
+    parser.add_argument("--video-prefill-profile", default="qwen2.5-vl-7b", choices=VIDEO_PREFILL_PROFILES,
+                        help="video profile: text shape of the prefill (benchmarks/_harness.py)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--naive-max-tokens", type=int, default=2880)
     parser.add_argument("--json", help="also write the rows to this file")
@@ -124,6 +142,14 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
+    if args.profile == "video":
+        rows = video_profile(args, registry)
+        if args.json:
+            with open(args.json, "w") as handle:
+                json.dump(rows, handle, indent=2)
+        return
+    args.dim = args.dim or 4096
+    args.recipes = args.recipes or list(DEFAULT_RECIPES)
     rows = []
     for tokens in args.tokens:
         kept = max(1, tokens // 9)
@@ -182,6 +208,44 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(rows, handle, indent=2)
+
+
+def video_profile(args, registry) -> list[dict]:
+    """The ``--profile video`` run: every supported preset's select on video rows, as a share of the prefill."""
+    spec = PROFILES[args.video_prefill_profile]["text"]
+    dim = args.dim or int(spec["hidden_size"])
+    heads, key_heads = int(spec["num_attention_heads"]), int(spec["num_key_value_heads"])
+    presets = video_presets(registry)
+    if args.recipes:
+        unknown = sorted(set(args.recipes) - {name for name, _ in presets})
+        if unknown:
+            raise SystemExit(f"not run on the video profile (unknown or unsupported by {VIDEO_ADAPTER.name}): {unknown}; "
+                             f"supported: {[name for name, _ in presets]}")
+        presets = [(name, video) for name, video in presets if name in args.recipes]
+    if args.video_only:
+        presets = [(name, video) for name, video in presets if video]
+    rows = []
+    for batch in args.batch:
+        signals = video_signals(batch, args.frames, args.frame_side, dim, heads, key_heads, device=args.device)
+        tokens = signals.num_tokens
+        kept = max(1, round(args.keep_ratio * tokens))
+        prefill = text_prefill_seconds(tokens, batch, args.prefill_layers, args.video_prefill_profile, args.device)
+        print(f"video B={batch}: {args.frames} frames x {args.frame_side}x{args.frame_side} + 1 newline = {tokens} tokens, "
+              f"D={dim}, K={kept}; unpruned prefill of {prefill['layers']} {args.video_prefill_profile}-shaped decoder "
+              f"layers over {prefill['sequence']} tokens: {prefill['seconds']:.2f} s")
+        for name, video in presets:
+            if tokens > MAX_TOKENS.get(name, tokens):
+                print(f"video N={tokens:>6} B={batch} {name:<24} skipped (too slow above N={MAX_TOKENS[name]})")
+                continue
+            pipeline = compose(name, registry=registry)
+            seconds = time_call(lambda: pipeline.select(signals, kept), args.repeats, args.device)
+            share = seconds / prefill["seconds"]
+            rows.append({"recipe": name, "profile": "video", "reads_frames": video, "N": tokens, "K": kept, "B": batch,
+                         "D": dim, "frames": args.frames, "seconds": seconds, "prefill_s": prefill["seconds"],
+                         "prefill_layers": prefill["layers"], "fraction_of_prefill": share})
+            print(f"video N={tokens:>6} K={kept:>5} B={batch} {name:<24}{' [frames]' if video else '':<10}"
+                  f"{seconds * 1e3:10.2f} ms  {100 * share:6.2f}% of prefill")
+    return rows
 
 
 def op_counts(pipeline, signals: Signals, kept: int, tokens: int, batch: int) -> dict:

@@ -96,8 +96,9 @@ class Pipeline:
                 tokens), or a sequence of those with one entry per row. A budget at or above a
                 row's real token count keeps every real token.
         Returns: a `Selection` with ``counts[b] == resolved budget of row b`` (never more than
-            the row's real tokens), ascending unique indices, padding never selected, and
-            ``critical`` marking the tokens the critical selector chose.
+            the row's real tokens; for an allocator with ``adaptive_counts``, its adaptive
+            ``Allocation.total``, at most that), ascending unique indices, padding never selected,
+            and ``critical`` marking the tokens the critical selector chose.
         """
         self.check_signals(signals)
         dense = signals.visual_mask is None  # every token is real: nothing to mask
@@ -113,7 +114,16 @@ class Pipeline:
             scores = scores.float()  # (B, N)
             if not dense:
                 scores = scores.masked_fill(~valid, float("-inf"))  # (B, N)
-        if scores is None:
+        if self.budget.adaptive_counts:
+            # the kept count comes from the data (docs/architecture.md, "Adaptive counts")
+            allocation = self.budget.adapt(signals, budget, totals, valid, scores)
+            totals = torch.minimum(allocation.total.clamp(min=0), totals)  # (B,)
+            critical_counts = torch.minimum(allocation.critical.clamp(min=0), totals)  # (B,)
+            if scores is None:
+                critical_counts = None
+            elif not self.diversity.adds_tokens:
+                critical_counts = totals
+        elif scores is None:
             critical_counts = None  # nothing is critical without scores
         elif not self.diversity.adds_tokens:
             critical_counts = totals  # the critical selector fills the whole budget
@@ -131,8 +141,9 @@ class Pipeline:
         merged: Optional[tuple[Tensor, Tensor]] = None  # (sizes, assignment) by position, when a stage merges
         keep = chosen
         # ``chosen`` holds real tokens only, so "the rest of the budget is every remaining real
-        # token" is ``totals == valid_counts``: keep every real token, nothing for diversity to choose.
-        if bool((totals == valid_counts).all()):
+        # token" is ``totals == valid_counts``: keep every real token, nothing for diversity to choose
+        # (not for an adaptive allocator: its split of a full count may still merge, e.g. SparseVLM's recycling).
+        if not self.budget.adaptive_counts and bool((totals == valid_counts).all()):
             keep = valid
         elif self.diversity.adds_tokens:
             remaining = totals - chosen.sum(dim=1)  # (B,)

@@ -40,6 +40,8 @@ SIGNAL_DESCRIPTIONS: dict[str, str] = {
     "prompt_mask": "(B, T) bool, True = real prompt token; None = all real",
     "attention": "(B, H, N) softmax attention of the last prompt token to each visual token at "
     "the scoring layer",
+    "prompt_attention": "(B, H, T, N) softmax attention of every prompt token (rows as in `prompt`) to each "
+    "visual token at the scoring layer (SparseVLM's text raters read their rows)",
     "visual_keys": "(B, N, Hk, dk) key states of the visual tokens per key head at the scoring layer",
     "prompt_keys": "(B, T, Hk, dk) key states of the prompt tokens per key head at the scoring layer",
     "clip_visual": "(B, N, C) CLIP-space patch embeddings",
@@ -65,7 +67,7 @@ VISION_SIGNALS: frozenset[str] = ALWAYS_PRESENT
 #: Embedding-space points (``pre_llm``, and the inputs of an in-LLM drop): visual and prompt tokens.
 EMBEDDING_SIGNALS: frozenset[str] = ALWAYS_PRESENT | {"prompt", "prompt_mask"}
 #: What the scoring layer of an in-LLM drop adds.
-LAYER_SIGNALS: frozenset[str] = frozenset({"attention", "visual_keys", "prompt_keys"})
+LAYER_SIGNALS: frozenset[str] = frozenset({"attention", "prompt_attention", "visual_keys", "prompt_keys"})
 #: The vision encoder's CLS attention (adapters of CLIP-style encoders provide it everywhere).
 CLS_SIGNALS: frozenset[str] = frozenset({"cls_attention"})
 #: CLIP-space embeddings (placement ``pre_llm_clip``).
@@ -122,6 +124,7 @@ class Signals:
     grids: Optional[Tensor] = None  # (B, 2) long
     frames: Optional[Tensor] = None  # (B, 3) long (T, H, W)
     frame_index: Optional[Tensor] = None  # (B, N) long, -1 = outside the frame grids
+    prompt_attention: Optional[Tensor] = None  # (B, H, T, N)
 
     def __post_init__(self) -> None:
         if not isinstance(self.visual, Tensor) or self.visual.dim() != 3:
@@ -134,12 +137,13 @@ class Signals:
             "visual_keys": 4,
             "clip_visual": 3,
             "cls_attention": 3,
+            "prompt_attention": 4,
         }
         for name, ndim in per_token.items():
             value = getattr(self, name)
             if value is None:
                 continue
-            token_axis = 1 if name in ("visual_mask", "visual_keys", "clip_visual") else 2
+            token_axis = 1 if name in ("visual_mask", "visual_keys", "clip_visual") else (3 if name == "prompt_attention" else 2)
             if value.dim() != ndim or value.shape[0] != batch or value.shape[token_axis] != tokens:
                 raise ValueError(
                     f"Signals.{name} has shape {tuple(value.shape)}; expected "
@@ -149,6 +153,11 @@ class Signals:
             raise ValueError("Signals.visual_mask must be a bool tensor (True = real token)")
         if self.prompt is not None and (self.prompt.dim() != 3 or self.prompt.shape[0] != batch):
             raise ValueError(f"Signals.prompt must be (B={batch}, T, D), got {tuple(self.prompt.shape)}")
+        if self.prompt_attention is not None and self.prompt is not None and self.prompt_attention.shape[2] != self.prompt.shape[1]:
+            raise ValueError(
+                f"Signals.prompt_attention has {self.prompt_attention.shape[2]} prompt rows but Signals.prompt has "
+                f"T={self.prompt.shape[1]} tokens: one attention row per prompt token"
+            )
         if self.prompt is not None and self.prompt.shape[-1] != self.visual.shape[-1]:
             raise ValueError(
                 f"Signals.prompt has width D={self.prompt.shape[-1]} but Signals.visual has D={self.visual.shape[-1]}: "

@@ -219,6 +219,23 @@ class BudgetAllocator(Stage):
     #: True when ``allocate`` reads ``totals`` only (never ``valid`` or ``scores``): a compiled select
     #: (`Pipeline.compile`) then knows the critical/diversity split before its graph runs.
     plans_from_totals: ClassVar[bool] = False
+    #: True for an allocator whose kept count comes from the data (SparseVLM's rank rule, MustDrop's thresholds):
+    #: ``Pipeline.select`` then calls :meth:`adapt` instead of :meth:`allocate` and keeps ``Allocation.total``
+    #: tokens per row (at most the resolved total). Instances may override it with a property.
+    adaptive_counts: ClassVar[bool] = False
+
+    def adapt(self, signals: Signals, budget: Any, totals: Tensor, valid: Tensor, scores: Optional[Tensor]) -> Allocation:
+        """Adaptive allocators only (``adaptive_counts``): the data-dependent split.
+
+        Args:
+            signals: what the pruning point sees.
+            budget: the requested budget as ``Pipeline.select`` received it (an int, a float, or one per row): the
+                allocator's documented target / parameter (e.g. the official scale and bias of that budget).
+            totals: (B,) long, the most tokens each row may keep (:meth:`resolve`).
+            valid, scores: as in :meth:`allocate`.
+        Returns: an `Allocation` with ``0 <= critical <= total <= totals``: ``total`` is the row's adaptive count.
+        """
+        raise NotImplementedError
 
     def allocate(self, totals: Tensor, valid: Tensor, scores: Optional[Tensor]) -> Allocation:
         """Split each row's total.

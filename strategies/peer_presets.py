@@ -41,6 +41,27 @@ PEER_PRESETS: dict[str, tuple[str, str, str, str]] = {
         "Zhang et al., Beyond Attention or Similarity: Maximizing Conditional Diversity for Token Pruning in MLLMs (arXiv 2506.10967)",
         "github.com/Theia-4869/CDPruner @ 9541616c40fcd5625de1cdb8ea6c33c129eb7864",
     ),
+    "cdpruner_llm": (
+        "relevance.llm_text(minmax=True)+critical.critical+diversity.dpp(theta=None)+budget.split(critical=0.0)"
+        "+placement.pre_llm",
+        "CDPruner without CLIP: relevance = cos(visual, mean prompt embedding) in LLM space, the paper's kernel and greedy MAP",
+        "Zhang et al., Beyond Attention or Similarity: Maximizing Conditional Diversity for Token Pruning in MLLMs (arXiv 2506.10967)",
+        "github.com/openvinotoolkit/openvino.genai @ da1db864d (relevance); github.com/Theia-4869/CDPruner @ 9541616c (kernel, greedy)",
+    ),
+    "cdpruner_ov": (
+        "relevance.llm_text(minmax=False)+critical.critical+diversity.dpp_ov(relevance_weight=0.5,split_threshold=1)"
+        "+budget.split(critical=0.0)+placement.pre_llm",
+        "CDPruner as OpenVINO GenAI 2026.4 runs it: LLM-space relevance, kernel (1-w)S + w*r_i*S*r_j, split into halves",
+        "Zhang et al., Beyond Attention or Similarity: Maximizing Conditional Diversity for Token Pruning in MLLMs (arXiv 2506.10967)",
+        "github.com/openvinotoolkit/openvino.genai @ da1db864d, src/cpp/src/visual_language/cdpruner/",
+    ),
+    "cdpruner_ov_full": (
+        "relevance.llm_text(minmax=False)+critical.critical+diversity.dpp_ov(relevance_weight=0.5,split_threshold=0)"
+        "+budget.split(critical=0.0)+placement.pre_llm",
+        "CDPruner as OpenVINO GenAI runs it with CDPRUNER_SPLIT_THRESHOLD=0: one kernel over all the image's tokens",
+        "Zhang et al., Beyond Attention or Similarity: Maximizing Conditional Diversity for Token Pruning in MLLMs (arXiv 2506.10967)",
+        "github.com/openvinotoolkit/openvino.genai @ da1db864d, src/cpp/src/visual_language/cdpruner/",
+    ),
     "dart": (
         "relevance.key_norm+critical.topk_official(op=topk)+diversity.dart(pivot_text=4,faithful=False,"
         "image_token_start_index=35)+budget.dart(pivot_image=4)+placement.layer(k=2)",
@@ -98,6 +119,15 @@ PEER_PRESETS: dict[str, tuple[str, str, str, str]] = {
         "similarity merge of half the visual tokens at layer 18",
         "Shao et al., HoliTom: Holistic Token Merging for Fast Video Large Language Models, NeurIPS 2025 (arXiv 2505.21334)",
         "github.com/cokeshao/HoliTom @ e9b2972f",
+    ),
+    "sparsevlm": (
+        "relevance.sparsevlm_raters+critical.critical+diversity.recycle+budget.sparsevlm_rank"
+        "+placement.sparse_layers(layers=[3, 7, 16])",
+        "SparseVLM: text raters' attention at sparse layers 2/6/15, adaptive rank-rule count, pruned tokens recycled "
+        "(clustered, merged, appended)",
+        "Zhang et al., SparseVLM: Visual Token Sparsification for Efficient Vision-Language Model Inference, ICML 2025 "
+        "(arXiv 2410.04417)",
+        "github.com/Gumpest/SparseVLMs @ b72c5d62",
     ),
     "random": (
         "relevance.none+critical.critical+diversity.randperm(seed=0)+budget.split(critical=0.0)+placement.pre_llm",

@@ -7,9 +7,11 @@ from vtprune.framework.registry import Registry
 
 from . import budget, critical, decode, diversity, placement, relevance
 from .mustdrop import MUSTDROP_STAGES
+from .sparsevlm import SPARSEVLM_STAGES
 from .peer_presets import register_peer_presets
 from .merge_stages import MERGE_STAGES
 from .peer_stages import PEER_STAGES
+from .ov_stages import OV_STAGES
 from .presets import register_presets
 from .video import VIDEO_STAGES
 
@@ -34,9 +36,11 @@ BUILTIN_STAGES = (
     placement.VisionOutput,
     decode.DecodePlacement,
     *PEER_STAGES,
+    *OV_STAGES,
     *MERGE_STAGES,
     *MUSTDROP_STAGES,
     *VIDEO_STAGES,
+    *SPARSEVLM_STAGES,
 )
 
 

@@ -45,6 +45,7 @@ PER_TOKEN_AXIS: dict[str, int] = {
     "attention": 2,
     "cls_attention": 2,
     "frame_index": 1,
+    "prompt_attention": 3,
 }
 #: Fields that come with another field (a mask with its tensor).
 _COMPANIONS: dict[str, tuple[str, ...]] = {"prompt": ("prompt_mask",), "clip_text": ("clip_text_mask",)}
@@ -74,7 +75,7 @@ def make_signals(
     visual = torch.randn(batch, tokens, dim, generator=generator)  # (B, N, D)
     valid = torch.arange(tokens).unsqueeze(0) < torch.tensor(lengths).unsqueeze(1)  # (B, N)
     attention = torch.softmax(torch.randn(batch, heads, tokens, generator=generator), dim=-1)  # (B, H, N)
-    return Signals(
+    signals = Signals(
         visual=visual,
         visual_mask=valid,
         prompt=torch.randn(batch, prompt_len, dim, generator=generator),  # (B, T, D)
@@ -88,6 +89,10 @@ def make_signals(
         cls_attention=torch.softmax(torch.randn(batch, heads, tokens, generator=generator), dim=-1),  # (B, H, N)
         grid=grid,
     )
+    # drawn last so that the fields above keep their historical numbers; rows over the real tokens only
+    logits = torch.randn(batch, heads, prompt_len, tokens, generator=generator)  # (B, H, T, N)
+    prompt_attention = torch.softmax(logits.masked_fill(~valid.view(batch, 1, 1, tokens), float("-inf")), dim=-1)
+    return dataclasses.replace(signals, prompt_attention=prompt_attention.nan_to_num(0.0))
 
 
 def grid_for(tokens: int) -> Optional[tuple[int, int]]:
@@ -141,8 +146,8 @@ def clustered_signals(
         return out.movedim(1, axis)
 
     values = {name: repeat(getattr(base, name), axis) for name, axis in PER_TOKEN_AXIS.items() if name != "visual_mask"}
-    for name in ("attention", "cls_attention"):
-        values[name] = values[name] / values[name].sum(-1, keepdim=True)  # (B, H, N) still sums to one
+    for name in ("attention", "cls_attention", "prompt_attention"):
+        values[name] = values[name] / values[name].sum(-1, keepdim=True).clamp(min=1e-12)  # still sums to one
     return dataclasses.replace(base, **values)
 
 

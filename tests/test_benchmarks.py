@@ -107,3 +107,46 @@ def test_ideal_prefill_with_every_token_is_the_model_itself() -> None:
             ours = ideal_prefill(slice_.model, inputs, [ids.numel()] * 2, (int(image[0]), int(image[-1]) + 1))
             theirs = slice_.model(**inputs, logits_to_keep=1).logits
         torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+
+
+def test_selection_benchmark_video_profile_runs_every_supported_preset(tmp_path) -> None:
+    """--profile video: video Signals (frames x side^2 tokens + one newline), every registered preset the
+    LLaVA-OneVision adapter supports (none that it does not: vision / pre_llm_clip / vision_layers ones), each
+    with its share of the measured prefill of the unpruned sequence."""
+    out = tmp_path / "selection.json"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "selection.py"), "--profile", "video", "--batch", "1", "--frames", "3",
+         "--frame-side", "2", "--dim", "16", "--repeats", "1", "--prefill-layers", "1", "--video-prefill-profile",
+         "tiny-qwen", "--threads", "1", "--recipes", "fastv", "divprune", "--json", str(out)],
+        check=True, capture_output=True, text=True,
+    )
+    rows = {r["recipe"]: r for r in json.loads(out.read_text())}
+    assert set(rows) == {"fastv", "divprune"}
+    for row in rows.values():
+        assert row["N"] == 3 * 4 + 1 and row["K"] == round(0.25 * 13) and row["prefill_s"] > 0
+        assert abs(row["fraction_of_prefill"] - row["seconds"] / row["prefill_s"]) < 1e-12
+    assert "% of prefill" in result.stdout
+    refused = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "selection.py"), "--profile", "video", "--frames", "2", "--frame-side",
+         "2", "--dim", "16", "--video-prefill-profile", "tiny-qwen", "--recipes", "visionzip"],
+        capture_output=True, text=True,
+    )
+    assert refused.returncode != 0 and "visionzip" in refused.stderr and "fastv" in refused.stderr
+
+
+def test_video_profile_presets_are_the_supported_ones() -> None:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from _video_profile import VIDEO_ADAPTER, video_presets, video_signals
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    from vtprune.framework import build_registry, compose
+    from vtprune.framework.support import support_problems
+
+    registry = build_registry(autoload=False)
+    names = [name for name, _ in video_presets(registry)]
+    want = [name for name in registry.presets if not support_problems(VIDEO_ADAPTER, compose(name, registry=registry))]
+    assert names == want and "fastv" in names and "visionzip" not in names and "cdpruner" not in names
+    signals = video_signals(2, 3, 2, 16, heads=4, key_heads=2)
+    assert signals.frames.tolist() == [[3, 2, 2]] * 2 and signals.frame_index[0, -1] == -1
+    assert signals.attention.shape == (2, 4, 13) and signals.visual_keys.shape == (2, 13, 2, 4)

@@ -311,3 +311,16 @@ def test_module_docstring_examples_run():
     import vtprune.adapters.glm4v as module
 
     check_docstring_examples(module)
+
+
+def test_video_rows_carry_their_frames():
+    """A GLM-4.1V video (frames written one by one between image markers, each followed by its timestamp) is one
+    row: frames = (grid_t, h / m, w / m), frame t's tokens = the model's own get_video_features rows of frame t;
+    image rows (0, 0, 0); batch == alone."""
+    from frame_checks import check_frames, check_frames_batch_equals_alone, grid_rows
+
+    model = tiny_glm4v()
+    for samples in (IMAGES, VIDEOS):
+        inputs, layouts = batch(samples)
+        check_frames(model, inputs, grid_rows(model, inputs, layouts), logits)
+        check_frames_batch_equals_alone(model, inputs, [batch([s])[0] for s in samples], logits)

@@ -179,3 +179,25 @@ def test_vision_and_cls_attention_are_declared_limitations(model):
         prune(model, "random+critical+fps+vision", budget=4)
     with pytest.raises(MissingSignalError, match="cls_attention"):
         prune(model, "cls_attention+critical+fps+pre_llm", budget=4)
+
+
+def test_video_rows_carry_their_frames(model, inputs):
+    """A video row is (frames, side / stride, side / stride) resampled tokens, frame t's tokens = the model's own
+    get_video_features rows of frame t; image rows (0, 0, 0); batch == alone."""
+    from frame_checks import Row, check_frames, check_frames_batch_equals_alone, placeholder_items
+
+    vision = model.config.vision_config
+    side = (vision.image_size // vision.patch_size) // model.config.spatial_pool_stride
+    frames = int(inputs["pixel_values_videos"].shape[1])
+    with torch.no_grad():
+        videos = list(model.model.get_video_features(inputs["pixel_values_videos"]).pooler_output)  # (T*s*s, D)
+    rows = []
+    for kind, length in placeholder_items(inputs["input_ids"], IMAGE_TOKEN_ID, VIDEO_TOKEN_ID):
+        if kind == "image":
+            rows.append(Row(length))
+        else:
+            assert length == frames * side * side
+            rows.append(Row(length, (frames, side, side), (), videos.pop(0).reshape(frames, side * side, -1)))
+    check_frames(model, inputs, rows, _forward)
+    alone = [llava_next_video_inputs(model, samples=(b,)) for b in range(len(SPEC))]
+    check_frames_batch_equals_alone(model, inputs, alone, _forward)

@@ -278,3 +278,41 @@ def test_every_preset_runs_or_fails_clearly(deep, preset):
         out = _forward(model, inputs)
         gen = model.generate(**inputs, max_new_tokens=4, do_sample=False)
     assert torch.equal(out, deep["base"]) and torch.equal(gen, deep["gen"])
+
+
+def _video_rows(model, inputs, spec) -> list:
+    """`frame_checks.Row` per item, from the model's own outputs: a video is its frames of apply_pooling's
+    ceil(side / 2) x ceil(side / 2) tokens (the model's get_video_features minus its last token, the newline)."""
+    from frame_checks import Row
+
+    counts, _ = _own_counts(model, inputs, spec)
+    vision = model.config.vision_config
+    side = -(-(vision.image_size // vision.patch_size) // 2)
+    frames = int(inputs["pixel_values_videos"].shape[1])
+    with torch.no_grad():
+        videos = list(model.model.get_video_features(inputs["pixel_values_videos"]).pooler_output)  # (T*s*s + 1, D)
+    rows = []
+    for count, kind in zip(counts, [item[0] for sample in spec for item in sample]):
+        if kind == "image":
+            rows.append(Row(count))
+            continue
+        features = videos.pop(0)
+        assert count == frames * side * side + 1 and torch.equal(features[-1], model.model.image_newline)
+        rows.append(Row(count, (frames, side, side), (count - 1,), features[:-1].reshape(frames, side * side, -1)))
+    return rows
+
+
+def test_video_rows_carry_their_frames(model, batches):
+    from frame_checks import check_frames, check_frames_batch_equals_alone
+
+    from frame_checks import FRAME_RECIPES
+
+    inputs = batches["video"]
+    decode = {"decode": "attention+critical+fps+decode(prefill='layer(k=1)',layer=2,keep=0.5)"}  # its prefill drop
+    check_frames(model, inputs, _video_rows(model, inputs, VIDEO), _forward, {**FRAME_RECIPES, **decode})
+    check_frames_batch_equals_alone(model, inputs, [_alone(inputs, VIDEO, b) for b in range(len(VIDEO))], _forward)
+    # an image-only batch: every row (0, 0, 0), -1
+    from frame_checks import Row
+
+    counts, _ = _own_counts(model, batches["images"], IMAGES)
+    check_frames(model, batches["images"], [Row(c) for c in counts], _forward)

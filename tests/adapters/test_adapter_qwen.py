@@ -414,3 +414,16 @@ def test_prune_errors_say_why_a_placement_or_signal_is_missing():
         prune(model, "visionzip", budget=3)
     with pytest.raises(VtpruneError, match="pre_llm_clip' \\(Qwen's tower is not a CLIP model"):
         prune(model, "cdpruner", budget=3, clip_model=object())
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_video_rows_carry_their_frames(kind):
+    """frames = (grid_t, h / m, w / m) of each video (the processor's grid), frame t's tokens = the model's own
+    get_video_features rows of frame t; image rows (0, 0, 0); batch == alone."""
+    from frame_checks import FRAME_RECIPES, check_frames, check_frames_batch_equals_alone, grid_rows
+
+    model = tiny_qwen(kind)
+    samples = WITH_VIDEO + [Sample(images=(), videos=((3, 1, 2), (2, 2, 1)), question=(26, 27), seed=3)]
+    inputs, layouts = batch(samples)
+    check_frames(model, inputs, grid_rows(model, inputs, layouts), logits, {**FRAME_RECIPES, "vision": VISION})
+    check_frames_batch_equals_alone(model, inputs, [batch([s])[0] for s in samples], logits)

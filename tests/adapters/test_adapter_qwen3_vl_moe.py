@@ -191,3 +191,15 @@ def test_module_docstring_examples_run():
     import vtprune.adapters.qwen3_vl_moe as module
 
     check_docstring_examples(module)
+
+
+def test_video_rows_carry_their_frames():
+    """frames = (grid_t, h / m, w / m) of each video, frame t's tokens = the model's own get_video_features rows of
+    frame t; image rows (0, 0, 0); batch == alone."""
+    from frame_checks import check_frames, check_frames_batch_equals_alone, grid_rows
+
+    model = tiny_moe()
+    samples = WITH_VIDEO + [Sample(images=(), videos=((3, 1, 2), (2, 2, 1)), question=(26, 27), seed=3)]
+    inputs, layouts = batch(samples)
+    check_frames(model, inputs, grid_rows(model, inputs, layouts), logits)
+    check_frames_batch_equals_alone(model, inputs, [batch([s])[0] for s in samples], logits)

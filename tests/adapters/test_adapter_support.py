@@ -177,3 +177,38 @@ def test_framework_does_not_import_the_adapters():
             elif isinstance(node, ast.Import):
                 names = [alias.name for alias in node.names]
             assert not any(n.startswith(("vtprune.adapters", "adapters")) for n in names), path.name
+
+
+class NeedsFrames:
+    """A duck-typed pipeline at ``placement`` that requires the video signals (what the temporal stages read)."""
+
+    requires = frozenset({"visual", "frames", "frame_index"})
+
+    def __init__(self, placement):
+        self.placement = placement
+
+    def select(self, signals, budget):  # pragma: no cover - never reached on an image-only adapter
+        raise AssertionError
+
+
+@pytest.mark.parametrize("placement", ["pre_llm", "layer(k=1)", "schedule(layers=[1,2],ratio=0.5)"])
+def test_frames_are_refused_on_an_image_only_adapter_and_declared_by_the_video_ones(placement):
+    """``frames`` / ``frame_index`` are provided by the adapters that take videos (support_report says which); an
+    image-only adapter (LLaVA) refuses a pipeline requiring them before anything is attached, quoting its limitation."""
+    from vtprune.adapters.plugin import BUILTIN_ADAPTERS
+
+    pipeline = NeedsFrames(compose(f"prompt_cosine+critical+fps+{placement}").placement)
+    model = tiny_llava()
+    hooks = record_hooks(model)
+    with pytest.raises(MissingSignalError) as error:
+        prune(model, pipeline, budget=4)
+    message = str(error.value)
+    assert "'frame_index', 'frames'" in message and "takes images only" in message and "llava" in message
+    assert record_hooks(model) == hooks
+    video = {"llava_onevision", "llava_next_video", "video_llava", "qwen2_vl", "qwen3_vl", "qwen3_vl_moe", "glm4v",
+             "llava_onevision1_5"}
+    for adapter in BUILTIN_ADAPTERS:
+        problems = support_problems(adapter, pipeline)
+        assert (not problems) == (adapter.name in video), (adapter.name, problems)
+        if adapter.name not in video:
+            assert all("frame" in p for p in problems) and adapter.limitations.get("frames")

@@ -167,3 +167,29 @@ def test_cls_attention_is_a_declared_limitation(model):
 
     with pytest.raises(MissingSignalError, match="CLS"):
         prune(model, "cls_attention+critical+fps+pre_llm", budget=4)
+
+
+def test_video_rows_carry_their_frames(model, inputs):
+    """A video row is (frames, side, side) patch tokens, each frame's CLS token (its first) at frame_index -1; frame
+    t's tokens = the model's own get_video_features patch rows of frame t; image rows (0, 0, 0); batch == alone."""
+    from frame_checks import FRAME_RECIPES, Row, check_frames, check_frames_batch_equals_alone, placeholder_items
+
+    vision = model.config.vision_config
+    side = vision.image_size // vision.patch_size
+    videos = inputs["pixel_values_videos"]
+    frames = int(videos.shape[1])
+    with torch.no_grad():
+        features = model.model.get_video_features(
+            videos, vision_feature_layer=model.config.vision_feature_layer, output_hidden_states=True
+        ).pooler_output  # (videos * frames, 1 + side * side, D)
+    per_video = list(features.reshape(videos.shape[0], frames, 1 + side * side, -1))
+    rows = []
+    for kind, length in placeholder_items(inputs["input_ids"], IMAGE_TOKEN_ID, VIDEO_TOKEN_ID):
+        if kind == "image":
+            rows.append(Row(length))
+        else:
+            assert length == frames * (1 + side * side)
+            cls_tokens = tuple(t * (1 + side * side) for t in range(frames))
+            rows.append(Row(length, (frames, side, side), cls_tokens, per_video.pop(0)[:, 1:]))
+    check_frames(model, inputs, rows, _forward, {**FRAME_RECIPES, "vision": RECIPES["vision"]})
+    check_frames_batch_equals_alone(model, inputs, [video_llava_inputs(model, [b]) for b in range(len(SPEC))], _forward)

@@ -70,8 +70,12 @@ def _critical(stage, total: int) -> int:
 @pytest.mark.parametrize("preset", sorted(_REGISTRY.presets))
 def test_every_preset_resolves_counts_as_before(preset: str) -> None:
     stage = compose(preset, registry=_REGISTRY).budget
-    rule = _RESOLVE[stage.name]
     lengths = torch.tensor(LENGTHS)
+    if stage.adaptive_counts:  # SparseVLM: every real token is a candidate; the count is adaptive (adapt())
+        for budget in FRACTIONS + INTS:
+            assert stage.resolve(budget, lengths).tolist() == LENGTHS, (preset, budget)
+        return
+    rule = _RESOLVE[stage.name]
     for budget in FRACTIONS + INTS:
         got = stage.resolve(budget, lengths).tolist()
         assert got == [_count(budget, n, rule) for n in LENGTHS], (preset, budget)
@@ -82,6 +86,8 @@ def test_every_preset_splits_as_before(preset: str) -> None:
     stage = compose(preset, registry=_REGISTRY).budget
     if stage.name == "dynamic":
         pytest.skip("score-dependent: covered by test_dynamic_split_bounds_as_before")
+    if stage.adaptive_counts:
+        pytest.skip("adaptive count from the data (adapt, not allocate): covered by tests/strategies/test_sparsevlm.py")
     totals = torch.tensor(TOTALS)
     valid = torch.ones(len(TOTALS), 4, dtype=torch.bool)
     critical = stage.allocate(totals, valid, torch.zeros(len(TOTALS), 4)).critical.tolist()

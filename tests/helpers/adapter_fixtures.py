@@ -436,8 +436,13 @@ class masked_reference:
             else:
                 allowed = (mask == 0).expand(batch, -1, -1, -1)
             kv = allowed.shape[-1]
+            # a sliding-window cache layer holds only the last kv positions: key j is position start + j
+            start = 0
+            if cache is not None and q_len < length:
+                start = max(cache.get_seq_length(number) + q_len - kv, 0)
             keys = torch.ones(batch, kv, dtype=torch.bool)
-            keys[:, :length] = ~rem
+            span = rem[:, start : start + kv]
+            keys[:, : span.shape[1]] = ~span
             allowed = allowed & keys[:, None, None, :]
             kwargs = dict(kwargs)
             if eager:

@@ -44,6 +44,11 @@ PINNED = {
     "vispruner": 965,
     "dart": 1379,
     "cdpruner": 1557,
+    "cdpruner_llm": 1569,
+    # OpenVINO's greedy reproduced op by op (per-pick loop over earlier picks, as the C++): a
+    # faithfulness reference, not a fast path
+    "cdpruner_ov": 10185,
+    "cdpruner_ov_full": 18350,
     "fastervlm": 34,
     "tome": 435,  # the one-point select (diversity.tome); in the tower the matching runs in the layers' hooks
     "mustdrop": 103,

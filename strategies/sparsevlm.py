@@ -1,0 +1,148 @@
+"""SparseVLM's stages (docs/methods.md, "SparseVLM"): text-rater relevance, the rank rule as an adaptive allocator,
+token recycling as a merging diversity stage, and the ``sparse_layers`` placement. Thin wrappers over
+`vtprune.strategies.functional.sparsevlm`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from vtprune.framework.budget import Budget
+from vtprune.framework.signals import PLACEMENT_SIGNALS, Signals
+from vtprune.framework.stages import (
+    Allocation,
+    BudgetAllocator,
+    DiversitySupplementer,
+    Drop,
+    LayerPlacement,
+    RelevanceScorer,
+    Supplement,
+)
+
+from .functional.sparsevlm import rank_counts, rater_rows, recycle, scale_bias_for, text_raters
+
+__all__ = ["HINT_APPEND_MERGED", "SparseRaters", "SparseRank", "SparseRecycle", "SparseLayers", "SPARSEVLM_STAGES"]
+
+#: Adapter hint (``Stage.adapter_hints``): merged tokens (the kept non-critical tokens carrying values) are written
+#: after the critical ones in the image's first slots, as SparseVLM appends its recycled tokens after the kept ones.
+HINT_APPEND_MERGED = "append_merged"
+_RATER_SIGNALS = frozenset({"prompt", "prompt_mask", "prompt_attention"})
+
+
+def _raters(signals: Signals) -> Tensor:
+    """(B, T) bool: the text raters of each row (`functional.sparsevlm.text_raters`)."""
+    prompt_valid = signals.prompt_mask if signals.prompt_mask is not None else torch.ones(
+        signals.prompt.shape[:2], dtype=torch.bool, device=signals.prompt.device
+    )
+    return text_raters(signals.visual, signals.prompt, signals.valid(), prompt_valid)
+
+
+@dataclass(frozen=True, eq=False)
+class SparseRaters(RelevanceScorer):
+    """SparseVLM's visual scores: the mean over the text raters (prompt tokens whose ``softmax(v t^T)`` share is
+    above the mean) of their head-mean attention to each visual token (``prompt_attention``)."""
+
+    name: ClassVar[str] = "sparsevlm_raters"
+    description: ClassVar[str] = "SparseVLM: mean head-mean attention of the text raters (prompt tokens above the mean v.t share)"
+    requires: ClassVar[frozenset[str]] = _RATER_SIGNALS
+
+    def score(self, signals: Signals) -> Tensor:
+        raters = _raters(signals)  # (B, T)
+        rows = rater_rows(signals.prompt_attention, raters)  # (B, T, N)
+        return rows.sum(1) / raters.sum(1, keepdim=True).clamp(min=1)  # (B, N)
+
+
+@dataclass(frozen=True, eq=False)
+class SparseRank(BudgetAllocator):
+    """SparseVLM's rank rule, an adaptive count: critical = ``min(int(rank * scale + bias), n - 1)`` (all ``n``
+    when ``n == rank``), rank = the matrix rank of the raters' attention rows; the recycled clusters
+    (``int(m / 10) + 1`` for ``m = int(0.3 (n - kept)) + 1``) are the rest of the row's count.
+
+    The budget is the target: with ``scale``/``bias`` unset (None) it selects the official pair (192 -> 13.5 / 0,
+    128 -> 9 / 6, 64 -> 0.8 / 0); other budgets need both set. The count never exceeds the row's real tokens.
+    """
+
+    name: ClassVar[str] = "sparsevlm_rank"
+    description: ClassVar[str] = "SparseVLM rank rule: adaptive count min(int(rank*scale+bias), n-1) + recycled clusters; the budget picks the official scale/bias"
+    requires: ClassVar[frozenset[str]] = _RATER_SIGNALS
+    adaptive_counts: ClassVar[bool] = True
+    scale: Optional[float] = None
+    bias: Optional[float] = None
+
+    def __post_init__(self) -> None:
+        if (self.scale is None) != (self.bias is None):
+            raise ValueError("sparsevlm_rank: set both scale and bias, or neither (None: the official pair of the budget)")
+        if self.scale is not None and self.scale < 0:
+            raise ValueError(f"scale must be >= 0, got {self.scale}")
+
+    def resolve(self, budget: int | float, valid_counts: Tensor) -> Tensor:
+        return valid_counts.clone()  # every real token is a candidate: the count is the rank rule's
+
+    def scale_bias(self, budget: Budget) -> tuple[float, float]:
+        """(scale, bias) for one row's budget: the parameters when set, else the official pair of the budget."""
+        if self.scale is not None and self.bias is not None:
+            return float(self.scale), float(self.bias)
+        return scale_bias_for(budget)
+
+    def adapt(self, signals: Signals, budget: Any, totals: Tensor, valid: Tensor, scores: Optional[Tensor]) -> Allocation:
+        per_row: Sequence = budget if isinstance(budget, Sequence) else [budget] * totals.shape[0]
+        pairs = [self.scale_bias(b) for b in per_row]
+        raters = _raters(signals)
+        kept, clusters = [], []
+        for b, (scale, bias) in enumerate(pairs):  # the pair may differ per row
+            k, c, _ = rank_counts(signals.prompt_attention[b : b + 1], raters[b : b + 1], valid[b : b + 1], scale, bias)
+            kept.append(k)
+            clusters.append(c)
+        critical = torch.cat(kept).to(totals.device)  # (B,)
+        return Allocation(total=torch.minimum(critical + torch.cat(clusters).to(totals.device), totals), critical=critical)
+
+    def allocate(self, totals: Tensor, valid: Tensor, scores: Optional[Tensor]) -> Allocation:
+        raise NotImplementedError("sparsevlm_rank is adaptive: Pipeline.select calls adapt()")
+
+
+@dataclass(frozen=True, eq=False)
+class SparseRecycle(DiversitySupplementer):
+    """SparseVLM's token recycling: the top ``int(0.3 n) + 1`` pruned tokens by score are clustered (density
+    peaks) into the asked number of groups and merged; each merged token sits at its cluster centre's position
+    (the adapter appends it after the kept tokens: hint ``append_merged``)."""
+
+    name: ClassVar[str] = "recycle"
+    description: ClassVar[str] = "SparseVLM token recycling: cluster the top 30% pruned tokens and merge each cluster"
+    adapter_hints: ClassVar[frozenset[str]] = frozenset({HINT_APPEND_MERGED})
+    #: At most ``int(0.3 n) + 1`` tokens are recycled, so an allocator asking for more clusters gets fewer.
+    exact_counts: ClassVar[bool] = False
+
+    def supplement(self, signals: Signals, selected: Tensor, counts: Tensor, valid: Tensor, scores: Optional[Tensor]) -> Supplement:
+        ranked = scores if scores is not None else torch.zeros(valid.shape, device=valid.device)  # (B, N)
+        keep, values, assignment = recycle(signals.visual, ranked, valid & ~selected, counts)
+        return Supplement(keep, values, assignment)
+
+
+@dataclass(frozen=True, eq=False)
+class SparseLayers(LayerPlacement):
+    """Drops before each of ``layers`` (SparseVLM's sparse layers + 1), every one with the requested budget:
+    the target an adaptive allocator reads (``sparsevlm_rank``), or the count a plain allocator keeps.
+    Defaults: SparseVLM's 2, 6, 15 of a 32-layer LLaVA-1.5 (`functional.sparsevlm.sparse_layers_for` derives
+    them for other depths)."""
+
+    name: ClassVar[str] = "sparse_layers"
+    description: ClassVar[str] = "in-LLM drops before each of `layers`, each with the requested budget (SparseVLM)"
+    provides: ClassVar[frozenset[str]] = PLACEMENT_SIGNALS["schedule"]
+    layers: tuple[int, ...] = (3, 7, 16)
+
+    def __post_init__(self) -> None:
+        if not self.layers:
+            raise ValueError("layers must name at least one decoder layer")
+        if any(k < 1 for k in self.layers) or list(self.layers) != sorted(set(self.layers)):
+            raise ValueError(f"layers must be strictly increasing and >= 1, got {list(self.layers)}")
+
+    def drops(self, budget: int | float) -> tuple[Drop, ...]:
+        return tuple(Drop("layer", k, budget) for k in self.layers)
+
+
+#: Registration order.
+SPARSEVLM_STAGES = (SparseRaters, SparseRank, SparseRecycle, SparseLayers)

@@ -1,0 +1,199 @@
+"""SparseVLM against a plain loop-style re-implementation of the official functions (Gumpest/SparseVLMs @ b72c5d62:
+``modelling_sparse_llama.py`` rater selection and recycling, ``score.py`` ``attn_postprocess_rank``, ``utils.py``
+``cluster_and_merge`` without its random tie noise): seeded inputs, near ties, ragged batches, batch == alone."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from vtprune import framework
+from vtprune.framework.errors import BudgetError
+from vtprune.strategies.functional import sparsevlm as sv
+from vtprune.testing import make_signals
+
+REGISTRY = framework.build_registry(autoload=False)
+
+
+# -- the reference: written out plainly, one row at a time ---------------------------------------------------------
+
+
+def ref_raters(v: torch.Tensor, t: torch.Tensor) -> list[int]:
+    """Official: m = softmax(v @ t^T, dim=2).mean(1); raters = where(m > m.mean())."""
+    n, tl = v.shape[0], t.shape[0]
+    m = [0.0] * tl
+    for i in range(n):
+        logits = [float(v[i].double() @ t[j].double()) for j in range(tl)]
+        top = max(logits)
+        exps = [math.exp(x - top) for x in logits]
+        total = sum(exps)
+        for j in range(tl):
+            m[j] += exps[j] / total / n
+    mean = sum(m) / tl
+    out = [j for j in range(tl) if m[j] > mean]
+    return out if out else list(range(tl))
+
+
+def ref_rank_rule(attn: torch.Tensor, raters: list[int], scale: float, bias: float):
+    """Official attn_postprocess_rank on (H, T, N) prompt rows: (kept mask, s_flag, scores)."""
+    heads, _, n = attn.shape
+    rows = torch.zeros(len(raters), n, dtype=torch.float64)
+    for a, j in enumerate(raters):
+        for c in range(n):
+            rows[a, c] = sum(float(attn[h, j, c]) for h in range(heads)) / heads
+    rank = int(torch.linalg.matrix_rank(rows.float()))
+    scores = [float(rows[:, c].sum()) / len(raters) for c in range(n)]
+    if n == rank:
+        return [True] * n, False, scores
+    k = min(int(rank * scale + bias), n - 1)
+    order = sorted(range(n), key=lambda c: (-scores[c], c))
+    keep = [False] * n
+    for c in order[:k]:
+        keep[c] = True
+    return keep, True, scores
+
+
+def ref_cluster_and_merge(x: torch.Tensor, k: int):
+    """utils.py cluster_and_merge, loop by loop, without the 1e-6 random noise: (merged, centres, assignment)."""
+    m, c = x.shape
+    d = [[float((x[i].double() - x[j].double()).norm()) / math.sqrt(c) for j in range(m)] for i in range(m)]
+    density = [math.exp(-sum(v * v for v in sorted(d[i])[:k]) / k) for i in range(m)]
+    dmax = max(max(row) for row in d)
+    parent = []
+    for i in range(m):
+        best = dmax
+        for j in range(m):
+            if density[j] > density[i]:
+                best = min(best, d[i][j])
+        parent.append(best)
+    score = [parent[i] * density[i] for i in range(m)]
+    centres = sorted(range(m), key=lambda i: (-score[i], i))[:k]
+    assign = []
+    for j in range(m):
+        dists = [d[centre][j] for centre in centres]
+        assign.append(dists.index(min(dists)))
+    for a, centre in enumerate(centres):
+        assign[centre] = a
+    merged = torch.zeros(k, c, dtype=torch.float64)
+    for a in range(k):
+        members = [j for j in range(m) if assign[j] == a]
+        merged[a] = sum(x[j].double() for j in members) / (len(members) + 1e-6)
+    return merged, centres, assign
+
+
+def ref_sparsevlm(visual, prompt, attn, scale, bias):
+    """One row through the official sparse layer: (kept positions, {centre position: merged value}, assignment)."""
+    raters = ref_raters(visual, prompt)
+    keep, flag, scores = ref_rank_rule(attn, raters, scale, bias)
+    kept = [i for i, f in enumerate(keep) if f]
+    if not flag:
+        return kept, {}, {}
+    deleted = [i for i, f in enumerate(keep) if not f]
+    m = int(len(deleted) * 0.3) + 1
+    chosen = sorted(deleted, key=lambda i: (-scores[i], i))[:m]
+    clusters = int(m / 10) + 1
+    merged, centres, assign = ref_cluster_and_merge(visual[chosen], clusters)
+    values = {chosen[centres[a]]: merged[a] for a in range(clusters)}
+    assignment = {chosen[j]: chosen[centres[assign[j]]] for j in range(len(chosen))}
+    return kept, values, assignment
+
+
+# -- tests ---------------------------------------------------------------------------------------------------------
+
+
+def _signals(lengths, seed, prompt_len=7, dim=16, heads=3):
+    return make_signals(lengths, dim=dim, prompt_len=prompt_len, seed=seed, heads=heads)
+
+
+def _check_row(selection, signals, row, scale, bias):
+    n = int(signals.valid()[row].sum())
+    kept, values, assignment = ref_sparsevlm(
+        signals.visual[row, :n], signals.prompt[row], signals.prompt_attention[row, :, :, :n], scale, bias
+    )
+    got = selection.row_indices(row).tolist()
+    critical = selection.critical[row][selection.mask[row]]
+    assert [i for i, c in zip(got, critical.tolist()) if c] == kept
+    assert sorted(i for i, c in zip(got, critical.tolist()) if not c) == sorted(values)
+    for slot, position in enumerate(got):
+        if position in values:
+            torch.testing.assert_close(selection.values[row, slot].double(), values[position], rtol=1e-5, atol=1e-5)
+        else:
+            torch.testing.assert_close(selection.values[row, slot], signals.visual[row, position])
+    for position, centre in assignment.items():
+        assert got[int(selection.assignment[row, position])] == centre
+    assert int(selection.sizes[row].sum()) == len(kept) + len(assignment)  # centres are among the recycled
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("scale,bias", [(0.8, 0.0), (2.0, 1.0), (9.0, 6.0)])
+def test_preset_matches_the_official_rules_on_ragged_rows(seed, scale, bias):
+    signals = _signals([40, 23, 31], seed)
+    pipeline = framework.compose("sparsevlm", scale=scale, bias=bias, registry=REGISTRY)
+    selection = pipeline.select(signals, 64)
+    for row in range(3):
+        _check_row(selection, signals, row, scale, bias)
+
+
+def test_batch_equals_alone():
+    signals = _signals([40, 23, 31], 5)
+    pipeline = framework.compose("sparsevlm", scale=2.0, bias=1.0, registry=REGISTRY)
+    together = pipeline.select(signals, 64)
+    for row in range(3):
+        alone = pipeline.select(signals.row(row), 64)
+        assert alone.row_indices(0).tolist() == together.row_indices(row).tolist()
+        torch.testing.assert_close(alone.values[0][alone.mask[0]], together.values[row][together.mask[row]])
+
+
+def test_near_ties_in_the_scores_go_to_the_lower_position():
+    signals = _signals([30], 2, heads=1)
+    attn = signals.prompt_attention.clone()
+    attn[..., 10] = attn[..., 11]  # exact tie between two visual columns
+    signals = type(signals)(**{**signals.__dict__, "prompt_attention": attn})
+    _check_row(framework.compose("sparsevlm", scale=1.0, bias=3.0, registry=REGISTRY).select(signals, 64), signals, 0, 1.0, 3.0)
+
+
+def test_full_rank_keeps_everything_and_recycles_nothing():
+    signals = _signals([5], 1, prompt_len=12)  # rank can reach the 5 visual tokens
+    selection = framework.compose("sparsevlm", scale=9.0, bias=6.0, registry=REGISTRY).select(signals, 128)
+    kept, values, _ = ref_sparsevlm(signals.visual[0], signals.prompt[0], signals.prompt_attention[0], 9.0, 6.0)
+    assert selection.row_indices(0).tolist() == sorted(kept + list(values))
+
+
+def test_counts_are_adaptive_and_reported():
+    signals = _signals([40, 23], 3)
+    selection = framework.compose("sparsevlm", registry=REGISTRY).select(signals, 64)  # official 0.8 / 0
+    raters = sv.text_raters(signals.visual, signals.prompt, signals.valid(), signals.prompt_mask)
+    kept, clusters, _ = sv.rank_counts(signals.prompt_attention, raters, signals.valid(), 0.8, 0.0)
+    assert selection.counts.tolist() == (kept + clusters).tolist()
+    assert selection.critical.sum(1).tolist() == kept.tolist()
+
+
+def test_cluster_and_merge_matches_the_loop_reference():
+    generator = torch.Generator().manual_seed(0)
+    for m, k in [(1, 1), (7, 1), (23, 3), (40, 5)]:
+        x = torch.randn(m, 6, generator=generator)
+        merged, centres, assignment = sv.cluster_and_merge(x, k)
+        want_merged, want_centres, want_assign = ref_cluster_and_merge(x, k)
+        assert centres.tolist() == want_centres and assignment.tolist() == want_assign
+        torch.testing.assert_close(merged.double(), want_merged, rtol=1e-5, atol=1e-6)
+
+
+def test_counts_formulas():
+    assert sv.rank_keep_count(5, 5, 13.5, 0.0) == 5
+    assert sv.rank_keep_count(3, 576, 13.5, 0.0) == 40  # int(40.5)
+    assert sv.rank_keep_count(100, 576, 13.5, 0.0) == 575
+    assert sv.recycle_counts(10) == (4, 1) and sv.recycle_counts(536) == (161, 17) and sv.recycle_counts(0) == (0, 0)
+    assert sv.sparse_layers_for(32) == (3, 7, 16) and sv.sparse_layers_for(4) == (1, 2)
+
+
+def test_budget_selects_the_official_pair_and_rejects_others():
+    stage = framework.compose("sparsevlm", registry=REGISTRY).budget
+    assert stage.scale_bias(192) == (13.5, 0.0) and stage.scale_bias(128) == (9.0, 6.0) and stage.scale_bias(64) == (0.8, 0.0)
+    with pytest.raises(ValueError, match="192"):
+        framework.compose("sparsevlm", registry=REGISTRY).select(_signals([20], 0), 100)
+    with pytest.raises(ValueError, match="scale and bias"):
+        framework.compose("sparsevlm", scale=1.0, registry=REGISTRY)
+    with pytest.raises(BudgetError):
+        framework.compose("sparsevlm", registry=REGISTRY).select(_signals([20], 0), 0)
