@@ -207,7 +207,8 @@ class Plan:
             signals, columns, slots = self._vision_signals(state)
         else:
             signals, columns, slots = self._llm_signals(state, drop)
-        selection = self.context.pipeline.select(signals, budgets if len(set(budgets)) > 1 else budgets[0])
+        pipeline = self.context.pipeline.placement.drop_pipeline(self.context.pipeline, number)  # per-drop step
+        selection = pipeline.select(signals, budgets if len(set(budgets)) > 1 else budgets[0])
         if drop.where == "vision" and self.context.keep_cls:
             return self._apply_with_cls(drop, layer, budgets, selection, signals, columns, slots, state)
         return self._apply(drop, layer, budgets, selection, columns, slots, state)

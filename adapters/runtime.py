@@ -94,8 +94,12 @@ class Attachment:
         self.budget = budget  # validated and normalised by the property setter
         self.positions = positions
         self.prompt_stop = list(prompt_stop) if prompt_stop is not None else None
-        self.requires = frozenset(pipeline.requires)
         self.placement = pipeline.placement
+        probe = self.placement.drops(self.budget[0] if isinstance(self.budget, tuple) else self.budget)
+        # what every drop's pipeline reads (a placement may run another step at a later drop: `drop_pipeline`)
+        self.requires = frozenset(pipeline.requires).union(
+            *(self.placement.drop_pipeline(pipeline, i).requires for i in range(len(probe)))
+        )
         self.hints = pipeline_hints(pipeline)
         self.plan_factory = plan_factory
         self.last_result: Optional[PruneResult] = None
@@ -104,7 +108,6 @@ class Attachment:
         self._handles: list = []
         self._extensions = tuple(adapter.extensions())
         spec = adapter.decoder_spec()
-        probe = self.placement.drops(self.budget[0] if isinstance(self.budget, tuple) else self.budget)
         check_drops(probe, len(spec.layers))
         self.keep_cls = pipeline_keeps_cls(pipeline)
         if self.keep_cls:

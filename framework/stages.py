@@ -292,3 +292,9 @@ class LayerPlacement(Stage):
     def drops(self, budget: int | float) -> tuple[Drop, ...]:
         """The drop points, in model order, for a requested budget (int or float, validated)."""
         raise NotImplementedError
+
+    def drop_pipeline(self, pipeline: Any, number: int) -> Any:
+        """The pipeline that selects at drop ``number`` (0-based, in :meth:`drops` order): ``pipeline`` itself by
+        default. A placement whose later drop runs another step of its method (HoliTom's inner-LLM merge) returns
+        ``pipeline`` with that step's stages swapped in; adapters collect the signals of every drop's pipeline."""
+        return pipeline

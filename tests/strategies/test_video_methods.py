@@ -136,3 +136,38 @@ def test_holitom_placement_drops_and_errors():
         compose("holitom", registry=build_registry(autoload=False), keep=0.0)
     with pytest.raises(Exception, match="beta"):
         compose("fastvid", registry=build_registry(autoload=False), beta=2.0)
+
+
+@pytest.mark.parametrize("diversity", ["fastvid", "holitom"])
+@pytest.mark.parametrize("frames", [[(8, 1, 1)], [(3, 2, 3)], [(1, 1, 1)]])
+def test_frame_grid_broken_by_critical_tokens_is_one_frame(diversity, frames):
+    """Regression: a critical selector taking frame tokens first left fewer free tokens than T*H*W and the frame
+    view failed (``shape '[8, 1]' is invalid``); such a row is now one frame of its free tokens."""
+    signals = make_video_signals(frames, dim=8, seed=1)
+    pipeline = compose(f"prompt_cosine+critical+diversity.{diversity}", registry=build_registry(autoload=False))
+    for budget in (1, 2, 5, 0.5, 0.9):
+        selection = pipeline.select(signals, budget)
+        assert 1 <= int(selection.counts[0]) <= int(signals.valid().sum())
+
+
+def test_video_allocators_are_adaptive_and_the_inner_merge_is_its_own_stage():
+    """``budget.fastvid`` / ``budget.holitom`` hand the resolved total to the method, which keeps its own count;
+    ``pre_llm_layer`` runs HoliTom's inner merge (``relevance.attention`` + ``holitom_inner``) at its second drop."""
+    registry = build_registry(autoload=False)
+    fastvid, holitom = compose("fastvid", registry=registry), compose("holitom", registry=registry)
+    assert fastvid.budget.adaptive_counts and holitom.budget.adaptive_counts
+    assert type(fastvid.diversity).exact_counts is False and type(holitom.diversity).exact_counts is False
+    assert "attention" not in holitom.requires  # the drop before the LLM has no attention
+    inner = holitom.placement.drop_pipeline(holitom, 1)
+    assert holitom.placement.drop_pipeline(holitom, 0) is holitom
+    assert (inner.relevance.name, inner.diversity.name, inner.budget.name) == ("attention", "holitom_inner", "holitom_layer")
+    assert "attention" in inner.requires
+    same = compose("holitom", registry=registry, layer_step="same")
+    assert same.placement.drop_pipeline(same, 1) is same
+    signals = make_video_signals([(4, 3, 3)], dim=8, seed=3)
+    attention = torch.rand(1, 2, signals.num_tokens, generator=torch.Generator().manual_seed(0))
+    at_layer = dataclasses.replace(signals, attention=attention.softmax(-1), frames=None, frame_index=None)
+    selection = inner.select(at_layer, 0.5)
+    assert int(selection.counts[0]) == round(36 * 0.5)  # exact: round half to even of the present tokens
+    ref = ref_inner_merge(at_layer.visual[0], at_layer.attention[0].mean(0), 18)
+    assert set(selection.indices[0].tolist()) == set(ref)
