@@ -53,8 +53,8 @@ PINNED = {
     "tome": 435,  # the one-point select (diversity.tome); in the tower the matching runs in the layers' hooks
     "mustdrop": 103,
     "mustdrop_vision": 148,  # with the merging output (sizes, assignment) now that Supplement carries it
-    "fastvid": 218,  # no frames here: one frame of 576 tokens (+5: the keep-all check per row)
-    "holitom": 138,  # `attention` given: the inner-LLM merge path (+5: the keep-all check per row)
+    "fastvid": 227,  # no frames here: one frame of 576 tokens (+5: keep-all check; +9: adaptive allocator, frame-grid check)
+    "holitom": 164,  # the outer merge before the LLM (the inner merge is now its own stage, holitom_inner, at the layer drop)
 }
 
 #: The issue's targets at this size.
