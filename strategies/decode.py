@@ -32,7 +32,7 @@ through ``adapters/decode_hooks.py``; what each step hid is ``handle.last_select
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Literal, Optional
+from typing import Any, ClassVar, Literal, Optional
 
 from vtprune.framework.errors import ParameterError
 from vtprune.framework.recipe import parse_recipe
@@ -101,3 +101,6 @@ class DecodePlacement(LayerPlacement):
 
     def drops(self, budget: int | float) -> tuple[Drop, ...]:
         return self.inner.drops(budget)
+
+    def drop_pipeline(self, pipeline: Any, number: int) -> Any:
+        return self.inner.drop_pipeline(pipeline, number)  # the prefill placement's per-drop steps

@@ -105,6 +105,21 @@ PEER_PRESETS: dict[str, tuple[str, str, str, str]] = {
         "Liu et al., Multi-Stage Vision Token Dropping: Towards Efficient Multimodal Large Language Model (arXiv 2411.10803)",
         "github.com/liuting20/MustDrop @ 909afa53",
     ),
+    "fastvid": (
+        "relevance.frame_attention+critical.critical+diversity.fastvid(c=8,tau=0.9,d=0.4,p=4,beta=0.6,seed=0)"
+        "+budget.fastvid+placement.pre_llm",
+        "FastVID: DySeg temporal segments, salient tokens per frame, density anchors merged per segment (video rows)",
+        "Shen et al., FastVID: Dynamic Density Pruning for Fast Video Large Language Models (arXiv 2503.11187)",
+        "github.com/LunarShen/FastVID @ a40a109c",
+    ),
+    "holitom": (
+        "relevance.frame_attention+critical.critical+diversity.holitom(tau=0.8,d=0.0,beta=0.6,max_window=1024,seed=0)"
+        "+budget.holitom+placement.pre_llm_layer(k=18,keep=0.5,layer_step=holitom)",
+        "HoliTom: DP temporal windows, static tokens merged over time and by DPC-KNN, dynamic tokens by attention; "
+        "similarity merge of half the visual tokens at layer 18",
+        "Shao et al., HoliTom: Holistic Token Merging for Fast Video Large Language Models, NeurIPS 2025 (arXiv 2505.21334)",
+        "github.com/cokeshao/HoliTom @ e9b2972f",
+    ),
     "sparsevlm": (
         "relevance.sparsevlm_raters+critical.critical+diversity.recycle+budget.sparsevlm_rank"
         "+placement.sparse_layers(layers=[3, 7, 16])",

@@ -13,6 +13,7 @@ from .merge_stages import MERGE_STAGES
 from .peer_stages import PEER_STAGES
 from .ov_stages import OV_STAGES
 from .presets import register_presets
+from .video import DENSITY_VIDEO_STAGES
 from .video_presets import register_video_presets
 from .video_stages import VIDEO_STAGES
 
@@ -40,6 +41,7 @@ BUILTIN_STAGES = (
     *OV_STAGES,
     *MERGE_STAGES,
     *MUSTDROP_STAGES,
+    *DENSITY_VIDEO_STAGES,
     *SPARSEVLM_STAGES,
     *VIDEO_STAGES,
 )

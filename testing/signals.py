@@ -153,7 +153,7 @@ def clustered_signals(
 
 def signals_for(requires: Iterable[str], lengths: Sequence[int], seed: int = 0, ragged: bool = True, **options) -> Signals:
     """Signals with only the fields in ``requires`` (a stage's or pipeline's ``requires``) set, besides ``visual``,
-    ``visual_mask`` and the grids; a mask comes with its tensor (``prompt`` brings ``prompt_mask``).
+    ``visual_mask`` and the layout (grids, frames); a mask comes with its tensor (``prompt`` brings ``prompt_mask``).
 
     ``requires`` may be a stage class or instance, a `Pipeline`, or an iterable of field names.
     """
@@ -162,7 +162,7 @@ def signals_for(requires: Iterable[str], lengths: Sequence[int], seed: int = 0, 
         if name in needed:
             needed.update(companions)
     signals = ragged_signals(lengths, seed=seed, **options) if ragged else make_signals(lengths, seed=seed, **options)
-    keep = {"visual", "visual_mask", "grid", "grids"} | needed
+    keep = {"visual", "visual_mask", "grid", "grids", "frames", "frame_index"} | needed  # layout always kept
     unknown = sorted(needed - {f.name for f in dataclasses.fields(Signals)})
     if unknown:
         raise ValueError(f"unknown Signals fields {unknown}; valid: {', '.join(f.name for f in dataclasses.fields(Signals))}")
