@@ -60,8 +60,8 @@ PINNED = {
     "sparsevlm": 236,  # prompt_attention + prompt_mask added to the inputs (only SparseVLM reads them)
     "dycoke": 129,  # video (frames VIDEO_FRAMES); the decode policy runs in the decoding steps' hooks
     "prunevid": 1390,  # video; the pre-LLM merge (per segment and frame group DPC-KNN; capped at K by cluster size)
-    "fastvid": 227,  # no frames here: one frame of 576 tokens (+5: keep-all check; +9: adaptive allocator, frame-grid check)
-    "holitom": 164,  # the outer merge before the LLM (the inner merge is now its own stage, holitom_inner, at the layer drop)
+    "fastvid": 266,  # video (frames VIDEO_FRAMES): segmentation, density scores, anchor merge
+    "holitom": 1264,  # video (frames VIDEO_FRAMES): the outer merge; the window DP over T frames runs per cell
 }
 
 #: The issue's targets at this size.
