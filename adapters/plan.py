@@ -20,6 +20,7 @@ from torch import Tensor
 
 from vtprune.framework.selection import Selection
 from vtprune.framework.signals import Signals
+from vtprune.framework.stages import pipeline_at_drop
 
 from .call import ForwardCall
 from .capture import VisionCapture
@@ -207,7 +208,7 @@ class Plan:
             signals, columns, slots = self._vision_signals(state)
         else:
             signals, columns, slots = self._llm_signals(state, drop)
-        pipeline = self.context.pipeline.placement.drop_pipeline(self.context.pipeline, number)  # per-drop step
+        pipeline = pipeline_at_drop(self.context.pipeline, number)  # per-drop step
         selection = pipeline.select(signals, budgets if len(set(budgets)) > 1 else budgets[0])
         if drop.where == "vision" and self.context.keep_cls:
             return self._apply_with_cls(drop, layer, budgets, selection, signals, columns, slots, state)

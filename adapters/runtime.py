@@ -18,6 +18,7 @@ from torch import Tensor
 
 from vtprune.framework.budget import normalize_budget
 from vtprune.framework.errors import MissingSignalError, VtpruneError
+from vtprune.framework.stages import pipeline_at_drop
 from vtprune.framework.support import CLIP_SIGNALS, check_support
 
 from .capture import VisionCapture
@@ -98,7 +99,7 @@ class Attachment:
         probe = self.placement.drops(self.budget[0] if isinstance(self.budget, tuple) else self.budget)
         # what every drop's pipeline reads (a placement may run another step at a later drop: `drop_pipeline`)
         self.requires = frozenset(pipeline.requires).union(
-            *(self.placement.drop_pipeline(pipeline, i).requires for i in range(len(probe)))
+            *(pipeline_at_drop(pipeline, i).requires for i in range(len(probe)))
         )
         self.hints = pipeline_hints(pipeline)
         self.plan_factory = plan_factory

@@ -35,6 +35,7 @@ __all__ = [
     "ParamSpec",
     "stage_params",
     "is_stochastic",
+    "pipeline_at_drop",
 ]
 
 #: The stage kinds in canonical recipe order.
@@ -298,3 +299,10 @@ class LayerPlacement(Stage):
         default. A placement whose later drop runs another step of its method (HoliTom's inner-LLM merge) returns
         ``pipeline`` with that step's stages swapped in; adapters collect the signals of every drop's pipeline."""
         return pipeline
+
+
+def pipeline_at_drop(pipeline: Any, number: int) -> Any:
+    """The pipeline selecting at drop ``number`` of ``pipeline.placement``: the placement's ``drop_pipeline`` where it
+    has one (any `LayerPlacement`), else ``pipeline`` itself (a duck-typed placement with ``drops`` only)."""
+    method = getattr(pipeline.placement, "drop_pipeline", None)
+    return pipeline if method is None else method(pipeline, number)

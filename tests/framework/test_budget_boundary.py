@@ -45,6 +45,10 @@ _RESOLVE = {
     "fastv": round,  # torch.round: half to even, as Python's round
     "divprune_ratio": lambda x: int(round(x)),
     "pdrop": int,  # torch.floor on a non-negative value = int()
+    # adaptive video allocators (issue 15): the resolved count is the method's target (its retention ratio)
+    "fastvid": _half_up,
+    "holitom": round,  # half to even, as the official round(length * ratio)
+    "prunevid": _half_up,
 }
 
 
@@ -71,7 +75,7 @@ def _critical(stage, total: int) -> int:
 def test_every_preset_resolves_counts_as_before(preset: str) -> None:
     stage = compose(preset, registry=_REGISTRY).budget
     lengths = torch.tensor(LENGTHS)
-    if stage.adaptive_counts:  # SparseVLM: every real token is a candidate; the count is adaptive (adapt())
+    if stage.name == "sparsevlm_rank":  # SparseVLM: every real token is a candidate; the count is adaptive (adapt())
         for budget in FRACTIONS + INTS:
             assert stage.resolve(budget, lengths).tolist() == LENGTHS, (preset, budget)
         return
