@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from adapter_fixtures import (
+    keep_all_params,
     PLACEMENT_RECIPES,
     NeedsCls,
     SignalRecorder,
@@ -284,7 +285,7 @@ def test_every_preset_runs_or_fails_clearly(deep, preset):
         else:
             assert first.tolist() == [6, 6, 6]  # one row per image and per video
         assert out.shape[1] < length and bool(torch.isfinite(out).all()) and gen.shape[1] == length + 4
-    keep_all = {"ratio": 1.0} if placement == "schedule" else {}
+    keep_all = keep_all_params(pipeline)
     with framework.prune(model, preset, budget=10_000, registry=REGISTRY, **keep_all):
         out = _forward(model, inputs)
         gen = model.generate(**inputs, max_new_tokens=4, do_sample=False)

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from adapter_fixtures import (
+    keep_all_params,
     SignalRecorder,
     IMAGE_TOKEN_ID,
     llava_inputs,
@@ -139,7 +140,7 @@ def test_preset_end_to_end(models, preset, adapter):
         assert record_hooks(model) == before
         return
     options = _options(case, preset)
-    keep_all = {"ratio": 1.0} if framework.compose(preset, registry=REGISTRY).placement.name == "schedule" else {}
+    keep_all = keep_all_params(framework.compose(preset, registry=REGISTRY))
     length = inputs["input_ids"].shape[1]
 
     # pruned forward + generate; the first drop keeps exactly the budget (an adaptive preset: its own count,

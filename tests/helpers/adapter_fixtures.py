@@ -25,6 +25,7 @@ from vtprune.testing.models import finish_tiny
 from vtprune.testing.models import tiny_clip_config, tiny_llama_config, tiny_text_values, tiny_vision_values
 
 __all__ = [
+    "keep_all_params",
     "IMAGE_TOKEN_ID",
     "PAD_ID",
     "VOCAB",
@@ -619,3 +620,31 @@ class NeedsCls:
 
     def select(self, signals, budget):  # pragma: no cover - never reached
         raise AssertionError
+
+
+#: (stage name, parameter) -> the value at which a stage that prunes or merges beyond the budget keeps every token:
+#: a schedule's later-drop ``ratio``, an in-LLM step's ``keep`` (HoliTom) / ``alpha`` (PruneVid), DyCoke's decode
+#: ``prune_ratio``, PruneVid's merging (no token is static above a cosine threshold of 1; one cluster per token).
+_KEEP_ALL_VALUES = {
+    ("schedule", "ratio"): 1.0,
+    ("pre_llm_layer", "keep"): 1.0,
+    ("prunevid_layer", "alpha"): 1.0,
+    ("decode", "prune_ratio"): 0.0,
+    ("prunevid", "tau"): 1.0,
+    ("prunevid", "cluster_ratio"): 1.0,
+}
+
+
+def keep_all_params(pipeline) -> dict:
+    """The parameter overrides (for ``framework.prune(..., **params)``) that make every stage of ``pipeline`` keep every
+    token, so that a budget covering every token must reproduce the unpruned model bit for bit."""
+    from vtprune.framework.stages import stage_params
+
+    out = {}
+    for kind in ("relevance", "critical", "diversity", "budget", "placement"):
+        stage = getattr(pipeline, kind)
+        for spec in stage_params(type(stage)):
+            value = _KEEP_ALL_VALUES.get((stage.name, spec.name))
+            if value is not None:
+                out[spec.name] = value
+    return out
