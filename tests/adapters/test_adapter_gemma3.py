@@ -247,3 +247,12 @@ def test_generation_beyond_the_sliding_window_matches_the_masked_reference(place
     batch = gemma3_inputs(model, [0, 1])
     assert batch["input_ids"].shape[1] + 8 > 4 * window
     check_forward_and_generate(model, batch, PLACEMENT_RECIPES[placement], "keep", False, budget=5)
+
+
+@pytest.mark.parametrize("placement", ["pre_llm", "layer"])
+def test_generation_beyond_the_sliding_window_compact(placement):
+    """As above with ``positions="compact"`` (window 12): renumbered rotary positions, the window still counted in
+    original positions (the masked reference renumbers the unpruned model's rotary positions only)."""
+    model = tiny_gemma3(sliding_window=WINDOWS[-1])
+    batch = gemma3_inputs(model, [0, 1])
+    check_forward_and_generate(model, batch, PLACEMENT_RECIPES[placement], "compact", False, budget=5)
