@@ -67,14 +67,15 @@ Modules: ``decoder_spec`` (`DecoderSpec`, `DropState`, `Decision`, the `DropPlan
 (`Segment`, `Session`, `compact_segment`), ``attention_rows`` (`recompute_attention_row`); this module holds
 the hooks (`DecoderPruner`) and re-exports the others.
 
-Limitations: the cache must be a dynamic (growing) cache and empty at the pruned prefill; sliding-window
-layers, attention soft-capping and static caches are not handled.
+Limitations: the cache must be a dynamic (growing) cache, empty at the pruned prefill; attention soft-capping,
+static caches and sliding-window layers (unless ``spec.layer_kwargs`` rebuilds their masks: Gemma 3) are not handled.
 """
 
 from __future__ import annotations
 
 import inspect
 import weakref
+from functools import partial
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Optional
 
@@ -91,20 +92,11 @@ from .decoder_spec import (
     default_make_mask,
     gather_seq,
 )
-from .segments import Segment, Session, compact_segment
+from .segments import Segment, Session, compact_segment, decoding_view
 
 __all__ = [
-    "DecoderSpec",
-    "DropState",
-    "Decision",
-    "DropPlan",
-    "Segment",
-    "Session",
-    "DecoderPruner",
-    "gather_seq",
-    "recompute_attention_row",
-    "compact_segment",
-    "default_make_mask",
+    "DecoderSpec", "DropState", "Decision", "DropPlan", "Segment", "Session",
+    "DecoderPruner", "gather_seq", "recompute_attention_row", "compact_segment", "default_make_mask",
 ]
 
 
@@ -429,9 +421,9 @@ class DecoderPruner:
     def _decode_layer(self, number, flight: _Flight, args, kwargs):
         session = flight.session
         seg_no = session.segment_of(number)
-        if seg_no == 0:
-            return None
-        if seg_no not in flight.per_segment:
+        if seg_no == 0 and self.spec.layer_kwargs is None:
+            return None  # the stack rewrote segment 0's mask and position ids
+        if seg_no > 0 and seg_no not in flight.per_segment:
             segment = session.segments[seg_no]
             hidden, _ = self._hidden_of(args, kwargs)
             batch, q_len = hidden.shape[:2]
@@ -443,12 +435,21 @@ class DecoderPruner:
                 overrides["position_embeddings"] = self.spec.rope(hidden, positions)
                 overrides["position_ids"] = self.spec.layer_position_ids(positions)
             flight.per_segment[seg_no] = overrides
-        kwargs = dict(kwargs)
-        kwargs.update(flight.per_segment[seg_no])
-        if self.spec.layer_kwargs is not None:
+        kwargs = {**kwargs, **flight.per_segment.get(seg_no, {})}
+        if self.spec.layer_kwargs is not None:  # every layer of every segment (its mask type, e.g. sliding windows)
             hidden, _ = self._hidden_of(args, kwargs)
-            kwargs = self.spec.layer_kwargs(number, hidden, kwargs, session.segments[seg_no], flight.cache, False)
+            view = self._decode_view(session, session.segments[seg_no], flight, hidden.shape[0])
+            kwargs = self.spec.layer_kwargs(number, hidden, kwargs, view, flight.cache, False)
         return args, kwargs
+
+    def _decode_view(self, session: Session, segment: Segment, flight: _Flight, batch: int) -> Segment:
+        """`decoding_view` of ``segment`` for this decoding step, built once per segment and reused by its layers."""
+        key = ("view", segment.start)
+        if key not in flight.per_segment:
+            total = flight.cache.get_seq_length(segment.start) + flight.orig_positions.shape[-1]  # slots after this step
+            mask2d, shift = self._decode_mask(session, segment, flight, batch, total), partial(self._decode_positions, segment)
+            flight.per_segment[key] = decoding_view(session, segment, mask2d, flight.orig_positions, shift)
+        return flight.per_segment[key]
 
     def _segment_overrides(self, flight: _Flight, hidden: Tensor) -> dict:
         seg_no = flight.segment

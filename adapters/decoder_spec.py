@@ -119,7 +119,11 @@ class DecoderSpec:
         layer_kwargs: optional ``(layer, hidden, kwargs, segment, cache, prefill) -> kwargs``: the last word on the
             kwargs of a layer whose slots were changed (a pruned prefill's changed segment, a later segment while
             decoding), after the generic overrides and before any scoring (per-layer-type masks / rotary
-            embeddings, structure-aware masks such as Gemma 3's bidirectional image blocks).
+            embeddings, structure-aware masks such as Gemma 3's bidirectional image blocks). While decoding it is
+            called for every layer of every segment of a pruned cache (segment 0 included, ``prefill`` False) with
+            the segment's *decoding view*: a `Segment` whose slots go on with the tokens after the prefill (cached
+            and in flight; ``index`` their original positions, ``mask2d`` the decoding 2-D mask), what the
+            layer's keys are (a sliding-window cache layer holds the last of them).
     """
 
     stack: nn.Module

@@ -14,10 +14,13 @@ patches average-pooled to a ``s x s`` grid (``s = sqrt(mm_tokens_per_image)``), 
   slots and the two masks rebuilt with transformers' own ``create_causal_mask`` overlays, per layer
   (``DecoderSpec.layer_kwargs``), with each layer type's own rotary embedding; the decoder machinery reads the 2-D
   padding mask from the forward's ``attention_mask`` (``DecoderSpec.stack_mask2d``). Decoding steps are plain
-  causal, as in the unpruned model.
+  causal, as in the unpruned model; their masks are rebuilt per layer type too (every segment, segment 0
+  included), the sliding window over original positions.
 - **Limitations**: ``vision`` (the tower's patches are pooled ``k x k`` into one LLM token: no one-feature-per-token
-  alignment); no CLS token. Sliding layers of a pruned prefill use the window over the tokens' original positions
-  (as the unpruned model); decoding steps past the window are not (the pruned cache keeps its last window slots).
+  alignment); no CLS token. Sliding layers use the window over the tokens' original positions (as the unpruned
+  model), at the pruned prefill and at every decoding step: a sliding cache layer keeps its last ``window - 1``
+  slots, which hold every kept key of the original window (kept slots are a subset of the positions, in order);
+  the mask hides the older ones it may also hold.
 """
 
 from __future__ import annotations
@@ -137,16 +140,16 @@ class Gemma3Adapter(VLMAdapter):
         return torch.where(segment.valid, slots, torch.full_like(slots, -1))
 
     def _layer_kwargs(self, layer: int, hidden: Tensor, kwargs: dict, segment: Segment, cache: Any, prefill: bool) -> dict:
-        """Layer ``layer``'s rotary embedding of its own type at the slots' position ids, and (prefill) its mask type
-        rebuilt over the slots with the image blocks bidirectional."""
+        """Layer ``layer``'s rotary embedding of its own type at the slots' position ids, and its own mask type
+        rebuilt over the slots: at prefill with the image blocks bidirectional; while decoding (``segment`` is the
+        decoding view: prefill slots, then the new tokens) plain causal. Sliding layers count their window in
+        original positions both times (a pruned sequence's slots are not its positions)."""
         from transformers.masking_utils import blockwise_overlay, create_causal_mask
 
         kind = self.layer_types[layer]
         kwargs["position_embeddings"] = self.stack.rotary_emb(hidden, kwargs["position_ids"], kind)
-        if not prefill:
-            return kwargs
         window = self.text_config.sliding_window
-        blocks = self._blocks(segment)
+        blocks = self._blocks(segment) if prefill else None  # decoding: new tokens are text, plain causal
         mask_kwargs = dict(
             config=self.text_config,
             inputs_embeds=hidden,

@@ -4,13 +4,14 @@ mask compacts a segment (see ``vtprune.adapters.decoder`` for the vocabulary).""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from torch import Tensor
 
 from .decoder_spec import Decision, DecoderSpec, gather_seq
 
-__all__ = ["Segment", "Session", "compact_segment"]
+__all__ = ["Segment", "Session", "compact_segment", "decoding_view"]
 
 
 @dataclass
@@ -116,3 +117,40 @@ def compact_segment(
         dropped=dropped,
     )
     return new, source, new_valid
+
+
+def decoding_view(
+    session: Session, segment: Segment, mask2d: Tensor, new_positions: Tensor, shift: Callable[[Tensor], Tensor]
+) -> Segment:
+    """``segment`` extended by the tokens after the pruned prefill (those cached and those in flight): what a decoding
+    layer of the segment sees as keys (a sliding-window cache layer holds the last of them).
+
+    Args:
+        mask2d: (B, Ls + T) bool decoding 2-D mask of the segment's slots and the T tokens after the prefill.
+        new_positions: stack-level original position ids of the tokens in flight (``(..., B or 1, q)``).
+        shift: original position ids -> the segment's (identity for ``keep``, minus the shift for ``compact``).
+
+    The view's ``index`` gives a token after the prefill the original length plus its rank, ``valid`` is True for
+    them, ``rel`` continues segment 0's slots, ``positions`` gives the earlier ones each row's last prefill position
+    id plus their rank (then ``shift``), the in-flight ones ``new_positions`` (then ``shift``).
+    """
+    batch, tail_len = mask2d.shape[0], mask2d.shape[1] - segment.length
+    q_len = new_positions.shape[-1]
+    device = segment.index.device
+    tail = torch.arange(session.length, session.length + tail_len, device=device).unsqueeze(0).expand(batch, -1)
+    original = session.original_positions
+    positions = new_positions.expand(*new_positions.shape[:-2], batch, q_len).to(original.dtype)  # (..., B, q)
+    if tail_len > q_len:  # earlier decoding steps continue each row's prefill positions
+        last = original[..., -1:].expand(*original.shape[:-2], batch, 1)  # (..., B, 1)
+        earlier = last + (tail[:, : tail_len - q_len] - session.length + 1).to(original.dtype)  # (..., B, T - q)
+        positions = torch.cat([earlier, positions], dim=-1)  # (..., B, T)
+    return Segment(
+        start=segment.start,
+        index=torch.cat([segment.index, tail], dim=1),  # (B, Ls + T)
+        rel=torch.cat([segment.rel, tail - session.length + session.segments[0].length], dim=1),  # (B, Ls + T)
+        valid=torch.cat([segment.valid, torch.ones(batch, tail_len, dtype=torch.bool, device=device)], dim=1),
+        mask2d=mask2d,
+        positions=torch.cat([segment.positions, shift(positions).to(segment.positions.dtype)], dim=-1),
+        shift=segment.shift,
+        dropped=segment.dropped,
+    )

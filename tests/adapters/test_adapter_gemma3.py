@@ -232,21 +232,27 @@ def test_adapter_check_and_registration(model):
     )
 
 
-@pytest.mark.parametrize(
-    "placement",
-    [
-        "pre_llm",
-        pytest.param("layer", marks=pytest.mark.xfail(strict=True, reason=(
-            "open (issue 13 leftover): at layer(k=1) with a window of 6 the pruned greedy tokens of row 1 leave the "
-            "masked reference after a few steps beyond the window; the prefill logits agree; not yet diagnosed "
-            "(the adapter's decode-time sliding mask on the pruned cache, or the reference)"))),
-    ],
-)
-def test_generation_beyond_the_sliding_window_matches_the_masked_reference(placement):
-    """Issue 13 leftover: a sliding window (6) far shorter than prompt + generation (two image blocks of 16 tokens,
+#: sliding windows shorter than prompt + generation: 6 holds only text while decoding (the question is longer);
+#: 12 reaches back into the (partly dropped) image block of each row for the first decoding steps
+WINDOWS = (6, 12)
+
+
+@pytest.mark.parametrize("window", WINDOWS)
+@pytest.mark.parametrize("placement", ["pre_llm", "layer", "schedule"])
+def test_generation_beyond_the_sliding_window_matches_the_masked_reference(placement, window):
+    """Issue 13 leftover: a sliding window far shorter than prompt + generation (two image blocks of 16 tokens,
     then 8 greedy tokens): the pruned forward and generate equal the unpruned model with the dropped tokens masked
-    out, the window counted in original positions while decoding too."""
-    model = tiny_gemma3(sliding_window=6)
+    out, the window counted in original positions while decoding too, for every layer type of every segment."""
+    model = tiny_gemma3(sliding_window=window)
     batch = gemma3_inputs(model, [0, 1])
-    assert batch["input_ids"].shape[1] + 8 > 4 * model.config.text_config.sliding_window
+    assert batch["input_ids"].shape[1] + 8 > 4 * window
     check_forward_and_generate(model, batch, PLACEMENT_RECIPES[placement], "keep", False, budget=5)
+
+
+@pytest.mark.parametrize("placement", ["pre_llm", "layer"])
+def test_generation_beyond_the_sliding_window_compact(placement):
+    """As above with ``positions="compact"`` (window 12): renumbered rotary positions, the window still counted in
+    original positions (the masked reference renumbers the unpruned model's rotary positions only)."""
+    model = tiny_gemma3(sliding_window=WINDOWS[-1])
+    batch = gemma3_inputs(model, [0, 1])
+    check_forward_and_generate(model, batch, PLACEMENT_RECIPES[placement], "compact", False, budget=5)
