@@ -1,22 +1,28 @@
 """OpenVINO GenAI's built-in CDPruner (``VLMPipeline``, ``GenerationConfig.pruning_ratio``) against vtprune's
 matching presets, side by side on one Qwen2-VL model and the same questions, on a CPU.
 
-Needs the optional extra ``openvino`` (``pip install 'vtprune[openvino]'``: openvino-genai, optimum-intel);
-without ``openvino_genai`` it prints why and exits 0. The model: ``--model DIR`` (a saved
-``Qwen2VLForConditionalGeneration`` with its tokenizer and image processor, e.g. the Qwen2-VL organism) or
-``--tiny`` (a tiny random one, patch 14, 64 merged tokens per 224 px image, saved to a temp dir). The
-OpenVINO IR: ``--ir DIR`` (exported before) or exported here with ``optimum-cli export openvino`` run by
-``--export-python PY`` (default: this python). optimum-intel 2.2.0 exports Qwen2-VL only with
-transformers <= 5.0, so the export may need its own venv (docs/performance.md)::
+Needs the optional extra ``openvino`` (``pip install 'vtprune[openvino]'``: openvino-genai, which brings
+openvino and openvino-tokenizers); without ``openvino_genai`` it prints why and exits 0. The model:
+``--model DIR`` (a saved ``Qwen2VLForConditionalGeneration`` with its tokenizer and image processor, e.g.
+the Qwen2-VL organism) or ``--tiny`` (a tiny random one, patch 14, 64 merged tokens per 224 px image, saved
+to a temp dir). The OpenVINO IR: ``--ir DIR`` (exported before) or exported here with ``optimum-cli export
+openvino`` run by ``--export-python PY`` (default: this python). optimum-intel 2.2.0 exports Qwen2-VL only
+with transformers <= 5.0 (vtprune needs >= 5.25), so the export runs in a venv of its own
+(docs/performance.md)::
 
-    python benchmarks/openvino_peer.py --tiny --questions 40 --export-python /work/venvs/ovpeer/bin/python
+    python benchmarks/openvino_peer.py --tiny --questions 40 --export-python /path/to/export-venv/bin/python
     python benchmarks/openvino_peer.py --model weights_dir --ir ir_dir --ratios 50 75 90
 
-For each pruning ratio r (percent pruned), split on (OpenVINO's default) and off
-(``CDPRUNER_SPLIT_THRESHOLD=0``), it runs OpenVINO at r and vtprune's ``cdpruner_ov`` /
-``cdpruner_ov_full`` at the same kept count (``ov_keep_count``), greedy, and prints accuracy with 95%
-Wilson intervals, agreement with each side's unpruned answers and with the other side, and seconds per
-question. Kept-token overlap: OpenVINO GenAI's Python API does not expose the kept indices
+Both sides get the same prompt text (``--prompt``, default ``TINY_TEMPLATE`` / ``ORGANISM_TEMPLATE``):
+OpenVINO with its native image tag and ``apply_chat_template = False``, transformers with the tag
+expanded to one ``<|image_pad|>`` per merged token; the script checks that OpenVINO's converted tokenizer
+gives the same ids as transformers' on every prompt and says so. For each pruning ratio r (percent
+pruned), split on (OpenVINO's default) and off (``CDPRUNER_SPLIT_THRESHOLD=0``), it runs OpenVINO at r and
+vtprune's ``cdpruner_ov`` / ``cdpruner_ov_full`` at the same kept count (``ov_keep_count``), greedy, and
+prints accuracy (first answer word) with 95% Wilson intervals, agreement (identical whole answers) with
+each side's unpruned answers and with the other side, the prompt length the LLM prefilled (OpenVINO:
+``perf_metrics.get_num_input_tokens()``; transformers: measured at the first decoder layer) and seconds
+per question. Kept-token overlap: OpenVINO GenAI's Python API does not expose the kept indices
 (``CDPruner::get_last_selected_tokens`` is C++-internal), so it is reported as not available.
 """
 
