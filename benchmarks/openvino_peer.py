@@ -265,6 +265,7 @@ class _HFRunner:
         # tokenizer + image processor by hand: AutoProcessor wants a video processor, which needs torchvision
         self.images = Qwen2VLImageProcessor.from_pretrained(model_dir)
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.image_token_id = self.model.config.image_token_id
 
     def run(self, samples: list[Any], preset: Optional[str], kept: int, max_new_tokens: int,
             template: str) -> tuple[list[str], float, list[int]]:
@@ -292,6 +293,9 @@ class _HFRunner:
                 merged = int(pixels["image_grid_thw"].prod()) // (self.images.merge_size**2)
                 image = VISION_START + IMAGE_PAD * merged + VISION_END
                 inputs = dict(self.tokenizer([_prompt(template, image, sample.question)], return_tensors="pt"), **pixels)
+                # what Qwen2VLProcessor adds: without it transformers' generate silently drops M-RoPE
+                # (the image tokens get 1-D text positions) instead of raising as a plain forward does
+                inputs["mm_token_type_ids"] = (inputs["input_ids"] == self.image_token_id).int()  # (1, L)
                 seen.clear()
                 with self.torch.no_grad():
                     out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
