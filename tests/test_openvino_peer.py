@@ -42,3 +42,48 @@ def test_wilson_interval() -> None:
     assert low < 0.5 < high and abs((low + high) / 2 - 0.5) < 1e-12
     assert openvino_peer.wilson_interval(0, 0) == (0.0, 1.0)
     assert openvino_peer.wilson_interval(40, 40)[1] == 1.0
+
+
+def _word_level(pre_tokenizer: object) -> "object":
+    from tokenizers import Tokenizer, models
+
+    vocab = {w: i for i, w in enumerate(["<unk>", "USER:", "ASSISTANT:", "what", "color", "?", "red", "a,b"])}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizer
+    return tok
+
+
+def test_ov_tokenizer_json_keeps_the_whitespace_split() -> None:
+    # openvino-tokenizers turns WhitespaceSplit into a punctuation-splitting regex; the rewrite must tokenize
+    # exactly as the original does in tokenizers (python str.split semantics), punctuation glued to words
+    import json
+
+    from tokenizers import Tokenizer, pre_tokenizers
+
+    original = _word_level(pre_tokenizers.WhitespaceSplit())
+    as_json = json.loads(original.to_str())
+    fixed, replaced = openvino_peer.ov_tokenizer_json(as_json)
+    assert replaced == 1 and as_json["pre_tokenizer"]["type"] == "WhitespaceSplit"  # input untouched
+    assert fixed["pre_tokenizer"] == openvino_peer.WHITESPACE_SPLIT
+    rewritten = Tokenizer.from_str(json.dumps(fixed))
+    texts = ["USER: what color ? ASSISTANT:", "  USER:\twhat\n\ncolor?  ASSISTANT: ", "a,b red", "", "   "]
+    for text in texts:
+        assert rewritten.encode(text).ids == original.encode(text).ids == [original.token_to_id(w) or 0 for w in text.split()]
+
+
+def test_ov_tokenizer_json_inside_a_sequence_and_untouched_otherwise() -> None:
+    import json
+
+    from tokenizers import pre_tokenizers
+
+    seq = json.loads(_word_level(pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Digits()])).to_str())
+    fixed, replaced = openvino_peer.ov_tokenizer_json(seq)
+    assert replaced == 1
+    assert [p["type"] for p in fixed["pre_tokenizer"]["pretokenizers"]] == ["Split", "Digits"]
+    byte_level = json.loads(_word_level(pre_tokenizers.ByteLevel()).to_str())
+    assert openvino_peer.ov_tokenizer_json(byte_level) == (byte_level, 0)
+
+
+def test_prompt_template_fills_image_and_question() -> None:
+    text = openvino_peer._prompt(openvino_peer.ORGANISM_TEMPLATE, openvino_peer.OV_IMAGE_TAG, "what color ?")
+    assert text == "USER: <|vision_start|><|image_pad|><|vision_end|> what color ? ASSISTANT:"
