@@ -10,6 +10,9 @@ versions (e.g. the pre-5 LLaVA layout ``language_model.model.*`` -> ``model.lang
 shipped LLaVA organism uses); anything it does not convert is refused here instead of being silently
 replaced by random weights (transformers only logs a warning and returns the half-random model).
 
+``load_processor(root)`` is ``AutoProcessor.from_pretrained`` with the torchvision-free fallback for a saved
+``Qwen2VLProcessor`` (``qwen_processor.ImageOnlyQwen2VLProcessor``).
+
 ``load_organism`` / ``load_qwen_organism`` return ``(model in eval mode, processor)`` for the two shipped
 organisms (``WEIGHTS_DIR``: LLaVA, ``QWEN_WEIGHTS_DIR``: Qwen2-VL), both checked.
 """
@@ -23,7 +26,7 @@ import torch
 
 __all__ = [
     "OrganismWeightsError", "QWEN_WEIGHTS_DIR", "SHOWN_KEYS", "WEIGHTS_DIR", "checked_from_pretrained",
-    "load_organism", "load_qwen_organism",
+    "load_organism", "load_processor", "load_qwen_organism",
 ]
 
 _HERE = Path(__file__).resolve().parent
@@ -43,11 +46,15 @@ def _describe(kind: str, entries: Any) -> str:
     return f"{len(items)} {kind.replace('_', ' ')}: {', '.join(items[:SHOWN_KEYS])}{more}"
 
 
-def checked_from_pretrained(model_class: type, root: str | Path, dtype: torch.dtype = torch.float32):
-    """``model_class.from_pretrained(root)`` in eval mode, refusing any key it could not place (see module doc)."""
+def checked_from_pretrained(model_class: type, root: str | Path, dtype: torch.dtype = torch.float32, **kwargs: Any):
+    """``model_class.from_pretrained(root, dtype=dtype, **kwargs)`` in eval mode, refusing any key it could not
+    place (see the module doc)."""
     import transformers
 
-    model, info = model_class.from_pretrained(root, dtype=dtype, output_loading_info=True)
+    # mismatched shapes are reported in ``info`` (and refused below, by name) instead of transformers' own
+    # error, which names no key
+    kwargs.setdefault("ignore_mismatched_sizes", True)
+    model, info = model_class.from_pretrained(root, dtype=dtype, output_loading_info=True, **kwargs)
     problems = [_describe(kind, info[kind]) for kind in _KINDS if info.get(kind)]
     if problems:
         raise OrganismWeightsError(
@@ -59,6 +66,25 @@ def checked_from_pretrained(model_class: type, root: str | Path, dtype: torch.dt
     return model.eval()
 
 
+def load_processor(root: str | Path, **kwargs: Any):
+    """``AutoProcessor.from_pretrained(root)``; for a saved ``Qwen2VLProcessor`` on a torchvision-free install
+    (where the stock class cannot be built, see ``qwen_processor``) the images-only subclass."""
+    from transformers import AutoProcessor
+
+    try:
+        return AutoProcessor.from_pretrained(root, **kwargs)
+    except (AttributeError, ImportError, OSError, ValueError, TypeError) as error:
+        saved = Path(root) / "processor_config.json"
+        if not saved.exists() or '"Qwen2VLProcessor"' not in saved.read_text():
+            raise
+        from .qwen_processor import ImageOnlyQwen2VLProcessor
+
+        try:
+            return ImageOnlyQwen2VLProcessor.from_pretrained(root, **kwargs)
+        except Exception:
+            raise error
+
+
 def _require(root: Path) -> None:
     if not (root / "config.json").exists():
         raise FileNotFoundError(f"no organism weights in {root}; run `vtprune organism train --out DIR`")
@@ -66,20 +92,17 @@ def _require(root: Path) -> None:
 
 def load_organism(dtype: torch.dtype = torch.float32, path: str | Path | None = None):
     """The shipped LLaVA organism ``(LlavaForConditionalGeneration, LlavaProcessor)``, checked."""
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
+    from transformers import LlavaForConditionalGeneration
 
     root = Path(path) if path is not None else WEIGHTS_DIR
     _require(root)
-    return checked_from_pretrained(LlavaForConditionalGeneration, root, dtype), AutoProcessor.from_pretrained(root)
+    return checked_from_pretrained(LlavaForConditionalGeneration, root, dtype), load_processor(root)
 
 
 def load_qwen_organism(dtype: torch.dtype = torch.float32, path: str | Path | None = None):
     """The shipped Qwen2-VL organism ``(Qwen2VLForConditionalGeneration, ImageOnlyQwen2VLProcessor)``, checked."""
     from transformers import Qwen2VLForConditionalGeneration
 
-    from .qwen_processor import ImageOnlyQwen2VLProcessor
-
     root = Path(path) if path is not None else QWEN_WEIGHTS_DIR
     _require(root)
-    model = checked_from_pretrained(Qwen2VLForConditionalGeneration, root, dtype)
-    return model, ImageOnlyQwen2VLProcessor.from_pretrained(root)
+    return checked_from_pretrained(Qwen2VLForConditionalGeneration, root, dtype), load_processor(root)
