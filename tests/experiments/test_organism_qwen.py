@@ -210,3 +210,29 @@ def test_shipped_organism_accuracy() -> None:
     samples = make_split("test", 200)
     acc = accuracy_by_template(samples, answer(model, processor, samples))
     assert acc["overall"] >= 0.95, acc
+
+
+def test_demo_grid_runs_on_a_qwen_organism(tmp_path: Path) -> None:
+    """``vtprune demo --organism qwen2_vl``'s overrides drive the demo grid through the Qwen2-VL adapter (a tiny
+    random organism saved like the shipped one stands in for the weights)."""
+    from vtprune.cli import demo_grid_path
+    from vtprune.experiments.config import load_grid
+    from vtprune.experiments.organism.demo_models import demo_overrides
+    from vtprune.experiments.runner import run_grid
+
+    with pytest.raises(ValueError, match="valid: llava, qwen2_vl"):
+        demo_overrides("blip")
+    assert demo_overrides("llava") == []
+    weights = tmp_path / "weights"
+    build_qwen_model(TINY).save_pretrained(weights)
+    build_qwen_processor().save_pretrained(weights)
+    overrides = demo_overrides("qwen2_vl") + [
+        ("model.name", str(weights)), ("output_dir", str(tmp_path / "out")), ("task.limit", 2),
+        ("grid.budget", [0.25]), ("grid.method.recipe", ["zspaprune"]), ("seeds", [0]),
+        ("tracking.mode", "disabled"), ("exclude", []),
+    ]
+    spec = load_grid(demo_grid_path(), overrides)
+    summary = run_grid(spec, progress=False)
+    assert not summary.failed
+    rows = [json.loads(line) for line in (tmp_path / "out" / "cells.jsonl").read_text().splitlines()]
+    assert len(rows) == 2
