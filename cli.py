@@ -160,9 +160,13 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_organism_train(args: argparse.Namespace) -> int:
-    from vtprune.experiments.organism.train import main as train_main
+    argv = list(args.train_args)
+    if any(a == "--family" or a.startswith("--family=") for a in argv):  # organism.command picks the family
+        from vtprune.experiments.organism.command import main as train_main
+    else:  # the LLaVA organism's own trainer (the default)
+        from vtprune.experiments.organism.train import main as train_main
 
-    return int(train_main(list(args.train_args)) or 0)
+    return int(train_main(argv) or 0)
 
 
 INTERRUPTED = 130

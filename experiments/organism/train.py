@@ -52,9 +52,6 @@ from .task import SHAPES, make_split
 
 log = logging.getLogger("vtprune.organism.train")
 
-# ``--family`` choices of ``vtprune organism train``; the first (LLaVA) is the default
-FAMILIES: tuple[str, ...] = ("llava", "qwen2_vl")
-
 
 @dataclass
 class TrainConfig:
@@ -230,14 +227,7 @@ def _machine() -> str:
 
 
 def train(config: TrainConfig) -> Path:
-    """Train (or resume) an organism into ``config.out``; returns the weights directory.
-
-    A ``qwen_train.QwenTrainConfig`` (``--family qwen2_vl``) trains the Qwen2-VL organism instead.
-    """
-    if getattr(config, "family", FAMILIES[0]) != FAMILIES[0]:
-        from .qwen_train import train_qwen
-
-        return train_qwen(config)
+    """Train (or resume) an organism into ``config.out``; returns the weights directory."""
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     _setup_logging(out)
@@ -337,22 +327,10 @@ def export(
 
 
 def parse_args(argv: list[str] | None) -> TrainConfig:
-    """CLI arguments -> ``TrainConfig`` (``--family qwen2_vl``: ``qwen_train.QwenTrainConfig``, its own defaults)."""
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--family", choices=FAMILIES, default=FAMILIES[0])
-    family = pre.parse_known_args(argv)[0].family
-    if family == FAMILIES[0]:
-        cls, s = TrainConfig, ModelSpec()
-    else:
-        from .qwen_model import QwenSpec
-        from .qwen_train import QwenTrainConfig
-
-        cls, s = QwenTrainConfig, QwenSpec()
+    """CLI arguments -> ``TrainConfig``."""
     ap = argparse.ArgumentParser(prog="vtprune organism train", description="Train the vtprune model organism.")
     ap.add_argument("--out", required=True, help="run directory (checkpoints, log, weights/)")
-    ap.add_argument("--family", choices=FAMILIES, default=FAMILIES[0],
-                    help="llava: the LLaVA organism (default); qwen2_vl: the Qwen2-VL organism (docs/demo.md)")
-    d = cls(out="")
+    d = TrainConfig(out="")
     ap.add_argument("--steps", type=int, default=d.steps)
     ap.add_argument("--seed", type=int, default=d.seed)
     ap.add_argument("--batch-size", type=int, default=d.batch_size)
@@ -366,16 +344,17 @@ def parse_args(argv: list[str] | None) -> TrainConfig:
     ap.add_argument("--ckpt-every", type=int, default=d.ckpt_every)
     ap.add_argument("--threads", type=int, default=d.threads)
     ap.add_argument("--workers", type=int, default=d.workers)
+    s = ModelSpec()
     ap.add_argument("--vision-hidden", type=int, default=s.vision_hidden)
     ap.add_argument("--vision-layers", type=int, default=s.vision_layers)
     ap.add_argument("--text-hidden", type=int, default=s.text_hidden)
     ap.add_argument("--text-layers", type=int, default=s.text_layers)
     a = ap.parse_args(argv)
-    spec = type(s)(**{**s.to_dict(), "vision_hidden": a.vision_hidden, "vision_layers": a.vision_layers,
-                      "text_hidden": a.text_hidden, "text_layers": a.text_layers})
-    return cls(out=a.out, steps=a.steps, seed=a.seed, batch_size=a.batch_size, lr=a.lr, turns=a.turns,
-               aux_weight=a.aux_weight, prompt_weight=a.prompt_weight, n_test=a.n_test, n_val=a.n_val,
-               eval_every=a.eval_every, ckpt_every=a.ckpt_every, threads=a.threads, workers=a.workers, spec=spec)
+    spec = ModelSpec(vision_hidden=a.vision_hidden, vision_layers=a.vision_layers,
+                     text_hidden=a.text_hidden, text_layers=a.text_layers)
+    return TrainConfig(out=a.out, steps=a.steps, seed=a.seed, batch_size=a.batch_size, lr=a.lr, turns=a.turns,
+                       aux_weight=a.aux_weight, prompt_weight=a.prompt_weight, n_test=a.n_test, n_val=a.n_val, eval_every=a.eval_every,
+                       ckpt_every=a.ckpt_every, threads=a.threads, workers=a.workers, spec=spec)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -146,10 +146,10 @@ def _tiny_config(out: Path, steps: int, **extra):
 def test_training_runs_end_to_end_and_resumes(tmp_path: Path) -> None:
     if not (WEIGHTS_DIR / "model.safetensors").exists():
         pytest.skip("the Qwen organism is initialised from and distilled against the LLaVA organism")
-    from vtprune.experiments.organism.train import train
+    from vtprune.experiments.organism.command import train_any as train
 
     cfg = _tiny_config(tmp_path / "run", steps=2)
-    weights = train(cfg)  # dispatches on the config's family
+    weights = train(cfg)  # dispatches on the config's type
     metrics = json.loads((weights / "metrics.json").read_text())
     assert metrics["family"] == "qwen2_vl" and metrics["steps"] == 2 and "overall" in metrics["accuracy"]
     assert (tmp_path / "run" / "checkpoint.pt").exists()
@@ -169,10 +169,16 @@ def test_training_is_deterministic(tmp_path: Path) -> None:
 
 
 def test_cli_family_option_selects_the_qwen_config() -> None:
+    from vtprune.experiments.organism.command import parse_args
     from vtprune.experiments.organism.qwen_train import QwenTrainConfig
-    from vtprune.experiments.organism.train import TrainConfig, parse_args
+    from vtprune.experiments.organism.train import TrainConfig
+    from vtprune.experiments.organism.train import parse_args as llava_parse_args
 
-    assert type(parse_args(["--out", "x"])) is TrainConfig  # the default still reproduces the LLaVA organism
+    # the default still reproduces the LLaVA organism
+    assert type(parse_args(["--out", "x"])) is TrainConfig
+    assert asdict(parse_args(["--out", "x"])) == asdict(llava_parse_args(["--out", "x"]))
+    assert asdict(parse_args(["--out", "x", "--family", "llava", "--steps", "7"])) == asdict(
+        llava_parse_args(["--out", "x", "--steps", "7"]))
     cfg = parse_args(["--out", "x", "--family", "qwen2_vl"])
     assert isinstance(cfg, QwenTrainConfig) and asdict(cfg) == asdict(QwenTrainConfig(out="x"))
     with pytest.raises(SystemExit):
@@ -187,7 +193,7 @@ def _shipped() -> Path:
 
 
 def test_shipped_weights_come_from_the_default_command() -> None:
-    from vtprune.experiments.organism.train import parse_args
+    from vtprune.experiments.organism.command import parse_args
 
     recorded = json.loads((_shipped() / "metrics.json").read_text())["config"]
     assert recorded == asdict(parse_args(["--out", recorded["out"], "--family", "qwen2_vl"]))
@@ -236,3 +242,14 @@ def test_demo_grid_runs_on_a_qwen_organism(tmp_path: Path) -> None:
     assert not summary.failed
     rows = [json.loads(line) for line in (tmp_path / "out" / "cells.jsonl").read_text().splitlines()]
     assert len(rows) == 2
+
+
+def test_cli_family_goes_to_the_family_command(monkeypatch: pytest.MonkeyPatch) -> None:
+    import vtprune.experiments.organism.command as command
+    from vtprune.cli import main
+
+    seen: list[list[str]] = []
+    monkeypatch.setattr(command, "main", lambda argv: seen.append(argv) or 0)
+    assert main(["organism", "train", "--family", "qwen2_vl", "--out", "run"]) == 0
+    assert seen == [["--family", "qwen2_vl", "--out", "run"]]
+    assert isinstance(command.parse_args(seen[0]), command.QwenTrainConfig)
