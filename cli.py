@@ -114,6 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="the main job: the demo grid on the embedded organism, then its report")
     demo.add_argument("overrides", nargs="*", help="dotted overrides of experiments/configs/demo.yaml (e.g. seeds=[0])")
     demo.add_argument("--out", default=None, help="results directory (default: the grid's output_dir, results/demo)")
+    demo.add_argument("--organism", choices=("llava", "qwen2_vl"), default="llava",
+                      help="which shipped organism runs the grid (qwen2_vl: results/demo_qwen2_vl; docs/demo.md)")
     demo.add_argument("--no-progress", action="store_true")
     demo.add_argument("--rerun-stale", action="store_true", help="run again the finished cells that ran with other versions")
     demo.set_defaults(func=_cmd_demo)
@@ -143,7 +145,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from vtprune.experiments.report import write_report
     from vtprune.experiments.runner import run_grid
 
-    overrides = list(args.overrides) + ([f"output_dir={args.out}"] if args.out else [])
+    from vtprune.experiments.organism.demo_models import demo_overrides
+
+    overrides = demo_overrides(getattr(args, "organism", "llava")) + list(args.overrides)
+    overrides += [f"output_dir={args.out}"] if args.out else []
     spec = load_grid(demo_grid_path(), overrides)
     progress = not args.no_progress and sys.stderr.isatty()  # a log file gets one line per cell
     summary = run_grid(spec, progress=progress, rerun_stale=args.rerun_stale)
@@ -155,9 +160,13 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_organism_train(args: argparse.Namespace) -> int:
-    from vtprune.experiments.organism.train import main as train_main
+    argv = list(args.train_args)
+    if any(a == "--family" or a.startswith("--family=") for a in argv):  # organism.command picks the family
+        from vtprune.experiments.organism.command import main as train_main
+    else:  # the LLaVA organism's own trainer (the default)
+        from vtprune.experiments.organism.train import main as train_main
 
-    return int(train_main(list(args.train_args)) or 0)
+    return int(train_main(argv) or 0)
 
 
 INTERRUPTED = 130

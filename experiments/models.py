@@ -150,7 +150,7 @@ class HFBackend:
 
     def __init__(self, model: Mapping[str, Any], registry: Any = None) -> None:
         import transformers
-        from transformers import AutoConfig, AutoProcessor
+        from transformers import AutoConfig
 
         self.spec = dict(model)
         self.registry = registry
@@ -168,11 +168,16 @@ class HFBackend:
         architecture = (getattr(config, "architectures", None) or [None])[0]
         loader = getattr(transformers, architecture, None) if architecture else None
         loader = loader or transformers.AutoModelForImageTextToText
-        self.module = loader.from_pretrained(path, **kwargs).eval()
+        from vtprune.experiments.organism.loading import checked_from_pretrained, load_processor
+
+        if model["name"].startswith("pkg:"):  # shipped weights (the organisms): every key must load, else refuse
+            self.module = checked_from_pretrained(loader, path, **kwargs)
+        else:
+            self.module = loader.from_pretrained(path, **kwargs).eval()
         if "device_map" not in options:
             self.module.to(self.device)
         self.config = self.module.config
-        self.processor = AutoProcessor.from_pretrained(path, revision=model.get("revision"))
+        self.processor = load_processor(path, revision=model.get("revision"))
         self.tokenizer = getattr(self.processor, "tokenizer", self.processor)
         if getattr(self.tokenizer, "padding_side", None) is not None:
             self.tokenizer.padding_side = "left"

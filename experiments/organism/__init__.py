@@ -5,6 +5,8 @@ Public entry points
 * ``load_organism(dtype=torch.float32) -> (model, processor)``: the shipped
   ``LlavaForConditionalGeneration`` and ``LlavaProcessor`` loaded with ``from_pretrained``
   from ``WEIGHTS_DIR`` (inside this package).
+  Both loaders refuse a checkpoint with missing / unexpected / mismatched keys (``loading``).
+* ``load_qwen_organism(dtype, path)``: the Qwen2-VL organism (``QWEN_WEIGHTS_DIR``), same contract.
 * ``task.make_split(split, n)``: deterministic samples ("train" / "validation" / "test").
 * ``evaluate.answer`` / ``evaluate.evaluate``: greedy answers, accuracy, relevance AUC.
 * ``train.train(TrainConfig)`` / ``train.main(argv)``: reproduce the weights.
@@ -12,31 +14,6 @@ Public entry points
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import TYPE_CHECKING
+from .loading import QWEN_WEIGHTS_DIR, WEIGHTS_DIR, OrganismWeightsError, load_organism, load_qwen_organism
 
-import torch
-
-if TYPE_CHECKING:
-    from transformers import LlavaForConditionalGeneration, LlavaProcessor
-
-WEIGHTS_DIR: Path = Path(__file__).resolve().parent / "weights"
-
-__all__ = ["WEIGHTS_DIR", "load_organism"]
-
-
-def load_organism(
-    dtype: torch.dtype = torch.float32, path: str | Path | None = None
-) -> tuple["LlavaForConditionalGeneration", "LlavaProcessor"]:
-    """Load the shipped organism (model in eval mode, cast to ``dtype``) and its processor.
-
-    Raises ``FileNotFoundError`` if the weights directory has no model.
-    """
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
-
-    root = Path(path) if path is not None else WEIGHTS_DIR
-    if not (root / "config.json").exists():
-        raise FileNotFoundError(f"no organism weights in {root}; run `python -m vtprune.experiments.organism.train`")
-    model = LlavaForConditionalGeneration.from_pretrained(root, dtype=dtype).eval()
-    processor = AutoProcessor.from_pretrained(root)
-    return model, processor
+__all__ = ["QWEN_WEIGHTS_DIR", "WEIGHTS_DIR", "OrganismWeightsError", "load_organism", "load_qwen_organism"]

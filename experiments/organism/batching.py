@@ -48,7 +48,7 @@ class TrainBatcher:
 
     def _sequence(self, qas: list[tuple[str, str]]) -> tuple[list[int], list[int]]:
         """Token ids and labels of one multi-turn conversation."""
-        ids = [self.vocab["<s>"], self.vocab["USER:"]] + [self.vocab[IMAGE_TOKEN]] * NUM_IMAGE_TOKENS
+        ids = [self.vocab["<s>"], self.vocab["USER:"]] + self._image_ids()
         labels = [-100] * len(ids)
         for turn, (q, a) in enumerate(qas):
             prefix = ([] if turn == 0 else [self.vocab["USER:"]]) + self._ids(q) + [self.vocab["ASSISTANT:"]]
@@ -58,6 +58,15 @@ class TrainBatcher:
             ids += target
             labels += target
         return ids, labels
+
+    def _image_ids(self) -> list[int]:
+        """Token ids standing for the image in the sequence (family-specific; LLaVA: 64 ``<image>``)."""
+        return [self.vocab[IMAGE_TOKEN]] * NUM_IMAGE_TOKENS
+
+    def _pixels(self, images: list[np.ndarray]) -> dict[str, torch.Tensor]:
+        """Model image inputs for the rendered scenes (family-specific; LLaVA: ``pixel_values`` (B, 3, H, W))."""
+        pixels = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 255.0  # (B, 3, H, W)
+        return {"pixel_values": (pixels - self.mean) / self.std}  # (B, 3, H, W)
 
     def _positives(self, scene_objects: list, patch_labels: np.ndarray) -> np.ndarray:
         """(N, P) word ids each patch is pulled toward."""
@@ -98,8 +107,6 @@ class TrainBatcher:
             input_ids[b, : len(s)] = torch.tensor(s)
             labels[b, : len(l)] = torch.tensor(l)
             mask[b, : len(s)] = 1
-        pixels = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).float() / 255.0  # (B, 3, H, W)
-        pixels = (pixels - self.mean) / self.std  # (B, 3, H, W)
         patch_pos = torch.from_numpy(np.stack(poss))  # (B, N, P)
         q_len = max(len(q) for row in questions for q in row)
         question_ids = torch.full((len(seqs), self.turns, q_len), self.pad, dtype=torch.long)  # (B, R, L)
@@ -113,7 +120,7 @@ class TrainBatcher:
             "input_ids": input_ids,
             "attention_mask": mask,
             "labels": labels,
-            "pixel_values": pixels,
+            **self._pixels(imgs),
             "patch_pos": patch_pos,
             "question_ids": question_ids,
             "question_mask": question_mask,

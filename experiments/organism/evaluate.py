@@ -30,11 +30,23 @@ from .processor import build_prompt
 from .task import Sample
 
 
+def _prompt_builder(processor: LlavaProcessor):
+    """``build_prompt`` for the LLaVA organism, ``build_qwen_prompt`` for the Qwen2-VL one."""
+    from transformers import Qwen2VLProcessor
+
+    if isinstance(processor, Qwen2VLProcessor):
+        from .qwen_processor import build_qwen_prompt
+
+        return build_qwen_prompt
+    return build_prompt
+
+
 def encode(processor: LlavaProcessor, samples: Sequence[Sample]) -> dict[str, torch.Tensor]:
-    """Processor inputs (left padded) for single-turn prompts of ``samples``."""
+    """Processor inputs (left padded) for single-turn prompts of ``samples`` (either organism's processor)."""
+    prompt = _prompt_builder(processor)
     return processor(
         images=[s.image for s in samples],
-        text=[build_prompt(s.question) for s in samples],
+        text=[prompt(s.question) for s in samples],
         return_tensors="pt",
         padding=True,
     )
@@ -75,9 +87,14 @@ def accuracy_by_template(samples: Sequence[Sample], predictions: Sequence[str]) 
 
 
 @torch.no_grad()
-def projected_visual_tokens(model: LlavaForConditionalGeneration, pixel_values: torch.Tensor) -> torch.Tensor:
-    """Projector outputs for a batch of images: (B, N, D_text)."""
+def projected_visual_tokens(
+    model: LlavaForConditionalGeneration, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Projector outputs for a batch of images: (B, N, D_text) (Qwen2-VL: merger outputs, given ``image_grid_thw``)."""
     cfg = model.config
+    if image_grid_thw is not None:
+        out = model.model.get_image_features(pixel_values=pixel_values, image_grid_thw=image_grid_thw)
+        return torch.stack(list(out.pooler_output))  # (B, N, D)
     feats = model.model.get_image_features(
         pixel_values=pixel_values.to(next(model.parameters()).dtype),
         vision_feature_layer=cfg.vision_feature_layer,
@@ -102,8 +119,9 @@ def prompt_relevance(
     out: dict[str, list[np.ndarray]] = {"mean": [], "max": []}
     for start in range(0, len(samples), batch_size):
         chunk = samples[start : start + batch_size]
-        pix = processor.image_processor(images=[s.image for s in chunk], return_tensors="pt")["pixel_values"]
-        vis = F.normalize(projected_visual_tokens(model, pix).float(), dim=-1)  # (B, N, D)
+        pix = processor.image_processor(images=[s.image for s in chunk], return_tensors="pt")
+        vis = projected_visual_tokens(model, pix["pixel_values"], pix.get("image_grid_thw"))  # (B, N, D)
+        vis = F.normalize(vis.float(), dim=-1)  # (B, N, D)
         for b, s in enumerate(chunk):
             ids = torch.tensor(tok.convert_tokens_to_ids(s.question.split()))  # (Q,)
             words = emb(ids).float()  # (Q, D)
