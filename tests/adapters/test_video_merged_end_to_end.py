@@ -35,11 +35,13 @@ _single_thread = pytest.fixture(scope="module", autouse=True)(single_thread)
 
 FRAMES = 6
 VIDEO = ((("video",),), (("video",),))
-BUDGET = 12  # of 25 tokens per video row (6 frames x 2 x 2 + the newline): ratio 12 / 25
 K = 2  # HoliTom's inner-merge layer
 STEPS = 6
 FASTVID = "fastvid+diversity.fastvid(c=2,tau=0.9,d=0.4,p=2,beta=0.6,seed=0)"
 HOLITOM = f"holitom+pre_llm_layer(k={K},keep=0.5)"
+# of 25 tokens per video row (6 frames x 2 x 2 + the newline). FastVID: ratio 19 / 25 retains int(4 r) = 3 per frame,
+# 2 salient and 1 density anchor (merging); HoliTom: ratio 12 / 25 (static tokens merged over their window)
+BUDGET = {FASTVID: 19, HOLITOM: 12}
 
 
 def _setup():
@@ -58,7 +60,7 @@ def _official(recipe: str, video: torch.Tensor) -> dict[int, torch.Tensor]:
     """{row position: value} the reference keeps of one LLaVA-OneVision video row (T*P frame tokens + newline)."""
     per_frame = (video.shape[0] - 1) // FRAMES
     tokens = video[:-1].view(FRAMES, per_frame, -1)  # (T, P, D)
-    ratio = BUDGET / video.shape[0]
+    ratio = BUDGET[recipe] / video.shape[0]
     salience = plain_frame_attention(tokens)  # (T, P)
     if recipe == FASTVID:
         kept = ref_fastvid(tokens, salience, tokens.float().mean(dim=1), ratio, c=2, tau=0.9, d=0.4, p=2, beta=0.6,
@@ -75,7 +77,7 @@ def test_forward_and_generate_equal_the_merged_masked_reference(recipe):
     model, inputs, features = _setup()
     batch, length = inputs["input_ids"].shape
     feed = {**inputs, "position_ids": generation_positions(inputs["attention_mask"])}
-    with prune(model, recipe, budget=BUDGET, positions="keep") as handle:
+    with prune(model, recipe, budget=BUDGET[recipe], positions="keep") as handle:
         with torch.no_grad():
             out = model(**feed).logits
         result = handle.last_selection
@@ -127,7 +129,7 @@ def test_forward_and_generate_equal_the_merged_masked_reference(recipe):
 def test_batch_equals_each_sample_alone(recipe):
     model, inputs, _ = _setup()
     offset = inputs["input_ids"].shape[1]
-    with prune(model, recipe, budget=BUDGET) as handle:
+    with prune(model, recipe, budget=BUDGET[recipe]) as handle:
         batch = model.generate(**inputs, max_new_tokens=4, do_sample=False)
         batch_kept = [[d.selection.row_indices(r).tolist() for d in handle.last_selection.drops] for r in range(2)]
         for b in range(2):
