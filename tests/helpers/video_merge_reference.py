@@ -10,7 +10,9 @@ sequence) and the dropped tokens are masked out (``adapter_fixtures.masked_refer
 - :class:`InnerMerge`: HoliTom's inner-LLM merge at layer k on the reference model: a forward hook on layer k-1's
   attention captures its (eager) attention weights, a pre-hook on layer k takes, per row, the head mean of the last
   position's attention over the row's present visual positions, runs `ref_inner_merge` on the hidden states
-  entering layer k and writes the merged values at the kept positions.
+  entering layer k and writes the merged values at the kept positions. The query is the sequence's last position
+  by default (official HoliTom, ``[0, -1]``); ``query`` gives another per sample (vtprune's query token is the last
+  prompt token: on a chat template, the end of the user turn; docs/methods.md, "HoliTom deviations").
 """
 
 from __future__ import annotations
@@ -81,10 +83,14 @@ class InnerMerge:
     row's ``present`` (batch, positions) tokens, keeping ``round(len(positions) * keep)`` (half to even, Python
     ``round``). After a prefill, ``kept[i]`` is row i's kept positions (ascending) and ``merged[i]`` their values."""
 
-    def __init__(self, model, k: int, rows: Sequence[tuple[int, torch.Tensor]], keep: float, length: int):
+    def __init__(
+        self, model, k: int, rows: Sequence[tuple[int, torch.Tensor]], keep: float, length: int,
+        query: Sequence[int] | None = None,
+    ):
         layers = decoder_stack(model).layers
         self.before, self.at = layers[k - 1].self_attn, layers[k]
         self.rows, self.keep, self.length = list(rows), keep, length
+        self.query = query
         self.weights = None
         self.kept: list[list[int]] = []
         self.merged: list[dict[int, torch.Tensor]] = []
@@ -103,7 +109,8 @@ class InnerMerge:
         hidden = hidden.clone()
         self.kept, self.merged = [], []
         for b, positions in self.rows:
-            scores = self.weights[b, :, -1, positions].float().mean(dim=0)  # last position's attention, head mean
+            q = -1 if self.query is None else self.query[b]
+            scores = self.weights[b, :, q, positions].float().mean(dim=0)  # the query's attention, head mean
             count = round(positions.numel() * self.keep)
             merged = ref_inner_merge(hidden[b, positions], scores, count)
             values = {int(positions[i]): v for i, v in merged.items()}
