@@ -61,6 +61,7 @@ def test_video_grid_plans_as_shipped(capsys) -> None:
     expected |= {(t, "dycoke", dycoke) for t in TASKS} | {(t, "prunevid", 1.0) for t in TASKS}
     assert pruned == expected
     assert sorted(c.config["task"]["options"]["tasks"][0] for c in spec.cells if c.is_baseline) == sorted(TASKS)
+    assert {c.config["task"]["options"]["max_frames_num"] for c in spec.cells} == {FRAMES}  # 32 frames per video
     launcher = spec.raw["launcher"]
     assert launcher["name"] == "slurm" and launcher["options"]["array"] is False
     assert "docs/reproducing.md" in GRID.read_text().splitlines()[3]
