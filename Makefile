@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet -e '.[test,video]'
 	$(PY) -m pip install --quiet --no-deps '$(LMMS_EVAL)'
 	$(PY) -m pip install --quiet $(LMMS_EVAL_IMPORTS)
 	touch $(STAMP)

@@ -35,7 +35,7 @@ DEFAULT_TORCH = "torch==2.13.0"
 #: the interpreter the default torch wheel is built for
 DEFAULT_PYTHON = "3.11"
 #: extras whose floors the ``floor`` session pins (``eval`` is documented apart: lmms-eval pulls torchvision)
-PINNED_EXTRAS = ("test", "slurm")
+PINNED_EXTRAS = ("test", "slurm", "video")
 PYTEST_ARGS = ("-q", "-p", "no:cacheprovider", "-m", "not slow", "--deselect", "tests/test_packaging.py")
 
 nox.options.sessions = ["floor", "newest"]
@@ -110,7 +110,7 @@ def floor(session: nox.Session) -> None:
 
 def _newest(session: nox.Session) -> None:
     constraints = _torch(session)
-    session.install("-c", constraints, "--upgrade", ".[test,slurm]")
+    session.install("-c", constraints, "--upgrade", ".[test,slurm,video]")
     _pytest(session)
 
 

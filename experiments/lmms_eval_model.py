@@ -19,7 +19,15 @@ module never imports lmms-eval.
 ``max_new_tokens`` (when the task sets none), ``batch_size`` (N, ``auto`` or ``auto:N``),
 ``max_batch_size`` (the first size ``auto`` tries), ``revision``, ``records`` (a JSONL file: one
 row per answered request), ``fidelity`` (true: also answer every batch unpruned and record that
-answer) and any stage parameter (``critical=0.3``).
+answer), ``max_frames_num`` (frames sampled per video, default `DEFAULT_MAX_FRAMES` = 32, lmms-eval's
+``llava_onevision`` default) and any stage parameter (``critical=0.3``).
+
+Videos: a visual that is a video file path (what lmms-eval's video tasks pass: ``[path]``;
+`vtprune.experiments.video.is_video`) is decoded with PyAV (extra ``vtprune[video]``),
+``max_frames_num`` frames sampled uniformly as lmms-eval's ``llava_onevision`` does, and handed to the
+processor as ``videos=`` with one video placeholder in the prompt (before the images); the adapter
+then sees one video row with its frames (``Signals.frames``). Requests with videos, images or both
+batch together like any others (the processor takes mixed batches).
 
 Requests are answered in batches of ``batch_size`` requests with the same generation options
 (`vtprune.experiments.gen_options`; unsupported ``gen_kwargs`` raise), in lmms-eval's order; the
@@ -33,6 +41,7 @@ are supported (GQA, POPE, TextVQA, MME, ...); log-likelihood tasks raise with a 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Sequence
 
@@ -42,10 +51,11 @@ from .gen_options import GenerationOptions, cut_at_stops, parse_gen_kwargs
 from .metrics import sample_row
 from .pipelines import build_pipeline
 from .samples import Sample, normalize_answer
+from .video import DEFAULT_MAX_FRAMES, is_video, read_video
 
 __all__ = [
     "manifest", "MODEL_ID", "CLASS_PATH", "AUTO_MAX_BATCH", "Answered", "build_model_class",
-    "parse_batch_size", "answered_row", "flatten_results",
+    "parse_batch_size", "answered_row", "flatten_results", "DEFAULT_MAX_FRAMES",
 ]
 
 MODEL_ID = "vtprune"
@@ -147,6 +157,7 @@ def build_model_class() -> type:
             revision: Optional[str] = None,
             records: Optional[str] = None,
             fidelity: Any = False,
+            max_frames_num: Any = DEFAULT_MAX_FRAMES,
             _backend: Any = None,
             _handle: Any = None,
             **params: Any,
@@ -155,6 +166,9 @@ def build_model_class() -> type:
             from .models import load_backend  # imports torch: only when the model is built
 
             self.max_new_tokens = int(max_new_tokens)
+            self.max_frames_num = int(max_frames_num)
+            if self.max_frames_num < 1:
+                raise VtpruneError(f"max_frames_num must be an integer >= 1, got {max_frames_num!r}")
             self.batch_size = parse_batch_size(batch_size)
             self.max_batch_size = int(max_batch_size) if max_batch_size not in (None, "") else AUTO_MAX_BATCH
             self.batch_size_per_gpu = self.batch_size if isinstance(self.batch_size, int) else self.max_batch_size
@@ -182,10 +196,14 @@ def build_model_class() -> type:
 
         @classmethod
         def from_backend(
-            cls, backend: Any, handle: Any, max_new_tokens: int = 32, batch_size: Any = 1, budget: Any = None
+            cls, backend: Any, handle: Any, max_new_tokens: int = 32, batch_size: Any = 1, budget: Any = None,
+            max_frames_num: Any = DEFAULT_MAX_FRAMES,
         ) -> "VtpruneLMM":
             """Wrap an already loaded backend and attached handle (a grid cell's)."""
-            return cls(_backend=backend, _handle=handle, max_new_tokens=max_new_tokens, batch_size=batch_size, budget=budget)
+            return cls(
+                _backend=backend, _handle=handle, max_new_tokens=max_new_tokens, batch_size=batch_size, budget=budget,
+                max_frames_num=max_frames_num,
+            )
 
         # -- chat template ----------------------------------------------------------------------
 
@@ -219,30 +237,33 @@ def build_model_class() -> type:
             context, gen_kwargs, doc_to_visual, doc_id, task, split = request.args
             visuals = doc_to_visual(self.task_dict[task][split][doc_id]) if doc_to_visual else []
             visuals = [v for v in (visuals or []) if v is not None]
+            videos = [v for v in visuals if is_video(v)]  # paths: decoded per batch (`_decoded`)
+            images = [v for v in visuals if not is_video(v)]
             options = parse_gen_kwargs(gen_kwargs, self.max_new_tokens)
-            question = str(context).replace("<image>", "").strip()
+            question = str(context).replace("<image>", "").replace("<video>", "").strip()
             meta = {"task": task, "split": split, "doc_id": doc_id}
-            sample = Sample(f"{task}/{split}/{doc_id}", visuals, question, [], meta)
+            sample = Sample(f"{task}/{split}/{doc_id}", images, question, [], meta, videos)
             messages = self._chats.get(str(context))
-            prompt = self.backend.chat_prompt(messages, len(visuals)) if messages is not None else None
+            prompt = self.backend.chat_prompt(messages, len(images), len(videos)) if messages is not None else None
             return sample, question, prompt, options
 
         def _answer(self, items: list[tuple[Sample, str, Optional[str], GenerationOptions]], options: GenerationOptions) -> list[Answered]:
             from .measure import PhaseMeter
 
             samples, questions, prompts = [i[0] for i in items], [i[1] for i in items], [i[2] for i in items]
+            decoded = [self._decoded(s) for s in samples]
             unpruned: list[Any] = [None] * len(items)
             if self.fidelity and self.handle is not None:
                 if not self._owns_handle:
                     raise VtpruneError("fidelity=true needs the model to own its pruning (a grid cell compares with its baseline cell)")
                 self.handle.__exit__(None, None, None)  # detach: answer this batch unpruned
                 try:
-                    unpruned = self.backend.generate(samples, questions, None, options.max_new_tokens, options, prompts)
+                    unpruned = self.backend.generate(decoded, questions, None, options.max_new_tokens, options, prompts)
                 finally:
                     self.handle = self._attach()
             with PhaseMeter(self.backend.module) as meter:
                 meter.begin()
-                outputs = self.backend.generate(samples, questions, self.handle, options.max_new_tokens, options, prompts)
+                outputs = self.backend.generate(decoded, questions, self.handle, options.max_new_tokens, options, prompts)
                 timing = meter.end()
             self._batches += 1
             batch = f"{id(self):x}-{self._batches}"
@@ -250,6 +271,13 @@ def build_model_class() -> type:
                 Answered(s, q, cut_at_stops(o.prediction, options.until).strip(), o, timing, batch, u)
                 for s, q, o, u in zip(samples, questions, outputs, unpruned)
             ]
+
+        def _decoded(self, sample: Sample) -> Sample:
+            """``sample`` with its video paths decoded: ``max_frames_num`` frames each, (T, H, W, 3) uint8
+            (only the batch being answered holds decoded frames)."""
+            if not sample.videos:
+                return sample
+            return dataclasses.replace(sample, videos=[read_video(path, self.max_frames_num) for path in sample.videos])
 
         def _answer_group(self, items: list[Any], options: GenerationOptions) -> list[Answered]:
             """``items`` (same options) in batches; ``auto`` halves the batch on out-of-memory."""

@@ -74,7 +74,9 @@ def evaluate_cell(task: Any, context: Any) -> dict[str, Any]:
     cell, results = context.cell, context.results
     budget = None if context.pipeline is None else cell.config.get("budget")
     batch_size = task.batch_size if task.batch_size is not None else context.batch_size
-    model = build_model_class().from_backend(context.backend, context.handle, context.max_new_tokens, batch_size, budget)
+    model = build_model_class().from_backend(
+        context.backend, context.handle, context.max_new_tokens, batch_size, budget, max_frames_num=task.max_frames_num
+    )
     manager = None
     if task.include_path:
         from lmms_eval.tasks import TaskManager

@@ -183,6 +183,7 @@ class HFBackend:
             self.tokenizer.padding_side = "left"
         self._set_prompt(model)
         self.image_token_id = getattr(self.config, "image_token_id", None) or getattr(self.config, "image_token_index", None)
+        self.video_token_id = getattr(self.config, "video_token_id", None) or getattr(self.config, "video_token_index", None)
 
     def _set_prompt(self, model: Mapping[str, Any]) -> None:
         self.spec = dict(model)
@@ -213,21 +214,23 @@ class HFBackend:
             adapter=self.spec.get("adapter") or None,  # model.adapter: attach with the named adapter
         )
 
-    def prompt(self, question: str, num_images: int) -> str:
+    def prompt(self, question: str, num_images: int, num_videos: int = 0) -> str:
         if self.template:
             return self.template.replace("{question}", question)
-        return self.chat_prompt([{"role": "user", "content": question}], num_images)
+        return self.chat_prompt([{"role": "user", "content": question}], num_images, num_videos)
 
-    def chat_prompt(self, messages: Sequence[Mapping[str, Any]], num_images: int) -> str:
+    def chat_prompt(self, messages: Sequence[Mapping[str, Any]], num_images: int, num_videos: int = 0) -> str:
         """``messages`` (``{"role", "content"}``; content a string or a list of parts) rendered with the
-        processor's chat template, ``num_images`` image parts first in the last user turn, and the
-        generation prompt appended. A processor without a chat template raises `VtpruneError`."""
+        processor's chat template, ``num_videos`` video parts then ``num_images`` image parts first in the
+        last user turn, and the generation prompt appended. A processor without a chat template raises
+        `VtpruneError`."""
         if getattr(self.processor, "chat_template", None) is None:
             raise VtpruneError(
                 f"the processor of {self.spec['name']!r} has no chat template: set model.prompt_template, e.g. "
                 "'USER: <image>\\n{question} ASSISTANT:' (and do not ask lmms-eval to apply a chat template)"
             )
-        return self.processor.apply_chat_template(with_images(messages, num_images), add_generation_prompt=True, tokenize=False)
+        parts = with_images(messages, num_images, num_videos)
+        return self.processor.apply_chat_template(parts, add_generation_prompt=True, tokenize=False)
 
     @torch.no_grad()
     def generate(
@@ -236,17 +239,22 @@ class HFBackend:
     ) -> list[Generation]:
         """One batch: ``questions`` wrapped in the prompt (or ``prompts[i]`` when given: a rendered
         prompt used as is), greedy unless ``options`` (a `GenerationOptions`) asks to sample; its
-        ``until`` strings stop the generation (transformers' ``stop_strings``)."""
+        ``until`` strings stop the generation (transformers' ``stop_strings``). A sample's ``videos``
+        ((T, H, W, 3) frame arrays) go to the processor as ``videos=`` (`video.processor_inputs`)."""
         from PIL import Image
 
+        from .video import processor_inputs
+
         prompts = prompts or [None] * len(samples)
-        texts = [p if p is not None else self.prompt(q, len(s.images)) for s, q, p in zip(samples, questions, prompts)]
+        videos = [list(getattr(s, "videos", None) or []) for s in samples]
+        texts = [p if p is not None else self.prompt(q, len(s.images), len(v)) for s, q, p, v in zip(samples, questions, prompts, videos)]
         images = [[img if isinstance(img, Image.Image) else Image.fromarray(img) for img in s.images] for s in samples]
         flat = [img for group in images for img in group]
-        inputs = self.processor(images=flat or None, text=texts, return_tensors="pt", padding=True)
+        inputs = processor_inputs(self.processor, texts, flat, [v for group in videos for v in group])
         inputs = {k: v.to(self.device) if hasattr(v, "to") else v for k, v in inputs.items()}
-        if "pixel_values" in inputs:
-            inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
+        for key in ("pixel_values", "pixel_values_videos"):
+            if key in inputs:
+                inputs[key] = inputs[key].to(self.dtype)
         pad = getattr(self.tokenizer, "pad_token_id", None)
         settings = options.generate_kwargs() if options is not None else {"do_sample": False}
         if options is not None and options.until:
@@ -258,10 +266,12 @@ class HFBackend:
         length = inputs["input_ids"].shape[1]
         answers = self.tokenizer.batch_decode(output[:, length:], skip_special_tokens=True)
         real = inputs["attention_mask"].sum(dim=1).tolist() if "attention_mask" in inputs else [length] * len(samples)
-        image_counts = (inputs["input_ids"] == self.image_token_id).sum(dim=1).tolist() if self.image_token_id is not None else [0] * len(samples)
+        ids = inputs["input_ids"]  # (B, L)
+        placeholders = [t for t in (self.image_token_id, self.video_token_id) if t is not None]
+        image_counts = sum(((ids == t).sum(dim=1) for t in placeholders), torch.zeros(len(samples), dtype=torch.long)).tolist()
         result = getattr(handle, "last_selection", None) if handle is not None else None
         return [
-            _generation(i, answer.strip(), int(real[i]), int(image_counts[i]), len(samples[i].images), result)
+            _generation(i, answer.strip(), int(real[i]), int(image_counts[i]), len(samples[i].images) + len(videos[i]), result)
             for i, answer in enumerate(answers)
         ]
 
@@ -279,21 +289,23 @@ class _StopStrings:
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)  # (B,)
 
 
-def with_images(messages: Sequence[Mapping[str, Any]], num_images: int) -> list[dict[str, Any]]:
-    """Chat messages with list-of-parts content (a string becomes one text part) and ``num_images``
-    image parts first in the last user message (images the messages already hold are kept)."""
+def with_images(messages: Sequence[Mapping[str, Any]], num_images: int, num_videos: int = 0) -> list[dict[str, Any]]:
+    """Chat messages with list-of-parts content (a string becomes one text part) and ``num_videos``
+    video parts then ``num_images`` image parts first in the last user message (images and videos the
+    messages already hold are kept and counted)."""
     out = []
     for message in messages:
         content = message.get("content", "")
         parts = [{"type": "text", "text": content}] if isinstance(content, str) else [dict(p) for p in content]
         out.append({**message, "content": parts})
     users = [i for i, m in enumerate(out) if m.get("role") == "user"]
-    if num_images and not users:
-        raise VtpruneError("the chat has no user message to put the images in")
-    if num_images:
-        last = out[users[-1]]
-        present = sum(p.get("type") == "image" for m in out for p in m["content"])
-        last["content"] = [{"type": "image"} for _ in range(max(num_images - present, 0))] + last["content"]
+    if (num_images or num_videos) and not users:
+        raise VtpruneError("the chat has no user message to put the images or videos in")
+    for kind, number in (("image", num_images), ("video", num_videos)):
+        if number:
+            last = out[users[-1]]
+            present = sum(p.get("type") == kind for m in out for p in m["content"])
+            last["content"] = [{"type": kind} for _ in range(max(number - present, 0))] + last["content"]
     return out
 
 
@@ -406,12 +418,12 @@ class DummyBackend:
             per_layer[int(drop.layer or 0)] = int(present.sum())
         return per_layer, present[0].nonzero().flatten().tolist()
 
-    def chat_prompt(self, messages: Sequence[Mapping[str, Any]], num_images: int) -> str:
-        """``role: text`` lines (the dummy has no chat template), ``<image>`` parts in the last user turn."""
+    def chat_prompt(self, messages: Sequence[Mapping[str, Any]], num_images: int, num_videos: int = 0) -> str:
+        """``role: text`` lines (the dummy has no chat template), ``<video>`` / ``<image>`` parts in the last user turn."""
         lines = []
-        for message in with_images(messages, num_images):
+        for message in with_images(messages, num_images, num_videos):
             parts = message["content"]
-            text = " ".join("<image>" if p.get("type") == "image" else str(p.get("text", "")) for p in parts)
+            text = " ".join(f"<{p['type']}>" if p.get("type") in ("image", "video") else str(p.get("text", "")) for p in parts)
             lines.append(f"{message['role']}: {text}")
         return "\n".join(lines + ["assistant:"])
 

@@ -39,6 +39,7 @@ class Sample:
         question: the question text (without image placeholders).
         answers: reference answers (several for VQA-style scoring).
         meta: anything else (kept in the per-sample results).
+        videos: decoded videos, each (T, H, W, 3) uint8 frames, put before the images in the prompt.
     """
 
     id: str
@@ -46,6 +47,7 @@ class Sample:
     question: str
     answers: list[str]
     meta: dict[str, Any] = field(default_factory=dict)
+    videos: list[Any] = field(default_factory=list)
 
 
 @runtime_checkable

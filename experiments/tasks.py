@@ -178,6 +178,8 @@ class LmmsEvalTask:
         apply_chat_template: render the contexts with the processor's chat template (lmms-eval's
             ``--apply_chat_template``).
         batch_size: requests per batch, ``"auto"`` or ``"auto:N"`` (default: ``generation.batch_size``).
+        max_frames_num: frames sampled uniformly from each video visual (default 32, lmms-eval's
+            ``llava_onevision`` default; `vtprune.experiments.video`).
     """
 
     def __init__(
@@ -190,8 +192,9 @@ class LmmsEvalTask:
         include_path: Optional[str | list[str]] = None,
         apply_chat_template: bool = False,
         batch_size: Optional[int | str] = None,
+        max_frames_num: int = 32,
     ) -> None:
-        problem = self.check_options(include_path=include_path, batch_size=batch_size)
+        problem = self.check_options(include_path=include_path, batch_size=batch_size, max_frames_num=max_frames_num)
         if problem:
             raise VtpruneError(problem)
         self.tasks = [tasks] if isinstance(tasks, str) else list(tasks)
@@ -200,13 +203,18 @@ class LmmsEvalTask:
         self.include_path = include_path
         self.apply_chat_template = apply_chat_template
         self.batch_size = batch_size
+        self.max_frames_num = max_frames_num
 
     @staticmethod
-    def check_options(include_path: Optional[str | list[str]] = None, batch_size: Any = None, **_: Any) -> Optional[str]:
+    def check_options(
+        include_path: Optional[str | list[str]] = None, batch_size: Any = None, max_frames_num: Any = 32, **_: Any
+    ) -> Optional[str]:
         folders = [include_path] if isinstance(include_path, str) else list(include_path or [])
         missing = [f for f in folders if not Path(f).is_dir()]
         if missing:
             return f"include_path: no such folder {', '.join(repr(str(m)) for m in missing)} (a folder of lmms-eval task yamls)"
+        if isinstance(max_frames_num, bool) or not isinstance(max_frames_num, int) or max_frames_num < 1:
+            return f"max_frames_num must be an integer >= 1 (frames sampled per video), got {max_frames_num!r}"
         if batch_size is not None:
             from .lmms_eval_model import parse_batch_size
 
