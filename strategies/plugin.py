@@ -27,6 +27,7 @@ BUILTIN_STAGES = (
     diversity.NoDiversity,
     budget.FixedSplit,
     budget.DynamicSplit,
+    budget.AutoSplit,
     placement.PreLLM,
     placement.AtLayer,
     placement.Schedule,
