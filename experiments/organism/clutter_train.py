@@ -35,13 +35,13 @@ __all__ = ["CLUTTER_OVERRIDES", "TASKS", "batch_task", "initial_model", "task_de
 TASKS: tuple[str, ...] = ("shapes", "clutter")
 CLUTTER_OVERRIDES: dict[str, object] = {
     "init": "shipped",
-    "steps": 600,
+    "steps": 400,
     "lr": 1e-3,
     "warmup": 50,
     "ckpt_every": 100,
-    "eval_every": 200,
-    "n_val": 300,
-    "n_test": 1500,
+    "eval_every": 100,
+    "n_val": 150,
+    "n_test": 1000,
 }
 
 
