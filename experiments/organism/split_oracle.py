@@ -26,7 +26,7 @@ from vtprune.framework.prune import prune
 from .evaluate import answer
 from .task import Sample
 
-__all__ = ["PROMPT_STOP", "SplitOutcomes", "split_outcomes"]
+__all__ = ["PROMPT_STOP", "SplitOutcomes", "chosen_critical_counts", "split_outcomes"]
 
 PROMPT_STOP = " ASSISTANT:"  # the organism's user turn ends here (the prompt span for relevance)
 
@@ -52,10 +52,14 @@ class _Recording:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.pipeline, name)
 
+        self.critical: list[torch.Tensor] = []
+
     def select(self, signals: Any, budget: Any) -> Any:
         self.scores.append(self.pipeline.relevance.score(signals).float().cpu())  # (B, N)
         self.visual.append(signals.visual.float().cpu())  # (B, N, D)
-        return self.pipeline.select(signals, budget)
+        selection = self.pipeline.select(signals, budget)
+        self.critical.append((selection.critical & selection.mask).sum(dim=1).cpu())  # (B,)
+        return selection
 
 
 def split_outcomes(
@@ -78,3 +82,16 @@ def split_outcomes(
             scores = torch.cat(pipe.scores).numpy()  # (S, N)
             visual = torch.cat(pipe.visual).numpy()  # (S, N, D)
     return SplitOutcomes(budget=budget, correct=correct, scores=scores, visual=visual)
+
+
+def chosen_critical_counts(
+    model: Any, processor: Any, samples: Sequence[Sample], budget: int, recipe: str = "zspaprune_auto",
+    batch_size: int = 100,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(critical count (S,) the pipeline chose per row, correct (S,) bool) for ``recipe`` at ``budget``."""
+    stop = processor.tokenizer(PROMPT_STOP, add_special_tokens=False)["input_ids"]
+    pipe = _Recording(compose(recipe))
+    with prune(model, pipe, budget=budget, prompt_stop=stop):
+        preds = answer(model, processor, samples, batch_size=batch_size)
+    correct = np.array(preds) == np.array([s.answer for s in samples])
+    return torch.cat(pipe.critical).numpy(), correct

@@ -129,8 +129,8 @@ def test_auto_split_config_plans(capsys) -> None:
 
     assert main(["plan", str(CONFIG_DIR / "auto_split.yaml")]) == 0
     out = capsys.readouterr().out
-    assert "50 cells (2 unpruned baselines)" in out
-    assert out.count("weights_clutter task.options.scenes=clutter") == 24 and "scenes=shapes budget=12 method.recipe=zspaprune_auto" in out
+    assert "56 cells (2 unpruned baselines)" in out
+    assert out.count("weights_clutter task.options.scenes=clutter") == 27 and "scenes=shapes budget=12 method.recipe=zspaprune_auto" in out
 
 
 def test_demo_task_option() -> None:
@@ -153,3 +153,17 @@ def test_organism_task_scenes_option() -> None:
     assert task.templates() == CLUTTER_TEMPLATES
     with pytest.raises(ValueError, match="clutter"):
         OrganismTask(scenes="clutterr")
+
+
+@pytest.mark.slow  # runs the organism 4 times on 12 questions
+def test_split_oracle_matches_the_pipeline() -> None:
+    """``split_outcomes`` row c is what the pipeline answers with c critical tokens (checked through a fixed split)."""
+    from vtprune.experiments.organism import load_organism
+    from vtprune.experiments.organism.split_oracle import chosen_critical_counts, split_outcomes
+
+    model, processor = load_organism()
+    samples = make_clutter_split("validation", 12)
+    out = split_outcomes(model, processor, samples, budget=2)
+    assert out.correct.shape == (12, 3) and out.scores.shape == (12, 64) and out.visual.shape[:2] == (12, 64)
+    counts, correct = chosen_critical_counts(model, processor, samples, 2, recipe="zspaprune+split(critical=1.0)")
+    assert counts.tolist() == [2] * 12 and np.array_equal(correct, out.correct[:, 2])
