@@ -102,8 +102,8 @@ class AutoSplit(BudgetAllocator):
     description: ClassVar[str] = (
         "per-row split: critical = top tokens whose softmax(scores/temperature) mass exceeds trade/total"
     )
-    temperature: float = 0.05
-    trade: float = 0.5
+    temperature: float = 0.2  # tuned on the validation splits (docs/demo.md, "Automatic split")
+    trade: float = 3.0
 
     def __post_init__(self) -> None:
         if self.temperature <= 0:

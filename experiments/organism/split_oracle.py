@@ -48,17 +48,16 @@ class _Recording:
         self.pipeline = pipeline
         self.scores: list[torch.Tensor] = []
         self.visual: list[torch.Tensor] = []
+        self.chosen: list[torch.Tensor] = []  # (B,) critical counts of each select
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.pipeline, name)
-
-        self.critical: list[torch.Tensor] = []
 
     def select(self, signals: Any, budget: Any) -> Any:
         self.scores.append(self.pipeline.relevance.score(signals).float().cpu())  # (B, N)
         self.visual.append(signals.visual.float().cpu())  # (B, N, D)
         selection = self.pipeline.select(signals, budget)
-        self.critical.append((selection.critical & selection.mask).sum(dim=1).cpu())  # (B,)
+        self.chosen.append((selection.critical & selection.mask).sum(dim=1).cpu())  # (B,)
         return selection
 
 
@@ -94,4 +93,4 @@ def chosen_critical_counts(
     with prune(model, pipe, budget=budget, prompt_stop=stop):
         preds = answer(model, processor, samples, batch_size=batch_size)
     correct = np.array(preds) == np.array([s.answer for s in samples])
-    return torch.cat(pipe.critical).numpy(), correct
+    return torch.cat(pipe.chosen).numpy(), correct

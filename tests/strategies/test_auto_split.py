@@ -124,7 +124,7 @@ def test_bad_parameters_are_named(bad: dict) -> None:
 
 def test_preset_composes_and_meets_the_contract() -> None:
     pipeline = compose("zspaprune_auto", registry=REGISTRY)
-    assert str(pipeline) == "prompt_cosine(pool=mean)+critical+fps+auto(temperature=0.05,trade=0.5)+pre_llm"
+    assert str(pipeline) == "prompt_cosine(pool=mean)+critical+fps+auto(temperature=0.2,trade=3.0)+pre_llm"
     sel = pipeline.select(make_signals([32, 32, 32], dim=16, seed=1), 6)
     assert sel.counts.tolist() == [6, 6, 6]
     check_preset("zspaprune_auto", registry=REGISTRY)
