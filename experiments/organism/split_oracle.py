@@ -54,7 +54,9 @@ class _Recording:
         return getattr(self.pipeline, name)
 
     def select(self, signals: Any, budget: Any) -> Any:
-        self.scores.append(self.pipeline.relevance.score(signals).float().cpu())  # (B, N)
+        scores = self.pipeline.relevance.score(signals)  # (B, N) or None (no relevance stage)
+        if scores is not None:
+            self.scores.append(scores.float().cpu())
         self.visual.append(signals.visual.float().cpu())  # (B, N, D)
         selection = self.pipeline.select(signals, budget)
         self.chosen.append((selection.critical & selection.mask).sum(dim=1).cpu())  # (B,)
