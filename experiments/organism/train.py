@@ -338,8 +338,9 @@ def parse_args(argv: list[str] | None) -> TrainConfig:
     ap.add_argument("--task", choices=TASKS, default="shapes",
                     help="shapes: the shipped organism from scratch; clutter: fine-tune it on clutter + shapes "
                          "(its own defaults, see docs/demo.md)")
-    known, _ = ap.parse_known_args(argv)
-    d = task_defaults(known.task)
+    pre = argparse.ArgumentParser(add_help=False)  # the task picks the defaults of every other option
+    pre.add_argument("--task", choices=TASKS, default="shapes")
+    d = task_defaults(pre.parse_known_args(argv)[0].task)
     ap.add_argument("--init", default=d.init, help='"" fresh init, "shipped" the shipped weights, or a weights folder')
     ap.add_argument("--steps", type=int, default=d.steps)
     ap.add_argument("--seed", type=int, default=d.seed)
