@@ -52,6 +52,7 @@ __all__ = [
     "clutter_questions",
     "clutter_rng",
     "clutter_scene_samples",
+    "clutter_training_scene",
     "make_clutter_split",
     "render_clutter_scene",
 ]
