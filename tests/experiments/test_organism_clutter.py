@@ -167,3 +167,23 @@ def test_split_oracle_matches_the_pipeline() -> None:
     assert out.correct.shape == (12, 3) and out.scores.shape == (12, 64) and out.visual.shape[:2] == (12, 64)
     counts, correct = chosen_critical_counts(model, processor, samples, 2, recipe="zspaprune+split(critical=1.0)")
     assert counts.tolist() == [2] * 12 and np.array_equal(correct, out.correct[:, 2])
+
+
+def test_split_rows_reads_the_oracle_at_each_allocators_count() -> None:
+    """``split_rows``: fixed split r reads column round_half_up(r K); auto reads its own count (loop check)."""
+    from vtprune.experiments.organism.split_table import interval, split_rows
+    from vtprune.strategies.budget import AutoSplit
+
+    rng = np.random.default_rng(0)
+    budget, n_rows = 4, 40
+    correct = rng.random((n_rows, budget + 1)) < 0.5  # (S, C)
+    scores = rng.normal(size=(n_rows, 64)).astype(np.float32)  # (S, N)
+    scores[:10, 3] = 5.0  # ten rows with one standout token
+    rows, chosen = split_rows(correct, scores, budget, AutoSplit())
+    for r in (0.0, 0.2, 0.4, 0.6, 0.8, 1.0):
+        c = int(np.floor(r * budget + 0.5))
+        assert rows[f"critical {r}"] == interval(correct[:, c])
+    assert rows["auto"] == interval(np.array([correct[i, chosen[i]] for i in range(n_rows)]))
+    assert chosen[:10].tolist() == [1] * 10 and set(chosen[10:].tolist()) <= {0, 1}
+    p, half = interval(np.array([True] * 9 + [False]))
+    assert p == 0.9 and abs(half - 1.959963984540054 * (0.09 / 10) ** 0.5) < 1e-12
