@@ -4,8 +4,8 @@ Contract
 --------
 * ``TASKS``: the organism tasks ``vtprune organism train --task`` accepts: ``"shapes"`` (the
   original task, trained from scratch: the shipped ``weights/``) and ``"clutter"``.
-* ``task_defaults(task) -> TrainConfig``: the command's defaults for that task. ``shapes``:
-  ``TrainConfig``'s own defaults (unchanged, they reproduce ``weights/``). ``clutter``: a
+* ``task_overrides(task) -> dict``: what the task changes in ``TrainConfig``'s defaults (``train.parse_args``
+  applies them). ``shapes``: nothing (the defaults reproduce ``weights/``). ``clutter``: a
   fine-tune of the shipped weights (``init="shipped"``) on *mixed* batches (clutter scenes at
   even, shapes scenes at odd scene indices, so the original task is rehearsed), with
   ``CLUTTER_OVERRIDES``; it reproduces ``weights_clutter/``.
@@ -16,7 +16,6 @@ Contract
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -28,9 +27,7 @@ from .task import Sample, make_split
 if TYPE_CHECKING:
     from transformers import LlavaForConditionalGeneration
 
-    from .train import TrainConfig
-
-__all__ = ["CLUTTER_OVERRIDES", "TASKS", "batch_task", "initial_model", "task_defaults", "task_split"]
+__all__ = ["CLUTTER_OVERRIDES", "TASKS", "batch_task", "initial_model", "task_overrides", "task_split"]
 
 TASKS: tuple[str, ...] = ("shapes", "clutter")
 CLUTTER_OVERRIDES: dict[str, object] = {
@@ -51,14 +48,9 @@ def _check(task: str) -> str:
     return task
 
 
-def task_defaults(task: str) -> "TrainConfig":
-    """The default ``TrainConfig`` of ``vtprune organism train --task TASK`` (``out`` left empty)."""
-    from .train import TrainConfig
-
-    base = TrainConfig(out="")
-    if _check(task) == "shapes":
-        return base
-    return replace(base, task=task, **CLUTTER_OVERRIDES)
+def task_overrides(task: str) -> dict[str, object]:
+    """The ``TrainConfig`` fields ``vtprune organism train --task TASK`` changes from their defaults."""
+    return {} if _check(task) == "shapes" else {"task": task, **CLUTTER_OVERRIDES}
 
 
 def batch_task(task: str) -> str:

@@ -48,7 +48,7 @@ from .batching import TrainBatcher
 from .evaluate import evaluate
 from .model import ModelSpec, build_model, n_parameters
 from .processor import build_processor
-from .clutter_train import TASKS, batch_task, initial_model, task_defaults, task_split
+from .clutter_train import TASKS, batch_task, initial_model, task_overrides, task_split
 from .task import SHAPES, make_split
 
 log = logging.getLogger("vtprune.organism.train")
@@ -340,7 +340,7 @@ def parse_args(argv: list[str] | None) -> TrainConfig:
                          "(its own defaults, see docs/demo.md)")
     pre = argparse.ArgumentParser(add_help=False)  # the task picks the defaults of every other option
     pre.add_argument("--task", choices=TASKS, default="shapes")
-    d = task_defaults(pre.parse_known_args(argv)[0].task)
+    d = replace(TrainConfig(out=""), **task_overrides(pre.parse_known_args(argv)[0].task))
     ap.add_argument("--init", default=d.init, help='"" fresh init, "shipped" the shipped weights, or a weights folder')
     ap.add_argument("--steps", type=int, default=d.steps)
     ap.add_argument("--seed", type=int, default=d.seed)
