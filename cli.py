@@ -7,7 +7,7 @@ import json
 import sys
 from typing import Optional, Sequence
 
-__all__ = ["main", "build_parser", "budget_arg", "INTERRUPTED"]
+__all__ = ["main", "build_parser", "budget_arg", "DEMO_TASKS", "INTERRUPTED"]
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
@@ -118,6 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="which shipped organism runs the grid (qwen2_vl: results/demo_qwen2_vl; docs/demo.md)")
     demo.add_argument("--no-progress", action="store_true")
     demo.add_argument("--rerun-stale", action="store_true", help="run again the finished cells that ran with other versions")
+    demo.add_argument("--task", choices=DEMO_TASKS, default="shapes",
+                      help="organism task: shapes (default) or clutter (its own weights and results/demo_clutter)")
     demo.set_defaults(func=_cmd_demo)
 
     organism = commands.add_parser("organism", help="the embedded demo model: reproduce its weights")
@@ -126,6 +128,17 @@ def build_parser() -> argparse.ArgumentParser:
     train = organism_commands.add_parser("train", help="train the organism (seeded; see docs/demo.md)", add_help=False)
     train.set_defaults(func=_cmd_organism_train, passes_unknown_args=True)
     return parser
+
+
+#: ``vtprune demo --task T``: the overrides of the demo grid that run organism task T (docs/demo.md)
+DEMO_TASKS: dict[str, tuple[str, ...]] = {
+    "shapes": (),
+    "clutter": (
+        "base.task.options.scenes=clutter",
+        "base.model.name=pkg:vtprune.experiments.organism/weights_clutter",
+        "base.output_dir=results/demo_clutter",
+    ),
+}
 
 
 def demo_grid_path() -> "Path":
@@ -147,7 +160,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     from vtprune.experiments.organism.demo_models import demo_overrides
 
-    overrides = demo_overrides(getattr(args, "organism", "llava")) + list(args.overrides)
+    organism, task = getattr(args, "organism", "llava"), getattr(args, "task", "shapes")
+    if organism != "llava" and task != "shapes":
+        print(f"vtprune demo: the {task!r} task ships weights for the llava organism only; "
+              f"run --task {task} with --organism llava, or --organism {organism} with --task shapes", file=sys.stderr)
+        return 2
+    overrides = demo_overrides(organism) + list(DEMO_TASKS[task]) + list(args.overrides)
     overrides += [f"output_dir={args.out}"] if args.out else []
     spec = load_grid(demo_grid_path(), overrides)
     progress = not args.no_progress and sys.stderr.isatty()  # a log file gets one line per cell

@@ -11,7 +11,9 @@ from torch import Tensor
 from vtprune.framework.budget import scaled_counts
 from vtprune.framework.stages import Allocation, BudgetAllocator
 
-__all__ = ["FixedSplit", "DynamicSplit", "critical_mass_counts"]
+from .functional.auto_split import relevance_coverage_counts
+
+__all__ = ["AutoSplit", "FixedSplit", "DynamicSplit", "critical_mass_counts"]
 
 
 def _check_fraction(name: str, value: float) -> None:
@@ -83,3 +85,34 @@ class DynamicSplit(BudgetAllocator):
         high = scaled_counts(totals, self.max_critical, rounding="half_up")  # (B,)
         critical = torch.minimum(torch.maximum(wanted, low), high)
         return Allocation(total=totals, critical=torch.minimum(critical, totals))
+
+
+@dataclass(frozen=True, eq=False)
+class AutoSplit(BudgetAllocator):
+    """Per-row split trading relevance mass against coverage (``functional.auto_split``).
+
+    critical = #{top tokens whose mass in softmax(scores / temperature) exceeds trade / total}:
+    a peaked relevance keeps its few standout tokens for sure, a flat one (a question about the
+    whole scene) spends the budget on diversity. Training-free: the two constants were tuned on
+    the organism's validation splits of both tasks (docs/demo.md). Without scores everything goes
+    to diversity.
+    """
+
+    name: ClassVar[str] = "auto"
+    description: ClassVar[str] = (
+        "per-row split: critical = top tokens whose softmax(scores/temperature) mass exceeds trade/total"
+    )
+    temperature: float = 0.2  # tuned on the validation splits (docs/demo.md, "Automatic split")
+    trade: float = 3.0
+
+    def __post_init__(self) -> None:
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if self.trade < 0:
+            raise ValueError(f"trade must be >= 0, got {self.trade}")
+
+    def allocate(self, totals: Tensor, valid: Tensor, scores: Optional[Tensor]) -> Allocation:
+        if scores is None:
+            return Allocation(total=totals, critical=torch.zeros_like(totals))
+        critical = relevance_coverage_counts(scores, valid, totals, self.temperature, self.trade)  # (B,)
+        return Allocation(total=totals, critical=critical)

@@ -32,6 +32,7 @@ BUILTIN_STAGES = (
     diversity.NoDiversity,
     budget.FixedSplit,
     budget.DynamicSplit,
+    budget.AutoSplit,
     placement.PreLLM,
     placement.AtLayer,
     placement.Schedule,

@@ -2,7 +2,9 @@
 
 Contract
 --------
-``TrainBatcher(turns).batch(indices)`` renders the train-split scenes ``indices`` and
+``TrainBatcher(turns, task=...).batch(indices)`` renders the train-split scenes ``indices``
+(``task``: ``"shapes"`` the original task, ``"clutter"`` (``clutter.py``), or ``"mixed"``:
+clutter scenes at even, shapes scenes at odd indices) and
 returns a dict of tensors equivalent to what ``build_processor()`` would produce for
 the same text (checked by the tests), without going through PIL, for speed:
 
@@ -21,11 +23,16 @@ the same text (checked by the tests), without going through PIL, for speed:
 
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 import torch
 
 from .processor import IMAGE_TOKEN, NUM_IMAGE_TOKENS, build_image_processor, build_tokenizer
-from .task import BACKGROUND_WORD, OBJECT_WORD, make_questions, render_scene, scene_rng
+from .clutter import clutter_rng, clutter_training_scene
+from .task import BACKGROUND_WORD, OBJECT_WORD, Scene, make_questions, render_scene, scene_rng
+
+BATCH_TASKS: tuple[str, ...] = ("shapes", "clutter", "mixed")
 
 N_POSITIVES = 3
 
@@ -33,9 +40,12 @@ N_POSITIVES = 3
 class TrainBatcher:
     """Builds multi-turn training batches from train-split scene indices."""
 
-    def __init__(self, turns: int = 4, split: str = "train") -> None:
+    def __init__(self, turns: int = 4, split: str = "train", task: str = "shapes") -> None:
+        if task not in BATCH_TASKS:
+            raise ValueError(f"unknown organism task {task!r}; expected one of {list(BATCH_TASKS)}")
         self.turns = turns
         self.split = split
+        self.task = task
         tok = build_tokenizer()
         self.vocab: dict[str, int] = tok.get_vocab()
         self.pad = self.vocab["<pad>"]
@@ -77,18 +87,30 @@ class TrainBatcher:
             pos[sel] = [self.vocab[obj.color], self.vocab[obj.shape], self.vocab[OBJECT_WORD]]
         return pos
 
+    def _scene(self, idx: int) -> tuple[Scene, Callable[[], list], np.random.Generator]:
+        """(scene, maker of its questions, generator ordering the turns) of scene ``idx``.
+
+        ``mixed`` takes the clutter scene for even and the shapes scene for odd indices.
+        """
+        if self.task == "clutter" or (self.task == "mixed" and idx % 2 == 0):
+            scene, qs = clutter_training_scene(self.split, idx)
+            rng = clutter_rng(self.split, idx)
+            return scene, lambda: list(qs), rng
+        rng = scene_rng(self.split, idx)
+        scene = render_scene(rng)
+        return scene, lambda: make_questions(scene, rng), rng
+
     def batch(self, indices: list[int]) -> dict[str, torch.Tensor]:
         """Batch for scenes ``indices`` of the split (deterministic in the indices)."""
         seqs, labs, imgs, poss = [], [], [], []
         questions: list[list[list[int]]] = []
         covered: list[list[np.ndarray]] = []
         for idx in indices:
-            rng = scene_rng(self.split, idx)
-            scene = render_scene(rng)
+            scene, questions_of, rng = self._scene(idx)
             qas: list[tuple[str, str]] = []
             targets: list[list[int]] = []
             while len(qas) < self.turns:
-                qs = make_questions(scene, rng)
+                qs = questions_of()
                 qas += [(q, a) for _, q, a, _ in qs]
                 targets += [t for _, _, _, t in qs]
             order = rng.permutation(len(qas))[: self.turns]

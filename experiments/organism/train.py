@@ -37,7 +37,7 @@ import os
 import platform
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -48,6 +48,7 @@ from .batching import TrainBatcher
 from .evaluate import evaluate
 from .model import ModelSpec, build_model, n_parameters
 from .processor import build_processor
+from .clutter_train import TASKS, batch_task, initial_model, task_overrides, task_split
 from .task import SHAPES, make_split
 
 log = logging.getLogger("vtprune.organism.train")
@@ -80,6 +81,8 @@ class TrainConfig:
     workers: int = 1  # batch-building worker processes (0 = build in the main process)
     save_dtype: str = "float16"
     spec: ModelSpec = field(default_factory=ModelSpec)
+    task: str = "shapes"  # "shapes" (the original task) or "clutter" (fine-tune on clutter + shapes, clutter_train.py)
+    init: str = ""  # "" = fresh seeded init; "shipped" = the shipped weights; else a weights folder
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -147,7 +150,7 @@ class _StepBatches(torch.utils.data.Dataset):
 
     def __init__(self, config: TrainConfig) -> None:
         self.config = config
-        self.batcher = TrainBatcher(turns=config.turns)
+        self.batcher = TrainBatcher(turns=config.turns, task=batch_task(config.task))
 
     def __len__(self) -> int:
         return self.config.steps
@@ -235,7 +238,7 @@ def train(config: TrainConfig) -> Path:
     torch.use_deterministic_algorithms(True)
     torch.manual_seed(config.seed)
 
-    model = build_model(config.spec, seed=config.seed).train()
+    model = (initial_model(config.init) if config.init else build_model(config.spec, seed=config.seed)).train()
     processor = build_processor()
     batcher = TrainBatcher(turns=config.turns)
     head = ShapeHead(config.spec.text_hidden, [batcher.vocab[w] for w in SHAPES])
@@ -254,7 +257,7 @@ def train(config: TrainConfig) -> Path:
 
     captured: dict[str, torch.Tensor] = {}
     hook = model.model.multi_modal_projector.register_forward_hook(lambda m, i, o: captured.__setitem__("proj", o))
-    val = make_split("validation", config.n_val)
+    val = task_split(config.task, "validation", config.n_val)
     t0 = time.time() - elapsed
     run_lm = run_aux = run_shape = run_prompt = 0.0
     loader = _loader(config, start=start)
@@ -303,9 +306,11 @@ def export(
     processor.save_pretrained(weights)
     model.to(torch.float32)
     reloaded = LlavaForConditionalGeneration.from_pretrained(weights, dtype=torch.float32).eval()
-    test = make_split("test", config.n_test)
+    test = task_split(config.task, "test", config.n_test)
     t = time.time()
     res = evaluate(reloaded, processor, test)
+    if config.task != "shapes":  # the original task, measured on the same model
+        res["shapes"] = evaluate(reloaded, processor, make_split("test", config.n_test))
     size = sum(f.stat().st_size for f in weights.glob("*.safetensors"))
     metrics = {
         **res,
@@ -330,7 +335,13 @@ def parse_args(argv: list[str] | None) -> TrainConfig:
     """CLI arguments -> ``TrainConfig``."""
     ap = argparse.ArgumentParser(prog="vtprune organism train", description="Train the vtprune model organism.")
     ap.add_argument("--out", required=True, help="run directory (checkpoints, log, weights/)")
-    d = TrainConfig(out="")
+    ap.add_argument("--task", choices=TASKS, default="shapes",
+                    help="shapes: the shipped organism from scratch; clutter: fine-tune it on clutter + shapes "
+                         "(its own defaults, see docs/demo.md)")
+    pre = argparse.ArgumentParser(add_help=False)  # the task picks the defaults of every other option
+    pre.add_argument("--task", choices=TASKS, default="shapes")
+    d = replace(TrainConfig(out=""), **task_overrides(pre.parse_known_args(argv)[0].task))
+    ap.add_argument("--init", default=d.init, help='"" fresh init, "shipped" the shipped weights, or a weights folder')
     ap.add_argument("--steps", type=int, default=d.steps)
     ap.add_argument("--seed", type=int, default=d.seed)
     ap.add_argument("--batch-size", type=int, default=d.batch_size)
@@ -352,7 +363,7 @@ def parse_args(argv: list[str] | None) -> TrainConfig:
     a = ap.parse_args(argv)
     spec = ModelSpec(vision_hidden=a.vision_hidden, vision_layers=a.vision_layers,
                      text_hidden=a.text_hidden, text_layers=a.text_layers)
-    return TrainConfig(out=a.out, steps=a.steps, seed=a.seed, batch_size=a.batch_size, lr=a.lr, turns=a.turns,
+    return replace(d, out=a.out, task=a.task, init=a.init, steps=a.steps, seed=a.seed, batch_size=a.batch_size, lr=a.lr, turns=a.turns,
                        aux_weight=a.aux_weight, prompt_weight=a.prompt_weight, n_test=a.n_test, n_val=a.n_val, eval_every=a.eval_every,
                        ckpt_every=a.ckpt_every, threads=a.threads, workers=a.workers, spec=spec)
 

@@ -12,9 +12,14 @@ from typing import Iterator, Optional, Sequence
 
 from vtprune.experiments.samples import Sample, exact_match
 
+from .clutter import CLUTTER_TEMPLATES, make_clutter_split
 from .task import TEMPLATES, make_split
 
-__all__ = ["OrganismTask"]
+__all__ = ["ORGANISM_SCENES", "OrganismTask"]
+
+#: the organism's tasks: ``shapes`` (1-4 outlined shapes, task.py) and ``clutter`` (one target among
+#: 12-20 small distractors, clutter.py)
+ORGANISM_SCENES: tuple[str, ...] = ("shapes", "clutter")
 
 
 class OrganismTask:
@@ -22,22 +27,27 @@ class OrganismTask:
 
     Args:
         split: "train", "validation" or "test".
-        n: number of questions (templates cycle evenly: colour, shape, exists, count).
+        n: number of questions (templates cycle evenly: colour, shape, exists, count; clutter: shape,
+            colour, exists).
         start: index of the first scene.
+        scenes: ``"shapes"`` (the original task) or ``"clutter"`` (docs/demo.md, the clutter task).
     """
 
     metric = "exact_match"
     max_new_tokens = 2
 
-    def __init__(self, split: str = "test", n: int = 200, start: int = 0) -> None:
+    def __init__(self, split: str = "test", n: int = 200, start: int = 0, scenes: str = "shapes") -> None:
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
-        self.split, self.n, self.start = split, n, start
+        if scenes not in ORGANISM_SCENES:
+            raise ValueError(f"unknown organism scenes {scenes!r}; expected one of {list(ORGANISM_SCENES)}")
+        self.split, self.n, self.start, self.scenes = split, n, start, scenes
         self._labels: dict[str, tuple[list[int], list[int]]] = {}
 
     def samples(self, limit: Optional[int] = None) -> Iterator[Sample]:
         count = self.n if limit is None else min(int(limit), self.n)
-        for offset, item in enumerate(make_split(self.split, count, self.start)):
+        make = make_split if self.scenes == "shapes" else make_clutter_split
+        for offset, item in enumerate(make(self.split, count, self.start)):
             sample_id = f"{self.split}-{self.start + offset}"
             self._labels[sample_id] = (item.patch_labels.tolist(), list(item.target_objects))
             yield Sample(sample_id, [item.image], item.question, [item.answer], {"template": item.template})
@@ -59,6 +69,5 @@ class OrganismTask:
         kept_objects = {labels[i] for i in kept_indices[0] if 0 <= i < len(labels)}
         return {"target_kept": float(all(t in kept_objects for t in targets))}
 
-    @staticmethod
-    def templates() -> tuple[str, ...]:
-        return TEMPLATES
+    def templates(self) -> tuple[str, ...]:
+        return TEMPLATES if self.scenes == "shapes" else CLUTTER_TEMPLATES

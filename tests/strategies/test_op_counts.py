@@ -37,6 +37,7 @@ PINNED = {
     "zspaprune_max": 284,
     "zspaprune_attn": 257,
     "zspaprune_dynamic": 495,
+    "zspaprune_auto": 490,  # issue 18; score-dependent split like dynamic, pinned on these fixed inputs
     "zspaprune_grid": 502,
     "zspaprune_kmeans": 95,
     "divprune": 240,
