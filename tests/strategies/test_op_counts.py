@@ -46,7 +46,8 @@ PINNED = {
     "cdpruner": 1557,
     "fastervlm": 34,
     "tome": 435,  # the one-point select (diversity.tome); in the tower the matching runs in the layers' hooks
-    "mustdrop": 103,
+    "mustdrop": 81,  # adaptive count (issue 14): no fill stage
+    "sparsevlm": 230,  # rank rule + recycling (one matrix_rank and one clustering per row)
     "mustdrop_vision": 148,  # with the merging output (sizes, assignment) now that Supplement carries it
 }
 
