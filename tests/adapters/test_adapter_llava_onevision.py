@@ -241,6 +241,9 @@ def test_vision_placement_and_cls_attention_fail_at_attach(model):
 
 REGISTRY = framework.build_registry(autoload=False)
 PRESETS = sorted(REGISTRY.presets)
+#: Adaptive presets that need parameters at budget 6 (SparseVLM's official scale/bias exist for 192 / 128 / 64 only);
+#: their count comes from the data and no budget makes them keep every token.
+ADAPTIVE_OPTIONS = {"sparsevlm": {"scale": 0.8, "bias": 0.0}}
 
 
 @pytest.fixture(scope="module")
@@ -267,12 +270,19 @@ def test_every_preset_runs_or_fails_clearly(deep, preset):
         assert record_hooks(model) == before
         return
     length = inputs["input_ids"].shape[1]
-    with framework.prune(model, preset, budget=6, registry=REGISTRY) as handle:
+    options = ADAPTIVE_OPTIONS.get(preset, {})
+    with framework.prune(model, preset, budget=6, registry=REGISTRY, **options) as handle:
         out = _forward(model, inputs)
         gen = model.generate(**inputs, max_new_tokens=4, do_sample=False)
     result = handle.last_selection
-    assert result.drops[0].counts.tolist() == [6, 6, 6]  # one row per image and per video
+    first = result.drops[0]
+    if pipeline.budget.adaptive_counts:  # MustDrop (capped at the budget), SparseVLM (rank rule): from the data
+        assert bool((first.counts > 0).all()) and bool((first.counts <= first.before).all())
+    else:
+        assert first.counts.tolist() == [6, 6, 6]  # one row per image and per video
     assert out.shape[1] < length and bool(torch.isfinite(out).all()) and gen.shape[1] == length + 4
+    if preset in ADAPTIVE_OPTIONS:
+        return
     keep_all = {"ratio": 1.0} if placement == "schedule" else {}
     with framework.prune(model, preset, budget=10_000, registry=REGISTRY, **keep_all):
         out = _forward(model, inputs)
