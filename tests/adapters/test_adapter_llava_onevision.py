@@ -217,7 +217,7 @@ def test_vision_placement_and_cls_attention_fail_at_attach(model):
         prune(model, PLACEMENT_RECIPES["vision"], budget=3)
     with pytest.raises(
         VtpruneError,
-        match=r"LlavaOnevisionForConditionalGeneration.*placement 'vision' is not implemented.*\['layer', 'pre_llm', 'schedule'\]",
+        match=r"LlavaOnevisionForConditionalGeneration.*placement 'vision' is not implemented.*\['layer', 'pre_llm', 'schedule', 'sparse_layers'\]",
     ):
         LlavaOnevisionAdapter.runtime(LlavaOnevisionAdapter(model), compose(PLACEMENT_RECIPES["vision"]), 3)
 
