@@ -25,7 +25,7 @@ A forward with both images and videos is rejected by the model itself (it counts
 placeholders), so each forward carries images or videos.
 
 >>> sorted(Glm4vAdapter.placements)
-['layer', 'pre_llm', 'schedule', 'vision']
+['layer', 'pre_llm', 'schedule', 'sparse_layers', 'vision']
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ extension hooks):
   among the features the model uses and its attention row is not captured), CLIP-space signals.
 
 >>> sorted(LlavaOnevision15Adapter.placements)
-['layer', 'pre_llm', 'schedule', 'vision']
+['layer', 'pre_llm', 'schedule', 'sparse_layers', 'vision']
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ overridden; the DeepStack hooks are in ``adapters.deepstack`` (re-exported here)
 - **Not provided**: ``cls_attention`` (no CLS token) and ``visual_keys`` at ``vision``.
 
 >>> sorted(Qwen3VLAdapter.placements)
-['layer', 'pre_llm', 'schedule', 'vision']
+['layer', 'pre_llm', 'schedule', 'sparse_layers', 'vision']
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ routed; the attention rows of ``layer(k)`` drops are recomputed from the layers'
 ``q_norm`` / ``k_norm`` as for Qwen3-VL.
 
 >>> sorted(Qwen3VLMoeAdapter.placements)
-['layer', 'pre_llm', 'schedule', 'vision']
+['layer', 'pre_llm', 'schedule', 'sparse_layers', 'vision']
 """
 
 from __future__ import annotations

@@ -94,7 +94,8 @@ def selection_signals(batch: int, tokens: int, dim: int, *, heads: int = 32, pro
 
     ``visual`` / ``prompt`` (B, N / T, D); ``attention`` and ``cls_attention`` (B, heads, N) softmax rows;
     ``visual_keys`` / ``prompt_keys`` (B, N / T, heads, D / heads); ``clip_visual`` (B, N, clip_dim) and
-    one CLIP text embedding ``clip_text`` (B, 1, clip_dim); ``grid`` when N is a square.
+    one CLIP text embedding ``clip_text`` (B, 1, clip_dim); ``prompt_attention`` (B, heads, T, N) rows of the
+    prompt tokens over the visual ones and ``prompt_mask`` (all real) (SparseVLM); ``grid`` when N is a square.
     """
     generator = torch.Generator().manual_seed(seed)
     head_dim = max(1, dim // heads)
@@ -112,5 +113,7 @@ def selection_signals(batch: int, tokens: int, dim: int, *, heads: int = 32, pro
         prompt_keys=normal(batch, prompt_tokens, heads, head_dim),
         clip_visual=normal(batch, tokens, clip_dim),
         clip_text=normal(batch, 1, clip_dim),
+        prompt_attention=torch.softmax(normal(batch, heads, prompt_tokens, tokens), dim=-1),
+        prompt_mask=torch.ones(batch, prompt_tokens, dtype=torch.bool, device=device),
         grid=(side, side) if side * side == tokens else None,
     )

@@ -66,8 +66,12 @@ from vtprune.strategies.functional.farthest_point import farthest_point_select
 
 DEFAULT_RECIPES = (
     "zspaprune", "zspaprune_max", "zspaprune_dynamic", "zspaprune_grid", "zspaprune_kmeans",
-    "divprune", "random", "pooling", "fastv", "cdpruner", "fastervlm", "tome",
+    "divprune", "random", "pooling", "fastv", "cdpruner", "fastervlm", "tome", "mustdrop", "sparsevlm",
 )
+#: Recipe parameters the benchmark needs at K = N / 9: SparseVLM's official scale / bias exist for K = 192 / 128 / 64
+#: only, so every K uses the pair of 64 (= 576 / 9, TextVQA). Adaptive recipes (MustDrop, SparseVLM) keep a count
+#: of their own: the printed row gives the mean kept count next to K.
+RECIPE_OPTIONS = {"sparsevlm": {"scale": 0.8, "bias": 0.0}}
 #: Recipes too slow for the largest sizes (scikit-learn k-means with N/9 clusters; CDPruner's N x N
 #: kernel and N/9 greedy steps), with their largest N.
 MAX_TOKENS = {"zspaprune_kmeans": 2880, "cdpruner": 2880}
@@ -163,10 +167,13 @@ def main() -> None:
             for recipe in args.recipes:
                 if tokens > MAX_TOKENS.get(recipe, tokens):
                     continue
-                pipeline = compose(recipe, registry=registry)
+                pipeline = compose(recipe, registry=registry, **RECIPE_OPTIONS.get(recipe, {}))
                 seconds = time_call(lambda: pipeline.select(signals, kept), args.repeats, args.device)
                 row = {"recipe": recipe, "N": tokens, "K": kept, "B": batch, "D": args.dim, "seconds": seconds}
                 extra = ""
+                if pipeline.budget.adaptive_counts:
+                    row["kept_mean"] = float(pipeline.select(signals, kept).counts.float().mean())
+                    extra += f"  (adaptive: kept {row['kept_mean']:.1f} on average)"
                 if args.count_ops:
                     row.update(op_counts(pipeline, signals, kept, tokens, batch))
                     extra += (f"  {row['ops']:6d} ops ({row['launches']} launches, {row['bytes'] / 2**20:.1f} MiB)"

@@ -61,6 +61,7 @@ PLACEMENT_KINDS: Mapping[str, str] = MappingProxyType(
         "pre_llm_clip": "pre_llm",
         "layer": "layer",
         "schedule": "layer",
+        "sparse_layers": "layer",
         "vision_layers": "vision_layers",
     }
 )

@@ -1,16 +1,16 @@
 """MustDrop's stages (docs/methods.md, "MustDrop"): the vision-stage local merge, the prefill dual-attention
 filter with the CLS key set, and the split that reports the official (adaptive) kept set as the critical one.
 
-The pipeline contract keeps exactly the budget per image, so the budget is the target count: the official
-threshold rules decide *which* tokens come first, and ``Selection.critical`` marks the tokens the official
-rules keep (their number, ``critical.sum(1)``, is the official adaptive count, capped at the budget).
+The kept count is adaptive (``budget.mustdrop_split`` has ``adaptive_counts``): each image keeps the tokens the
+official threshold rules keep, at most the budget (the budget is a **cap**; a budget at or above the image's tokens,
+e.g. 1.0, gives the official count exactly). Above the cap the highest-scoring passed tokens are kept.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import ClassVar, Optional
+from typing import Any, ClassVar, Optional
 
 import torch
 from torch import Tensor
@@ -67,12 +67,25 @@ class MustDropDual(RelevanceScorer):
 
 @dataclass(frozen=True, eq=False)
 class MustDropBudget(BudgetAllocator):
-    """Critical = the tokens scoring at least ``PASS_TIER`` (what MustDrop's rules keep), capped at the total."""
+    """MustDrop's adaptive count: each row keeps the tokens scoring at least ``PASS_TIER`` (what the official
+    dual-attention filter and key set keep), at most the resolved budget (the budget is a cap), all of them critical.
+
+    Without scores (no relevance stage) nothing passes a threshold: the row keeps the whole budget, none of it
+    critical (a diversity stage fills it).
+    """
 
     name: ClassVar[str] = "mustdrop_split"
-    description: ClassVar[str] = "MustDrop split: critical = the tokens the official thresholds keep (score >= PASS_TIER), capped at the total"
+    description: ClassVar[str] = "MustDrop adaptive count: the tokens the official thresholds keep (score >= PASS_TIER), the budget as a cap"
+    adaptive_counts: ClassVar[bool] = True
+
+    def adapt(self, signals: Signals, budget: Any, totals: Tensor, valid: Tensor, scores: Optional[Tensor]) -> Allocation:
+        if scores is None:
+            return Allocation(total=totals, critical=torch.zeros_like(totals))
+        passed = torch.minimum(((scores >= PASS_TIER) & valid).sum(dim=1), totals)  # (B,): capped at the budget
+        return Allocation(total=passed, critical=passed)
 
     def allocate(self, totals: Tensor, valid: Tensor, scores: Optional[Tensor]) -> Allocation:
+        """The split of a given total (for callers that fix the count): critical = the passed tokens, capped."""
         if scores is None:
             return Allocation(total=totals, critical=torch.zeros_like(totals))
         passed = ((scores >= PASS_TIER) & valid).sum(dim=1)  # (B,)

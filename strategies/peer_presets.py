@@ -93,9 +93,9 @@ PEER_PRESETS: dict[str, tuple[str, str, str, str]] = {
     ),
     "mustdrop": (
         "relevance.mustdrop_dual(global_thr=0.011,individual_thr=0.01,keep_rate=0.08)+critical.critical"
-        "+diversity.mustdrop_fill+budget.mustdrop_split"
+        "+diversity.none+budget.mustdrop_split"
         "+placement.decode(prefill='schedule(layers=[3,7,11,15],ratio=1.0)',layer=2,policy=final)",
-        "MustDrop (LLM part): dual-attention filter + CLS key set before layers 3/7/11/15, decode cache cut to the final set",
+        "MustDrop (LLM part): dual-attention filter + CLS key set before layers 3/7/11/15 (adaptive count, budget = cap), decode cache cut to the final set",
         "Liu et al., Multi-Stage Vision Token Dropping: Towards Efficient Multimodal Large Language Model (arXiv 2411.10803)",
         "github.com/liuting20/MustDrop @ 909afa53",
     ),

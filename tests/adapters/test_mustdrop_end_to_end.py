@@ -1,5 +1,5 @@
 """MustDrop end to end on the tiny LLaVA: the presets `mustdrop` (dual-attention filter + key set before layers
-3/7/11/15, decode policy final) and `mustdrop_vision` (3x3 local merge at the vision-tower output).
+3/7/11/15, adaptive count = the official kept set, the budget a cap; decode policy final) and `mustdrop_vision` (3x3 local merge at the vision-tower output).
 
 What each drop selected is checked against the functional rules applied to the signals the adapter gave that
 drop (recorded with `SignalRecorder`); batch == each sample alone and keep-all run for every preset in
@@ -29,11 +29,11 @@ def inputs(model):
     return llava_inputs(model, (1, 1), (5, 3), seed=2)
 
 
-def test_mustdrop_critical_is_the_official_kept_set_at_every_drop(model, inputs) -> None:
+def test_mustdrop_keeps_the_official_adaptive_set_at_every_drop(model, inputs) -> None:
     # thresholds that split the tiny model's 16 tokens (the preset's TextVQA-64 values keep all of them here)
     pipeline = framework.compose("mustdrop", global_thr=0.08, individual_thr=0.09)
     spy = SignalRecorder(pipeline)
-    budget = 10
+    budget = 10  # the cap at the first drop; later drops (ratio 1.0) are capped by the tokens present
     with framework.prune(model, spy, budget=budget) as handle, torch.no_grad():
         model(**inputs)
         result = handle.last_selection
@@ -41,29 +41,43 @@ def test_mustdrop_critical_is_the_official_kept_set_at_every_drop(model, inputs)
         generated = model.generate(**inputs, max_new_tokens=3, do_sample=False)
         decode = handle.last_selection.decode_records
     assert [d.layer for d in result.drops] == [3, 7, 11, 15]
-    assert result.drops[0].counts.tolist() == [budget, budget]
     assert len(seen) == 4
     official_counts = []
     present = [torch.arange(16), torch.arange(16)]  # 4 x 4 patches per image
-    for record, signals in zip(result.drops, seen):
+    for number, (record, signals) in enumerate(zip(result.drops, seen)):
         valid = signals.valid()
         official = dual_attention_keep(signals.attention.unsqueeze(2), valid, 0.08, 0.09) | cls_key_set(signals.cls_attention, valid, 0.08)
         selection = record.selection  # positions in the image's original token coordinates
+        cap = budget if number == 0 else None
         for b in range(2):
             kept = selection.row_indices(b)
-            critical = set(kept[selection.critical[b][selection.mask[b]]].tolist())
+            assert bool(selection.critical[b][selection.mask[b]].all())  # every kept token passed the rules
             # the drop's Signals hold the tokens still present, in order: map the official set back
-            passed = set(present[b][official[b][: present[b].numel()]].tolist())
-            if len(passed) <= int(selection.counts[b]):
-                assert critical == passed
-            else:  # more pass than the budget: all kept tokens are official ones, all critical
-                assert critical == set(kept.tolist()) and critical <= passed
-            official_counts.append(len(passed))
+            passed = present[b][official[b][: present[b].numel()]]
+            if cap is None or passed.numel() <= cap:
+                assert kept.tolist() == passed.tolist()  # the adaptive count: exactly the official set
+            else:  # more pass than the cap: the cap's worth of them
+                assert kept.numel() == cap and set(kept.tolist()) <= set(passed.tolist())
+            assert int(selection.counts[b]) == kept.numel()
+            official_counts.append(passed.numel())
             present[b] = kept
     assert 0 < min(official_counts) and any(c < budget for c in official_counts[:2])
+    assert any(c < 16 for c in official_counts[2:])  # later drops prune further, below the first drop's count
     # decode policy final: every step records hidden visual entries at layers >= 2
     assert generated.shape[1] == inputs["input_ids"].shape[1] + 3
     assert decode and all(r.layer == 2 for r in decode)
+
+
+def test_mustdrop_budget_caps_the_official_count(model, inputs) -> None:
+    pipeline = framework.compose("mustdrop", global_thr=0.08, individual_thr=0.09)
+    with framework.prune(model, pipeline, budget=1.0) as handle, torch.no_grad():
+        model(**inputs)
+        free = handle.last_selection.drops[0].selection.counts
+    with framework.prune(model, pipeline, budget=1) as handle, torch.no_grad():
+        model(**inputs)
+        capped = handle.last_selection.drops[0].selection.counts
+    assert bool((free < 16).all()) and bool((free > 1).all())  # the official count, below the tokens
+    assert capped.tolist() == [1, 1]
 
 
 def test_mustdrop_vision_values_are_the_local_merge(model, inputs) -> None:

@@ -75,7 +75,7 @@ def _critical(stage, total: int) -> int:
 def test_every_preset_resolves_counts_as_before(preset: str) -> None:
     stage = compose(preset, registry=_REGISTRY).budget
     lengths = torch.tensor(LENGTHS)
-    if stage.name == "sparsevlm_rank":  # SparseVLM: every real token is a candidate; the count is adaptive (adapt())
+    if stage.adaptive_counts and stage.name not in _RESOLVE:  # SparseVLM: every real token is a candidate (adapt())
         for budget in FRACTIONS + INTS:
             assert stage.resolve(budget, lengths).tolist() == LENGTHS, (preset, budget)
         return
@@ -90,7 +90,7 @@ def test_every_preset_splits_as_before(preset: str) -> None:
     stage = compose(preset, registry=_REGISTRY).budget
     if stage.name == "dynamic":
         pytest.skip("score-dependent: covered by test_dynamic_split_bounds_as_before")
-    if stage.adaptive_counts:
+    if stage.adaptive_counts and stage.name not in _RESOLVE:  # mustdrop_split: the budget is its cap, resolved as before
         pytest.skip("adaptive count from the data (adapt, not allocate): covered by tests/strategies/test_sparsevlm.py")
     totals = torch.tensor(TOTALS)
     valid = torch.ones(len(TOTALS), 4, dtype=torch.bool)

@@ -29,7 +29,7 @@ from vtprune.strategies.functional.mustdrop import (
     window_positions,
 )
 from vtprune.strategies.mustdrop import MustDropBudget, MustDropDual, MustDropFill, MustDropMerge
-from vtprune.testing import check_stage
+from vtprune.testing import check_stage, registry_cases
 
 REGISTRY = build_registry(autoload=False)
 
@@ -264,30 +264,77 @@ def test_key_set_equals_official(seed: int) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("stage", [MustDropDual, MustDropBudget, MustDropFill, MustDropMerge])
+@pytest.mark.parametrize("stage", [MustDropDual, MustDropFill, MustDropMerge])
 def test_stage_contract(stage) -> None:
     check_stage(stage, registry=REGISTRY)
 
 
-def test_mustdrop_critical_set_is_the_official_kept_set() -> None:
-    """Through `Pipeline.select` at a layer drop: the critical tokens are what the official rules keep (budget
-    above their count), and the official set is cut by global attention share otherwise."""
-    pipeline = compose("relevance.mustdrop_dual(global_thr=0.05,individual_thr=0.2,keep_rate=0.08)+critical"
-                       "+diversity.mustdrop_fill+budget.mustdrop_split+layer(k=3)", registry=REGISTRY)
-    gen = torch.Generator().manual_seed(3)
-    n = 30
-    attention = torch.softmax(torch.randn(2, 4, n + 6, generator=gen) * 2, -1)[..., :n]  # (B, H, N)
-    cls = torch.rand(2, 4, n, generator=gen)
-    signals = Signals(visual=torch.randn(2, n, 8, generator=gen), attention=attention, cls_attention=cls,
-                      prompt=torch.randn(2, 3, 8, generator=gen))
-    valid = torch.ones(2, n, dtype=torch.bool)
-    official = dual_attention_keep(attention.unsqueeze(2), valid, 0.05, 0.2) | cls_key_set(cls, valid, 0.08)
-    passed = official.sum(1)
-    selection = pipeline.select(signals, n - 2)
-    for b in range(2):
-        kept = selection.row_indices(b)
-        critical = kept[selection.critical[b][selection.mask[b]]]
-        assert critical.tolist() == official[b].nonzero().flatten().tolist()
-    small = pipeline.select(signals, 2)
-    assert small.counts.tolist() == [2, 2] and bool(small.critical[small.mask].all())
-    assert bool(official.gather(1, small.indices).all()) and bool((passed > 2).all())
+def test_adaptive_split_is_exempt_from_the_exact_count_contract() -> None:
+    """``mustdrop_split`` keeps the official count (below the budget): the kit marks it, and the preset, skipped
+    with the reason; its own contract is `test_mustdrop_keeps_the_official_adaptive_count`."""
+    assert MustDropBudget.adaptive_counts is True
+    ids = {p.id: p.marks for p in registry_cases(REGISTRY, kinds=("preset", "budget"))}
+    for case in ("preset.mustdrop", "budget.mustdrop_split"):
+        assert any(m.name == "skip" and "adaptive kept count" in m.kwargs["reason"] for m in ids[case]), case
+
+
+def _official_prefill_keep(attention: torch.Tensor, cls: torch.Tensor, n: int, global_thr: float, individual_thr: float,
+                           keep_rate: float) -> list[int]:
+    """The official prefill kept set of one row (ascending positions): ``dual_attention_filter`` on the text rows,
+    united with the key set (``topk`` of the head-mean CLS attention, ``ceil(keep_rate * n)``), written plainly."""
+    heads = attention.shape[0]
+    start = 2
+    length = start + n + 1
+    full = torch.zeros(1, heads, length, length)
+    full[0, :, start + n, start : start + n] = attention  # the one text row after the image
+    kept = set(official_dual_attention_filter(full, start, n, global_thr, individual_thr).tolist())
+    left = math.ceil(keep_rate * n)
+    if left:
+        kept |= set(torch.topk(cls.mean(dim=0), left).indices.tolist())
+    return sorted(kept)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_mustdrop_keeps_the_official_adaptive_count(seed: int) -> None:
+    """Through `Pipeline.select`: each row keeps exactly the official kept set (its size is the adaptive count),
+    all critical, when the budget is at or above it; a lower budget caps it (the highest global shares of the set);
+    a ragged batch equals its rows alone."""
+    pipeline = compose("mustdrop", global_thr=0.05, individual_thr=0.2, keep_rate=0.08, registry=REGISTRY)
+    gen = torch.Generator().manual_seed(seed)
+    lengths = [30, 17, 24]
+    width = max(lengths)
+    attention = torch.zeros(3, 4, width)
+    cls = torch.zeros(3, 4, width)
+    valid = torch.zeros(3, width, dtype=torch.bool)
+    for b, n in enumerate(lengths):
+        attention[b, :, :n] = torch.softmax(torch.randn(4, n + 6, generator=gen) * 2, -1)[:, :n]
+        cls[b, :, :n] = torch.rand(4, n, generator=gen)
+        valid[b, :n] = True
+    signals = Signals(visual=torch.randn(3, width, 8, generator=gen), visual_mask=valid, attention=attention,
+                      cls_attention=cls, prompt=torch.randn(3, 3, 8, generator=gen))
+    official = [_official_prefill_keep(attention[b, :, :n], cls[b, :, :n], n, 0.05, 0.2, 0.08) for b, n in enumerate(lengths)]
+    counts = [len(o) for o in official]
+    assert all(0 < c < n for c, n in zip(counts, lengths)), counts  # the thresholds split every row
+    for budget in (1.0, width, max(counts)):
+        selection = pipeline.select(signals, budget)
+        assert selection.counts.tolist() == counts, budget
+        for b in range(3):
+            assert selection.row_indices(b).tolist() == official[b]
+            assert bool(selection.critical[b][selection.mask[b]].all())
+    cap = min(counts) - 1
+    capped = pipeline.select(signals, cap)
+    assert capped.counts.tolist() == [cap] * 3
+    for b, n in enumerate(lengths):
+        share = attention[b, :, :n].mean(0)  # the global share orders the passed set (one text row)
+        want = sorted(sorted(official[b], key=lambda i: (-float(share[i]), i))[:cap])
+        assert capped.row_indices(b).tolist() == want
+        alone = pipeline.select(Signals(visual=signals.visual[b : b + 1, :n], attention=attention[b : b + 1, :, :n],
+                                        cls_attention=cls[b : b + 1, :, :n], prompt=signals.prompt[b : b + 1]), 1.0)
+        assert alone.row_indices(0).tolist() == official[b]
+
+
+def test_mustdrop_split_without_scores_keeps_the_budget() -> None:
+    pipeline = compose("relevance.none+critical+diversity.mustdrop_fill+budget.mustdrop_split+layer(k=3)", registry=REGISTRY)
+    signals = Signals(visual=torch.randn(2, 12, 8), attention=torch.rand(2, 4, 12))
+    selection = pipeline.select(signals, 5)
+    assert selection.counts.tolist() == [5, 5] and not bool(selection.critical.any())

@@ -56,7 +56,8 @@ PINNED = {
     "cdpruner_ov_full": 18350,
     "fastervlm": 34,
     "tome": 435,  # the one-point select (diversity.tome); in the tower the matching runs in the layers' hooks
-    "mustdrop": 103,
+    "mustdrop": 81,  # adaptive count (issue 14): no fill stage
+    "sparsevlm": 230,  # rank rule + recycling (one matrix_rank and one clustering per row)
     "mustdrop_vision": 148,  # with the merging output (sizes, assignment) now that Supplement carries it
     "sparsevlm": 236,  # prompt_attention + prompt_mask added to the inputs (only SparseVLM reads them)
     "dycoke": 129,  # video (frames VIDEO_FRAMES); the decode policy runs in the decoding steps' hooks
