@@ -64,14 +64,16 @@ def test_preset_keeps_the_official_set_at_the_official_count(frames, cuts, newli
         assert int(selection.critical[row].sum()) == budgets[row]
 
 
-def test_budget_is_the_target_count_official_set_first_then_dissimilarity():
+def test_budget_caps_the_official_count_and_covering_budget_keeps_all():
     signals = make_video_signals([(8, 3, 3)], newlines="video", seed=5)
     official = _official_positions(signals, 0, 0.3)
     pipeline = compose("dycoke")
-    larger = pipeline.select(signals, len(official) + 4)
-    assert larger.counts.tolist() == [len(official) + 4]
-    assert official <= set(larger.row_indices(0).tolist())
+    larger = pipeline.select(signals, len(official) + 4)  # a cap above the official count: the official set
+    assert larger.counts.tolist() == [len(official)]
+    assert official == set(larger.row_indices(0).tolist())
     assert int(larger.critical.sum()) == len(official)  # the official (adaptive) count is reported
+    whole = pipeline.select(signals, 1.0)  # a budget covering every token keeps every token
+    assert whole.counts.tolist() == [signals.num_tokens]
     smaller = pipeline.select(signals, 20)
     assert smaller.counts.tolist() == [20] and set(smaller.row_indices(0).tolist()) <= official
 

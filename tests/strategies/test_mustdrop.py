@@ -315,12 +315,18 @@ def test_mustdrop_keeps_the_official_adaptive_count(seed: int) -> None:
     official = [_official_prefill_keep(attention[b, :, :n], cls[b, :, :n], n, 0.05, 0.2, 0.08) for b, n in enumerate(lengths)]
     counts = [len(o) for o in official]
     assert all(0 < c < n for c, n in zip(counts, lengths)), counts  # the thresholds split every row
-    for budget in (1.0, width, max(counts)):
+    # a budget below every row's tokens and at or above the official count leaves the count to the data
+    for budget in (max(counts), min(lengths) - 1, 0.5):
+        if isinstance(budget, float) and any(round(budget * n) < c for n, c in zip(lengths, counts)):
+            continue
         selection = pipeline.select(signals, budget)
         assert selection.counts.tolist() == counts, budget
         for b in range(3):
             assert selection.row_indices(b).tolist() == official[b]
             assert bool(selection.critical[b][selection.mask[b]].all())
+    # a budget resolving to every real token keeps every token (keep-all reproduces the unpruned model)
+    for budget in (1.0, width):
+        assert pipeline.select(signals, budget).counts.tolist() == lengths
     cap = min(counts) - 1
     capped = pipeline.select(signals, cap)
     assert capped.counts.tolist() == [cap] * 3
@@ -329,7 +335,7 @@ def test_mustdrop_keeps_the_official_adaptive_count(seed: int) -> None:
         want = sorted(sorted(official[b], key=lambda i: (-float(share[i]), i))[:cap])
         assert capped.row_indices(b).tolist() == want
         alone = pipeline.select(Signals(visual=signals.visual[b : b + 1, :n], attention=attention[b : b + 1, :, :n],
-                                        cls_attention=cls[b : b + 1, :, :n], prompt=signals.prompt[b : b + 1]), 1.0)
+                                        cls_attention=cls[b : b + 1, :, :n], prompt=signals.prompt[b : b + 1]), n - 1)
         assert alone.row_indices(0).tolist() == official[b]
 
 
