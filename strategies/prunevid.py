@@ -60,7 +60,7 @@ def _cap(keep: Tensor, assignment: Tensor, count: int) -> None:
     kept = torch.nonzero(keep, as_tuple=False).squeeze(1)  # (m,)
     if kept.numel() <= count:
         return
-    sizes = (assignment[:, None] == kept[None]).sum(dim=0)  # (m,)
+    sizes = torch.bincount(assignment[assignment >= 0], minlength=assignment.numel())[kept]  # (m,) tokens merged into each
     order = torch.sort(-sizes, stable=True).indices  # (m,)
     dropped = kept[order[count:]]  # (m - count,)
     keep[dropped] = False

@@ -34,7 +34,7 @@ from vtprune.framework.stages import (
 
 from .functional.fastvid import fastvid_frames
 from .functional.holitom import holitom_frames, inner_merge
-from .functional.video import frame_attention, frame_positions, row_generator
+from .functional.video import frame_attention, frame_positions, frame_tokens, row_generator
 from .relevance import AttentionRelevance
 
 __all__ = [
@@ -98,7 +98,7 @@ class FrameAttention(RelevanceScorer):
         for b in range(signals.batch_size):
             positions, _ = row_layout(signals, b, valid)  # (T, n)
             if positions.numel():
-                out[b, positions] = frame_attention(signals.visual[b, positions])  # (T, n)
+                out[b, positions] = frame_attention(frame_tokens(signals.visual[b], positions))  # (T, n)
         return out
 
 
@@ -154,7 +154,7 @@ class FastVIDMerge(DiversitySupplementer):
             positions, others = row_layout(signals, b, free)  # (T, n), (M,)
             if not positions.numel():
                 continue
-            tokens = visual[b, positions]  # (T, n, D)
+            tokens = frame_tokens(visual[b], positions)  # (T, n, D)
             result = fastvid_frames(
                 tokens, ranked[b, positions], tokens.float().mean(dim=1), _ratio(counts, valid, b),
                 self.c, self.tau, self.d, self.p, self.beta, row_generator(self.seed, visual.device),
@@ -201,7 +201,7 @@ class HoliTomMerge(DiversitySupplementer):
             if not positions.numel():
                 continue
             result = holitom_frames(
-                visual[b, positions], ranked[b, positions], _ratio(counts, valid, b), self.tau, self.d, self.beta,
+                frame_tokens(visual[b], positions), ranked[b, positions], _ratio(counts, valid, b), self.tau, self.d, self.beta,
                 self.max_window, row_generator(self.seed, visual.device),
             )
             _scatter_row(keep, values, assignment, b, positions, others, result.keep, result.values, result.assignment)

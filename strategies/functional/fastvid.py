@@ -71,17 +71,27 @@ def anchor_counts(segments: list[int], context: int, p: int) -> list[int]:
     return out
 
 
-def _merge_into_anchors(anchors: Tensor, pool: Tensor, beta: float) -> tuple[Tensor, Tensor]:
-    """Anchors (G, k, D) absorb the pool (G, m, D): each pool token goes to its most cosine-similar anchor; the
-    anchor becomes ``w * anchor + (1 - w) * mean(assigned)``, ``w = max(1 / (count + 1), beta)``. Returns (values
-    (G, k, D), choice (G, m) the anchor index of each pool token)."""
-    pool_n = pool / pool.norm(dim=-1, keepdim=True)  # (G, m, D)
+def _merge_into_anchors(anchors: Tensor, pool: Tensor, pool_units: Tensor, beta: float) -> tuple[Tensor, Tensor]:
+    """Anchors (G, k, D) absorb the pool (P, m, D) (P = G, or P = 1: one pool shared by every group): each pool token
+    goes to its most cosine-similar anchor (``pool_units``: the pool divided by its norms, (P, m, D)); the anchor
+    becomes ``w * anchor + (1 - w) * mean(assigned)``, ``w = max(1 / (count + 1), beta)``. Returns (values (G, k, D),
+    choice (G, m) the anchor index of each pool token).
+
+    The assigned tokens are summed by one ``index_add_`` over the (group, anchor) rows (O(G m D)) instead of a
+    one-hot (G, k, m) x (G, m, D) product (O(G k m D)): the choices are the same, the means equal within float32
+    rounding (another summation order; docs/methods.md, "FastVID")."""
+    groups, k, dim = anchors.shape
+    m = pool.shape[1]
     anchors_n = anchors / anchors.norm(dim=-1, keepdim=True)  # (G, k, D)
-    choice = torch.bmm(pool_n, anchors_n.transpose(1, 2)).argmax(dim=2)  # (G, m)
-    one_hot = F.one_hot(choice, anchors.shape[1]).to(pool.dtype)  # (G, m, k)
-    count = one_hot.sum(dim=1).unsqueeze(-1)  # (G, k, 1)
+    choice = torch.bmm(pool_units.expand(groups, -1, -1), anchors_n.transpose(1, 2)).argmax(dim=2)  # (G, m)
+    offsets = torch.arange(0, groups * k, k, device=choice.device)  # (G,) first row of each group
+    slot = (choice + offsets[:, None]).view(-1)  # (G*m,) row g*k + j of the anchor each pool token joins
+    count = torch.bincount(slot, minlength=groups * k).to(pool.dtype).view(groups, k, 1)  # (G, k, 1)
+    sums = torch.zeros(groups * k, dim, dtype=pool.dtype, device=pool.device).index_add_(
+        0, slot, pool.expand(groups, -1, -1).reshape(groups * m, dim)
+    ).view(groups, k, dim)  # (G, k, D)
     weight = (1 / (count + 1)).clamp(min=beta)  # (G, k, 1)
-    mean = torch.bmm(one_hot.transpose(1, 2), pool) / count.clamp(min=1)  # (G, k, D)
+    mean = sums / count.clamp(min=1)  # (G, k, D)
     return weight * anchors + (1 - weight) * mean, choice
 
 
@@ -129,17 +139,22 @@ def fastvid_frames(
     score, _ = dpc_knn_scores(filtered, density_k, generator)  # (T, m)
 
     # single-frame segments (frames whose anchor count is the plain per-frame context count)
-    single = torch.tensor([cnt == context for cnt in counts], dtype=torch.bool, device=device)  # (T,)
-    anchor_local = torch.topk(score, context, dim=-1).indices  # (T, context)
-    merged, choice = _merge_into_anchors(filtered[rows, anchor_local], filtered, beta)
-    frames = torch.nonzero(single, as_tuple=False).squeeze(1)
-    if frames.numel():
-        pos = filtered_idx[frames.unsqueeze(1), anchor_local[frames]]  # (F, context)
-        keep[frames.unsqueeze(1), pos] = True
-        values[frames.unsqueeze(1), pos] = merged[frames]
-        target = pos.gather(1, choice[frames])  # (F, m)
-        assignment[frames.unsqueeze(1), filtered_idx[frames]] = flat[frames.unsqueeze(1), target]
-        assignment[frames.unsqueeze(1), pos] = flat[frames.unsqueeze(1), pos]
+    single = [t for t, cnt in enumerate(counts) if cnt == context]
+    if single:
+        if len(single) == t_len:  # every segment one frame: no subset to index
+            at, own, own_idx, own_score = rows, filtered, filtered_idx, score
+        else:
+            frames = torch.tensor(single, device=device)  # (F,)
+            at, own, own_idx, own_score = frames[:, None], filtered[frames], filtered_idx[frames], score[frames]
+        anchor_local = torch.topk(own_score, context, dim=-1).indices  # (F, context)
+        merged, choice = _merge_into_anchors(
+            own.gather(1, anchor_local.unsqueeze(-1).expand(-1, -1, dim)), own, own / own.norm(dim=-1, keepdim=True), beta,
+        )  # (F, context, D), (F, m)
+        pos = own_idx.gather(1, anchor_local)  # (F, context) positions in the frame
+        keep[at, pos] = True
+        values[at, pos] = merged
+        assignment[at, own_idx] = flat[at, pos.gather(1, choice)]
+        assignment[at, pos] = flat[at, pos]
 
     # multi-frame segments
     start = 0
@@ -153,8 +168,9 @@ def fastvid_frames(
                 local = torch.topk(score[target_t], k, dim=-1).indices  # (A, k)
                 pos = filtered_idx[target_t.unsqueeze(1), local]  # (A, k)
                 anchors = tokens[target_t.unsqueeze(1), pos]  # (A, k, D)
-                pool = filtered[start : start + length].reshape(1, -1, dim).expand(len(targets), -1, -1)  # (A, L*m, D)
-                merged_seg, choice_seg = _merge_into_anchors(anchors, pool, beta)
+                pool = filtered[start : start + length].reshape(1, -1, dim)  # (1, L*m, D): shared by the A anchor frames
+                pool_units = pool / pool.norm(dim=-1, keepdim=True)  # (1, L*m, D), normalised once
+                merged_seg, choice_seg = _merge_into_anchors(anchors, pool, pool_units, beta)
                 keep[target_t.unsqueeze(1), pos] = True
                 values[target_t.unsqueeze(1), pos] = merged_seg
                 # report each pool token under the anchor frame closing its group of p frames

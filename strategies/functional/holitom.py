@@ -13,11 +13,12 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .video import dpc_knn_scores
+from .video import dpc_knn_scores, unit_rows
 
 __all__ = [
     "HoliTomResult",
@@ -64,27 +65,34 @@ def holitom_windows(feature_sim: Tensor, tau: float, max_window: int) -> tuple[l
     """The DP of ``select_static_windows``: frames split into consecutive windows maximising the tokens removed
     (`static_window_counts`); a window of one frame removes nothing. For frame i the candidates are "i alone"
     then windows of 2..min(i + 1, max_window) frames ending at i, a later candidate winning only when strictly
-    better (float32 sums, as the official). Returns the windows in order and the total removed."""
-    counts = static_window_counts(feature_sim, tau).cpu().tolist()
+    better (float32 sums, as the official). Returns the windows in order and the total removed.
+
+    The recurrence runs over frames (each frame needs the previous ones' optimum); each frame's candidates are one
+    batched float32 numpy sum, its winner the first candidate reaching the maximum (``argmax``: first on ties) when
+    that is strictly above "i alone" -- the official loop's strict ``>`` in candidate order. No torch op per cell."""
+    counts = static_window_counts(feature_sim, tau).cpu().numpy()  # (T, T) float32
     t_len = feature_sim.shape[0] + 1
-    dp = torch.zeros(t_len)  # float32, as the official
+    # dp_ext[j + 1] = dp[j], dp_ext[0] = 0 (the official "dp[j] if j >= 0 else 0")
+    dp_ext = np.zeros(t_len + 1, dtype=np.float32)  # (T + 1,)
     prev = [0] * t_len
     for i in range(t_len):
-        best = float(dp[i - 1]) if i > 0 else 0.0
+        best = dp_ext[i]  # "i alone": dp[i - 1] (0 for i = 0)
         best_j = i
-        for size in range(2, min(i + 1, max_window) + 1):
-            j = i - size
-            value = float(torch.tensor((float(dp[j]) if j >= 0 else 0.0)) + torch.tensor(counts[j + 1][i]))
-            if value > best:
-                best, best_j = value, j + 1
-        dp[i] = best
+        largest = min(i + 1, max_window)
+        if largest >= 2:
+            starts = i + 1 - np.arange(2, largest + 1)  # (S,) window starts j + 1, candidate order (size 2, 3, ...)
+            values = dp_ext[starts] + counts[starts, i]  # (S,) float32 sums
+            first = int(values.argmax())
+            if values[first] > best:
+                best, best_j = values[first], int(starts[first])
+        dp_ext[i + 1] = best
         prev[i] = best_j
     windows = []
     i = t_len - 1
     while i >= 0:
         windows.append((prev[i], i))
         i = prev[i] - 1
-    return windows[::-1], float(dp[-1])
+    return windows[::-1], float(dp_ext[-1])
 
 
 def cluster_merge(x: Tensor, cluster_num: int, beta: float, generator: Optional[torch.Generator]) -> tuple[Tensor, Tensor, Tensor]:
@@ -134,8 +142,9 @@ def holitom_frames(
     """
     t_len, n, dim = tokens.shape
     device = tokens.device
-    normed = F.normalize(tokens.float(), p=2, dim=-1)  # (T, n, D)
-    feature_sim = F.cosine_similarity(normed[:-1], normed[1:], dim=-1)  # (T - 1, n)
+    # official: F.cosine_similarity(normed[:-1], normed[1:]) of the L2-normalised tokens; each frame divided once
+    units = unit_rows(F.normalize(tokens.float(), p=2, dim=-1), inplace=True)  # (T, n, D)
+    feature_sim = (units[:-1] * units[1:]).sum(dim=-1)  # (T - 1, n)
     windows, removed = holitom_windows(feature_sim, tau, max_window) if t_len > 1 else ([(0, 0)], 0.0)
     total = t_len * n
     r = min(ratio / ((total - removed) / total), 1.0)

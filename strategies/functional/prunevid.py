@@ -157,28 +157,28 @@ class PruneVidRow:
     segments: list[int]
 
 
-def _merge_group(
+def _merge_groups(
     feats: Tensor, slots: Tensor, members: Tensor, cluster_ratio: float, k: int, generator: Optional[torch.Generator],
     out: PruneVidRow, group: int,
 ) -> None:
-    """Merge one group: ``feats`` (m, D) the group's tokens (static: already averaged over the segment), ``slots``
-    (m,) the position each would sit at, ``members`` (W', m) the positions merged into each token (every frame's
-    position for static tokens). Clusters when ``m > MAX_UNCLUSTERED``."""
-    count = feats.shape[0]
+    """Merge G groups of the same size m at once: ``feats`` (G, m, D) their tokens (static: already averaged over the
+    segment), ``slots`` (G, m) the position each would sit at, ``members`` (G, R, m) the positions merged into each
+    token (R = the segment's frames for a static group, 1 for a frame's dynamic group); the groups are numbered
+    ``group``, ``group + 1``, ... Clusters when ``m > MAX_UNCLUSTERED``: one batched DPC-KNN, whose (G, m) noise draw
+    is the official G successive (1, m) draws (the CPU generator fills row after row)."""
+    groups, count, dim = feats.shape
     if count > MAX_UNCLUSTERED:
         clusters = int(count * cluster_ratio)
-        labels, centers = dpc_knn(feats[None], clusters, min(k, count), generator=generator)  # (1, m), (1, M)
-        means = cluster_means(feats[None], labels, clusters)[0]  # (M, D)
-        targets = slots[centers[0]][labels[0]]  # (m,): the centre position of each token's cluster
-        out.values[slots[centers[0]]] = means
-        kept = slots[centers[0]]
+        labels, centers = dpc_knn(feats, clusters, min(k, count), generator=generator)  # (G, m), (G, M)
+        merged = cluster_means(feats, labels, clusters)  # (G, M, D)
+        kept = slots.gather(1, centers)  # (G, M): the centre positions
+        targets = kept.gather(1, labels)  # (G, m): the centre position of each token's cluster
     else:
-        targets = slots
-        out.values[slots] = feats
-        kept = slots
+        merged, kept, targets = feats, slots, slots
+    out.values[kept.reshape(-1)] = merged.reshape(-1, dim)
     out.keep[kept] = True
-    out.groups[kept] = group
-    out.assignment[members] = targets.expand_as(members)
+    out.groups[kept] = group + torch.arange(groups, device=kept.device)[:, None]
+    out.assignment[members] = targets[:, None, :].expand_as(members)
 
 
 def prunevid_frames(
@@ -186,7 +186,8 @@ def prunevid_frames(
     generator: Optional[torch.Generator] = None,
 ) -> PruneVidRow:
     """PruneVid's merge of one video's frame tokens (T, n, D). The generator draws the DPC-KNN tie noise in the
-    official call order (frames, then per segment its static group, then each frame's dynamic group)."""
+    official call order (frames, then per segment its static group, then each frame's dynamic group). One loop over
+    segments; a segment's frames (their dynamic groups have one size) are merged in one batched call."""
     frames, per_frame, dim = tokens.shape
     feats = tokens.float()  # (T, n, D)
     flat = frames * per_frame
@@ -204,16 +205,14 @@ def prunevid_frames(
         static = static_positions(window, tau)  # (n,)
         frame_base = (start + torch.arange(width, device=tokens.device)) * per_frame  # (W,)
         where = spatial[static]  # (S,)
-        _merge_group(
-            window[:, static].mean(dim=0), start * per_frame + where, frame_base[:, None] + where[None], cluster_ratio,
-            k, generator, out, group,
+        _merge_groups(
+            window[:, static].mean(dim=0)[None], (start * per_frame + where)[None], (frame_base[:, None] + where[None])[None],
+            cluster_ratio, k, generator, out, group,
         )
         group += 1
-        moving = spatial[~static]  # (n - S,)
-        for w in range(width):
-            slots = frame_base[w] + moving  # (n - S,)
-            _merge_group(window[w, ~static], slots, slots[None], cluster_ratio, k, generator, out, group)
-            group += 1
+        slots = frame_base[:, None] + spatial[~static][None]  # (W, n - S): each frame's dynamic positions
+        _merge_groups(window[:, ~static], slots, slots[:, None], cluster_ratio, k, generator, out, group)
+        group += width
         start += width
     return out
 

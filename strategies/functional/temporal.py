@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .video import frame_tokens, unit_rows
+
 __all__ = ["DYCOKE_KEEP_TIER", "DyCokeTTM", "dycoke_reference_frames", "dycoke_keep_per_frame", "dycoke_ttm", "dycoke_ttm_count"]
 
 #: Score tier of the tokens DyCoke's TTM keeps: kept tokens score ``DYCOKE_KEEP_TIER + x`` with x in [0, 1], the
@@ -94,16 +96,20 @@ def dycoke_ttm(
         t_len, h, w = shape
         per_frame = h * w
         where = ((frame_index[b] >= 0) & valid[b]).nonzero().flatten()  # (T*P,) frame-major positions
-        x = visual[b, where].float().view(t_len, per_frame, -1)  # (T, P, D)
+        x = frame_tokens(visual[b], where.view(t_len, per_frame)).float()  # (T, P, D), a view when consecutive
         reference = torch.tensor(dycoke_reference_frames(t_len), dtype=torch.long, device=visual.device)  # (T,)
         sims = torch.zeros(t_len, per_frame, device=visual.device)  # (T, P)
-        frame_numbers = torch.arange(t_len, device=visual.device)  # (T,)
-        pairs = frame_numbers[(reference >= 0) & (reference == frame_numbers - 1)]  # odd frames: the previous frame
-        if pairs.numel():
-            sims[pairs] = F.cosine_similarity(F.normalize(x[pairs - 1], p=2, dim=-1), F.normalize(x[pairs], p=2, dim=-1), dim=-1)
-        quads = frame_numbers[(reference >= 0) & (reference == frame_numbers - 2)]  # frame i + 2 of a group of four
-        if quads.numel():
-            sims[quads] = F.cosine_similarity(x[quads - 2], x[quads], dim=-1)  # raw tokens (official)
+        # pairs: every odd frame 2i + 1 against frame 2i, of the L2-normalised tokens; F.cosine_similarity's
+        # per-vector division done once per frame (unit_rows), strided views instead of gathered copies
+        pairs = t_len // 2
+        if pairs:
+            units = unit_rows(F.normalize(x[: 2 * pairs], p=2, dim=-1), inplace=True)  # (2 * pairs, P, D)
+            sims[1 : 2 * pairs : 2] = (units[0::2] * units[1::2]).sum(dim=-1)  # (pairs, P)
+        # groups of four: frame i + 2 against frame i (i = 0, 4, ...; the official stop T - 4), raw tokens
+        quads = len(range(0, t_len - 4, 4))
+        if quads:
+            before, after = unit_rows(x[0 : 4 * quads : 4]), unit_rows(x[2 : 4 * quads : 4])  # (quads, P, D) each
+            sims[2 : 4 * quads : 4] = (before * after).sum(dim=-1)  # (quads, P)
         pruned = reference >= 0  # (T,)
         count = dycoke_keep_per_frame(per_frame, k)
         order = sims.argsort(dim=1, stable=True)  # (T, P) ascending similarity, ties to the lower position

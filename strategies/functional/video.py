@@ -13,10 +13,15 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-__all__ = ["TIE_NOISE", "frame_positions", "frame_attention", "dpc_knn_scores", "row_generator"]
+__all__ = [
+    "TIE_NOISE", "COSINE_EPS", "frame_positions", "frame_tokens", "frame_attention", "dpc_knn_scores", "row_generator",
+    "unit_rows",
+]
 
 #: Scale of the uniform noise DPC-KNN adds to densities to break ties (FastVID and HoliTom: ``rand * 1e-6``).
 TIE_NOISE = 1e-6
+#: ``F.cosine_similarity``'s default ``eps``: the floor of each vector's norm before it divides (`unit_rows`).
+COSINE_EPS = 1e-8
 
 
 def frame_positions(frame_index: Tensor, frames: tuple[int, int, int]) -> Tensor:
@@ -28,6 +33,19 @@ def frame_positions(frame_index: Tensor, frames: tuple[int, int, int]) -> Tensor
     return positions.view(t_len, h * w)
 
 
+def frame_tokens(row: Tensor, positions: Tensor) -> Tensor:
+    """(T, n, D): the tokens of ``row`` (N, D) at ``positions`` (T, n) long, strictly ascending (`frame_positions`).
+    When the positions are one run of consecutive tokens (every layout whose frames are not interleaved with other
+    tokens: LLaVA-OneVision's video newline comes after the last frame) this is a view of ``row``, not a copy;
+    callers must not write to it."""
+    count = positions.numel()
+    if count:
+        ends = positions.reshape(-1)[:: max(count - 1, 1)].tolist()  # [first, last] (one element when count is 1)
+        if ends[-1] - ends[0] + 1 == count:  # strictly ascending and spanning count positions: consecutive
+            return row[ends[0] : ends[0] + count].view(*positions.shape, row.shape[-1])
+    return row[positions]
+
+
 def frame_attention(tokens: Tensor) -> Tensor:
     """(T, n) float32: how much attention each token of a frame receives, averaged over the frame's queries, of a
     parameter-free self-attention ``softmax(x x^T / sqrt(D))`` on ``tokens`` (T, n, D).
@@ -37,6 +55,16 @@ def frame_attention(tokens: Tensor) -> Tensor:
     x = tokens.float()  # (T, n, D)
     logits = torch.bmm(x, x.transpose(1, 2)) / math.sqrt(x.shape[-1])  # (T, n, n)
     return logits.softmax(dim=-1).mean(dim=1)  # (T, n)
+
+
+def unit_rows(x: Tensor, *, inplace: bool = False) -> Tensor:
+    """``x / max(||x||, COSINE_EPS)`` over the last dim, the per-vector half of ``F.cosine_similarity`` (ATen divides
+    each side by its clamped norm, multiplies and sums over the dim), so ``(unit_rows(a) * unit_rows(b)).sum(-1)``
+    equals ``F.cosine_similarity(a, b, dim=-1)`` bit for bit (tests/strategies/test_video_speed.py) while each frame
+    of a video is divided by its norm once rather than once per pair it takes part in. Same shape and dtype as ``x``;
+    ``inplace`` divides ``x`` itself (a buffer the caller owns) instead of allocating a new one."""
+    norms = torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min(COSINE_EPS)  # (..., 1)
+    return x.div_(norms) if inplace else x / norms
 
 
 def row_generator(seed: int, device: torch.device) -> torch.Generator:

@@ -60,10 +60,10 @@ PINNED = {
     "sparsevlm": 230,  # rank rule + recycling (one matrix_rank and one clustering per row)
     "mustdrop_vision": 148,  # with the merging output (sizes, assignment) now that Supplement carries it
     "sparsevlm": 236,  # prompt_attention + prompt_mask added to the inputs (only SparseVLM reads them)
-    "dycoke": 129,  # video (frames VIDEO_FRAMES); the decode policy runs in the decoding steps' hooks
-    "prunevid": 1390,  # video; the pre-LLM merge (per segment and frame group DPC-KNN; capped at K by cluster size)
-    "fastvid": 266,  # video (frames VIDEO_FRAMES): segmentation, density scores, anchor merge
-    "holitom": 1264,  # video (frames VIDEO_FRAMES): the outer merge; the window DP over T frames runs per cell
+    "dycoke": 109,  # video (frames VIDEO_FRAMES); the decode policy runs in the decoding steps' hooks (129 before issue 15's speed work)
+    "prunevid": 270,  # video; the pre-LLM merge (per segment: static group, then its frames batched; capped at K by cluster size; 1390 before issue 15's speed work)
+    "fastvid": 262,  # video (frames VIDEO_FRAMES): segmentation, density scores, anchor merge (266 before issue 15's speed work)
+    "holitom": 494,  # video (frames VIDEO_FRAMES): the outer merge; the window DP in numpy, no op per cell (was 1264)
 }
 
 #: The issue's targets at this size.
