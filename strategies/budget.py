@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Optional
+from typing import Any, ClassVar, Optional
 
 import torch
 from torch import Tensor
 
 from vtprune.framework.budget import scaled_counts
+from vtprune.framework.signals import Signals
 from vtprune.framework.stages import Allocation, BudgetAllocator
 
 from .functional.auto_split import relevance_coverage_counts
 
-__all__ = ["AutoSplit", "FixedSplit", "DynamicSplit", "critical_mass_counts"]
+__all__ = ["AutoSplit", "FixedSplit", "DynamicSplit", "OwnCountAllocator", "critical_mass_counts"]
 
 
 def _check_fraction(name: str, value: float) -> None:
@@ -116,3 +117,17 @@ class AutoSplit(BudgetAllocator):
             return Allocation(total=totals, critical=torch.zeros_like(totals))
         critical = relevance_coverage_counts(scores, valid, totals, self.temperature, self.trade)  # (B,)
         return Allocation(total=totals, critical=critical)
+
+
+class OwnCountAllocator(BudgetAllocator):
+    """An adaptive allocator for a method that keeps its own count: the resolved total is the method's target (its
+    ratio ``total / valid``), handed whole to the diversity stage (no critical share), which keeps the method's
+    data-dependent count (docs/architecture.md, "Adaptive counts")."""
+
+    adaptive_counts: ClassVar[bool] = True
+
+    def adapt(self, signals: Signals, budget: Any, totals: Tensor, valid: Tensor, scores: Optional[Tensor]) -> Allocation:
+        return Allocation(total=totals, critical=torch.zeros_like(totals))
+
+    def allocate(self, totals: Tensor, valid: Tensor, scores: Optional[Tensor]) -> Allocation:
+        return Allocation(total=totals, critical=torch.zeros_like(totals))

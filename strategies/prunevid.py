@@ -32,6 +32,7 @@ from vtprune.framework.stages import (
     Supplement,
 )
 
+from .budget import OwnCountAllocator
 from .critical import TopKCritical
 from .diversity import NoDiversity
 from .functional.prunevid import DEFAULT_K, prunevid_frames
@@ -116,19 +117,12 @@ class PruneVidMerge(DiversitySupplementer):
 
 
 @dataclass(frozen=True, eq=False)
-class PruneVidBudget(BudgetAllocator):
+class PruneVidBudget(OwnCountAllocator):
     """Adaptive: the resolved total is an upper bound, all of it handed to ``diversity.prunevid``, which keeps its own
     count (docs/architecture.md, "Adaptive counts"). A budget of 1.0 never caps the method."""
 
     name: ClassVar[str] = "prunevid"
     description: ClassVar[str] = "adaptive: PruneVid keeps its own count, at most the budget"
-    adaptive_counts: ClassVar[bool] = True
-
-    def adapt(self, signals: Signals, budget: Any, totals: Tensor, valid: Tensor, scores: Optional[Tensor]) -> Allocation:
-        return Allocation(total=totals, critical=torch.zeros_like(totals))
-
-    def allocate(self, totals: Tensor, valid: Tensor, scores: Optional[Tensor]) -> Allocation:
-        return Allocation(total=totals, critical=torch.zeros_like(totals))
 
 
 @dataclass(frozen=True, eq=False)

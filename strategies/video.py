@@ -35,6 +35,7 @@ from vtprune.framework.stages import (
 from .functional.fastvid import fastvid_frames
 from .functional.holitom import holitom_frames, inner_merge
 from .functional.video import frame_attention, frame_positions, frame_tokens, row_generator
+from .budget import OwnCountAllocator
 from .relevance import AttentionRelevance
 
 __all__ = [
@@ -236,22 +237,8 @@ class HoliTomInner(DiversitySupplementer):
         return Supplement(keep & valid, values, assignment)
 
 
-class _MethodCount(BudgetAllocator):
-    """An adaptive allocator for a method that keeps its own count: the resolved total is the method's target (its
-    ratio ``total / valid``), handed whole to the diversity stage (no critical share), which keeps the method's
-    data-dependent count (docs/architecture.md, "Adaptive counts")."""
-
-    adaptive_counts: ClassVar[bool] = True
-
-    def adapt(self, signals: Signals, budget: Any, totals: Tensor, valid: Tensor, scores: Optional[Tensor]) -> Allocation:
-        return Allocation(total=totals, critical=torch.zeros_like(totals))
-
-    def allocate(self, totals: Tensor, valid: Tensor, scores: Optional[Tensor]) -> Allocation:
-        return Allocation(total=totals, critical=torch.zeros_like(totals))
-
-
 @dataclass(frozen=True, eq=False)
-class FastVIDBudget(_MethodCount):
+class FastVIDBudget(OwnCountAllocator):
     """FastVID's count: the budget (rounded half up) gives the ratio; the method keeps ``int(n r)`` per frame of
     which the anchors are shared per segment, so at most the budget's frame share (newlines kept on top)."""
 
@@ -260,7 +247,7 @@ class FastVIDBudget(_MethodCount):
 
 
 @dataclass(frozen=True, eq=False)
-class HoliTomBudget(_MethodCount):
+class HoliTomBudget(OwnCountAllocator):
     """HoliTom's count before the LLM: a float budget rounds half to even (Python ``round``) and gives the ratio; the
     method keeps its own count (static windows merged, ceil / round per frame and window)."""
 

@@ -235,7 +235,7 @@ def test_demo_grid_runs_on_a_qwen_organism(tmp_path: Path) -> None:
     overrides = demo_overrides("qwen2_vl") + [
         ("model.name", str(weights)), ("output_dir", str(tmp_path / "out")), ("task.limit", 2),
         ("grid.budget", [0.25]), ("grid.method.recipe", ["zspaprune"]), ("seeds", [0]),
-        ("tracking.mode", "disabled"), ("exclude", []),
+        ("tracking.mode", "disabled"), ("exclude", []), ("include", []),
     ]
     spec = load_grid(demo_grid_path(), overrides)
     summary = run_grid(spec, progress=False)
