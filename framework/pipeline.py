@@ -149,11 +149,20 @@ class Pipeline:
             remaining = totals - chosen.sum(dim=1)  # (B,)
             if bool((remaining > 0).any()):
                 supplement = self.diversity.supplement(signals, chosen, remaining, valid, scores)
-                keep = chosen | (supplement.mask if dense else supplement.mask & valid)  # (B, N)
+                mask, assigned, replaced = supplement.mask, supplement.assignment, supplement.mask
+                if getattr(type(self.diversity), "exact_counts", True) is False and not self.budget.adaptive_counts:
+                    # a stage that may keep fewer than asked: a row whose budget covers all its real tokens keeps
+                    # them all, unmerged, as it does alone (the shortcut above needs every row covered)
+                    full = (totals == valid_counts).unsqueeze(-1)  # (B, 1)
+                    mask = torch.where(full, valid, mask)  # (B, N)
+                    replaced = replaced & ~full  # (B, N): full rows keep their own values
+                    if assigned is not None:
+                        assigned = torch.where(full, torch.full_like(assigned, -1), assigned)  # (B, N)
+                keep = chosen | (mask if dense else mask & valid)  # (B, N)
                 if supplement.values is not None:
-                    values = torch.where(supplement.mask.unsqueeze(-1), supplement.values.to(signals.visual.dtype), signals.visual)  # (B, N, D)
-                if supplement.assignment is not None:
-                    merged = merge_output(keep, supplement.assignment, valid)
+                    values = torch.where(replaced.unsqueeze(-1), supplement.values.to(signals.visual.dtype), signals.visual)  # (B, N, D)
+                if assigned is not None:
+                    merged = merge_output(keep, assigned, valid)
         if not keep.numel():
             width = 0
         elif keep is valid and dense:

@@ -200,3 +200,19 @@ def test_budget_selects_the_official_pair_and_rejects_others():
         framework.compose("sparsevlm", scale=1.0, registry=REGISTRY)
     with pytest.raises(BudgetError):
         framework.compose("sparsevlm", registry=REGISTRY).select(_signals([20], 0), 0)
+
+
+def test_recycle_row_covered_by_the_budget_keeps_all_in_a_batch_as_alone():
+    """A stage that may keep fewer than asked (``recycle``): a ragged batch where one row's budget covers all its
+    real tokens keeps that row whole and unmerged, exactly as the row alone does (regression: the keep-all
+    shortcut used to apply only when every row of the batch was covered)."""
+    from vtprune.testing import ragged_signals
+
+    pipeline = framework.compose("prompt_cosine+critical+diversity.recycle", registry=REGISTRY)
+    signals = ragged_signals([9, 6], seed=0)
+    batch = pipeline.select(signals, 8)
+    for row in range(2):
+        alone = pipeline.select(signals.row(row), 8)
+        assert batch.row_indices(row).tolist() == alone.row_indices(0).tolist()
+    assert batch.row_indices(1).tolist() == list(range(6))
+    assert batch.assignment is None or bool((batch.sizes[1][batch.mask[1]] == 1).all())
