@@ -69,6 +69,18 @@ def row_layout(signals: Signals, row: int, valid: Tensor) -> tuple[Tensor, Tenso
     return positions, others
 
 
+def _row_outputs(
+    visual: Tensor, selected: Tensor, valid: Tensor, scores: Optional[Tensor]
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The buffers a per-row merging stage fills: keep (B, N) False, values (B, N, D) a copy of ``visual``,
+    assignment (B, N) -1, the ranking scores (B, N) (zeros without a relevance stage) and the free real tokens."""
+    keep = torch.zeros(valid.shape, dtype=torch.bool, device=valid.device)  # (B, N)
+    values = visual.clone()  # (B, N, D)
+    assignment = torch.full(valid.shape, -1, dtype=torch.long, device=valid.device)  # (B, N)
+    ranked = scores if scores is not None else torch.zeros(valid.shape, device=valid.device)  # (B, N)
+    return keep, values, assignment, ranked, valid & ~selected
+
+
 def _keeps_all(counts: Tensor, free: Tensor, b: int, keep: Tensor, assignment: Tensor) -> bool:
     """A row whose count reaches its free real tokens keeps them all unchanged (as ``Pipeline.select`` does for a
     row alone), so a row is the same alone and in a batch."""
@@ -144,11 +156,7 @@ class FastVIDMerge(DiversitySupplementer):
 
     def supplement(self, signals: Signals, selected: Tensor, counts: Tensor, valid: Tensor, scores: Optional[Tensor]) -> Supplement:
         visual = signals.visual
-        keep = torch.zeros(valid.shape, dtype=torch.bool, device=valid.device)  # (B, N)
-        values = visual.clone()  # (B, N, D)
-        assignment = torch.full(valid.shape, -1, dtype=torch.long, device=valid.device)  # (B, N)
-        ranked = scores if scores is not None else torch.zeros(valid.shape, device=valid.device)  # (B, N)
-        free = valid & ~selected  # (B, N)
+        keep, values, assignment, ranked, free = _row_outputs(visual, selected, valid, scores)
         for b in range(signals.batch_size):
             if _keeps_all(counts, free, b, keep, assignment):
                 continue
@@ -190,11 +198,7 @@ class HoliTomMerge(DiversitySupplementer):
 
     def supplement(self, signals: Signals, selected: Tensor, counts: Tensor, valid: Tensor, scores: Optional[Tensor]) -> Supplement:
         visual = signals.visual
-        keep = torch.zeros(valid.shape, dtype=torch.bool, device=valid.device)  # (B, N)
-        values = visual.clone()  # (B, N, D)
-        assignment = torch.full(valid.shape, -1, dtype=torch.long, device=valid.device)  # (B, N)
-        ranked = scores if scores is not None else torch.zeros(valid.shape, device=valid.device)  # (B, N)
-        free = valid & ~selected  # (B, N)
+        keep, values, assignment, ranked, free = _row_outputs(visual, selected, valid, scores)
         for b in range(signals.batch_size):
             if _keeps_all(counts, free, b, keep, assignment):
                 continue
@@ -221,11 +225,7 @@ class HoliTomInner(DiversitySupplementer):
 
     def supplement(self, signals: Signals, selected: Tensor, counts: Tensor, valid: Tensor, scores: Optional[Tensor]) -> Supplement:
         visual = signals.visual
-        keep = torch.zeros(valid.shape, dtype=torch.bool, device=valid.device)  # (B, N)
-        values = visual.clone()  # (B, N, D)
-        assignment = torch.full(valid.shape, -1, dtype=torch.long, device=valid.device)  # (B, N)
-        ranked = scores if scores is not None else torch.zeros(valid.shape, device=valid.device)  # (B, N)
-        free = valid & ~selected  # (B, N)
+        keep, values, assignment, ranked, free = _row_outputs(visual, selected, valid, scores)
         for b in range(signals.batch_size):
             if _keeps_all(counts, free, b, keep, assignment) or int(counts[b]) == 0:
                 continue
