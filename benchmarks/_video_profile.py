@@ -63,12 +63,12 @@ def video_signals(batch: int, frames: int, side: int, dim: int, heads: int, key_
 
 
 def video_presets(registry: Any) -> list[tuple[str, bool]]:
-    """(name, requires frames) of every preset of ``registry`` that `VIDEO_ADAPTER` supports, in registry order."""
+    """(name, reads frames) of every preset of ``registry`` that `VIDEO_ADAPTER` supports, in registry order."""
     out = []
     for name in registry.presets:
         pipeline = compose(name, registry=registry)
         if not support_problems(VIDEO_ADAPTER, pipeline):
-            out.append((name, bool({"frames", "frame_index"} & set(pipeline.requires))))
+            out.append((name, bool({"frames", "frame_index"} & (pipeline.requires | pipeline.optional))))
     return out
 
 

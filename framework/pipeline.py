@@ -62,6 +62,14 @@ class Pipeline:
             needed |= stage.requires
         return frozenset(needed)
 
+    @property
+    def optional(self) -> frozenset[str]:
+        """The `Signals` fields some stage uses when present (``Stage.optional``), less the required ones."""
+        used: set[str] = set()
+        for stage in self.stages:
+            used |= stage.optional
+        return frozenset(used) - self.requires
+
     def __str__(self) -> str:
         terms = []
         for stage in self.stages:

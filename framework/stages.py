@@ -90,6 +90,8 @@ class Stage:
         name: the registry name used in recipes (lower_snake_case).
         description: one line for the catalog.
         requires: the `Signals` fields the stage reads (besides ``visual`` and ``visual_mask``).
+        optional: the `Signals` fields the stage uses when an adapter provides them and does without
+            otherwise, as its docstring says (e.g. ``frames``: a row without frames is one frame).
         stochastic: whether the stage draws random numbers (so a run repeated with another seed
             can select differently); None (default) = derived: True when the stage has a ``seed``
             parameter (`is_stochastic`). Experiment grids repeat only stochastic cells per seed.
@@ -99,6 +101,7 @@ class Stage:
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
     requires: ClassVar[frozenset[str]] = frozenset()
+    optional: ClassVar[frozenset[str]] = frozenset()
     #: How an adapter should compute the signals this stage reads, when a method's official code fixes it
     #: (docs/adapters.md, "Adapter hints"): "final_norm" = in-LLM ``visual`` / ``prompt`` are the hidden states
     #: through the decoder's final norm (DART); "own_layer_scoring" = a ``layer(k)`` drop's ``attention`` /

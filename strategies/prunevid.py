@@ -77,6 +77,7 @@ class PruneVidMerge(DiversitySupplementer):
 
     name: ClassVar[str] = "prunevid"
     description: ClassVar[str] = "PruneVid before the LLM: temporal segments, static tokens merged over time, DPC-KNN spatial merging"
+    optional: ClassVar[frozenset[str]] = frozenset({"frames", "frame_index"})
     stochastic: ClassVar[Optional[bool]] = True
     #: The method keeps its own data-dependent count (at most ``counts``).
     exact_counts: ClassVar[bool] = False

@@ -104,6 +104,7 @@ class FrameAttention(RelevanceScorer):
 
     name: ClassVar[str] = "frame_attention"
     description: ClassVar[str] = "per-frame received self-attention of the visual tokens (vision-attention proxy)"
+    optional: ClassVar[frozenset[str]] = frozenset({"frames", "frame_index"})
 
     def score(self, signals: Signals) -> Tensor:
         valid = signals.valid()  # (B, N)
@@ -138,6 +139,7 @@ class FastVIDMerge(DiversitySupplementer):
 
     name: ClassVar[str] = "fastvid"
     description: ClassVar[str] = "FastVID: dynamic segmentation + salient tokens + density anchors merged per segment"
+    optional: ClassVar[frozenset[str]] = frozenset({"frames", "frame_index"})
     stochastic: ClassVar[Optional[bool]] = True
     #: The method keeps its own per-frame / per-segment count (at most about the ratio): not exactly ``counts``.
     exact_counts: ClassVar[bool] = False
@@ -181,6 +183,7 @@ class HoliTomMerge(DiversitySupplementer):
 
     name: ClassVar[str] = "holitom"
     description: ClassVar[str] = "HoliTom before the LLM: DP temporal windows + static/dynamic merging"
+    optional: ClassVar[frozenset[str]] = frozenset({"frames", "frame_index"})
     stochastic: ClassVar[Optional[bool]] = True
     #: The method keeps its own count (windows, ceil / round per frame and window): not exactly ``counts``.
     exact_counts: ClassVar[bool] = False

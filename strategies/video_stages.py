@@ -31,6 +31,7 @@ class DyCokeRelevance(RelevanceScorer):
 
     name: ClassVar[str] = "dycoke_ttm"
     description: ClassVar[str] = "DyCoke temporal token merging: pruned frames keep their tokens least similar to the reference frame (k = fraction dropped)"
+    optional: ClassVar[frozenset[str]] = frozenset({"frames", "frame_index"})
     #: Reads ``frames`` / ``frame_index`` when present; without them every row is one frame (nothing pruned by TTM),
     #: so the stage runs at any pruning point (contract tests, image inputs).
     requires: ClassVar[frozenset[str]] = frozenset()

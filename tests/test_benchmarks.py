@@ -147,6 +147,9 @@ def test_video_profile_presets_are_the_supported_ones() -> None:
     names = [name for name, _ in video_presets(registry)]
     want = [name for name in registry.presets if not support_problems(VIDEO_ADAPTER, compose(name, registry=registry))]
     assert names == want and "fastv" in names and "visionzip" not in names and "cdpruner" not in names
+    reads_frames = {name for name, video in video_presets(registry) if video}
+    assert {"dycoke", "prunevid", "fastvid", "holitom"} <= reads_frames  # --video-only selects the video methods
+    assert not reads_frames & {"fastv", "zspaprune", "random"}
     signals = video_signals(2, 3, 2, 16, heads=4, key_heads=2)
     assert signals.frames.tolist() == [[3, 2, 2]] * 2 and signals.frame_index[0, -1] == -1
     assert signals.attention.shape == (2, 4, 13) and signals.visual_keys.shape == (2, 13, 2, 4)

@@ -148,3 +148,10 @@ def test_bad_budgets(bad) -> None:
 
     with pytest.raises(BudgetError, match="budget"):
         compose("zspaprune").select(make_signals([6]), bad)
+
+
+def test_pipeline_optional_lists_the_signals_its_stages_use_when_present() -> None:
+    """``Pipeline.optional``: fields a stage reads if an adapter gives them (video layout), never the required ones."""
+    assert {"frames", "frame_index"} <= compose("holitom").optional
+    assert not compose("holitom").optional & compose("holitom").requires
+    assert compose("zspaprune").optional == frozenset()
