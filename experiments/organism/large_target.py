@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
             print("  " + ", ".join(f"{k} {v:.3f}" for k, v in cur["rows"].items())
                   + f"; top-{budget} relevance on target {cur['top_on_target']:.3f}; auto counts {cur['auto_counts'].tolist()}")
             inner, ok = cur["top1_interior"], cur["correct"][:, 0]
-            if inner.any():
+            if budget == a.budgets[0] and inner.any():  # the most relevant token does not depend on the budget
                 print(f"  most relevant token interior in {int(inner.sum())} rows: accuracy (critical 0) "
                       f"{ok[inner].mean():.3f} there, {ok[~inner].mean():.3f} elsewhere")
     return 0
