@@ -8,13 +8,19 @@ property                   rule
 =========================  =====================================================================================
 ``select runs``            ``select`` raises nothing on any of the batches below
 ``selection shapes``       ``indices`` (B, K) long, ``mask`` / ``critical`` (B, K) bool, ``mask`` a prefix per row
-``exact count``            ``counts[b] == pipeline.budget.resolve(budget, real tokens of row b)``
-``keep-all``               a budget at or above a row's real tokens (or 1.0) keeps every real token
+``exact count``            ``counts[b] == pipeline.budget.resolve(budget, real tokens of row b)`` (an adaptive
+                           allocator with an exact diversity stage: its ``Allocation.total``, at most that)
+``count within budget``    adaptive counts (:func:`adaptive_counts`: a diversity stage with ``exact_counts = False``)
+                           ``counts[b] <=`` the resolved (or adaptive) total; called directly, the stage returns
+                           at most what it is asked for
+``keep-all``               a row the budget covers (``pipeline.budget.covers``: by default a budget at or above
+                           its real tokens, 1.0) keeps every real token, its own value, nothing merged
 ``ascending unique``       a row's kept indices are strictly increasing
 ``padding never chosen``   every kept index is a real token (``visual_mask`` True)
 ``critical on kept only``  ``critical`` is never set on a padding slot
 ``critical count``         critical tokens per row: 0 without scores; the whole budget when the diversity stage
-                           adds nothing; else ``min(allocation.critical, total)``
+                           adds nothing; else ``min(allocation.critical, total)`` (``adapt`` for an adaptive
+                           allocator)
 ``* stage output``         the critical / diversity stage called directly (``Pipeline.select`` masks their output,
                            which would hide a stage picking padding): (B, N) bool, exactly the asked count, real
                            tokens only, diversity picks disjoint from the critical ones
