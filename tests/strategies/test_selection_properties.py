@@ -84,7 +84,7 @@ def test_budget_at_or_above_tokens_keeps_all(recipe: str) -> None:
     pipeline = _compose(recipe)
     signals = make_signals([9, 6], seed=3, grid=None)
     if pipeline.budget.covers(1.0, signals.valid().sum(1), signals.valid().sum(1)) is None:
-        pytest.skip(f"{recipe}: budget.{pipeline.budget.name}'s budget is a cap that 1.0 lifts (test_prunevid.py)")
+        pytest.skip(f"{recipe}: budget.{pipeline.budget.name}'s budget is a cap that 1.0 lifts (tests/framework/test_keep_all_rule.py)")
     for budget in (9, 100, 1.0):
         selection = check_selection(pipeline, signals, budget, label=recipe)
         assert torch.equal(selection.kept_mask(9), signals.valid())
