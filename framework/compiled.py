@@ -60,11 +60,14 @@ class SelectPlan:
         tokens: N, visual tokens per row (no padding).
         total: tokens kept per row (the budget resolved by the budget allocator).
         critical: tokens chosen by the critical selector per row.
+        whole: every row is kept whole (the allocator's `BudgetAllocator.covers`: the keep-all rule of
+            ``Pipeline.select``).
     """
 
     tokens: int
     total: int
     critical: int
+    whole: bool = False
 
     @property
     def remaining(self) -> int:
@@ -98,7 +101,9 @@ def plan_select(pipeline: Pipeline, batch: int, tokens: int, budget: int) -> Sel
         valid = torch.ones(batch, tokens, dtype=torch.bool)  # (B, N)
         allocation = pipeline.budget.allocate(totals, valid, None)
         critical = int(torch.minimum(allocation.critical.clamp(min=0), totals)[0]) if batch else 0
-    return SelectPlan(tokens=tokens, total=total, critical=critical)
+    covered = pipeline.budget.covers(budget, totals, valid_counts)  # (B,) bool or None (host tensors)
+    whole = covered is not None and bool(covered.all())
+    return SelectPlan(tokens=tokens, total=total, critical=critical, whole=whole)
 
 
 def planned_select(pipeline: Pipeline, signals: Signals, plan: SelectPlan) -> Selection:
@@ -115,8 +120,8 @@ def planned_select(pipeline: Pipeline, signals: Signals, plan: SelectPlan) -> Se
         chosen = pipeline.critical.select(scores, plan.critical, valid)  # (B, N)
     keep, values = chosen, None
     merged: tuple = (None, None)  # (sizes, assignment) when the diversity stage merges
-    if plan.total >= plan.tokens:
-        keep = valid  # every token is kept
+    if plan.whole:
+        keep = valid  # every token is kept (the keep-all rule)
     elif pipeline.diversity.adds_tokens and plan.remaining > 0:
         supplement = pipeline.diversity.supplement(signals, chosen, plan.remaining, valid, scores)
         keep = chosen | supplement.mask  # (B, N)
@@ -124,7 +129,7 @@ def planned_select(pipeline: Pipeline, signals: Signals, plan: SelectPlan) -> Se
             values = torch.where(supplement.mask.unsqueeze(-1), supplement.values.to(signals.visual.dtype), signals.visual)  # (B, N, D)
         if supplement.assignment is not None:
             merged = merge_output(keep, supplement.assignment, valid)
-    width = plan.tokens if plan.total >= plan.tokens else plan.total
+    width = plan.tokens if plan.whole else plan.total
     return assemble_selection(keep, chosen, values, width, *merged)
 
 

@@ -101,12 +101,17 @@ class Pipeline:
         Args:
             signals: what the pruning point sees; rows are independent images.
             budget: an int (tokens kept per row), a float in (0, 1] (fraction of the row's real
-                tokens), or a sequence of those with one entry per row. A budget at or above a
-                row's real token count keeps every real token.
+                tokens), or a sequence of those with one entry per row.
         Returns: a `Selection` with ``counts[b] == resolved budget of row b`` (never more than
             the row's real tokens; for an allocator with ``adaptive_counts``, its adaptive
-            ``Allocation.total``, at most that), ascending unique indices, padding never selected,
-            and ``critical`` marking the tokens the critical selector chose.
+            ``Allocation.total``, at most that; for a diversity stage with ``exact_counts = False``, what
+            it keeps, at most that), ascending unique indices, padding never selected, and ``critical``
+            marking the tokens the critical selector chose.
+
+        The keep-all rule, per row and for every pipeline: a row the allocator says its budget covers
+        (`BudgetAllocator.covers`; by default a budget at or above the row's real tokens) keeps every real
+        token with its own value, nothing merged into it, whatever the stages would do, so a row is the same
+        alone and in any batch and keep-all reproduces the unpruned model (docs/architecture.md, "Keep-all").
         """
         self.check_signals(signals)
         dense = signals.visual_mask is None  # every token is real: nothing to mask
@@ -117,6 +122,8 @@ class Pipeline:
         else:
             valid_counts = valid.sum(dim=1)  # (B,)
         totals = self._resolve(budget, valid_counts)  # (B,)
+        covered = self.budget.covers(budget, totals, valid_counts)  # (B,) bool, or None: no row kept whole
+        whole = 0 if covered is None else int(covered.sum().item())  # rows kept whole (one sync)
         scores = self.relevance.score(signals)
         if scores is not None:
             scores = scores.float()  # (B, N)
@@ -125,8 +132,9 @@ class Pipeline:
         if self.budget.adaptive_counts:
             # the kept count comes from the data (docs/architecture.md, "Adaptive counts")
             allocation = self.budget.adapt(signals, budget, totals, valid, scores)
-            totals = torch.minimum(allocation.total.clamp(min=0), totals)  # (B,)
-            critical_counts = torch.minimum(allocation.critical.clamp(min=0), totals)  # (B,)
+            adapted = torch.minimum(allocation.total.clamp(min=0), totals)  # (B,)
+            critical_counts = torch.minimum(allocation.critical.clamp(min=0), adapted)  # (B,)
+            totals = torch.where(covered, totals, adapted) if whole else adapted  # (B,): covered rows keep all
             if scores is None:
                 critical_counts = None
             elif not self.diversity.adds_tokens:
@@ -146,31 +154,27 @@ class Pipeline:
         if chosen is None:
             chosen = torch.zeros_like(valid)  # (B, N)
         values = None
-        merged: Optional[tuple[Tensor, Tensor]] = None  # (sizes, assignment) by position, when a stage merges
+        assigned: Optional[Tensor] = None  # (B, N) position each token is merged into, when a stage merges
         keep = chosen
-        # ``chosen`` holds real tokens only, so "the rest of the budget is every remaining real
-        # token" is ``totals == valid_counts``: keep every real token, nothing for diversity to choose
-        # (not for an adaptive allocator: its split of a full count may still merge, e.g. SparseVLM's recycling).
-        if not self.budget.adaptive_counts and bool((totals == valid_counts).all()):
-            keep = valid
-        elif self.diversity.adds_tokens:
-            remaining = totals - chosen.sum(dim=1)  # (B,)
-            if bool((remaining > 0).any()):
-                supplement = self.diversity.supplement(signals, chosen, remaining, valid, scores)
-                mask, assigned, replaced = supplement.mask, supplement.assignment, supplement.mask
-                if getattr(type(self.diversity), "exact_counts", True) is False and not self.budget.adaptive_counts:
-                    # a stage that may keep fewer than asked: a row whose budget covers all its real tokens keeps
-                    # them all, unmerged, as it does alone (the shortcut above needs every row covered)
-                    full = (totals == valid_counts).unsqueeze(-1)  # (B, 1)
-                    mask = torch.where(full, valid, mask)  # (B, N)
-                    replaced = replaced & ~full  # (B, N): full rows keep their own values
-                    if assigned is not None:
-                        assigned = torch.where(full, torch.full_like(assigned, -1), assigned)  # (B, N)
-                keep = chosen | (mask if dense else mask & valid)  # (B, N)
-                if supplement.values is not None:
-                    values = torch.where(replaced.unsqueeze(-1), supplement.values.to(signals.visual.dtype), signals.visual)  # (B, N, D)
-                if assigned is not None:
-                    merged = merge_output(keep, assigned, valid)
+        if whole == batch:
+            keep = valid  # every row covered: every real token, nothing for diversity to choose
+        else:
+            full = covered.unsqueeze(-1) if whole else None  # (B, 1): the rows kept whole, when there are some
+            if self.diversity.adds_tokens:
+                remaining = totals - chosen.sum(dim=1)  # (B,)
+                if bool((remaining > 0).any()):
+                    supplement = self.diversity.supplement(signals, chosen, remaining, valid, scores)
+                    mask, assigned, replaced = supplement.mask, supplement.assignment, supplement.mask
+                    if full is not None:  # covered rows keep their own values, nothing merged into them
+                        replaced = replaced & ~full  # (B, N)
+                        if assigned is not None:
+                            assigned = torch.where(full, torch.full_like(assigned, -1), assigned)  # (B, N)
+                    keep = chosen | (mask if dense else mask & valid)  # (B, N)
+                    if supplement.values is not None:
+                        values = torch.where(replaced.unsqueeze(-1), supplement.values.to(signals.visual.dtype), signals.visual)  # (B, N, D)
+            if full is not None:
+                keep = torch.where(full, valid, keep)  # (B, N)
+        merged = merge_output(keep, assigned, valid) if assigned is not None else None  # (sizes, assignment)
         if not keep.numel():
             width = 0
         elif keep is valid and dense:

@@ -227,6 +227,10 @@ class BudgetAllocator(Stage):
     #: ``Pipeline.select`` then calls :meth:`adapt` instead of :meth:`allocate` and keeps ``Allocation.total``
     #: tokens per row (at most the resolved total). Instances may override it with a property.
     adaptive_counts: ClassVar[bool] = False
+    #: The budgets that are settings rather than counts, when only those are valid (SparseVLM's official targets 64 /
+    #: 128 / 192 without scale/bias): the contract kit (`vtprune.testing`) sweeps them instead of its count budgets.
+    #: Empty: any budget is a count. Instances may override it with a property.
+    budget_settings: ClassVar[tuple[int | float, ...]] = ()
 
     def adapt(self, signals: Signals, budget: Any, totals: Tensor, valid: Tensor, scores: Optional[Tensor]) -> Allocation:
         """Adaptive allocators only (``adaptive_counts``): the data-dependent split.
@@ -262,6 +266,22 @@ class BudgetAllocator(Stage):
         ``resolve_budget(budget, valid_counts, rounding=...)``.
         """
         return resolve_budget(budget, valid_counts)
+
+    def covers(self, budget: Any, totals: Tensor, valid_counts: Tensor) -> Optional[Tensor]:
+        """(B,) bool: the rows whose budget asks for every real token, or None when no row's can.
+
+        ``Pipeline.select`` keeps a covered row whole: every real token, its own value, nothing merged, whatever the
+        diversity stage or an adaptive split would do (so keep-all reproduces the unpruned model, and a row is the
+        same in any batch). The default: the resolved total reaches the row's real tokens (``totals`` from
+        :meth:`resolve`, ``valid_counts`` (B,) long). An allocator whose budget is a setting rather than a count
+        overrides it (SparseVLM's official targets; PruneVid's cap, which 1.0 lifts: None).
+
+        Args:
+            budget: the requested budget as ``Pipeline.select`` received it (an int, a float, or one per row).
+            totals: (B,) long, :meth:`resolve` of it.
+            valid_counts: (B,) long, real tokens per row.
+        """
+        return totals >= valid_counts  # (B,)
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,8 @@ filter with the CLS key set, and the split that reports the official (adaptive) 
 
 The kept count is adaptive (``budget.mustdrop_split`` has ``adaptive_counts``): each image keeps the tokens the
 official threshold rules keep, at most the budget (the budget is a **cap**; a budget at or above the image's tokens,
-e.g. 1.0, gives the official count exactly). Above the cap the highest-scoring passed tokens are kept.
+e.g. 1.0, keeps the image whole: `Pipeline.select`'s keep-all rule). Above the cap the highest-scoring passed tokens
+are kept.
 """
 
 from __future__ import annotations
@@ -69,7 +70,8 @@ class MustDropDual(RelevanceScorer):
 class MustDropBudget(BudgetAllocator):
     """MustDrop's adaptive count: each row keeps the tokens scoring at least ``PASS_TIER`` (what the official
     dual-attention filter and key set keep), at most the resolved budget (the budget is a cap), all of them critical.
-    A budget resolving to every real token of a row keeps the row whole (keep-all reproduces the unpruned model).
+    A budget resolving to every real token of a row keeps the row whole (`Pipeline.select`'s keep-all rule,
+    `BudgetAllocator.covers`), so keep-all reproduces the unpruned model.
 
     Without scores (no relevance stage) nothing passes a threshold: the row keeps the whole budget, none of it
     critical (a diversity stage fills it).
@@ -83,8 +85,6 @@ class MustDropBudget(BudgetAllocator):
         if scores is None:
             return Allocation(total=totals, critical=torch.zeros_like(totals))
         passed = torch.minimum(((scores >= PASS_TIER) & valid).sum(dim=1), totals)  # (B,): capped at the budget
-        whole = totals >= valid.sum(dim=1)  # (B,) a budget resolving to every real token keeps every token (keep-all)
-        passed = torch.where(whole, totals, passed)  # (B,)
         return Allocation(total=passed, critical=passed)
 
     def allocate(self, totals: Tensor, valid: Tensor, scores: Optional[Tensor]) -> Allocation:

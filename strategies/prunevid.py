@@ -120,10 +120,15 @@ class PruneVidMerge(DiversitySupplementer):
 @dataclass(frozen=True, eq=False)
 class PruneVidBudget(OwnCountAllocator):
     """Adaptive: the resolved total is an upper bound, all of it handed to ``diversity.prunevid``, which keeps its own
-    count (docs/architecture.md, "Adaptive counts"). A budget of 1.0 never caps the method."""
+    count (docs/architecture.md, "Adaptive counts"). The budget is a cap, not a count: a budget of 1.0 (or one at or
+    above the row's tokens) never caps the method and runs it as released, so no budget keeps a row whole
+    (:meth:`covers` is None; keep-all takes the neutral ``diversity.prunevid(tau=1.0, cluster_ratio=1.0)``)."""
 
     name: ClassVar[str] = "prunevid"
     description: ClassVar[str] = "adaptive: PruneVid keeps its own count, at most the budget"
+
+    def covers(self, budget: Any, totals: Tensor, valid_counts: Tensor) -> Optional[Tensor]:
+        return None  # a cap: 1.0 runs the released method uncapped (docs/methods.md, "PruneVid")
 
 
 @dataclass(frozen=True, eq=False)

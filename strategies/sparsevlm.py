@@ -93,23 +93,37 @@ class SparseRank(BudgetAllocator):
         except ValueError as error:
             raise BudgetError(str(error)) from None
 
-    def _keeps_all(self, budget: Any, real_tokens: int) -> bool:
-        """A budget that is not an official target (scale/bias unset) and asks for every real token of the row keeps
-        the row whole (so keep-all reproduces the unpruned model); the official targets always run the rank rule."""
-        official = isinstance(budget, int) and budget in OFFICIAL_SCALE_BIAS
-        return self.scale is None and not official and _covers_row(budget, real_tokens)
+    @property
+    def budget_settings(self) -> tuple[int, ...]:  # type: ignore[override]
+        """The official targets when scale/bias are unset (every other budget but a covering one is a `BudgetError`)."""
+        return tuple(sorted(OFFICIAL_SCALE_BIAS)) if self.scale is None else ()
+
+    def covers(self, budget: Any, totals: Tensor, valid_counts: Tensor) -> Optional[Tensor]:
+        """The budget is a setting: only one that is not an official target (scale/bias unset) and asks for every real
+        token of the row (an int >= its count, a fraction >= 1) keeps the row whole (`Pipeline.select`'s keep-all
+        rule); the official targets (64 / 128 / 192) and any budget with scale/bias set always run the rank rule."""
+        rows = self._whole_rows(budget, valid_counts)
+        return None if rows is None else torch.tensor(rows, dtype=torch.bool, device=totals.device)  # (B,)
+
+    def _whole_rows(self, budget: Any, valid_counts: Tensor) -> Optional[list[bool]]:
+        """:meth:`covers` as a list (None with scale/bias set)."""
+        if self.scale is not None:
+            return None
+        per_row: Sequence = budget if isinstance(budget, Sequence) else [budget] * valid_counts.shape[0]
+        official = [isinstance(b, int) and b in OFFICIAL_SCALE_BIAS for b in per_row]
+        return [_covers_row(b, n) and not o for b, n, o in zip(per_row, valid_counts.tolist(), official)]
 
     def adapt(self, signals: Signals, budget: Any, totals: Tensor, valid: Tensor, scores: Optional[Tensor]) -> Allocation:
         per_row: Sequence = budget if isinstance(budget, Sequence) else [budget] * totals.shape[0]
-        covered = [self._keeps_all(b, int(valid[r].sum())) for r, b in enumerate(per_row)]
-        pairs = [(0.0, 0.0) if full else self.scale_bias(b) for full, b in zip(covered, per_row)]
+        skip = self._whole_rows(budget, valid.sum(dim=1)) or [False] * len(per_row)  # rows Pipeline.select keeps whole
         raters = _raters(signals)
         kept, clusters = [], []
-        for b, (scale, bias) in enumerate(pairs):  # the pair may differ per row
-            if covered[b]:  # a budget asking for the whole row keeps every token
+        for b, row_budget in enumerate(per_row):  # the pair may differ per row
+            if skip[b]:  # kept whole by the pipeline: no pair, no rank rule to evaluate
                 kept.append(valid[b : b + 1].sum(-1).cpu())
                 clusters.append(torch.zeros(1, dtype=torch.long))
                 continue
+            scale, bias = self.scale_bias(row_budget)
             k, c, _ = rank_counts(signals.prompt_attention[b : b + 1], raters[b : b + 1], valid[b : b + 1], scale, bias)
             kept.append(k)
             clusters.append(c)

@@ -81,16 +81,6 @@ def _row_outputs(
     return keep, values, assignment, ranked, valid & ~selected
 
 
-def _keeps_all(counts: Tensor, free: Tensor, b: int, keep: Tensor, assignment: Tensor) -> bool:
-    """A row whose count reaches its free real tokens keeps them all unchanged (as ``Pipeline.select`` does for a
-    row alone), so a row is the same alone and in a batch."""
-    if int(counts[b]) < int(free[b].sum()):
-        return False
-    keep[b] = free[b]
-    assignment[b] = torch.where(free[b], torch.arange(free.shape[1], device=free.device), assignment[b])
-    return True
-
-
 def _ratio(counts: Tensor, valid: Tensor, row: int) -> float:
     return float(counts[row]) / max(int(valid[row].sum()), 1)
 
@@ -160,8 +150,6 @@ class FastVIDMerge(DiversitySupplementer):
         visual = signals.visual
         keep, values, assignment, ranked, free = _row_outputs(visual, selected, valid, scores)
         for b in range(signals.batch_size):
-            if _keeps_all(counts, free, b, keep, assignment):
-                continue
             positions, others = row_layout(signals, b, free)  # (T, n), (M,)
             if not positions.numel():
                 continue
@@ -203,8 +191,6 @@ class HoliTomMerge(DiversitySupplementer):
         visual = signals.visual
         keep, values, assignment, ranked, free = _row_outputs(visual, selected, valid, scores)
         for b in range(signals.batch_size):
-            if _keeps_all(counts, free, b, keep, assignment):
-                continue
             positions, others = row_layout(signals, b, free)  # (T, n), (M,)
             if not positions.numel():
                 continue
@@ -230,7 +216,7 @@ class HoliTomInner(DiversitySupplementer):
         visual = signals.visual
         keep, values, assignment, ranked, free = _row_outputs(visual, selected, valid, scores)
         for b in range(signals.batch_size):
-            if _keeps_all(counts, free, b, keep, assignment) or int(counts[b]) == 0:
+            if int(counts[b]) == 0:
                 continue
             real = torch.nonzero(free[b], as_tuple=False).squeeze(1)  # (n,)
             row_keep, row_values, target = inner_merge(visual[b, real], ranked[b, real], int(counts[b]))

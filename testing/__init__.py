@@ -2,7 +2,8 @@
 
 - Signals factories (`vtprune.testing.signals`): :func:`make_signals`, :func:`make_video_signals`, :func:`ragged_signals`,
   :func:`clustered_signals`, :func:`signals_for`.
-- The selection contract (`vtprune.testing.contracts`): :func:`check_selection` (one batch),
+- The selection contract (`vtprune.testing.contracts`): :func:`check_selection` (one batch; the relaxed count rule
+  for pipelines whose kept count comes from the data, :func:`adaptive_counts`),
   :func:`check_pipeline` (a sweep over shapes, seeds and budgets), :func:`check_stage` / :func:`check_preset`
   (a registered stage among default stages), :class:`ContractError`.
 - :func:`registry_cases` / :func:`check_case`: a ``pytest.mark.parametrize`` list over every registered stage and
@@ -23,6 +24,7 @@ from .adapters import AdapterContractError, check_adapter
 from .cases import StageCase, check_case, registry_cases
 from .contracts import (
     ContractError,
+    adaptive_counts,
     check_pipeline,
     check_placement,
     check_preset,
@@ -38,6 +40,7 @@ __all__ = [
     "AdapterContractError",
     "ContractError",
     "StageCase",
+    "adaptive_counts",
     "check_adapter",
     "check_case",
     "check_pipeline",

@@ -5,6 +5,10 @@
 ... def test_contract(case):
 ...     check_case(case)
 
+Every case runs: a stage or preset whose kept count comes from the data (an allocator with ``adaptive_counts``, a
+diversity stage with ``exact_counts = False``) gets the relaxed contract (`vtprune.testing.selection_checks`: the count
+at most the budget, every other property as for the others).
+
 The default registry autoloads the installed plugins (the ``vtprune`` entry points), so a plugin's test suite
 checks its own stages next to every other installed one; pass ``build_registry(autoload=False, plugins=[my_module])``
 to check only the built-ins and one module. pytest is imported only when :func:`registry_cases` is called.
@@ -15,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
-from vtprune.framework import STAGE_KINDS, Registry, compose, default_registry
+from vtprune.framework import STAGE_KINDS, Registry, default_registry
 
 from .contracts import check_preset, check_stage, contract_recipes
 
@@ -55,27 +59,7 @@ def registry_cases(registry: Optional[Registry] = None, kinds: Sequence[str] = C
     for kind in kinds:
         table = registry.presets if kind == "preset" else registry.stages[kind]
         cases += [StageCase(kind, name) for name in sorted(table)]
-    params = []
-    for case in cases:
-        reason = _adaptive_reason(case, registry)
-        marks = [pytest.mark.skip(reason=reason)] if reason else []
-        params.append(pytest.param(case, id=str(case), marks=marks))
-    return params
-
-
-def _adaptive_reason(case: StageCase, registry: Registry) -> str:
-    """Why the exact-count contract does not apply: the case's kept count comes from the data (an allocator with
-    ``adaptive_counts``, or a stage declaring ``exact_counts = False`` on its class); "" when it applies. Such
-    stages carry their own tests against the official rules (SparseVLM: tests/strategies/test_sparsevlm.py)."""
-    if case.kind == "preset":
-        stages = compose(case.name, registry=registry).stages
-    else:
-        stages = (registry.stages[case.kind][case.name].obj,)
-    for stage in stages:
-        cls = stage if isinstance(stage, type) else type(stage)
-        if cls.__dict__.get("adaptive_counts") is True or cls.__dict__.get("exact_counts") is False:
-            return f"{case}: adaptive kept count ({cls.__name__}); the exact-count contract does not apply"
-    return ""
+    return [pytest.param(case, id=str(case)) for case in cases]
 
 
 def check_case(case: StageCase, *, registry: Optional[Registry] = None, **options: Any) -> None:

@@ -16,17 +16,16 @@ from __future__ import annotations
 
 from typing import Any, Callable, Optional, Sequence
 
-import torch
-
 from vtprune.framework import Pipeline, Registry, Signals, build_registry, compose, default_registry, hookimpl
 from vtprune.framework.errors import VtpruneError
 from vtprune.framework.stages import Drop, Stage
 
-from .selection_checks import ContractError, _same, _Where, check_selection
+from .selection_checks import ContractError, _same, _Where, adaptive_counts, check_selection
 from .signals import clustered_signals, ragged_signals, signals_for
 
 __all__ = [
     "ContractError",
+    "adaptive_counts",
     "DEFAULT_BUDGETS",
     "DEFAULT_FACTORIES",
     "DEFAULT_SEEDS",
@@ -77,7 +76,8 @@ def check_pipeline(
             recipe whose signals ``pre_llm`` lacks gets a placement that provides them), a `Pipeline`, or any
             object with ``select``.
         registry: where recipe names resolve (default: the installed plugins, so plugin stages are found).
-        budgets: requested budgets; keep-all budgets (the largest row, 10000 and 1.0) are always added.
+        budgets: requested budgets; keep-all budgets (the largest row, 10000 and 1.0) are always added. By default
+            :data:`DEFAULT_BUDGETS`, or the allocator's ``budget_settings`` where its budget is a setting (SparseVLM).
         shapes: row lengths of each batch.
         seeds: seeds of the signal factories.
         factories: ``factory(lengths, seed=seed) -> Signals`` (see `vtprune.testing.signals`).
@@ -89,6 +89,9 @@ def check_pipeline(
         label = label or (pipeline if isinstance(pipeline, str) else str(pipeline))
         pipeline = compose_for_contract(pipeline, registry)
     label = label or str(pipeline)
+    settings = tuple(getattr(getattr(pipeline, "budget", None), "budget_settings", ()))
+    if settings and budgets is DEFAULT_BUDGETS:
+        budgets = settings  # an allocator whose budget is a setting: its valid settings instead of counts
     if isinstance(pipeline, Pipeline):
         check_placement(pipeline.placement, budgets, label=label)
     for factory in factories:
@@ -96,14 +99,9 @@ def check_pipeline(
             for seed in seeds:
                 signals = factory(list(lengths), seed=seed)
                 context = f"lengths {list(lengths)}, seed {seed}, {getattr(factory, '__name__', factory)}"
-                runs = [(budget, False) for budget in budgets] + [(b, True) for b in (max(lengths), LARGE_BUDGET, 1.0)]
-                for budget, keep_all in runs:
-                    selection = check_selection(pipeline, signals, budget, label=label, context=context, top_scores=top_scores)
-                    if keep_all:
-                        kept = selection.kept_mask(signals.num_tokens)
-                        if not torch.equal(kept, signals.valid()):
-                            row = int((kept != signals.valid()).any(1).nonzero()[0])
-                            raise _Where(label, budget, context).fail("keep-all", "not every real token is kept", row)
+                # keep-all budgets: every row the allocator's rule covers (`BudgetAllocator.covers`) is checked whole
+                for budget in [*budgets, max(lengths), LARGE_BUDGET, 1.0]:
+                    check_selection(pipeline, signals, budget, label=label, context=context, top_scores=top_scores)
     _check_requires(pipeline, label, budgets[0] if budgets else 1, top_scores)
 
 

@@ -8,13 +8,19 @@ property                   rule
 =========================  =====================================================================================
 ``select runs``            ``select`` raises nothing on any of the batches below
 ``selection shapes``       ``indices`` (B, K) long, ``mask`` / ``critical`` (B, K) bool, ``mask`` a prefix per row
-``exact count``            ``counts[b] == pipeline.budget.resolve(budget, real tokens of row b)``
-``keep-all``               a budget at or above a row's real tokens (or 1.0) keeps every real token
+``exact count``            ``counts[b] == pipeline.budget.resolve(budget, real tokens of row b)`` (an adaptive
+                           allocator with an exact diversity stage: its ``Allocation.total``, at most that)
+``count within budget``    adaptive counts (:func:`adaptive_counts`: a diversity stage with ``exact_counts = False``)
+                           ``counts[b] <=`` the resolved (or adaptive) total; called directly, the stage returns
+                           at most what it is asked for
+``keep-all``               a row the budget covers (``pipeline.budget.covers``: by default a budget at or above
+                           its real tokens, 1.0) keeps every real token, its own value, nothing merged
 ``ascending unique``       a row's kept indices are strictly increasing
 ``padding never chosen``   every kept index is a real token (``visual_mask`` True)
 ``critical on kept only``  ``critical`` is never set on a padding slot
 ``critical count``         critical tokens per row: 0 without scores; the whole budget when the diversity stage
-                           adds nothing; else ``min(allocation.critical, total)``
+                           adds nothing; else ``min(allocation.critical, total)`` (``adapt`` for an adaptive
+                           allocator)
 ``* stage output``         the critical / diversity stage called directly (``Pipeline.select`` masks their output,
                            which would hide a stage picking padding): (B, N) bool, exactly the asked count, real
                            tokens only, diversity picks disjoint from the critical ones
@@ -54,7 +60,7 @@ from vtprune.framework.stages import BudgetAllocator
 
 from .signals import pad_signals, trim_row
 
-__all__ = ["ContractError", "EXTRA_PADDING", "check_selection"]
+__all__ = ["ContractError", "EXTRA_PADDING", "adaptive_counts", "check_selection"]
 
 #: Extra padding tokens appended for the padding-invariance property.
 EXTRA_PADDING = 3
@@ -94,6 +100,58 @@ def _expected_counts(pipeline: Any, budget: Any, valid_counts: Tensor) -> Tensor
     if isinstance(budget, Sequence) and not isinstance(budget, str):
         return torch.cat([resolve(b, valid_counts[i : i + 1]) for i, b in enumerate(budget)])
     return resolve(budget, valid_counts)
+
+
+@dataclasses.dataclass(frozen=True)
+class _CountRule:
+    """What a pipeline must keep per row for one batch and budget (the rules of ``Pipeline.select``)."""
+
+    counts: Tensor  # (B,) long: tokens each row keeps, or (``at_most``) the most it may keep
+    at_most: bool  # True for an adaptive pipeline whose diversity stage keeps its own count (<= ``counts``)
+    whole: Tensor  # (B,) bool: rows the budget covers (`BudgetAllocator.covers`): every real token, untouched
+    scores: Optional[Tensor]  # (B, N) masked float32 relevance scores, None without scores or stages
+    critical: Optional[Tensor]  # (B,) long: critical tokens per row; None for a duck-typed pipeline
+
+
+def adaptive_counts(pipeline: Any) -> bool:
+    """True when ``pipeline``'s kept count comes from the data: an allocator with ``adaptive_counts``, or a diversity
+    stage with ``exact_counts`` False (class attribute or property). Such pipelines get the relaxed contract: the
+    count is at most the resolved budget instead of equal to it; every other property still holds."""
+    allocator, diversity = getattr(pipeline, "budget", None), getattr(pipeline, "diversity", None)
+    return bool(getattr(allocator, "adaptive_counts", False)) or getattr(diversity, "exact_counts", True) is False
+
+
+def _count_rule(pipeline: Any, signals: Signals, budget: Any) -> _CountRule:
+    """The counts, keep-all rows and critical counts ``Pipeline.select`` promises (docs/architecture.md)."""
+    valid = signals.valid()  # (B, N)
+    valid_counts = valid.sum(1)  # (B,)
+    resolved = _expected_counts(pipeline, budget, valid_counts)  # (B,)
+    allocator = getattr(pipeline, "budget", None)
+    if isinstance(allocator, BudgetAllocator):
+        covered = allocator.covers(budget, resolved, valid_counts)
+    else:
+        covered = resolved >= valid_counts
+    whole = torch.zeros_like(valid_counts, dtype=torch.bool) if covered is None else covered.bool()  # (B,)
+    if not all(hasattr(pipeline, name) for name in ("relevance", "critical", "diversity", "budget")):
+        return _CountRule(resolved, adaptive_counts(pipeline), whole, None, None)  # a duck-typed pipeline: no stages to read the rule from
+    scores = pipeline.relevance.score(signals)
+    if scores is not None:
+        scores = scores.float().masked_fill(~valid, float("-inf"))  # (B, N)
+    totals = resolved
+    if getattr(allocator, "adaptive_counts", False):
+        allocation = allocator.adapt(signals, budget, resolved, valid, scores)
+        adapted = torch.minimum(allocation.total.clamp(min=0), resolved)  # (B,)
+        critical = torch.minimum(allocation.critical.clamp(min=0), adapted)  # (B,)
+        totals = torch.where(whole, resolved, adapted)  # (B,)
+    elif scores is not None and pipeline.diversity.adds_tokens:
+        allocation = allocator.allocate(resolved, valid, scores)
+        critical = torch.minimum(allocation.critical.clamp(min=0), resolved)  # (B,)
+    if scores is None:
+        critical = torch.zeros_like(totals)
+    elif not pipeline.diversity.adds_tokens:
+        critical = totals
+    inexact = getattr(pipeline.diversity, "exact_counts", True) is False  # an adaptive allocator's count is exact
+    return _CountRule(totals, inexact, whole, scores, critical)
 
 
 def _same(
@@ -213,11 +271,35 @@ def _check_merge(selection: Selection, signals: Signals, where: _Where) -> None:
             )
 
 
-def _check_rows(selection: Selection, signals: Signals, expected: Tensor, where: _Where) -> None:
+def _check_whole(selection: Selection, signals: Signals, whole: Tensor, where: _Where) -> None:
+    """Rows the budget covers keep every real token, with its own value, nothing merged into it."""
     valid = signals.valid()  # (B, N)
-    counts = selection.counts
+    gathered = selection.gather(signals.visual)  # (B, K, D)
+    for row in whole.nonzero().flatten().tolist():
+        kept, real = selection.row_indices(row), valid[row].nonzero().flatten()
+        if not torch.equal(kept, real):
+            missing = sorted(set(real.tolist()) - set(kept.tolist()))
+            raise where.fail("keep-all", f"the budget covers the row's {real.numel()} real tokens, but {missing} are dropped", row)
+        if not torch.equal(gathered[row][selection.mask[row]], signals.visual[row, real]):
+            raise where.fail("keep-all", "the budget covers the row, but kept token values were changed (merged)", row)
+        if selection.sizes is not None:
+            sizes, slots = _merge_view(selection, row, signals.num_tokens)
+            if bool((sizes != 1).any()) or not torch.equal(slots[real], torch.arange(real.numel(), device=slots.device)):
+                raise where.fail("keep-all", f"the budget covers the row, but tokens were merged (sizes {sizes.tolist()})", row)
+
+
+def _check_rows(selection: Selection, signals: Signals, rule: _CountRule, where: _Where) -> None:
+    valid = signals.valid()  # (B, N)
+    counts, expected = selection.counts, rule.counts
     for row in range(signals.batch_size):
-        if int(counts[row]) != int(expected[row]):
+        if rule.at_most and int(counts[row]) > int(expected[row]):
+            raise where.fail(
+                "count within budget",
+                f"kept {int(counts[row])} tokens, more than the {int(expected[row])} the budget allows "
+                f"(row has {int(valid[row].sum())} real tokens)",
+                row,
+            )
+        if not rule.at_most and int(counts[row]) != int(expected[row]):
             raise where.fail(
                 "exact count",
                 f"kept {int(counts[row])} tokens, the budget resolves to {int(expected[row])} "
@@ -236,21 +318,6 @@ def _check_rows(selection: Selection, signals: Signals, expected: Tensor, where:
     if bool(stray.any()):
         row = int(stray.any(1).nonzero()[0])
         raise where.fail("critical on kept only", "critical is set on a padding slot of the selection", row)
-
-
-def _critical_rule(pipeline: Any, signals: Signals, expected: Tensor) -> Optional[tuple[Optional[Tensor], Tensor]]:
-    """(masked scores or None, critical tokens per row the pipeline asks for), or None for a duck-typed pipeline."""
-    if not all(hasattr(pipeline, name) for name in ("relevance", "critical", "diversity", "budget")):
-        return None  # a duck-typed pipeline: no stages to read the rule from
-    valid = signals.valid()
-    scores = pipeline.relevance.score(signals)
-    if scores is None:
-        return None, torch.zeros_like(expected)
-    scores = scores.float().masked_fill(~valid, float("-inf"))  # (B, N)
-    if not pipeline.diversity.adds_tokens:
-        return scores, expected
-    allocation = pipeline.budget.allocate(expected, valid, scores)
-    return scores, torch.minimum(allocation.critical.clamp(min=0), expected)
 
 
 def _check_critical(selection: Selection, signals: Signals, scores: Optional[Tensor], wanted: Tensor, where: _Where, top_scores: bool) -> None:
@@ -298,6 +365,7 @@ def _check_stage_outputs(pipeline: Any, signals: Signals, scores: Optional[Tenso
     if bool((remaining == unselected).all()) or not bool((remaining > 0).any()):
         return  # the pipeline keeps every remaining token itself, or needs nothing more
     stage = f"diversity stage {pipeline.diversity.name!r}"
+    inexact = getattr(pipeline.diversity, "exact_counts", True) is False  # the stage keeps its own count, at most asked
     supplement = pipeline.diversity.supplement(signals, chosen, remaining, valid, scores)
     mask = supplement.mask
     if tuple(mask.shape) != tuple(valid.shape) or mask.dtype != torch.bool:
@@ -309,8 +377,10 @@ def _check_stage_outputs(pipeline: Any, signals: Signals, scores: Optional[Tenso
         again = (mask[row] & chosen[row]).nonzero().flatten()
         if again.numel():
             raise where.fail("diversity stage output", f"{stage} picked already selected tokens {again.tolist()}", row)
-        if int(mask[row].sum()) != int(remaining[row]):
-            raise where.fail("exact count", f"{stage} picked {int(mask[row].sum())} tokens, asked for {int(remaining[row])}", row)
+        picked = int(mask[row].sum())
+        if picked > int(remaining[row]) if inexact else picked != int(remaining[row]):
+            relation = "at most" if inexact else "exactly"
+            raise where.fail("exact count", f"{stage} picked {picked} tokens, asked for {relation} {int(remaining[row])}", row)
     if supplement.values is not None and tuple(supplement.values.shape[:2]) != tuple(valid.shape):
         raise where.fail("values shape", f"{stage} returned values {tuple(supplement.values.shape)}, not (B, N, D)")
 
@@ -350,16 +420,16 @@ def check_selection(
     Raises: `ContractError` naming the property, row and budget.
     """
     where = _Where(label or str(pipeline), budget, context or _describe(signals))
-    expected = _expected_counts(pipeline, budget, signals.valid().sum(1))
-    rule = _critical_rule(pipeline, signals, expected)
-    if rule is not None:
-        _check_stage_outputs(pipeline, signals, rule[0], rule[1], expected, where)
+    rule = _count_rule(pipeline, signals, budget)
+    if rule.critical is not None:
+        _check_stage_outputs(pipeline, signals, rule.scores, rule.critical, rule.counts, where)
     selection = _select(pipeline, signals, budget, where, "the batch")
     _check_structure(selection, signals, where)
-    _check_rows(selection, signals, expected, where)
+    _check_rows(selection, signals, rule, where)
     _check_merge(selection, signals, where)
-    if rule is not None:
-        _check_critical(selection, signals, rule[0], rule[1], where, top_scores)
+    _check_whole(selection, signals, rule.whole, where)
+    if rule.critical is not None:
+        _check_critical(selection, signals, rule.scores, rule.critical, where, top_scores)
     per_row = isinstance(budget, Sequence) and not isinstance(budget, str)
     for row in range(signals.batch_size):
         single = signals.row(row)

@@ -56,14 +56,14 @@ PINNED = {
     "cdpruner_ov_full": 18350,
     "fastervlm": 34,
     "tome": 435,  # the one-point select (diversity.tome); in the tower the matching runs in the layers' hooks
-    "mustdrop": 84,  # adaptive count (issue 14): no fill stage; +3 for the keep-all rule (a covering budget keeps all)
+    "mustdrop": 84,  # adaptive count (issue 14): no fill stage; 3 for the keep-all rule (now Pipeline.select's, per row)
     "sparsevlm": 230,  # rank rule + recycling (one matrix_rank and one clustering per row)
     "mustdrop_vision": 148,  # with the merging output (sizes, assignment) now that Supplement carries it
     "sparsevlm": 236,  # prompt_attention + prompt_mask added to the inputs (only SparseVLM reads them)
     "dycoke": 111,  # video (frames VIDEO_FRAMES); the decode policy runs in the decoding steps' hooks (129 before issue 15's speed work)
     "prunevid": 270,  # video; the pre-LLM merge (per segment: static group, then its frames batched; capped at K by cluster size; 1390 before issue 15's speed work)
-    "fastvid": 262,  # video (frames VIDEO_FRAMES): segmentation, density scores, anchor merge (266 before issue 15's speed work)
-    "holitom": 494,  # video (frames VIDEO_FRAMES): the outer merge; the window DP in numpy, no op per cell (was 1264)
+    "fastvid": 260,  # video (frames VIDEO_FRAMES): segmentation, density scores, anchor merge (266 before issue 15's speed work; 262 before the per-row keep-all rule of issue 14: +3 for the rule, -5 for the stage's own check)
+    "holitom": 492,  # video (frames VIDEO_FRAMES): the outer merge; the window DP in numpy, no op per cell (was 1264; 494 before the per-row keep-all rule of issue 14)
 }
 
 #: The issue's targets at this size.

@@ -17,11 +17,15 @@ import pytest
 import torch
 
 from vtprune.framework import (
+    Allocation,
+    BudgetAllocator,
     CriticalSelector,
+    DiversitySupplementer,
     Drop,
     LayerPlacement,
     RelevanceScorer,
     Signals,
+    Supplement,
     build_registry,
     compose,
     hookimpl,
@@ -30,6 +34,7 @@ from vtprune.framework import (
 from vtprune.testing import (
     ContractError,
     StageCase,
+    adaptive_counts,
     check_adapter,
     check_case,
     check_pipeline,
@@ -389,6 +394,138 @@ def test_broken_pipelines_fail_with_the_property_row_and_budget(fix, lengths, bu
     pipeline = _Wrapper("zspaprune", fix)
     with pytest.raises(ContractError, match=message):
         check_selection(pipeline, ragged_signals(lengths), budget)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The relaxed contract of adaptive counts: run, not skipped, and still failing broken stages
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _first_free(valid, selected, counts):
+    """(B, N) bool: the first ``counts[b]`` free real tokens of each row."""
+    free = valid & ~selected
+    return free & (free.long().cumsum(1) <= counts.unsqueeze(1))
+
+
+@dataclass(frozen=True, eq=False)
+class KeepsTooMany(DiversitySupplementer):
+    """Keeps its own count (``exact_counts = False``): every free token, more than asked."""
+
+    name: ClassVar[str] = "keeps_too_many"
+    description: ClassVar[str] = "broken: own count above the budget"
+    exact_counts: ClassVar[bool] = False
+
+    def supplement(self, signals, selected, counts, valid, scores):
+        return Supplement(valid & ~selected)
+
+
+@dataclass(frozen=True, eq=False)
+class BatchSizedCount(DiversitySupplementer):
+    """Keeps its own count (``exact_counts = False``): one token fewer per other row of the batch."""
+
+    name: ClassVar[str] = "batch_sized_count"
+    description: ClassVar[str] = "broken: own count depends on the batch"
+    exact_counts: ClassVar[bool] = False
+
+    def supplement(self, signals, selected, counts, valid, scores):
+        return Supplement(_first_free(valid, selected, (counts - (counts.shape[0] - 1)).clamp(min=0)))
+
+
+@dataclass(frozen=True, eq=False)
+class BatchMeanAdaptive(BudgetAllocator):
+    """An adaptive allocator keeping half of the batch's mean total in every row."""
+
+    name: ClassVar[str] = "batch_mean_adaptive"
+    description: ClassVar[str] = "broken: adaptive count couples rows"
+    adaptive_counts: ClassVar[bool] = True
+
+    def adapt(self, signals, budget, totals, valid, scores):
+        total = (totals.float().mean() / 2).ceil().long().expand_as(totals)  # (B,)
+        return Allocation(total=total, critical=torch.zeros_like(totals))
+
+    def allocate(self, totals, valid, scores):
+        return Allocation(total=totals, critical=torch.zeros_like(totals))
+
+
+@dataclass(frozen=True, eq=False)
+class HalfAdaptive(BudgetAllocator):
+    """A correct adaptive allocator: half of each row's total, a quarter of it critical."""
+
+    name: ClassVar[str] = "half_adaptive"
+    description: ClassVar[str] = "adaptive: half the total"
+    adaptive_counts: ClassVar[bool] = True
+
+    def adapt(self, signals, budget, totals, valid, scores):
+        return Allocation(total=(totals + 1) // 2, critical=(totals + 3) // 4)
+
+    def allocate(self, totals, valid, scores):
+        return Allocation(total=totals, critical=totals // 2)
+
+
+class AdaptiveStages:
+    @hookimpl
+    def vtprune_register_stages(self, registry):
+        for cls in (KeepsTooMany, BatchSizedCount, BatchMeanAdaptive, HalfAdaptive):
+            registry.add_stage(cls)
+
+
+ADAPTIVE = build_registry(autoload=False, plugins=[AdaptiveStages()])
+
+
+def test_registry_cases_skip_no_adaptive_case():
+    """Adaptive allocators and ``exact_counts = False`` stages are cases like every other (the relaxed contract)."""
+    params = registry_cases(REGISTRY)
+    assert all(not p.marks for p in params)
+    ids = {p.id for p in params}
+    assert {"preset.sparsevlm", "preset.prunevid", "budget.mustdrop_split", "diversity.recycle"} <= ids
+    for recipe in ("sparsevlm", "prompt_cosine+critical+diversity.recycle", "fastvid"):
+        assert adaptive_counts(compose(recipe, registry=REGISTRY))
+    assert not adaptive_counts(compose("zspaprune", registry=REGISTRY))
+
+
+def test_a_correct_adaptive_allocator_passes_the_relaxed_contract():
+    check_stage("budget", "half_adaptive", registry=ADAPTIVE, **FAST)
+    selection = check_selection(compose("prompt_cosine+critical+fps+half_adaptive", registry=ADAPTIVE), ragged_signals([9, 6]), 4)
+    assert selection.counts.tolist() == [2, 2] and selection.critical.sum(1).tolist() == [1, 1]
+
+
+@pytest.mark.parametrize(
+    "kind,name,message",
+    [
+        ("diversity", "keeps_too_many", r"\[diversity.keeps_too_many: prompt_cosine\+critical\+diversity.keeps_too_many\] property "
+         r"'exact count' fails at budget=3, row 0 \(lengths \[9, 6\], seed 0, ragged_signals\): diversity stage 'keeps_too_many' "
+         r"picked 7 tokens, asked for at most 1"),
+        ("diversity", "batch_sized_count", r"property 'batch == per-sample' fails at budget=3, row 0 .*alone the row kept"),
+        ("budget", "batch_mean_adaptive", r"property 'batch == per-sample' fails at budget=0.5, row 0 .*alone the row kept \[2, 3, 6\] instead of \[3, 6\]"),
+    ],
+)
+def test_broken_adaptive_stages_fail_the_relaxed_contract(kind, name, message):
+    with pytest.raises(ContractError, match=message):
+        check_stage(kind, name, registry=ADAPTIVE, **FAST)
+
+
+def _changes_values(selection, signals):
+    return dataclasses.replace(selection, values=selection.gather(signals.visual) + 1.0)
+
+
+def _drops_first(selection, signals):
+    keep = selection.kept_mask(signals.num_tokens)
+    keep[:, 0] = False
+    return selection_from_masks(keep, selection.critical.new_zeros(keep.shape) & keep)
+
+
+@pytest.mark.parametrize(
+    "fix,budget,message",
+    [
+        (_changes_values, 100, r"property 'keep-all' fails at budget=100, row 0 .*kept token values were changed"),
+        (_drops_first, [3, 6], r"property 'keep-all' fails at budget=\[3, 6\], row 1 .*the budget covers the row's 6 real tokens, but \[0\] are dropped"),
+        (_drops_first, 4, r"property 'critical count' fails at budget=4, row 0"),
+    ],
+)
+def test_broken_adaptive_pipelines_fail_keep_all_per_row(fix, budget, message):
+    pipeline = _Wrapper("prompt_cosine+critical+diversity.recycle", fix)  # exact_counts = False: relaxed counts
+    with pytest.raises(ContractError, match=message):
+        check_selection(pipeline, ragged_signals([9, 6]), budget)
 
 
 def test_contract_error_is_an_assertion_error_and_a_good_pipeline_passes():
