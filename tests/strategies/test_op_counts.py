@@ -41,8 +41,8 @@ PINNED = {
     "zspaprune_grid": 502,
     "zspaprune_kmeans": 95,
     "divprune": 240,
-    "fastv": 27,
-    "pdrop": 27,
+    "fastv": 5,  # the index path of Pipeline.select (framework/dense.py): mean, topk, sort, ones, clone (27 before)
+    "pdrop": 5,
     "random": 42,
     "pooling": 67,
     "visionzip": 96,
