@@ -48,8 +48,8 @@ PINNED = {
     "visionzip": 96,
     "vispruner": 965,
     "dart": 1379,
-    "cdpruner": 1557,
-    "cdpruner_llm": 1569,
+    "cdpruner": 1177,  # greedy MAP without the per-step exclusion while residuals stay > 0 (1557 before)
+    "cdpruner_llm": 1188,
     # OpenVINO's greedy reproduced op by op (per-pick loop over earlier picks, as the C++): a
     # faithfulness reference, not a fast path
     "cdpruner_ov": 10185,
