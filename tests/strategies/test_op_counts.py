@@ -54,7 +54,7 @@ PINNED = {
     # faithfulness reference, not a fast path
     "cdpruner_ov": 10185,
     "cdpruner_ov_full": 18350,
-    "fastervlm": 34,
+    "fastervlm": 5,  # the index path (34 before)
     "tome": 435,  # the one-point select (diversity.tome); in the tower the matching runs in the layers' hooks
     "mustdrop": 84,  # adaptive count (issue 14): no fill stage; +3 for the keep-all rule (a covering budget keeps all)
     "sparsevlm": 230,  # rank rule + recycling (one matrix_rank and one clustering per row)
