@@ -1,7 +1,7 @@
 """The index path of `Pipeline.select` for pipelines whose critical selector fills the whole budget.
 
 FastV and PyramidDrop (``relevance+topk_official+diversity.none``) choose each row's tokens with one top-k.
-On unpadded rows (``visual_mask`` None) with one int budget every row keeps the same count, so the
+On unpadded rows (``visual_mask`` None or True everywhere, as adapters pass it) with one int budget every row keeps the same count, so the
 critical selector's index form (`CriticalSelector.select_indices`) gives the `Selection` directly: no
 (B, N) keep mask, no stable sort of it, no mask bookkeeping (issue 19: the framework's fixed cost around
 FastV's top-k). The result is the one the mask path gives (tested in tests/framework/test_dense_select.py).
@@ -39,9 +39,11 @@ def index_path_applies(pipeline: Pipeline) -> bool:
 
 def index_path_select(pipeline: Pipeline, signals: Signals, budget: Budget | Sequence[Budget]) -> Optional[Selection]:
     """``pipeline.select(signals, budget)`` by the index path, or None when this call needs the mask path:
-    padded rows, a per-row budget, a count that keeps every token or none, or a stage that gives no scores
+    padded rows (a ``visual_mask`` with a False entry), a per-row budget, a count that keeps every token or none, or a stage that gives no scores
     or no index form on this input. Only for pipelines where :func:`index_path_applies`."""
-    if signals.visual_mask is not None or not (type(budget) is int or _is_int_budget(budget)):
+    if not (type(budget) is int or _is_int_budget(budget)):
+        return None
+    if signals.visual_mask is not None and not bool(signals.visual_mask.all()):  # adapters pass an all-True mask
         return None
     tokens = signals.visual.shape[1]
     # every row has N real tokens and allocators resolve rows independently: one row's count is every row's
@@ -55,7 +57,7 @@ def index_path_select(pipeline: Pipeline, signals: Signals, budget: Budget | Seq
     if indices is None:
         return None
     mask = torch.ones(indices.shape, dtype=torch.bool, device=indices.device)  # (B, k)
-    return Selection(indices=indices, mask=mask, critical=mask.clone())
+    return Selection(indices=indices, mask=mask, critical=mask)  # every kept token is critical: one read-only tensor
 
 
 def _is_int_budget(budget: object) -> bool:

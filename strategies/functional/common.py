@@ -146,13 +146,14 @@ def topk_indices(scores: Tensor, count: int) -> Tensor:
     """(B, count) long: each row's ``count`` highest-scoring positions, ascending.
 
     The index form of :func:`topk_keep` for rows without padding and one count: the same ``topk`` call on
-    the same slice (a batch of one is one slice, as in ``topk_keep``'s row loop), so the same tokens win ties.
-    ``0 <= count <= N``.
+    the same slice (a batch of one is one slice, as in ``topk_keep``'s row loop), so the same tokens win ties;
+    ``sorted=False`` only skips ordering the chosen values (the set is chosen before that sort, which the
+    index sort below replaces). ``0 <= count <= N``.
     """
     if scores.shape[0] == 1:
-        chosen = scores.topk(count, dim=1).indices  # (1, k)
+        chosen = scores.topk(count, dim=1, sorted=False).indices  # (1, k)
     else:
-        chosen = torch.stack([row.topk(count).indices for row in scores])  # (B, k)
+        chosen = torch.stack([row.topk(count, sorted=False).indices for row in scores])  # (B, k)
     return chosen.sort(dim=1).values  # (B, k)
 
 

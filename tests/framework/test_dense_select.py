@@ -31,6 +31,13 @@ def _signals(batch: int, tokens: int, seed: int, levels: int = 7) -> Signals:
     )
 
 
+def _mask_path(pipeline):
+    """An equal pipeline whose select never takes the index path (the cached fact set to False)."""
+    clone = compose(pipeline, registry=REGISTRY)
+    clone.__dict__["_index_path"] = False
+    return clone
+
+
 def _assert_same(fast, slow) -> None:
     assert torch.equal(fast.indices, slow.indices)
     assert torch.equal(fast.mask, slow.mask)
@@ -47,11 +54,13 @@ def test_index_path_equals_mask_path(recipe: str, batch: int, budget: int) -> No
     assert pipeline._index_path
     for seed in range(3):
         signals = _signals(batch, 40, seed)
-        padded = dataclasses.replace(signals, visual_mask=torch.ones(batch, 40, dtype=torch.bool))
+        masked = dataclasses.replace(signals, visual_mask=torch.ones(batch, 40, dtype=torch.bool))  # as adapters pass it
         fast = pipeline.select(signals, budget)
-        _assert_same(fast, pipeline.select(padded, budget))
-        taken = index_path_select(pipeline, signals, budget)
-        assert (taken is not None) == (budget < 40)  # keep-all budgets take the mask path
+        _assert_same(fast, _mask_path(pipeline).select(signals, budget))
+        _assert_same(pipeline.select(masked, budget), fast)
+        for given in (signals, masked):
+            taken = index_path_select(pipeline, given, budget)
+            assert (taken is not None) == (budget < 40)  # keep-all budgets take the mask path
         # each row alone gives its row of the batch
         for b in range(batch):
             alone = pipeline.select(signals.row(b), budget)
@@ -63,7 +72,9 @@ def test_index_path_declines_what_it_does_not_handle() -> None:
     signals = _signals(2, 40, 0)
     assert index_path_select(pipeline, signals, 0.5) is None  # float budgets: mask path
     assert index_path_select(pipeline, signals, [5, 6]) is None  # per-row budgets
-    padded = dataclasses.replace(signals, visual_mask=torch.ones(2, 40, dtype=torch.bool))
+    mask = torch.ones(2, 40, dtype=torch.bool)
+    mask[1, -3:] = False  # a padded row
+    padded = dataclasses.replace(signals, visual_mask=mask)
     assert index_path_select(pipeline, padded, 5) is None
     assert not index_path_applies(compose("zspaprune", registry=REGISTRY))  # a diversity stage adds tokens
     assert not index_path_applies(compose("divprune", registry=REGISTRY))
