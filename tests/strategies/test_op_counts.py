@@ -41,8 +41,8 @@ PINNED = {
     "zspaprune_grid": 502,
     "zspaprune_kmeans": 95,
     "divprune": 240,
-    "fastv": 5,  # the index path of Pipeline.select (framework/dense.py): mean, topk, sort, ones, clone (27 before)
-    "pdrop": 5,
+    "fastv": 4,  # the index path of Pipeline.select (framework/dense.py): mean, topk, sort, ones (27 before)
+    "pdrop": 4,
     "random": 42,
     "pooling": 67,
     "visionzip": 96,
@@ -54,7 +54,7 @@ PINNED = {
     # faithfulness reference, not a fast path
     "cdpruner_ov": 10185,
     "cdpruner_ov_full": 18350,
-    "fastervlm": 5,  # the index path (34 before)
+    "fastervlm": 4,  # the index path (34 before)
     "tome": 435,  # the one-point select (diversity.tome); in the tower the matching runs in the layers' hooks
     "mustdrop": 84,  # adaptive count (issue 14): no fill stage; +3 for the keep-all rule (a covering budget keeps all)
     "sparsevlm": 230,  # rank rule + recycling (one matrix_rank and one clustering per row)
