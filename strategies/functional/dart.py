@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .common import CountLike, mask_from_positions, per_row_counts, row_positions, valid_or_all
+from .video import unit_rows
 
 __all__ = ["dart_token_topk", "dart_select", "dart_supplement"]
 
@@ -271,18 +272,22 @@ def _dart_picks_official(
     """The official per-pivot loop on absolute positions (Python set order), local picks out.
 
     ``image_states`` (n, D) and ``text_states`` (t, D) are the official ``last_layer_state`` rows of the image
-    and of the text after it (kept apart: no concatenated copy); candidates are image tokens only."""
+    and of the text after it (kept apart: no concatenated copy); candidates are image tokens only. The official
+    ``-F.cosine_similarity(pivot, candidates)`` values, computed from unit rows (see the comment below)."""
     valid_list = list(valid_indices)
     n = image_states.shape[0]
+    # F.cosine_similarity(pivot, candidates) is (unit_rows(pivot) * unit_rows(candidates)).sum(-1) bit for bit, row
+    # by row: the image rows are divided by their norms once for all pivots, and no candidate rows are gathered
+    image_units = unit_rows(image_states)  # (n, D)
     picks: list[int] = []
     for item in pivots_abs:
         take = min(token_topk, len(valid_list))
         if take <= 0:
             break
-        candidates = image_states[[i - start for i in valid_list], :]  # (V, D)
         local = item - start
-        pivot = image_states[local, :] if local < n else text_states[local - n, :]  # (D,)
-        cos_sim = -F.cosine_similarity(pivot, candidates, dim=-1)  # (V,)
+        pivot = image_units[local] if local < n else unit_rows(text_states[local - n])  # (D,)
+        candidates = torch.tensor([i - start for i in valid_list], dtype=torch.long, device=image_states.device)  # (V,)
+        cos_sim = -(pivot * image_units).sum(-1)[candidates]  # (V,)
         new = [valid_list[i] for i in cos_sim.topk(take).indices]
         picks.extend(i - start for i in new)
         valid_indices.difference_update(new)

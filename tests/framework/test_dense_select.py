@@ -7,6 +7,7 @@ is due); scores are quantised so that many tokens tie at the top-k boundary.
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar, Literal  # noqa: F401  (Literal: the inherited stage parameter annotations resolve here)
 
 import pytest
 import torch
@@ -14,6 +15,8 @@ import torch
 from vtprune.framework import Signals, build_registry, compose
 from vtprune.framework.budget import resolve_count
 from vtprune.framework.dense import index_path_applies, index_path_select
+from vtprune.strategies.peer_stages import OfficialTopK
+from vtprune.testing import check_stage
 
 REGISTRY = build_registry(autoload=False)
 INDEX_PRESETS = ("fastv", "pdrop", "fastervlm")
@@ -97,3 +100,21 @@ def test_resolve_count_matches_resolve_budget(rounding: str) -> None:
     for budget in (3, 0.5, 0.125, 0.1, 0.222, 0.75, 1.0):
         expected = resolve_budget(budget, tokens, rounding=rounding).tolist()
         assert [resolve_count(budget, n, rounding=rounding) for n in range(700)] == expected
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class LowestIndex(OfficialTopK):
+    """A broken index form: the first tokens, not the top-k its ``select`` picks."""
+
+    name: ClassVar[str] = "lowest_index_form"
+
+    def select_indices(self, scores: torch.Tensor, count: int) -> torch.Tensor:
+        return torch.arange(count).expand(scores.shape[0], -1)  # (B, k)
+
+
+def test_testing_kit_catches_an_index_form_that_disagrees_with_select() -> None:
+    """A third-party critical selector whose ``select_indices`` picks other tokens than its ``select`` fails the
+    kit's contract (unpadded rows take the index path, padded ones the mask path: ``padding invariance``)."""
+    check_stage(OfficialTopK)  # the built-in index form passes
+    with pytest.raises(AssertionError):
+        check_stage(LowestIndex)
