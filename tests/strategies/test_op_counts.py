@@ -40,14 +40,14 @@ PINNED = {
     "zspaprune_auto": 490,  # issue 18; score-dependent split like dynamic, pinned on these fixed inputs
     "zspaprune_grid": 502,
     "zspaprune_kmeans": 95,
-    "divprune": 240,
+    "divprune": 239,
     "fastv": 4,  # the index path of Pipeline.select (framework/dense.py): mean, topk, sort, ones (27 before)
     "pdrop": 4,
     "random": 42,
     "pooling": 67,
     "visionzip": 96,
     "vispruner": 965,
-    "dart": 1379,
+    "dart": 1377,  # the faithful picks read unit rows in place (1379 before)
     "cdpruner": 1177,  # greedy MAP without the per-step exclusion while residuals stay > 0 (1557 before)
     "cdpruner_llm": 1188,
     # OpenVINO's greedy reproduced op by op (per-pick loop over earlier picks, as the C++): a
