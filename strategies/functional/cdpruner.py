@@ -80,7 +80,11 @@ def cdpruner_kernel(visual: Tensor, relevance: Tensor, theta: Optional[float] = 
     if theta is not None:
         alpha = theta / (2 * (1 - theta))
         relevance = torch.exp(alpha * relevance)
-    return relevance.unsqueeze(2) * similarity * relevance.unsqueeze(1)  # (B, N, N)
+    if torch.result_type(relevance, similarity) != similarity.dtype:  # e.g. float64 relevance: a float64 kernel
+        return relevance.unsqueeze(2) * similarity * relevance.unsqueeze(1)  # (B, N, N)
+    # the official ``r_i * S * r_j`` (left product first), written into the fresh similarity buffer: the same
+    # two products in the same order, without two more (B, N, N) allocations
+    return similarity.mul_(relevance.unsqueeze(2)).mul_(relevance.unsqueeze(1))  # (B, N, N)
 
 
 def _greedy_map(kernel: Tensor, steps: int) -> Tensor:
