@@ -84,7 +84,7 @@ class Pipeline:
 
     def check_signals(self, signals: Signals) -> None:
         """Raise `MissingSignalError` naming every required signal that ``signals`` lacks."""
-        if all(getattr(signals, name) is not None for name in self.requires):
+        if all(getattr(signals, name, None) is not None for name in self.requires):
             return  # the common case, O(len(requires))
         missing = sorted(self.requires - signals.present())
         if missing:
