@@ -29,6 +29,7 @@ __all__ = [
     "Rounding",
     "normalize_budget",
     "resolve_budget",
+    "resolve_count",
     "round_counts",
     "scaled_counts",
     "validate_budget",
@@ -50,6 +51,8 @@ def validate_budget(budget: object) -> Budget:
     >>> validate_budget(64), validate_budget(0.25)
     (64, 0.25)
     """
+    if type(budget) is int and budget > 0:
+        return budget  # the common case, without the abstract-base-class checks below
     if isinstance(budget, bool) or not isinstance(budget, numbers.Real):
         raise BudgetError(
             f"budget must be an int (visual tokens kept per image) or a float in (0, 1] (fraction "
@@ -131,6 +134,22 @@ def resolve_budget(budget: Budget, valid_counts: Tensor, *, rounding: str = "hal
         return valid_counts.clamp(max=budget)
     wanted = round_counts(valid_counts.double() * budget, rounding)  # (B,)
     return torch.minimum(wanted.clamp(min=1), valid_counts)
+
+
+def resolve_count(budget: Budget, tokens: int, *, rounding: str = "half_up") -> int:
+    """`resolve_budget` for one row of ``tokens`` real tokens, on the host (no tensor): the same rule.
+
+    >>> resolve_count(64, 576), resolve_count(0.5, 5), resolve_count(0.5, 5, rounding="half_even"), resolve_count(0.5, 0)
+    (64, 3, 2, 0)
+    """
+    budget = validate_budget(budget)
+    if isinstance(budget, int):
+        return min(budget, tokens)
+    if rounding not in ROUNDINGS:
+        raise ValueError(f"unknown rounding {rounding!r}; valid: {', '.join(ROUNDINGS)}")
+    value = float(tokens) * budget  # the product in double, as resolve_budget's
+    rounded = {"half_up": math.floor(value + 0.5), "half_even": round(value), "floor": math.floor(value), "ceil": math.ceil(value)}[rounding]
+    return min(max(int(rounded), 1), tokens)
 
 
 def scaled_counts(totals: Tensor, numerator: float, denominator: float = 1, *, rounding: str = "half_up") -> Tensor:

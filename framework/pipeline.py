@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import numbers
 import typing
 from dataclasses import dataclass, field
@@ -12,6 +13,7 @@ from torch import Tensor
 
 from .budget import Budget, validate_budget
 from .compiled import CompiledSelect
+from .dense import index_path_applies, index_path_select
 from .errors import BudgetError, MissingSignalError
 from .providers import signal_providers
 from .recipe import format_term
@@ -54,9 +56,9 @@ class Pipeline:
         """The five stages in canonical order."""
         return tuple(getattr(self, kind) for kind in STAGE_KINDS)
 
-    @property
+    @functools.cached_property
     def requires(self) -> frozenset[str]:
-        """Every `Signals` field the stages read (``visual`` included)."""
+        """Every `Signals` field the stages read (``visual`` included); computed once (stages are frozen)."""
         needed = {"visual"}
         for stage in self.stages:
             needed |= stage.requires
@@ -83,8 +85,15 @@ class Pipeline:
 
     # -- selection -----------------------------------------------------------------------------
 
+    @functools.cached_property
+    def _index_path(self) -> bool:
+        """Whether ``select`` may take the index path (framework/dense.py); a fact of the stages."""
+        return index_path_applies(self)
+
     def check_signals(self, signals: Signals) -> None:
         """Raise `MissingSignalError` naming every required signal that ``signals`` lacks."""
+        if all(getattr(signals, name, None) is not None for name in self.requires):
+            return  # the common case, O(len(requires))
         missing = sorted(self.requires - signals.present())
         if missing:
             lines = []
@@ -114,6 +123,10 @@ class Pipeline:
         alone and in any batch and keep-all reproduces the unpruned model (docs/architecture.md, "Keep-all").
         """
         self.check_signals(signals)
+        if self._index_path:
+            selection = index_path_select(self, signals, budget)
+            if selection is not None:
+                return selection
         dense = signals.visual_mask is None  # every token is real: nothing to mask
         valid = signals.valid()  # (B, N)
         batch, tokens = valid.shape

@@ -34,6 +34,9 @@ class Selection:
             kept *slot* (0..K-1, an index into ``indices``) it was merged into or is; -1 for a token
             dropped without being merged anywhere and for padding. A kept token is assigned its own
             slot, so ``sizes[b, k] == (assignment[b] == k).sum()``. None when nothing merged.
+
+    The tensors are read-only results: ``mask`` and ``critical`` may be one tensor when every kept token
+    is critical (``Pipeline.select``'s index path); copy before modifying one in place.
     """
 
     indices: Tensor  # (B, K) long

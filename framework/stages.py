@@ -16,9 +16,10 @@ import typing
 from dataclasses import dataclass
 from typing import Any, ClassVar, Optional
 
+import torch
 from torch import Tensor
 
-from .budget import resolve_budget
+from .budget import resolve_budget, resolve_count
 from .signals import Signals
 
 __all__ = [
@@ -159,6 +160,21 @@ class CriticalSelector(Stage):
         """
         raise NotImplementedError
 
+    def select_indices(self, scores: Tensor, count: int) -> Optional[Tensor]:
+        """Optional index form of :meth:`select` for unpadded rows that all keep ``count`` tokens.
+
+        ``Pipeline.select`` calls it when every token is real, the budget is one int and the critical
+        selector fills the whole budget (FastV, PyramidDrop): it saves building and sorting a (B, N) mask.
+
+        Args:
+            scores: (B, N) float32 relevance scores, every token real.
+            count: tokens to keep per row, ``0 < count < N``.
+        Returns: (B, count) long, row b's kept positions in ascending order, exactly the True positions of
+            ``select(scores, count, all-True valid)``; or None when the selector has no index form (the
+            default: the pipeline then calls :meth:`select`).
+        """
+        return None
+
 
 @dataclass(frozen=True)
 class Supplement:
@@ -282,6 +298,16 @@ class BudgetAllocator(Stage):
             valid_counts: (B,) long, real tokens per row.
         """
         return totals >= valid_counts  # (B,)
+
+    def resolve_count(self, budget: int | float, tokens: int) -> int:
+        """:meth:`resolve` for one row of ``tokens`` real tokens, as a Python int (the index path of
+        ``Pipeline.select`` asks it on the host). The default applies :meth:`resolve` to a one-element
+        tensor, so it follows any override; allocators that override :meth:`resolve` with
+        ``resolve_budget(..., rounding=r)`` may override this with ``resolve_count(..., rounding=r)``
+        (no tensor op; tests/framework/test_dense_select.py checks that both agree)."""
+        if type(self).resolve is BudgetAllocator.resolve:
+            return resolve_count(budget, tokens)
+        return int(self.resolve(budget, torch.full((1,), tokens, dtype=torch.long)).tolist()[0])
 
 
 @dataclass(frozen=True)

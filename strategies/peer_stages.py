@@ -11,7 +11,7 @@ from typing import ClassVar, Literal, Optional
 import torch
 from torch import Tensor
 
-from vtprune.framework.budget import resolve_budget, scaled_counts
+from vtprune.framework.budget import resolve_budget, resolve_count, scaled_counts
 from vtprune.framework.signals import PLACEMENT_SIGNALS, Signals
 from vtprune.framework.stages import (
     Allocation,
@@ -25,7 +25,7 @@ from vtprune.framework.stages import (
 )
 
 from .functional.cdpruner import cdpruner_relevance, cdpruner_supplement
-from .functional.common import argsort_keep, topk_keep
+from .functional.common import argsort_indices, argsort_keep, topk_indices, topk_keep
 from .functional.dart import dart_supplement
 from .functional.divprune import divprune_supplement
 from .functional.pooling import pooling_exact_select
@@ -125,6 +125,11 @@ class OfficialTopK(CriticalSelector):
         if self.op == "argsort":
             return argsort_keep(scores, counts, valid)
         return topk_keep(scores, counts, valid)
+
+    def select_indices(self, scores: Tensor, count: int) -> Tensor:
+        if self.op == "argsort":
+            return argsort_indices(scores, count)  # (B, k)
+        return topk_indices(scores, count)  # (B, k)
 
 
 # -- diversity ---------------------------------------------------------------------------------------
@@ -280,6 +285,9 @@ class FastVBudget(BudgetAllocator):
     def resolve(self, budget: int | float, valid_counts: Tensor) -> Tensor:
         return resolve_budget(budget, valid_counts, rounding="half_even")
 
+    def resolve_count(self, budget: int | float, tokens: int) -> int:
+        return resolve_count(budget, tokens, rounding="half_even")
+
 
 @dataclass(frozen=True, eq=False)
 class PDropBudget(BudgetAllocator):
@@ -296,6 +304,9 @@ class PDropBudget(BudgetAllocator):
 
     def resolve(self, budget: int | float, valid_counts: Tensor) -> Tensor:
         return resolve_budget(budget, valid_counts, rounding="floor")
+
+    def resolve_count(self, budget: int | float, tokens: int) -> int:
+        return resolve_count(budget, tokens, rounding="floor")
 
 
 @dataclass(frozen=True, eq=False)

@@ -153,3 +153,28 @@ def test_video_profile_presets_are_the_supported_ones() -> None:
     signals = video_signals(2, 3, 2, 16, heads=4, key_heads=2)
     assert signals.frames.tolist() == [[3, 2, 2]] * 2 and signals.frame_index[0, -1] == -1
     assert signals.attention.shape == (2, 4, 13) and signals.visual_keys.shape == (2, 13, 2, 4)
+
+
+def test_official_benchmark_keeps_the_official_tokens_for_every_peer(tmp_path) -> None:
+    """benchmarks/official.py: each peer's official selection step (transcribed in benchmarks/_official.py) and
+    vtprune's select keep the same tokens on the same inputs (the script exits non-zero otherwise)."""
+    out = tmp_path / "official.json"
+    subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "official.py"), "--tokens", "144", "--dim", "32", "--repeats", "1",
+         "--target-seconds", "0", "--json", str(out)],
+        check=True, capture_output=True, text=True,
+    )
+    rows = {r["method"]: r for r in json.loads(out.read_text())}
+    assert set(rows) == {"fastv", "fastv (full map)", "cdpruner", "divprune", "visionzip", "vispruner", "dart"}
+    for row in rows.values():
+        assert row["same_selection"] and row["official_s"] > 0 and row["vtprune_s"] > 0
+        assert row["official_over_vtprune"] == row["official_s"] / row["vtprune_s"]
+
+
+def test_official_benchmark_fails_loudly_when_the_kept_tokens_differ() -> None:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from official import _same
+
+    _same("fastv", [3, 1, 2], [1, 2, 3])  # order does not matter
+    with pytest.raises(AssertionError, match="keep different tokens"):
+        _same("fastv", [1, 2, 3], [1, 2, 4])

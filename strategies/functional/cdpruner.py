@@ -80,7 +80,11 @@ def cdpruner_kernel(visual: Tensor, relevance: Tensor, theta: Optional[float] = 
     if theta is not None:
         alpha = theta / (2 * (1 - theta))
         relevance = torch.exp(alpha * relevance)
-    return relevance.unsqueeze(2) * similarity * relevance.unsqueeze(1)  # (B, N, N)
+    if torch.result_type(relevance, similarity) != similarity.dtype:  # e.g. float64 relevance: a float64 kernel
+        return relevance.unsqueeze(2) * similarity * relevance.unsqueeze(1)  # (B, N, N)
+    # the official ``r_i * S * r_j`` (left product first), written into the fresh similarity buffer: the same
+    # two products in the same order, without two more (B, N, N) allocations
+    return similarity.mul_(relevance.unsqueeze(2)).mul_(relevance.unsqueeze(1))  # (B, N, N)
 
 
 def _greedy_map(kernel: Tensor, steps: int) -> Tensor:
@@ -90,16 +94,25 @@ def _greedy_map(kernel: Tensor, steps: int) -> Tensor:
     ``einsum('tb,tbn->bn', c[:i, :, j], c[:i])`` is the batched product ``bmm`` of the same two
     operands in the same layout (what einsum dispatches to), so every value is bit-identical.
     """
+    return _greedy_map_residuals(kernel, steps)[0]
+
+
+def _greedy_map_residuals(kernel: Tensor, steps: int) -> tuple[Tensor, Tensor]:
+    """:func:`_greedy_map`'s (steps,) picks and the (steps,) residual ``d2`` each pick had when it was chosen."""
     n = kernel.shape[1]
     rows = kernel[0]  # (n, n)
     cis = torch.zeros((steps, n), device=kernel.device)  # (T, n) fp32 like official
     di2s = torch.diagonal(kernel, dim1=1, dim2=2).clone()  # (1, n)
-    picks = []
+    picks, residuals = [], []
     for i in range(steps):
         d2, j = di2s.max(dim=-1)  # (1,), (1,): the first maximum, as argmax
         picks.append(j)
+        residuals.append(d2)
         _map_update(rows, cis, di2s, i, j, d2)
-    return torch.cat(picks) if picks else torch.empty(0, dtype=torch.long, device=kernel.device)
+    if not picks:
+        empty = torch.empty(0, device=kernel.device)
+        return empty.long(), empty
+    return torch.cat(picks), torch.cat(residuals)
 
 
 def _map_update(rows: Tensor, cis: Tensor, di2s: Tensor, used: int, j: Tensor, d2: Optional[Tensor] = None) -> None:
@@ -166,6 +179,13 @@ def _conditional_greedy_map(kernel: Tensor, forced: list[int], steps: int) -> Te
     the device), so exactly ``steps`` distinct tokens come out. A forced pick whose residual
     ``d2 <= 0`` (already in the span of earlier picks) is marked without an update.
     """
+    if not forced:
+        # The official loop, without the per-step exclusion: while every pick's residual is finite and > 0, no
+        # NaN ever reaches ``d2`` (a NaN would be the next maximum) and picked tokens keep d2 = -inf, so the
+        # exclusion below would change nothing and the picks are the same; otherwise run the guarded loop.
+        picks, residuals = _greedy_map_residuals(kernel, steps)
+        if bool(((residuals > 0) & (residuals < float("inf"))).all()):
+            return picks
     n = kernel.shape[1]
     device = kernel.device
     rows = kernel[0]  # (n, n)

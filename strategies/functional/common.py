@@ -23,6 +23,8 @@ __all__ = [
     "cosine_matrix",
     "topk_keep",
     "argsort_keep",
+    "topk_indices",
+    "argsort_indices",
 ]
 
 #: A per-row token count: one int for every row, or a (B,) long tensor.
@@ -138,3 +140,28 @@ def argsort_keep(scores: Tensor, counts: CountLike, valid: Optional[Tensor] = No
         chosen = order[: max(0, min(k, row.shape[0]))]  # (k,)
         kept.append(chosen if pos is None else pos[chosen])
     return mask_from_positions(kept, batch, tokens, scores.device)
+
+
+def topk_indices(scores: Tensor, count: int) -> Tensor:
+    """(B, count) long: each row's ``count`` highest-scoring positions, ascending.
+
+    The index form of :func:`topk_keep` for rows without padding and one count: the same ``topk`` call on
+    the same slice (a batch of one is one slice, as in ``topk_keep``'s row loop), so the same tokens win ties;
+    ``sorted=False`` only skips ordering the chosen values (the set is chosen before that sort, which the
+    index sort below replaces). ``0 <= count <= N``.
+    """
+    if scores.shape[0] == 1:
+        chosen = scores.topk(count, dim=1, sorted=False).indices  # (1, k)
+    else:
+        chosen = torch.stack([row.topk(count, sorted=False).indices for row in scores])  # (B, k)
+    return chosen.sort(dim=1).values  # (B, k)
+
+
+def argsort_indices(scores: Tensor, count: int) -> Tensor:
+    """(B, count) long: the index form of :func:`argsort_keep` for rows without padding and one count (the
+    first ``count`` entries of each row's ``argsort(descending=True)``), ascending."""
+    if scores.shape[0] == 1:
+        order = scores.argsort(dim=-1, descending=True)  # (1, N)
+    else:
+        order = torch.cat([row.unsqueeze(0).argsort(dim=-1, descending=True) for row in scores])  # (B, N)
+    return order[:, :count].sort(dim=1).values  # (B, k)

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .common import CountLike, mask_from_positions, per_row_counts, row_positions, valid_or_all
+from .video import unit_rows
 
 __all__ = ["dart_token_topk", "dart_select", "dart_supplement"]
 
@@ -228,7 +229,7 @@ def dart_supplement(
         t = int(text_pos.numel())
         text_l1 = torch.norm(text_keys_flat[b, text_pos], p=1, dim=-1)  # (t,)
         text_piv = text_l1.topk(min(pivot_text_token, t)).indices.tolist()  # local text indices
-        states = torch.cat([visual[b, pos], prompt[b, text_pos]], dim=0)  # (n + t, D)
+        image_states = visual[b] if n == tokens else visual[b, pos]  # (n, D): a view when every token is real
         image_piv = torch.nonzero(taken, as_tuple=False).flatten().tolist()
         if faithful:
             if scores is not None and n_piv:
@@ -242,8 +243,9 @@ def dart_supplement(
             n_p = len(image_indices) + len(query_indices)
             token_topk = math.ceil((k + n_piv) // n_p) if n_p else 0
             valid_indices = set(range(start, start + n)) - set(image_indices)
-            picks = _dart_picks_official(states, pivots_abs, valid_indices, token_topk, start)
+            picks = _dart_picks_official(image_states, prompt[b, text_pos], pivots_abs, valid_indices, token_topk, start)
         else:
+            states = torch.cat([image_states, prompt[b, text_pos]], dim=0)  # (n + t, D)
             pivots = image_piv + sorted(n + i for i in text_piv)
             candidates = [i for i in range(n) if not bool(taken[i])]
             if not pivots:
@@ -264,16 +266,28 @@ def dart_supplement(
     return mask_from_positions(kept, batch, tokens, visual.device)
 
 
-def _dart_picks_official(states: Tensor, pivots_abs: list[int], valid_indices: set, token_topk: int, start: int) -> list[int]:
-    """The official per-pivot loop on absolute positions (Python set order), local picks out."""
+def _dart_picks_official(
+    image_states: Tensor, text_states: Tensor, pivots_abs: list[int], valid_indices: set, token_topk: int, start: int
+) -> list[int]:
+    """The official per-pivot loop on absolute positions (Python set order), local picks out.
+
+    ``image_states`` (n, D) and ``text_states`` (t, D) are the official ``last_layer_state`` rows of the image
+    and of the text after it (kept apart: no concatenated copy); candidates are image tokens only. The official
+    ``-F.cosine_similarity(pivot, candidates)`` values, computed from unit rows (see the comment below)."""
     valid_list = list(valid_indices)
+    n = image_states.shape[0]
+    # F.cosine_similarity(pivot, candidates) is (unit_rows(pivot) * unit_rows(candidates)).sum(-1) bit for bit, row
+    # by row: the image rows are divided by their norms once for all pivots, and no candidate rows are gathered
+    image_units = unit_rows(image_states)  # (n, D)
     picks: list[int] = []
     for item in pivots_abs:
         take = min(token_topk, len(valid_list))
         if take <= 0:
             break
-        candidates = states[[i - start for i in valid_list], :]  # (V, D)
-        cos_sim = -F.cosine_similarity(states[item - start, :], candidates, dim=-1)  # (V,)
+        local = item - start
+        pivot = image_units[local] if local < n else unit_rows(text_states[local - n])  # (D,)
+        candidates = torch.tensor([i - start for i in valid_list], dtype=torch.long, device=image_states.device)  # (V,)
+        cos_sim = -(pivot * image_units).sum(-1)[candidates]  # (V,)
         new = [valid_list[i] for i in cos_sim.topk(take).indices]
         picks.extend(i - start for i in new)
         valid_indices.difference_update(new)

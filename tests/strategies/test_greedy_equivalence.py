@@ -105,3 +105,18 @@ def test_sync_free_variants_pick_the_same_on_unpadded_rows(seed: int, kind: str)
         for scores in (None, c["scores"] + 0.01 * torch.randn(c["scores"].shape, generator=c["g"])):
             old = reference.farthest_point_select(c["x"], c["selected"], counts, c["valid"], scores)
             assert torch.equal(farthest_point._farthest_point_static(c["x"], c["selected"], count, c["valid"], scores), old)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_cdpruner_unguarded_loop_stands_only_while_residuals_are_positive(seed: int) -> None:
+    """With no conditioning picks CDPruner runs the official loop without the per-step exclusion and keeps its
+    picks while every residual is finite and > 0; past the kernel's rank (more picks than the feature width 3)
+    the guarded loop takes over. Both: the reference loop's picks, all distinct."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, 20, 3, generator=g)
+    relevance = torch.rand(1, 20, generator=g)
+    none = torch.zeros(1, 20, dtype=torch.bool)
+    for count in (1, 2, 3, 4, 10, 20):
+        new = cdpruner.cdpruner_supplement(x, relevance, none, count)
+        assert torch.equal(new, reference.cdpruner_supplement(x, relevance, none, count))
+        assert int(new.sum()) == count

@@ -40,21 +40,21 @@ PINNED = {
     "zspaprune_auto": 490,  # issue 18; score-dependent split like dynamic, pinned on these fixed inputs
     "zspaprune_grid": 502,
     "zspaprune_kmeans": 95,
-    "divprune": 240,
-    "fastv": 27,
-    "pdrop": 27,
+    "divprune": 239,
+    "fastv": 4,  # the index path of Pipeline.select (framework/dense.py): mean, topk, sort, ones (27 before)
+    "pdrop": 4,
     "random": 42,
     "pooling": 67,
     "visionzip": 96,
     "vispruner": 965,
-    "dart": 1379,
-    "cdpruner": 1557,
-    "cdpruner_llm": 1569,
+    "dart": 1377,  # the faithful picks read unit rows in place (1379 before)
+    "cdpruner": 1177,  # greedy MAP without the per-step exclusion while residuals stay > 0 (1557 before)
+    "cdpruner_llm": 1188,
     # OpenVINO's greedy reproduced op by op (per-pick loop over earlier picks, as the C++): a
     # faithfulness reference, not a fast path
     "cdpruner_ov": 10185,
     "cdpruner_ov_full": 18350,
-    "fastervlm": 34,
+    "fastervlm": 4,  # the index path (34 before)
     "tome": 435,  # the one-point select (diversity.tome); in the tower the matching runs in the layers' hooks
     "mustdrop": 84,  # adaptive count (issue 14): no fill stage; 3 for the keep-all rule (now Pipeline.select's, per row)
     "sparsevlm": 230,  # rank rule + recycling (one matrix_rank and one clustering per row)
