@@ -26,7 +26,7 @@ from .call import ForwardCall
 from .capture import VisionCapture
 from .decoder import Decision, DropState, Session
 from .records import DropRecord, ImageLayout, PruneResult
-from .row_fields import frame_fields, image_assignment
+from .row_fields import frame_fields, frame_spans, image_assignment
 from .tower_merge import apply_tower_merge
 
 __all__ = ["ForwardCall", "PlanContext", "Plan", "check_drops", "frame_fields", "image_assignment", "HINT_FINAL_NORM", "HINT_OWN_LAYER", "HINT_APPEND_MERGED"]
@@ -283,7 +283,9 @@ class Plan:
         elif any(g is not None for g in grids):  # rows differ: per-row grids, (0, 0) = none
             fields["grids"] = torch.tensor([g if g is not None else (0, 0) for g in grids], dtype=torch.long)
         if getattr(self.adapter, "has_frames", False):
-            fields["frames"], fields["frame_index"] = frame_fields(self.layouts, columns, fields["visual"].shape[1], self.device)
+            width = fields["visual"].shape[1]
+            fields["frames"], fields["frame_index"] = frame_fields(self.layouts, columns, width, self.device)
+            fields["frame_span"] = frame_spans(self.layouts, columns, self.records, width, self.device)
 
     def _llm_signals(self, state: DropState, drop: Any):
         slot_of = self._slot_map(state)  # (B, L): built once, read for the image rows and the prompt
