@@ -29,12 +29,13 @@ from .records import DropRecord, ImageLayout, PruneResult
 from .row_fields import frame_fields, frame_spans, image_assignment
 from .tower_merge import apply_tower_merge
 
-__all__ = ["ForwardCall", "PlanContext", "Plan", "check_drops", "frame_fields", "image_assignment", "HINT_FINAL_NORM", "HINT_OWN_LAYER", "HINT_APPEND_MERGED"]
+__all__ = ["ForwardCall", "PlanContext", "Plan", "check_drops", "frame_fields", "image_assignment", "HINT_FINAL_NORM", "HINT_OWN_LAYER", "HINT_APPEND_MERGED", "HINT_LAST_QUERY", "last_real_tokens"]
 
 #: Stage hints (``Stage.adapter_hints``) the runtime honours (docs/adapters.md).
 HINT_FINAL_NORM = "final_norm"  # in-LLM visual / prompt = hidden states through the decoder's final norm (DART)
 HINT_OWN_LAYER = "own_layer_scoring"  # layer(k) attention / keys from layer k's own weights on its input (PyramidDrop)
 HINT_APPEND_MERGED = "append_merged"  # merged (non-critical, valued) kept tokens written after the critical ones (SparseVLM)
+HINT_LAST_QUERY = "last_token_query"  # the query token is the sequence's last real token, not the last prompt token (HoliTom)
 #: Drop kinds applied at the decoder input (layer 0).
 INPUT_DROPS = ("vision", "vision_layers", "pre_llm")
 
@@ -85,6 +86,13 @@ def check_drops(drops: Sequence[Any], num_layers: int) -> None:
                 f"layer drop before layer {drop.layer}: the language model has {num_layers} layers "
                 f"(valid k: 1..{num_layers - 1})"
             )
+
+
+def last_real_tokens(mask2d: Tensor) -> Tensor:
+    """(B,) long: the position of each row's last real token (``mask2d`` (B, L) bool; left or right padding)."""
+    length = mask2d.shape[1]
+    positions = torch.arange(length, device=mask2d.device).expand_as(mask2d)  # (B, L)
+    return torch.where(mask2d.bool(), positions, torch.full_like(positions, -1)).amax(dim=1)  # (B,)
 
 
 def _pad_rows(rows: list[Tensor], width: Optional[int] = None, value: float = 0.0) -> Tensor:
@@ -150,7 +158,7 @@ class Plan:
         self.token_embeds = [embeds[b, p.to(embeds.device)] for b, p in zip(self.image_sample, self.image_positions)]
         self.layouts: list[ImageLayout] = adapter.layouts(call, counts, self.token_embeds)
         self.prompts, query = adapter.prompt_span(call, image_mask, mask2d, context.prompt_stop)
-        self.query = query.to(self.device)
+        self.query = last_real_tokens(mask2d) if HINT_LAST_QUERY in context.hints else query.to(self.device)
         budgets = list(budget) if isinstance(budget, tuple) else [budget] * self.num_images  # normalised
         if len(budgets) != self.num_images:
             raise ValueError(f"budget has {len(budgets)} entries for {self.num_images} images in this forward")

@@ -1,8 +1,10 @@
 """PruneVid end to end on the tiny LLaVA-OneVision with video inputs (two scenes of still frames, so segments,
 static tokens and merging all happen): the prefill's first drop keeps exactly the reference merge of the model's
 own video features (tests/helpers/prunevid_reference.py) with its merged values (newline kept); the second drop
-keeps ``int(n * alpha)`` tokens inside the LLM; the pruned forward and ``generate`` equal the unpruned model fed the
-merged values and masked as the drops remove; batch == each sample alone."""
+keeps what the official ``process_attention`` keeps (``int(size * alpha)`` of each static / dynamic group of the
+reference merge, by the max over heads and prompt rows of the reference model's own eager attention at layer k - 1;
+the newline kept); the pruned forward and ``generate`` equal the unpruned model fed the merged values and masked as
+the drops remove; batch == each sample alone."""
 
 from __future__ import annotations
 
@@ -16,17 +18,18 @@ from adapter_fixtures import (
     removed_by_layer,
     tiny_llava_onevision,
 )
-from prunevid_reference import ref_merge_video
+from prunevid_reference import ref_merge_video, ref_process_attention
 
 from vtprune.framework.prune import prune
 
 FRAMES = 6
 VIDEO = ((("video",),), (("video",),))
-RECIPE = "prunevid+diversity.prunevid(segment_ratio=0.5)+prunevid_layer(k=2,alpha=0.4)"
+K = 2
+RECIPE = f"prunevid+diversity.prunevid(segment_ratio=0.5)+prunevid_layer(k={K},alpha=0.4)"
 
 
 def _setup():
-    model = tiny_llava_onevision()
+    model = tiny_llava_onevision(attn="eager")  # the reference reads the model's own attention weights
     inputs = llava_onevision_inputs(model, VIDEO, question_lengths=(3, 6), frames=FRAMES)
     videos = inputs["pixel_values_videos"]  # (B, T, 3, S, S)
     noise = torch.randn(videos.shape, generator=torch.Generator().manual_seed(5)) * 0.02
@@ -47,21 +50,21 @@ def test_drops_keep_the_reference_merge_and_forward_generate_equal_the_merged_ma
         result = handle.last_selection
         generated = model.generate(**inputs, max_new_tokens=6, do_sample=False)
     first, second = result.drops
+    assert (second.where, second.layer) == ("layer", K)
     per_frame = (features[0].shape[0] - 1) // FRAMES
     embeds = merged_embeddings(model, inputs)
+    all_groups = []
     for row, video in enumerate(features):
         tokens = video[:-1].view(FRAMES, per_frame, -1)
         segments, groups = ref_merge_video(tokens.double(), 0.8, 0.5, 0.5, torch.Generator().manual_seed(0))
         assert sum(len(g) for g in groups) < FRAMES * per_frame  # static tokens merged over their segment
+        all_groups.append(groups)
         expected = {p: v for members in groups for p, v in members} | {video.shape[0] - 1: video[-1].tolist()}
         kept = first.selection.row_indices(row).tolist()
         assert kept == sorted(expected)
         slots = first.selection.mask[row]
         for slot, p in enumerate(kept):
             torch.testing.assert_close(first.selection.values[row][slots][slot], torch.tensor(expected[p]), atol=1e-5, rtol=0)
-        # the in-LLM drop keeps int(n * alpha) of the n merged tokens
-        assert second.selection.row_indices(row).numel() == int(len(kept) * 0.4)
-        assert set(second.selection.row_indices(row).tolist()) <= set(kept)
         positions = result.image_positions[row]
         b = int(result.image_sample[row])
         for slot, p in enumerate(kept):
@@ -69,8 +72,23 @@ def test_drops_keep_the_reference_merge_and_forward_generate_equal_the_merged_ma
     removed = removed_by_layer(result, batch, length, model.config.text_config.num_hidden_layers)
     reference_feed = {"inputs_embeds": embeds, "attention_mask": inputs["attention_mask"], "position_ids": feed["position_ids"]}
     with torch.no_grad(), masked_reference(model, removed):
-        reference = model(**reference_feed).logits
+        ref_out = model(**reference_feed, output_attentions=True)
+        reference = ref_out.logits
         ref_gen = model.generate(**reference_feed, max_new_tokens=6, do_sample=False)
+    # official process_attention on the reference model's own attention at layer K - 1 (its input: the merged
+    # tokens, the first drop's removed tokens masked): max over heads, then over the prompt rows (every token after
+    # the video), int(size * alpha) of each group of the official merge; the newline stays
+    weights = ref_out.attentions[K - 1]  # (B, H, L, L)
+    for row, groups in enumerate(all_groups):
+        b, positions = int(result.image_sample[row]), result.image_positions[row]
+        real = torch.nonzero(inputs["attention_mask"][b]).flatten()
+        prompt = real[real > positions[-1]]  # (T,)
+        score = weights[b][:, prompt][:, :, positions].amax(dim=0).amax(dim=0)  # (n,) per image token
+        order = [p for members in groups for p in sorted(p for p, _ in members)]
+        laid = [float(score[p]) for p in order]
+        keep = [order[i] for i in ref_process_attention(laid, [len(m) for m in groups], 0.4)]
+        expected = sorted(keep + [positions.numel() - 1])  # + the newline
+        assert second.selection.row_indices(row).tolist() == expected
     got, want = aligned(out, result, reference, inputs["attention_mask"])
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
     assert torch.equal(generated[:, length:], ref_gen[:, -6:])
