@@ -29,13 +29,14 @@ from .records import DropRecord, ImageLayout, PruneResult
 from .row_fields import frame_fields, frame_spans, image_assignment
 from .tower_merge import apply_tower_merge
 
-__all__ = ["ForwardCall", "PlanContext", "Plan", "check_drops", "frame_fields", "image_assignment", "HINT_FINAL_NORM", "HINT_OWN_LAYER", "HINT_APPEND_MERGED", "HINT_LAST_QUERY", "last_real_tokens"]
+__all__ = ["ForwardCall", "PlanContext", "Plan", "check_drops", "frame_fields", "image_assignment", "HINT_FINAL_NORM", "HINT_OWN_LAYER", "HINT_APPEND_MERGED", "HINT_LAST_QUERY", "HINT_PLAIN_PROMPT", "last_real_tokens"]
 
 #: Stage hints (``Stage.adapter_hints``) the runtime honours (docs/adapters.md).
 HINT_FINAL_NORM = "final_norm"  # in-LLM visual / prompt = hidden states through the decoder's final norm (DART)
 HINT_OWN_LAYER = "own_layer_scoring"  # layer(k) attention / keys from layer k's own weights on its input (PyramidDrop)
 HINT_APPEND_MERGED = "append_merged"  # merged (non-critical, valued) kept tokens written after the critical ones (SparseVLM)
 HINT_LAST_QUERY = "last_token_query"  # the query token is the sequence's last real token, not the last prompt token (HoliTom)
+HINT_PLAIN_PROMPT = "plain_prompt_attention"  # prompt_attention = softmax(q k^T / sqrt(d)) before RoPE, no causal mask (PruneVid)
 #: Drop kinds applied at the decoder input (layer 0).
 INPUT_DROPS = ("vision", "vision_layers", "pre_llm")
 
@@ -189,7 +190,7 @@ class Plan:
         if self.requires & {"visual_keys", "prompt_keys"}:
             wanted.add("keys")
         if "prompt_attention" in self.requires and layer > 0:
-            wanted.add("prompt_attention")
+            wanted.add(HINT_PLAIN_PROMPT if HINT_PLAIN_PROMPT in self.context.hints else "prompt_attention")
         return frozenset(wanted)
 
     def prompt_query_slots(self, index: Tensor, valid: Tensor) -> Tensor:

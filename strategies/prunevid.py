@@ -3,7 +3,8 @@
 Before the LLM, ``diversity.prunevid`` (with the adaptive ``budget.prunevid``) merges each video row: temporal
 segments, static tokens averaged over their segment, DPC-KNN spatial clustering, merged values + assignment
 through the merging output. Inside the LLM, ``placement.prunevid_layer`` runs a second drop at layer ``k`` with
-``relevance.prunevid_attention`` (max over heads and prompt tokens of the attention to each visual token),
+``relevance.prunevid_plain_attention`` (max over heads and prompt tokens of the attention to each visual token,
+before RoPE and without the causal mask as officially; ``relevance.prunevid_attention``: the model's own),
 ``diversity.prunevid_groups`` (``int(size * alpha)`` of every group of the first drop, read from
 ``Signals.frame_span``) and ``budget.prunevid_groups`` (adaptive, never caps).
 
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, ClassVar, Optional
+from typing import Any, ClassVar, Literal, Optional
 
 import torch
 from torch import Tensor
@@ -37,8 +38,12 @@ from .budget import OwnCountAllocator
 from .critical import TopKCritical
 from .functional.prunevid import DEFAULT_K, group_keep, prunevid_frames, span_groups
 
+#: Adapter hint (``Stage.adapter_hints``): ``prompt_attention`` without RoPE and without the causal mask
+#: (docs/adapters.md).
+HINT_PLAIN_PROMPT = "plain_prompt_attention"
+
 __all__ = [
-    "PruneVidMerge", "PruneVidBudget", "PruneVidAttention", "PruneVidAlpha", "PruneVidGroups", "PruneVidGroupBudget",
+    "PruneVidMerge", "PruneVidBudget", "PruneVidAttention", "PruneVidPlainAttention", "PruneVidAlpha", "PruneVidGroups", "PruneVidGroupBudget",
     "PruneVidPlacement", "PRUNEVID_STAGES",
 ]
 
@@ -145,6 +150,18 @@ class PruneVidAttention(RelevanceScorer):
 
 
 @dataclass(frozen=True, eq=False)
+class PruneVidPlainAttention(PruneVidAttention):
+    """PruneVid's official in-LLM score (``llama.py`` ``attn_weights_wo_pos`` of ``selected_layer``): the max over
+    heads and prompt tokens of ``softmax(q k^T / sqrt(d))`` of the layer's query / key projections *before* RoPE,
+    over every present token (no causal mask). Asks the adapter (hint ``plain_prompt_attention``) to compute
+    ``prompt_attention`` that way."""
+
+    name: ClassVar[str] = "prunevid_plain_attention"
+    description: ClassVar[str] = "max over heads and prompt tokens of softmax(QK^T/sqrt(d)) before RoPE, no causal mask (official PruneVid in-LLM)"
+    adapter_hints: ClassVar[frozenset[str]] = frozenset({HINT_PLAIN_PROMPT})
+
+
+@dataclass(frozen=True, eq=False)
 class PruneVidAlpha(BudgetAllocator):
     """PruneVid's in-LLM count: a fraction ``alpha`` keeps ``int(n * alpha)`` (floor, at least one) of the n present
     tokens, all by the critical selector."""
@@ -216,18 +233,23 @@ class PruneVidPlacement(LayerPlacement):
     """A ``pre_llm`` drop with the budget (PruneVid's merge), then one before decoder layer ``k`` keeping ``alpha``
     of every group of the merge by ``relevance.prunevid_attention`` (+ ``critical``, ``diversity.prunevid_groups``,
     ``budget.prunevid_groups``). Official: ``selected_layer=10`` (the layer whose attention scores and after which
-    the tokens go: our ``k - 1``, so ``k=11``), ``alpha=0.4``."""
+    the tokens go: our ``k - 1``, so ``k=11``), ``alpha=0.4``. ``score``: ``official`` = the official arithmetic
+    (``relevance.prunevid_plain_attention``: before RoPE, no causal mask), ``model`` = the model's own attention
+    (``relevance.prunevid_attention``: RoPE, causal mask)."""
 
     name: ClassVar[str] = "prunevid_layer"
     description: ClassVar[str] = "drop before the LLM with the budget, then before layer k keeping alpha by prompt attention (PruneVid)"
     provides: ClassVar[frozenset[str]] = PLACEMENT_SIGNALS["pre_llm"]
     k: int = 11
     alpha: float = 0.4
+    score: Literal["official", "model"] = "official"
 
     def __post_init__(self) -> None:
         if self.k < 1:
             raise ValueError(f"k must be >= 1, got {self.k}")
         _check_alpha(self.alpha)
+        if self.score not in ("official", "model"):
+            raise ValueError(f"score must be one of 'official', 'model', got {self.score!r}")
 
     def drops(self, budget: int | float) -> tuple[Drop, ...]:
         return (Drop("pre_llm", None, budget), Drop("layer", self.k, float(self.alpha)))
@@ -236,12 +258,12 @@ class PruneVidPlacement(LayerPlacement):
         if number == 0:
             return pipeline
         return dataclasses.replace(
-            pipeline, relevance=PruneVidAttention(), critical=TopKCritical(), diversity=PruneVidGroups(alpha=float(self.alpha)),
+            pipeline, relevance=PruneVidPlainAttention() if self.score == "official" else PruneVidAttention(), critical=TopKCritical(), diversity=PruneVidGroups(alpha=float(self.alpha)),
             budget=PruneVidGroupBudget(), preset=None,
         )
 
 
 #: Registration order.
 PRUNEVID_STAGES = (
-    PruneVidMerge, PruneVidBudget, PruneVidAttention, PruneVidAlpha, PruneVidGroups, PruneVidGroupBudget, PruneVidPlacement,
+    PruneVidMerge, PruneVidBudget, PruneVidAttention, PruneVidPlainAttention, PruneVidAlpha, PruneVidGroups, PruneVidGroupBudget, PruneVidPlacement,
 )

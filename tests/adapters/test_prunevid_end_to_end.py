@@ -8,6 +8,9 @@ the drops remove; batch == each sample alone."""
 
 from __future__ import annotations
 
+import math
+
+import pytest
 import torch
 from adapter_fixtures import (
     aligned,
@@ -25,7 +28,23 @@ from vtprune.framework.prune import prune
 FRAMES = 6
 VIDEO = ((("video",),), (("video",),))
 K = 2
-RECIPE = f"prunevid+diversity.prunevid(segment_ratio=0.5)+prunevid_layer(k={K},alpha=0.4)"
+RECIPE = f"prunevid+diversity.prunevid(segment_ratio=0.5)+prunevid_layer(k={K},alpha=0.4)"  # score=official
+MODEL_SCORE = f"prunevid+diversity.prunevid(segment_ratio=0.5)+prunevid_layer(k={K},alpha=0.4,score=model)"
+
+
+def _plain_attention(layer, hidden: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """(B, H, L, L): official PruneVid ``attn_weights_wo_pos``: softmax(q k^T / sqrt(d)) of the layer's projections of
+    its normed input ``hidden`` (B, L, D), before RoPE, over the keys ``keys`` (B, L) bool (no causal mask)."""
+    attn = layer.self_attn
+    normed = layer.input_layernorm(hidden)
+    batch, length, _ = normed.shape
+    d = attn.head_dim
+    q = attn.q_proj(normed).view(batch, length, -1, d).transpose(1, 2)  # (B, H, L, d)
+    k = attn.k_proj(normed).view(batch, length, -1, d).transpose(1, 2)  # (B, Hk, L, d)
+    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # (B, H, L, d)
+    logits = (q @ k.transpose(2, 3)) / math.sqrt(d)  # (B, H, L, L)
+    logits = logits.masked_fill(~keys[:, None, None, :], float("-inf"))
+    return torch.softmax(logits.float(), dim=-1)
 
 
 def _setup():
@@ -40,11 +59,12 @@ def _setup():
     return model, inputs, features
 
 
-def test_drops_keep_the_reference_merge_and_forward_generate_equal_the_merged_masked_reference():
+@pytest.mark.parametrize("recipe", [RECIPE, MODEL_SCORE])
+def test_drops_keep_the_reference_merge_and_forward_generate_equal_the_merged_masked_reference(recipe):
     model, inputs, features = _setup()
     batch, length = inputs["input_ids"].shape
     feed = {**inputs, "position_ids": generation_positions(inputs["attention_mask"])}
-    with prune(model, RECIPE, budget=1.0, positions="keep") as handle:
+    with prune(model, recipe, budget=1.0, positions="keep") as handle:
         with torch.no_grad():
             out = model(**feed).logits
         result = handle.last_selection
@@ -71,14 +91,25 @@ def test_drops_keep_the_reference_merge_and_forward_generate_equal_the_merged_ma
             embeds[b, positions[p]] = first.selection.values[row][slots][slot]
     removed = removed_by_layer(result, batch, length, model.config.text_config.num_hidden_layers)
     reference_feed = {"inputs_embeds": embeds, "attention_mask": inputs["attention_mask"], "position_ids": feed["position_ids"]}
-    with torch.no_grad(), masked_reference(model, removed):
-        ref_out = model(**reference_feed, output_attentions=True)
-        reference = ref_out.logits
-        ref_gen = model.generate(**reference_feed, max_new_tokens=6, do_sample=False)
-    # official process_attention on the reference model's own attention at layer K - 1 (its input: the merged
-    # tokens, the first drop's removed tokens masked): max over heads, then over the prompt rows (every token after
-    # the video), int(size * alpha) of each group of the official merge; the newline stays
-    weights = ref_out.attentions[K - 1]  # (B, H, L, L)
+    layer = model.model.language_model.layers[K - 1]
+    entering = []
+    handle = layer.register_forward_pre_hook(lambda module, args, kwargs: entering.append(args[0] if args else kwargs["hidden_states"]), with_kwargs=True)
+    try:
+        with torch.no_grad(), masked_reference(model, removed):
+            ref_out = model(**reference_feed, output_attentions=True)
+            reference = ref_out.logits
+            ref_gen = model.generate(**reference_feed, max_new_tokens=6, do_sample=False)
+    finally:
+        handle.remove()
+    # official process_attention at layer K - 1 (its input: the merged tokens, the first drop's removed tokens gone):
+    # max over heads, then over the prompt rows (every token after the video), int(size * alpha) of each group of the
+    # official merge; the newline stays. Score: score=official, the layer's softmax(q k^T / sqrt(d)) before RoPE over
+    # every present token (independently recomputed here); score=model, the model's own eager attention weights
+    if recipe == RECIPE:
+        with torch.no_grad():
+            weights = _plain_attention(layer, entering[0], inputs["attention_mask"].bool() & ~removed[K - 1])
+    else:
+        weights = ref_out.attentions[K - 1]  # (B, H, L, L)
     for row, groups in enumerate(all_groups):
         b, positions = int(result.image_sample[row]), result.image_positions[row]
         real = torch.nonzero(inputs["attention_mask"][b]).flatten()
@@ -110,3 +141,16 @@ def test_batch_equals_each_sample_alone():
             alone = model.generate(**sample, max_new_tokens=4, do_sample=False)
             assert torch.equal(batch[b, offset:], alone[0, sample["input_ids"].shape[1] :])
             assert handle.last_selection.drops[1].selection.row_indices(0).tolist() == batch_kept[b]
+
+
+def test_official_and_model_scores_keep_different_tokens():
+    """The two scores are not interchangeable on this input (so the test above tells them apart): the official
+    pre-RoPE, non-causal score keeps other tokens than the model's own attention in at least one row."""
+    model, inputs, _ = _setup()
+    kept = {}
+    for recipe in (RECIPE, MODEL_SCORE):
+        with prune(model, recipe, budget=1.0) as handle:
+            with torch.no_grad():
+                model(**inputs)
+            kept[recipe] = [handle.last_selection.drops[1].selection.row_indices(r).tolist() for r in range(2)]
+    assert kept[RECIPE] != kept[MODEL_SCORE]
