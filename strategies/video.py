@@ -278,8 +278,8 @@ class HoliTomLayerBudget(BudgetAllocator):
 class PreLLMThenLayer(LayerPlacement):
     """A drop before the LLM with the budget, then one before decoder layer ``k`` keeping ``keep`` of the tokens
     present there (HoliTom: outer merging, then the inner merge at ``HOLITOM_k`` with ``keep = 1 - HOLITOM_r``).
-    ``layer_step``: what selects at the second drop: ``holitom`` = HoliTom's inner-LLM merge (``relevance.attention``
-    + ``diversity.holitom_inner`` + ``budget.holitom_layer``, the pipeline's critical stage kept), ``same`` = the
+    ``layer_step``: what selects at the second drop: ``holitom`` = HoliTom's inner-LLM merge (``relevance.last_attention``
+    or ``relevance.attention`` by ``query`` + ``diversity.holitom_inner`` + ``budget.holitom_layer``, the pipeline's critical stage kept), ``same`` = the
     pipeline itself. ``query`` (``layer_step=holitom``): whose attention row scores the inner merge: ``last`` = the
     sequence's last real token (official ``[0, -1]``, ``relevance.last_attention``), ``prompt`` = the last prompt
     token (``relevance.attention``). Signals: those of ``pre_llm`` at the first drop, plus the layer signals at the
