@@ -154,3 +154,39 @@ def test_official_and_model_scores_keep_different_tokens():
                 model(**inputs)
             kept[recipe] = [handle.last_selection.drops[1].selection.row_indices(r).tolist() for r in range(2)]
     assert kept[RECIPE] != kept[MODEL_SCORE]
+
+
+def test_second_drop_sees_the_groups_of_the_first_as_frame_spans(monkeypatch):
+    """``Signals.frame_span`` at the second drop, as the adapter fills it from the first drop's assignment: each
+    static token of the reference merge stands for every frame of its segment, each dynamic token for its frame, the
+    newline for none."""
+    from vtprune.strategies.prunevid import PruneVidGroups
+
+    model, inputs, features = _setup()
+    seen = []
+    original = PruneVidGroups.supplement
+
+    def supplement(stage, signals, *args):
+        seen.append(signals.frame_span.clone())
+        return original(stage, signals, *args)
+
+    monkeypatch.setattr(PruneVidGroups, "supplement", supplement)
+    with prune(model, RECIPE, budget=1.0) as handle:
+        with torch.no_grad():
+            model(**inputs)
+        result = handle.last_selection
+    assert len(seen) == 1
+    per_frame = (features[0].shape[0] - 1) // FRAMES
+    for row, video in enumerate(features):
+        segments, groups = ref_merge_video(video[:-1].view(FRAMES, per_frame, -1).double(), 0.8, 0.5, 0.5,
+                                           torch.Generator().manual_seed(0))
+        expected, g, start = {video.shape[0] - 1: (-1, -1)}, 0, 0
+        for width in segments:
+            expected |= {p: (start, start + width - 1) for p, _ in groups[g]}  # the segment's static tokens
+            for t in range(width):
+                expected |= {p: (start + t, start + t) for p, _ in groups[g + 1 + t]}  # frame t's dynamic tokens
+            g, start = g + 1 + width, start + width
+        kept = result.drops[0].selection.row_indices(row).tolist()
+        assert kept == sorted(expected)
+        assert [tuple(s) for s in seen[0][row, : len(kept)].tolist()] == [expected[p] for p in kept]
+        assert any(first < last for first, last in expected.values())  # static tokens spanning several frames
