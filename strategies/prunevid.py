@@ -6,7 +6,7 @@ through the merging output. Inside the LLM, ``placement.prunevid_layer`` runs a 
 ``relevance.prunevid_plain_attention`` (max over heads and prompt tokens of the attention to each visual token,
 before RoPE and without the causal mask as officially; ``relevance.prunevid_attention``: the model's own),
 ``diversity.prunevid_groups`` (``int(size * alpha)`` of every group of the first drop, read from
-``Signals.frame_span``) and ``budget.prunevid_groups`` (adaptive, never caps).
+``Signals.frame_span``) and ``budget.prunevid_uncapped`` (adaptive, never caps).
 
 Rows: a video row's frame tokens are those with ``frame_index >= 0`` (``Signals.frames`` (T, H, W)); tokens
 outside the frames (newlines, ``frame_index`` -1) are kept as they are; a row without frames is one frame (a
@@ -188,7 +188,7 @@ class PruneVidGroups(DiversitySupplementer):
     static tokens, a frame's dynamic tokens; recovered from ``Signals.frame_span`` by ``span_groups``) the
     ``int(size * alpha)`` tokens with the highest scores stay (ties to the earlier token). Tokens standing for no
     frame (newlines) stay; a row with no frame token at all (an image, one frame for ``diversity.prunevid``, or no
-    ``frame_span``) is one group. Keeps its own count (``budget.prunevid_groups``)."""
+    ``frame_span``) is one group. Keeps its own count (``budget.prunevid_uncapped``)."""
 
     name: ClassVar[str] = "prunevid_groups"
     description: ClassVar[str] = "PruneVid in-LLM: int(size * alpha) best-scored tokens of every static / dynamic group of the first drop"
@@ -221,7 +221,7 @@ class PruneVidGroupBudget(OwnCountAllocator):
     """Adaptive, never caps: every present token is the upper bound and ``diversity.prunevid_groups`` keeps its own
     per-group count (the drop's budget is PruneVid's ``alpha``, which that stage holds)."""
 
-    name: ClassVar[str] = "prunevid_groups"
+    name: ClassVar[str] = "prunevid_uncapped"
     description: ClassVar[str] = "adaptive, uncapped: diversity.prunevid_groups keeps int(size * alpha) per group"
 
     def resolve(self, budget: int | float, valid_counts: Tensor) -> Tensor:
@@ -231,8 +231,8 @@ class PruneVidGroupBudget(OwnCountAllocator):
 @dataclass(frozen=True, eq=False)
 class PruneVidPlacement(LayerPlacement):
     """A ``pre_llm`` drop with the budget (PruneVid's merge), then one before decoder layer ``k`` keeping ``alpha``
-    of every group of the merge by ``relevance.prunevid_attention`` (+ ``critical``, ``diversity.prunevid_groups``,
-    ``budget.prunevid_groups``). Official: ``selected_layer=10`` (the layer whose attention scores and after which
+    of every group of the merge by the prompt tokens' attention (+ ``critical``, ``diversity.prunevid_groups``,
+    ``budget.prunevid_uncapped``). Official: ``selected_layer=10`` (the layer whose attention scores and after which
     the tokens go: our ``k - 1``, so ``k=11``), ``alpha=0.4``. ``score``: ``official`` = the official arithmetic
     (``relevance.prunevid_plain_attention``: before RoPE, no causal mask), ``model`` = the model's own attention
     (``relevance.prunevid_attention``: RoPE, causal mask)."""
