@@ -27,9 +27,10 @@ from .capture import VisionCapture
 from .decoder import Decision, DropState, Session
 from .records import DropRecord, ImageLayout, PruneResult
 from .row_fields import frame_fields, frame_spans, image_assignment
+from .spans import last_real_tokens
 from .tower_merge import apply_tower_merge
 
-__all__ = ["ForwardCall", "PlanContext", "Plan", "check_drops", "frame_fields", "image_assignment", "HINT_FINAL_NORM", "HINT_OWN_LAYER", "HINT_APPEND_MERGED", "HINT_LAST_QUERY", "HINT_PLAIN_PROMPT", "last_real_tokens"]
+__all__ = ["ForwardCall", "PlanContext", "Plan", "check_drops", "frame_fields", "image_assignment", "HINT_FINAL_NORM", "HINT_OWN_LAYER", "HINT_APPEND_MERGED", "HINT_LAST_QUERY", "HINT_PLAIN_PROMPT"]
 
 #: Stage hints (``Stage.adapter_hints``) the runtime honours (docs/adapters.md).
 HINT_FINAL_NORM = "final_norm"  # in-LLM visual / prompt = hidden states through the decoder's final norm (DART)
@@ -87,13 +88,6 @@ def check_drops(drops: Sequence[Any], num_layers: int) -> None:
                 f"layer drop before layer {drop.layer}: the language model has {num_layers} layers "
                 f"(valid k: 1..{num_layers - 1})"
             )
-
-
-def last_real_tokens(mask2d: Tensor) -> Tensor:
-    """(B,) long: the position of each row's last real token (``mask2d`` (B, L) bool; left or right padding)."""
-    length = mask2d.shape[1]
-    positions = torch.arange(length, device=mask2d.device).expand_as(mask2d)  # (B, L)
-    return torch.where(mask2d.bool(), positions, torch.full_like(positions, -1)).amax(dim=1)  # (B,)
 
 
 def _pad_rows(rows: list[Tensor], width: Optional[int] = None, value: float = 0.0) -> Tensor:
