@@ -82,13 +82,18 @@ def recompute_attention_rows(
     attention_mask: Any,
     position_embeddings: tuple[Tensor, Tensor],
     query_slots: Tensor,
+    *,
+    plain_keys: Optional[Tensor] = None,
 ) -> Tensor:
     """`recompute_attention_row` for several query tokens per batch row (SparseVLM's prompt rows).
 
     Args:
         query_slots: (B, Q) long, the slots of the query tokens of each row (pad a short row by repeating a slot).
+        plain_keys: None (the eager attention), or (B, L) bool, the real slots: then the rows are
+            ``softmax(q k^T * scaling)`` of the layer's projections *before* RoPE over every real slot (no causal
+            mask; PruneVid's official score), the layer's mask and ``position_embeddings`` unused.
         The other arguments are those of `recompute_attention_row`.
-    Returns: (B, H, Q, L) fp32 softmax attention rows, as eager attention computes them.
+    Returns: (B, H, Q, L) fp32 softmax attention rows, as eager attention computes them (or the plain rows).
     """
     attn = spec.attention(layer)
     normed = spec.input_norm(layer)(hidden)
@@ -103,15 +108,18 @@ def recompute_attention_rows(
     if getattr(attn, "k_norm", None) is not None:
         key = attn.k_norm(key)
     query, key = query.transpose(1, 2), key.transpose(1, 2)  # (B, H, Q, d), (B, Hk, L, d)
-    cos, sin = position_embeddings
-    cos_q = gather_seq(cos, query_slots, spec.pe_seq_dim)
-    sin_q = gather_seq(sin, query_slots, spec.pe_seq_dim)
-    query = spec.apply_rope(query, query, cos_q, sin_q)[0]
-    key = spec.apply_rope(key, key, cos, sin)[1]
+    if plain_keys is None:
+        cos, sin = position_embeddings
+        cos_q = gather_seq(cos, query_slots, spec.pe_seq_dim)
+        sin_q = gather_seq(sin, query_slots, spec.pe_seq_dim)
+        query = spec.apply_rope(query, query, cos_q, sin_q)[0]
+        key = spec.apply_rope(key, key, cos, sin)[1]
     groups = query.shape[1] // key.shape[1]
     expanded = key.repeat_interleave(groups, dim=1) if groups > 1 else key
     scores = torch.matmul(query, expanded.transpose(2, 3)) * attn.scaling  # (B, H, Q, L)
-    if attention_mask is None:
+    if plain_keys is not None:
+        scores = scores + _to_additive(plain_keys.view(batch, 1, 1, length), scores.dtype)  # real slots only
+    elif attention_mask is None:
         allowed = torch.arange(length, device=hidden.device).view(1, 1, length) <= query_slots.unsqueeze(-1)  # (B, Q, L)
         scores = scores + _to_additive(allowed.unsqueeze(1), scores.dtype)
     else:

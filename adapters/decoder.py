@@ -409,11 +409,11 @@ class DecoderPruner:
                     want_keys="keys" in wants,
                 )
                 flight.scores[number + 1] = (attention if "attention" in wants else None, keys)
-            if "prompt_attention" in wants:
+            if wants & {"prompt_attention", "plain_prompt_attention"}:  # plain: before RoPE, no causal mask
                 slots = plan.prompt_query_slots(segment.index, segment.valid)  # (B, Q)
                 flight.prompt_scores[number + 1] = recompute_attention_rows(
-                    module, self.spec, hidden, kwargs.get("attention_mask"), kwargs.get("position_embeddings"), slots
-                )
+                    module, self.spec, hidden, kwargs.get("attention_mask"), kwargs.get("position_embeddings"), slots,
+                    plain_keys=segment.valid if "plain_prompt_attention" in wants else None)
         if changed:
             return self._with_hidden(args, kwargs, hidden, positional)
         return None

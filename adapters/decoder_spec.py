@@ -223,8 +223,9 @@ class DropPlan(Protocol):
     query: Optional[Tensor]
 
     def wants(self, layer: int) -> frozenset[str]:
-        """Subset of {"attention", "keys", "prompt_attention"} the drop at ``layer`` needs from layer ``layer - 1``
-        ("prompt_attention" needs the optional ``prompt_query_slots(index, valid) -> (B, Q) long`` method)."""
+        """Subset of {"attention", "keys", "prompt_attention", "plain_prompt_attention"} the drop at ``layer`` needs
+        from layer ``layer - 1`` ("prompt_attention" needs the optional ``prompt_query_slots(index, valid) -> (B, Q)
+        long`` method; "plain_prompt_attention" is the same rows before RoPE, without the causal mask)."""
 
     def decide(self, layer: int, state: DropState) -> Optional[Decision]:
         """The drop at ``layer``; None keeps everything."""

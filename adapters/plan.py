@@ -26,15 +26,18 @@ from .call import ForwardCall
 from .capture import VisionCapture
 from .decoder import Decision, DropState, Session
 from .records import DropRecord, ImageLayout, PruneResult
-from .row_fields import frame_fields, image_assignment
+from .row_fields import frame_fields, frame_spans, image_assignment
+from .spans import last_real_tokens
 from .tower_merge import apply_tower_merge
 
-__all__ = ["ForwardCall", "PlanContext", "Plan", "check_drops", "frame_fields", "image_assignment", "HINT_FINAL_NORM", "HINT_OWN_LAYER", "HINT_APPEND_MERGED"]
+__all__ = ["ForwardCall", "PlanContext", "Plan", "check_drops", "frame_fields", "image_assignment", "HINT_FINAL_NORM", "HINT_OWN_LAYER", "HINT_APPEND_MERGED", "HINT_LAST_QUERY", "HINT_PLAIN_PROMPT"]
 
 #: Stage hints (``Stage.adapter_hints``) the runtime honours (docs/adapters.md).
 HINT_FINAL_NORM = "final_norm"  # in-LLM visual / prompt = hidden states through the decoder's final norm (DART)
 HINT_OWN_LAYER = "own_layer_scoring"  # layer(k) attention / keys from layer k's own weights on its input (PyramidDrop)
 HINT_APPEND_MERGED = "append_merged"  # merged (non-critical, valued) kept tokens written after the critical ones (SparseVLM)
+HINT_LAST_QUERY = "last_token_query"  # the query token is the sequence's last real token, not the last prompt token (HoliTom)
+HINT_PLAIN_PROMPT = "plain_prompt_attention"  # prompt_attention = softmax(q k^T / sqrt(d)) before RoPE, no causal mask (PruneVid)
 #: Drop kinds applied at the decoder input (layer 0).
 INPUT_DROPS = ("vision", "vision_layers", "pre_llm")
 
@@ -150,7 +153,7 @@ class Plan:
         self.token_embeds = [embeds[b, p.to(embeds.device)] for b, p in zip(self.image_sample, self.image_positions)]
         self.layouts: list[ImageLayout] = adapter.layouts(call, counts, self.token_embeds)
         self.prompts, query = adapter.prompt_span(call, image_mask, mask2d, context.prompt_stop)
-        self.query = query.to(self.device)
+        self.query = last_real_tokens(mask2d) if HINT_LAST_QUERY in context.hints else query.to(self.device)
         budgets = list(budget) if isinstance(budget, tuple) else [budget] * self.num_images  # normalised
         if len(budgets) != self.num_images:
             raise ValueError(f"budget has {len(budgets)} entries for {self.num_images} images in this forward")
@@ -181,7 +184,7 @@ class Plan:
         if self.requires & {"visual_keys", "prompt_keys"}:
             wanted.add("keys")
         if "prompt_attention" in self.requires and layer > 0:
-            wanted.add("prompt_attention")
+            wanted.add(HINT_PLAIN_PROMPT if HINT_PLAIN_PROMPT in self.context.hints else "prompt_attention")
         return frozenset(wanted)
 
     def prompt_query_slots(self, index: Tensor, valid: Tensor) -> Tensor:
@@ -283,7 +286,9 @@ class Plan:
         elif any(g is not None for g in grids):  # rows differ: per-row grids, (0, 0) = none
             fields["grids"] = torch.tensor([g if g is not None else (0, 0) for g in grids], dtype=torch.long)
         if getattr(self.adapter, "has_frames", False):
-            fields["frames"], fields["frame_index"] = frame_fields(self.layouts, columns, fields["visual"].shape[1], self.device)
+            width = fields["visual"].shape[1]
+            fields["frames"], fields["frame_index"] = frame_fields(self.layouts, columns, width, self.device)
+            fields["frame_span"] = frame_spans(self.layouts, columns, self.records, width, self.device)
 
     def _llm_signals(self, state: DropState, drop: Any):
         slot_of = self._slot_map(state)  # (B, L): built once, read for the image rows and the prompt

@@ -27,7 +27,7 @@ live in ``adapters.spans``, the M-RoPE position helpers in ``adapters.mrope`` an
   token); asking for them fails at attach time with the model and placement named.
 
 >>> sorted(QwenVLAdapter.provides("vision")), sorted(QwenVLAdapter.drop_kinds)
-(['frame_index', 'frames', 'grid', 'grids', 'visual', 'visual_mask'], ['layer', 'pre_llm', 'vision'])
+(['frame_index', 'frame_span', 'frames', 'grid', 'grids', 'visual', 'visual_mask'], ['layer', 'pre_llm', 'vision'])
 """
 
 from __future__ import annotations

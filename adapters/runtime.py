@@ -101,7 +101,7 @@ class Attachment:
         self.requires = frozenset(pipeline.requires).union(
             *(pipeline_at_drop(pipeline, i).requires for i in range(len(probe)))
         )
-        self.hints = pipeline_hints(pipeline)
+        self.hints = pipeline_hints(pipeline).union(*(pipeline_hints(pipeline_at_drop(pipeline, i)) for i in range(len(probe))))
         self.plan_factory = plan_factory
         self.last_result: Optional[PruneResult] = None
         self._calls: list[Optional[ForwardCall]] = []

@@ -13,6 +13,7 @@ __all__ = [
     "find_subsequence",
     "consecutive_runs",
     "prompt_positions",
+    "last_real_tokens",
     "VisualSegment",
     "find_visual_segments",
     "llm_grids",
@@ -52,6 +53,17 @@ def consecutive_runs(positions: list[int]) -> list[tuple[int, int]]:
         else:
             runs.append((position, 1))
     return runs
+
+
+def last_real_tokens(mask2d: Tensor) -> Tensor:
+    """(B,) long: the position of each row's last real token (``mask2d`` (B, L), nonzero = real; left or right
+    padding): the query token under the ``last_token_query`` hint (HoliTom's ``[0, -1]``).
+
+    >>> last_real_tokens(torch.tensor([[0, 1, 1], [1, 1, 0]])).tolist()
+    [2, 1]
+    """
+    positions = torch.arange(mask2d.shape[1], device=mask2d.device).expand_as(mask2d)  # (B, L)
+    return torch.where(mask2d.bool(), positions, torch.full_like(positions, -1)).amax(dim=1)  # (B,)
 
 
 def prompt_positions(

@@ -55,6 +55,9 @@ SIGNAL_DESCRIPTIONS: dict[str, str] = {
     "T*H*W tokens with `frame_index` >= 0, frame-major (frame t, then row-major h, w); (0, 0, 0) = not a video row",
     "frame_index": "(B, N) long, the frame of each visual token; -1 for tokens outside the frame grids "
     "(newline / separator tokens, image rows, padding)",
+    "frame_span": "(B, N, 2) long, the first and last frame of the original frame tokens each visual token stands for "
+    "(itself, or what earlier drops of the same forward merged into it); (-1, -1) for tokens that stand for no frame "
+    "token (newline / separator tokens, image rows, padding)",
 }
 
 
@@ -75,7 +78,7 @@ CLIP_SIGNALS: frozenset[str] = frozenset({"clip_visual", "clip_text", "clip_text
 #: The patch grid, shared (``grid``) or per row (``grids``).
 GRID_SIGNALS: frozenset[str] = frozenset({"grid", "grids"})
 #: The frame structure of video rows (adapters that take videos provide both wherever they provide a grid).
-VIDEO_SIGNALS: frozenset[str] = frozenset({"frames", "frame_index"})
+VIDEO_SIGNALS: frozenset[str] = frozenset({"frames", "frame_index", "frame_span"})
 
 #: Drop kind (`Drop.where`) -> the signals every adapter gives there (adapters may add more).
 DROP_SIGNALS: Mapping[str, frozenset[str]] = MappingProxyType(
@@ -125,6 +128,7 @@ class Signals:
     frames: Optional[Tensor] = None  # (B, 3) long (T, H, W)
     frame_index: Optional[Tensor] = None  # (B, N) long, -1 = outside the frame grids
     prompt_attention: Optional[Tensor] = None  # (B, H, T, N)
+    frame_span: Optional[Tensor] = None  # (B, N, 2) long, (-1, -1) = no frame
 
     def __post_init__(self) -> None:
         if not isinstance(self.visual, Tensor) or self.visual.dim() != 3:
@@ -172,6 +176,7 @@ class Signals:
             if bool((area > tokens).any()):
                 raise ValueError(f"Signals.grids {self.grids.tolist()} has a grid larger than the N={tokens} visual tokens")
         self._check_frames(batch, tokens)
+        self._check_frame_span(batch, tokens)
 
     def _check_frames(self, batch: int, tokens: int) -> None:
         """``frames`` and ``frame_index`` come together; each video row's frame tokens number T*H*W, and the
@@ -195,6 +200,18 @@ class Signals:
         frame_tokens = torch.where(index >= 0, index, torch.full_like(index, -1)).cummax(-1).values  # (B, N)
         if bool(((index >= 0) & (index != frame_tokens)).any()) or bool((index >= self.frames[:, :1]).any()):
             raise ValueError("Signals.frame_index must be frame-major: non-decreasing along each row and < T")
+
+    def _check_frame_span(self, batch: int, tokens: int) -> None:
+        """``frame_span`` (B, N, 2) integer: each token's (first, last) frame with ``0 <= first <= last``, or (-1, -1)."""
+        span = self.frame_span
+        if span is None:
+            return
+        if span.dim() != 3 or tuple(span.shape) != (batch, tokens, 2) or span.is_floating_point():
+            raise ValueError(f"Signals.frame_span must be a (B={batch}, N={tokens}, 2) integer tensor, got {tuple(span.shape)}")
+        first, last = span[..., 0], span[..., 1]  # (B, N)
+        none = (first == -1) & (last == -1)  # (B, N)
+        if bool((~none & ((first < 0) | (last < first))).any()):
+            raise ValueError("Signals.frame_span must hold (first, last) frames with 0 <= first <= last, or (-1, -1)")
 
     @property
     def batch_size(self) -> int:

@@ -114,7 +114,7 @@ PEER_PRESETS: dict[str, tuple[str, str, str, str]] = {
     ),
     "holitom": (
         "relevance.frame_attention+critical.critical+diversity.holitom(tau=0.8,d=0.0,beta=0.6,max_window=1024,seed=0)"
-        "+budget.holitom+placement.pre_llm_layer(k=18,keep=0.5,layer_step=holitom)",
+        "+budget.holitom+placement.pre_llm_layer(k=18,keep=0.5,layer_step=holitom,query=last)",
         "HoliTom: DP temporal windows, static tokens merged over time and by DPC-KNN, dynamic tokens by attention; "
         "similarity merge of half the visual tokens at layer 18",
         "Shao et al., HoliTom: Holistic Token Merging for Fast Video Large Language Models, NeurIPS 2025 (arXiv 2505.21334)",

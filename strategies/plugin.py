@@ -22,6 +22,7 @@ __all__ = ["BUILTIN_STAGES", "vtprune_register_stages", "vtprune_register_preset
 BUILTIN_STAGES = (
     relevance.PromptCosine,
     relevance.AttentionRelevance,
+    relevance.LastTokenAttention,
     relevance.RandomRelevance,
     relevance.NoRelevance,
     critical.TopKCritical,

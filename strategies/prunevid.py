@@ -3,8 +3,10 @@
 Before the LLM, ``diversity.prunevid`` (with the adaptive ``budget.prunevid``) merges each video row: temporal
 segments, static tokens averaged over their segment, DPC-KNN spatial clustering, merged values + assignment
 through the merging output. Inside the LLM, ``placement.prunevid_layer`` runs a second drop at layer ``k`` with
-``relevance.prunevid_attention`` (max over heads and prompt tokens of the attention to each visual token),
-``critical`` and ``budget.prunevid_alpha`` (``int(n * alpha)`` of the n present tokens).
+``relevance.prunevid_plain_attention`` (max over heads and prompt tokens of the attention to each visual token,
+before RoPE and without the causal mask as officially; ``relevance.prunevid_attention``: the model's own),
+``diversity.prunevid_groups`` (``int(size * alpha)`` of every group of the first drop, read from
+``Signals.frame_span``) and ``budget.prunevid_uncapped`` (adaptive, never caps).
 
 Rows: a video row's frame tokens are those with ``frame_index >= 0`` (``Signals.frames`` (T, H, W)); tokens
 outside the frames (newlines, ``frame_index`` -1) are kept as they are; a row without frames is one frame (a
@@ -15,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, ClassVar, Optional
+from typing import Any, ClassVar, Literal, Optional
 
 import torch
 from torch import Tensor
@@ -34,10 +36,16 @@ from vtprune.framework.stages import (
 
 from .budget import OwnCountAllocator
 from .critical import TopKCritical
-from .diversity import NoDiversity
-from .functional.prunevid import DEFAULT_K, prunevid_frames
+from .functional.prunevid import DEFAULT_K, group_keep, prunevid_frames, span_groups
 
-__all__ = ["PruneVidMerge", "PruneVidBudget", "PruneVidAttention", "PruneVidAlpha", "PruneVidPlacement", "PRUNEVID_STAGES"]
+#: Adapter hint (``Stage.adapter_hints``): ``prompt_attention`` without RoPE and without the causal mask
+#: (docs/adapters.md).
+HINT_PLAIN_PROMPT = "plain_prompt_attention"
+
+__all__ = [
+    "PruneVidMerge", "PruneVidBudget", "PruneVidAttention", "PruneVidPlainAttention", "PruneVidAlpha", "PruneVidGroups", "PruneVidGroupBudget",
+    "PruneVidPlacement", "PRUNEVID_STAGES",
+]
 
 
 def _frame_positions(signals: Signals, b: int, free: Tensor) -> tuple[Tensor, Tensor]:
@@ -148,6 +156,18 @@ class PruneVidAttention(RelevanceScorer):
 
 
 @dataclass(frozen=True, eq=False)
+class PruneVidPlainAttention(PruneVidAttention):
+    """PruneVid's official in-LLM score (``llama.py`` ``attn_weights_wo_pos`` of ``selected_layer``): the max over
+    heads and prompt tokens of ``softmax(q k^T / sqrt(d))`` of the layer's query / key projections *before* RoPE,
+    over every present token (no causal mask). Asks the adapter (hint ``plain_prompt_attention``) to compute
+    ``prompt_attention`` that way."""
+
+    name: ClassVar[str] = "prunevid_plain_attention"
+    description: ClassVar[str] = "max over heads and prompt tokens of softmax(QK^T/sqrt(d)) before RoPE, no causal mask (official PruneVid in-LLM)"
+    adapter_hints: ClassVar[frozenset[str]] = frozenset({HINT_PLAIN_PROMPT})
+
+
+@dataclass(frozen=True, eq=False)
 class PruneVidAlpha(BudgetAllocator):
     """PruneVid's in-LLM count: a fraction ``alpha`` keeps ``int(n * alpha)`` (floor, at least one) of the n present
     tokens, all by the critical selector."""
@@ -163,23 +183,79 @@ class PruneVidAlpha(BudgetAllocator):
         return Allocation(total=totals, critical=totals)
 
 
+def _check_alpha(alpha: float) -> None:
+    if not 0.0 < float(alpha) <= 1.0:
+        raise ValueError(f"alpha (fraction kept inside the LLM) must be in (0, 1], got {alpha!r}")
+
+
+@dataclass(frozen=True, eq=False)
+class PruneVidGroups(DiversitySupplementer):
+    """PruneVid's in-LLM keep rule (official ``process_attention``): of every group of the first drop (a segment's
+    static tokens, a frame's dynamic tokens; recovered from ``Signals.frame_span`` by ``span_groups``) the
+    ``int(size * alpha)`` tokens with the highest scores stay (ties to the earlier token). Tokens standing for no
+    frame (newlines) stay; a row with no frame token at all (an image, one frame for ``diversity.prunevid``, or no
+    ``frame_span``) is one group. Keeps its own count (``budget.prunevid_uncapped``)."""
+
+    name: ClassVar[str] = "prunevid_groups"
+    description: ClassVar[str] = "PruneVid in-LLM: int(size * alpha) best-scored tokens of every static / dynamic group of the first drop"
+    exact_counts: ClassVar[bool] = False
+    alpha: float = 0.4
+
+    def __post_init__(self) -> None:
+        _check_alpha(self.alpha)
+
+    def supplement(self, signals: Signals, selected: Tensor, counts: Tensor, valid: Tensor, scores: Optional[Tensor]) -> Supplement:
+        if scores is None:
+            raise ValueError("diversity.prunevid_groups ranks tokens by the relevance scores: use a relevance stage that gives scores")
+        keep = torch.zeros(valid.shape, dtype=torch.bool, device=valid.device)  # (B, N)
+        free = valid & ~selected  # (B, N)
+        for b in range(signals.batch_size):
+            present = torch.nonzero(free[b], as_tuple=False).squeeze(1)  # (M,)
+            if signals.frame_span is None:
+                groups = torch.zeros_like(present)  # (M,): one group
+            else:
+                groups = span_groups(signals.frame_span[b, present])  # (M,)
+                if bool((groups < 0).all()):
+                    groups = torch.zeros_like(present)  # no frame token: the first drop's one frame
+                keep[b, present[groups < 0]] = True  # newlines / separators stay
+            keep[b, present] |= group_keep(scores[b, present], groups, self.alpha)
+        return Supplement(keep & valid)
+
+
+@dataclass(frozen=True, eq=False)
+class PruneVidGroupBudget(OwnCountAllocator):
+    """Adaptive, never caps: every present token is the upper bound and ``diversity.prunevid_groups`` keeps its own
+    per-group count (the drop's budget is PruneVid's ``alpha``, which that stage holds)."""
+
+    name: ClassVar[str] = "prunevid_uncapped"
+    description: ClassVar[str] = "adaptive, uncapped: diversity.prunevid_groups keeps int(size * alpha) per group"
+
+    def resolve(self, budget: int | float, valid_counts: Tensor) -> Tensor:
+        return valid_counts.clone()
+
+
 @dataclass(frozen=True, eq=False)
 class PruneVidPlacement(LayerPlacement):
     """A ``pre_llm`` drop with the budget (PruneVid's merge), then one before decoder layer ``k`` keeping ``alpha``
-    of the present tokens by ``relevance.prunevid_attention`` (+ ``critical``, ``budget.prunevid_alpha``,
-    ``diversity.none``). Official: ``selected_layer=10``, ``alpha=0.4``; the attention is layer ``k - 1``'s."""
+    of every group of the merge by the prompt tokens' attention (+ ``critical``, ``diversity.prunevid_groups``,
+    ``budget.prunevid_uncapped``). Official: ``selected_layer=10`` (the layer whose attention scores and after which
+    the tokens go: our ``k - 1``, so ``k=11``), ``alpha=0.4``. ``score``: ``official`` = the official arithmetic
+    (``relevance.prunevid_plain_attention``: before RoPE, no causal mask), ``model`` = the model's own attention
+    (``relevance.prunevid_attention``: RoPE, causal mask)."""
 
     name: ClassVar[str] = "prunevid_layer"
     description: ClassVar[str] = "drop before the LLM with the budget, then before layer k keeping alpha by prompt attention (PruneVid)"
     provides: ClassVar[frozenset[str]] = PLACEMENT_SIGNALS["pre_llm"]
-    k: int = 10
+    k: int = 11
     alpha: float = 0.4
+    score: Literal["official", "model"] = "official"
 
     def __post_init__(self) -> None:
         if self.k < 1:
             raise ValueError(f"k must be >= 1, got {self.k}")
-        if not 0.0 < float(self.alpha) <= 1.0:
-            raise ValueError(f"alpha (fraction kept inside the LLM) must be in (0, 1], got {self.alpha!r}")
+        _check_alpha(self.alpha)
+        if self.score not in ("official", "model"):
+            raise ValueError(f"score must be one of 'official', 'model', got {self.score!r}")
 
     def drops(self, budget: int | float) -> tuple[Drop, ...]:
         return (Drop("pre_llm", None, budget), Drop("layer", self.k, float(self.alpha)))
@@ -188,10 +264,12 @@ class PruneVidPlacement(LayerPlacement):
         if number == 0:
             return pipeline
         return dataclasses.replace(
-            pipeline, relevance=PruneVidAttention(), critical=TopKCritical(), diversity=NoDiversity(),
-            budget=PruneVidAlpha(), preset=None,
+            pipeline, relevance=PruneVidPlainAttention() if self.score == "official" else PruneVidAttention(), critical=TopKCritical(), diversity=PruneVidGroups(alpha=float(self.alpha)),
+            budget=PruneVidGroupBudget(), preset=None,
         )
 
 
 #: Registration order.
-PRUNEVID_STAGES = (PruneVidMerge, PruneVidBudget, PruneVidAttention, PruneVidAlpha, PruneVidPlacement)
+PRUNEVID_STAGES = (
+    PruneVidMerge, PruneVidBudget, PruneVidAttention, PruneVidPlainAttention, PruneVidAlpha, PruneVidGroups, PruneVidGroupBudget, PruneVidPlacement,
+)

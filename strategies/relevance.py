@@ -13,7 +13,11 @@ from vtprune.framework.stages import RelevanceScorer
 from .functional.prompt_relevance import PromptPool, prompt_cosine_scores
 from .functional.seeded import row_uniform
 
-__all__ = ["PromptCosine", "AttentionRelevance", "RandomRelevance", "NoRelevance"]
+__all__ = ["PromptCosine", "AttentionRelevance", "LastTokenAttention", "RandomRelevance", "NoRelevance", "HINT_LAST_QUERY"]
+
+#: Adapter hint (``Stage.adapter_hints``): the query token whose attention row is ``Signals.attention`` (and whose
+#: keys row is scored) is the sequence's last real token instead of the last prompt token (docs/adapters.md).
+HINT_LAST_QUERY = "last_token_query"
 
 
 @dataclass(frozen=True, eq=False)
@@ -39,6 +43,18 @@ class AttentionRelevance(RelevanceScorer):
 
     def score(self, signals: Signals) -> Tensor:
         return signals.attention.float().mean(dim=1)  # (B, N)
+
+
+@dataclass(frozen=True, eq=False)
+class LastTokenAttention(AttentionRelevance):
+    """Head-mean of the sequence's last real token's attention to each visual token (HoliTom's inner-merge score,
+    official ``attention[0, -1]``): ``relevance.attention`` with the adapter's query token moved to the last real
+    token of each row (hint ``last_token_query``; with left or right padding, the row's last attention-mask-1
+    token). Every drop of a pipeline containing it is scored from that token."""
+
+    name: ClassVar[str] = "last_attention"
+    description: ClassVar[str] = "mean over heads of the sequence's last real token's attention to each visual token"
+    adapter_hints: ClassVar[frozenset[str]] = frozenset({HINT_LAST_QUERY})
 
 
 @dataclass(frozen=True, eq=False)

@@ -36,7 +36,7 @@ from .functional.fastvid import fastvid_frames
 from .functional.holitom import holitom_frames, inner_merge
 from .functional.video import frame_attention, frame_positions, frame_tokens, row_generator
 from .budget import OwnCountAllocator
-from .relevance import AttentionRelevance
+from .relevance import AttentionRelevance, LastTokenAttention
 
 __all__ = [
     "FrameAttention",
@@ -267,9 +267,12 @@ class HoliTomLayerBudget(BudgetAllocator):
 class PreLLMThenLayer(LayerPlacement):
     """A drop before the LLM with the budget, then one before decoder layer ``k`` keeping ``keep`` of the tokens
     present there (HoliTom: outer merging, then the inner merge at ``HOLITOM_k`` with ``keep = 1 - HOLITOM_r``).
-    ``layer_step``: what selects at the second drop: ``holitom`` = HoliTom's inner-LLM merge (``relevance.attention``
-    + ``diversity.holitom_inner`` + ``budget.holitom_layer``, the pipeline's critical stage kept), ``same`` = the
-    pipeline itself. Signals: those of ``pre_llm`` at the first drop, plus the layer signals at the second."""
+    ``layer_step``: what selects at the second drop: ``holitom`` = HoliTom's inner-LLM merge (``relevance.last_attention``
+    or ``relevance.attention`` by ``query`` + ``diversity.holitom_inner`` + ``budget.holitom_layer``, the pipeline's critical stage kept), ``same`` = the
+    pipeline itself. ``query`` (``layer_step=holitom``): whose attention row scores the inner merge: ``last`` = the
+    sequence's last real token (official ``[0, -1]``, ``relevance.last_attention``), ``prompt`` = the last prompt
+    token (``relevance.attention``). Signals: those of ``pre_llm`` at the first drop, plus the layer signals at the
+    second."""
 
     name: ClassVar[str] = "pre_llm_layer"
     description: ClassVar[str] = "drop before the LLM with the budget, then before layer k keeping `keep` (HoliTom's inner merge)"
@@ -277,6 +280,7 @@ class PreLLMThenLayer(LayerPlacement):
     k: int = 18
     keep: float = 0.5
     layer_step: Literal["holitom", "same"] = "holitom"
+    query: Literal["last", "prompt"] = "last"
 
     def __post_init__(self) -> None:
         if self.k < 1:
@@ -285,6 +289,8 @@ class PreLLMThenLayer(LayerPlacement):
             raise ValueError(f"keep must be in (0, 1], got {self.keep}")
         if self.layer_step not in ("holitom", "same"):
             raise ValueError(f"layer_step must be one of 'holitom', 'same', got {self.layer_step!r}")
+        if self.query not in ("last", "prompt"):
+            raise ValueError(f"query must be one of 'last', 'prompt', got {self.query!r}")
 
     def drops(self, budget: int | float) -> tuple[Drop, ...]:
         return (Drop("pre_llm", None, budget), Drop("layer", self.k, self.keep))
@@ -293,7 +299,8 @@ class PreLLMThenLayer(LayerPlacement):
         if number == 0 or self.layer_step == "same":
             return pipeline
         return dataclasses.replace(
-            pipeline, relevance=AttentionRelevance(), diversity=HoliTomInner(), budget=HoliTomLayerBudget(), preset=None
+            pipeline, relevance=LastTokenAttention() if self.query == "last" else AttentionRelevance(),
+            diversity=HoliTomInner(), budget=HoliTomLayerBudget(), preset=None,
         )
 
 

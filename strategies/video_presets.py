@@ -19,7 +19,7 @@ PRUNEVID_PAPER = "PruneVid: Visual Token Pruning for Efficient Video Large Langu
 #: ``selected_layer=10``, ``alpha=0.4``; DPC-KNN ``k=7``. The method sets its own count: run it with budget 1.0.
 PRUNEVID_RECIPE = (
     "relevance.none+critical+diversity.prunevid(tau=0.8,cluster_ratio=0.5,segment_ratio=0.25,k=7,seed=0)"
-    "+budget.prunevid+prunevid_layer(k=10,alpha=0.4)"
+    "+budget.prunevid+prunevid_layer(k=11,alpha=0.4,score=official)"
 )
 
 

@@ -45,6 +45,7 @@ PER_TOKEN_AXIS: dict[str, int] = {
     "attention": 2,
     "cls_attention": 2,
     "frame_index": 1,
+    "frame_span": 1,
     "prompt_attention": 3,
 }
 #: Fields that come with another field (a mask with its tensor).
@@ -162,7 +163,7 @@ def signals_for(requires: Iterable[str], lengths: Sequence[int], seed: int = 0, 
         if name in needed:
             needed.update(companions)
     signals = ragged_signals(lengths, seed=seed, **options) if ragged else make_signals(lengths, seed=seed, **options)
-    keep = {"visual", "visual_mask", "grid", "grids", "frames", "frame_index"} | needed  # layout always kept
+    keep = {"visual", "visual_mask", "grid", "grids", "frames", "frame_index", "frame_span"} | needed  # layout always kept
     unknown = sorted(needed - {f.name for f in dataclasses.fields(Signals)})
     if unknown:
         raise ValueError(f"unknown Signals fields {unknown}; valid: {', '.join(f.name for f in dataclasses.fields(Signals))}")
@@ -202,7 +203,7 @@ def pad_signals(signals: Signals, extra: int, seed: int = 0, scale: float = 1e3)
         shape[axis] = extra
         if value.dtype == torch.bool:
             filler = torch.zeros(shape, dtype=torch.bool)
-        elif not value.is_floating_point():  # frame_index: padding is outside every frame
+        elif not value.is_floating_point():  # frame_index / frame_span: padding is outside every frame
             filler = torch.full(shape, -1, dtype=value.dtype)
         else:
             filler = (scale * torch.rand(shape, generator=generator)).to(value.dtype)
@@ -274,4 +275,5 @@ def make_video_signals(
         prompt_mask=torch.ones(batch, prompt_len, dtype=torch.bool),
         frames=torch.tensor([list(f) for f in frames], dtype=torch.long),  # (B, 3)
         frame_index=frame_index,
+        frame_span=torch.stack([frame_index, frame_index], dim=-1),  # (B, N, 2): nothing merged yet
     )

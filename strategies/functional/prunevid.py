@@ -13,7 +13,9 @@ Visual-AI/PruneVid @ b12600c6, ``models/pllava/modeling_pllava.py`` (PLLaVA inte
   when more than ``MAX_UNCLUSTERED`` (14), DPC-KNN clustered to ``int(S * cluster_ratio)`` means; each frame's
   dynamic tokens likewise (more than 14 -> ``int(D * cluster_ratio)`` means);
 * ``elastic_cache.py`` ``VTPWindowCache.process_attention`` (inside the LLM at ``selected_layer``): of every static
-  group and every frame's dynamic group the ``int(size * alpha)`` tokens with the highest attention stay.
+  group and every frame's dynamic group the ``int(size * alpha)`` tokens with the highest attention stay. The
+  groups reach that later drop as ``Signals.frame_span`` (the frames each merged token stands for):
+  ``span_groups`` recovers them.
 
 vtprune's token layout (docs/methods.md, "PruneVid"): a merged token sits at the position of its DPC-KNN centre
 (static: in the segment's first frame; dynamic: in its frame); an unclustered static token at its position in the
@@ -41,6 +43,7 @@ __all__ = [
     "static_positions",
     "prunevid_frames",
     "group_keep",
+    "span_groups",
 ]
 
 #: A group (static tokens of a segment, dynamic tokens of a frame) larger than this is DPC-KNN clustered
@@ -228,3 +231,14 @@ def group_keep(scores: Tensor, groups: Tensor, alpha: float) -> Tensor:
             order = torch.sort(scores[members].float(), descending=True, stable=True).indices[:take]  # (take,)
             keep[members[order]] = True
     return keep
+
+
+def span_groups(span: Tensor) -> Tensor:
+    """(M,) long: the PruneVid group of each token from its ``frame_span`` (M, 2) (first, last frame it stands for,
+    (-1, -1) = none): a token standing for several frames is a static token of the segment starting at ``first``
+    (group ``2 * first``); one standing for one frame ``t`` is a dynamic token of that frame (group ``2 * t + 1``);
+    -1 for none. Exact for `prunevid_frames`' output: a static token stands for every frame of its segment (a static
+    position needs two frames or more), a dynamic cluster only for its own frame."""
+    first, last = span[:, 0], span[:, 1]  # (M,), (M,)
+    groups = torch.where(last > first, 2 * first, 2 * first + 1)  # (M,)
+    return torch.where(first >= 0, groups, torch.full_like(groups, -1))

@@ -19,7 +19,7 @@ import torch
 from adapter_fixtures import single_thread
 from density_video_reference import ref_fastvid, ref_holitom
 from prunevid_reference import ref_merge_video
-from qwen_fixtures import END, MaskedReference, Sample, aligned, batch, drop_masks, logits, tiny_qwen
+from qwen_fixtures import MaskedReference, Sample, aligned, batch, drop_masks, logits, tiny_qwen
 from video_merge_reference import EmbedsOverride, InnerMerge, plain_frame_attention
 
 from vtprune.framework.prune import prune
@@ -116,11 +116,9 @@ def test_forward_and_generate_equal_the_merged_masked_reference(recipe):
     def reference():
         return MaskedReference(model, inputs, masks[0][1], masks[0][0], later=later)
 
-    # the query token: the last prompt token (the question's last, before "<|im_end|>", "<|im_start|>", "assistant")
-    ids = inputs["input_ids"]
-    query = [int(torch.nonzero(ids[b] == END).flatten()[-1]) - 1 for b in range(ids.shape[0])]
-    assert all(int(ids[b, q]) == SAMPLES[b].question[-1] for b, q in enumerate(query))
-    inner = InnerMerge(model, K, present, 0.5, length, query) if recipe == HOLITOM else None
+    # the query token: the sequence's last token (official HoliTom ``[0, -1]``, after "<|im_start|>assistant\n"),
+    # not the last prompt token (the question's last, before "<|im_end|>")
+    inner = InnerMerge(model, K, present, 0.5, length) if recipe == HOLITOM else None
     with EmbedsOverride(model, length, writes, values):
         if inner is None:
             want = reference().logits()

@@ -53,3 +53,26 @@ def test_video_frames_contract():
         Signals(visual=signals.visual, frames=signals.frames + 1, frame_index=index)
     with pytest.raises(ValueError, match="frame-major"):
         Signals(visual=signals.visual, frames=signals.frames, frame_index=index.flip(-1))
+
+
+def test_frame_span_contract():
+    """frame_span (issue 15): (B, N, 2) integer, each token's (first, last) frame with 0 <= first <= last, or (-1, -1);
+    the video test signals start with every token standing for its own frame."""
+    import pytest
+    import torch
+    from vtprune.framework import Signals
+    from vtprune.testing import make_video_signals
+
+    signals = make_video_signals([(3, 2, 2), (2, 2, 3)], newlines="frame")
+    assert torch.equal(signals.frame_span[..., 0], signals.frame_index)
+    assert torch.equal(signals.frame_span[..., 1], signals.frame_index)
+    span = torch.tensor([[[0, 2], [1, 1], [-1, -1]]])
+    assert torch.equal(Signals(visual=torch.zeros(1, 3, 4), frame_span=span).row(0).frame_span, span)
+    for bad, message in (
+        (span.float(), "integer tensor"),
+        (span[:, :2], "integer tensor"),
+        (torch.tensor([[[2, 1], [1, 1], [-1, -1]]]), "first <= last"),
+        (torch.tensor([[[0, 2], [-1, 1], [-1, -1]]]), "first <= last"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            Signals(visual=torch.zeros(1, 3, 4), frame_span=bad)

@@ -12,7 +12,7 @@ import torch
 from prunevid_reference import ref_merge_video, ref_process_attention, ref_refine, ref_segment_lengths
 from vtprune.framework import compose
 from vtprune.framework.signals import Signals
-from vtprune.strategies.functional.prunevid import group_keep, prunevid_frames, refine_segments, segment_lengths
+from vtprune.strategies.functional.prunevid import group_keep, prunevid_frames, refine_segments, segment_lengths, span_groups
 from vtprune.testing.signals import make_video_signals
 
 
@@ -145,6 +145,95 @@ def test_in_llm_step_keeps_int_alpha_by_max_prompt_attention():
     for b in range(2):
         score = attention[b][:, prompt_mask[b]].amax(dim=0).amax(dim=0)
         assert selection.indices[b].tolist() == ref_process_attention(score.tolist(), [25], 0.4)
+
+
+def _spans_of(assignment: torch.Tensor, frame_of: torch.Tensor) -> dict[int, tuple[int, int]]:
+    """Loop reference: kept position -> (first, last) frame of the tokens assigned to it."""
+    spans: dict[int, list[int]] = {}
+    for token, target in enumerate(assignment.tolist()):
+        if target >= 0 and int(frame_of[token]) >= 0:
+            spans.setdefault(target, []).append(int(frame_of[token]))
+    return {p: (min(f), max(f)) for p, f in spans.items()}
+
+
+@pytest.mark.parametrize("spec, cuts, seed", [((8, 5, 5), (4,), 0), ((12, 4, 5), (3, 8), 2), ((6, 6, 6), (), 4), ((5, 4, 4), (1,), 5)])
+def test_span_groups_recover_the_merge_groups(spec, cuts, seed):
+    """The groups of the first drop, as `frame_span` carries them to the second: the same partition of the kept
+    tokens as `prunevid_frames`' own group labels (static per segment, dynamic per frame)."""
+    t_len, h, w = spec
+    tokens = _video(spec, seed, cuts).visual[0].view(t_len, h * w, -1)
+    for tau in (0.8, 0.3):
+        row = prunevid_frames(tokens, tau, 0.5, 0.25, 7, torch.Generator().manual_seed(seed))
+        frame_of = torch.arange(t_len).repeat_interleave(h * w)
+        spans = _spans_of(row.assignment, frame_of)
+        kept = torch.nonzero(row.keep).squeeze(1)
+        span = torch.tensor([spans[int(p)] for p in kept])
+        ours = span_groups(span).tolist()
+        official = row.groups[kept].tolist()
+        pairs = set(zip(ours, official))
+        assert len(pairs) == len(set(ours)) == len(set(official))  # a bijection between the labels
+    assert span_groups(torch.tensor([[-1, -1], [2, 2], [2, 5]])).tolist() == [-1, 5, 4]
+
+
+def _second_drop(signals: Signals, seed: int):
+    """The first drop's selection on ``signals`` and the signals of a second drop over its kept tokens: their merged
+    values, their `frame_span` (loop reference over the assignment) and seeded prompt attention with ties."""
+    first = compose("prunevid").select(signals, 1.0)
+    g = torch.Generator().manual_seed(seed)
+    rows, spans, lengths = [], [], []
+    for b in range(signals.batch_size):
+        kept = first.indices[b][first.mask[b]]
+        slot_of = first.assignment[b]
+        assignment = torch.where(slot_of >= 0, first.indices[b][slot_of.clamp(min=0)], torch.full_like(slot_of, -1))
+        by_pos = _spans_of(assignment, signals.frame_index[b])
+        spans.append(torch.tensor([by_pos.get(int(p), (-1, -1)) for p in kept]))
+        rows.append(first.values[b][first.mask[b]])
+        lengths.append(kept.numel())
+    width = max(lengths)
+    visual = torch.zeros(len(rows), width, rows[0].shape[-1])
+    span = torch.full((len(rows), width, 2), -1, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.bool)
+    for b, (row, sp) in enumerate(zip(rows, spans)):
+        visual[b, : row.shape[0]], span[b, : row.shape[0]], mask[b, : row.shape[0]] = row, sp, True
+    attention = torch.randint(0, 6, (len(rows), 2, 3, width), generator=g).float() / 6  # many ties
+    later = Signals(visual=visual, visual_mask=mask, prompt=torch.randn(len(rows), 3, visual.shape[-1], generator=g),
+                    prompt_attention=attention, frame_span=span)
+    return first, later
+
+
+def test_in_llm_step_keeps_int_alpha_of_every_group():
+    """Issue 15: the second drop keeps ``int(size * alpha)`` of each group of the first drop (official
+    ``process_attention`` over the static group of each segment and each frame's dynamic group, with the groups of
+    the official merge), newlines kept; a ragged batch equals each row alone."""
+    signals = make_video_signals([(8, 5, 5), (6, 4, 5)], dim=8, seed=11, cuts=[[4], [3]], newlines="video")
+    first, later = _second_drop(signals, 3)
+    pipeline = compose("prunevid")
+    layer = pipeline.placement.drop_pipeline(pipeline, 1)
+    selection = layer.select(later, 0.4)
+    for b in range(2):
+        t_len, h, w = signals.row_frames()[b]
+        inside = torch.nonzero(signals.frame_index[b] >= 0).squeeze(1)
+        tokens = signals.visual[b, inside].view(t_len, h * w, -1)
+        _, groups = ref_merge_video(tokens.double(), 0.8, 0.5, 0.25, torch.Generator().manual_seed(0))
+        kept = first.indices[b][first.mask[b]].tolist()
+        score = later.prompt_attention[b].amax(dim=0).amax(dim=0)  # (N,)
+        slot = {p: i for i, p in enumerate(kept)}
+        expected, sizes = [], []
+        order = []
+        for members in groups:  # official order: per segment its static group, then each frame's dynamic group
+            order.extend(sorted(slot[int(inside[p])] for p, _ in members))
+            sizes.append(len(members))
+        laid = [float(score[i]) for i in order]
+        expected = sorted(order[j] for j in ref_process_attention(laid, sizes, 0.4))
+        newlines = [i for i, p in enumerate(kept) if int(signals.frame_index[b, p]) < 0]
+        assert newlines  # the video's newline token stays
+        got = selection.indices[b][selection.mask[b]].tolist()
+        assert got == sorted(expected + newlines)
+        alone = layer.select(later.row(b), 0.4)
+        assert alone.indices[0][alone.mask[0]].tolist() == got
+    every = compose("prunevid", alpha=1.0)
+    full = every.placement.drop_pipeline(every, 1).select(later, 1.0)
+    assert torch.equal(full.mask.sum(1), later.valid().sum(1))  # alpha 1.0 keeps every token
 
 
 def test_bad_parameters_raise():

@@ -152,7 +152,7 @@ def test_frame_grid_broken_by_critical_tokens_is_one_frame(diversity, frames):
 
 def test_video_allocators_are_adaptive_and_the_inner_merge_is_its_own_stage():
     """``budget.fastvid`` / ``budget.holitom`` hand the resolved total to the method, which keeps its own count;
-    ``pre_llm_layer`` runs HoliTom's inner merge (``relevance.attention`` + ``holitom_inner``) at its second drop."""
+    ``pre_llm_layer`` runs HoliTom's inner merge (``relevance.last_attention`` + ``holitom_inner``) at its second drop."""
     registry = build_registry(autoload=False)
     fastvid, holitom = compose("fastvid", registry=registry), compose("holitom", registry=registry)
     assert fastvid.budget.adaptive_counts and holitom.budget.adaptive_counts
@@ -160,8 +160,12 @@ def test_video_allocators_are_adaptive_and_the_inner_merge_is_its_own_stage():
     assert "attention" not in holitom.requires  # the drop before the LLM has no attention
     inner = holitom.placement.drop_pipeline(holitom, 1)
     assert holitom.placement.drop_pipeline(holitom, 0) is holitom
-    assert (inner.relevance.name, inner.diversity.name, inner.budget.name) == ("attention", "holitom_inner", "holitom_layer")
-    assert "attention" in inner.requires
+    assert (inner.relevance.name, inner.diversity.name, inner.budget.name) == ("last_attention", "holitom_inner", "holitom_layer")
+    assert "attention" in inner.requires and "last_token_query" in inner.relevance.adapter_hints  # official [0, -1]
+    prompt = compose("holitom", registry=registry, query="prompt")
+    assert prompt.placement.drop_pipeline(prompt, 1).relevance.name == "attention"
+    with pytest.raises(ValueError, match="query"):
+        compose("holitom", registry=registry, query="first")
     same = compose("holitom", registry=registry, layer_step="same")
     assert same.placement.drop_pipeline(same, 1) is same
     signals = make_video_signals([(4, 3, 3)], dim=8, seed=3)
