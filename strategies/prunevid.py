@@ -233,6 +233,9 @@ class PruneVidGroupBudget(OwnCountAllocator):
     def resolve(self, budget: int | float, valid_counts: Tensor) -> Tensor:
         return valid_counts.clone()
 
+    def covers(self, budget: Any, totals: Tensor, valid_counts: Tensor) -> Optional[Tensor]:
+        return None  # every row's total is all its tokens by design: ``alpha`` decides, and alpha = 1.0 keeps all
+
 
 @dataclass(frozen=True, eq=False)
 class PruneVidPlacement(LayerPlacement):
