@@ -36,6 +36,7 @@ from vtprune.strategies.functional.tome import bipartite_matching, merge_slots, 
 
 from .decoder import Decision, DropState
 from .records import DropRecord
+from .tower_scatter import apply_sources
 
 __all__ = ["TowerMerge", "TowerRun", "merge_schedule", "apply_tower_merge", "tower_merge_for"]
 
@@ -73,6 +74,7 @@ class TowerRun:
     schedule: list[int]
     size: Optional[Tensor] = None
     slots: Optional[Tensor] = None
+    projected: Optional[Tensor] = None  # (B, t - 1, D) merged tokens through the projector ("sources" layout)
     keys: Optional[Tensor] = None
     inner: bool = False
     skip: bool = False
@@ -84,9 +86,12 @@ class TowerMerge:
     (``k_proj``, ``num_heads``, ``head_dim``), a CLS token at position 0).
 
     Args:
-        adapter: the adapter description instance (``tower``, ``projector``, ``config``).
+        adapter: the adapter description instance (``tower``, ``projector``, ``config``; its ``tower_layout``:
+            ``"first"`` (default: the merged tokens fill the image's first placeholder slots, LLaVA-1.5) or
+            ``"sources"`` (every original patch position carries its merged token's value, so the model's own
+            packing is unchanged; `adapters.tower_scatter` keeps one representative per merged token, LLaVA-NeXT)).
         r: the placement's ``r`` (0 = derived from the budget).
-        keep_of: returns the patches to keep of an image with ``n`` patches (the resolved budget).
+        keep_of: returns the patches to keep of a tower input (one crop) with ``n`` patches (the resolved budget).
     """
 
     def __init__(self, adapter: Any, r: int, keep_of: Callable[[int], int]):
@@ -103,6 +108,7 @@ class TowerMerge:
         self.feature = len(self.layers) + layer if layer < 0 else max(layer - 1, 0)  # last layer whose output is used
         self.r = int(r)
         self.keep_of = keep_of
+        self.layout = getattr(adapter, "tower_layout", "first")
         side = adapter.patch_side()
         self.patches = side * side
         self.run: Optional[TowerRun] = None
@@ -194,9 +200,14 @@ class TowerMerge:
         return hook
 
     def _pad(self, module, args, output):
-        """Projector output (crops, k, D) padded with zeros to the image's placeholder count (crops, N, D)."""
+        """Projector output (crops, k, D) back to the placeholder count (crops, N, D): padded with zeros
+        (``"first"`` layout) or each patch given its merged token's value (``"sources"``)."""
         if self.last is None or output.dim() != 3 or output.shape[1] >= self.patches:
             return None
+        if self.layout == "sources":
+            self.last.projected = output
+            slots = self.last.slots[:, 1:] - 1  # (crops, N): patch -> merged patch token (CLS slot 0 removed)
+            return output.gather(1, slots.unsqueeze(-1).expand(-1, -1, output.shape[-1]))  # (crops, N, D)
         pad = output.new_zeros(output.shape[0], self.patches - output.shape[1], output.shape[2])
         return torch.cat([output, pad], dim=1)
 
@@ -216,6 +227,8 @@ def apply_tower_merge(plan: Any, drop: Any, layer: int, budgets: list, state: Dr
     run = merge.take() if merge is not None else None
     if run is None:
         raise RuntimeError("placement vision_layers: the vision tower did not run with its merging hooks")
+    if merge.layout == "sources":
+        return apply_sources(plan, drop, layer, budgets, state, run)
     columns, slots = plan._rows(state)
     images = plan.num_images
     if run.slots is None:  # nothing merged (the budget keeps every patch)
