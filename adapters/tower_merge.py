@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from vtprune.framework.selection import Selection
-from vtprune.strategies.functional.tome import bipartite_matching, merge_slots, merge_wavg, parse_r
+from vtprune.strategies.functional.tome import parse_r, tower_merge_step
 
 from .decoder import Decision, DropState
 from .records import DropRecord
@@ -178,22 +178,12 @@ class TowerMerge:
                 attended = attention(hidden_states=module.layer_norm1(hidden), attention_mask=bias)[0]  # (B, t, D)
             finally:
                 run.inner = False
-            merged = hidden + attended  # (B, t, D)
-            batch, tokens, _ = merged.shape
-            metric = run.keys.view(batch, tokens, attention.num_heads, -1).mean(dim=2)  # (B, t, dh): k.mean(heads)
-            if run.slots is None:
-                run.slots = torch.arange(tokens, device=hidden.device).expand(batch, -1)  # (B, T0)
-            left = r
-            while left > 0:  # one round (official) unless the schedule asks for more than half the tokens
-                matching = bipartite_matching(metric, left, class_token=True)
-                if matching.r == 0:
-                    break
-                run.slots = merge_slots(run.slots, matching)
-                if left > matching.r:  # the next round's metric: size-weighted mean keys of the merged tokens
-                    metric, _ = merge_wavg(metric, matching, run.size)
-                merged, run.size = merge_wavg(merged, matching, run.size)  # (B, t - r, D), (B, t - r, 1)
-                left -= matching.r
-            run.done.append(r - left)
+            merged, size, slots, done = tower_merge_step(
+                hidden + attended, run.keys, attention.num_heads, r, run.size, run.slots, class_token=True
+            )  # (B, t - done, D), (B, t - done, 1), (B, T0)
+            if done:
+                run.size, run.slots = size, slots
+            run.done.append(done)
             run.skip = True
             return _with_input(args, kwargs, merged, None)
 

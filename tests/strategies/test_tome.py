@@ -139,3 +139,25 @@ def test_tower_schedule_official_r_and_derived_from_the_budget():
     assert sum(derived) == 512 and max(derived) - min(derived) <= 1
     assert merge_schedule(17, 2, 1) == [14]  # one layer: several rounds remove more than half
     assert merge_schedule(17, 16, 3) == [0, 0, 0]
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_tome_reduce_merges_its_own_metric_once_with_the_same_result(seed):
+    """The tokens as their own metric are merged once per round (the speed path): the result is bit for bit the
+    one with the same values given as a separate metric tensor (merged on its own), full rows and ragged rows."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(3, 40, 6, generator=generator)
+    for valid in (None, torch.rand(3, 40, generator=generator) > 0.3):
+        counts = torch.tensor([5, 11, 2])
+        own = tome_reduce(x, counts, valid=valid)
+        separate = tome_reduce(x, counts, metric=x.clone(), valid=valid)
+        assert all(torch.equal(a, b) for a, b in zip(own, separate))
+
+
+def test_merge_wavg_without_sizes_equals_unit_sizes():
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 11, 4, generator=generator)
+    matching = bipartite_matching(torch.randn(2, 11, 3, generator=generator), 4, class_token=True)
+    merged, size = merge_wavg(x, matching)
+    ones, unit = merge_wavg(x, matching, torch.ones(2, 11, 1))
+    assert torch.equal(merged, ones) and torch.equal(size, unit)
