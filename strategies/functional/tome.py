@@ -98,9 +98,10 @@ def merge_tokens(x: Tensor, matching: Matching, mode: str = "mean") -> Tensor:
     if matching.r == 0:
         return x
     src, dst = x[..., ::2, :], x[..., 1::2, :]  # (B, t_a, C), (B, t_b, C)
-    batch, t_a, channels = src.shape
-    unm = src.gather(dim=-2, index=matching.unm_idx.unsqueeze(-1).expand(batch, t_a - matching.r, channels))
-    src = src.gather(dim=-2, index=matching.src_idx.unsqueeze(-1).expand(batch, matching.r, channels))
+    batch, _, channels = src.shape
+    rows = torch.arange(batch, device=x.device)[:, None]  # (B, 1): whole-row copies (the official gathers, faster)
+    unm = src[rows, matching.unm_idx]  # (B, t_a - r, C)
+    src = src[rows, matching.src_idx]  # (B, r, C)
     dst = dst.scatter_reduce(-2, matching.dst_idx.unsqueeze(-1).expand(batch, matching.r, channels), src, reduce=mode)
     return torch.cat([unm, dst], dim=1)
 
