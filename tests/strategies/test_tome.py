@@ -161,3 +161,26 @@ def test_merge_wavg_without_sizes_equals_unit_sizes():
     merged, size = merge_wavg(x, matching)
     ones, unit = merge_wavg(x, matching, torch.ones(2, 11, 1))
     assert torch.equal(merged, ones) and torch.equal(size, unit)
+
+
+def test_tower_merge_step_is_batched_no_loop_over_rows_or_tokens():
+    """The in-tower step dispatches the same ops whatever the batch (images / crops) and token count: one matching
+    per round for the whole batch, no Python loop over rows or tokens (benchmarks/_opcount.py counts the ops)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    from _opcount import count_ops
+
+    from vtprune.strategies.functional.tome import tower_merge_step
+
+    totals = set()
+    for batch, tokens in ((1, 33), (6, 33), (1, 129), (5, 129)):
+        generator = torch.Generator().manual_seed(batch)
+        hidden = torch.randn(batch, tokens, 8, generator=generator)
+        keys = torch.randn(batch, tokens, 4 * 3, generator=generator)
+        (merged, size, slots, done), counter = count_ops(lambda: tower_merge_step(hidden, keys, 4, 7, None, None))
+        assert done == 7 and merged.shape == (batch, tokens - 7, 8) and int(size.sum()) == batch * tokens
+        assert slots.shape == (batch, tokens) and int(slots.max()) == tokens - 8
+        totals.add(counter.total)
+    assert len(totals) == 1
