@@ -219,6 +219,12 @@ def apply_tower_merge(plan: Any, drop: Any, layer: int, budgets: list, state: Dr
         raise RuntimeError("placement vision_layers: the vision tower did not run with its merging hooks")
     if merge.layout == "sources":
         return apply_sources(plan, drop, layer, budgets, state, run)
+    videos = sum(getattr(layout, "kind", "image") == "video" for layout in plan.layouts)
+    if videos:
+        raise ValueError(
+            f"placement vision_layers merges inside {plan.adapter.name}'s image tower only: this forward has {videos} "
+            "video row(s); use placement vision / pre_llm / layer for videos"
+        )
     columns, slots = plan._rows(state)
     images = plan.num_images
     if run.slots is None:  # nothing merged (the budget keeps every patch)

@@ -17,7 +17,7 @@ from vtprune import framework
 from vtprune.testing.models import finish_tiny, tiny_clip_config, tiny_llama_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_tome_vision_layers import reference_features  # noqa: E402
+from test_tome_vision_layers import greedy, reference_features  # noqa: E402
 
 REGISTRY = framework.build_registry(autoload=False)
 SIZES = (((30, 50),), ((56, 56), (28, 28)))  # 3 crops; 5 crops + 1 crop: crop counts differ inside one forward
@@ -95,20 +95,6 @@ def reference_llm_input(model, inputs, schedule):
         ref_mask[b, width - keep.numel() :] = mask[b, keep]
         ref_pos[b, width - keep.numel() :] = positions[b, keep]
     return ref_embeds, ref_mask, ref_pos, images
-
-
-def greedy(model, embeds, mask, positions, steps):
-    """Greedy decoding by full re-runs on ``inputs_embeds`` (no cache): (B, steps) token ids."""
-    table = model.get_input_embeddings()
-    out = []
-    with torch.no_grad():
-        for _ in range(steps):
-            token = model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions).logits[:, -1].argmax(-1)
-            out.append(token)
-            embeds = torch.cat([embeds, table(token)[:, None]], dim=1)
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-            positions = torch.cat([positions, positions[:, -1:] + 1], dim=1)
-    return torch.stack(out, dim=1)
 
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
