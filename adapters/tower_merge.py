@@ -15,10 +15,14 @@ residual adds, so each merging layer gets:
   with the attention computed once.
 
 Layers after the last merging layer only get the ``log(size)`` bias (through their attention-mask argument).
-The tower's output tokens are ``[CLS, unmerged, merged]`` in ToMe's order; the projector output is padded back to
-the image's placeholder count with zeros and `apply_tower_merge` drops the placeholders beyond the reduced count
-at the decoder input, like any drop (the LLM receives the reduced sequence, in ToMe's token order, in the image's
-first placeholder slots). Output hidden states are the layers' outputs as usual (``hidden_states[0]``, the
+The tower's output tokens are ``[CLS, unmerged, merged]`` in ToMe's order. Layout ``"first"`` (LLaVA-1.5, Video-LLaVA's
+image tower): the projector output is padded back to the image's placeholder count with zeros and
+`apply_tower_merge` drops the placeholders beyond the reduced count at the decoder input, like any drop (the LLM
+receives the reduced sequence, in ToMe's token order, in the image's first placeholder slots); a forward with video
+rows raises (video towers are not hooked). Layout ``"sources"`` (LLaVA-NeXT's AnyRes crops, which the model packs
+itself): every patch position gets its merged token's projected value and `adapters.tower_scatter.apply_sources`
+keeps one representative placeholder per merged token. The budget resolves per tower input (per crop): the hooks
+see a flat batch of crops (``generate`` encodes the images before any forward, without their sizes). Output hidden states are the layers' outputs as usual (``hidden_states[0]``, the
 embeddings, is recorded as the first merging layer's modified input when that layer is layer 0).
 """
 
