@@ -108,8 +108,11 @@ def test_tome_in_next_tower_equals_the_reference(attn):
         pruned = model(**inputs, position_ids=generation_positions(inputs["attention_mask"])).logits
         result = handle.last_selection
         generated = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+        tower = model.model.get_image_features(inputs["pixel_values"], inputs["image_sizes"]).pooler_output
     assert record_hooks(model) == before
     ref_embeds, ref_mask, ref_pos, images = reference_llm_input(model, inputs, [2, 2, 2, 2])  # 17 -> 9 per crop
+    for packed, (tokens, _) in zip(tower, images):  # the tower + projector + packing output: the official block's
+        torch.testing.assert_close(packed, tokens, atol=1e-5, rtol=1e-5)
     with torch.no_grad():
         reference = model(inputs_embeds=ref_embeds, attention_mask=ref_mask, position_ids=ref_pos).logits
     torch.testing.assert_close(pruned[:, -1], reference[:, -1], atol=1e-5, rtol=1e-5)

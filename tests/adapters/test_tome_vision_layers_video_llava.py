@@ -76,9 +76,12 @@ def test_tome_in_the_image_tower_equals_the_official_block(attn):
         pruned = model(**inputs, position_ids=generation_positions(inputs["attention_mask"])).logits
         record = handle.last_selection.drops[0]
         generated = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+        tower = model.model.get_image_features(inputs["pixel_values"]).pooler_output  # (images, 16, D)
     assert record_hooks(model) == before
     with torch.no_grad():
         projected, slots, sizes = reference_features(model, inputs["pixel_values"], [2, 2, 2, 2], tower=model.model.image_tower)
+    torch.testing.assert_close(tower[:, :8], projected, atol=1e-5, rtol=1e-5)  # the merged tokens first, then zeros
+    assert not bool(tower[:, 8:].any())
     assert record.where == "vision_layers" and projected.shape[1] == 8
     assert torch.equal(record.selection.assignment, slots) and torch.equal(record.selection.sizes, sizes.round().long())
     assert torch.equal(record.selection.sizes.sum(1), torch.full((3,), 16))
