@@ -22,8 +22,9 @@ receives the reduced sequence, in ToMe's token order, in the image's first place
 rows raises (video towers are not hooked). Layout ``"sources"`` (LLaVA-NeXT's AnyRes crops, which the model packs
 itself): every patch position gets its merged token's projected value and `adapters.tower_scatter.apply_sources`
 keeps one representative placeholder per merged token. The budget resolves per tower input (per crop): the hooks
-see a flat batch of crops (``generate`` encodes the images before any forward, without their sizes). Output hidden states are the layers' outputs as usual (``hidden_states[0]``, the
-embeddings, is recorded as the first merging layer's modified input when that layer is layer 0).
+see a flat batch of crops (``generate`` encodes the images before any forward, without their sizes). Output hidden
+states are the layers' outputs as usual (``hidden_states[0]``, the embeddings, is recorded as the first merging
+layer's modified input when that layer is layer 0).
 """
 
 from __future__ import annotations
@@ -201,7 +202,8 @@ class TowerMerge:
         if self.layout == "sources":
             self.last.projected = output
             slots = self.last.slots[:, 1:] - 1  # (crops, N): patch -> merged patch token (CLS slot 0 removed)
-            return output.gather(1, slots.unsqueeze(-1).expand(-1, -1, output.shape[-1]))  # (crops, N, D)
+            rows = torch.arange(output.shape[0], device=output.device)[:, None]  # (crops, 1)
+            return output[rows, slots]  # (crops, N, D)
         pad = output.new_zeros(output.shape[0], self.patches - output.shape[1], output.shape[2])
         return torch.cat([output, pad], dim=1)
 
@@ -217,18 +219,18 @@ def _with_input(args: tuple, kwargs: dict, hidden: Tensor, mask: Optional[Tensor
 def apply_tower_merge(plan: Any, drop: Any, layer: int, budgets: list, state: DropState) -> Decision:
     """The ``vision_layers`` drop of a `Plan`: keep each image's first ``k`` placeholder slots (the merged tokens the
     tower produced), drop the rest, and record sizes and the assignment of every patch to its slot."""
-    merge = plan.context.tower_merge
-    run = merge.take() if merge is not None else None
-    if run is None:
-        raise RuntimeError("placement vision_layers: the vision tower did not run with its merging hooks")
-    if merge.layout == "sources":
-        return apply_sources(plan, drop, layer, budgets, state, run)
     videos = sum(getattr(layout, "kind", "image") == "video" for layout in plan.layouts)
     if videos:
         raise ValueError(
             f"placement vision_layers merges inside {plan.adapter.name}'s image tower only: this forward has {videos} "
             "video row(s); use placement vision / pre_llm / layer for videos"
         )
+    merge = plan.context.tower_merge
+    run = merge.take() if merge is not None else None
+    if run is None:
+        raise RuntimeError("placement vision_layers: the vision tower did not run with its merging hooks")
+    if merge.layout == "sources":
+        return apply_sources(plan, drop, layer, budgets, state, run)
     columns, slots = plan._rows(state)
     images = plan.num_images
     if run.slots is None:  # nothing merged (the budget keeps every patch)
