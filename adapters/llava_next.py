@@ -47,6 +47,11 @@ class LlavaNextAdapter(VLMAdapter):
         ),
     }
 
+    #: ``vision_layers``: ToMe inside the CLIP tower per crop (``adapters/tower_merge.py``), every patch position
+    #: given its merged token's value, one representative per merged token kept (``adapters/tower_scatter.py``).
+    drop_kinds: ClassVar[frozenset[str]] = VLMAdapter.drop_kinds | {"vision_layers"}
+    tower_layout: ClassVar[str] = "sources"
+
     def _crops(self, call: ForwardCall) -> tuple[list[int], Tensor]:
         from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 

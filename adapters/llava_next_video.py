@@ -52,6 +52,9 @@ class LlavaNextVideoAdapter(CountedVideoItems, LlavaNextAdapter):
         "vision-tower token",
         "cls_attention": "images and videos run the vision tower separately and pooled video tokens have no CLS row",
         "pre_llm_clip": "CLIP-space signals of AnyRes crops and pooled frames are not implemented",
+        "vision_layers": "images and video frames run the same CLIP tower, and generate() encodes them before any "
+        "forward, so hooks on the tower cannot tell a video run (whose tokens vision_resampler pools on the patch grid, "
+        "which merged tokens no longer form) from an image run",
     }
 
     def cls_layer(self, call: ForwardCall) -> nn.Module:

@@ -61,6 +61,8 @@ class LlavaOnevisionAdapter(CountedVideoItems, VLMAdapter):
         "LLM token is not one vision-tower token",
         "cls_attention": "the SigLIP vision tower has no CLS token",
         "pre_llm_clip": "CLIP-space signals are not implemented for OneVision's SigLIP tower",
+        "vision_layers": "large crop grids are bilinearly interpolated and video frames pooled after the projector, "
+        "which mixes merged tokens; images and videos run the same tower, which generate() encodes before any forward",
     }
 
     # -- model access ------------------------------------------------------------------------------------

@@ -15,11 +15,16 @@ residual adds, so each merging layer gets:
   with the attention computed once.
 
 Layers after the last merging layer only get the ``log(size)`` bias (through their attention-mask argument).
-The tower's output tokens are ``[CLS, unmerged, merged]`` in ToMe's order; the projector output is padded back to
-the image's placeholder count with zeros and `apply_tower_merge` drops the placeholders beyond the reduced count
-at the decoder input, like any drop (the LLM receives the reduced sequence, in ToMe's token order, in the image's
-first placeholder slots). Output hidden states are the layers' outputs as usual (``hidden_states[0]``, the
-embeddings, is recorded as the first merging layer's modified input when that layer is layer 0).
+The tower's output tokens are ``[CLS, unmerged, merged]`` in ToMe's order. Layout ``"first"`` (LLaVA-1.5, Video-LLaVA's
+image tower): the projector output is padded back to the image's placeholder count with zeros and
+`apply_tower_merge` drops the placeholders beyond the reduced count at the decoder input, like any drop (the LLM
+receives the reduced sequence, in ToMe's token order, in the image's first placeholder slots); a forward with video
+rows raises (video towers are not hooked). Layout ``"sources"`` (LLaVA-NeXT's AnyRes crops, which the model packs
+itself): every patch position gets its merged token's projected value and `adapters.tower_scatter.apply_sources`
+keeps one representative placeholder per merged token. The budget resolves per tower input (per crop): the hooks
+see a flat batch of crops (``generate`` encodes the images before any forward, without their sizes). Output hidden
+states are the layers' outputs as usual (``hidden_states[0]``, the embeddings, is recorded as the first merging
+layer's modified input when that layer is layer 0).
 """
 
 from __future__ import annotations
@@ -32,10 +37,11 @@ import torch
 from torch import Tensor
 
 from vtprune.framework.selection import Selection
-from vtprune.strategies.functional.tome import bipartite_matching, merge_slots, merge_wavg, parse_r
+from vtprune.strategies.functional.tome import parse_r, tower_merge_step
 
 from .decoder import Decision, DropState
 from .records import DropRecord
+from .tower_scatter import apply_sources
 
 __all__ = ["TowerMerge", "TowerRun", "merge_schedule", "apply_tower_merge", "tower_merge_for"]
 
@@ -73,6 +79,7 @@ class TowerRun:
     schedule: list[int]
     size: Optional[Tensor] = None
     slots: Optional[Tensor] = None
+    projected: Optional[Tensor] = None  # (B, t - 1, D) merged tokens through the projector ("sources" layout)
     keys: Optional[Tensor] = None
     inner: bool = False
     skip: bool = False
@@ -84,9 +91,12 @@ class TowerMerge:
     (``k_proj``, ``num_heads``, ``head_dim``), a CLS token at position 0).
 
     Args:
-        adapter: the adapter description instance (``tower``, ``projector``, ``config``).
+        adapter: the adapter description instance (``tower``, ``projector``, ``config``; its ``tower_layout``:
+            ``"first"`` (default: the merged tokens fill the image's first placeholder slots, LLaVA-1.5) or
+            ``"sources"`` (every original patch position carries its merged token's value, so the model's own
+            packing is unchanged; `adapters.tower_scatter` keeps one representative per merged token, LLaVA-NeXT)).
         r: the placement's ``r`` (0 = derived from the budget).
-        keep_of: returns the patches to keep of an image with ``n`` patches (the resolved budget).
+        keep_of: returns the patches to keep of a tower input (one crop) with ``n`` patches (the resolved budget).
     """
 
     def __init__(self, adapter: Any, r: int, keep_of: Callable[[int], int]):
@@ -103,6 +113,7 @@ class TowerMerge:
         self.feature = len(self.layers) + layer if layer < 0 else max(layer - 1, 0)  # last layer whose output is used
         self.r = int(r)
         self.keep_of = keep_of
+        self.layout = getattr(adapter, "tower_layout", "first")
         side = adapter.patch_side()
         self.patches = side * side
         self.run: Optional[TowerRun] = None
@@ -172,31 +183,27 @@ class TowerMerge:
                 attended = attention(hidden_states=module.layer_norm1(hidden), attention_mask=bias)[0]  # (B, t, D)
             finally:
                 run.inner = False
-            merged = hidden + attended  # (B, t, D)
-            batch, tokens, _ = merged.shape
-            metric = run.keys.view(batch, tokens, attention.num_heads, -1).mean(dim=2)  # (B, t, dh): k.mean(heads)
-            if run.slots is None:
-                run.slots = torch.arange(tokens, device=hidden.device).expand(batch, -1)  # (B, T0)
-            left = r
-            while left > 0:  # one round (official) unless the schedule asks for more than half the tokens
-                matching = bipartite_matching(metric, left, class_token=True)
-                if matching.r == 0:
-                    break
-                run.slots = merge_slots(run.slots, matching)
-                if left > matching.r:  # the next round's metric: size-weighted mean keys of the merged tokens
-                    metric, _ = merge_wavg(metric, matching, run.size)
-                merged, run.size = merge_wavg(merged, matching, run.size)  # (B, t - r, D), (B, t - r, 1)
-                left -= matching.r
-            run.done.append(r - left)
+            merged, size, slots, done = tower_merge_step(
+                hidden + attended, run.keys, attention.num_heads, r, run.size, run.slots, class_token=True
+            )  # (B, t - done, D), (B, t - done, 1), (B, T0)
+            if done:
+                run.size, run.slots = size, slots
+            run.done.append(done)
             run.skip = True
             return _with_input(args, kwargs, merged, None)
 
         return hook
 
     def _pad(self, module, args, output):
-        """Projector output (crops, k, D) padded with zeros to the image's placeholder count (crops, N, D)."""
+        """Projector output (crops, k, D) back to the placeholder count (crops, N, D): padded with zeros
+        (``"first"`` layout) or each patch given its merged token's value (``"sources"``)."""
         if self.last is None or output.dim() != 3 or output.shape[1] >= self.patches:
             return None
+        if self.layout == "sources":
+            self.last.projected = output
+            slots = self.last.slots[:, 1:] - 1  # (crops, N): patch -> merged patch token (CLS slot 0 removed)
+            rows = torch.arange(output.shape[0], device=output.device)[:, None]  # (crops, 1)
+            return output[rows, slots]  # (crops, N, D)
         pad = output.new_zeros(output.shape[0], self.patches - output.shape[1], output.shape[2])
         return torch.cat([output, pad], dim=1)
 
@@ -212,10 +219,18 @@ def _with_input(args: tuple, kwargs: dict, hidden: Tensor, mask: Optional[Tensor
 def apply_tower_merge(plan: Any, drop: Any, layer: int, budgets: list, state: DropState) -> Decision:
     """The ``vision_layers`` drop of a `Plan`: keep each image's first ``k`` placeholder slots (the merged tokens the
     tower produced), drop the rest, and record sizes and the assignment of every patch to its slot."""
+    videos = sum(getattr(layout, "kind", "image") == "video" for layout in plan.layouts)
+    if videos:
+        raise ValueError(
+            f"placement vision_layers merges inside {plan.adapter.name}'s image tower only: this forward has {videos} "
+            "video row(s); use placement vision / pre_llm / layer for videos"
+        )
     merge = plan.context.tower_merge
     run = merge.take() if merge is not None else None
     if run is None:
         raise RuntimeError("placement vision_layers: the vision tower did not run with its merging hooks")
+    if merge.layout == "sources":
+        return apply_sources(plan, drop, layer, budgets, state, run)
     columns, slots = plan._rows(state)
     images = plan.num_images
     if run.slots is None:  # nothing merged (the budget keeps every patch)

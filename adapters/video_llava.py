@@ -89,6 +89,10 @@ class VideoLlavaAdapter(VLMAdapter):
         "pre_llm_clip": "CLIP-space signals are not implemented for Video-LLaVA",
     }
 
+    #: ``vision_layers``: ToMe inside the CLIP *image* tower, as for LLaVA-1.5 (``adapters/tower_merge.py``); a forward
+    #: with videos raises (the video tower is not merged).
+    drop_kinds: ClassVar[frozenset[str]] = VLMAdapter.drop_kinds | {"vision_layers"}
+
     def __init__(self, model: nn.Module):
         self.model = model
         self.vlm = model.model if hasattr(model, "model") and hasattr(model.model, "language_model") else model

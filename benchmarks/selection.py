@@ -191,6 +191,17 @@ def main() -> None:
                     share = f"  {100 * seconds / prefill['seconds']:6.2f}% of prefill"
                 rows.append(row)
                 print(f"N={tokens:>6} K={kept:>5} B={batch} {recipe:<24} {seconds * 1e3:10.2f} ms{share}{extra}")
+                if recipe == "tome":  # what the preset really runs: the per-layer matching + merging inside the tower
+                    tower = tower_tome_seconds(tokens, batch, kept, args.repeats, args.device)
+                    tower_row = {"recipe": "tome in tower", "N": tokens, "K": kept, "B": batch, **tower}
+                    share = ""
+                    if prefill is not None:
+                        tower_row.update(prefill_s=prefill["seconds"], fraction_of_prefill=tower["seconds"] / prefill["seconds"])
+                        share = f"  {100 * tower['seconds'] / prefill['seconds']:6.2f}% of prefill"
+                    rows.append(tower_row)
+                    print(f"N={tokens:>6} K={kept:>5} B={batch} {'tome in tower':<24} {tower['seconds'] * 1e3:10.2f} ms{share}"
+                          f"  ({tower['crops']} x {tower['tokens']} tokens per image, {tower['layers']} merging layers, "
+                          f"r per layer {tower['schedule'][0]}..{tower['schedule'][-1]})")
                 if recipe == "fastv":  # the framework's overhead around FastV's own three ops
                     attention = signals.attention
                     bare = time_call(lambda: attention.mean(dim=1).topk(kept, dim=-1).indices.sort(dim=-1), args.repeats, args.device)
@@ -297,6 +308,40 @@ def prefill_seconds(tokens: int, batch: int, layers: int, device: str, profile: 
 
     seconds = time_device(run, torch.device(device), repeats=1, warmup=2)
     return {"seconds": seconds, "image_tokens": slice_.image_tokens}
+
+
+#: CLIP ViT-L/14-336 (openai/clip-vit-large-patch14-336, LLaVA-1.5 / LLaVA-NeXT's tower): encoder layers; LLaVA reads
+#: the output of layer -2, so ToMe merges in the layers up to it.
+CLIP_LAYERS, CLIP_FEATURE_LAYER = 24, -2
+
+
+def tower_tome_seconds(tokens: int, batch: int, kept: int, repeats: int, device: str, profile: str = "llava-1.5-7b") -> dict:
+    """Median time of the `tome` preset's in-tower work (``tower_merge_step`` of every merging layer, as the hooks of
+    ``adapters/tower_merge.py`` run it) on the ``profile`` tower's shapes: an image of ``tokens`` patches is
+    ``tokens / patches-per-crop`` crops of ``patches + 1`` tokens (CLS first), all crops of the batch merged as one
+    tower batch, down to ``kept / crops`` patches per crop (schedule derived from the budget, r = 0). Keys and hidden
+    states are random (drawn once, outside the timing)."""
+    from vtprune.adapters.tower_merge import merge_schedule
+    from vtprune.strategies.functional.tome import tower_merge_step
+
+    vision = PROFILES[profile]["vision"]
+    patches = (vision["image_size"] // vision["patch_size"]) ** 2
+    crops = max(1, round(tokens / patches))
+    layers = CLIP_LAYERS + CLIP_FEATURE_LAYER + 1
+    schedule = merge_schedule(patches + 1, max(1, kept // crops), layers)
+    width, heads = vision["hidden_size"], vision["num_attention_heads"]
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(batch * crops, patches + 1, width, generator=generator).to(device)  # (B * crops, T0, D)
+    keys = torch.randn(batch * crops, patches + 1, width, generator=generator).to(device)  # (B * crops, T0, H * dh)
+
+    def run() -> None:
+        x, size, slots = hidden, None, None
+        for r in schedule:
+            if r:
+                x, size, slots, _ = tower_merge_step(x, keys[:, : x.shape[1]], heads, r, size, slots)
+
+    seconds = time_call(run, repeats, device)
+    return {"seconds": seconds, "crops": crops, "tokens": patches + 1, "layers": layers, "schedule": schedule}
 
 
 def _first(visual: torch.Tensor) -> torch.Tensor:

@@ -38,6 +38,7 @@ __all__ = [
     "merge_slots",
     "parse_r",
     "tome_reduce",
+    "tower_merge_step",
 ]
 
 
@@ -76,8 +77,9 @@ def bipartite_matching(metric: Tensor, r: int, class_token: bool = False) -> Mat
         unm = torch.arange((tokens + 1) // 2, device=metric.device).expand(batch, -1)  # (B, t_a)
         return Matching(0, tokens, unm, empty, empty)
     with torch.no_grad():
-        normed = metric / metric.norm(dim=-1, keepdim=True)  # (B, t, C)
-        a, b = normed[..., ::2, :], normed[..., 1::2, :]  # (B, t_a, C), (B, t_b, C)
+        norm = metric.norm(dim=-1, keepdim=True)  # (B, t, 1)
+        a = metric[..., ::2, :] / norm[..., ::2, :]  # (B, t_a, C): each half normalised into its own contiguous copy
+        b = metric[..., 1::2, :] / norm[..., 1::2, :]  # (B, t_b, C)
         scores = a @ b.transpose(-1, -2)  # (B, t_a, t_b)
         if class_token:
             scores[..., 0, :] = -torch.inf
@@ -96,9 +98,10 @@ def merge_tokens(x: Tensor, matching: Matching, mode: str = "mean") -> Tensor:
     if matching.r == 0:
         return x
     src, dst = x[..., ::2, :], x[..., 1::2, :]  # (B, t_a, C), (B, t_b, C)
-    batch, t_a, channels = src.shape
-    unm = src.gather(dim=-2, index=matching.unm_idx.unsqueeze(-1).expand(batch, t_a - matching.r, channels))
-    src = src.gather(dim=-2, index=matching.src_idx.unsqueeze(-1).expand(batch, matching.r, channels))
+    batch, _, channels = src.shape
+    rows = torch.arange(batch, device=x.device)[:, None]  # (B, 1): whole-row copies (the official gathers, faster)
+    unm = src[rows, matching.unm_idx]  # (B, t_a - r, C)
+    src = src[rows, matching.src_idx]  # (B, r, C)
     dst = dst.scatter_reduce(-2, matching.dst_idx.unsqueeze(-1).expand(batch, matching.r, channels), src, reduce=mode)
     return torch.cat([unm, dst], dim=1)
 
@@ -106,8 +109,9 @@ def merge_tokens(x: Tensor, matching: Matching, mode: str = "mean") -> Tensor:
 def merge_wavg(x: Tensor, matching: Matching, size: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """``merge_wavg``: size-weighted average. ``x`` (B, t, C), ``size`` (B, t, 1) or None (all 1).
     Returns the merged (B, t - r, C) tokens and their (B, t - r, 1) sizes."""
-    if size is None:
-        size = torch.ones_like(x[..., 0, None])  # (B, t, 1)
+    if size is None:  # all sizes 1: x * 1 is x exactly, so the weighting multiply is skipped
+        size = merge_tokens(torch.ones_like(x[..., 0, None]), matching, mode="sum")  # (B, t - r, 1)
+        return merge_tokens(x, matching, mode="sum") / size, size
     x = merge_tokens(x * size, matching, mode="sum")
     size = merge_tokens(size, matching, mode="sum")
     return x / size, size
@@ -131,6 +135,47 @@ def merge_slots(slots: Tensor, matching: Matching) -> Tensor:
     if t_a > t_b:
         new_slot = torch.cat([new_slot, new_a[:, t_b:]], dim=1)  # (B, t)
     return new_slot.gather(1, slots)
+
+
+def tower_merge_step(
+    hidden: Tensor, keys: Tensor, heads: int, r: int, size: Optional[Tensor], slots: Optional[Tensor], class_token: bool = True
+) -> tuple[Tensor, Tensor, Tensor, int]:
+    """One merging layer of ToMe in a vision tower (``ToMeBlock.forward`` between the attention and the MLP), batched
+    over the tower's images / crops: one matching per round for the whole batch, no loop over tokens or rows.
+
+    The metric is the layer's keys averaged over heads; one official round removes ``min(r, (t - protected) // 2)``
+    tokens; when ``r`` is more than that (a derived schedule's last layer), further rounds run on the size-weighted
+    mean keys of the merged tokens.
+
+    Args:
+        hidden: (B, t, D) the layer's tokens after the attention residual.
+        keys: (B, t, heads * dh) the layer's keys (``k_proj`` output).
+        heads: attention heads of the layer.
+        r: tokens to remove in this layer (> 0).
+        size: (B, t, 1) token sizes, or None (all 1: nothing merged yet).
+        slots: (B, T0) long, the current slot of every original token, or None (the identity).
+        class_token: token 0 is protected (CLIP); False for towers without one.
+    Returns:
+        the merged (B, t', D) tokens, their (B, t', 1) sizes, the (B, T0) slots after the merge, and the number
+        of tokens removed (``t - t'``).
+    """
+    batch, tokens, _ = hidden.shape
+    metric = keys.view(batch, tokens, heads, -1).mean(dim=2)  # (B, t, dh): k.mean(heads)
+    if slots is None:
+        slots = torch.arange(tokens, device=hidden.device).expand(batch, -1)  # (B, T0)
+    left = int(r)
+    while left > 0:  # one round (official) unless asked for more than half the tokens
+        matching = bipartite_matching(metric, left, class_token=class_token)
+        if matching.r == 0:
+            break
+        slots = merge_slots(slots, matching)
+        if left > matching.r:  # the next round's metric: size-weighted mean keys of the merged tokens
+            metric, _ = merge_wavg(metric, matching, size)
+        hidden, size = merge_wavg(hidden, matching, size)  # (B, t - r, D), (B, t - r, 1)
+        left -= matching.r
+    if size is None:
+        size = torch.ones_like(hidden[..., :1])  # (B, t, 1): nothing merged
+    return hidden, size, slots, int(r) - left
 
 
 def parse_r(num_layers: int, r: int | tuple[int, float] | list[int]) -> list[int]:
@@ -167,19 +212,21 @@ def tome_reduce(
     """
     batch, tokens, _ = visual.shape
     valid = valid_or_all(valid, batch, tokens, visual.device)
+    own = metric is None or metric is visual  # the tokens are their own metric: merged once per round
     metric = visual if metric is None else metric
     keep = torch.zeros(batch, tokens, dtype=torch.bool, device=visual.device)
     values = visual.clone()
     assignment = torch.full((batch, tokens), -1, dtype=torch.long, device=visual.device)
     wanted = per_row_counts(counts, batch)
-    for b, pos in enumerate(row_positions(valid)):
+    for b, pos in enumerate(row_positions(valid)):  # rows differ in valid tokens and rounds: one at a time
         n = int(pos.numel())
         target = max(0, min(int(wanted[b]), n))
         if n == 0 or target == 0:
             continue
-        x = visual[b, pos].unsqueeze(0).float()  # (1, n, D)
-        m = metric[b, pos].unsqueeze(0).float()  # (1, n, C)
-        size = torch.ones(1, n, 1, device=visual.device)  # (1, n, 1)
+        full = n == tokens  # every token valid: a view of the row, no gather
+        x = (visual[b] if full else visual[b, pos]).unsqueeze(0).float()  # (1, n, D)
+        m = x if own else (metric[b] if full else metric[b, pos]).unsqueeze(0).float()  # (1, n, C)
+        size = None  # (1, t, 1) once merged; None = all 1
         rep = pos.unsqueeze(0)  # (1, t): original position representing each current token
         slots = torch.arange(n, device=visual.device).unsqueeze(0)  # (1, n)
         while x.shape[1] > target:
@@ -187,11 +234,12 @@ def tome_reduce(
             matching = bipartite_matching(m, min(t - target, t // 2))
             if matching.r == 0:
                 break
-            m, _ = merge_wavg(m, matching, size)
-            x, new_size = merge_wavg(x, matching, size)
+            if not own:
+                m, _ = merge_wavg(m, matching, size)
+            x, size = merge_wavg(x, matching, size)
+            m = x if own else m
             slots = merge_slots(slots, matching)
             rep = torch.cat([rep[:, ::2].gather(1, matching.unm_idx), rep[:, 1::2]], dim=1)  # a destination stays
-            size = new_size
         kept = rep[0]  # (target,)
         keep[b, kept] = True
         values[b, kept] = x[0].to(values.dtype)

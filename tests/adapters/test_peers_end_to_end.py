@@ -106,6 +106,19 @@ def _sample(inputs, b):
     return alone
 
 
+def _crops_and_newlines(model, inputs) -> tuple[list[int], list[int]]:
+    """Per LLaVA-NeXT image: its AnyRes crops and its newline tokens (the model's own packing of ones)."""
+    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+    config = model.config
+    sizes = inputs["image_sizes"]
+    crops = [image_size_to_num_patches(s, config.image_grid_pinpoints, config.vision_config.image_size) for s in sizes.tolist()]
+    patches = (config.vision_config.image_size // config.vision_config.patch_size) ** 2
+    ones = torch.ones(sum(crops), patches, 1)
+    packed, _ = model.model.pack_image_features(list(ones.split(crops)), sizes, "default", image_newline=torch.zeros(1))
+    return crops, [int((p == 0).sum()) for p in packed]
+
+
 def _check_keep_all(case, preset, adapter, keep_all, options):
     """A budget covering every token reproduces the unpruned model bit for bit (every preset, adaptive too)."""
     model, inputs = case["model"], case["inputs"]
@@ -168,6 +181,11 @@ def test_preset_end_to_end(models, preset, adapter):
         first = result.drops[0].counts
         if _adaptive(preset):
             assert bool((first > 0).all()) and bool((first <= result.num_tokens).all())
+        elif adapter == "llava_next" and result.drops[0].where == "vision_layers":
+            # ToMe per AnyRes crop inside the tower: the budget is per crop (docs/methods.md "ToMe"), so each image
+            # keeps at most BUDGET merged tokens per crop (fewer where the unpadding cut them), plus its newlines
+            crops, newlines = _crops_and_newlines(model, inputs)
+            assert all(newlines[r] < int(first[r]) <= BUDGET * crops[r] + newlines[r] for r in range(2))
         else:
             assert first.tolist() == [BUDGET, BUDGET]
         assert out.shape[1] < length and torch.isfinite(out).all()

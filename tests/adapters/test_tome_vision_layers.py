@@ -39,9 +39,10 @@ def tiny_llava_deep_tower(attn: str = "eager", seed: int = 0):
     return finish_tiny(LlavaForConditionalGeneration(config), attn, PAD_ID, torch.float32)
 
 
-def reference_features(model, pixel_values, schedule):
-    """(images, k, D) projected tokens and (images, N) patch -> slot, by the official ToMe block."""
-    tower = model.model.vision_tower
+def reference_features(model, pixel_values, schedule, tower=None):
+    """(images, k, D) projected tokens and (images, N) patch -> slot, by the official ToMe block (``tower``: the
+    CLIP tower, default ``model.model.vision_tower``)."""
+    tower = model.model.vision_tower if tower is None else tower
     vision = getattr(tower, "vision_model", tower)
     x = vision.pre_layrnorm(vision.embeddings(pixel_values))
     size, source = None, None
@@ -66,6 +67,47 @@ def reference_features(model, pixel_values, schedule):
     return projected, source.argmax(dim=1)[:, 1:] - 1, size[:, 1:, 0]
 
 
+def first_slots_reference(model, inputs, projected):
+    """(embeds, mask, positions) of the reduced sequence, left padded: each image's (k, D) merged tokens in its first
+    k placeholder slots, its other placeholders gone (images in placeholder order, all of one token count)."""
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    images, kept, _ = projected.shape
+    with torch.no_grad():
+        embeds = model.get_input_embeddings()(ids)
+    flat = (ids == model.config.image_token_id).nonzero()
+    per_image = flat.shape[0] // images
+    drop = torch.zeros_like(ids, dtype=torch.bool)
+    for number in range(images):
+        rows = flat[number * per_image : (number + 1) * per_image]
+        embeds[rows[:kept, 0], rows[:kept, 1]] = projected[number]
+        drop[rows[kept:, 0], rows[kept:, 1]] = True
+    positions = generation_positions(mask)
+    rows_keep = [(~drop[b]).nonzero().flatten() for b in range(ids.shape[0])]
+    width = max(r.numel() for r in rows_keep)
+    ref_embeds = torch.zeros(ids.shape[0], width, embeds.shape[-1])
+    ref_mask = torch.zeros(ids.shape[0], width, dtype=torch.long)
+    ref_pos = torch.zeros(ids.shape[0], width, dtype=torch.long)
+    for b, keep in enumerate(rows_keep):
+        ref_embeds[b, width - keep.numel() :] = embeds[b, keep]
+        ref_mask[b, width - keep.numel() :] = mask[b, keep]
+        ref_pos[b, width - keep.numel() :] = positions[b, keep]
+    return ref_embeds, ref_mask, ref_pos
+
+
+def greedy(model, embeds, mask, positions, steps):
+    """Greedy decoding by full re-runs on ``inputs_embeds`` (no cache): (B, steps) token ids."""
+    table = model.get_input_embeddings()
+    out = []
+    with torch.no_grad():
+        for _ in range(steps):
+            token = model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions).logits[:, -1].argmax(-1)
+            out.append(token)
+            embeds = torch.cat([embeds, table(token)[:, None]], dim=1)
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            positions = torch.cat([positions, positions[:, -1:] + 1], dim=1)
+    return torch.stack(out, dim=1)
+
+
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 def test_tome_in_tower_equals_the_official_block(attn):
     model = tiny_llava_deep_tower(attn)
@@ -86,31 +128,12 @@ def test_tome_in_tower_equals_the_official_block(attn):
     assert record.where == "vision_layers" and kept == 8
     assert torch.equal(record.selection.assignment, slots) and torch.equal(record.selection.sizes, sizes.round().long())
     assert torch.equal(record.selection.sizes.sum(1), torch.full((3,), 16))
-    # reference LLM input: the merged tokens in each image's first placeholder slots, the other placeholders gone
-    ids, mask = inputs["input_ids"], inputs["attention_mask"]
-    with torch.no_grad():
-        embeds = model.get_input_embeddings()(ids)
-    image = ids == model.config.image_token_id
-    drop = torch.zeros_like(image)
-    flat = image.nonzero()
-    for number in range(projected.shape[0]):
-        rows = flat[number * 16 : (number + 1) * 16]
-        embeds[rows[:kept, 0], rows[:kept, 1]] = projected[number]
-        drop[rows[kept:, 0], rows[kept:, 1]] = True
-    positions = generation_positions(mask)
-    rows_keep = [(~drop[b]).nonzero().flatten() for b in range(ids.shape[0])]
-    width = max(r.numel() for r in rows_keep)
-    ref_embeds = torch.zeros(ids.shape[0], width, embeds.shape[-1])
-    ref_mask = torch.zeros(ids.shape[0], width, dtype=torch.long)
-    ref_pos = torch.zeros(ids.shape[0], width, dtype=torch.long)
-    for b, keep in enumerate(rows_keep):
-        ref_embeds[b, width - keep.numel() :] = embeds[b, keep]
-        ref_mask[b, width - keep.numel() :] = mask[b, keep]
-        ref_pos[b, width - keep.numel() :] = positions[b, keep]
+    ref_embeds, ref_mask, ref_pos = first_slots_reference(model, inputs, projected)
     with torch.no_grad():
         reference = model(inputs_embeds=ref_embeds, attention_mask=ref_mask, position_ids=ref_pos).logits
     torch.testing.assert_close(pruned[:, -1], reference[:, -1], atol=1e-5, rtol=1e-5)
-    assert generated.shape[1] == ids.shape[1] + 4
+    steps = generated[:, inputs["input_ids"].shape[1] :]
+    assert torch.equal(steps, greedy(model, ref_embeds, ref_mask, ref_pos, 4))  # generate == greedy on the reference
 
 
 def test_budget_derives_r_and_batch_equals_alone():

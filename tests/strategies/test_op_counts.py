@@ -55,7 +55,7 @@ PINNED = {
     "cdpruner_ov": 10185,
     "cdpruner_ov_full": 18350,
     "fastervlm": 4,  # the index path (34 before)
-    "tome": 435,  # the one-point select (diversity.tome); in the tower the matching runs in the layers' hooks
+    "tome": 317,  # the one-point select (diversity.tome); in the tower the matching runs in the layers' hooks (435 before issue 14's speed work: the tokens, their own metric, were merged twice per round)
     "mustdrop": 84,  # adaptive count (issue 14): no fill stage; 3 for the keep-all rule (now Pipeline.select's, per row)
     "sparsevlm": 230,  # rank rule + recycling (one matrix_rank and one clustering per row)
     "mustdrop_vision": 148,  # with the merging output (sizes, assignment) now that Supplement carries it

@@ -139,3 +139,48 @@ def test_tower_schedule_official_r_and_derived_from_the_budget():
     assert sum(derived) == 512 and max(derived) - min(derived) <= 1
     assert merge_schedule(17, 2, 1) == [14]  # one layer: several rounds remove more than half
     assert merge_schedule(17, 16, 3) == [0, 0, 0]
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_tome_reduce_merges_its_own_metric_once_with_the_same_result(seed):
+    """The tokens as their own metric are merged once per round (the speed path): the result is bit for bit the
+    one with the same values given as a separate metric tensor (merged on its own), full rows and ragged rows."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(3, 40, 6, generator=generator)
+    for valid in (None, torch.rand(3, 40, generator=generator) > 0.3):
+        counts = torch.tensor([5, 11, 2])
+        own = tome_reduce(x, counts, valid=valid)
+        separate = tome_reduce(x, counts, metric=x.clone(), valid=valid)
+        assert all(torch.equal(a, b) for a, b in zip(own, separate))
+
+
+def test_merge_wavg_without_sizes_equals_unit_sizes():
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 11, 4, generator=generator)
+    matching = bipartite_matching(torch.randn(2, 11, 3, generator=generator), 4, class_token=True)
+    merged, size = merge_wavg(x, matching)
+    ones, unit = merge_wavg(x, matching, torch.ones(2, 11, 1))
+    assert torch.equal(merged, ones) and torch.equal(size, unit)
+
+
+def test_tower_merge_step_is_batched_no_loop_over_rows_or_tokens():
+    """The in-tower step dispatches the same ops whatever the batch (images / crops) and token count: one matching
+    per round for the whole batch, no Python loop over rows or tokens (benchmarks/_opcount.py counts the ops)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    from _opcount import count_ops
+
+    from vtprune.strategies.functional.tome import tower_merge_step
+
+    totals = set()
+    for batch, tokens in ((1, 33), (6, 33), (1, 129), (5, 129)):
+        generator = torch.Generator().manual_seed(batch)
+        hidden = torch.randn(batch, tokens, 8, generator=generator)
+        keys = torch.randn(batch, tokens, 4 * 3, generator=generator)
+        (merged, size, slots, done), counter = count_ops(lambda: tower_merge_step(hidden, keys, 4, 7, None, None))
+        assert done == 7 and merged.shape == (batch, tokens - 7, 8) and int(size.sum()) == batch * tokens
+        assert slots.shape == (batch, tokens) and int(slots.max()) == tokens - 8
+        totals.add(counter.total)
+    assert len(totals) == 1
