@@ -79,7 +79,7 @@ def ref_cluster_and_merge(x: torch.Tensor, k: int):
     merged = torch.zeros(k, c, dtype=torch.float64)
     for a in range(k):
         members = [j for j in range(m) if assign[j] == a]
-        merged[a] = sum(x[j].double() for j in members) / (len(members) + 1e-6)
+        merged[a] = sum(x[j].double() * (1.0 / (len(members) + 1e-6)) for j in members)  # weighted, then summed
     return merged, centres, assign
 
 
@@ -178,6 +178,30 @@ def test_cluster_and_merge_matches_the_loop_reference():
         want_merged, want_centres, want_assign = ref_cluster_and_merge(x, k)
         assert centres.tolist() == want_centres and assignment.tolist() == want_assign
         torch.testing.assert_close(merged.double(), want_merged, rtol=1e-5, atol=1e-6)
+
+
+def test_distances_are_the_official_difference_norms():
+    """``pairwise_distances`` = the official ``(x1 - x2).norm(dim=-1)`` (differences, not the matrix-product
+    expansion) to an ulp, symmetric with a zero diagonal, on hidden-state-like rows (large offset, outlier dims)."""
+    generator = torch.Generator().manual_seed(1)
+    for m, width in [(1, 8), (2, 8), (37, 64), (120, 512)]:
+        x = torch.randn(m, width, generator=generator) * 3 + 40
+        x[:, :2] *= 30
+        got = sv.pairwise_distances(x)
+        official = (x[:, None, :] - x[None, :, :]).norm(dim=-1, p=2)  # (M, M), utils.py cluster_and_merge
+        torch.testing.assert_close(got, official, rtol=3e-7, atol=0)
+        assert torch.equal(got, got.T) and bool((got.diagonal() == 0).all())
+        exact = (x.double()[:, None, :] - x.double()[None, :, :]).norm(dim=-1)  # fp64 truth
+        assert float(((got.double() - exact).abs() / exact.clamp(min=1e-30)).max()) < 1e-6
+
+
+def test_cluster_and_merge_on_hidden_state_like_rows_matches_the_loop_reference():
+    generator = torch.Generator().manual_seed(2)
+    x = torch.randn(60, 32, generator=generator) * 2 + 25
+    merged, centres, assignment = sv.cluster_and_merge(x, 7)
+    want_merged, want_centres, want_assign = ref_cluster_and_merge(x, 7)
+    assert centres.tolist() == want_centres and assignment.tolist() == want_assign
+    torch.testing.assert_close(merged.double(), want_merged, rtol=1e-6, atol=1e-6)
 
 
 def test_counts_formulas():
