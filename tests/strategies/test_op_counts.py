@@ -59,7 +59,7 @@ PINNED = {
     "mustdrop": 84,  # adaptive count (issue 14): no fill stage; +3 for the keep-all rule (a covering budget keeps all)
     "sparsevlm": 230,  # rank rule + recycling (one matrix_rank and one clustering per row)
     "mustdrop_vision": 148,  # with the merging output (sizes, assignment) now that Supplement carries it
-    "sparsevlm": 236,  # prompt_attention + prompt_mask added to the inputs (only SparseVLM reads them)
+    "sparsevlm": 240,  # prompt_attention + prompt_mask inputs; issue 14 speed: pdist + mirrored writes for cdist (+4)
     "dycoke": 111,  # video (frames VIDEO_FRAMES); the decode policy runs in the decoding steps' hooks (129 before issue 15's speed work)
     "prunevid": 270,  # video; the pre-LLM merge (per segment: static group, then its frames batched; capped at K by cluster size; 1390 before issue 15's speed work)
     "fastvid": 262,  # video (frames VIDEO_FRAMES): segmentation, density scores, anchor merge (266 before issue 15's speed work)
