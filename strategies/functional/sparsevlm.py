@@ -167,7 +167,7 @@ def cluster_and_merge(tokens: Tensor, clusters: int) -> tuple[Tensor, Tensor, Te
         raise ValueError(f"clusters must be in [1, {m}], got {clusters}")
     x = tokens.float()
     dist = pairwise_distances(x) / math.sqrt(width)  # (M, M)
-    nearest = torch.sort(dist, dim=1).values[:, :clusters]  # (M, k)
+    nearest = torch.topk(dist, clusters, dim=1, largest=False).values  # (M, k) ascending, as official
     density = torch.exp(-(nearest**2).mean(dim=1))  # (M,)
     denser = density.unsqueeze(0) > density.unsqueeze(1)  # (M, M): [i, j] = density[j] > density[i]
     parent = torch.where(denser, dist, dist.max()).min(dim=1).values  # (M,)
@@ -192,13 +192,11 @@ def pairwise_distances(x: Tensor) -> Tensor:
     diagonal.
     """
     m = x.shape[0]
+    upper = torch.ones(m, m, dtype=torch.bool, device=x.device).triu(1)  # (M, M): i < j
     dist = torch.zeros(m, m, dtype=torch.float32, device=x.device)  # (M, M)
     if m > 1:
-        upper = torch.triu_indices(m, m, offset=1, device=x.device)  # (2, M(M-1)/2), pdist's order
-        pairs = torch.pdist(x.float())  # (M(M-1)/2,)
-        dist[upper[0], upper[1]] = pairs
-        dist[upper[1], upper[0]] = pairs
-    return dist
+        dist.masked_scatter_(upper, torch.pdist(x.float()))  # pdist's pair order is the mask's row-major order
+    return dist + dist.T  # one of each pair is 0: the sum is exact
 
 
 def recycle(
