@@ -4,14 +4,14 @@ token recycling, as plain tensor functions (docs/methods.md, "SparseVLM").
 Official references (``llava/model/language_model/``):
 
 * ``modelling_sparse_llama.py`` ``LlamaDynamicvitModel.forward``: raters = the text tokens whose
-  ``softmax(v @ t^T, dim=text).mean(visual)`` is above its mean; at every sparse layer the layer's own attention
+  ``softmax(v @ t^T, dim=text).mean(visual)`` is above its mean, once, on the decoder input embeddings; at every sparse layer the layer's own attention
   (head mean) of the raters' rows over the visual columns scores the visual tokens;
 * ``score.py`` ``attn_postprocess_rank``: ``rank = matrix_rank(rows.float())``, keep the
   ``min(int(rank * scale + bias), v - 1)`` best tokens by ``rows.mean(raters)``; nothing is pruned when
   ``v == rank``;
 * recycling (same forward): the top ``int(0.3 n) + 1`` deleted tokens by that score are clustered into
-  ``int(m / 10) + 1`` groups by ``utils.py`` ``cluster_and_merge`` (density-peak clustering) and each group's mean
-  is appended after the kept visual tokens.
+  ``int(m / 10) + 1`` groups by ``utils.py`` ``cluster_and_merge`` (density-peak clustering on the difference
+  norms ``(x1 - x2).norm``) and each group's mean is appended after the kept visual tokens.
 
 Every function works per row (rows are independent); ragged rows are given by ``valid`` masks.
 """
@@ -153,8 +153,7 @@ def cluster_and_merge(tokens: Tensor, clusters: int) -> tuple[Tensor, Tensor, Te
     nearest denser token (the row's largest distance when none is denser); centres = the ``clusters`` tokens with
     the largest ``parent distance * density`` (descending; ties to the earlier token); every token joins its
     nearest centre (ties to the earlier centre), centres themselves; merged = ``sum(x_i * (1 / (size + 1e-6)))``
-    (official order: each token weighted, then
-    summed in token order).
+    (official order: each token weighted, then summed in token order).
 
     Args:
         tokens: (M, C), in the official order (descending recycling score).
