@@ -4,8 +4,9 @@ token recycling, as plain tensor functions (docs/methods.md, "SparseVLM").
 Official references (``llava/model/language_model/``):
 
 * ``modelling_sparse_llama.py`` ``LlamaDynamicvitModel.forward``: raters = the text tokens whose
-  ``softmax(v @ t^T, dim=text).mean(visual)`` is above its mean, once, on the decoder input embeddings; at every sparse layer the layer's own attention
-  (head mean) of the raters' rows over the visual columns scores the visual tokens;
+  ``softmax(v @ t^T, dim=text).mean(visual)`` is above its mean, chosen once on the decoder input embeddings; at
+  every sparse layer the layer's own attention (head mean) of the raters' rows over the visual columns scores the
+  visual tokens;
 * ``score.py`` ``attn_postprocess_rank``: ``rank = matrix_rank(rows.float())``, keep the
   ``min(int(rank * scale + bias), v - 1)`` best tokens by ``rows.mean(raters)``; nothing is pruned when
   ``v == rank``;
