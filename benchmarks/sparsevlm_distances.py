@@ -3,7 +3,7 @@
 The recycled tokens' pairwise distances (``functional.sparsevlm.pairwise_distances``) come from ``torch.pdist``
 (after) instead of ``torch.cdist(..., compute_mode="donot_use_mm_for_euclid_dist")`` (before); both are the
 official ``(x1 - x2).norm`` arithmetic (differences, no matrix-product expansion). Prints each one's median
-``select`` time at N visual tokens (D = 4096, K = N / 9, SparseVLM's 64-token pair scale 0.8 / bias 0, as
+``select`` time at N visual tokens (D = 4096 by default, K = N / 9, SparseVLM's 64-token pair scale 0.8 / bias 0, as
 ``benchmarks/selection.py``) as a share of the unpruned prefill of the 2-layer LLaVA-1.5-7B-shaped slice measured
 in the same run, and whether both select the same tokens:
 
@@ -28,7 +28,7 @@ from vtprune.strategies.functional import sparsevlm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _opcount import selection_signals  # noqa: E402
-from selection import RECIPE_OPTIONS, prefill_seconds  # noqa: E402
+from selection import LLAVA_PROFILES, RECIPE_OPTIONS, prefill_seconds  # noqa: E402
 
 
 def cdist_exact(x: torch.Tensor) -> torch.Tensor:
@@ -52,14 +52,17 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, nargs="+", default=[576, 2880])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--dim", type=int, default=4096, help="width D of the random signals")
+    parser.add_argument("--prefill-layers", type=int, default=2, help="decoder layers of the prefill slice")
+    parser.add_argument("--prefill-profile", default="llava-1.5-7b", choices=LLAVA_PROFILES)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     variants = {"before (cdist exact)": cdist_exact, "after (pdist)": sparsevlm.pairwise_distances}
     pipeline = compose("sparsevlm", registry=build_registry(autoload=False), **RECIPE_OPTIONS["sparsevlm"])
     for tokens in args.tokens:
-        signals, kept = selection_signals(1, tokens, 4096), tokens // 9
-        prefill = prefill_seconds(tokens, 1, 2, "cpu")["seconds"]
-        print(f"N={tokens} unpruned prefill of the 2-layer slice: {prefill:.2f} s", flush=True)
+        signals, kept = selection_signals(1, tokens, args.dim), tokens // 9
+        prefill = prefill_seconds(tokens, 1, args.prefill_layers, "cpu", args.prefill_profile)["seconds"]
+        print(f"N={tokens} unpruned prefill of the {args.prefill_layers}-layer slice: {prefill:.2f} s", flush=True)
         times: dict[str, list[float]] = {name: [] for name in variants}
         picks = {}
         for repeat in range(args.repeats + 1):  # the first round warms up
