@@ -377,7 +377,7 @@ class DecoderPruner:
             prompt_attention = flight.prompt_scores.pop(number, None)
             state = DropState(number, hidden, segment.index, segment.valid, attention, keys, query_slot, prompt_attention)
             decision = plan.decide(number, state)
-            if decision is not None and not bool(decision.keep[segment.valid].all()):
+            if decision is not None and decision.changes(segment.valid):
                 new, source, new_valid = self._compact(session, segment, decision, start=number)
                 session.decisions.append((number, decision))
                 session.segments.append(new)

@@ -210,6 +210,12 @@ class Decision:
     values: Optional[Tensor] = None
     replace: Optional[Tensor] = None
 
+    def changes(self, valid: Tensor) -> bool:
+        """True when the decision changes the sequence: it drops a real slot (``valid`` (B, Ls) bool) or replaces
+        some values (SparseVLM re-merging a single deleted token and moving it after the kept ones)."""
+        dropped = not bool(self.keep[valid].all())
+        return dropped or (self.values is not None and self.replace is not None and bool(self.replace[valid].any()))
+
 
 class DropPlan(Protocol):
     """Per-forward decisions, returned by the controller at prefill.

@@ -26,11 +26,15 @@ from .call import ForwardCall
 from .capture import VisionCapture
 from .decoder import Decision, DropState, Session
 from .records import DropRecord, ImageLayout, PruneResult
-from .row_fields import frame_fields, frame_spans, image_assignment
+from .row_fields import frame_fields, frame_spans, held_record, image_assignment, input_fields
+from .row_fields import pad_rows as _pad_rows
 from .spans import last_real_tokens
 from .tower_merge import apply_tower_merge
 
-__all__ = ["ForwardCall", "PlanContext", "Plan", "check_drops", "frame_fields", "image_assignment", "HINT_FINAL_NORM", "HINT_OWN_LAYER", "HINT_APPEND_MERGED", "HINT_LAST_QUERY", "HINT_PLAIN_PROMPT"]
+__all__ = [
+    "ForwardCall", "PlanContext", "Plan", "check_drops", "frame_fields", "image_assignment", "HINT_FINAL_NORM",
+    "HINT_OWN_LAYER", "HINT_APPEND_MERGED", "HINT_LAST_QUERY", "HINT_PLAIN_PROMPT", "HINT_INPUT_EMBEDDINGS",
+]
 
 #: Stage hints (``Stage.adapter_hints``) the runtime honours (docs/adapters.md).
 HINT_FINAL_NORM = "final_norm"  # in-LLM visual / prompt = hidden states through the decoder's final norm (DART)
@@ -38,6 +42,7 @@ HINT_OWN_LAYER = "own_layer_scoring"  # layer(k) attention / keys from layer k's
 HINT_APPEND_MERGED = "append_merged"  # merged (non-critical, valued) kept tokens written after the critical ones (SparseVLM)
 HINT_LAST_QUERY = "last_token_query"  # the query token is the sequence's last real token, not the last prompt token (HoliTom)
 HINT_PLAIN_PROMPT = "plain_prompt_attention"  # prompt_attention = softmax(q k^T / sqrt(d)) before RoPE, no causal mask (PruneVid)
+HINT_INPUT_EMBEDDINGS = "input_embeddings"  # in-LLM drops also give input_visual / input_prompt (SparseVLM's raters)
 #: Drop kinds applied at the decoder input (layer 0).
 INPUT_DROPS = ("vision", "vision_layers", "pre_llm")
 
@@ -88,14 +93,6 @@ def check_drops(drops: Sequence[Any], num_layers: int) -> None:
                 f"layer drop before layer {drop.layer}: the language model has {num_layers} layers "
                 f"(valid k: 1..{num_layers - 1})"
             )
-
-
-def _pad_rows(rows: list[Tensor], width: Optional[int] = None, value: float = 0.0) -> Tensor:
-    width = max([r.shape[0] for r in rows] + [width or 0])
-    out = rows[0].new_full((len(rows), width, *rows[0].shape[1:]), value)
-    for i, r in enumerate(rows):
-        out[i, : r.shape[0]] = r
-    return out
 
 
 def _pad_prompt(rows: Tensor, width: int) -> Tensor:
@@ -167,6 +164,12 @@ class Plan:
         self.layers = tuple(0 if d.where in INPUT_DROPS else int(d.layer) for d in self.drops)
         self.records: list[DropRecord] = []
         self.requires = context.requires
+        # the original token each image-token slot holds: the identity until an append_merged drop rewrites the slots
+        self.held = [torch.arange(layout.num_tokens) for layout in self.layouts]
+        self._inputs = None  # the decoder input embeddings, for stages that ask (hint input_embeddings)
+        if HINT_INPUT_EMBEDDINGS in context.hints:
+            prompt_embeds = [embeds[b, self.prompts[b].to(embeds.device)] for b in self.image_sample]
+            self._inputs = input_fields(self.token_embeds, prompt_embeds)
         self._cls_rows = None
         self._vkey_rows = None
 
@@ -312,6 +315,8 @@ class Plan:
             fields["prompt_mask"] = _pad_rows(
                 [torch.ones(r.shape[0], dtype=torch.bool, device=self.device) for r in rows], value=False
             )
+        if self._inputs is not None:
+            fields.update({k: v for k, v in self._inputs.items() if k != "input_prompt" or "prompt" in fields})
         if state.attention is not None:
             rows = [state.attention[self.image_sample[r]][:, slots[r]].t() for r in range(self.num_images)]
             fields["attention"] = _pad_rows(rows, width).transpose(1, 2)
@@ -332,7 +337,7 @@ class Plan:
                 )
         if drop.where == "pre_llm" and self.context.clip is not None:
             self._clip_fields(columns, fields)
-        self._common(columns, fields)
+        self._common([self.held[r][c.cpu()].to(c.device) for r, c in enumerate(columns)], fields)  # original tokens
         return Signals(**fields), columns, slots
 
     def _clip_fields(self, columns: list[Tensor], fields: dict) -> None:
@@ -457,8 +462,9 @@ class Plan:
                 vals = self.context.project(vals)  # (R, K, D)
             values = torch.zeros(*state.valid.shape, vals.shape[-1], dtype=state.hidden.dtype, device=self.device)
             replace = torch.zeros_like(state.valid)
-        mapped = []
         append = values is not None and HINT_APPEND_MERGED in self.context.hints
+        # the record names original tokens (`held_record`): read before this drop rewrites any image's slots
+        record = held_record(selection, columns, self.held, max([layout.num_tokens for layout in self.layouts] + [0]))
         for r in range(self.num_images):
             b = self.image_sample[r]
             n = columns[r].numel()
@@ -472,24 +478,14 @@ class Plan:
                 keep[b, slots[r][idx.numel() :]] = False
                 values[b, target] = vals[r][selection.mask[r]][order].to(values.dtype)
                 replace[b, target] = True
+                held = self.held[r].clone()
+                held[columns[r][: idx.numel()].cpu()] = self.held[r][columns[r][idx[order]].cpu()]
+                self.held[r] = held  # slot columns[r][j] now holds the j-th written token
             else:
                 keep[b, slots[r][~kept[r, :n]]] = False
                 if values is not None:
                     values[b, slots[r][idx]] = vals[r][selection.mask[r]].to(values.dtype)
                     replace[b, slots[r][idx]] = True
-            mapped.append(columns[r][idx])
-        width = selection.indices.shape[1]
-        img_indices = torch.zeros(self.num_images, width, dtype=torch.long, device=self.device)
-        for r, m in enumerate(mapped):
-            img_indices[r, : m.numel()] = m
-        record = Selection(
-            indices=img_indices.cpu(),
-            mask=selection.mask.cpu(),
-            critical=selection.critical.cpu(),
-            values=None if selection.values is None else selection.values.detach().cpu(),
-            sizes=None if selection.sizes is None else selection.sizes.cpu(),
-            assignment=None if selection.assignment is None else image_assignment(selection.assignment, columns, self.layouts),
-        )
         before = torch.tensor([c.numel() for c in columns], dtype=torch.long)
         self.records.append(DropRecord(drop.where, layer, tuple(budgets), record, before))
         return Decision(keep=keep, values=values, replace=replace)

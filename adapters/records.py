@@ -24,8 +24,9 @@ class DropRecord:
         layer: decoder layer before which tokens were dropped (0 for vision / vision_layers / pre_llm).
         budgets: the budget of each image row at this drop.
         selection: `Selection` over image rows; ``indices`` are positions among the image's own tokens
-            (0..num_tokens-1, the order in which the image's placeholders appear in the input). After a merging
-            stage, ``sizes`` and ``assignment`` (image-token coordinates: every token of the image -> the kept
+            (0..num_tokens-1, the order in which the image's placeholders appear in the input): the *original*
+            tokens, also after an earlier drop wrote other tokens into the image's slots (``append_merged``). After a
+            merging stage, ``sizes`` and ``assignment`` (image-token coordinates: every token of the image -> the kept
             slot it was merged into, -1 when absent or dropped unmerged). ``vision_layers`` (ToMe in the tower):
             ``indices`` are the image's first k placeholder slots, which hold the merged tokens in ToMe's order,
             and ``assignment`` maps each of the image's patches to its slot.

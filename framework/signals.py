@@ -22,6 +22,7 @@ __all__ = [
     "DROP_SIGNALS",
     "EMBEDDING_SIGNALS",
     "GRID_SIGNALS",
+    "INPUT_SIGNALS",
     "LAYER_SIGNALS",
     "VIDEO_SIGNALS",
     "PLACEMENT_SIGNALS",
@@ -58,6 +59,10 @@ SIGNAL_DESCRIPTIONS: dict[str, str] = {
     "frame_span": "(B, N, 2) long, the first and last frame of the original frame tokens each visual token stands for "
     "(itself, or what earlier drops of the same forward merged into it); (-1, -1) for tokens that stand for no frame "
     "token (newline / separator tokens, image rows, padding)",
+    "input_visual": "(B, M, D) the decoder input embeddings of every token of each row's image, before any drop "
+    "(M >= the N tokens left at a later drop; padded rows: `input_visual_mask`) (SparseVLM's text raters)",
+    "input_visual_mask": "(B, M) bool, True = real token of `input_visual`; None = all real",
+    "input_prompt": "(B, T, D) the decoder input embeddings of the prompt tokens (rows and mask as in `prompt`)",
 }
 
 
@@ -79,6 +84,9 @@ CLIP_SIGNALS: frozenset[str] = frozenset({"clip_visual", "clip_text", "clip_text
 GRID_SIGNALS: frozenset[str] = frozenset({"grid", "grids"})
 #: The frame structure of video rows (adapters that take videos provide both wherever they provide a grid).
 VIDEO_SIGNALS: frozenset[str] = frozenset({"frames", "frame_index", "frame_span"})
+#: The decoder input embeddings of the image and prompt tokens, at in-LLM drops on request (adapter hint
+#: ``input_embeddings``, docs/adapters.md): what the sequence looked like before layer 0 and before any drop.
+INPUT_SIGNALS: frozenset[str] = frozenset({"input_visual", "input_visual_mask", "input_prompt"})
 
 #: Drop kind (`Drop.where`) -> the signals every adapter gives there (adapters may add more).
 DROP_SIGNALS: Mapping[str, frozenset[str]] = MappingProxyType(
@@ -129,6 +137,9 @@ class Signals:
     frame_index: Optional[Tensor] = None  # (B, N) long, -1 = outside the frame grids
     prompt_attention: Optional[Tensor] = None  # (B, H, T, N)
     frame_span: Optional[Tensor] = None  # (B, N, 2) long, (-1, -1) = no frame
+    input_visual: Optional[Tensor] = None  # (B, M, D)
+    input_visual_mask: Optional[Tensor] = None  # (B, M) bool
+    input_prompt: Optional[Tensor] = None  # (B, T, D)
 
     def __post_init__(self) -> None:
         if not isinstance(self.visual, Tensor) or self.visual.dim() != 3:
@@ -177,6 +188,34 @@ class Signals:
                 raise ValueError(f"Signals.grids {self.grids.tolist()} has a grid larger than the N={tokens} visual tokens")
         self._check_frames(batch, tokens)
         self._check_frame_span(batch, tokens)
+        self._check_inputs(batch)
+
+    def _check_inputs(self, batch: int) -> None:
+        """``input_visual`` (B, M, D) with ``input_visual_mask`` (B, M) bool (only with ``input_visual``);
+        ``input_prompt`` shaped as ``prompt``; both in the width D of ``visual``."""
+        width = self.visual.shape[-1]
+        if self.input_visual_mask is not None and self.input_visual is None:
+            raise ValueError("Signals.input_visual_mask is set without Signals.input_visual")
+        if self.input_visual is not None:
+            value = self.input_visual
+            if value.dim() != 3 or value.shape[0] != batch or value.shape[-1] != width:
+                raise ValueError(f"Signals.input_visual must be (B={batch}, M, D={width}), got {tuple(value.shape)}")
+            mask = self.input_visual_mask
+            if mask is not None and (mask.dtype != torch.bool or tuple(mask.shape) != tuple(value.shape[:2])):
+                raise ValueError(
+                    f"Signals.input_visual_mask must be a (B, M) = {tuple(value.shape[:2])} bool tensor, "
+                    f"got {tuple(mask.shape)} {mask.dtype}"
+                )
+        if self.input_prompt is not None:
+            value = self.input_prompt
+            expected = (batch, self.prompt.shape[1], width) if self.prompt is not None else None
+            if value.dim() != 3 or value.shape[0] != batch or value.shape[-1] != width or (
+                expected is not None and tuple(value.shape) != expected
+            ):
+                raise ValueError(
+                    f"Signals.input_prompt must be shaped as Signals.prompt (B={batch}, T, D={width}), "
+                    f"got {tuple(value.shape)}"
+                )
 
     def _check_frames(self, batch: int, tokens: int) -> None:
         """``frames`` and ``frame_index`` come together; each video row's frame tokens number T*H*W, and the

@@ -26,30 +26,43 @@ from vtprune.framework.stages import (
 
 from .functional.sparsevlm import OFFICIAL_SCALE_BIAS, rank_counts, rater_rows, recycle, scale_bias_for, text_raters
 
-__all__ = ["HINT_APPEND_MERGED", "SparseRaters", "SparseRank", "SparseRecycle", "SparseLayers", "SPARSEVLM_STAGES"]
+__all__ = ["HINT_APPEND_MERGED", "HINT_INPUT_EMBEDDINGS", "SparseRaters", "SparseRank", "SparseRecycle", "SparseLayers", "SPARSEVLM_STAGES"]
 
 #: Adapter hint (``Stage.adapter_hints``): merged tokens (the kept non-critical tokens carrying values) are written
 #: after the critical ones in the image's first slots, as SparseVLM appends its recycled tokens after the kept ones.
 HINT_APPEND_MERGED = "append_merged"
+#: Adapter hint: in-LLM drops also give the decoder input embeddings (``input_visual`` / ``input_visual_mask`` /
+#: ``input_prompt``), from which SparseVLM chooses its raters once, before layer 0.
+HINT_INPUT_EMBEDDINGS = "input_embeddings"
 _RATER_SIGNALS = frozenset({"prompt", "prompt_mask", "prompt_attention"})
 
 
 def _raters(signals: Signals) -> Tensor:
-    """(B, T) bool: the text raters of each row (`functional.sparsevlm.text_raters`)."""
+    """(B, T) bool: the text raters of each row (`functional.sparsevlm.text_raters`), chosen as the official code
+    does from the decoder input embeddings (``input_visual`` over all the image's tokens, ``input_prompt``) when the
+    pruning point gives them, so every drop of a forward reuses the same raters; else from this point's own
+    ``visual`` / ``prompt`` (a stage used on its own, or an adapter that does not know the hint)."""
     prompt_valid = signals.prompt_mask if signals.prompt_mask is not None else torch.ones(
         signals.prompt.shape[:2], dtype=torch.bool, device=signals.prompt.device
     )
+    if signals.input_visual is not None and signals.input_prompt is not None:
+        visual_valid = signals.input_visual_mask if signals.input_visual_mask is not None else torch.ones(
+            signals.input_visual.shape[:2], dtype=torch.bool, device=signals.input_visual.device
+        )
+        return text_raters(signals.input_visual, signals.input_prompt, visual_valid, prompt_valid)
     return text_raters(signals.visual, signals.prompt, signals.valid(), prompt_valid)
 
 
 @dataclass(frozen=True, eq=False)
 class SparseRaters(RelevanceScorer):
     """SparseVLM's visual scores: the mean over the text raters (prompt tokens whose ``softmax(v t^T)`` share is
-    above the mean) of their head-mean attention to each visual token (``prompt_attention``)."""
+    above the mean, from the decoder input embeddings when given: `_raters`) of their head-mean attention to each
+    visual token (``prompt_attention``)."""
 
     name: ClassVar[str] = "sparsevlm_raters"
     description: ClassVar[str] = "SparseVLM: mean head-mean attention of the text raters (prompt tokens above the mean v.t share)"
     requires: ClassVar[frozenset[str]] = _RATER_SIGNALS
+    adapter_hints: ClassVar[frozenset[str]] = frozenset({HINT_INPUT_EMBEDDINGS})
 
     def score(self, signals: Signals) -> Tensor:
         raters = _raters(signals)  # (B, T)
@@ -71,6 +84,7 @@ class SparseRank(BudgetAllocator):
     name: ClassVar[str] = "sparsevlm_rank"
     description: ClassVar[str] = "SparseVLM rank rule: adaptive count min(int(rank*scale+bias), n-1) + recycled clusters; the budget picks the official scale/bias"
     requires: ClassVar[frozenset[str]] = _RATER_SIGNALS
+    adapter_hints: ClassVar[frozenset[str]] = frozenset({HINT_INPUT_EMBEDDINGS})
     adaptive_counts: ClassVar[bool] = True
     scale: Optional[float] = None
     bias: Optional[float] = None

@@ -71,6 +71,16 @@ def test_selection_benchmark_reports_fraction_of_prefill(tmp_path) -> None:
     assert abs(row["fraction_of_prefill"] - row["seconds"] / row["prefill_s"]) < 1e-12
 
 
+def test_sparsevlm_distance_benchmark_runs_and_both_arithmetics_select_the_same() -> None:
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "sparsevlm_distances.py"), "--tokens", "144", "--dim", "16",
+         "--repeats", "1", "--prefill-layers", "1", "--prefill-profile", "tiny"],
+        check=True, capture_output=True, text=True,
+    )
+    assert "before (cdist exact)" in done.stdout and "after (pdist)" in done.stdout
+    assert "same selection: True" in done.stdout
+
+
 def test_prefill_benchmark_writes_ratios_to_the_ideal(tmp_path) -> None:
     out = tmp_path / "prefill.json"
     result = subprocess.run(

@@ -4,14 +4,15 @@ token recycling, as plain tensor functions (docs/methods.md, "SparseVLM").
 Official references (``llava/model/language_model/``):
 
 * ``modelling_sparse_llama.py`` ``LlamaDynamicvitModel.forward``: raters = the text tokens whose
-  ``softmax(v @ t^T, dim=text).mean(visual)`` is above its mean; at every sparse layer the layer's own attention
-  (head mean) of the raters' rows over the visual columns scores the visual tokens;
+  ``softmax(v @ t^T, dim=text).mean(visual)`` is above its mean, chosen once on the decoder input embeddings; at
+  every sparse layer the layer's own attention (head mean) of the raters' rows over the visual columns scores the
+  visual tokens;
 * ``score.py`` ``attn_postprocess_rank``: ``rank = matrix_rank(rows.float())``, keep the
   ``min(int(rank * scale + bias), v - 1)`` best tokens by ``rows.mean(raters)``; nothing is pruned when
   ``v == rank``;
 * recycling (same forward): the top ``int(0.3 n) + 1`` deleted tokens by that score are clustered into
-  ``int(m / 10) + 1`` groups by ``utils.py`` ``cluster_and_merge`` (density-peak clustering) and each group's mean
-  is appended after the kept visual tokens.
+  ``int(m / 10) + 1`` groups by ``utils.py`` ``cluster_and_merge`` (density-peak clustering on the difference
+  norms ``(x1 - x2).norm``) and each group's mean is appended after the kept visual tokens.
 
 Every function works per row (rows are independent); ragged rows are given by ``valid`` masks.
 """
@@ -37,6 +38,7 @@ __all__ = [
     "rank_keep_count",
     "recycle_counts",
     "cluster_and_merge",
+    "pairwise_distances",
     "rank_counts",
     "recycle",
 ]
@@ -147,11 +149,12 @@ def cluster_and_merge(tokens: Tensor, clusters: int) -> tuple[Tensor, Tensor, Te
     """SparseVLM's density-peak clustering and merge of one row's recycled tokens (``utils.py``
     ``cluster_and_merge``), without the official random noise.
 
-    ``dist = ||x_i - x_j|| / sqrt(C)``; ``density = exp(-mean(k smallest dist^2))`` with k = ``clusters`` (self
-    included); each token's parent distance = its distance to the nearest denser token (the row's largest distance
-    when none is denser); centres = the ``clusters`` tokens with the largest ``parent distance * density``
-    (descending; ties to the earlier token); every token joins its nearest centre (ties to the earlier centre),
-    centres themselves; merged = ``sum / (size + 1e-6)``.
+    ``dist = ||x_i - x_j|| / sqrt(C)`` from the differences (`pairwise_distances`); ``density = exp(-mean(k
+    smallest dist^2))`` with k = ``clusters`` (self included); each token's parent distance = its distance to the
+    nearest denser token (the row's largest distance when none is denser); centres = the ``clusters`` tokens with
+    the largest ``parent distance * density`` (descending; ties to the earlier token); every token joins its
+    nearest centre (ties to the earlier centre), centres themselves; merged = ``sum(x_i * (1 / (size + 1e-6)))``
+    (official order: each token weighted, then summed in token order).
 
     Args:
         tokens: (M, C), in the official order (descending recycling score).
@@ -163,9 +166,8 @@ def cluster_and_merge(tokens: Tensor, clusters: int) -> tuple[Tensor, Tensor, Te
     if not 1 <= clusters <= m:
         raise ValueError(f"clusters must be in [1, {m}], got {clusters}")
     x = tokens.float()
-    dist = torch.cdist(x.unsqueeze(0), x.unsqueeze(0), compute_mode="donot_use_mm_for_euclid_dist")[0]  # (M, M)
-    dist = dist / math.sqrt(width)
-    nearest = torch.sort(dist, dim=1).values[:, :clusters]  # (M, k)
+    dist = pairwise_distances(x) / math.sqrt(width)  # (M, M)
+    nearest = torch.topk(dist, clusters, dim=1, largest=False).values  # (M, k) ascending, as official
     density = torch.exp(-(nearest**2).mean(dim=1))  # (M,)
     denser = density.unsqueeze(0) > density.unsqueeze(1)  # (M, M): [i, j] = density[j] > density[i]
     parent = torch.where(denser, dist, dist.max()).min(dim=1).values  # (M,)
@@ -173,10 +175,28 @@ def cluster_and_merge(tokens: Tensor, clusters: int) -> tuple[Tensor, Tensor, Te
     centres = torch.sort(score, descending=True, stable=True).indices[:clusters]  # (k,)
     assignment = dist[centres].argmin(dim=0)  # (M,): first minimal centre
     assignment[centres] = torch.arange(clusters, device=tokens.device)
-    sums = torch.zeros(clusters, width, dtype=torch.float32, device=tokens.device).index_add_(0, assignment, x)
-    sizes = torch.bincount(assignment, minlength=clusters).float()  # (k,)
-    merged = sums / (sizes + MERGE_EPS).unsqueeze(1)  # (k, C)
+    sizes = torch.bincount(assignment, minlength=clusters).float() + MERGE_EPS  # (k,): all_weight + 1e-6
+    weights = sizes.reciprocal()[assignment].unsqueeze(1)  # (M, 1): 1 / (size + 1e-6) of each token's cluster
+    merged = torch.zeros(clusters, width, dtype=torch.float32, device=tokens.device)  # (k, C)
+    merged.index_add_(0, assignment, x * weights)  # (k, C): sum of the weighted tokens, in token order
     return merged, centres, assignment
+
+
+def pairwise_distances(x: Tensor) -> Tensor:
+    """(M, M) fp32 Euclidean distances of the rows of ``x`` (M, C), from the differences ``x_i - x_j`` as the
+    official ``(x1 - x2).norm(dim=-1, p=2)`` does (never the ``|x|^2 + |y|^2 - 2 x.y`` matrix-product form, whose
+    cancellation moves distances of large-norm hidden states by ~1e-3 relative).
+
+    ``torch.pdist`` computes each unordered pair once from its differences (within an ulp of the official norm,
+    and an order of magnitude faster on a CPU than ``cdist``'s exact mode); the matrix is its mirror, 0 on the
+    diagonal.
+    """
+    m = x.shape[0]
+    upper = torch.ones(m, m, dtype=torch.bool, device=x.device).triu(1)  # (M, M): i < j
+    dist = torch.zeros(m, m, dtype=torch.float32, device=x.device)  # (M, M)
+    if m > 1:
+        dist.masked_scatter_(upper, torch.pdist(x.float()))  # pdist's pair order is the mask's row-major order
+    return dist + dist.T  # one of each pair is 0: the sum is exact
 
 
 def recycle(

@@ -59,7 +59,7 @@ PINNED = {
     "mustdrop": 84,  # adaptive count (issue 14): no fill stage; 3 for the keep-all rule (now Pipeline.select's, per row)
     "sparsevlm": 230,  # rank rule + recycling (one matrix_rank and one clustering per row)
     "mustdrop_vision": 148,  # with the merging output (sizes, assignment) now that Supplement carries it
-    "sparsevlm": 236,  # prompt_attention + prompt_mask added to the inputs (only SparseVLM reads them)
+    "sparsevlm": 240,  # prompt_attention + prompt_mask inputs; issue 14 speed: pdist + mirrored writes for cdist (+4)
     "dycoke": 111,  # video (frames VIDEO_FRAMES); the decode policy runs in the decoding steps' hooks (129 before issue 15's speed work)
     "prunevid": 270,  # video; the pre-LLM merge (per segment: static group, then its frames batched; capped at K by cluster size; 1390 before issue 15's speed work)
     "fastvid": 260,  # video (frames VIDEO_FRAMES): segmentation, density scores, anchor merge (266 before issue 15's speed work; 262 before the per-row keep-all rule of issue 14: +3 for the rule, -5 for the stage's own check)

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -79,13 +80,14 @@ def ref_cluster_and_merge(x: torch.Tensor, k: int):
     merged = torch.zeros(k, c, dtype=torch.float64)
     for a in range(k):
         members = [j for j in range(m) if assign[j] == a]
-        merged[a] = sum(x[j].double() for j in members) / (len(members) + 1e-6)
+        merged[a] = sum(x[j].double() * (1.0 / (len(members) + 1e-6)) for j in members)  # weighted, then summed
     return merged, centres, assign
 
 
-def ref_sparsevlm(visual, prompt, attn, scale, bias):
-    """One row through the official sparse layer: (kept positions, {centre position: merged value}, assignment)."""
-    raters = ref_raters(visual, prompt)
+def ref_sparsevlm(visual, prompt, attn, scale, bias, inputs=None):
+    """One row through the official sparse layer: (kept positions, {centre position: merged value}, assignment).
+    ``inputs``: (visual, prompt) decoder input embeddings the raters are chosen from (official), else this point's."""
+    raters = ref_raters(*(inputs if inputs is not None else (visual, prompt)))
     keep, flag, scores = ref_rank_rule(attn, raters, scale, bias)
     kept = [i for i, f in enumerate(keep) if f]
     if not flag:
@@ -109,8 +111,12 @@ def _signals(lengths, seed, prompt_len=7, dim=16, heads=3):
 
 def _check_row(selection, signals, row, scale, bias):
     n = int(signals.valid()[row].sum())
+    inputs = None
+    if signals.input_visual is not None:
+        m = int(signals.input_visual_mask[row].sum())
+        inputs = (signals.input_visual[row, :m], signals.input_prompt[row])
     kept, values, assignment = ref_sparsevlm(
-        signals.visual[row, :n], signals.prompt[row], signals.prompt_attention[row, :, :, :n], scale, bias
+        signals.visual[row, :n], signals.prompt[row], signals.prompt_attention[row, :, :, :n], scale, bias, inputs
     )
     got = selection.row_indices(row).tolist()
     critical = selection.critical[row][selection.mask[row]]
@@ -134,6 +140,53 @@ def test_preset_matches_the_official_rules_on_ragged_rows(seed, scale, bias):
     selection = pipeline.select(signals, 64)
     for row in range(3):
         _check_row(selection, signals, row, scale, bias)
+
+
+def _with_inputs(signals, lengths, seed):
+    """``signals`` with decoder input embeddings: each row's image had ``lengths[b]`` tokens before any drop."""
+    generator = torch.Generator().manual_seed(seed + 1000)
+    batch, dim = signals.batch_size, signals.visual.shape[-1]
+    width = max(lengths)
+    return dataclasses.replace(
+        signals,
+        input_visual=torch.randn(batch, width, dim, generator=generator),  # (B, M, D)
+        input_visual_mask=torch.arange(width).unsqueeze(0) < torch.tensor(lengths).unsqueeze(1),  # (B, M)
+        input_prompt=torch.randn(signals.prompt.shape, generator=generator),  # (B, T, D)
+    )
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_raters_come_from_the_input_embeddings_when_given(seed):
+    """Official: the raters are chosen once from the decoder input embeddings (all the image's tokens, before any
+    drop) and reused at every sparse layer. With ``input_visual`` / ``input_prompt`` the preset follows them; the
+    per-point rule (this point's ``visual`` / ``prompt``) chooses other raters on these rows."""
+    base = _signals([40, 23, 31], seed)
+    signals = _with_inputs(base, [57, 23, 44], seed)
+    pipeline = framework.compose("sparsevlm", scale=2.0, bias=1.0, registry=REGISTRY)
+    selection = pipeline.select(signals, 64)
+    for row in range(3):
+        _check_row(selection, signals, row, 2.0, 1.0)
+        alone = pipeline.select(signals.row(row), 64)
+        assert alone.row_indices(0).tolist() == selection.row_indices(row).tolist()
+    from_inputs = sv.text_raters(signals.input_visual, signals.input_prompt, signals.input_visual_mask, signals.prompt_mask)
+    per_point = sv.text_raters(base.visual, base.prompt, base.valid(), base.prompt_mask)
+    assert not torch.equal(from_inputs, per_point)
+    assert pipeline.select(base, 64).indices.tolist() != selection.indices.tolist()
+    scores = framework.compose("sparsevlm", registry=REGISTRY).relevance.score(signals)  # the stage alone
+    rows = sv.rater_rows(signals.prompt_attention, from_inputs)
+    torch.testing.assert_close(scores, rows.sum(1) / from_inputs.sum(1, keepdim=True))
+
+
+def test_input_embedding_signals_are_checked():
+    signals = _signals([6], 0)
+    with pytest.raises(ValueError, match="input_visual_mask is set without"):
+        dataclasses.replace(signals, input_visual_mask=torch.ones(1, 6, dtype=torch.bool))
+    with pytest.raises(ValueError, match="input_visual must be"):
+        dataclasses.replace(signals, input_visual=torch.zeros(1, 6, 3))
+    with pytest.raises(ValueError, match="input_visual_mask must be"):
+        dataclasses.replace(signals, input_visual=torch.zeros(1, 9, 16), input_visual_mask=torch.ones(1, 6, dtype=torch.bool))
+    with pytest.raises(ValueError, match="shaped as Signals.prompt"):
+        dataclasses.replace(signals, input_prompt=torch.zeros(1, 3, 16))
 
 
 def test_batch_equals_alone():
@@ -178,6 +231,30 @@ def test_cluster_and_merge_matches_the_loop_reference():
         want_merged, want_centres, want_assign = ref_cluster_and_merge(x, k)
         assert centres.tolist() == want_centres and assignment.tolist() == want_assign
         torch.testing.assert_close(merged.double(), want_merged, rtol=1e-5, atol=1e-6)
+
+
+def test_distances_are_the_official_difference_norms():
+    """``pairwise_distances`` = the official ``(x1 - x2).norm(dim=-1)`` (differences, not the matrix-product
+    expansion) to an ulp, symmetric with a zero diagonal, on hidden-state-like rows (large offset, outlier dims)."""
+    generator = torch.Generator().manual_seed(1)
+    for m, width in [(1, 8), (2, 8), (37, 64), (120, 512)]:
+        x = torch.randn(m, width, generator=generator) * 3 + 40
+        x[:, :2] *= 30
+        got = sv.pairwise_distances(x)
+        official = (x[:, None, :] - x[None, :, :]).norm(dim=-1, p=2)  # (M, M), utils.py cluster_and_merge
+        torch.testing.assert_close(got, official, rtol=3e-7, atol=0)
+        assert torch.equal(got, got.T) and bool((got.diagonal() == 0).all())
+        exact = (x.double()[:, None, :] - x.double()[None, :, :]).norm(dim=-1)  # fp64 truth
+        assert float(((got.double() - exact).abs() / exact.clamp(min=1e-30)).max()) < 1e-6
+
+
+def test_cluster_and_merge_on_hidden_state_like_rows_matches_the_loop_reference():
+    generator = torch.Generator().manual_seed(2)
+    x = torch.randn(60, 32, generator=generator) * 2 + 25
+    merged, centres, assignment = sv.cluster_and_merge(x, 7)
+    want_merged, want_centres, want_assign = ref_cluster_and_merge(x, 7)
+    assert centres.tolist() == want_centres and assignment.tolist() == want_assign
+    torch.testing.assert_close(merged.double(), want_merged, rtol=1e-6, atol=1e-6)
 
 
 def test_counts_formulas():
