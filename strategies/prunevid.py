@@ -194,7 +194,9 @@ class PruneVidGroups(DiversitySupplementer):
     static tokens, a frame's dynamic tokens; recovered from ``Signals.frame_span`` by ``span_groups``) the
     ``int(size * alpha)`` tokens with the highest scores stay (ties to the earlier token). Tokens standing for no
     frame (newlines) stay; a row with no frame token at all (an image, one frame for ``diversity.prunevid``, or no
-    ``frame_span``) is one group. Keeps its own count (``budget.prunevid_uncapped``)."""
+    ``frame_span``) is one group. Keeps its own count (``budget.prunevid_uncapped``, which asks for every token); under
+    another allocator its count is a cap (the best-scored picks stay). Without scores (``relevance.none``) each group
+    keeps its first tokens by position."""
 
     name: ClassVar[str] = "prunevid_groups"
     description: ClassVar[str] = "PruneVid in-LLM: int(size * alpha) best-scored tokens of every static / dynamic group of the first drop"
@@ -205,8 +207,8 @@ class PruneVidGroups(DiversitySupplementer):
         _check_alpha(self.alpha)
 
     def supplement(self, signals: Signals, selected: Tensor, counts: Tensor, valid: Tensor, scores: Optional[Tensor]) -> Supplement:
-        if scores is None:
-            raise ValueError("diversity.prunevid_groups ranks tokens by the relevance scores: use a relevance stage that gives scores")
+        if scores is None:  # no relevance stage: each group's first tokens by position
+            scores = torch.zeros(valid.shape, dtype=torch.float32, device=valid.device)  # (B, N)
         keep = torch.zeros(valid.shape, dtype=torch.bool, device=valid.device)  # (B, N)
         free = valid & ~selected  # (B, N)
         for b in range(signals.batch_size):
@@ -219,6 +221,12 @@ class PruneVidGroups(DiversitySupplementer):
                     groups = torch.zeros_like(present)  # no frame token: the first drop's one frame
                 keep[b, present[groups < 0]] = True  # newlines / separators stay
             keep[b, present] |= group_keep(scores[b, present], groups, self.alpha)
+            picked = torch.nonzero(keep[b], as_tuple=False).squeeze(1)  # (P,)
+            cap = int(counts[b])
+            if picked.numel() > cap:  # another allocator's count is a cap: the best-scored picks (ties: earlier)
+                best = torch.sort(scores[b, picked].float(), descending=True, stable=True).indices[:cap]  # (cap,)
+                keep[b] = False
+                keep[b, picked[best]] = True
         return Supplement(keep & valid)
 
 
