@@ -68,7 +68,8 @@ def checked_from_pretrained(model_class: type, root: str | Path, dtype: torch.dt
 
 def load_processor(root: str | Path, **kwargs: Any):
     """``AutoProcessor.from_pretrained(root)``; for a saved ``Qwen2VLProcessor`` on a torchvision-free install
-    (where the stock class cannot be built, see ``qwen_processor``) the images-only subclass."""
+    (where the stock class cannot be built, see ``qwen_processor``) ``qwen_video.QwenOrganismProcessor`` (images,
+    and videos through its torchvision-free video processor)."""
     from transformers import AutoProcessor
 
     try:
@@ -77,10 +78,10 @@ def load_processor(root: str | Path, **kwargs: Any):
         saved = Path(root) / "processor_config.json"
         if not saved.exists() or '"Qwen2VLProcessor"' not in saved.read_text():
             raise
-        from .qwen_processor import ImageOnlyQwen2VLProcessor
+        from .qwen_video import QwenOrganismProcessor
 
-        try:
-            return ImageOnlyQwen2VLProcessor.from_pretrained(root, **kwargs)
+        try:  # the images-only processor plus the organism's torchvision-free video path
+            return QwenOrganismProcessor.from_pretrained(root, **kwargs)
         except Exception:
             raise error
 
