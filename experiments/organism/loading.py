@@ -14,7 +14,8 @@ replaced by random weights (transformers only logs a warning and returns the hal
 ``Qwen2VLProcessor`` (``qwen_processor.ImageOnlyQwen2VLProcessor``).
 
 ``load_organism`` / ``load_qwen_organism`` return ``(model in eval mode, processor)`` for the two shipped
-organisms (``WEIGHTS_DIR``: LLaVA, ``QWEN_WEIGHTS_DIR``: Qwen2-VL), both checked.
+organisms (``WEIGHTS_DIR``: LLaVA, ``QWEN_WEIGHTS_DIR``: Qwen2-VL), both checked; ``load_qwen_organism(path=
+VIDEO_WEIGHTS_DIR)`` is the video organism (a Qwen2-VL organism with the video task's words, ``video_train``).
 """
 
 from __future__ import annotations
@@ -25,13 +26,14 @@ from typing import Any
 import torch
 
 __all__ = [
-    "OrganismWeightsError", "QWEN_WEIGHTS_DIR", "SHOWN_KEYS", "WEIGHTS_DIR", "checked_from_pretrained",
+    "OrganismWeightsError", "QWEN_WEIGHTS_DIR", "SHOWN_KEYS", "VIDEO_WEIGHTS_DIR", "WEIGHTS_DIR", "checked_from_pretrained",
     "load_organism", "load_processor", "load_qwen_organism",
 ]
 
 _HERE = Path(__file__).resolve().parent
 WEIGHTS_DIR: Path = _HERE / "weights"
 QWEN_WEIGHTS_DIR: Path = _HERE / "weights_qwen2_vl"
+VIDEO_WEIGHTS_DIR: Path = _HERE / "weights_video"  # the Qwen2-VL organism fine-tuned on the video task
 SHOWN_KEYS = 8  # keys listed per kind in the error message
 _KINDS = ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs")
 

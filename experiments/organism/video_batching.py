@@ -11,7 +11,10 @@ returns what ``build_video_processor()`` gives for the same text (the tests chec
 * ``mm_token_type_ids`` (B, T): 2 at the ``<|video_pad|>`` positions (what the processor returns);
 * ``pixel_values_videos`` / ``video_grid_thw``: ``qwen_video.OrganismVideoProcessor`` of the frames;
 * ``mover_tokens`` (B, VIDEO_TOKENS) float: 1 where the merged token covers the moving object (the training-only
-  motion probe of ``video_train``).
+  motion probe of ``video_train``);
+* ``patch_pos`` (B, VIDEO_TOKENS, 4) word ids each merged token is aligned with (``train.alignment_loss``): as the
+  image organism's (colour, shape, "shapes"; background: "background"), plus "moving" on the mover's tokens (the
+  generic "shapes" again on the other tokens), so the LLM can find the mover as it finds a named shape.
 """
 
 from __future__ import annotations
@@ -19,9 +22,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .task import BACKGROUND_WORD, OBJECT_WORD
 from .qwen_processor import VIDEO_PAD, VISION_END, VISION_START, build_qwen_image_processor
 from .qwen_video import OrganismVideoProcessor, build_video_tokenizer
-from .video_task import VIDEO_TOKENS, render_video, video_questions, video_rng
+from .video_task import VIDEO_TOKENS, VIDEO_WORDS, Video, render_video, video_questions, video_rng
 
 __all__ = ["VideoTrainBatcher"]
 
@@ -48,9 +52,18 @@ class VideoTrainBatcher:
             labels += [-100] * len(prefix) + target
         return ids, labels
 
+    def _positives(self, video: Video) -> np.ndarray:
+        """(VIDEO_TOKENS, 4) word ids each merged token is pulled toward."""
+        v = self.vocab
+        pos = np.full((VIDEO_TOKENS, 4), v[BACKGROUND_WORD], dtype=np.int64)  # (N, 4)
+        for k, obj in enumerate(video.objects):
+            last = v[VIDEO_WORDS[0]] if k == video.mover else v[OBJECT_WORD]
+            pos[video.patch_labels == k] = [v[obj.color], v[obj.shape], v[OBJECT_WORD], last]
+        return pos
+
     def batch(self, indices: list[int]) -> dict[str, torch.Tensor]:
         """Batch of videos ``indices`` of the split (deterministic in the indices)."""
-        seqs, labs, clips, movers = [], [], [], []
+        seqs, labs, clips, movers, poss = [], [], [], [], []
         for idx in indices:
             rng = video_rng(self.split, idx)
             video = render_video(rng)
@@ -63,6 +76,7 @@ class VideoTrainBatcher:
             labs.append(lab)
             clips.append(video.frames)
             movers.append(video.patch_labels == video.mover)
+            poss.append(self._positives(video))
         t_max = max(len(s) for s in seqs)
         input_ids = torch.full((len(seqs), t_max), self.vocab["<pad>"], dtype=torch.long)  # (B, T)
         labels = torch.full((len(seqs), t_max), -100, dtype=torch.long)  # (B, T)
@@ -78,4 +92,5 @@ class VideoTrainBatcher:
             "mm_token_type_ids": 2 * (input_ids == self.vocab[VIDEO_PAD]).long(),  # (B, T)
             **dict(self.video_processor(clips)),
             "mover_tokens": torch.from_numpy(np.stack(movers)).float(),  # (B, VIDEO_TOKENS)
+            "patch_pos": torch.from_numpy(np.stack(poss)),  # (B, VIDEO_TOKENS, 4)
         }

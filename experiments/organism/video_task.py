@@ -56,7 +56,7 @@ VIDEO_TEMPLATES: tuple[str, ...] = ("moving_color", "moving_shape", "is_moving",
 VIDEO_WORDS: tuple[str, ...] = ("moving",)
 _SIDE_RANGE = (11.0, 16.0)
 _STROKE_RANGE = (2.0, 3.0)
-_SPEED_RANGE = (1.5, 2.5)  # px per frame: 10-18 px over the video, about 1-2 patches
+_SPEED_RANGE = (2.5, 3.5)  # px per frame: 17-25 px over the video, 2-3 patches; 5-7 px (most of a patch) per frame pair
 _GAP = 3.0  # px between the mover's path and any still object's box
 _MAX_TRIES = 200
 
