@@ -252,6 +252,9 @@ def test_demo_video_needs_the_qwen_organism(capsys: pytest.CaptureFixture) -> No
 
 
 # ---------------------------------------------------------------- the shipped video organism
+#: the shipped organism scores 0.993 on 1000 test videos (metrics.json); 40 other ones may cost it two answers
+MIN_HELD_OUT_ACCURACY = 0.95
+
 def _shipped() -> Path:
     if not (VIDEO_WEIGHTS_DIR / "model.safetensors").exists():
         pytest.skip("video organism weights not shipped")
