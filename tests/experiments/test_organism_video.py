@@ -225,7 +225,7 @@ def test_training_runs_resumes_and_is_deterministic(tmp_path: Path) -> None:
     assert metrics["task"] == "video" and "overall" in metrics["accuracy"] and "overall" in metrics["image_accuracy"]
     ta, tb = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
     assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
-    assert ta["model.language_model.embed_tokens.weight"].shape[0] == len(video_vocabulary())
+    assert ta["model.embed_tokens.weight"].shape[0] == len(video_vocabulary())  # the saved (tied) embedding key
     assert run("a") == a  # resumes from the finished checkpoint
 
 
@@ -299,3 +299,5 @@ def test_demo_video_cell_runs(tmp_path: Path) -> None:
     assert not summary.failed
     rows = [json.loads(line) for line in (tmp_path / "out" / "cells.jsonl").read_text().splitlines() if line.strip()]
     assert len(rows) == 2
+    pruned = next(r for r in rows if r["assignment"])["metrics"]
+    assert pruned["tokens_visual"] == VIDEO_TOKENS and pruned["tokens_kept"] == VIDEO_TOKENS // 4  # 25% of each video
