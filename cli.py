@@ -7,7 +7,7 @@ import json
 import sys
 from typing import Optional, Sequence
 
-__all__ = ["main", "build_parser", "budget_arg", "DEMO_TASKS", "INTERRUPTED"]
+__all__ = ["main", "build_parser", "budget_arg", "DEMO_GRIDS", "DEMO_TASKS", "DEMO_TASK_ORGANISMS", "INTERRUPTED"]
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
@@ -119,7 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--no-progress", action="store_true")
     demo.add_argument("--rerun-stale", action="store_true", help="run again the finished cells that ran with other versions")
     demo.add_argument("--task", choices=DEMO_TASKS, default="shapes",
-                      help="organism task: shapes (default) or clutter (its own weights and results/demo_clutter)")
+                      help="organism task: shapes (default), clutter (llava organism; its own weights, results/demo_clutter) "
+                           "or video (qwen2_vl organism; the video presets, results/demo_video)")
     demo.set_defaults(func=_cmd_demo)
 
     organism = commands.add_parser("organism", help="the embedded demo model: reproduce its weights")
@@ -138,16 +139,21 @@ DEMO_TASKS: dict[str, tuple[str, ...]] = {
         "base.model.name=pkg:vtprune.experiments.organism/weights_clutter",
         "base.output_dir=results/demo_clutter",
     ),
+    "video": (),  # its own grid file, experiments/configs/demo_video.yaml (the video organism and presets)
 }
+#: ``vtprune demo --task T``: the grid file of task T when it is not demo.yaml
+DEMO_GRIDS: dict[str, str] = {"video": "demo_video.yaml"}
+#: the organisms that ship weights for each demo task
+DEMO_TASK_ORGANISMS: dict[str, tuple[str, ...]] = {"shapes": ("llava", "qwen2_vl"), "clutter": ("llava",), "video": ("qwen2_vl",)}
 
 
-def demo_grid_path() -> "Path":
-    """The shipped demo grid (package data)."""
+def demo_grid_path(task: str = "shapes") -> "Path":
+    """The shipped demo grid of organism task ``task`` (package data; demo.yaml unless `DEMO_GRIDS` names another)."""
     from pathlib import Path
 
     import vtprune.experiments
 
-    return Path(vtprune.experiments.__file__).resolve().parent / "configs" / "demo.yaml"
+    return Path(vtprune.experiments.__file__).resolve().parent / "configs" / DEMO_GRIDS.get(task, "demo.yaml")
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -161,13 +167,16 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from vtprune.experiments.organism.demo_models import demo_overrides
 
     organism, task = getattr(args, "organism", "llava"), getattr(args, "task", "shapes")
-    if organism != "llava" and task != "shapes":
-        print(f"vtprune demo: the {task!r} task ships weights for the llava organism only; "
-              f"run --task {task} with --organism llava, or --organism {organism} with --task shapes", file=sys.stderr)
+    if organism not in DEMO_TASK_ORGANISMS[task]:
+        others = [t for t, names in DEMO_TASK_ORGANISMS.items() if organism in names]
+        print(f"vtprune demo: the {task!r} task ships weights for the {' / '.join(DEMO_TASK_ORGANISMS[task])} organism only; "
+              f"run --task {task} with --organism {DEMO_TASK_ORGANISMS[task][0]}, or --organism {organism} with --task "
+              f"{' / '.join(others)}", file=sys.stderr)
         return 2
-    overrides = demo_overrides(organism) + list(DEMO_TASKS[task]) + list(args.overrides)
+    # a task with its own grid file names its model there; demo.yaml's organism comes from the overrides
+    overrides = ([] if task in DEMO_GRIDS else demo_overrides(organism)) + list(DEMO_TASKS[task]) + list(args.overrides)
     overrides += [f"output_dir={args.out}"] if args.out else []
-    spec = load_grid(demo_grid_path(), overrides)
+    spec = load_grid(demo_grid_path(task), overrides)
     progress = not args.no_progress and sys.stderr.isatty()  # a log file gets one line per cell
     summary = run_grid(spec, progress=progress, rerun_stale=args.rerun_stale)
     print(summary.format(spec))

@@ -14,7 +14,8 @@ replaced by random weights (transformers only logs a warning and returns the hal
 ``Qwen2VLProcessor`` (``qwen_processor.ImageOnlyQwen2VLProcessor``).
 
 ``load_organism`` / ``load_qwen_organism`` return ``(model in eval mode, processor)`` for the two shipped
-organisms (``WEIGHTS_DIR``: LLaVA, ``QWEN_WEIGHTS_DIR``: Qwen2-VL), both checked.
+organisms (``WEIGHTS_DIR``: LLaVA, ``QWEN_WEIGHTS_DIR``: Qwen2-VL), both checked; ``load_qwen_organism(path=
+VIDEO_WEIGHTS_DIR)`` is the video organism (a Qwen2-VL organism with the video task's words, ``video_train``).
 """
 
 from __future__ import annotations
@@ -25,13 +26,14 @@ from typing import Any
 import torch
 
 __all__ = [
-    "OrganismWeightsError", "QWEN_WEIGHTS_DIR", "SHOWN_KEYS", "WEIGHTS_DIR", "checked_from_pretrained",
+    "OrganismWeightsError", "QWEN_WEIGHTS_DIR", "SHOWN_KEYS", "VIDEO_WEIGHTS_DIR", "WEIGHTS_DIR", "checked_from_pretrained",
     "load_organism", "load_processor", "load_qwen_organism",
 ]
 
 _HERE = Path(__file__).resolve().parent
 WEIGHTS_DIR: Path = _HERE / "weights"
 QWEN_WEIGHTS_DIR: Path = _HERE / "weights_qwen2_vl"
+VIDEO_WEIGHTS_DIR: Path = _HERE / "weights_video"  # the Qwen2-VL organism fine-tuned on the video task
 SHOWN_KEYS = 8  # keys listed per kind in the error message
 _KINDS = ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs")
 
@@ -68,7 +70,8 @@ def checked_from_pretrained(model_class: type, root: str | Path, dtype: torch.dt
 
 def load_processor(root: str | Path, **kwargs: Any):
     """``AutoProcessor.from_pretrained(root)``; for a saved ``Qwen2VLProcessor`` on a torchvision-free install
-    (where the stock class cannot be built, see ``qwen_processor``) the images-only subclass."""
+    (where the stock class cannot be built, see ``qwen_processor``) ``qwen_video.QwenOrganismProcessor`` (images,
+    and videos through its torchvision-free video processor)."""
     from transformers import AutoProcessor
 
     try:
@@ -77,10 +80,10 @@ def load_processor(root: str | Path, **kwargs: Any):
         saved = Path(root) / "processor_config.json"
         if not saved.exists() or '"Qwen2VLProcessor"' not in saved.read_text():
             raise
-        from .qwen_processor import ImageOnlyQwen2VLProcessor
+        from .qwen_video import QwenOrganismProcessor
 
-        try:
-            return ImageOnlyQwen2VLProcessor.from_pretrained(root, **kwargs)
+        try:  # the images-only processor plus the organism's torchvision-free video path
+            return QwenOrganismProcessor.from_pretrained(root, **kwargs)
         except Exception:
             raise error
 

@@ -24,7 +24,7 @@ Contract
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast, ProcessorMixin, Qwen2VLImageProcessorPil, Qwen2VLProcessor
@@ -54,6 +54,7 @@ CHAT_TEMPLATE = (
     "{% if not loop.first %} {% endif %}USER:"
     "{% for item in message['content'] %}"
     "{% if item['type'] == 'image' %} <|vision_start|> <|image_pad|> <|vision_end|>"
+    "{% elif item['type'] == 'video' %} <|vision_start|> <|video_pad|> <|vision_end|>"
     "{% elif item['type'] == 'text' %} {{ item['text'] }}{% endif %}"
     "{% endfor %}"
     "{% else %} ASSISTANT:"
@@ -74,9 +75,11 @@ def build_qwen_prompt(question: str) -> str:
     return f"USER: {VISION_START} {IMAGE_PAD} {VISION_END} {question} ASSISTANT:"
 
 
-def build_qwen_tokenizer() -> PreTrainedTokenizerFast:
-    """Word-level tokenizer over ``qwen_vocabulary()`` (ids in that order)."""
-    vocab = {tok: i for i, tok in enumerate(qwen_vocabulary())}
+def build_qwen_tokenizer(extra_words: Sequence[str] = ()) -> PreTrainedTokenizerFast:
+    """Word-level tokenizer over ``qwen_vocabulary()`` then ``extra_words`` (ids in that order; the video
+    organism's new words, ``qwen_video``)."""
+    words = qwen_vocabulary() + [w for w in extra_words if w not in qwen_vocabulary()]
+    vocab = {tok: i for i, tok in enumerate(words)}
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     core.post_processor = processors.TemplateProcessing(

@@ -4,6 +4,9 @@ Besides accuracy (overall and per question template) it scores what a pruning me
 ``target_kept`` is 1 when every object the question is about still has at least one visual
 token after pruning (a diagnostic no real benchmark gives), reported for questions that have
 target objects.
+
+``scenes="video"`` (``video_task``): each sample holds one video (``Sample.videos``, no image) of the shapes with
+one moving; ``target_kept`` then counts the kept tokens of the whole video (frame pairs x patches).
 """
 
 from __future__ import annotations
@@ -14,12 +17,13 @@ from vtprune.experiments.samples import Sample, exact_match
 
 from .clutter import CLUTTER_TEMPLATES, make_clutter_split
 from .task import TEMPLATES, make_split
+from .video_task import VIDEO_TEMPLATES, make_video_split
 
 __all__ = ["ORGANISM_SCENES", "OrganismTask"]
 
 #: the organism's tasks: ``shapes`` (1-4 outlined shapes, task.py) and ``clutter`` (one target among
-#: 12-20 small distractors, clutter.py)
-ORGANISM_SCENES: tuple[str, ...] = ("shapes", "clutter")
+#: 12-20 small distractors, clutter.py) and ``video`` (2-3 shapes, one moving, video_task.py; the video organism)
+ORGANISM_SCENES: tuple[str, ...] = ("shapes", "clutter", "video")
 
 
 class OrganismTask:
@@ -28,9 +32,10 @@ class OrganismTask:
     Args:
         split: "train", "validation" or "test".
         n: number of questions (templates cycle evenly: colour, shape, exists, count; clutter: shape,
-            colour, exists).
+            colour, exists; video: moving_color, moving_shape, is_moving, count).
         start: index of the first scene.
-        scenes: ``"shapes"`` (the original task) or ``"clutter"`` (docs/demo.md, the clutter task).
+        scenes: ``"shapes"`` (the original task), ``"clutter"`` (docs/demo.md, the clutter task) or ``"video"``
+            (docs/demo.md, the video task).
     """
 
     metric = "exact_match"
@@ -46,11 +51,15 @@ class OrganismTask:
 
     def samples(self, limit: Optional[int] = None) -> Iterator[Sample]:
         count = self.n if limit is None else min(int(limit), self.n)
-        make = make_split if self.scenes == "shapes" else make_clutter_split
+        make = {"shapes": make_split, "clutter": make_clutter_split, "video": make_video_split}[self.scenes]
         for offset, item in enumerate(make(self.split, count, self.start)):
             sample_id = f"{self.split}-{self.start + offset}"
             self._labels[sample_id] = (item.patch_labels.tolist(), list(item.target_objects))
-            yield Sample(sample_id, [item.image], item.question, [item.answer], {"template": item.template})
+            meta = {"template": item.template}
+            if self.scenes == "video":
+                yield Sample(sample_id, [], item.question, [item.answer], meta, videos=[item.frames])
+            else:
+                yield Sample(sample_id, [item.image], item.question, [item.answer], meta)
 
     def answer(self, sample: Sample, prediction: str) -> str:
         """The answer this task scores: the first generated word (``""`` when there is none)."""
@@ -70,4 +79,4 @@ class OrganismTask:
         return {"target_kept": float(all(t in kept_objects for t in targets))}
 
     def templates(self) -> tuple[str, ...]:
-        return TEMPLATES if self.scenes == "shapes" else CLUTTER_TEMPLATES
+        return {"shapes": TEMPLATES, "clutter": CLUTTER_TEMPLATES, "video": VIDEO_TEMPLATES}[self.scenes]
