@@ -66,7 +66,7 @@ class VideoTrainConfig(TrainConfig):
     threads: int = 1  # as train.TrainConfig: 1 is far faster than 2 on a shared 2-core box
     family: str = "qwen2_vl"
     task: str = VIDEO_TASK
-    init: str = str(QWEN_WEIGHTS_DIR)
+    init: str = "shipped"  # "shipped" = the shipped Qwen2-VL organism (weights_qwen2_vl/), else a weights folder
 
 
 class _StepBatches(torch.utils.data.Dataset):
@@ -138,7 +138,7 @@ def train_video(config: VideoTrainConfig) -> Path:
     torch.set_num_threads(config.threads)
     torch.use_deterministic_algorithms(True)
     torch.manual_seed(config.seed)
-    model, _ = load_qwen_organism(path=config.init)
+    model, _ = load_qwen_organism(path=QWEN_WEIGHTS_DIR if config.init == "shipped" else config.init)
     log.info("new words %s", grow_vocabulary(model))
     model.train()
     processor = build_video_processor()
