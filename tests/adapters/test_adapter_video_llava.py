@@ -16,8 +16,7 @@ from adapter_fixtures import (
     generation_positions,
     left_pad,
     single_thread,
-    tiny_clip_config,
-    tiny_llama_config,
+    tiny_video_llava,
 )
 from adapter_fixtures import forward_logits as _forward
 from family_checks import check_keep_all_is_bit_identical, check_remove_restores, check_rows_are_items, check_sdpa_equals_eager
@@ -32,26 +31,6 @@ PLACEMENTS = list(RECIPES)
 SPEC = ((("video",), ("image",)), (("image",), ("image",), ("video",)))
 
 _single_thread = pytest.fixture(scope="module", autouse=True)(single_thread)
-
-
-def tiny_video_llava(attn: str = "sdpa", seed: int = 0, layers: int = 4):
-    from transformers import VideoLlavaConfig, VideoLlavaForConditionalGeneration
-
-    config = VideoLlavaConfig(
-        vision_config=tiny_clip_config(),
-        text_config=tiny_llama_config(num_hidden_layers=layers),
-        image_token_index=IMAGE_TOKEN_ID,
-        video_token_index=VIDEO_TOKEN_ID,
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
-    )
-    torch.manual_seed(seed)
-    model = VideoLlavaForConditionalGeneration(config)
-    model.set_attn_implementation(attn)
-    model = model.eval()
-    model.generation_config.eos_token_id = None
-    model.generation_config.pad_token_id = 0
-    return model
 
 
 def video_llava_inputs(model, samples: Sequence[int] = (0, 1), frames: int = 2, seed: int = 0):

@@ -19,12 +19,11 @@ import torch
 from adapter_fixtures import (
     generation_positions,
     left_pad,
-    llava_onevision_inputs,
     masked_reference,
     merged_embeddings,
     removed_by_layer,
     single_thread,
-    tiny_llava_onevision,
+    two_scene_video_inputs,
 )
 
 from vtprune.framework.prune import prune
@@ -33,7 +32,6 @@ from vtprune.strategies.relevance import AttentionRelevance
 _single_thread = pytest.fixture(scope="module", autouse=True)(single_thread)
 
 FRAMES = 6
-VIDEO = ((("video",),), (("video",),))
 K = 2
 BUDGET = 12
 STOP = [41, 42]  # the "assistant" marker ending every prompt of `llava_onevision_inputs`
@@ -41,13 +39,7 @@ PAD = 0
 
 
 def _setup(question_lengths=(3, 6)):
-    model = tiny_llava_onevision(attn="eager")
-    inputs = llava_onevision_inputs(model, VIDEO, question_lengths=question_lengths, frames=FRAMES)
-    videos = inputs["pixel_values_videos"]  # (B, T, 3, S, S)
-    noise = torch.randn(videos.shape, generator=torch.Generator().manual_seed(5)) * 0.02
-    scenes = [videos[:, :1].expand(-1, 3, -1, -1, -1), videos[:, 3:4].expand(-1, FRAMES - 3, -1, -1, -1)]
-    inputs["pixel_values_videos"] = (torch.cat(scenes, dim=1) + noise).contiguous()
-    return model, inputs
+    return two_scene_video_inputs(question_lengths, FRAMES)
 
 
 class _Recorder:

@@ -1,45 +1,22 @@
 """ToMe inside the CLIP tower (placement ``vision_layers``) on a tiny LLaVA-NeXT (AnyRes crops, image-newline tokens),
-against an independent reference: every crop through the official ToMe block (``reference_features``, written out
-with the tower's weights in test_tome_vision_layers.py), each patch position given its merged token's projected
-value, the crops packed by the model's own ``pack_image_features``, then per merged token only the placeholder of its
-first packed source kept (newline tokens kept), the other placeholders gone."""
+against an independent reference: every crop through the official ToMe block (``reference_features`` of
+tests/helpers/tome_tower_reference.py, written out with the tower's weights), each patch position given its merged
+token's projected value, the crops packed by the model's own ``pack_image_features``, then per merged token only the
+placeholder of its first packed source kept (newline tokens kept), the other placeholders gone."""
 
 from __future__ import annotations
-
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-from adapter_fixtures import PAD_ID, generation_positions, llava_next_inputs, record_hooks, single_thread
+from adapter_fixtures import llava_next_inputs, sample_alone, single_thread
+from tome_tower_reference import greedy, left_pad_kept, reference_features, run_tome_in_tower, tiny_llava_next_deep_tower
 from vtprune import framework
-from vtprune.testing.models import finish_tiny, tiny_clip_config, tiny_llama_config
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_tome_vision_layers import greedy, reference_features  # noqa: E402
 
 REGISTRY = framework.build_registry(autoload=False)
 SIZES = (((30, 50),), ((56, 56), (28, 28)))  # 3 crops; 5 crops + 1 crop: crop counts differ inside one forward
 
 _single_thread = pytest.fixture(scope="module", autouse=True)(single_thread)
-
-
-def tiny_llava_next_deep_tower(attn: str = "eager", seed: int = 0):
-    """The tiny LLaVA-NeXT with a 5-layer CLIP tower (feature layer -2: 4 merging layers, 16 patches per crop)."""
-    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
-
-    config = LlavaNextConfig(
-        vision_config=tiny_clip_config(num_hidden_layers=5),
-        text_config=tiny_llama_config(num_hidden_layers=2),
-        image_token_id=95,
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
-        image_grid_pinpoints=[[28, 56], [56, 28], [56, 56]],
-        projector_hidden_act="gelu",
-    )
-    torch.manual_seed(seed)
-    return finish_tiny(LlavaNextForConditionalGeneration(config), attn, PAD_ID, torch.float32)
 
 
 def _crops(model, sizes):
@@ -84,32 +61,16 @@ def reference_llm_input(model, inputs, schedule):
         offset += tokens.shape[0]
         embeds[rows[:, 0], rows[:, 1]] = tokens
         drop[rows[~keep, 0], rows[~keep, 1]] = True
-    positions = generation_positions(mask)
-    rows_keep = [(~drop[b]).nonzero().flatten() for b in range(ids.shape[0])]
-    width = max(r.numel() for r in rows_keep)
-    ref_embeds = torch.zeros(ids.shape[0], width, embeds.shape[-1])
-    ref_mask = torch.zeros(ids.shape[0], width, dtype=torch.long)
-    ref_pos = torch.zeros(ids.shape[0], width, dtype=torch.long)
-    for b, keep in enumerate(rows_keep):
-        ref_embeds[b, width - keep.numel() :] = embeds[b, keep]
-        ref_mask[b, width - keep.numel() :] = mask[b, keep]
-        ref_pos[b, width - keep.numel() :] = positions[b, keep]
-    return ref_embeds, ref_mask, ref_pos, images
+    return (*left_pad_kept(embeds, mask, drop), images)
 
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 def test_tome_in_next_tower_equals_the_reference(attn):
     model = tiny_llava_next_deep_tower(attn)
     inputs = llava_next_inputs(model, SIZES, (5, 3), seed=4)
-    with torch.no_grad():
-        model(**inputs, output_hidden_states=True)  # transformers installs its output-recording hooks once
-    before = record_hooks(model)
-    with framework.prune(model, "tome+placement.vision_layers(r=2)", budget=1, registry=REGISTRY) as handle, torch.no_grad():
-        pruned = model(**inputs, position_ids=generation_positions(inputs["attention_mask"])).logits
-        result = handle.last_selection
-        generated = model.generate(**inputs, max_new_tokens=4, do_sample=False)
-        tower = model.model.get_image_features(inputs["pixel_values"], inputs["image_sizes"]).pooler_output
-    assert record_hooks(model) == before
+    pruned, result, generated, tower = run_tome_in_tower(
+        model, inputs, REGISTRY, lambda: model.model.get_image_features(inputs["pixel_values"], inputs["image_sizes"]).pooler_output
+    )
     ref_embeds, ref_mask, ref_pos, images = reference_llm_input(model, inputs, [2, 2, 2, 2])  # 17 -> 9 per crop
     for packed, (tokens, _) in zip(tower, images):  # the tower + projector + packing output: the official block's
         torch.testing.assert_close(packed, tokens, atol=1e-5, rtol=1e-5)
@@ -159,16 +120,8 @@ def test_next_budget_is_per_crop_and_batch_equals_alone():
         alone = []
         first = 0
         for b, sample in enumerate(SIZES):
-            real = inputs["attention_mask"][b].bool()
-            images = slice(first, first + len(sample))
+            alone.append(model(**sample_alone(inputs, b, first, len(sample))).logits)
             first += len(sample)
-            single = {
-                "input_ids": inputs["input_ids"][b : b + 1, real],
-                "attention_mask": inputs["attention_mask"][b : b + 1, real],
-                "pixel_values": inputs["pixel_values"][images],
-                "image_sizes": inputs["image_sizes"][images],
-            }
-            alone.append(model(**single).logits)
     ones = torch.ones(sum(crops), 16, 1)
     packed, _ = model.model.pack_image_features(list(ones.split(crops)), inputs["image_sizes"], "default", image_newline=torch.zeros(1))
     newlines = [int((p == 0).sum()) for p in packed]

@@ -1,47 +1,20 @@
 """ToMe inside Video-LLaVA's CLIP image tower (placement ``vision_layers``), against the same independent reference as
-LLaVA-1.5 (tests/adapters/test_tome_vision_layers.py: the official ToMe block written out with the image tower's
+LLaVA-1.5 (tests/helpers/tome_tower_reference.py: the official ToMe block written out with the image tower's
 weights, the merged tokens in each image's first placeholder slots); a forward with a video raises."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-from adapter_fixtures import BOS_ID, IMAGE_TOKEN_ID, generation_positions, left_pad, record_hooks, single_thread
+from adapter_fixtures import BOS_ID, IMAGE_TOKEN_ID, left_pad, sample_alone, single_thread
+from tome_tower_reference import check_first_slots_reference, reference_features, run_tome_in_tower, tiny_video_llava_deep_tower
 from vtprune import framework
-from vtprune.testing.models import tiny_clip_config, tiny_llama_config
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_tome_vision_layers import first_slots_reference, greedy, reference_features  # noqa: E402
 
 REGISTRY = framework.build_registry(autoload=False)
 VIDEO_TOKEN_ID = 94
 
 _single_thread = pytest.fixture(scope="module", autouse=True)(single_thread)
-
-
-def tiny_video_llava_deep_tower(attn: str = "eager", seed: int = 0):
-    """A random Video-LLaVA with 5-layer CLIP towers (feature layer -2: 4 merging layers, 16 patches per image)."""
-    from transformers import VideoLlavaConfig, VideoLlavaForConditionalGeneration
-
-    config = VideoLlavaConfig(
-        vision_config=tiny_clip_config(num_hidden_layers=5),
-        text_config=tiny_llama_config(num_hidden_layers=2),
-        image_token_index=IMAGE_TOKEN_ID,
-        video_token_index=VIDEO_TOKEN_ID,
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
-    )
-    torch.manual_seed(seed)
-    model = VideoLlavaForConditionalGeneration(config)
-    model.set_attn_implementation(attn)
-    model = model.eval()
-    model.generation_config.eos_token_id = None
-    model.generation_config.pad_token_id = 0
-    return model
 
 
 def image_inputs(model, images_per_sample=(1, 2), seed=0, video=False):
@@ -69,15 +42,9 @@ def image_inputs(model, images_per_sample=(1, 2), seed=0, video=False):
 def test_tome_in_the_image_tower_equals_the_official_block(attn):
     model = tiny_video_llava_deep_tower(attn)
     inputs = image_inputs(model, seed=4)
-    with torch.no_grad():
-        model(**inputs, output_hidden_states=True)  # transformers installs its output-recording hooks once
-    before = record_hooks(model)
-    with framework.prune(model, "tome+placement.vision_layers(r=2)", budget=1, registry=REGISTRY) as handle, torch.no_grad():
-        pruned = model(**inputs, position_ids=generation_positions(inputs["attention_mask"])).logits
-        record = handle.last_selection.drops[0]
-        generated = model.generate(**inputs, max_new_tokens=4, do_sample=False)
-        tower = model.model.get_image_features(inputs["pixel_values"]).pooler_output  # (images, 16, D)
-    assert record_hooks(model) == before
+    image_features = lambda: model.model.get_image_features(inputs["pixel_values"]).pooler_output  # noqa: E731
+    pruned, result, generated, tower = run_tome_in_tower(model, inputs, REGISTRY, image_features)  # tower: (images, 16, D)
+    record = result.drops[0]
     with torch.no_grad():
         projected, slots, sizes = reference_features(model, inputs["pixel_values"], [2, 2, 2, 2], tower=model.model.image_tower)
     torch.testing.assert_close(tower[:, :8], projected, atol=1e-5, rtol=1e-5)  # the merged tokens first, then zeros
@@ -85,12 +52,7 @@ def test_tome_in_the_image_tower_equals_the_official_block(attn):
     assert record.where == "vision_layers" and projected.shape[1] == 8
     assert torch.equal(record.selection.assignment, slots) and torch.equal(record.selection.sizes, sizes.round().long())
     assert torch.equal(record.selection.sizes.sum(1), torch.full((3,), 16))
-    ref_embeds, ref_mask, ref_pos = first_slots_reference(model, inputs, projected)
-    with torch.no_grad():
-        reference = model(inputs_embeds=ref_embeds, attention_mask=ref_mask, position_ids=ref_pos).logits
-    torch.testing.assert_close(pruned[:, -1], reference[:, -1], atol=1e-5, rtol=1e-5)
-    steps = generated[:, inputs["input_ids"].shape[1] :]
-    assert torch.equal(steps, greedy(model, ref_embeds, ref_mask, ref_pos, 4))
+    check_first_slots_reference(model, inputs, projected, pruned, generated, steps=4)
 
 
 def test_keep_all_batch_alone_and_videos_refused():
@@ -104,12 +66,7 @@ def test_keep_all_batch_alone_and_videos_refused():
         batch = model(**inputs).logits
         assert handle.last_selection.counts.tolist() == [5, 5]
         for b in range(2):
-            real = inputs["attention_mask"][b].bool()
-            single = {
-                "input_ids": inputs["input_ids"][b : b + 1, real],
-                "attention_mask": inputs["attention_mask"][b : b + 1, real],
-                "pixel_values": inputs["pixel_values"][b : b + 1],
-            }
+            single = sample_alone(inputs, b, b, 1)
             torch.testing.assert_close(batch[b, -1], model(**single).logits[0, -1], atol=1e-5, rtol=1e-5)
         with pytest.raises(ValueError, match="image tower only.*video"):
             model(**image_inputs(model, (1, 1), seed=5, video=True))

@@ -19,12 +19,11 @@ import torch
 from adapter_fixtures import (
     aligned,
     generation_positions,
-    llava_onevision_inputs,
     masked_reference,
     merged_embeddings,
     removed_by_layer,
     single_thread,
-    tiny_llava_onevision,
+    two_scene_video_inputs,
 )
 from density_video_reference import ref_fastvid, ref_holitom
 from video_merge_reference import InnerMerge, plain_frame_attention
@@ -34,7 +33,6 @@ from vtprune.framework.prune import prune
 _single_thread = pytest.fixture(scope="module", autouse=True)(single_thread)
 
 FRAMES = 6
-VIDEO = ((("video",),), (("video",),))
 K = 2  # HoliTom's inner-merge layer
 STEPS = 6
 FASTVID = "fastvid+diversity.fastvid(c=2,tau=0.9,d=0.4,p=2,beta=0.6,seed=0)"
@@ -45,12 +43,7 @@ BUDGET = {FASTVID: 19, HOLITOM: 12}
 
 
 def _setup():
-    model = tiny_llava_onevision(attn="eager")
-    inputs = llava_onevision_inputs(model, VIDEO, question_lengths=(3, 6), frames=FRAMES)
-    videos = inputs["pixel_values_videos"]  # (B, T, 3, S, S)
-    noise = torch.randn(videos.shape, generator=torch.Generator().manual_seed(5)) * 0.02
-    scenes = [videos[:, :1].expand(-1, 3, -1, -1, -1), videos[:, 3:4].expand(-1, FRAMES - 3, -1, -1, -1)]
-    inputs["pixel_values_videos"] = (torch.cat(scenes, dim=1) + noise).contiguous()
+    model, inputs = two_scene_video_inputs((3, 6), FRAMES)
     with torch.no_grad():
         features = list(model.model.get_video_features(inputs["pixel_values_videos"]).pooler_output)  # (T*P + 1, D)
     return model, inputs, features

@@ -6,7 +6,8 @@ layers, GQA, seed) and returns a real ``*ForConditionalGeneration`` in eval mode
 - :func:`tiny_llava` / :func:`tiny_llava_next`: models (CLIP vision tower + Llama decoder).
 - :func:`llava_inputs` / :func:`llava_next_inputs`: ready batches (left padding, several images per sample).
 - :func:`tiny_llava_onevision` / :func:`llava_onevision_inputs`: LLaVA-OneVision (SigLIP + Qwen2), images and
-  videos.
+  videos; :func:`two_scene_video_inputs`: its eager model with a video batch of two scenes of still frames.
+- :func:`tiny_video_llava`: Video-LLaVA (CLIP image and video towers + Llama).
 - References without vtprune code: :func:`masked_reference` (dropped tokens masked out of attention),
   :func:`kept_only_inputs` (the model fed only the kept tokens, from :func:`merged_embeddings`).
 - :func:`tiny_tokenizer`, :func:`tiny_llava_processor`: a WordLevel ``PreTrainedTokenizerFast`` and a
@@ -34,6 +35,8 @@ __all__ = [
     "tiny_llava",
     "tiny_llava_next",
     "tiny_llava_onevision",
+    "tiny_video_llava",
+    "two_scene_video_inputs",
     "llava_onevision_inputs",
     "llava_inputs",
     "llava_next_inputs",
@@ -114,6 +117,24 @@ def tiny_llava_onevision(
     return _finish(LlavaOnevisionForConditionalGeneration(config), attn, dtype)
 
 
+def tiny_video_llava(attn: str = "sdpa", seed: int = 0, layers: int = 4, video_token_id: int = 94, **vision):
+    """A random ``VideoLlavaForConditionalGeneration``: CLIP image and video towers (16 patches per image / frame,
+    ``vision`` overrides the tower config, e.g. ``num_hidden_layers``), feature layer -2, ``layers`` Llama layers,
+    image tokens ``IMAGE_TOKEN_ID``, video tokens ``video_token_id``."""
+    from transformers import VideoLlavaConfig, VideoLlavaForConditionalGeneration
+
+    config = VideoLlavaConfig(
+        vision_config=tiny_clip_config(**vision),
+        text_config=tiny_llama_config(num_hidden_layers=layers),
+        image_token_index=IMAGE_TOKEN_ID,
+        video_token_index=video_token_id,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+    )
+    torch.manual_seed(seed)
+    return _finish(VideoLlavaForConditionalGeneration(config), attn, torch.float32)
+
+
 def llava_onevision_inputs(
     model,
     items: Sequence[Sequence[tuple]] = ((("image", (56, 56)),), (("image", (30, 50)), ("image", (28, 28)))),
@@ -178,6 +199,20 @@ def llava_onevision_inputs(
         rows.append(row)
     ids, mask = left_pad(rows)
     return {"input_ids": ids, "attention_mask": mask, **out}
+
+
+def two_scene_video_inputs(question_lengths: Sequence[int] = (3, 6), frames: int = 6):
+    """(model, inputs): the eager :func:`tiny_llava_onevision` and a batch of one video per sample whose ``frames``
+    frames are two scenes of still frames (the first frame repeated 3 times, then the fourth frame), plus a little
+    seeded noise, so temporal segments, static tokens and merging all happen."""
+    model = tiny_llava_onevision(attn="eager")
+    video = ((("video",),),) * len(question_lengths)
+    inputs = llava_onevision_inputs(model, video, question_lengths=question_lengths, frames=frames)
+    videos = inputs["pixel_values_videos"]  # (B, T, 3, S, S)
+    noise = torch.randn(videos.shape, generator=torch.Generator().manual_seed(5)) * 0.02
+    scenes = [videos[:, :1].expand(-1, 3, -1, -1, -1), videos[:, 3:4].expand(-1, frames - 3, -1, -1, -1)]
+    inputs["pixel_values_videos"] = (torch.cat(scenes, dim=1) + noise).contiguous()
+    return model, inputs
 
 
 def left_pad(rows: Sequence[Sequence[int]], pad: int = PAD_ID) -> tuple[torch.Tensor, torch.Tensor]:
