@@ -19,6 +19,9 @@ the same text (checked by the tests), without going through PIL, for speed:
   end), ``question_mask`` (B, R, L) bool, and ``question_targets`` (B, R, N) bool: the
   patches covering the objects that turn's question is about (all False for a "no"
   answer of ``exists``), for ``train.prompt_relevance_loss``.
+
+``right_pad(seqs, labs, pad)`` pads token sequences and their labels into those (B, T) tensors (also used by
+``video_batching``).
 """
 
 from __future__ import annotations
@@ -35,6 +38,20 @@ from .task import BACKGROUND_WORD, OBJECT_WORD, Scene, make_questions, render_sc
 BATCH_TASKS: tuple[str, ...] = ("shapes", "clutter", "mixed")
 
 N_POSITIVES = 3
+
+
+def right_pad(seqs: list[list[int]], labs: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(input_ids, labels, attention_mask), each (B, T) long, of token sequences and their labels right padded to
+    the longest (ids with ``pad``, labels with -100, mask 0)."""
+    t_max = max(len(s) for s in seqs)
+    input_ids = torch.full((len(seqs), t_max), pad, dtype=torch.long)  # (B, T)
+    labels = torch.full((len(seqs), t_max), -100, dtype=torch.long)  # (B, T)
+    mask = torch.zeros((len(seqs), t_max), dtype=torch.long)  # (B, T)
+    for b, (s, lab) in enumerate(zip(seqs, labs)):
+        input_ids[b, : len(s)] = torch.tensor(s)
+        labels[b, : len(lab)] = torch.tensor(lab)
+        mask[b, : len(s)] = 1
+    return input_ids, labels, mask
 
 
 class TrainBatcher:
@@ -121,14 +138,7 @@ class TrainBatcher:
             labs.append(lab)
             imgs.append(scene.image)
             poss.append(self._positives(scene.objects, scene.patch_labels))
-        t_max = max(len(s) for s in seqs)
-        input_ids = torch.full((len(seqs), t_max), self.pad, dtype=torch.long)  # (B, T)
-        labels = torch.full((len(seqs), t_max), -100, dtype=torch.long)  # (B, T)
-        mask = torch.zeros((len(seqs), t_max), dtype=torch.long)  # (B, T)
-        for b, (s, l) in enumerate(zip(seqs, labs)):
-            input_ids[b, : len(s)] = torch.tensor(s)
-            labels[b, : len(l)] = torch.tensor(l)
-            mask[b, : len(s)] = 1
+        input_ids, labels, mask = right_pad(seqs, labs, self.pad)  # (B, T) each
         patch_pos = torch.from_numpy(np.stack(poss))  # (B, N, P)
         q_len = max(len(q) for row in questions for q in row)
         question_ids = torch.full((len(seqs), self.turns, q_len), self.pad, dtype=torch.long)  # (B, R, L)

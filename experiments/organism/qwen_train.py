@@ -34,8 +34,10 @@ from .qwen_batching import QwenTrainBatcher
 from .qwen_model import QwenSpec, build_qwen_model, init_text_from_llava
 from .qwen_processor import QWEN_IMAGE_TOKENS, build_qwen_processor
 from .task import SHAPES, make_split
-from .train import (
-    ShapeHead, TrainConfig, _machine, _quick_val, _setup_logging, alignment_loss, log, lr_at, prompt_relevance_loss,
+from .train import ShapeHead, TrainConfig, _quick_val, alignment_loss, lr_at, prompt_relevance_loss
+from .training_run import (
+    log, log_progress, optimiser_step, resume, run_metrics, save_checkpoint, save_weights, set_lr, start_run,
+    step_loader, step_scenes, update_running,
 )
 
 __all__ = ["QWEN_FAMILY", "QwenTrainConfig", "train_qwen"]
@@ -68,9 +70,7 @@ class _QwenStepBatches(torch.utils.data.Dataset):
         return self.config.steps
 
     def __getitem__(self, step: int) -> dict[str, torch.Tensor]:
-        c = self.config
-        base = c.seed * 1_000_003 + step * c.batch_size
-        return self.batcher.batch([(base + b) % 9_999_999 for b in range(c.batch_size)])
+        return self.batcher.batch(step_scenes(self.config.seed, step, self.config.batch_size))
 
 
 def distillation_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
@@ -88,13 +88,7 @@ def _initial_model(config: QwenTrainConfig) -> Qwen2VLForConditionalGeneration:
 
 def train_qwen(config: QwenTrainConfig) -> Path:
     """Train (or resume) a Qwen2-VL organism into ``config.out``; returns the weights directory."""
-    out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
-    _setup_logging(out)
-    torch.set_num_threads(config.threads)
-    torch.use_deterministic_algorithms(True)
-    torch.manual_seed(config.seed)
-
+    out = start_run(config)
     model = _initial_model(config)
     teacher = load_organism(path=WEIGHTS_DIR)[0].requires_grad_(False)
     processor = build_qwen_processor()
@@ -102,15 +96,8 @@ def train_qwen(config: QwenTrainConfig) -> Path:
     head = ShapeHead(config.spec.text_hidden, [batcher.vocab[w] for w in SHAPES])
     params = list(model.parameters()) + list(head.parameters())
     opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.98))
-    ckpt = out / "checkpoint.pt"
-    start, elapsed = 0, 0.0
-    if ckpt.exists():
-        state = torch.load(ckpt, map_location="cpu", weights_only=False)
-        model.load_state_dict(state["model"])
-        head.load_state_dict(state["head"])
-        opt.load_state_dict(state["optim"])
-        start, elapsed = state["step"], state["elapsed"]
-        log.info("resumed from step %d", start)
+    ckpt, trained = out / "checkpoint.pt", {"model": model, "head": head}
+    start, elapsed = resume(ckpt, trained, opt)
     log.info("config %s", json.dumps(asdict(config)))
     log.info("parameters %d", n_parameters(model))
 
@@ -123,16 +110,11 @@ def train_qwen(config: QwenTrainConfig) -> Path:
     val = make_split("validation", config.n_val)
     t0 = time.time() - elapsed
     running: dict[str, float] = {}
-    loader = torch.utils.data.DataLoader(
-        _QwenStepBatches(config), batch_size=None, sampler=range(start, config.steps),
-        num_workers=config.workers, prefetch_factor=4 if config.workers else None,
-    )
-    for step, batch in zip(range(start, config.steps), loader):
+    for step, batch in zip(range(start, config.steps), step_loader(_QwenStepBatches(config), config, start)):
         patch_pos = batch.pop("patch_pos")
         questions = (batch.pop("question_ids"), batch.pop("question_mask"), batch.pop("question_targets"))
         target = projected_visual_tokens(teacher, batch.pop("teacher_pixel_values"))  # (B, N, D)
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, config)
+        set_lr(opt, lr_at(step, config))
         emb = model.get_input_embeddings().weight
         losses = {"lm": model(**batch).loss}
         losses["aux"] = alignment_loss(captured["proj"], patch_pos, emb, config.tau)
@@ -141,24 +123,16 @@ def train_qwen(config: QwenTrainConfig) -> Path:
         losses["distill"] = distillation_loss(captured["proj"], target)
         loss = (losses["lm"] + config.aux_weight * losses["aux"] + config.shape_head_weight * losses["shape"]
                 + config.prompt_weight * losses["prompt"] + config.distill_weight * losses["distill"])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-        opt.step()
-        for k, v in losses.items():
-            running[k] = 0.98 * running[k] + 0.02 * v.item() if k in running else v.item()
+        optimiser_step(opt, loss, model.parameters(), config.grad_clip)
+        update_running(running, losses, 0.02)
         done = step + 1
         if done % 50 == 0:
-            log.info("step %d %s lr %.2e %.1fs", done, " ".join(f"{k} {v:.4f}" for k, v in running.items()),
-                     lr_at(step, config), time.time() - t0)
+            log_progress(done, running, lr_at(step, config), time.time() - t0)
         if done % config.eval_every == 0 or done == config.steps:
             acc = _quick_val(model, batcher, val, processor)
             log.info("step %d val %s", done, json.dumps({k: round(v, 3) for k, v in acc.items()}))
         if done % config.ckpt_every == 0 or done == config.steps:
-            tmp = out / "checkpoint.pt.tmp"
-            torch.save({"model": model.state_dict(), "head": head.state_dict(), "optim": opt.state_dict(), "step": done,
-                        "elapsed": time.time() - t0}, tmp)
-            tmp.replace(ckpt)
+            save_checkpoint(ckpt, trained, opt, done, time.time() - t0)
     hook.remove()
     return export_qwen(model, processor, config, out / "weights", wall_time_s=time.time() - t0)
 
@@ -168,30 +142,12 @@ def export_qwen(model: Qwen2VLForConditionalGeneration, processor, config: QwenT
     """Save model (``config.save_dtype``) + processor, reload in fp32 (checked), evaluate on test, write metrics."""
     from .loading import load_qwen_organism
 
-    weights.mkdir(parents=True, exist_ok=True)
-    model.eval()
-    model.to(getattr(torch, config.save_dtype)).save_pretrained(weights, safe_serialization=True)
-    processor.save_pretrained(weights)
-    model.to(torch.float32)
+    save_weights(model, processor, weights, config.save_dtype)
     reloaded, processor = load_qwen_organism(path=weights)
     test = make_split("test", config.n_test)
     t = time.time()
     res = evaluate(reloaded, processor, test)
-    metrics = {
-        **res,
-        "family": QWEN_FAMILY,
-        "steps": config.steps,
-        "seed": config.seed,
-        "wall_time_s": round(wall_time_s, 1),
-        "eval_time_s": round(time.time() - t, 1),
-        "machine": _machine(),
-        "threads": config.threads,
-        "n_parameters": n_parameters(reloaded),
-        "weights_bytes": sum(f.stat().st_size for f in weights.glob("*.safetensors")),
-        "stored_dtype": config.save_dtype,
-        "evaluated_dtype": "float32 (reloaded from the stored file)",
-        "config": asdict(config),
-    }
+    metrics = {**res, "family": QWEN_FAMILY, **run_metrics(config, reloaded, weights, wall_time_s, t)}
     (weights / "metrics.json").write_text(json.dumps(metrics, indent=2))
     log.info("test %s", json.dumps({k: metrics[k] for k in ("accuracy", "auc_mean", "auc_max")}))
     return weights

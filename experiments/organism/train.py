@@ -20,7 +20,8 @@ Contract
 * Deterministic given the config: seeded init, data is a pure function of the step
   (scene indices ``step * batch_size + b``), deterministic torch algorithms.
 * Checkpoints (``DIR/checkpoint.pt``) every ``ckpt_every`` steps; a rerun with the same
-  ``--out`` resumes from it. Log lines go to ``DIR/train.log`` and stdout.
+  ``--out`` resumes from it. Log lines go to ``DIR/train.log`` and stdout. (The run bookkeeping
+  shared with ``qwen_train`` and ``video_train`` is in ``training_run``.)
 * At the end: saves the model in ``dtype`` (fp16 by default) with ``save_pretrained``
   (safetensors) and the processor into ``DIR/weights``, reloads it in fp32 from the
   saved files, evaluates on ``n_test`` test samples and writes ``DIR/weights/metrics.json``.
@@ -31,11 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import math
-import os
-import platform
-import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -50,8 +47,10 @@ from .model import ModelSpec, build_model, n_parameters
 from .processor import build_processor
 from .clutter_train import TASKS, batch_task, initial_model, task_overrides, task_split
 from .task import SHAPES, make_split
-
-log = logging.getLogger("vtprune.organism.train")
+from .training_run import (
+    log, log_progress, optimiser_step, resume, run_metrics, save_checkpoint, save_weights, set_lr, start_run,
+    step_loader, step_scenes, update_running,
+)
 
 
 @dataclass
@@ -156,19 +155,7 @@ class _StepBatches(torch.utils.data.Dataset):
         return self.config.steps
 
     def __getitem__(self, step: int) -> dict[str, torch.Tensor]:
-        c = self.config
-        # the offset keeps train scenes of different seeds apart while staying deterministic
-        base = c.seed * 1_000_003 + step * c.batch_size
-        return self.batcher.batch([(base + b) % 9_999_999 for b in range(c.batch_size)])
-
-
-def _loader(config: TrainConfig, start: int) -> torch.utils.data.DataLoader:
-    """Batches for steps ``start..steps-1``, built in a worker process when ``workers > 0``."""
-    return torch.utils.data.DataLoader(
-        _StepBatches(config), batch_size=None, sampler=range(start, config.steps),
-        num_workers=config.workers, prefetch_factor=4 if config.workers else None,
-        persistent_workers=False,
-    )
+        return self.batcher.batch(step_scenes(self.config.seed, step, self.config.batch_size))
 
 
 class ShapeHead(torch.nn.Module):
@@ -198,15 +185,6 @@ class ShapeHead(torch.nn.Module):
         return F.cross_entropy(logits.flatten(0, 1), self.targets(positives).flatten(), weight=weight)
 
 
-def _setup_logging(out: Path) -> None:
-    log.setLevel(logging.INFO)
-    log.handlers.clear()
-    fmt = logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S")
-    for h in (logging.FileHandler(out / "train.log"), logging.StreamHandler(sys.stdout)):
-        h.setFormatter(fmt)
-        log.addHandler(h)
-
-
 @torch.no_grad()
 def _quick_val(model: LlavaForConditionalGeneration, batcher: TrainBatcher, samples: list, processor) -> dict[str, float]:
     """Validation accuracy by argmax of the next-token logits (fast proxy for ``answer``) and relevance AUCs."""
@@ -225,33 +203,16 @@ def _quick_val(model: LlavaForConditionalGeneration, batcher: TrainBatcher, samp
             "auc_max": relevance_auc(samples, rel["max"])}
 
 
-def _machine() -> str:
-    return f"{platform.machine()} {platform.processor() or ''} {os.cpu_count()} cpus, torch {torch.__version__}".strip()
-
-
 def train(config: TrainConfig) -> Path:
     """Train (or resume) an organism into ``config.out``; returns the weights directory."""
-    out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
-    _setup_logging(out)
-    torch.set_num_threads(config.threads)
-    torch.use_deterministic_algorithms(True)
-    torch.manual_seed(config.seed)
-
+    out = start_run(config)
     model = (initial_model(config.init) if config.init else build_model(config.spec, seed=config.seed)).train()
     processor = build_processor()
     batcher = TrainBatcher(turns=config.turns)
     head = ShapeHead(config.spec.text_hidden, [batcher.vocab[w] for w in SHAPES])
     opt = torch.optim.AdamW(list(model.parameters()) + list(head.parameters()), lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.98))
-    ckpt = out / "checkpoint.pt"
-    start, elapsed = 0, 0.0
-    if ckpt.exists():
-        state = torch.load(ckpt, map_location="cpu", weights_only=False)
-        model.load_state_dict(state["model"])
-        head.load_state_dict(state["head"])
-        opt.load_state_dict(state["optim"])
-        start, elapsed = state["step"], state["elapsed"]
-        log.info("resumed from step %d", start)
+    ckpt, trained = out / "checkpoint.pt", {"model": model, "head": head}
+    start, elapsed = resume(ckpt, trained, opt)
     log.info("config %s", json.dumps(asdict(config)))
     log.info("parameters %d", n_parameters(model))
 
@@ -259,38 +220,26 @@ def train(config: TrainConfig) -> Path:
     hook = model.model.multi_modal_projector.register_forward_hook(lambda m, i, o: captured.__setitem__("proj", o))
     val = task_split(config.task, "validation", config.n_val)
     t0 = time.time() - elapsed
-    run_lm = run_aux = run_shape = run_prompt = 0.0
-    loader = _loader(config, start=start)
-    for step, batch in zip(range(start, config.steps), loader):
+    running: dict[str, float] = {}
+    for step, batch in zip(range(start, config.steps), step_loader(_StepBatches(config), config, start)):
         patch_pos = batch.pop("patch_pos")
         questions = (batch.pop("question_ids"), batch.pop("question_mask"), batch.pop("question_targets"))
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, config)
+        set_lr(opt, lr_at(step, config))
         lm = model(**batch).loss
         aux = alignment_loss(captured["proj"], patch_pos, model.get_input_embeddings().weight, config.tau)
         shape = head.loss(captured["proj"], patch_pos, config.background_weight)
         prompt = prompt_relevance_loss(captured["proj"], *questions, model.get_input_embeddings().weight, config.tau)
         loss = lm + config.aux_weight * aux + config.shape_head_weight * shape + config.prompt_weight * prompt
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-        opt.step()
-        run_lm = 0.98 * run_lm + 0.02 * lm.item() if step > start else lm.item()
-        run_aux = 0.98 * run_aux + 0.02 * aux.item() if step > start else aux.item()
-        run_shape = 0.98 * run_shape + 0.02 * shape.item() if step > start else shape.item()
-        run_prompt = 0.98 * run_prompt + 0.02 * prompt.item() if step > start else prompt.item()
+        optimiser_step(opt, loss, model.parameters(), config.grad_clip)
+        update_running(running, {"lm": lm, "aux": aux, "shape": shape, "prompt": prompt}, 0.02)
         done = step + 1
         if done % 50 == 0:
-            log.info("step %d lm %.4f aux %.4f shape %.4f prompt %.4f lr %.2e %.1fs", done, run_lm, run_aux,
-                     run_shape, run_prompt, lr_at(step, config), time.time() - t0)
+            log_progress(done, running, lr_at(step, config), time.time() - t0)
         if done % config.eval_every == 0 or done == config.steps:
             acc = _quick_val(model, batcher, val, processor)
             log.info("step %d val %s", done, json.dumps({k: round(v, 3) for k, v in acc.items()}))
         if done % config.ckpt_every == 0 or done == config.steps:
-            tmp = out / "checkpoint.pt.tmp"
-            torch.save({"model": model.state_dict(), "head": head.state_dict(), "optim": opt.state_dict(), "step": done,
-                        "elapsed": time.time() - t0}, tmp)
-            tmp.replace(ckpt)
+            save_checkpoint(ckpt, trained, opt, done, time.time() - t0)
     hook.remove()
     wall = time.time() - t0
     return export(model, processor, config, out / "weights", wall_time_s=wall)
@@ -300,32 +249,14 @@ def export(
     model: LlavaForConditionalGeneration, processor, config: TrainConfig, weights: Path, wall_time_s: float
 ) -> Path:
     """Save model (``config.save_dtype``) + processor, reload in fp32, evaluate on test, write metrics."""
-    weights.mkdir(parents=True, exist_ok=True)
-    model.eval()
-    model.to(getattr(torch, config.save_dtype)).save_pretrained(weights, safe_serialization=True)
-    processor.save_pretrained(weights)
-    model.to(torch.float32)
+    save_weights(model, processor, weights, config.save_dtype)
     reloaded = LlavaForConditionalGeneration.from_pretrained(weights, dtype=torch.float32).eval()
     test = task_split(config.task, "test", config.n_test)
     t = time.time()
     res = evaluate(reloaded, processor, test)
     if config.task != "shapes":  # the original task, measured on the same model
         res["shapes"] = evaluate(reloaded, processor, make_split("test", config.n_test))
-    size = sum(f.stat().st_size for f in weights.glob("*.safetensors"))
-    metrics = {
-        **res,
-        "steps": config.steps,
-        "seed": config.seed,
-        "wall_time_s": round(wall_time_s, 1),
-        "eval_time_s": round(time.time() - t, 1),
-        "machine": _machine(),
-        "threads": config.threads,
-        "n_parameters": n_parameters(reloaded),
-        "weights_bytes": size,
-        "stored_dtype": config.save_dtype,
-        "evaluated_dtype": "float32 (reloaded from the stored file)",
-        "config": asdict(config),
-    }
+    metrics = {**res, **run_metrics(config, reloaded, weights, wall_time_s, t)}
     (weights / "metrics.json").write_text(json.dumps(metrics, indent=2))
     log.info("test %s", json.dumps({k: metrics[k] for k in ("accuracy", "auc_mean", "auc_max")}))
     return weights

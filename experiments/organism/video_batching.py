@@ -22,6 +22,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .batching import right_pad
 from .task import BACKGROUND_WORD, OBJECT_WORD
 from .qwen_processor import VIDEO_PAD, VISION_END, VISION_START, build_qwen_image_processor
 from .qwen_video import OrganismVideoProcessor, build_video_tokenizer
@@ -77,14 +78,7 @@ class VideoTrainBatcher:
             clips.append(video.frames)
             movers.append(video.patch_labels == video.mover)
             poss.append(self._positives(video))
-        t_max = max(len(s) for s in seqs)
-        input_ids = torch.full((len(seqs), t_max), self.vocab["<pad>"], dtype=torch.long)  # (B, T)
-        labels = torch.full((len(seqs), t_max), -100, dtype=torch.long)  # (B, T)
-        mask = torch.zeros((len(seqs), t_max), dtype=torch.long)  # (B, T)
-        for b, (s, lab) in enumerate(zip(seqs, labs)):
-            input_ids[b, : len(s)] = torch.tensor(s)
-            labels[b, : len(lab)] = torch.tensor(lab)
-            mask[b, : len(s)] = 1
+        input_ids, labels, mask = right_pad(seqs, labs, self.vocab["<pad>"])  # (B, T) each
         return {
             "input_ids": input_ids,
             "attention_mask": mask,

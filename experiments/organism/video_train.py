@@ -32,12 +32,15 @@ from transformers import Qwen2VLForConditionalGeneration
 
 from .evaluate import accuracy_by_template
 from .loading import QWEN_WEIGHTS_DIR, load_qwen_organism
-from .model import n_parameters
 from .qwen_batching import QwenTrainBatcher
 from .qwen_processor import build_qwen_prompt
 from .qwen_video import QwenOrganismProcessor, build_video_processor, build_video_prompt, video_vocabulary
 from .task import make_split
-from .train import TrainConfig, _machine, _setup_logging, alignment_loss, log, lr_at
+from .train import TrainConfig, alignment_loss, lr_at
+from .training_run import (
+    SCENE_RANGE, log, log_progress, optimiser_step, resume, run_metrics, save_checkpoint, save_weights, set_lr, start_run,
+    step_loader, step_scenes, update_running,
+)
 from .video_batching import VideoTrainBatcher
 from .video_task import VIDEO_TOKENS, VIDEO_WORDS, make_video_split
 
@@ -45,6 +48,7 @@ __all__ = ["VIDEO_TASK", "VideoTrainConfig", "argmax_answers", "train_video", "v
 
 VIDEO_TASK = "video"
 _INIT_FROM = "shape"
+_IMAGE_SCENE_OFFSET = SCENE_RANGE // 2 + 1  # image scenes from the upper half: apart from the image organism's
 _IMAGE_TOKENS_KEYS = ("patch_pos", "question_ids", "question_mask", "question_targets", "teacher_pixel_values")
 
 
@@ -82,10 +86,8 @@ class _StepBatches(torch.utils.data.Dataset):
 
     def __getitem__(self, step: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         c = self.config
-        vbase = c.seed * 1_000_003 + step * c.batch_size
-        ibase = c.seed * 1_000_003 + step * c.image_batch_size + 5_000_000  # scenes apart from the image organism's
-        video = self.videos.batch([(vbase + b) % 9_999_999 for b in range(c.batch_size)])
-        image = self.images.batch([(ibase + b) % 9_999_999 for b in range(c.image_batch_size)])
+        video = self.videos.batch(step_scenes(c.seed, step, c.batch_size))
+        image = self.images.batch(step_scenes(c.seed, step, c.image_batch_size, _IMAGE_SCENE_OFFSET))
         for key in _IMAGE_TOKENS_KEYS:
             image.pop(key)
         return video, image
@@ -132,12 +134,7 @@ def image_accuracy(model, processor, samples: list) -> dict[str, float]:
 
 def train_video(config: VideoTrainConfig) -> Path:
     """Train (or resume) the video organism into ``config.out``; returns the weights directory."""
-    out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
-    _setup_logging(out)
-    torch.set_num_threads(config.threads)
-    torch.use_deterministic_algorithms(True)
-    torch.manual_seed(config.seed)
+    out = start_run(config)
     model, _ = load_qwen_organism(path=QWEN_WEIGHTS_DIR if config.init == "shipped" else config.init)
     log.info("new words %s", grow_vocabulary(model))
     model.train()
@@ -146,15 +143,8 @@ def train_video(config: VideoTrainConfig) -> Path:
     torch.nn.init.zeros_(probe.weight)  # starts at p = 0.5: no large first gradients through the clipped norm
     params = list(model.parameters()) + list(probe.parameters())
     opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.98))
-    ckpt = out / "checkpoint.pt"
-    start, elapsed = 0, 0.0
-    if ckpt.exists():
-        state = torch.load(ckpt, map_location="cpu", weights_only=False)
-        model.load_state_dict(state["model"])
-        probe.load_state_dict(state["probe"])
-        opt.load_state_dict(state["optim"])
-        start, elapsed = state["step"], state["elapsed"]
-        log.info("resumed from step %d", start)
+    ckpt, trained = out / "checkpoint.pt", {"model": model, "probe": probe}
+    start, elapsed = resume(ckpt, trained, opt)
     log.info("config %s", json.dumps(asdict(config), default=str))
     captured: dict[str, torch.Tensor] = {}
     hook = model.model.visual.merger.register_forward_hook(lambda m, i, o: captured.__setitem__("tokens", o))
@@ -162,13 +152,8 @@ def train_video(config: VideoTrainConfig) -> Path:
     val_images = make_split("validation", config.n_val)
     t0 = time.time() - elapsed
     running: dict[str, float] = {}
-    loader = torch.utils.data.DataLoader(
-        _StepBatches(config), batch_size=None, sampler=range(start, config.steps),
-        num_workers=config.workers, prefetch_factor=4 if config.workers else None,
-    )
-    for step, (video, image) in zip(range(start, config.steps), loader):
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, config)
+    for step, (video, image) in zip(range(start, config.steps), step_loader(_StepBatches(config), config, start)):
+        set_lr(opt, lr_at(step, config))
         mover, patch_pos = video.pop("mover_tokens"), video.pop("patch_pos")  # (B, N), (B, N, 4)
         losses = {"video": model(**video).loss}
         tokens = captured["tokens"].view(mover.shape[0], VIDEO_TOKENS, -1)  # (B, N, D)
@@ -178,26 +163,18 @@ def train_video(config: VideoTrainConfig) -> Path:
         losses["image"] = model(**image).loss
         loss = (losses["video"] + config.motion_weight * losses["motion"] + config.aux_weight * losses["align"]
                 + config.image_weight * losses["image"])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
-        opt.step()
-        for k, v in losses.items():
-            running[k] = 0.9 * running[k] + 0.1 * v.item() if k in running else v.item()
+        optimiser_step(opt, loss, params, config.grad_clip)
+        update_running(running, losses, 0.1)
         done = step + 1
         if done % 10 == 0:
-            log.info("step %d %s lr %.2e %.1fs", done, " ".join(f"{k} {v:.4f}" for k, v in running.items()),
-                     lr_at(step, config), time.time() - t0)
+            log_progress(done, running, lr_at(step, config), time.time() - t0)
         if done % config.eval_every == 0 or done == config.steps:
             model.eval()
             acc = {"video": video_accuracy(model, processor, val), "image": image_accuracy(model, processor, val_images)}
             model.train()
             log.info("step %d val %s", done, json.dumps({k: {t: round(a, 3) for t, a in v.items()} for k, v in acc.items()}))
         if done % config.ckpt_every == 0 or done == config.steps:
-            tmp = out / "checkpoint.pt.tmp"
-            torch.save({"model": model.state_dict(), "probe": probe.state_dict(), "optim": opt.state_dict(),
-                        "step": done, "elapsed": time.time() - t0}, tmp)
-            tmp.replace(ckpt)
+            save_checkpoint(ckpt, trained, opt, done, time.time() - t0)
     hook.remove()
     return export_video(model, processor, config, out / "weights", wall_time_s=time.time() - t0)
 
@@ -205,11 +182,7 @@ def train_video(config: VideoTrainConfig) -> Path:
 def export_video(model: Qwen2VLForConditionalGeneration, processor: QwenOrganismProcessor, config: VideoTrainConfig,
                  weights: Path, wall_time_s: float) -> Path:
     """Save model (``config.save_dtype``) + processor, reload in fp32 (checked), score on test, write metrics."""
-    weights.mkdir(parents=True, exist_ok=True)
-    model.eval()
-    model.to(getattr(torch, config.save_dtype)).save_pretrained(weights, safe_serialization=True)
-    processor.save_pretrained(weights)
-    model.to(torch.float32)
+    save_weights(model, processor, weights, config.save_dtype)
     reloaded, processor = load_qwen_organism(path=weights)
     t = time.time()
     metrics = {
@@ -219,17 +192,7 @@ def export_video(model: Qwen2VLForConditionalGeneration, processor: QwenOrganism
         "family": config.family,
         "task": VIDEO_TASK,
         "new_words": list(VIDEO_WORDS),
-        "steps": config.steps,
-        "seed": config.seed,
-        "wall_time_s": round(wall_time_s, 1),
-        "eval_time_s": round(time.time() - t, 1),
-        "machine": _machine(),
-        "threads": config.threads,
-        "n_parameters": n_parameters(reloaded),
-        "weights_bytes": sum(f.stat().st_size for f in weights.glob("*.safetensors")),
-        "stored_dtype": config.save_dtype,
-        "evaluated_dtype": "float32 (reloaded from the stored file)",
-        "config": asdict(config),
+        **run_metrics(config, reloaded, weights, wall_time_s, t),
     }
     (weights / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
     log.info("test %s", json.dumps({k: metrics[k] for k in ("accuracy", "image_accuracy")}))
