@@ -113,3 +113,23 @@ def test_group_batches() -> None:
         s = q.split()[4]
         members = [k for k, o in enumerate(scene.objects) if (o.color, o.shape) == (color, s)]
         assert targets == members and a == ("yes" if members else "no")
+
+
+@pytest.mark.slow  # loads the clutter organism and runs the split oracle on 12 questions
+def test_curves_machinery_on_the_grown_clutter_weights() -> None:
+    from transformers import LlavaForConditionalGeneration
+
+    from vtprune.experiments.organism import WEIGHTS_DIR
+    from vtprune.experiments.organism.group_all_train import curves
+
+    model = LlavaForConditionalGeneration.from_pretrained(WEIGHTS_DIR.parent / "weights_clutter", dtype=torch.float32).eval()
+    grow_vocabulary(model)  # "all" untrained here: this checks the bookkeeping, not the accuracy
+    samples = make_whole_split("validation", 12)
+    cur = curves(model, build_group_processor(), samples, budget=2)
+    assert cur["correct"].shape == (12, 3) and cur["auto_counts"].sum() == 12
+    assert set(cur["per_template"]) == {"shape", "color", "exists", "all"}
+    for t, acc in cur["per_template"].items():
+        rows = np.array([s.template == t for s in samples])
+        assert np.allclose(acc, cur["correct"][rows].mean(axis=0))
+    assert cur["rows"]["critical 0.0"] == pytest.approx(cur["per_critical"][0])
+    assert cur["rows"]["critical 1.0"] == pytest.approx(cur["per_critical"][2])
