@@ -133,3 +133,25 @@ def test_curves_machinery_on_the_grown_clutter_weights() -> None:
         assert np.allclose(acc, cur["correct"][rows].mean(axis=0))
     assert cur["rows"]["critical 0.0"] == pytest.approx(cur["per_critical"][0])
     assert cur["rows"]["critical 1.0"] == pytest.approx(cur["per_critical"][2])
+
+
+@pytest.mark.slow  # loads the clutter organism, prunes 8 group questions twice and scores them
+def test_group_coverage_and_ranks_bookkeeping() -> None:
+    from transformers import LlavaForConditionalGeneration
+
+    from vtprune.experiments.organism import WEIGHTS_DIR
+    from vtprune.experiments.organism.group_all_train import group_coverage, group_ranks
+    from vtprune.experiments.organism.task import N_PATCHES
+
+    model = LlavaForConditionalGeneration.from_pretrained(WEIGHTS_DIR.parent / "weights_clutter", dtype=torch.float32).eval()
+    grow_vocabulary(model)
+    processor = build_group_processor()
+    samples = make_group_split("validation", 8)
+    full = group_coverage(model, processor, samples, budget=N_PATCHES, critical=0)  # keeps every token
+    assert full["odd kept"] == 1.0 and full["group kept"] == 1.0
+    one = group_coverage(model, processor, samples, budget=1, critical=1)  # the single most relevant token
+    sizes = np.array([len(np.flatnonzero(np.isin(s.patch_labels, s.target_objects))) for s in samples])
+    ranks = group_ranks(model, processor, samples)
+    assert (ranks["cover"] >= sizes).all() and len(ranks["odd"]) == 4 and (ranks["odd"] >= 1).all()
+    assert one["group kept"] <= 1.0 / sizes.min() + 1e-9  # one kept token covers at most one group token
+    assert one["odd kept"] == pytest.approx(np.mean(ranks["odd"] == 1))
