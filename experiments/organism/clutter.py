@@ -55,6 +55,7 @@ __all__ = [
     "clutter_training_scene",
     "make_clutter_split",
     "render_clutter_scene",
+    "render_one_token_objects",
 ]
 
 CLUTTER_TEMPLATES: tuple[str, ...] = ("shape", "color", "exists")
@@ -93,6 +94,13 @@ def render_clutter_scene(rng: np.random.Generator, mode: str) -> Scene:
     target = (str(rng.choice(list(COLORS))), str(rng.choice(list(SHAPES))))
     allowed = _allowed_kinds(target, mode)
     kinds = [target] + [allowed[int(i)] for i in rng.integers(0, len(allowed), size=n - 1)]
+    return render_one_token_objects(rng, kinds)
+
+
+def render_one_token_objects(rng: np.random.Generator, kinds: list[tuple[str, str]]) -> Scene:
+    """A scene of one small filled shape per ``(colour, shape)`` of ``kinds`` (object ``k`` = ``kinds[k]``),
+    each on its own random grid cell (one visual token), over the noisy background."""
+    n = len(kinds)
     cells = rng.permutation(_GRID * _GRID)[:n]
     yy, xx = np.mgrid[0:IMAGE_SIZE, 0:IMAGE_SIZE].astype(np.float32) + 0.5  # (H, W) each
     object_map = np.full((IMAGE_SIZE, IMAGE_SIZE), -1, dtype=np.int64)  # (H, W)

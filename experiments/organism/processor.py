@@ -20,6 +20,8 @@ Contract
 
 from __future__ import annotations
 
+from typing import Sequence
+
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import CLIPImageProcessorPil, LlavaProcessor, PreTrainedTokenizerFast
 
@@ -49,9 +51,15 @@ def build_prompt(question: str) -> str:
     return f"USER: {IMAGE_TOKEN} {question} ASSISTANT:"
 
 
-def build_tokenizer() -> PreTrainedTokenizerFast:
-    """Word-level tokenizer over ``SPECIAL_TOKENS + vocabulary()`` (ids in that order)."""
-    vocab = {tok: i for i, tok in enumerate(list(SPECIAL_TOKENS) + vocabulary())}
+def build_tokenizer(extra_words: Sequence[str] = ()) -> PreTrainedTokenizerFast:
+    """Word-level tokenizer over ``SPECIAL_TOKENS + vocabulary()`` then ``extra_words`` (ids in that order).
+
+    ``extra_words`` (new words not already in the vocabulary) get ids after every existing one, so the
+    shipped weights' ids do not move (a model that knows them needs its embeddings grown to match).
+    """
+    base = list(SPECIAL_TOKENS) + vocabulary()
+    words = base + [w for w in dict.fromkeys(extra_words) if w not in base]
+    vocab = {tok: i for i, tok in enumerate(words)}
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     core.post_processor = processors.TemplateProcessing(
@@ -85,11 +93,11 @@ def build_image_processor() -> CLIPImageProcessorPil:
     )
 
 
-def build_processor() -> LlavaProcessor:
-    """The organism's ``LlavaProcessor`` (tokenizer + image processor + chat template)."""
+def build_processor(extra_words: Sequence[str] = ()) -> LlavaProcessor:
+    """The organism's ``LlavaProcessor`` (tokenizer + image processor + chat template); see ``build_tokenizer``."""
     return LlavaProcessor(
         image_processor=build_image_processor(),
-        tokenizer=build_tokenizer(),
+        tokenizer=build_tokenizer(extra_words),
         patch_size=PATCH,
         vision_feature_select_strategy="default",
         num_additional_image_tokens=1,
