@@ -18,6 +18,9 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from torch import Tensor
 
+from vtprune.framework.hints import (  # the stage hints the runtime honours (docs/adapters.md)
+    HINT_APPEND_MERGED, HINT_FINAL_NORM, HINT_INPUT_EMBEDDINGS, HINT_LAST_QUERY, HINT_OWN_LAYER, HINT_PLAIN_PROMPT,
+)
 from vtprune.framework.selection import Selection
 from vtprune.framework.signals import Signals
 from vtprune.framework.stages import pipeline_at_drop
@@ -36,13 +39,6 @@ __all__ = [
     "HINT_OWN_LAYER", "HINT_APPEND_MERGED", "HINT_LAST_QUERY", "HINT_PLAIN_PROMPT", "HINT_INPUT_EMBEDDINGS",
 ]
 
-#: Stage hints (``Stage.adapter_hints``) the runtime honours (docs/adapters.md).
-HINT_FINAL_NORM = "final_norm"  # in-LLM visual / prompt = hidden states through the decoder's final norm (DART)
-HINT_OWN_LAYER = "own_layer_scoring"  # layer(k) attention / keys from layer k's own weights on its input (PyramidDrop)
-HINT_APPEND_MERGED = "append_merged"  # merged (non-critical, valued) kept tokens written after the critical ones (SparseVLM)
-HINT_LAST_QUERY = "last_token_query"  # the query token is the sequence's last real token, not the last prompt token (HoliTom)
-HINT_PLAIN_PROMPT = "plain_prompt_attention"  # prompt_attention = softmax(q k^T / sqrt(d)) before RoPE, no causal mask (PruneVid)
-HINT_INPUT_EMBEDDINGS = "input_embeddings"  # in-LLM drops also give input_visual / input_prompt (SparseVLM's raters)
 #: Drop kinds applied at the decoder input (layer 0).
 INPUT_DROPS = ("vision", "vision_layers", "pre_llm")
 

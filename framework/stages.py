@@ -104,7 +104,7 @@ class Stage:
     requires: ClassVar[frozenset[str]] = frozenset()
     optional: ClassVar[frozenset[str]] = frozenset()
     #: How an adapter should compute the signals this stage reads, when a method's official code fixes it
-    #: (docs/adapters.md, "Adapter hints"): "final_norm" = in-LLM ``visual`` / ``prompt`` are the hidden states
+    #: (docs/adapters.md, "Adapter hints"; the names are `vtprune.framework.hints`' constants): "final_norm" = in-LLM ``visual`` / ``prompt`` are the hidden states
     #: through the decoder's final norm (DART); "own_layer_scoring" = a ``layer(k)`` drop's ``attention`` /
     #: keys come from layer k's own weights on its input instead of layer k-1's (PyramidDrop). Adapters that
     #: do not know a hint ignore it.

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from vtprune.framework.budget import resolve_budget, resolve_count, scaled_counts
+from vtprune.framework.hints import HINT_FINAL_NORM, HINT_OWN_LAYER
 from vtprune.framework.signals import PLACEMENT_SIGNALS, Signals
 from vtprune.framework.stages import (
     Allocation,
@@ -192,7 +193,7 @@ class DartDiversity(DiversitySupplementer):
     description: ClassVar[str] = "DART: per pivot (image + text), keep the least cosine-similar image tokens"
     requires: ClassVar[frozenset[str]] = frozenset({"prompt", "prompt_keys"})
     #: DART computes its similarities on ``model.norm(hidden states)``: adapters apply the final norm.
-    adapter_hints: ClassVar[frozenset[str]] = frozenset({"final_norm"})
+    adapter_hints: ClassVar[frozenset[str]] = frozenset({HINT_FINAL_NORM})
     pivot_text: int = 4
     faithful: bool = False
     image_token_start_index: int = 35
@@ -297,7 +298,7 @@ class PDropBudget(BudgetAllocator):
     description: ClassVar[str] = "PyramidDrop count int(N*ratio) (truncation) for a fraction; every token critical"
     #: PyramidDrop scores each stage with the stage layer's own input norm / q / k (``pdrop_forward``): the
     #: hint travels with this stage, so ``pdrop`` with another placement (experiments) keeps the rule.
-    adapter_hints: ClassVar[frozenset[str]] = frozenset({"own_layer_scoring"})
+    adapter_hints: ClassVar[frozenset[str]] = frozenset({HINT_OWN_LAYER})
 
     def allocate(self, totals: Tensor, valid: Tensor, scores: Optional[Tensor]) -> Allocation:
         return Allocation(total=totals, critical=totals)

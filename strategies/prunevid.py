@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from vtprune.framework.budget import resolve_budget
+from vtprune.framework.hints import HINT_PLAIN_PROMPT
 from vtprune.framework.signals import PLACEMENT_SIGNALS, Signals
 from vtprune.framework.stages import (
     Allocation,
@@ -38,9 +39,6 @@ from .budget import OwnCountAllocator
 from .critical import TopKCritical
 from .functional.prunevid import DEFAULT_K, group_keep, prunevid_frames, span_groups
 
-#: Adapter hint (``Stage.adapter_hints``): ``prompt_attention`` without RoPE and without the causal mask
-#: (docs/adapters.md).
-HINT_PLAIN_PROMPT = "plain_prompt_attention"
 
 __all__ = [
     "PruneVidMerge", "PruneVidBudget", "PruneVidAttention", "PruneVidPlainAttention", "PruneVidAlpha", "PruneVidGroups", "PruneVidGroupBudget",

@@ -7,6 +7,7 @@ from typing import ClassVar, Optional
 
 from torch import Tensor
 
+from vtprune.framework.hints import HINT_LAST_QUERY
 from vtprune.framework.signals import Signals
 from vtprune.framework.stages import RelevanceScorer
 
@@ -15,9 +16,6 @@ from .functional.seeded import row_uniform
 
 __all__ = ["PromptCosine", "AttentionRelevance", "LastTokenAttention", "RandomRelevance", "NoRelevance", "HINT_LAST_QUERY"]
 
-#: Adapter hint (``Stage.adapter_hints``): the query token whose attention row is ``Signals.attention`` (and whose
-#: keys row is scored) is the sequence's last real token instead of the last prompt token (docs/adapters.md).
-HINT_LAST_QUERY = "last_token_query"
 
 
 @dataclass(frozen=True, eq=False)

@@ -13,6 +13,7 @@ from torch import Tensor
 
 from vtprune.framework.budget import Budget
 from vtprune.framework.errors import BudgetError
+from vtprune.framework.hints import HINT_APPEND_MERGED, HINT_INPUT_EMBEDDINGS
 from vtprune.framework.signals import PLACEMENT_SIGNALS, Signals
 from vtprune.framework.stages import (
     Allocation,
@@ -28,12 +29,6 @@ from .functional.sparsevlm import OFFICIAL_SCALE_BIAS, rank_counts, rater_rows, 
 
 __all__ = ["HINT_APPEND_MERGED", "HINT_INPUT_EMBEDDINGS", "SparseRaters", "SparseRank", "SparseRecycle", "SparseLayers", "SPARSEVLM_STAGES"]
 
-#: Adapter hint (``Stage.adapter_hints``): merged tokens (the kept non-critical tokens carrying values) are written
-#: after the critical ones in the image's first slots, as SparseVLM appends its recycled tokens after the kept ones.
-HINT_APPEND_MERGED = "append_merged"
-#: Adapter hint: in-LLM drops also give the decoder input embeddings (``input_visual`` / ``input_visual_mask`` /
-#: ``input_prompt``), from which SparseVLM chooses its raters once, before layer 0.
-HINT_INPUT_EMBEDDINGS = "input_embeddings"
 _RATER_SIGNALS = frozenset({"prompt", "prompt_mask", "prompt_attention"})
 
 
