@@ -29,13 +29,13 @@ from .call import ForwardCall
 from .capture import VisionCapture
 from .decoder import Decision, DropState, Session
 from .records import DropRecord, ImageLayout, PruneResult
-from .row_fields import frame_fields, frame_spans, held_record, image_assignment, input_fields
+from .row_fields import frame_fields, frame_spans, held_record, input_fields
 from .row_fields import pad_rows as _pad_rows
 from .spans import last_real_tokens
 from .tower_merge import apply_tower_merge
 
 __all__ = [
-    "ForwardCall", "PlanContext", "Plan", "check_drops", "frame_fields", "image_assignment", "HINT_FINAL_NORM",
+    "ForwardCall", "PlanContext", "Plan", "check_drops", "frame_fields", "HINT_FINAL_NORM",
     "HINT_OWN_LAYER", "HINT_APPEND_MERGED", "HINT_LAST_QUERY", "HINT_PLAIN_PROMPT", "HINT_INPUT_EMBEDDINGS",
 ]
 

@@ -15,7 +15,7 @@ from vtprune.framework.selection import Selection
 
 from .records import ImageLayout
 
-__all__ = ["frame_fields", "frame_spans", "held_record", "image_assignment", "input_fields", "pad_rows"]
+__all__ = ["frame_fields", "frame_spans", "held_record", "input_fields", "pad_rows"]
 
 
 def pad_rows(rows: list[Tensor], width: Optional[int] = None, value: float = 0.0) -> Tensor:
@@ -79,17 +79,6 @@ def held_record(selection: Selection, columns: list[Tensor], held: list[Tensor],
 #: Drop kinds whose record's ``indices`` / ``assignment`` are in the image's own token coordinates (the tower's
 #: ``vision_layers`` merges map the tower's patches instead).
 _TOKEN_COORDINATE_DROPS = ("vision", "pre_llm", "layer")
-
-
-def image_assignment(assignment: Tensor, columns: list[Tensor], layouts: Sequence[ImageLayout]) -> Tensor:
-    """(R, max num_tokens) long, CPU: a selection's slot ``assignment`` (R, N) over the present tokens of each image
-    (``columns[r]``, image-token coordinates) put at the image's own token indices; -1 for tokens absent at the
-    drop, dropped unmerged, and past an image's end."""
-    width = max([layout.num_tokens for layout in layouts] + [0])
-    out = torch.full((len(columns), width), -1, dtype=torch.long)
-    for r, present in enumerate(columns):
-        out[r, present.cpu()] = assignment[r, : present.numel()].cpu()
-    return out
 
 
 def frame_fields(layouts: Sequence[ImageLayout], columns: list[Tensor], width: int, device: Any) -> tuple[Tensor, Tensor]:
