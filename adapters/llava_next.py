@@ -29,6 +29,7 @@ from torch import Tensor
 from .description import VLMAdapter, without_videos
 from .plan import ForwardCall
 from .records import ImageLayout
+from .value_match import value_ids, value_table
 
 __all__ = ["LlavaNextAdapter"]
 
@@ -96,16 +97,11 @@ class LlavaNextAdapter(VLMAdapter):
         projected = capture.projected
         if projected is None:
             raise RuntimeError("llava_next: the projector output was not captured")
-        flat = projected.reshape(-1, projected.shape[-1])
-        table: dict[bytes, int] = {}
-        raw = flat.detach().contiguous().cpu().view(torch.uint8).numpy()
-        for i in range(raw.shape[0]):
-            table.setdefault(raw[i].tobytes(), i)
+        table = value_table(projected)
         source = per_crop.reshape(-1, per_crop.shape[-1])
         rows = []
         for embeds in token_embeds:
-            keys = embeds.detach().to(flat.dtype).contiguous().cpu().view(torch.uint8).numpy()
-            index = torch.tensor([table.get(keys[i].tobytes(), -1) for i in range(keys.shape[0])], dtype=torch.long)
+            index = value_ids(table, embeds, projected.dtype)  # (n,), -1 = no projected row (newlines)
             found = (index >= 0).to(source.device)
             row = source[index.clamp(min=0).to(source.device)]
             rows.append(torch.where(found.unsqueeze(-1), row, torch.zeros_like(row)))

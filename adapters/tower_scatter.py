@@ -26,23 +26,16 @@ from vtprune.framework.selection import Selection
 
 from .decoder import Decision, DropState
 from .records import DropRecord
+from .value_match import value_ids, value_table
 
 __all__ = ["apply_sources", "representatives"]
 
 
 def _slot_table(projected: Tensor, dtype: torch.dtype) -> dict[bytes, int]:
     """{bytes of a merged token's value: its global id (crop * k + slot)} over (crops, k, D) ``projected``."""
-    flat = projected.detach().to(dtype).reshape(-1, projected.shape[-1]).contiguous().cpu()  # (crops * k, D)
-    raw = flat.view(torch.uint8).numpy()
-    table: dict[bytes, int] = {}
-    for i in range(raw.shape[0]):
-        key = raw[i].tobytes()
-        if key in table:
-            raise RuntimeError(
-                "placement vision_layers: two merged tokens have identical values, so their placeholders cannot be told apart"
-            )
-        table[key] = i
-    return table
+    return value_table(projected.to(dtype), duplicate_error=(
+        "placement vision_layers: two merged tokens have identical values, so their placeholders cannot be told apart"
+    ))
 
 
 def representatives(ids: Tensor, newline: Tensor) -> tuple[Tensor, Tensor]:
@@ -81,8 +74,8 @@ def apply_sources(plan: Any, drop: Any, layer: int, budgets: list, state: DropSt
         if table is None:  # nothing merged: every token stays
             row_keep, assignment = torch.ones(n, dtype=torch.bool), torch.arange(n)
         else:
-            raw = plan.token_embeds[r].detach().contiguous().cpu().view(torch.uint8).numpy()  # (n, D * bytes)
-            ids = torch.tensor([-1 if newline[i] else table.get(raw[i].tobytes(), -2) for i in range(n)], dtype=torch.long)
+            ids = value_ids(table, plan.token_embeds[r], plan.token_embeds[r].dtype, missing=-2)  # (n,)
+            ids = torch.where(newline, torch.full_like(ids, -1), ids)  # newlines carry no merged token
             if bool((ids == -2).any()):
                 raise RuntimeError("placement vision_layers: an image placeholder carries no merged token of the tower")
             row_keep, assignment = representatives(ids, newline)
