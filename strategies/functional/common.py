@@ -25,6 +25,8 @@ __all__ = [
     "argsort_keep",
     "topk_indices",
     "argsort_indices",
+    "COSINE_EPS",
+    "unit_rows",
 ]
 
 #: A per-row token count: one int for every row, or a (B,) long tensor.
@@ -165,3 +167,17 @@ def argsort_indices(scores: Tensor, count: int) -> Tensor:
     else:
         order = torch.cat([row.unsqueeze(0).argsort(dim=-1, descending=True) for row in scores])  # (B, N)
     return order[:, :count].sort(dim=1).values  # (B, k)
+
+
+#: ``F.cosine_similarity``'s default ``eps``: the floor of each vector's norm before it divides (`unit_rows`).
+COSINE_EPS = 1e-8
+
+
+def unit_rows(x: Tensor, *, inplace: bool = False) -> Tensor:
+    """``x / max(||x||, COSINE_EPS)`` over the last dim, the per-vector half of ``F.cosine_similarity`` (ATen divides
+    each side by its clamped norm, multiplies and sums over the dim), so ``(unit_rows(a) * unit_rows(b)).sum(-1)``
+    equals ``F.cosine_similarity(a, b, dim=-1)`` bit for bit (tests/strategies/test_video_speed.py) while each frame
+    of a video is divided by its norm once rather than once per pair it takes part in. Same shape and dtype as ``x``;
+    ``inplace`` divides ``x`` itself (a buffer the caller owns) instead of allocating a new one."""
+    norms = torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min(COSINE_EPS)  # (..., 1)
+    return x.div_(norms) if inplace else x / norms

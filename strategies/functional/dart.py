@@ -37,8 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .common import CountLike, mask_from_positions, per_row_counts, row_positions, valid_or_all
-from .video import unit_rows
+from .common import CountLike, mask_from_positions, per_row_counts, row_positions, unit_rows, valid_or_all
 
 __all__ = ["dart_token_topk", "dart_select", "dart_supplement"]
 

@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .video import dpc_knn_scores, unit_rows
+from .common import unit_rows
+from .video import dpc_knn_scores
 
 __all__ = [
     "HoliTomResult",

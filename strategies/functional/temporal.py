@@ -29,7 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .video import frame_tokens, unit_rows
+from .common import unit_rows
+from .video import frame_tokens
 
 __all__ = ["DYCOKE_KEEP_TIER", "DyCokeTTM", "dycoke_reference_frames", "dycoke_keep_per_frame", "dycoke_ttm", "dycoke_ttm_count"]
 

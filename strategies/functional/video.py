@@ -14,14 +14,11 @@ import torch
 from torch import Tensor
 
 __all__ = [
-    "TIE_NOISE", "COSINE_EPS", "frame_positions", "frame_tokens", "frame_attention", "dpc_knn_scores", "row_generator",
-    "unit_rows",
+    "TIE_NOISE", "frame_positions", "frame_tokens", "frame_attention", "dpc_knn_scores", "row_generator",
 ]
 
 #: Scale of the uniform noise DPC-KNN adds to densities to break ties (FastVID and HoliTom: ``rand * 1e-6``).
 TIE_NOISE = 1e-6
-#: ``F.cosine_similarity``'s default ``eps``: the floor of each vector's norm before it divides (`unit_rows`).
-COSINE_EPS = 1e-8
 
 
 def frame_positions(frame_index: Tensor, frames: tuple[int, int, int]) -> Tensor:
@@ -55,16 +52,6 @@ def frame_attention(tokens: Tensor) -> Tensor:
     x = tokens.float()  # (T, n, D)
     logits = torch.bmm(x, x.transpose(1, 2)) / math.sqrt(x.shape[-1])  # (T, n, n)
     return logits.softmax(dim=-1).mean(dim=1)  # (T, n)
-
-
-def unit_rows(x: Tensor, *, inplace: bool = False) -> Tensor:
-    """``x / max(||x||, COSINE_EPS)`` over the last dim, the per-vector half of ``F.cosine_similarity`` (ATen divides
-    each side by its clamped norm, multiplies and sums over the dim), so ``(unit_rows(a) * unit_rows(b)).sum(-1)``
-    equals ``F.cosine_similarity(a, b, dim=-1)`` bit for bit (tests/strategies/test_video_speed.py) while each frame
-    of a video is divided by its norm once rather than once per pair it takes part in. Same shape and dtype as ``x``;
-    ``inplace`` divides ``x`` itself (a buffer the caller owns) instead of allocating a new one."""
-    norms = torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min(COSINE_EPS)  # (..., 1)
-    return x.div_(norms) if inplace else x / norms
 
 
 def row_generator(seed: int, device: torch.device) -> torch.Generator:

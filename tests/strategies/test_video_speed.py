@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from vtprune.strategies.functional.holitom import holitom_windows, static_window_counts
-from vtprune.strategies.functional.video import frame_positions, frame_tokens, unit_rows
+from vtprune.strategies.functional.common import unit_rows
+from vtprune.strategies.functional.video import frame_positions, frame_tokens
 
 
 @pytest.mark.parametrize("seed", range(4))
