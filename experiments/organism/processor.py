@@ -51,31 +51,35 @@ def build_prompt(question: str) -> str:
     return f"USER: {IMAGE_TOKEN} {question} ASSISTANT:"
 
 
-def build_tokenizer(extra_words: Sequence[str] = ()) -> PreTrainedTokenizerFast:
-    """Word-level tokenizer over ``SPECIAL_TOKENS + vocabulary()`` then ``extra_words`` (ids in that order).
-
-    ``extra_words`` (new words not already in the vocabulary) get ids after every existing one, so the
-    shipped weights' ids do not move (a model that knows them needs its embeddings grown to match).
-    """
-    base = list(SPECIAL_TOKENS) + vocabulary()
-    words = base + [w for w in dict.fromkeys(extra_words) if w not in base]
-    vocab = {tok: i for i, tok in enumerate(words)}
+def word_level_tokenizer(
+    words: Sequence[str], extra_words: Sequence[str], extra_special_tokens: dict[str, str]
+) -> PreTrainedTokenizerFast:
+    """The organisms' word-level tokenizer (whitespace pre-tokenizer, ``<s>`` prepended, left padding) over
+    ``words`` then ``extra_words`` (ids in that order). ``extra_words`` (new words not already in ``words``, each
+    once) get ids after every existing one, so the shipped weights' ids do not move (a model that knows them needs
+    its embeddings grown to match). ``words`` must hold ``<pad>``, ``<unk>``, ``<s>`` and ``</s>``."""
+    base = list(words)
+    vocab = {tok: i for i, tok in enumerate(base + [w for w in dict.fromkeys(extra_words) if w not in base])}
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     core.post_processor = processors.TemplateProcessing(
         single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", vocab["<s>"])]
     )
-    tok = PreTrainedTokenizerFast(
+    return PreTrainedTokenizerFast(
         tokenizer_object=core,
         pad_token="<pad>",
         unk_token="<unk>",
         bos_token="<s>",
         eos_token="</s>",
-        extra_special_tokens={"image_token": IMAGE_TOKEN},
+        extra_special_tokens=dict(extra_special_tokens),
         padding_side="left",
         model_max_length=512,
     )
-    return tok
+
+
+def build_tokenizer(extra_words: Sequence[str] = ()) -> PreTrainedTokenizerFast:
+    """Word-level tokenizer over ``SPECIAL_TOKENS + vocabulary()`` then ``extra_words`` (`word_level_tokenizer`)."""
+    return word_level_tokenizer(list(SPECIAL_TOKENS) + vocabulary(), extra_words, {"image_token": IMAGE_TOKEN})
 
 
 # CLIP's mean with a tighter std: scaling the inputs up ~3x (equivalent to a larger

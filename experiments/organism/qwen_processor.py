@@ -26,10 +26,9 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast, ProcessorMixin, Qwen2VLImageProcessorPil, Qwen2VLProcessor
 
-from .processor import IMAGE_MEAN, IMAGE_STD, SPECIAL_TOKENS
+from .processor import IMAGE_MEAN, IMAGE_STD, SPECIAL_TOKENS, word_level_tokenizer
 from .task import IMAGE_SIZE, PATCH, vocabulary
 
 __all__ = [
@@ -78,26 +77,10 @@ def build_qwen_prompt(question: str) -> str:
 def build_qwen_tokenizer(extra_words: Sequence[str] = ()) -> PreTrainedTokenizerFast:
     """Word-level tokenizer over ``qwen_vocabulary()`` then ``extra_words`` (ids in that order; the video
     organism's new words, ``qwen_video``)."""
-    words = qwen_vocabulary() + [w for w in extra_words if w not in qwen_vocabulary()]
-    vocab = {tok: i for i, tok in enumerate(words)}
-    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    core.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", vocab["<s>"])]
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=core,
-        pad_token="<pad>",
-        unk_token="<unk>",
-        bos_token="<s>",
-        eos_token="</s>",
-        extra_special_tokens={
-            "image_token": IMAGE_PAD, "video_token": VIDEO_PAD,
-            "vision_start_token": VISION_START, "vision_end_token": VISION_END,
-        },
-        padding_side="left",
-        model_max_length=512,
-    )
+    return word_level_tokenizer(qwen_vocabulary(), extra_words, {
+        "image_token": IMAGE_PAD, "video_token": VIDEO_PAD,
+        "vision_start_token": VISION_START, "vision_end_token": VISION_END,
+    })
 
 
 def build_qwen_image_processor() -> Qwen2VLImageProcessorPil:
