@@ -21,9 +21,15 @@ from .video_task import VIDEO_TEMPLATES, make_video_split
 
 __all__ = ["ORGANISM_SCENES", "OrganismTask"]
 
-#: the organism's tasks: ``shapes`` (1-4 outlined shapes, task.py) and ``clutter`` (one target among
-#: 12-20 small distractors, clutter.py) and ``video`` (2-3 shapes, one moving, video_task.py; the video organism)
-ORGANISM_SCENES: tuple[str, ...] = ("shapes", "clutter", "video")
+#: the organism's tasks, each with its split maker and question templates: ``shapes`` (1-4 outlined shapes, task.py),
+#: ``clutter`` (one target among 12-20 small distractors, clutter.py) and ``video`` (2-3 shapes, one moving,
+#: video_task.py; the video organism)
+_SCENES = {
+    "shapes": (make_split, TEMPLATES),
+    "clutter": (make_clutter_split, CLUTTER_TEMPLATES),
+    "video": (make_video_split, VIDEO_TEMPLATES),
+}
+ORGANISM_SCENES: tuple[str, ...] = tuple(_SCENES)
 
 
 class OrganismTask:
@@ -51,7 +57,7 @@ class OrganismTask:
 
     def samples(self, limit: Optional[int] = None) -> Iterator[Sample]:
         count = self.n if limit is None else min(int(limit), self.n)
-        make = {"shapes": make_split, "clutter": make_clutter_split, "video": make_video_split}[self.scenes]
+        make = _SCENES[self.scenes][0]
         for offset, item in enumerate(make(self.split, count, self.start)):
             sample_id = f"{self.split}-{self.start + offset}"
             self._labels[sample_id] = (item.patch_labels.tolist(), list(item.target_objects))
@@ -79,4 +85,4 @@ class OrganismTask:
         return {"target_kept": float(all(t in kept_objects for t in targets))}
 
     def templates(self) -> tuple[str, ...]:
-        return {"shapes": TEMPLATES, "clutter": CLUTTER_TEMPLATES, "video": VIDEO_TEMPLATES}[self.scenes]
+        return _SCENES[self.scenes][1]
