@@ -273,15 +273,19 @@ class BudgetAllocator(Stage):
         """
         raise NotImplementedError
 
+    #: How a fraction budget rounds (`framework.budget.ROUNDINGS`), for the default :meth:`resolve` and
+    #: :meth:`resolve_count`: "half_up" (``floor(f * valid + 0.5)``), or another method's rule ("half_even": Python
+    #: ``round``; "floor": ``int()`` truncation; "ceil").
+    rounding: ClassVar[str] = "half_up"
+
     def resolve(self, budget: int | float, valid_counts: Tensor) -> Tensor:
         """(B,) long: tokens to keep per row for the requested budget.
 
-        The default rule: an int keeps ``min(budget, valid)``; a float f in (0, 1] keeps
-        ``max(1, floor(f * valid + 0.5))`` (round half up, at least one token). Allocators that
-        reproduce another method's rounding override this with
-        ``resolve_budget(budget, valid_counts, rounding=...)``.
+        The default rule: an int keeps ``min(budget, valid)``; a float f in (0, 1] keeps ``rounding(f * valid)``, at
+        least one token (``resolve_budget(budget, valid_counts, rounding=self.rounding)``). Allocators that
+        reproduce another method's rounding set :attr:`rounding`; a count of another kind overrides this.
         """
-        return resolve_budget(budget, valid_counts)
+        return resolve_budget(budget, valid_counts, rounding=self.rounding)
 
     def covers(self, budget: Any, totals: Tensor, valid_counts: Tensor) -> Optional[Tensor]:
         """(B,) bool: the rows whose budget asks for every real token, or None when no row's can.
@@ -301,12 +305,11 @@ class BudgetAllocator(Stage):
 
     def resolve_count(self, budget: int | float, tokens: int) -> int:
         """:meth:`resolve` for one row of ``tokens`` real tokens, as a Python int (the index path of
-        ``Pipeline.select`` asks it on the host). The default applies :meth:`resolve` to a one-element
-        tensor, so it follows any override; allocators that override :meth:`resolve` with
-        ``resolve_budget(..., rounding=r)`` may override this with ``resolve_count(..., rounding=r)``
-        (no tensor op; tests/framework/test_dense_select.py checks that both agree)."""
+        ``Pipeline.select`` asks it on the host): ``resolve_count(..., rounding=self.rounding)`` (no tensor op)
+        while :meth:`resolve` is the default, else :meth:`resolve` on a one-element tensor, so it follows any
+        override (tests/framework/test_dense_select.py checks that both agree for every allocator)."""
         if type(self).resolve is BudgetAllocator.resolve:
-            return resolve_count(budget, tokens)
+            return resolve_count(budget, tokens, rounding=self.rounding)
         return int(self.resolve(budget, torch.full((1,), tokens, dtype=torch.long)).tolist()[0])
 
 

@@ -11,7 +11,7 @@ from typing import ClassVar, Literal, Optional
 import torch
 from torch import Tensor
 
-from vtprune.framework.budget import resolve_budget, resolve_count, scaled_counts
+from vtprune.framework.budget import scaled_counts
 from vtprune.framework.hints import HINT_FINAL_NORM, HINT_OWN_LAYER
 from vtprune.framework.signals import PLACEMENT_SIGNALS, Signals
 from vtprune.framework.stages import (
@@ -283,11 +283,7 @@ class FastVBudget(BudgetAllocator):
     def allocate(self, totals: Tensor, valid: Tensor, scores: Optional[Tensor]) -> Allocation:
         return Allocation(total=totals, critical=totals)
 
-    def resolve(self, budget: int | float, valid_counts: Tensor) -> Tensor:
-        return resolve_budget(budget, valid_counts, rounding="half_even")
-
-    def resolve_count(self, budget: int | float, tokens: int) -> int:
-        return resolve_count(budget, tokens, rounding="half_even")
+    rounding: ClassVar[str] = "half_even"
 
 
 @dataclass(frozen=True, eq=False)
@@ -303,11 +299,7 @@ class PDropBudget(BudgetAllocator):
     def allocate(self, totals: Tensor, valid: Tensor, scores: Optional[Tensor]) -> Allocation:
         return Allocation(total=totals, critical=totals)
 
-    def resolve(self, budget: int | float, valid_counts: Tensor) -> Tensor:
-        return resolve_budget(budget, valid_counts, rounding="floor")
-
-    def resolve_count(self, budget: int | float, tokens: int) -> int:
-        return resolve_count(budget, tokens, rounding="floor")
+    rounding: ClassVar[str] = "floor"
 
 
 @dataclass(frozen=True, eq=False)
@@ -344,8 +336,7 @@ class DivPruneRatio(BudgetAllocator):
     def allocate(self, totals: Tensor, valid: Tensor, scores: Optional[Tensor]) -> Allocation:
         return Allocation(total=totals, critical=torch.zeros_like(totals))
 
-    def resolve(self, budget: int | float, valid_counts: Tensor) -> Tensor:
-        return resolve_budget(budget, valid_counts, rounding="half_even")
+    rounding: ClassVar[str] = "half_even"
 
 
 @dataclass(frozen=True, eq=False)

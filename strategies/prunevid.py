@@ -22,7 +22,6 @@ from typing import Any, ClassVar, Literal, Optional
 import torch
 from torch import Tensor
 
-from vtprune.framework.budget import resolve_budget
 from vtprune.framework.hints import HINT_PLAIN_PROMPT
 from vtprune.framework.signals import PLACEMENT_SIGNALS, Signals
 from vtprune.framework.stages import (
@@ -174,8 +173,7 @@ class PruneVidAlpha(BudgetAllocator):
     description: ClassVar[str] = "no diversity share; fractions floored (PruneVid's int(size * alpha))"
     plans_from_totals: ClassVar[bool] = True
 
-    def resolve(self, budget: int | float, valid_counts: Tensor) -> Tensor:
-        return resolve_budget(budget, valid_counts, rounding="floor")
+    rounding: ClassVar[str] = "floor"
 
     def allocate(self, totals: Tensor, valid: Tensor, scores: Optional[Tensor]) -> Allocation:
         return Allocation(total=totals, critical=totals)

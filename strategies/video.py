@@ -20,7 +20,6 @@ from typing import Any, ClassVar, Literal, Optional
 import torch
 from torch import Tensor
 
-from vtprune.framework.budget import resolve_budget
 from vtprune.framework.signals import PLACEMENT_SIGNALS, Signals
 from vtprune.framework.stages import (
     Allocation,
@@ -243,8 +242,7 @@ class HoliTomBudget(OwnCountAllocator):
     name: ClassVar[str] = "holitom"
     description: ClassVar[str] = "adaptive: the budget (rounded half to even) is HoliTom's ratio; the method keeps its own count"
 
-    def resolve(self, budget: int | float, valid_counts: Tensor) -> Tensor:
-        return resolve_budget(budget, valid_counts, rounding="half_even")
+    rounding: ClassVar[str] = "half_even"
 
 
 @dataclass(frozen=True, eq=False)
@@ -259,8 +257,7 @@ class HoliTomLayerBudget(BudgetAllocator):
     def allocate(self, totals: Tensor, valid: Tensor, scores: Optional[Tensor]) -> Allocation:
         return Allocation(total=totals, critical=torch.zeros_like(totals))
 
-    def resolve(self, budget: int | float, valid_counts: Tensor) -> Tensor:
-        return resolve_budget(budget, valid_counts, rounding="half_even")
+    rounding: ClassVar[str] = "half_even"
 
 
 @dataclass(frozen=True, eq=False)
