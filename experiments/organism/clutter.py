@@ -37,12 +37,12 @@ from .task import (
     PATCH,
     SHAPES,
     SPLIT_SEEDS,
-    SPLIT_SPAN,
+    _shape_mask,
+    patch_labels,
     Sample,
     Scene,
     SceneObject,
-    _shape_mask,
-    patch_labels,
+    stream_rng,
 )
 
 __all__ = [
@@ -70,11 +70,7 @@ _MODES = ("color", "shape")  # which attribute of the target is unique in the sc
 
 def clutter_rng(split: str, index: int) -> np.random.Generator:
     """The generator owning clutter scene ``index`` of ``split``."""
-    if split not in SPLIT_SEEDS:
-        raise KeyError(f"unknown split {split!r}; expected one of {list(SPLIT_SEEDS)}")
-    if not 0 <= index < SPLIT_SPAN:
-        raise IndexError(f"scene index {index} outside [0, {SPLIT_SPAN})")
-    return np.random.default_rng([SPLIT_SEEDS[split] + index, CLUTTER_STREAM])
+    return stream_rng(split, index, CLUTTER_STREAM)
 
 
 def _allowed_kinds(target: tuple[str, str], mode: str) -> list[tuple[str, str]]:

@@ -35,7 +35,14 @@ import numpy as np
 from .batching import TrainBatcher
 from .clutter import CLUTTER_OBJECTS, render_one_token_objects
 from .processor import build_processor, build_tokenizer
-from .task import COLORS, SHAPES, SPLIT_SEEDS, SPLIT_SPAN, Sample, Scene
+from .task import (
+    COLORS,
+    SHAPES,
+    SPLIT_SEEDS,
+    Sample,
+    Scene,
+    stream_rng,
+)
 from .clutter import make_clutter_split
 
 __all__ = [
@@ -65,11 +72,7 @@ _SLOT_PERIOD = 6
 
 def group_rng(split: str, index: int) -> np.random.Generator:
     """The generator owning group scene ``index`` of ``split``."""
-    if split not in SPLIT_SEEDS:
-        raise KeyError(f"unknown split {split!r}; expected one of {list(SPLIT_SEEDS)}")
-    if not 0 <= index < SPLIT_SPAN:
-        raise IndexError(f"scene index {index} outside [0, {SPLIT_SPAN})")
-    return np.random.default_rng([SPLIT_SEEDS[split] + index, GROUP_STREAM])
+    return stream_rng(split, index, GROUP_STREAM)
 
 
 def render_group_scene(rng: np.random.Generator, yes: bool) -> tuple[Scene, str, str]:

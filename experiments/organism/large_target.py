@@ -38,6 +38,7 @@ from .clutter import CLUTTER_OBJECTS
 from .clutter import _COLOR_JITTER, _GRID, _PIXEL_NOISE
 from .clutter import _SIDE_RANGE as _DISTRACTOR_SIDE
 from .task import (
+    _STROKE_RANGE,
     BG_LEVEL,
     BG_NOISE,
     COLORS,
@@ -45,14 +46,13 @@ from .task import (
     PATCH,
     SHAPES,
     SPLIT_SEEDS,
-    SPLIT_SPAN,
-    Sample,
-    Scene,
-    SceneObject,
-    _STROKE_RANGE,
     _outline_mask,
     _shape_mask,
     patch_labels,
+    Sample,
+    Scene,
+    SceneObject,
+    stream_rng,
 )
 
 __all__ = [
@@ -76,11 +76,7 @@ _GAP = 1.0  # px between the target's box and a distractor's cell
 
 def large_target_rng(split: str, index: int) -> np.random.Generator:
     """The generator owning large-target scene ``index`` of ``split``."""
-    if split not in SPLIT_SEEDS:
-        raise KeyError(f"unknown split {split!r}; expected one of {list(SPLIT_SEEDS)}")
-    if not 0 <= index < SPLIT_SPAN:
-        raise IndexError(f"scene index {index} outside [0, {SPLIT_SPAN})")
-    return np.random.default_rng([SPLIT_SEEDS[split] + index, LARGE_TARGET_STREAM])
+    return stream_rng(split, index, LARGE_TARGET_STREAM)
 
 
 def _free_cells(cy: float, cx: float, side: float) -> list[int]:

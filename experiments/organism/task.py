@@ -242,13 +242,21 @@ def make_questions(scene: Scene, rng: np.random.Generator) -> list[tuple[str, st
     return out
 
 
-def scene_rng(split: str, index: int) -> np.random.Generator:
-    """The generator owning scene ``index`` of ``split`` (disjoint across splits)."""
+def stream_rng(split: str, index: int, stream: int | None = None) -> np.random.Generator:
+    """The generator owning scene ``index`` of ``split`` in a task's seed ``stream``: ``default_rng(SPLIT_SEEDS[split]
+    + index)`` for the shapes task (``stream`` None), ``default_rng([SPLIT_SEEDS[split] + index, stream])`` for the
+    others (clutter, video, the probes), so splits and tasks never share a scene."""
     if split not in SPLIT_SEEDS:
         raise KeyError(f"unknown split {split!r}; expected one of {list(SPLIT_SEEDS)}")
     if not 0 <= index < SPLIT_SPAN:
-        raise IndexError(index)
-    return np.random.default_rng(SPLIT_SEEDS[split] + index)
+        raise IndexError(f"scene index {index} outside [0, {SPLIT_SPAN})")
+    seed = SPLIT_SEEDS[split] + index
+    return np.random.default_rng(seed if stream is None else [seed, stream])
+
+
+def scene_rng(split: str, index: int) -> np.random.Generator:
+    """The generator owning scene ``index`` of ``split`` (disjoint across splits)."""
+    return stream_rng(split, index)
 
 
 def scene_samples(split: str, index: int) -> list[Sample]:

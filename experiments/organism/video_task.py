@@ -35,8 +35,17 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .task import (
-    BG_LEVEL, BG_NOISE, COLORS, COUNT_WORDS, PATCH, SHAPES, SPLIT_SEEDS, SPLIT_SPAN, SceneObject, _outline_mask,
+    BG_LEVEL,
+    BG_NOISE,
+    COLORS,
+    COUNT_WORDS,
+    PATCH,
+    SHAPES,
+    SPLIT_SEEDS,
+    _outline_mask,
     patch_labels,
+    SceneObject,
+    stream_rng,
 )
 
 __all__ = [
@@ -89,11 +98,7 @@ class VideoSample:
 
 def video_rng(split: str, index: int) -> np.random.Generator:
     """The generator owning video ``index`` of ``split`` (disjoint across splits and from the image tasks)."""
-    if split not in SPLIT_SEEDS:
-        raise KeyError(f"unknown split {split!r}; expected one of {list(SPLIT_SEEDS)}")
-    if not 0 <= index < SPLIT_SPAN:
-        raise IndexError(f"video index {index} outside [0, {SPLIT_SPAN})")
-    return np.random.default_rng([SPLIT_SEEDS[split] + index, VIDEO_STREAM])
+    return stream_rng(split, index, VIDEO_STREAM)
 
 
 def _apart(a: tuple[float, float, float], b: tuple[float, float, float]) -> bool:
