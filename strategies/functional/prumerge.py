@@ -127,21 +127,24 @@ def prumerge_row(
     weights = attention.to(hidden.dtype)  # (n,)
     # gathered, then normalised, in the official layout: the matmul result depends on the operands' memory layout
     kept_unit = F.normalize(keys[order], p=2, dim=-1)  # (L, dk)
-    pruned_unit = F.normalize(keys[pruned], p=2, dim=-1)  # (R, dk)
-    kept_hidden, pruned_hidden = hidden[order], hidden[pruned]  # (L, D), (R, D)
-    kept_weights, pruned_weights = weights[order], weights[pruned]  # (L,), (R,)
+    listing = torch.cat([order, pruned])  # (n,) the kept list, then the pruned tokens ascending
+    listing_unit = torch.cat([kept_unit, F.normalize(keys[pruned], p=2, dim=-1)])  # (n, dk)
     values = hidden.clone()
     width = min(neighbours, n - 1)
+    picks = []
     for i in range(order.numel() if width > 0 else 0):
-        # candidates: the other kept tokens in the official order, then the pruned ones ascending
-        rest_unit = torch.cat([kept_unit[:i], kept_unit[i + 1 :], pruned_unit]).unsqueeze(0)  # (1, n - 1, dk)
+        # candidates of the i-th kept token: the listing without it (a fresh tensor, as the official torch.cat)
+        rest_unit = torch.cat([listing_unit[:i], listing_unit[i + 1 :]]).unsqueeze(0)  # (1, n - 1, dk)
         similarity = torch.bmm(kept_unit[i].view(1, 1, -1), rest_unit.transpose(1, 2))  # (1, 1, n - 1)
-        nearest = torch.topk(similarity, k=width, dim=2, largest=True).indices.view(-1)  # (w,)
-        rest_hidden = torch.cat([kept_hidden[:i], kept_hidden[i + 1 :], pruned_hidden]).unsqueeze(0)  # (1, n - 1, D)
-        rest_weights = torch.cat([kept_weights[:i], kept_weights[i + 1 :], pruned_weights]).unsqueeze(0)  # (1, n - 1)
-        cluster = rest_hidden[:, nearest, :]  # (1, w, D)
-        scale = rest_weights[:, nearest].unsqueeze(-1)  # (1, w, 1)
-        values[order[i]] = (kept_hidden[i] + torch.sum(cluster * scale, dim=1))[0]  # (D,)
+        picks.append(torch.topk(similarity, k=width, dim=2, largest=True).indices.view(-1))  # (w,)
+    if picks:
+        local = torch.stack(picks)  # (L, w) indices into each centre's candidate list
+        rows = torch.arange(local.shape[0], device=hidden.device).unsqueeze(1)  # (L, 1)
+        nearest = listing[local + (local >= rows).long()]  # (L, w) positions: candidate j of centre i is listing[j + (j >= i)]
+        cluster = hidden[nearest]  # (L, w, D)
+        scale = weights[nearest].unsqueeze(-1)  # (L, w, 1)
+        values[order] = hidden[order] + torch.sum(cluster * scale, dim=1)  # (L, D) unnormalised weighted sum
+    pruned_hidden, pruned_weights = hidden[pruned], weights[pruned]  # (R, D), (R,)
     if pruned.numel():
         rest = pruned_hidden.unsqueeze(0)  # (1, R, D)
         extra = torch.sum(rest * pruned_weights.unsqueeze(0).unsqueeze(-1), dim=1, keepdim=True)  # (1, 1, D)
