@@ -28,6 +28,7 @@ __all__ = [
     "TowerRunCapture",
     "VisionRun",
     "clip_cls_rows",
+    "clip_full_width_cls_rows",
     "group_merge_units",
 ]
 
@@ -64,11 +65,14 @@ class CaptureNeeds:
         cls: the CLS attention row of the feature layer (``cls_attention``; ``visual_keys`` at ``vision``).
         keys: also the key states of that layer (``visual_keys``).
         cls_token: the CLS hidden state of the feature layer (VisionZip ``keep_cls=True``).
+        full_width: the CLS row and keys of the layer AFTER the feature layer, as one head over the full width
+            (hint ``full_width_cls_attention``, PruMerge: :func:`clip_full_width_cls_rows`).
     """
 
     cls: bool = False
     keys: bool = False
     cls_token: bool = False
+    full_width: bool = False
 
 
 class VisionHooks(Protocol):
@@ -100,6 +104,35 @@ def clip_cls_rows(layer: nn.Module, hidden: Tensor, want_keys: bool = False) -> 
     return probs, (key.transpose(1, 2) if want_keys else None)
 
 
+def clip_full_width_cls_rows(layer: nn.Module, hidden: Tensor, want_keys: bool = False) -> tuple[Tensor, Optional[Tensor]]:
+    """PruMerge's CLS row (github.com/42Shawn/LLaVA-PruMerge @ 097c0411, ``clip_encoder.py``: hooks on
+    ``layers[23].self_attn.{q,k}_proj``): ``softmax(q k^T * D ** -0.5)`` over the full width (ONE head, D = the
+    hidden size, unscaled ``q_proj`` / ``k_proj`` outputs on ``layer_norm1(hidden)``), in the model dtype as the
+    official code, the whole matrix then its CLS row.
+
+    Returns ``(attention (C, 1, n) fp32, keys (C, n, 1, D) or None)`` over all n tokens (CLS included).
+    """
+    attn = layer.self_attn
+    normed = layer.layer_norm1(hidden)  # (C, n, D)
+    query = attn.q_proj(normed)  # (C, n, D)
+    key = attn.k_proj(normed)  # (C, n, D)
+    scores = (query @ key.transpose(-2, -1)) * hidden.shape[-1] ** -0.5  # (C, n, n)
+    probs = torch.softmax(scores, dim=-1)[:, :1].float()  # (C, 1, n)
+    return probs, (key.unsqueeze(2) if want_keys else None)
+
+
+def following_layer(adapter: Any, layer: nn.Module) -> nn.Module:
+    """The tower layer after ``layer`` (the one reading the selected features: PruMerge's ``layers[23]``)."""
+    layers = list(adapter.tower.encoder.layers)
+    number = next(i for i, candidate in enumerate(layers) if candidate is layer)
+    if number + 1 >= len(layers):
+        raise ValueError(
+            f"{type(adapter.tower).__name__}: the feature layer is the tower's last layer, so there is no following "
+            "layer to take the full-width CLS attention from (PruMerge reads the layer after the feature layer)"
+        )
+    return layers[number + 1]
+
+
 class ProjectorCapture:
     """LLaVA-family capture: a pre-hook on ``vision_entry`` opens a capture, the projector's hooks record its input
     and output, the feature layer's hooks the CLS row / keys / CLS hidden state (``adapter.cls_layer``)."""
@@ -108,13 +141,16 @@ class ProjectorCapture:
         self._vision: Optional[VisionCapture] = None
         self._projecting: Callable[[], bool] = lambda: False
         self._want_keys = False
+        self._rows: Callable[..., tuple[Tensor, Optional[Tensor]]] = clip_cls_rows
 
     def install(self, adapter: Any, needs: CaptureNeeds, projecting: Callable[[], bool]) -> list:
         self._projecting = projecting
         self._want_keys = needs.keys
+        self._rows = clip_full_width_cls_rows if needs.full_width else clip_cls_rows
         layer = None
         if needs.cls or needs.cls_token:
             layer = adapter.cls_layer(ForwardCall.empty())  # raises before any hook when the tower has no CLS token
+        scoring = following_layer(adapter, layer) if layer is not None and needs.full_width and needs.cls else layer
         handles = [
             adapter.vision_entry.register_forward_pre_hook(self._tower_hook, with_kwargs=True),
             adapter.projector.register_forward_pre_hook(self._projector_pre),
@@ -122,7 +158,7 @@ class ProjectorCapture:
         ]
         if layer is not None:
             if needs.cls:
-                handles.append(layer.register_forward_pre_hook(self._cls_hook, with_kwargs=True))
+                handles.append(scoring.register_forward_pre_hook(self._cls_hook, with_kwargs=True))
             if needs.cls_token:
                 handles.append(layer.register_forward_hook(self._cls_token_hook))
         return handles
@@ -140,7 +176,7 @@ class ProjectorCapture:
         if self._vision is None:
             return None
         hidden = args[0] if args else kwargs["hidden_states"]
-        self._vision.cls, self._vision.keys = clip_cls_rows(module, hidden, want_keys=self._want_keys)
+        self._vision.cls, self._vision.keys = self._rows(module, hidden, want_keys=self._want_keys)
         return None
 
     def _cls_token_hook(self, module, args, output):

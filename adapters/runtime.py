@@ -11,6 +11,7 @@ the budget and a `PlanContext`.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from typing import Any, Callable, Optional, Sequence
 
@@ -18,6 +19,7 @@ from torch import Tensor
 
 from vtprune.framework.budget import normalize_budget
 from vtprune.framework.errors import MissingSignalError, VtpruneError
+from vtprune.framework.hints import HINT_FULL_WIDTH_CLS
 from vtprune.framework.stages import pipeline_at_drop
 from vtprune.framework.support import CLIP_SIGNALS, check_support
 
@@ -162,6 +164,8 @@ class Attachment:
         self._handles.extend(self.decoder.attach())
         vision_drop = any(d.where == "vision" for d in probe)
         needs = adapter.capture_needs(self.requires, vision_drop, self.keep_cls)
+        if HINT_FULL_WIDTH_CLS in self.hints:  # PruMerge: the following layer's CLS row, one full-width head
+            needs = dataclasses.replace(needs, full_width=True)
         self._vision = None
         if needs.cls or needs.cls_token or vision_drop or self.clip is not None:
             self._vision = adapter.vision_hooks()

@@ -28,6 +28,20 @@ PEER_PRESETS: dict[str, tuple[str, str, str, str]] = {
         "Yang et al., VisionZip: Longer is Better but Not Necessary in VLMs, CVPR 2025 (arXiv 2412.04467)",
         "github.com/dvlab-research/VisionZip @ 3151f6df4fca36a4cd1c985e5956e725b1f9ad02",
     ),
+    "prumerge": (
+        "relevance.none+critical.critical+diversity.prumerge(plus=False,neighbours=32)+budget.prumerge+placement.vision",
+        "LLaVA-PruMerge: CLS-attention IQR outliers of the last CLIP layer (adaptive count, budget = cap), each merged "
+        "with its 32 key-nearest tokens by attention; the rest summed into one extra token",
+        "Shang et al., LLaVA-PruMerge: Adaptive Token Reduction for Efficient Large Multimodal Models (arXiv 2403.15388)",
+        "github.com/42Shawn/LLaVA-PruMerge @ 097c04116a58465e4bcb58cec44a94018a68ff1a",
+    ),
+    "prumerge_plus": (
+        "relevance.none+critical.critical+diversity.prumerge(plus=True,neighbours=32)+budget.prumerge+placement.vision",
+        "LLaVA-PruMerge+: PruMerge's outliers plus spatially uniform samples, merged the same way (adaptive count, "
+        "budget = cap)",
+        "Shang et al., LLaVA-PruMerge: Adaptive Token Reduction for Efficient Large Multimodal Models (arXiv 2403.15388)",
+        "github.com/42Shawn/LLaVA-PruMerge @ 097c04116a58465e4bcb58cec44a94018a68ff1a",
+    ),
     "divprune": (
         "relevance.none+critical.critical+diversity.divprune+budget.divprune_ratio+placement.pre_llm",
         "DivPrune: max-min diversity greedy over the projected visual tokens",

@@ -7,6 +7,7 @@ from vtprune.framework.registry import Registry
 
 from . import budget, critical, decode, diversity, placement, relevance
 from .mustdrop import MUSTDROP_STAGES
+from .prumerge import PRUMERGE_STAGES
 from .sparsevlm import SPARSEVLM_STAGES
 from .peer_presets import register_peer_presets
 from .merge_stages import MERGE_STAGES
@@ -43,6 +44,7 @@ BUILTIN_STAGES = (
     *OV_STAGES,
     *MERGE_STAGES,
     *MUSTDROP_STAGES,
+    *PRUMERGE_STAGES,
     *DENSITY_VIDEO_STAGES,
     *SPARSEVLM_STAGES,
     *VIDEO_STAGES,

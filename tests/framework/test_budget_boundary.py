@@ -50,6 +50,7 @@ _RESOLVE = {
     "holitom": round,  # half to even, as the official round(length * ratio)
     "prunevid": _half_up,
     "auto": _half_up,  # zspaprune_auto (issue 18): the default resolve; its split is score-dependent
+    "prumerge": _half_up,  # PruMerge: the default resolve gives the cap on its adaptive IQR count
 }
 
 
@@ -67,7 +68,7 @@ def _critical(stage, total: int) -> int:
         return total
     if name == "divprune_ratio":
         return 0
-    if name in ("fastvid", "holitom", "prunevid"):  # the method keeps its own count: nothing is critical
+    if name in ("fastvid", "holitom", "prunevid", "prumerge"):  # the method keeps its own count: nothing is critical
         return 0
     if name == "mustdrop_split":  # critical = tokens scoring >= PASS_TIER: none with the all-zero scores used here
         return 0

@@ -43,6 +43,8 @@ def test_round_trip_every_stage(term: str) -> None:
         p for p, item in _REGISTRY.stages["placement"].items() if needed <= item.obj.provides | {"visual", "visual_mask"}
     ) if kind != "placement" else None
     recipe = term if placement is None else f"{term}+placement.{placement}"
+    if placement is not None and kind != "relevance" and "prompt" not in _REGISTRY.stage("placement", placement).provides:
+        recipe = f"relevance.none+{recipe}"  # a prompt-free placement (vision: diversity.prumerge's CLS signals)
     if kind == "relevance" and not cls.gives_scores:
         recipe += "+diversity.fps"
     if kind == "diversity" and not cls.adds_tokens:

@@ -63,6 +63,8 @@ PINNED = {
     "dycoke": 111,  # video (frames VIDEO_FRAMES); the decode policy runs in the decoding steps' hooks (129 before issue 15's speed work)
     "prunevid": 270,  # video; the pre-LLM merge (per segment: static group, then its frames batched; capped at K by cluster size; 1390 before issue 15's speed work)
     "fastvid": 260,  # video (frames VIDEO_FRAMES): segmentation, density scores, anchor merge (266 before issue 15's speed work; 262 before the per-row keep-all rule of issue 14: +3 for the rule, -5 for the stage's own check)
+    "prumerge": 298,  # adaptive IQR count (17 kept on these inputs): per kept token one cat + bmm + topk (official layout, for its tie order), then one batched merge
+    "prumerge_plus": 753,  # the same with its spatial samples (62 kept on these inputs)
     "holitom": 492,  # video (frames VIDEO_FRAMES): the outer merge; the window DP in numpy, no op per cell (was 1264; 494 before the per-row keep-all rule of issue 14)
 }
 
