@@ -74,7 +74,7 @@ def validate_budget(budget: object, *, allow_zero: bool = False) -> Budget:
         if budget == 0 and allow_zero:
             return 0
         if budget == 0:
-            raise BudgetError(ZERO_BUDGET_HINT)
+            raise BudgetError(f"budget must be a positive token count, got 0 ({ZERO_BUDGET_HINT})")
         if budget < 0:
             raise BudgetError(f"budget must be a positive token count, got {budget}")
         return int(budget)

@@ -63,6 +63,8 @@ PINNED = {
     "dycoke": 111,  # video (frames VIDEO_FRAMES); the decode policy runs in the decoding steps' hooks (129 before issue 15's speed work)
     "prunevid": 270,  # video; the pre-LLM merge (per segment: static group, then its frames batched; capped at K by cluster size; 1390 before issue 15's speed work)
     "fastvid": 260,  # video (frames VIDEO_FRAMES): segmentation, density scores, anchor merge (266 before issue 15's speed work; 262 before the per-row keep-all rule of issue 14: +3 for the rule, -5 for the stage's own check)
+    "gprune": 32,  # the index path: one graph (cosine mm, cut, softmax, degree, matrix_power = 3 mm, flow mm), topk, sort
+    "vtw": 16,  # budget 0 (its setting): the empty selection (nothing scored, nothing chosen)
     "holitom": 492,  # video (frames VIDEO_FRAMES): the outer merge; the window DP in numpy, no op per cell (was 1264; 494 before the per-row keep-all rule of issue 14)
 }
 
@@ -96,7 +98,9 @@ def counts() -> dict[str, int]:
     for name in PINNED:
         pipeline = compose(name, registry=registry)
         given = signals if pipeline.requires <= signals.present() else _with_prompt_attention(signals)
-        _, counter = count_ops(lambda: pipeline.select(given, BUDGET))
+        settings = pipeline.budget.budget_settings  # a budget that is a setting: BUDGET where it is one, else the first
+        budget = BUDGET if not settings or BUDGET in settings else settings[0]  # (vtw: 0, every token withdrawn)
+        _, counter = count_ops(lambda: pipeline.select(given, budget))
         out[name] = counter.total
     return out
 
