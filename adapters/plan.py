@@ -82,10 +82,10 @@ def check_drops(drops: Sequence[Any], num_layers: int, after_last: bool = False)
     at_input = [d for d in drops if d.where in INPUT_DROPS]
     if len(at_input) > 1:
         raise ValueError("at most one vision / vision_layers / pre_llm drop per pipeline")
+    last = num_layers if after_last else num_layers - 1
     for drop in drops:
         if drop.where not in (*INPUT_DROPS, "layer"):
             raise ValueError(f"unknown drop point {drop.where!r}")
-        last = num_layers if after_last else num_layers - 1
         if drop.where == "layer" and not 1 <= int(drop.layer) <= last:
             raise ValueError(
                 f"layer drop before layer {drop.layer}: the language model has {num_layers} layers (valid k: 1..{last})"

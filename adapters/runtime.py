@@ -17,9 +17,8 @@ from typing import Any, Callable, Optional, Sequence
 from torch import Tensor
 
 from vtprune.framework.budget import normalize_budget
-from vtprune.framework.stages import zero_budget_allowed
 from vtprune.framework.errors import MissingSignalError, VtpruneError
-from vtprune.framework.stages import pipeline_at_drop
+from vtprune.framework.stages import pipeline_at_drop, zero_budget_allowed
 from vtprune.framework.support import CLIP_SIGNALS, check_support
 
 from .capture import VisionCapture

@@ -188,3 +188,26 @@ def test_gprune_batch_equals_each_sample_alone_and_keep_all(case) -> None:
     base = forward_logits(model, inputs)
     with framework.prune(model, "gprune", budget=1.0, registry=REGISTRY):
         assert torch.equal(forward_logits(model, inputs), base)
+
+
+# -- VTW on Qwen2-VL (M-RoPE positions, images and a video) ------------------------------------------------------
+
+
+@pytest.mark.parametrize("positions", ["keep", "compact"])
+def test_vtw_on_qwen2_vl_equals_the_masked_reference(positions) -> None:
+    from qwen_fixtures import WITH_VIDEO, MaskedReference, aligned, batch, kept_mask, logits, tiny_qwen
+
+    model = tiny_qwen("qwen2_vl")  # 3 decoder layers
+    inputs, layouts = batch(WITH_VIDEO)
+    length = inputs["input_ids"].shape[1]
+    with framework.prune(model, _vtw(2), budget=0, positions=positions, registry=REGISTRY) as handle:
+        pruned = logits(model, inputs)
+        result = handle.last_selection
+        generated = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    assert bool((result.counts == 0).all())
+    keep = kept_mask(result, inputs, layouts)  # the text only
+    reference = MaskedReference(model, inputs, keep, 2, compact=positions == "compact")
+    ours, theirs = aligned(pruned, reference.logits(), keep)
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
+    tokens, _ = reference.generate(4)
+    assert torch.equal(generated[:, length:], tokens)
