@@ -10,7 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar, Optional
 
-import torch
 from torch import Tensor
 
 from vtprune.framework.signals import Signals

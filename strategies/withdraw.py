@@ -14,7 +14,7 @@ no visual token of a row its budget does not cover. ``experiments.vtw_calibratio
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar, Optional
+from typing import ClassVar, Optional
 
 import torch
 from torch import Tensor
