@@ -75,19 +75,20 @@ class PlanContext:
     tower_merge: Any = None
 
 
-def check_drops(drops: Sequence[Any], num_layers: int) -> None:
+def check_drops(drops: Sequence[Any], num_layers: int, after_last: bool = False) -> None:
     """Raise ``ValueError`` for drops the runtime cannot apply: more than one at the decoder input, an unknown
-    kind, or a layer outside ``1..num_layers - 1``."""
+    kind, or a layer outside ``1..num_layers - 1`` (``1..num_layers`` with ``after_last``: a placement whose drop
+    after the last layer drops nothing, `LayerPlacement.drops_after_last_layer`)."""
     at_input = [d for d in drops if d.where in INPUT_DROPS]
     if len(at_input) > 1:
         raise ValueError("at most one vision / vision_layers / pre_llm drop per pipeline")
+    last = num_layers if after_last else num_layers - 1
     for drop in drops:
         if drop.where not in (*INPUT_DROPS, "layer"):
             raise ValueError(f"unknown drop point {drop.where!r}")
-        if drop.where == "layer" and not 1 <= int(drop.layer) < num_layers:
+        if drop.where == "layer" and not 1 <= int(drop.layer) <= last:
             raise ValueError(
-                f"layer drop before layer {drop.layer}: the language model has {num_layers} layers "
-                f"(valid k: 1..{num_layers - 1})"
+                f"layer drop before layer {drop.layer}: the language model has {num_layers} layers (valid k: 1..{last})"
             )
 
 
@@ -156,7 +157,7 @@ class Plan:
         if len(structure) != 1:
             raise ValueError("per-image budgets must give the same drop points")
         self.drops = self.drops_per_image[0] if self.drops_per_image else ()
-        check_drops(self.drops, context.num_layers)
+        check_drops(self.drops, context.num_layers, getattr(placement, "drops_after_last_layer", False))
         self.layers = tuple(0 if d.where in INPUT_DROPS else int(d.layer) for d in self.drops)
         self.records: list[DropRecord] = []
         self.requires = context.requires

@@ -20,7 +20,7 @@ from torch import Tensor
 from vtprune.framework.budget import normalize_budget
 from vtprune.framework.errors import MissingSignalError, VtpruneError
 from vtprune.framework.hints import HINT_FULL_WIDTH_CLS
-from vtprune.framework.stages import pipeline_at_drop
+from vtprune.framework.stages import pipeline_at_drop, zero_budget_allowed
 from vtprune.framework.support import CLIP_SIGNALS, check_support
 
 from .capture import VisionCapture
@@ -111,7 +111,7 @@ class Attachment:
         self._handles: list = []
         self._extensions = tuple(adapter.extensions())
         spec = adapter.decoder_spec()
-        check_drops(probe, len(spec.layers))
+        check_drops(probe, len(spec.layers), getattr(self.placement, "drops_after_last_layer", False))
         self.keep_cls = pipeline_keeps_cls(pipeline)
         if self.keep_cls:
             if not any(d.where == "vision" for d in probe):
@@ -186,7 +186,7 @@ class Attachment:
 
     @budget.setter
     def budget(self, value: Any) -> None:
-        self._budget = normalize_budget(value)
+        self._budget = normalize_budget(value, allow_zero=zero_budget_allowed(self.pipeline))
 
     def remove(self) -> None:
         for handle in self._handles:

@@ -167,7 +167,8 @@ def validate_cells(
 
     The pipelines come from ``pipelines`` (a cache of ``registry``; a new one when None), so the
     caller can run the cells with the pipelines validated here."""
-    from vtprune.framework.budget import validate_budget
+    from vtprune.framework.budget import ZERO_BUDGET_HINT, validate_budget
+    from vtprune.framework.stages import zero_budget_allowed
 
     pipelines = pipelines if pipelines is not None else PipelineCache(registry)
     problems = _Problems()
@@ -191,7 +192,7 @@ def validate_cells(
         if cell.is_baseline:
             continue
         try:
-            validate_budget(run["budget"])
+            validate_budget(run["budget"], allow_zero=True)  # the count 0: checked against the placement below
         except VtpruneError as error:
             problems.add(_origin(cell, "budget"), str(error), cell)
             continue
@@ -200,6 +201,9 @@ def validate_cells(
         except _COMPOSE_ERRORS as error:
             for where, message in method_problems(cell, registry, error):
                 problems.add(where, message, cell)
+            continue
+        if run["budget"] == 0 and not zero_budget_allowed(pipeline):  # only a withdrawing placement (VTW) takes 0
+            problems.add(_origin(cell, "budget"), f"budget must be a positive token count, got 0 ({ZERO_BUDGET_HINT})", cell)
             continue
         if check_models and run["model"].get("name") is not None:
             model_key = json.dumps(run["model"], sort_keys=True, default=str)
@@ -344,10 +348,11 @@ def text_config_problems(pipeline: Any, run: Mapping[str, Any], text_config: Any
     problems = []
     placement = pipeline.placement.name
     layers = int(language_config(text_config).num_hidden_layers)
+    last = layers if getattr(pipeline.placement, "drops_after_last_layer", False) else layers - 1  # withdraw(k=layers)
     for drop in pipeline.placement.drops(run["budget"]):
-        if drop.where == "layer" and not 1 <= int(drop.layer) < layers:
+        if drop.where == "layer" and not 1 <= int(drop.layer) <= last:
             problems.append(
                 f"placement {placement!r} drops before layer {drop.layer}, but the language model of "
-                f"{run['model']['name']!r} has {layers} layers (valid: 1..{layers - 1})"
+                f"{run['model']['name']!r} has {layers} layers (valid: 1..{last})"
             )
     return problems

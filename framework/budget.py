@@ -1,7 +1,10 @@
 """Budgets: validation and normalisation at the boundary, and the one rule that turns a budget into counts.
 
 A budget is an int (visual tokens kept per image), a float in (0, 1] (fraction of each image's
-tokens kept), or a sequence / 1-D tensor of those with one entry per image. `validate_budget`
+tokens kept), or a sequence / 1-D tensor of those with one entry per image. The count 0 (no visual token
+kept) is a budget only where the caller allows it (``allow_zero``: a placement that withdraws the visual
+tokens inside the LLM while the text goes on, `LayerPlacement.accepts_zero_budget`, VTW); elsewhere it is a
+`BudgetError` naming the placements that take it. `validate_budget`
 checks one value; `normalize_budget` checks and normalises whatever a user passes (scalar or
 per-image) once, where it enters the library (``framework.prune``, ``PruneHandle.budget``, the YAML
 configs); everything downstream reads the normalised value.
@@ -23,6 +26,7 @@ from torch import Tensor
 from .errors import BudgetError
 
 __all__ = [
+    "ZERO_BUDGET_HINT",
     "Budget",
     "BudgetLike",
     "ROUNDINGS",
@@ -45,13 +49,21 @@ Rounding = Literal["half_up", "half_even", "floor", "ceil"]
 ROUNDINGS: tuple[str, ...] = ("half_up", "half_even", "floor", "ceil")
 
 
-def validate_budget(budget: object) -> Budget:
-    """Return ``budget`` if it is a positive int or a float in (0, 1]; raise `BudgetError` otherwise.
+#: Why a zero budget was refused: where it is meaningful (named in the error).
+ZERO_BUDGET_HINT = (
+    "budget 0 keeps no visual token; only a placement that withdraws the visual tokens inside the language model "
+    "accepts it (placement.withdraw, the `vtw` preset); pass a positive count or a fraction in (0, 1]"
+)
 
-    >>> validate_budget(64), validate_budget(0.25)
-    (64, 0.25)
+
+def validate_budget(budget: object, *, allow_zero: bool = False) -> Budget:
+    """Return ``budget`` if it is a positive int or a float in (0, 1] (or the int 0 with ``allow_zero``); raise
+    `BudgetError` otherwise.
+
+    >>> validate_budget(64), validate_budget(0.25), validate_budget(0, allow_zero=True)
+    (64, 0.25, 0)
     """
-    if type(budget) is int and budget > 0:
+    if type(budget) is int and (budget > 0 or (allow_zero and budget == 0)):
         return budget  # the common case, without the abstract-base-class checks below
     if isinstance(budget, bool) or not isinstance(budget, numbers.Real):
         raise BudgetError(
@@ -59,7 +71,11 @@ def validate_budget(budget: object) -> Budget:
             f"kept), got {budget!r} of type {type(budget).__name__}"
         )
     if isinstance(budget, numbers.Integral):
-        if budget <= 0:
+        if budget == 0 and allow_zero:
+            return 0
+        if budget == 0:
+            raise BudgetError(f"budget must be a positive token count, got 0 ({ZERO_BUDGET_HINT})")
+        if budget < 0:
             raise BudgetError(f"budget must be a positive token count, got {budget}")
         return int(budget)
     value = float(budget)
@@ -71,8 +87,9 @@ def validate_budget(budget: object) -> Budget:
     return value
 
 
-def normalize_budget(budget: object) -> BudgetLike:
-    """Validate a user's budget once and return it normalised.
+def normalize_budget(budget: object, *, allow_zero: bool = False) -> BudgetLike:
+    """Validate a user's budget once and return it normalised (``allow_zero``: the count 0 is a budget, see
+    `validate_budget`).
 
     An int / float (or a 0-d tensor) -> the validated int or float; a list, tuple or 1-D tensor
     with one budget per image -> a non-empty tuple of validated ints / floats. Anything else, and
@@ -83,7 +100,7 @@ def normalize_budget(budget: object) -> BudgetLike:
     """
     if isinstance(budget, Tensor):
         if budget.dim() == 0:
-            return validate_budget(budget.item())
+            return validate_budget(budget.item(), allow_zero=allow_zero)
         if budget.dim() != 1:
             raise BudgetError(f"a per-image budget tensor must be 1-D (one entry per image), got shape {tuple(budget.shape)}")
         budget = budget.tolist()
@@ -93,11 +110,11 @@ def normalize_budget(budget: object) -> BudgetLike:
         entries = []
         for index, entry in enumerate(budget):
             try:
-                entries.append(validate_budget(entry))
+                entries.append(validate_budget(entry, allow_zero=allow_zero))
             except BudgetError as error:
                 raise BudgetError(f"budget[{index}]: {error}") from None
         return tuple(entries)
-    return validate_budget(budget)
+    return validate_budget(budget, allow_zero=allow_zero)
 
 
 def round_counts(values: Tensor, rounding: str) -> Tensor:
@@ -128,7 +145,7 @@ def resolve_budget(budget: Budget, valid_counts: Tensor, *, rounding: str = "hal
     >>> resolve_budget(0.5, torch.tensor([5, 4, 0]), rounding="half_even").tolist()
     [2, 2, 0]
     """
-    budget = validate_budget(budget)
+    budget = validate_budget(budget, allow_zero=True)  # a zero budget was refused at the boundary where it is not one
     valid_counts = valid_counts.long()  # (B,)
     if isinstance(budget, int):
         return valid_counts.clamp(max=budget)
@@ -142,7 +159,7 @@ def resolve_count(budget: Budget, tokens: int, *, rounding: str = "half_up") -> 
     >>> resolve_count(64, 576), resolve_count(0.5, 5), resolve_count(0.5, 5, rounding="half_even"), resolve_count(0.5, 0)
     (64, 3, 2, 0)
     """
-    budget = validate_budget(budget)
+    budget = validate_budget(budget, allow_zero=True)
     if isinstance(budget, int):
         return min(budget, tokens)
     if rounding not in ROUNDINGS:

@@ -41,6 +41,7 @@ from .budget import Budget, validate_budget
 from .errors import VtpruneError
 from .selection import Selection, assemble_selection, merge_output
 from .signals import Signals
+from .stages import zero_budget_allowed
 
 #: A `framework.Pipeline` (not imported: pipeline.py imports this module).
 Pipeline = Any
@@ -91,7 +92,7 @@ def plan_select(pipeline: Pipeline, batch: int, tokens: int, budget: int) -> Sel
     budget, computed on the host (small CPU tensors, no device sync) with the stages' own rules."""
     _check_plannable(pipeline)
     valid_counts = torch.full((batch,), tokens, dtype=torch.long)  # (B,)
-    totals = pipeline.budget.resolve(validate_budget(budget), valid_counts)  # (B,)
+    totals = pipeline.budget.resolve(validate_budget(budget, allow_zero=zero_budget_allowed(pipeline)), valid_counts)  # (B,)
     total = int(totals[0]) if batch else 0
     if not pipeline.relevance.gives_scores:
         critical = 0

@@ -186,7 +186,8 @@ def _route_params(chosen: dict[str, tuple[str, dict]], params: Mapping[str, Any]
 
 
 def _check_pipeline(pipeline: Pipeline, registry: Registry) -> None:
-    if not pipeline.relevance.gives_scores and not pipeline.diversity.adds_tokens:
+    keeps = getattr(pipeline.budget, "keeps_tokens", True)  # False: the allocator keeps no token short of keep-all (VTW)
+    if keeps and not pipeline.relevance.gives_scores and not pipeline.diversity.adds_tokens:
         raise VtpruneError(
             f"relevance {pipeline.relevance.name!r} gives no scores and diversity {pipeline.diversity.name!r} "
             "adds no tokens: nothing would be selected"

@@ -17,7 +17,7 @@ import torch
 from .budget import Budget, validate_budget
 from .selection import Selection
 from .signals import Signals
-from .stages import CriticalSelector
+from .stages import CriticalSelector, zero_budget_allowed
 
 #: A `framework.Pipeline` (not imported: pipeline.py imports this module).
 Pipeline = Any
@@ -47,7 +47,7 @@ def index_path_select(pipeline: Pipeline, signals: Signals, budget: Budget | Seq
         return None
     tokens = signals.visual.shape[1]
     # every row has N real tokens and allocators resolve rows independently: one row's count is every row's
-    count = pipeline.budget.resolve_count(validate_budget(budget), tokens)
+    count = pipeline.budget.resolve_count(validate_budget(budget, allow_zero=zero_budget_allowed(pipeline)), tokens)
     if not 0 < count < tokens:
         return None  # keep-all and keep-none rules live in the mask path
     scores = pipeline.relevance.score(signals)

@@ -213,14 +213,15 @@ class Pipeline:
         return CompiledSelect(self, mode=mode, fullgraph=fullgraph, backend=backend, dynamic=dynamic)
 
     def _resolve(self, budget: Budget | Sequence[Budget], valid_counts: Tensor) -> Tensor:
+        zero = self.placement.accepts_zero_budget  # the count 0: only where the placement withdraws every token
         if isinstance(budget, (numbers.Real,)) and not isinstance(budget, bool):
-            return self.budget.resolve(validate_budget(budget), valid_counts)
+            return self.budget.resolve(validate_budget(budget, allow_zero=zero), valid_counts)
         if isinstance(budget, Sequence) and not isinstance(budget, str):
             if len(budget) != valid_counts.shape[0]:
                 raise BudgetError(
                     f"a per-row budget needs one entry per row: got {len(budget)} for {valid_counts.shape[0]} rows"
                 )
-            rows = [self.budget.resolve(validate_budget(b), valid_counts[i : i + 1]) for i, b in enumerate(budget)]
+            rows = [self.budget.resolve(validate_budget(b, allow_zero=zero), valid_counts[i : i + 1]) for i, b in enumerate(budget)]
             return torch.cat(rows)
         validate_budget(budget)  # raises with the standard message
         raise AssertionError("unreachable")

@@ -17,6 +17,7 @@ from typing import Any, Mapping, Optional, Sequence
 from .budget import normalize_budget
 from .compiled import CompiledPipeline
 from .pipeline import Pipeline
+from .stages import zero_budget_allowed
 from .errors import UnknownNameError, VtpruneError
 from .support import check_support
 
@@ -67,7 +68,7 @@ class PruneHandle:
     def budget(self, value: Any) -> None:
         """Validate and normalise (`normalize_budget`) before storing: a rejected value raises
         `BudgetError` and leaves the current budget in place."""
-        self._attachment.budget = normalize_budget(value)
+        self._attachment.budget = normalize_budget(value, allow_zero=zero_budget_allowed(self.pipeline))
 
     @property
     def last_selection(self) -> Any:
@@ -118,7 +119,8 @@ def prune(
         budget: visual tokens kept per image (int), fraction kept (float in (0, 1]), or one of those per
             image of each forward (a list / tuple / 1-D tensor whose length is the number of images).
             Validated here, before anything is attached (`BudgetError`), and normalised once
-            (`normalize_budget`: a per-image budget becomes a tuple of ints / floats).
+            (`normalize_budget`: a per-image budget becomes a tuple of ints / floats). The count 0 (no visual
+            token) only where the placement withdraws every visual token (``withdraw``, the `vtw` preset).
         positions: "keep" (kept tokens keep their position ids) or "compact" (renumbered).
         prompt_stop: token ids marking the end of the user turn (see docs/adapters.md, prompt span).
         registry: the registry for ``compose`` and adapter lookup (default: installed plugins).
@@ -132,7 +134,6 @@ def prune(
             in ``options`` go to the adapter's runtime instead (LLaVA family: ``clip_model``, ``tokenizer``,
             ``clip_tokenizer`` for the ``pre_llm_clip`` placement, docs/adapters.md).
     """
-    budget = normalize_budget(budget)
     if positions not in POSITIONS:
         raise VtpruneError(f"positions must be one of {POSITIONS}, got {positions!r}")
     adapter = adapter_for(model, registry, adapter)
@@ -144,6 +145,7 @@ def prune(
         from .compose import compose
 
         pipeline = compose(recipe, registry=registry, **params)
+    budget = normalize_budget(budget, allow_zero=zero_budget_allowed(pipeline))  # 0: only a withdrawing placement
     check_support(adapter, pipeline, model_name=type(model).__name__)
     if compile:
         if not isinstance(pipeline, Pipeline):

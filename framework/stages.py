@@ -37,6 +37,7 @@ __all__ = [
     "stage_params",
     "is_stochastic",
     "pipeline_at_drop",
+    "zero_budget_allowed",
 ]
 
 #: The stage kinds in canonical recipe order.
@@ -236,6 +237,9 @@ class BudgetAllocator(Stage):
     """Stage 4: turns the requested budget into per-row totals and the critical/diversity split."""
 
     kind = "budget"
+    #: False for an allocator that keeps no token of a row its budget does not cover (VTW's ``withdraw``): the pipeline
+    #: then needs no relevance or diversity stage that selects (``compose`` accepts ``relevance.none`` + ``diversity.none``).
+    keeps_tokens: ClassVar[bool] = True
     #: True when ``allocate`` reads ``totals`` only (never ``valid`` or ``scores``): a compiled select
     #: (`Pipeline.compile`) then knows the critical/diversity split before its graph runs.
     plans_from_totals: ClassVar[bool] = False
@@ -341,6 +345,13 @@ class LayerPlacement(Stage):
     kind = "placement"
     #: Signals every adapter can provide at this placement (adapters may add more).
     provides: ClassVar[frozenset[str]] = frozenset()
+    #: True where the budget 0 is meaningful: an in-LLM drop that withdraws every visual token while the text goes on
+    #: (``withdraw``, VTW). `framework.prune`, the runtime's budget and `Pipeline.select` then accept the count 0
+    #: (`zero_budget_allowed`); everywhere else it is a `BudgetError` naming this placement.
+    accepts_zero_budget: ClassVar[bool] = False
+    #: True for a placement whose ``layer`` drop may sit after the last decoder layer (``withdraw(k=num_layers)``): no
+    #: layer runs after it, so nothing is dropped (the unpruned model). Others must drop before a layer 1..num_layers-1.
+    drops_after_last_layer: ClassVar[bool] = False
 
     def drops(self, budget: int | float) -> tuple[Drop, ...]:
         """The drop points, in model order, for a requested budget (int or float, validated)."""
@@ -351,6 +362,12 @@ class LayerPlacement(Stage):
         default. A placement whose later drop runs another step of its method (HoliTom's inner-LLM merge) returns
         ``pipeline`` with that step's stages swapped in; adapters collect the signals of every drop's pipeline."""
         return pipeline
+
+
+def zero_budget_allowed(pipeline: Any) -> bool:
+    """Whether ``pipeline``'s placement accepts the budget 0 (`LayerPlacement.accepts_zero_budget`; False for a
+    duck-typed placement without the attribute)."""
+    return bool(getattr(getattr(pipeline, "placement", None), "accepts_zero_budget", False))
 
 
 def pipeline_at_drop(pipeline: Any, number: int) -> Any:

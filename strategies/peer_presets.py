@@ -143,6 +143,21 @@ PEER_PRESETS: dict[str, tuple[str, str, str, str]] = {
         "(arXiv 2410.04417)",
         "github.com/Gumpest/SparseVLMs @ b72c5d62",
     ),
+    "gprune": (
+        "relevance.gprune(similarity=0.5,temperature=0.03,iterations=5)+critical.topk_official(op=topk)+diversity.none"
+        "+budget.gprune+placement.pre_llm",
+        "G-Prune: token norms propagated over each image's cosine graph (5 steps), top-k of the flow / degree",
+        "Jiang et al., What Kind of Visual Tokens Do We Need? Training-free Visual Token Pruning for Multi-modal "
+        "Large Language Models from the Perspective of Graph, AAAI 2025 (arXiv 2501.02268)",
+        "github.com/jytmelon/G-Prune @ 762c6377, LLaVA-NeXT/llava/model/llava_arch.py",
+    ),
+    "vtw": (
+        "relevance.none+critical.critical+diversity.none+budget.withdraw+placement.withdraw(k=15)",
+        "VTW: every visual token withdrawn before decoder layer 15 (budget 0), the text goes on",
+        "Lin et al., Boosting Multimodal Large Language Models with Visual Tokens Withdrawal for Rapid Inference, "
+        "AAAI 2025 (arXiv 2405.05803)",
+        "github.com/lzhxmu/VTW @ a3d8cfc3, llava/model/language_model/VTW.py",
+    ),
     "random": (
         "relevance.none+critical.critical+diversity.randperm(seed=0)+budget.split(critical=0.0)+placement.pre_llm",
         "random baseline: seeded randperm of each row's tokens",

@@ -6,6 +6,7 @@ from vtprune.framework.hookspecs import hookimpl
 from vtprune.framework.registry import Registry
 
 from . import budget, critical, decode, diversity, placement, relevance
+from .gprune import GPRUNE_STAGES
 from .mustdrop import MUSTDROP_STAGES
 from .prumerge import PRUMERGE_STAGES
 from .sparsevlm import SPARSEVLM_STAGES
@@ -17,6 +18,7 @@ from .presets import register_presets
 from .video import DENSITY_VIDEO_STAGES
 from .video_presets import register_video_presets
 from .video_stages import VIDEO_STAGES
+from .withdraw import VTW_STAGES
 
 __all__ = ["BUILTIN_STAGES", "vtprune_register_stages", "vtprune_register_presets"]
 
@@ -48,6 +50,8 @@ BUILTIN_STAGES = (
     *DENSITY_VIDEO_STAGES,
     *SPARSEVLM_STAGES,
     *VIDEO_STAGES,
+    *GPRUNE_STAGES,
+    *VTW_STAGES,
 )
 
 

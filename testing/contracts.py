@@ -18,7 +18,7 @@ from typing import Any, Callable, Optional, Sequence
 
 from vtprune.framework import Pipeline, Registry, Signals, build_registry, compose, default_registry, hookimpl
 from vtprune.framework.errors import VtpruneError
-from vtprune.framework.stages import Drop, Stage
+from vtprune.framework.stages import Drop, Stage, zero_budget_allowed
 
 from .selection_checks import ContractError, _same, _Where, adaptive_counts, check_selection
 from .signals import clustered_signals, ragged_signals, signals_for
@@ -92,6 +92,8 @@ def check_pipeline(
     settings = tuple(getattr(getattr(pipeline, "budget", None), "budget_settings", ()))
     if settings and budgets is DEFAULT_BUDGETS:
         budgets = settings  # an allocator whose budget is a setting: its valid settings instead of counts
+        if not zero_budget_allowed(pipeline):  # the setting 0 (VTW) is a budget only at a withdrawing placement
+            budgets = tuple(b for b in budgets if b != 0)
     if isinstance(pipeline, Pipeline):
         check_placement(pipeline.placement, budgets, label=label)
     for factory in factories:
@@ -102,7 +104,7 @@ def check_pipeline(
                 # keep-all budgets: every row the allocator's rule covers (`BudgetAllocator.covers`) is checked whole
                 for budget in [*budgets, max(lengths), LARGE_BUDGET, 1.0]:
                     check_selection(pipeline, signals, budget, label=label, context=context, top_scores=top_scores)
-    _check_requires(pipeline, label, budgets[0] if budgets else 1, top_scores)
+    _check_requires(pipeline, label, budgets[0] if budgets else 1.0, top_scores)
 
 
 def _check_requires(pipeline: Any, label: str, budget: Any, top_scores: bool) -> None:

@@ -273,9 +273,10 @@ def test_every_preset_runs_or_fails_clearly(deep, preset):
         assert record_hooks(model) == before
         return
     adaptive = bool(getattr(pipeline.budget, "adaptive_counts", False))  # the kept count comes from the data
+    budget = 6 if pipeline.budget.keeps_tokens else 0  # VTW's withdraw: its setting, every visual token withdrawn
     length = inputs["input_ids"].shape[1]
     try:
-        with framework.prune(model, preset, budget=6, registry=REGISTRY, **ADAPTIVE_OPTIONS.get(preset, {})) as handle:
+        with framework.prune(model, preset, budget=budget, registry=REGISTRY, **ADAPTIVE_OPTIONS.get(preset, {})) as handle:
             out = _forward(model, inputs)
             gen = model.generate(**inputs, max_new_tokens=4, do_sample=False)
     except BudgetError as error:  # an adaptive preset without a setting for this budget (SparseVLM: 64/128/192)
@@ -286,7 +287,7 @@ def test_every_preset_runs_or_fails_clearly(deep, preset):
         if adaptive:
             assert bool((first > 0).all()) and bool((first <= result.num_tokens).all())
         else:
-            assert first.tolist() == [6, 6, 6]  # one row per image and per video
+            assert first.tolist() == [budget] * 3  # one row per image and per video
         assert out.shape[1] < length and bool(torch.isfinite(out).all()) and gen.shape[1] == length + 4
     keep_all = keep_all_params(pipeline)
     with framework.prune(model, preset, budget=10_000, registry=REGISTRY, **keep_all):

@@ -180,3 +180,15 @@ def test_every_shipped_yaml_validates(path: Path) -> None:
         pytest.skip(f"task {task!r} is not registered yet")
     spec = load_grid(path, registry=registry)
     assert spec.cells
+
+
+def test_budget_zero_is_a_cell_budget_only_at_a_withdrawing_placement(registry) -> None:
+    """VTW cells (`vtw`, budget 0, k up to the number of layers) validate; 0 with any other placement is a problem
+    naming `placement.withdraw`."""
+    config = grid(grid={"budget": [0, 1.0]}, base={**BASE, "method": {"recipe": "vtw", "params": {"k": 4}}})
+    spec = load_grid(config, registry=registry)  # the dummy model has 4 layers: withdraw(k=4) keeps everything
+    assert sorted(c.config["budget"] for c in spec.cells if not c.is_baseline) == [0, 1.0]
+    problems, message = problems_of(grid(grid={"budget": [0]}), registry)
+    assert any(p.startswith("grid.budget[0]") and "placement.withdraw" in p for p in problems), message
+    problems, message = problems_of(grid(grid={"budget": [0]}, base={**BASE, "method": {"recipe": "vtw", "params": {"k": 5}}}), registry)
+    assert any("drops before layer 5" in p and "valid: 1..4" in p for p in problems), message

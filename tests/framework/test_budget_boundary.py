@@ -45,6 +45,7 @@ _RESOLVE = {
     "fastv": round,  # torch.round: half to even, as Python's round
     "divprune_ratio": lambda x: int(round(x)),
     "pdrop": int,  # torch.floor on a non-negative value = int()
+    "gprune": int,  # the official topk(int(keep_ratio * n))
     # adaptive video allocators (issue 15): the resolved count is the method's target (its retention ratio)
     "fastvid": _half_up,
     "holitom": round,  # half to even, as the official round(length * ratio)
@@ -64,8 +65,10 @@ def _critical(stage, total: int) -> int:
         return min(int(total * stage.important_ratio), total)
     if name == "dart":
         return min(stage.pivot_image, total)
-    if name in ("fastv", "pdrop"):
+    if name in ("fastv", "pdrop", "gprune"):
         return total
+    if name == "withdraw":  # VTW: nothing is selected, covered rows are kept whole by Pipeline.select
+        return 0
     if name == "divprune_ratio":
         return 0
     if name in ("fastvid", "holitom", "prunevid", "prumerge"):  # the method keeps its own count: nothing is critical
@@ -82,6 +85,16 @@ def test_every_preset_resolves_counts_as_before(preset: str) -> None:
     if stage.adaptive_counts and stage.name not in _RESOLVE:  # SparseVLM: every real token is a candidate (adapt())
         for budget in FRACTIONS + INTS:
             assert stage.resolve(budget, lengths).tolist() == LENGTHS, (preset, budget)
+        return
+    if stage.name == "withdraw":  # VTW: no token (budget 0) or all of them; a count between is a clear error
+        assert stage.resolve(0, lengths).tolist() == [0] * len(LENGTHS)
+        assert stage.resolve(1.0, lengths).tolist() == LENGTHS
+        assert stage.resolve(20_000, lengths).tolist() == LENGTHS
+        for budget in FRACTIONS + INTS:
+            if budget == 1.0 or budget >= max(LENGTHS):
+                continue
+            with pytest.raises(BudgetError, match="withdraw"):
+                stage.resolve(budget, lengths)
         return
     rule = _RESOLVE[stage.name]
     for budget in FRACTIONS + INTS:
@@ -234,3 +247,41 @@ def test_handle_budget_setter_validates_and_keeps_the_old_value(tiny_model) -> N
         forward_logits(tiny_model, inputs)
         assert handle.last_selection.counts.tolist() == [3]
     assert record_hooks(tiny_model) == before
+
+
+# -- the budget 0: a withdrawing placement only (VTW) --------------------------------------------------
+
+
+def test_zero_budget_is_a_budget_only_where_allowed() -> None:
+    assert normalize_budget(0, allow_zero=True) == 0
+    assert normalize_budget([0, 5, 1.0], allow_zero=True) == (0, 5, 1.0)
+    assert normalize_budget(torch.tensor([0, 2]), allow_zero=True) == (0, 2)
+    for bad in (0.0, -1, [0, 0.0]):  # the fraction 0.0 and negative counts stay refused
+        with pytest.raises(BudgetError, match="budget"):
+            normalize_budget(bad, allow_zero=True)
+    with pytest.raises(BudgetError, match=r"budget\[0\]: .*placement\.withdraw"):
+        normalize_budget([0, 3])
+    signals = __import__("vtprune.testing", fromlist=["make_signals"]).make_signals([5, 3], seed=0)
+    assert compose("vtw", registry=_REGISTRY).select(signals, 0).counts.tolist() == [0, 0]
+    assert compose("relevance.none+critical+fps+budget.split+placement.withdraw(k=2)").select(signals, [0, 2]).counts.tolist() == [0, 2]
+    with pytest.raises(BudgetError, match="placement.withdraw"):
+        compose("fastv", registry=_REGISTRY).select(signals, 0)
+
+
+def test_prune_and_the_setter_take_zero_for_vtw_only(tiny_model) -> None:
+    from adapter_fixtures import record_hooks
+
+    from vtprune.framework import prune
+
+    before = record_hooks(tiny_model)
+    with pytest.raises(BudgetError, match="placement.withdraw"):
+        prune(tiny_model, "zspaprune", budget=0)
+    assert record_hooks(tiny_model) == before
+    with prune(tiny_model, "vtw", budget=0, k=1, registry=_REGISTRY) as handle:
+        assert handle.budget == 0
+        handle.budget = [0, 1.0]
+        assert handle.budget == (0, 1.0)
+        with pytest.raises(BudgetError, match="budget"):
+            handle.budget = 0.0
+        assert handle.budget == (0, 1.0)
+

@@ -84,7 +84,8 @@ def test_shared_names_are_the_ones_the_issue_lists() -> None:
     issue_12 = {"fastv", "pdrop", "visionzip", "dart", "vispruner", "random", "pooling", "divprune", "none"}
     video_methods = {"fastvid", "holitom", "prunevid"}  # issue 15: preset + its own diversity / budget stages, as the peers
     peers_added = {"prumerge"}  # LLaVA-PruMerge: preset + its own diversity / budget stages, as the peers
-    assert set(SHARED) == issue_12 | video_methods | peers_added
+    graph_and_withdrawal = {"gprune", "withdraw"}  # G-Prune: preset + relevance + budget; VTW: budget + placement
+    assert set(SHARED) == issue_12 | video_methods | peers_added | graph_and_withdrawal
 
 
 @pytest.mark.parametrize("name", SHARED)

@@ -1,0 +1,213 @@
+"""VTW and G-Prune end to end on the tiny LLaVA, against independent references (no vtprune code in them).
+
+VTW (`vtw`, ``placement.withdraw``): the pruned forward and greedy decoding equal the unpruned model with every visual
+token masked out of attention from layer k on (`masked_reference`), under ``keep`` (official) and ``compact``
+positions; the text keeps its positions; a batch equals each sample alone; k = number of layers and a covering budget
+reproduce the unpruned model bit for bit; the budget 0 is refused elsewhere. The calibration
+(`experiments.vtw_calibration`) measures the KL of exactly that masked reference and picks the first k under the threshold.
+
+G-Prune (`gprune`): each image keeps the tokens the official op order keeps on its projected features
+(`gprune_reference`), and the model then equals the masked reference; batch == alone; keep-all.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from adapter_fixtures import (
+    check_batch_equals_samples_alone,
+    check_forward_and_generate,
+    forward_logits,
+    llava_inputs,
+    masked_reference,
+    merged_embeddings,
+    record_hooks,
+    sample_alone,
+    single_thread,
+    tiny_llava,
+)
+from gprune_reference import official_keep, official_keep_count
+from vtprune import framework
+from vtprune.experiments.vtw_calibration import (
+    OFFICIAL_FIRST_CANDIDATE,
+    calibrate_withdraw_layer,
+    official_candidates,
+    withdrawal_kl,
+)
+from vtprune.framework.errors import BudgetError
+
+LAYERS = 4
+REGISTRY = framework.build_registry(autoload=False)
+
+_single_thread = pytest.fixture(scope="module", autouse=True)(single_thread)
+
+
+def _vtw(k: int) -> str:
+    return f"relevance.none+critical+diversity.none+budget.withdraw+placement.withdraw(k={k})"
+
+
+@pytest.fixture(scope="module")
+def case():
+    model = tiny_llava(layers=LAYERS)
+    inputs = llava_inputs(model, (1, 1), (5, 3), seed=2)  # two samples, left padded, one image each
+    return model, inputs
+
+
+def _image_positions(model, inputs) -> torch.Tensor:
+    return inputs["input_ids"] == model.config.image_token_id  # (B, L)
+
+
+def _alone(inputs):
+    return [sample_alone(inputs, 0, 0, 1), sample_alone(inputs, 1, 1, 1)]
+
+
+# -- VTW -------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("positions", ["keep", "compact"])
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_vtw_equals_the_model_with_visual_tokens_masked_from_layer_k(case, k, positions) -> None:
+    model, inputs = case
+    result = check_forward_and_generate(model, inputs, _vtw(k), positions, kept_only=False, budget=0)
+    assert [d.layer for d in result.drops] == [k] and result.counts.tolist() == [0, 0]
+    image = _image_positions(model, inputs)
+    kept_positions = [result.sequence_index[b][result.sequence_mask[b]] for b in range(2)]
+    for b in range(2):  # the text goes on at its original positions; no image token is left
+        assert kept_positions[b].tolist() == (~image[b]).nonzero().flatten().tolist()
+
+
+def test_vtw_preset_is_the_withdraw_recipe(case) -> None:
+    model, inputs = case
+    with framework.prune(model, "vtw", budget=0, k=2, registry=REGISTRY):
+        preset = forward_logits(model, inputs)
+    with framework.prune(model, _vtw(2), budget=0, registry=REGISTRY):
+        recipe = forward_logits(model, inputs)
+    assert torch.equal(preset, recipe)
+    assert framework.compose("vtw", registry=REGISTRY).placement.k == 15  # LLaVA-1.5-7B's k (official README)
+
+
+def test_vtw_batch_equals_each_sample_alone(case) -> None:
+    model, inputs = case
+    alone = [(sample, 0) for sample in _alone(inputs)]
+    check_batch_equals_samples_alone(model, inputs, _vtw(2), "keep", 0, alone)
+
+
+def test_vtw_keeps_everything_at_the_last_layer_or_with_a_covering_budget(case) -> None:
+    model, inputs = case
+    base = forward_logits(model, inputs)
+    base_gen = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    for recipe, budget in ((_vtw(LAYERS), 0), (_vtw(2), 1.0), (_vtw(2), 10_000)):
+        with framework.prune(model, recipe, budget=budget, registry=REGISTRY) as handle:
+            out = forward_logits(model, inputs)
+            gen = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+        assert torch.equal(out, base) and torch.equal(gen, base_gen), (recipe, budget)
+        if recipe == _vtw(LAYERS):
+            assert handle.last_selection.drops == ()  # no layer runs after the drop
+    with pytest.raises(ValueError, match=f"valid k: 1..{LAYERS}"):
+        framework.prune(model, _vtw(LAYERS + 1), budget=0, registry=REGISTRY)
+
+
+def test_zero_budget_is_refused_where_it_is_not_a_withdrawal(case) -> None:
+    model, inputs = case
+    before = record_hooks(model)
+    for recipe in ("fastv", "gprune", "attention+critical+fps+layer(k=2)"):
+        with pytest.raises(BudgetError, match="placement.withdraw"):
+            framework.prune(model, recipe, budget=0, registry=REGISTRY)
+    assert record_hooks(model) == before
+    with framework.prune(model, "vtw", budget=6, k=2, registry=REGISTRY):  # VTW: 0 or all, no count between
+        with pytest.raises(BudgetError, match="withdraw"):
+            forward_logits(model, inputs)
+
+
+# -- VTW calibration ---------------------------------------------------------------------------------------
+
+
+def _masked_kl(model, samples, k: int) -> float:
+    """Mean KL(withdrawn || full) at the last token, the withdrawal done by `masked_reference` (visual tokens masked
+    out of attention from layer k on), written independently of vtprune."""
+    total = 0.0
+    for sample in samples:
+        full = forward_logits(model, sample)[:, -1].float()
+        image = sample["input_ids"] == model.config.image_token_id
+        removed = [image if layer >= k else torch.zeros_like(image) for layer in range(LAYERS)]
+        with masked_reference(model, removed):
+            withdrawn = forward_logits(model, sample)[:, -1].float()
+        p_withdrawn = withdrawn.softmax(-1)
+        total += float((p_withdrawn * (p_withdrawn.log() - full.log_softmax(-1))).sum(-1).mean())
+    return total / len(samples)
+
+
+def test_calibration_measures_the_masked_reference_and_picks_the_first_layer_under_the_threshold(case) -> None:
+    model, inputs = case
+    samples = _alone(inputs)
+    before = record_hooks(model)
+    candidates = list(range(1, LAYERS + 1))
+    noise = 1e-6  # k = LAYERS: the same logits; kl_div's log(softmax) vs log_softmax leaves ~1e-7 of float noise
+    found = calibrate_withdraw_layer(model, samples, candidates, threshold=noise, registry=REGISTRY)
+    assert record_hooks(model) == before  # nothing stays attached
+    assert list(found.mean_kl) == candidates
+    for k in candidates:
+        torch.testing.assert_close(found.mean_kl[k], _masked_kl(model, samples, k), rtol=1e-4, atol=1e-7)
+    assert found.mean_kl[LAYERS] <= noise and found.layer == LAYERS  # withdrawing after the last layer changes nothing
+    assert all(found.mean_kl[k] > noise for k in candidates[:-1])
+    for threshold in sorted(found.mean_kl.values()):
+        chosen = calibrate_withdraw_layer(model, samples, candidates, threshold, registry=REGISTRY)
+        assert chosen.layer == next(k for k in candidates if found.mean_kl[k] <= threshold)
+    assert calibrate_withdraw_layer(model, samples, candidates[:-1], threshold=noise, registry=REGISTRY).layer is None
+    with pytest.raises(ValueError, match="threshold"):
+        calibrate_withdraw_layer(model, samples, candidates, threshold=-1.0, registry=REGISTRY)
+
+
+def test_withdrawal_kl_is_the_official_kldivloss_and_the_official_candidates() -> None:
+    generator = torch.Generator().manual_seed(0)
+    full, withdrawn = torch.randn(3, 50, generator=generator), torch.randn(3, 50, generator=generator)
+    official = torch.nn.KLDivLoss(reduction="batchmean")(torch.log_softmax(full, dim=1), torch.softmax(withdrawn, dim=1))
+    assert withdrawal_kl(full, withdrawn) == float(official)
+    assert list(official_candidates(32)) == list(range(OFFICIAL_FIRST_CANDIDATE, 32)) and OFFICIAL_FIRST_CANDIDATE == 5
+
+
+# -- G-Prune -----------------------------------------------------------------------------------------------
+
+
+def test_gprune_keeps_the_official_set_and_equals_the_masked_reference(case) -> None:
+    model, inputs = case
+    result = check_forward_and_generate(model, inputs, "gprune", "keep", kept_only=False, budget=0.5)
+    embeds = merged_embeddings(model, inputs)
+    image = _image_positions(model, inputs)
+    for b in range(2):
+        features = embeds[b, image[b]]  # (n, D) the projector output of sample b's image
+        want = official_keep(features.clone(), official_keep_count(0.5, features.shape[0]))
+        assert result.selection.row_indices(b).tolist() == want
+
+
+def test_gprune_batch_equals_each_sample_alone_and_keep_all(case) -> None:
+    model, inputs = case
+    alone = [(sample, 0.5) for sample in _alone(inputs)]
+    check_batch_equals_samples_alone(model, inputs, "gprune", "keep", 0.5, alone)
+    base = forward_logits(model, inputs)
+    with framework.prune(model, "gprune", budget=1.0, registry=REGISTRY):
+        assert torch.equal(forward_logits(model, inputs), base)
+
+
+# -- VTW on Qwen2-VL (M-RoPE positions, images and a video) ------------------------------------------------------
+
+
+@pytest.mark.parametrize("positions", ["keep", "compact"])
+def test_vtw_on_qwen2_vl_equals_the_masked_reference(positions) -> None:
+    from qwen_fixtures import WITH_VIDEO, MaskedReference, aligned, batch, kept_mask, logits, tiny_qwen
+
+    model = tiny_qwen("qwen2_vl")  # 3 decoder layers
+    inputs, layouts = batch(WITH_VIDEO)
+    length = inputs["input_ids"].shape[1]
+    with framework.prune(model, _vtw(2), budget=0, positions=positions, registry=REGISTRY) as handle:
+        pruned = logits(model, inputs)
+        result = handle.last_selection
+        generated = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    assert bool((result.counts == 0).all())
+    keep = kept_mask(result, inputs, layouts)  # the text only
+    reference = MaskedReference(model, inputs, keep, 2, compact=positions == "compact")
+    ours, theirs = aligned(pruned, reference.logits(), keep)
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
+    tokens, _ = reference.generate(4)
+    assert torch.equal(generated[:, length:], tokens)
