@@ -6,6 +6,7 @@ from vtprune.framework.hookspecs import hookimpl
 from vtprune.framework.registry import Registry
 
 from . import budget, critical, decode, diversity, placement, relevance
+from .fitprune import FITPRUNE_STAGES
 from .mustdrop import MUSTDROP_STAGES
 from .sparsevlm import SPARSEVLM_STAGES
 from .peer_presets import register_peer_presets
@@ -45,6 +46,7 @@ BUILTIN_STAGES = (
     *MUSTDROP_STAGES,
     *DENSITY_VIDEO_STAGES,
     *SPARSEVLM_STAGES,
+    *FITPRUNE_STAGES,
     *VIDEO_STAGES,
 )
 
