@@ -13,7 +13,7 @@ Rules reproduced (A = a layer's softmax attention, max over heads, rows = querie
   gone from layer l + 1 on).
 * Fitting, per calibration sample and layer: ``W_cross = sum A[text, vis] / T`` and ``W_self = sum A[vis, vis] / n``
   from the unpruned model; with ``alpha``, a ranking ``w`` (ascending sort) deletes ``max(i - 1, 0)`` tokens where i
-  is the first count whose removal leaves ``sum(w) - sum(first i) < W - alpha * W``; the sample deletes the tokens
+  is the first count whose removal leaves ``sum(w) - sum(first i) < W - alpha * W`` (float arithmetic as official); the sample deletes the tokens
   in both the cross and the self deletion sets; the recipe is ``floor(sum over samples / samples)`` per layer; the
   layers from the first one whose FLOPs forecast meets ``(1 - reduction) * original`` on keep 0.
 * ``alpha`` by bisection on [0, 1] until the bracket is at most 0.01 wide: a budget met moves the upper end down.
@@ -117,17 +117,19 @@ def fitprune_layer_totals(prompt_rows: Tensor, visual_rows: Tensor) -> tuple[flo
 def fitprune_deletion_count(weights: Tensor, total: float, alpha: float) -> int:
     """How many of the lowest ``weights`` (n,) one criterion deletes (``fit_model``'s loops).
 
-    The first i in 0..n-1 with ``sum(weights) - sum(i smallest) < total - alpha * total`` gives ``max(i - 1, 0)``.
-    Where no i qualifies the official loop leaves the previous sample's count in place (a stale variable, or a
-    NameError on the first); here the rule's own continuation applies, i = n: ``n - 1`` (docs/methods.md).
+    The first i in 0..n-1 with ``sum(weights) - sum(i smallest) < total - alpha * total`` gives ``max(i - 1, 0)``,
+    with the official arithmetic: each prefix summed afresh in the weights' dtype, the target rounded to it (at
+    ``alpha = 0`` a removal too small to change the float sum is free, as in the official run). Where no i
+    qualifies the official loop leaves the previous sample's count in place (a stale variable, or a NameError on the
+    first); here the rule's own continuation applies, i = n: ``n - 1`` (docs/methods.md).
     """
-    values = weights.double()
-    ordered = torch.sort(values).values  # (n,)
-    removed = torch.cat([values.new_zeros(1), torch.cumsum(ordered, dim=0)[:-1]])  # (n,) sum of the i smallest
+    order = torch.argsort(weights)  # (n,) ascending
+    whole = weights.sum()
     target = total - total * alpha
-    below = ((values.sum() - removed) < target).nonzero().flatten()
-    first = int(below[0]) if below.numel() else values.shape[0]
-    return max(first - 1, 0)
+    for i in range(order.shape[0]):
+        if bool((whole - weights[order[:i]].sum()) < target):
+            return max(i - 1, 0)
+    return max(order.shape[0] - 1, 0)
 
 
 def fitprune_sample_deletions(
