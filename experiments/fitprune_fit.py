@@ -11,9 +11,7 @@ samples give the same recipe. The recipe file is JSON::
      "reduction": 0.6, "alpha": 0.4921875, "reached": true, "samples": 8, "probes": [[0.5, true], ...]}
 
 and `recipe_params` gives ``framework.prune(model, "fitprune", **recipe_params(recipe))``'s arguments (a grid cell:
-``method.recipe: fitprune``, ``method.params: {deletions: [...], tokens: ...}``, ``budget: <budget>``).
-
-Command (docs/methods.md, "FitPrune"): ``python -m vtprune.experiments.fitprune_fit --help``.
+``method.recipe: fitprune``, ``method.params: {deletions: [...], tokens: ...}``, ``budget: <budget>``). docs/methods.md ("FitPrune") shows the calls.
 """
 
 from __future__ import annotations
