@@ -151,3 +151,40 @@ def test_recipe_file_round_trips_and_drives_prune(model, samples, tmp_path):
     bad.write_text('{"method": "pdrop"}')
     with pytest.raises(ValueError, match="not a FitPrune recipe"):
         load_recipe(bad)
+
+
+@pytest.mark.parametrize("kind", ["qwen2_vl", "qwen2_5_vl"])
+def test_qwen_multi_image_rows_are_the_eager_attention_and_batch_equals_alone(kind):
+    """On Qwen (M-RoPE, two images in one sample, left padding): the first drop's ``prompt_attention`` and
+    ``visual_attention`` are layer 0's eager attention rows of the prompt / each image's tokens to that image's tokens,
+    and a FitPrune batch equals each sample alone (`check_batch_equals_each_sample_alone`, budget 3)."""
+    from adapter_fixtures import SignalRecorder
+    from qwen_fixtures import MIXED, batch, check_batch_equals_each_sample_alone, tiny_qwen
+
+    model = tiny_qwen(kind, layers=4)
+    recipe = "fitprune+placement.fitprune(deletions=[0, 1, 1, 0], tokens=6)"
+    inputs, layouts = batch(MIXED)
+    spy = SignalRecorder(framework.compose(recipe, registry=REGISTRY))
+    with framework.prune(model, spy, budget=3, registry=REGISTRY), torch.no_grad():
+        model(**inputs)
+    model.set_attn_implementation("eager")
+    try:
+        with torch.no_grad():
+            attention = model(**inputs, output_attentions=True).attentions[0]  # (B, H, L, L)
+    finally:
+        model.set_attn_implementation("sdpa")
+    signals = spy.seen[0]
+    row = 0
+    for b, items in enumerate(layouts):
+        for _, positions, _ in items:
+            pos = torch.tensor(positions)
+            n = pos.numel()
+            torch.testing.assert_close(signals.visual_attention[row, :, :n, :n], attention[b][:, pos][:, :, pos], atol=1e-6, rtol=0)
+            # the Qwen prompt span is the question after the sample's last image (not the template tokens)
+            ids = inputs["input_ids"][b]
+            last = max(p for _, ps, _ in items for p in ps)
+            question = (torch.isin(ids, torch.tensor(MIXED[b].question)) & (torch.arange(ids.numel()) > last)).nonzero().flatten()
+            got = signals.prompt_attention[row][:, : question.numel(), :n]
+            torch.testing.assert_close(got, attention[b][:, question][:, :, pos], atol=1e-6, rtol=0)
+            row += 1
+    check_batch_equals_each_sample_alone(model, MIXED, recipe, "keep")
