@@ -83,7 +83,8 @@ def test_every_shipped_recipe_composes(where: str, recipe: str) -> None:
 def test_shared_names_are_the_ones_the_issue_lists() -> None:
     issue_12 = {"fastv", "pdrop", "visionzip", "dart", "vispruner", "random", "pooling", "divprune", "none"}
     video_methods = {"fastvid", "holitom", "prunevid"}  # issue 15: preset + its own diversity / budget stages, as the peers
-    assert set(SHARED) == issue_12 | video_methods
+    fitprune = {"fitprune"}  # preset + its relevance and placement stages
+    assert set(SHARED) == issue_12 | video_methods | fitprune
 
 
 @pytest.mark.parametrize("name", SHARED)
