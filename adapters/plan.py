@@ -29,7 +29,7 @@ from .call import ForwardCall
 from .capture import VisionCapture
 from .decoder import Decision, DropState, Session
 from .records import DropRecord, ImageLayout, PruneResult
-from .row_fields import frame_fields, frame_spans, held_record, input_fields
+from .row_fields import frame_fields, frame_spans, held_record, input_fields, visual_attention_field, visual_query_slots
 from .row_fields import pad_rows as _pad_rows
 from .spans import last_real_tokens
 from .tower_merge import apply_tower_merge
@@ -183,7 +183,7 @@ class Plan:
             wanted.add("attention")
         if self.requires & {"visual_keys", "prompt_keys"}:
             wanted.add("keys")
-        if "prompt_attention" in self.requires and layer > 0:
+        if self.requires & {"prompt_attention", "visual_attention"} and layer > 0:  # visual rows ride along
             wanted.add(HINT_PLAIN_PROMPT if HINT_PLAIN_PROMPT in self.context.hints else "prompt_attention")
         return frozenset(wanted)
 
@@ -199,6 +199,9 @@ class Plan:
                 slots = slot_of[b, prompt.to(self.device)]
                 out[b, : slots.numel()] = slots
                 out[b, slots.numel() :] = slots[-1]
+        if "visual_attention" in self.requires:  # then each sample's image slots, after the Q prompt columns
+            out = visual_query_slots(out, self._rows(DropState(0, index.new_zeros(0), index, valid), slot_of)[1],
+                                     self.image_sample)
         return out
 
     def decide(self, layer: int, state: DropState) -> Optional[Decision]:
@@ -325,6 +328,9 @@ class Plan:
                 part = state.prompt_attention[b, :, : self.prompts[b].numel()][:, :, slots[r]]  # (H, T_b, n)
                 rows.append(_pad_prompt(part.unsqueeze(0), tmax)[0].permute(2, 0, 1))  # (n, H, T)
             fields["prompt_attention"] = _pad_rows(rows, width).permute(0, 2, 3, 1)  # (R, H, T, N)
+        if state.prompt_attention is not None and "visual_attention" in self.requires:
+            fields["visual_attention"] = visual_attention_field(state.prompt_attention, self.prompts, slots,
+                                                                self.image_sample, width)
         if state.keys is not None:
             keys = state.keys.float()
             fields["visual_keys"] = _pad_rows([keys[self.image_sample[r], slots[r]] for r in range(self.num_images)], width)

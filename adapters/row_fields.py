@@ -15,7 +15,9 @@ from vtprune.framework.selection import Selection
 
 from .records import ImageLayout
 
-__all__ = ["frame_fields", "frame_spans", "held_record", "input_fields", "pad_rows"]
+__all__ = [
+    "frame_fields", "frame_spans", "held_record", "input_fields", "pad_rows", "visual_attention_field", "visual_query_slots",
+]
 
 
 def pad_rows(rows: list[Tensor], width: Optional[int] = None, value: float = 0.0) -> Tensor:
@@ -134,3 +136,34 @@ def frame_spans(
         spans[r, : here.numel(), 0] = torch.where(none, torch.full_like(lo, -1), lo)
         spans[r, : here.numel(), 1] = torch.where(none, torch.full_like(hi, -1), hi)
     return spans.to(device)
+
+
+def visual_query_slots(prompt_slots: Tensor, image_slots: list[Tensor], image_sample: Sequence[int]) -> Tensor:
+    """(B, Q + V) long: each sample's prompt query slots (B, Q) followed by the current slots of all its images'
+    tokens in image order (V = the most image tokens of a sample; a shorter sample repeats its last slot, rows never
+    read), so that one attention-row pass gives the prompt rows and the visual rows (`visual_attention_field`)."""
+    per_sample = [[s for r, s in enumerate(image_slots) if image_sample[r] == b] for b in range(prompt_slots.shape[0])]
+    joined = [torch.cat(parts) if parts else prompt_slots[b, -1:] for b, parts in enumerate(per_sample)]
+    width = max(j.numel() for j in joined)
+    extra = torch.stack([torch.cat([j, j[-1:].expand(width - j.numel())]) for j in joined])  # (B, V)
+    return torch.cat([prompt_slots, extra.to(prompt_slots.device)], dim=1)
+
+
+def visual_attention_field(
+    rows: Tensor, prompts: Sequence[Tensor], image_slots: list[Tensor], image_sample: Sequence[int], width: int
+) -> Tensor:
+    """``visual_attention`` (R, H, N, N) fp32 from the attention rows of `visual_query_slots` (B, H, Q + V, L): image
+    r's rows are its tokens' query rows (after the Q prompt rows and the sample's earlier images), its columns their
+    slots; zero past each image's n_r tokens."""
+    queries = max([p.numel() for p in prompts] + [1])
+    offsets: dict[int, int] = {}
+    out = []
+    for r, slots in enumerate(image_slots):
+        b = image_sample[r]
+        start = queries + offsets.get(b, 0)
+        offsets[b] = offsets.get(b, 0) + slots.numel()
+        block = rows[b, :, start : start + slots.numel()][:, :, slots].float()  # (H, n, n)
+        padded = block.new_zeros(block.shape[0], width, width)
+        padded[:, : slots.numel(), : slots.numel()] = block
+        out.append(padded)
+    return torch.stack(out)  # (R, H, N, N)

@@ -63,6 +63,8 @@ SIGNAL_DESCRIPTIONS: dict[str, str] = {
     "(M >= the N tokens left at a later drop; padded rows: `input_visual_mask`) (SparseVLM's text raters)",
     "input_visual_mask": "(B, M) bool, True = real token of `input_visual`; None = all real",
     "input_prompt": "(B, T, D) the decoder input embeddings of the prompt tokens (rows and mask as in `prompt`)",
+    "visual_attention": "(B, H, N, N) softmax attention of every visual token (rows, dim 2) to each visual token "
+    "(dim 3) at the scoring layer (FitPrune's self-attention term)",
 }
 
 
@@ -75,7 +77,9 @@ VISION_SIGNALS: frozenset[str] = ALWAYS_PRESENT
 #: Embedding-space points (``pre_llm``, and the inputs of an in-LLM drop): visual and prompt tokens.
 EMBEDDING_SIGNALS: frozenset[str] = ALWAYS_PRESENT | {"prompt", "prompt_mask"}
 #: What the scoring layer of an in-LLM drop adds.
-LAYER_SIGNALS: frozenset[str] = frozenset({"attention", "prompt_attention", "visual_keys", "prompt_keys"})
+LAYER_SIGNALS: frozenset[str] = frozenset(
+    {"attention", "prompt_attention", "visual_attention", "visual_keys", "prompt_keys"}
+)
 #: The vision encoder's CLS attention (adapters of CLIP-style encoders provide it everywhere).
 CLS_SIGNALS: frozenset[str] = frozenset({"cls_attention"})
 #: CLIP-space embeddings (placement ``pre_llm_clip``).
@@ -140,6 +144,7 @@ class Signals:
     input_visual: Optional[Tensor] = None  # (B, M, D)
     input_visual_mask: Optional[Tensor] = None  # (B, M) bool
     input_prompt: Optional[Tensor] = None  # (B, T, D)
+    visual_attention: Optional[Tensor] = None  # (B, H, N, N)
 
     def __post_init__(self) -> None:
         if not isinstance(self.visual, Tensor) or self.visual.dim() != 3:
@@ -153,13 +158,15 @@ class Signals:
             "clip_visual": 3,
             "cls_attention": 3,
             "prompt_attention": 4,
+            "visual_attention": 4,
         }
         for name, ndim in per_token.items():
             value = getattr(self, name)
             if value is None:
                 continue
             token_axis = 1 if name in ("visual_mask", "visual_keys", "clip_visual") else (3 if name == "prompt_attention" else 2)
-            if value.dim() != ndim or value.shape[0] != batch or value.shape[token_axis] != tokens:
+            square = name != "visual_attention" or value.shape[-1] == tokens  # rows and columns both visual
+            if value.dim() != ndim or value.shape[0] != batch or value.shape[token_axis] != tokens or not square:
                 raise ValueError(
                     f"Signals.{name} has shape {tuple(value.shape)}; expected "
                     f"{SIGNAL_DESCRIPTIONS[name].split(' ', 1)[0].replace('N', str(tokens)).replace('B', str(batch))}"

@@ -157,6 +157,14 @@ PEER_PRESETS: dict[str, tuple[str, str, str, str]] = {
         "Lin et al., Boosting Multimodal Large Language Models with Visual Tokens Withdrawal for Rapid Inference, "
         "AAAI 2025 (arXiv 2405.05803)",
         "github.com/lzhxmu/VTW @ a3d8cfc3, llava/model/language_model/VTW.py",
+    "fitprune": (
+        "relevance.fitprune+critical.topk_official(op=sort_drop)+diversity.none+budget.split(critical=1.0)"
+        "+placement.fitprune(tokens=576)",
+        "FitPrune: a fitted per-layer recipe (default: the official LLaVA-1.5-7B 60% one); after each layer, the "
+        "lowest head-max cross x self attention deleted; budget = tokens kept after layer 0 (562 = the recipe)",
+        "Ye et al., Fit and Prune: Fast and Training-free Visual Token Pruning for Multi-modal Large Language Models, "
+        "AAAI 2025 (arXiv 2409.10197)",
+        "github.com/ywh187/FitPrune @ d28e418c920912b20dc888325651ecc6e214e6a1",
     ),
     "random": (
         "relevance.none+critical.critical+diversity.randperm(seed=0)+budget.split(critical=0.0)+placement.pre_llm",

@@ -29,6 +29,7 @@ from .functional.cdpruner import cdpruner_relevance, cdpruner_supplement
 from .functional.common import argsort_indices, argsort_keep, topk_indices, topk_keep
 from .functional.dart import dart_supplement
 from .functional.divprune import divprune_supplement
+from .functional.fitprune import fitprune_sort_drop
 from .functional.pooling import pooling_exact_select
 from .functional.random_prune import random_select
 from .functional.vispruner import vispruner_supplement
@@ -112,22 +113,29 @@ class KeyNormRelevance(RelevanceScorer):
 @dataclass(frozen=True, eq=False)
 class OfficialTopK(CriticalSelector):
     """Top-k with the official codes' tie behaviour: ``torch.topk`` (FastV, PyramidDrop, VisionZip,
-    DART) or ``argsort(descending=True)[:k]`` (VisPruner) on each row's valid slice.
+    DART), ``argsort(descending=True)[:k]`` (VisPruner) or deleting the first ``n - k`` of ``torch.sort`` ascending
+    (FitPrune, ``sort_drop``) on each row's valid slice.
 
     `critical` breaks ties to the lower index; these ops order ties in an implementation-defined
     way that only the same call on a same-length slice reproduces.
     """
 
     name: ClassVar[str] = "topk_official"
-    description: ClassVar[str] = "top-k with the official tie order: torch.topk / argsort on the row's valid slice"
-    op: Literal["topk", "argsort"] = "topk"
+    description: ClassVar[str] = (
+        "top-k with the official tie order: torch.topk / argsort / ascending-sort deletion on the row's valid slice"
+    )
+    op: Literal["topk", "argsort", "sort_drop"] = "topk"
 
     def select(self, scores: Tensor, counts: Tensor, valid: Tensor) -> Tensor:
         if self.op == "argsort":
             return argsort_keep(scores, counts, valid)
+        if self.op == "sort_drop":
+            return fitprune_sort_drop(scores, counts, valid)
         return topk_keep(scores, counts, valid)
 
-    def select_indices(self, scores: Tensor, count: int) -> Tensor:
+    def select_indices(self, scores: Tensor, count: int) -> Optional[Tensor]:
+        if self.op == "sort_drop":
+            return None  # the mask form only (FitPrune)
         if self.op == "argsort":
             return argsort_indices(scores, count)  # (B, k)
         return topk_indices(scores, count)  # (B, k)

@@ -7,6 +7,7 @@ from vtprune.framework.registry import Registry
 
 from . import budget, critical, decode, diversity, placement, relevance
 from .gprune import GPRUNE_STAGES
+from .fitprune import FITPRUNE_STAGES
 from .mustdrop import MUSTDROP_STAGES
 from .prumerge import PRUMERGE_STAGES
 from .sparsevlm import SPARSEVLM_STAGES
@@ -49,6 +50,7 @@ BUILTIN_STAGES = (
     *PRUMERGE_STAGES,
     *DENSITY_VIDEO_STAGES,
     *SPARSEVLM_STAGES,
+    *FITPRUNE_STAGES,
     *VIDEO_STAGES,
     *GPRUNE_STAGES,
     *VTW_STAGES,

@@ -47,7 +47,10 @@ PER_TOKEN_AXIS: dict[str, int] = {
     "frame_index": 1,
     "frame_span": 1,
     "prompt_attention": 3,
+    "visual_attention": 3,
 }
+#: Per-token fields with a second visual-token axis (rows as well as columns), trimmed and padded on both.
+SECOND_TOKEN_AXIS: dict[str, int] = {"visual_attention": 2}
 #: Fields that come with another field (a mask with its tensor).
 _COMPANIONS: dict[str, tuple[str, ...]] = {"prompt": ("prompt_mask",), "clip_text": ("clip_text_mask",)}
 
@@ -93,7 +96,13 @@ def make_signals(
     # drawn last so that the fields above keep their historical numbers; rows over the real tokens only
     logits = torch.randn(batch, heads, prompt_len, tokens, generator=generator)  # (B, H, T, N)
     prompt_attention = torch.softmax(logits.masked_fill(~valid.view(batch, 1, 1, tokens), float("-inf")), dim=-1)
-    return dataclasses.replace(signals, prompt_attention=prompt_attention.nan_to_num(0.0))
+    # drawn after prompt_attention for the same reason; rows and columns over the real tokens only
+    logits = torch.randn(batch, heads, tokens, tokens, generator=generator)  # (B, H, N, N)
+    visual_attention = torch.softmax(logits.masked_fill(~valid.view(batch, 1, 1, tokens), float("-inf")), dim=-1)
+    visual_attention = visual_attention.nan_to_num(0.0) * valid.view(batch, 1, tokens, 1)  # padded rows 0
+    return dataclasses.replace(
+        signals, prompt_attention=prompt_attention.nan_to_num(0.0), visual_attention=visual_attention
+    )
 
 
 def grid_for(tokens: int) -> Optional[tuple[int, int]]:
@@ -147,7 +156,8 @@ def clustered_signals(
         return out.movedim(1, axis)
 
     values = {name: repeat(getattr(base, name), axis) for name, axis in PER_TOKEN_AXIS.items() if name != "visual_mask"}
-    for name in ("attention", "cls_attention", "prompt_attention"):
+    values["visual_attention"] = repeat(values["visual_attention"], SECOND_TOKEN_AXIS["visual_attention"])
+    for name in ("attention", "cls_attention", "prompt_attention", "visual_attention"):
         values[name] = values[name] / values[name].sum(-1, keepdim=True).clamp(min=1e-12)  # still sums to one
     return dataclasses.replace(base, **values)
 
@@ -180,6 +190,8 @@ def trim_row(signals: Signals, row: int, length: int) -> Signals:
         value = getattr(single, name)
         if value is not None and name != "visual_mask":
             values[name] = value.narrow(axis, 0, length)
+            if name in SECOND_TOKEN_AXIS:
+                values[name] = values[name].narrow(SECOND_TOKEN_AXIS[name], 0, length)
     own = signals.row_grids()[row]
     grid = own if own is not None and own[0] * own[1] == length else None
     return dataclasses.replace(single, visual_mask=None, grids=None, grid=grid, **values)
@@ -208,6 +220,12 @@ def pad_signals(signals: Signals, extra: int, seed: int = 0, scale: float = 1e3)
         else:
             filler = (scale * torch.rand(shape, generator=generator)).to(value.dtype)
         values[name] = torch.cat([value, filler], dim=axis)
+        if name in SECOND_TOKEN_AXIS:  # padded query rows as well
+            second = SECOND_TOKEN_AXIS[name]
+            shape = list(values[name].shape)
+            shape[second] = extra
+            filler = (scale * torch.rand(shape, generator=generator)).to(value.dtype)
+            values[name] = torch.cat([values[name], filler], dim=second)
     grids = torch.tensor([g or (0, 0) for g in signals.row_grids()], dtype=torch.long)  # (B, 2)
     has_grid = bool((grids.prod(-1) > 0).any())
     return dataclasses.replace(signals, grid=None, grids=grids if has_grid else None, **values)

@@ -8,11 +8,12 @@ docs/peers-notes.md for the official code each function follows.
 
 from __future__ import annotations
 
-from . import common, cdpruner, dart, divprune, fastv, pdrop, pooling, random_prune, vispruner, visionzip
+from . import common, cdpruner, dart, divprune, fastv, fitprune, pdrop, pooling, random_prune, vispruner, visionzip
 from .cdpruner import cdpruner_kernel, cdpruner_relevance, cdpruner_select
 from .dart import dart_select, dart_token_topk
 from .divprune import divprune_keep_count, divprune_sequence, divprune_select
 from .fastv import fastv_keep_count, fastv_scores, fastv_select
+from .fitprune import fitprune_scores, fitprune_search, fitprune_sort_drop
 from .pdrop import pdrop_scores, pdrop_select, pdrop_stage_counts
 from .pooling import pooled_grid_shape, pooling_select
 from .random_prune import random_select
@@ -25,6 +26,7 @@ __all__ = [
     "dart",
     "divprune",
     "fastv",
+    "fitprune",
     "pdrop",
     "pooling",
     "random_prune",
@@ -41,6 +43,9 @@ __all__ = [
     "fastv_keep_count",
     "fastv_scores",
     "fastv_select",
+    "fitprune_scores",
+    "fitprune_search",
+    "fitprune_sort_drop",
     "pdrop_scores",
     "pdrop_select",
     "pdrop_stage_counts",

@@ -85,7 +85,8 @@ def test_shared_names_are_the_ones_the_issue_lists() -> None:
     video_methods = {"fastvid", "holitom", "prunevid"}  # issue 15: preset + its own diversity / budget stages, as the peers
     peers_added = {"prumerge"}  # LLaVA-PruMerge: preset + its own diversity / budget stages, as the peers
     graph_and_withdrawal = {"gprune", "withdraw"}  # G-Prune: preset + relevance + budget; VTW: budget + placement
-    assert set(SHARED) == issue_12 | video_methods | peers_added | graph_and_withdrawal
+    fitprune = {"fitprune"}  # preset + its relevance and placement stages
+    assert set(SHARED) == issue_12 | video_methods | peers_added | graph_and_withdrawal | fitprune
 
 
 @pytest.mark.parametrize("name", SHARED)

@@ -662,6 +662,7 @@ class NeedsCls:
 #: ``prune_ratio``, PruneVid's merging (no token is static above a cosine threshold of 1; one cluster per token).
 _KEEP_ALL_VALUES = {
     ("schedule", "ratio"): 1.0,
+    ("fitprune", "deletions"): (),  # no recipe deletions: only the first drop, which the covering budget keeps whole
     ("pre_llm_layer", "keep"): 1.0,
     ("prunevid_layer", "alpha"): 1.0,
     ("decode", "prune_ratio"): 0.0,

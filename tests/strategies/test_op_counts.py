@@ -44,6 +44,7 @@ PINNED = {
     "fastv": 4,  # the index path of Pipeline.select (framework/dense.py): mean, topk, sort, ones (27 before)
     "pdrop": 4,
     "random": 42,
+    "fitprune": 58,  # head-max cross x self scores (one row loop), ascending-sort deletion on the mask path
     "pooling": 67,
     "visionzip": 96,
     "vispruner": 965,
@@ -75,8 +76,8 @@ TARGETS = {"zspaprune": 350, "divprune": 300, "fastv": 40}
 
 
 def _with_prompt_attention(signals):
-    """``signals`` plus the fields only SparseVLM-style pipelines read (every prompt token's attention rows, a
-    prompt mask), drawn separately so the other presets' inputs stay as pinned."""
+    """``signals`` plus the fields only SparseVLM-style and FitPrune pipelines read (every prompt token's and every
+    visual token's attention rows, a prompt mask), drawn separately so the other presets' inputs stay as pinned."""
     import dataclasses
 
     import torch
@@ -86,7 +87,9 @@ def _with_prompt_attention(signals):
     prompt_tokens = signals.prompt.shape[1]
     rows = torch.randn(BATCH, heads, prompt_tokens, TOKENS, generator=generator).softmax(-1)  # (B, H, T, N)
     mask = torch.ones(BATCH, prompt_tokens, dtype=torch.bool)  # (B, T)
-    return dataclasses.replace(signals, prompt_attention=rows, prompt_mask=mask)
+    # drawn after the prompt rows (SparseVLM's inputs stay as pinned): FitPrune's visual query rows
+    visual = torch.randn(BATCH, heads, TOKENS, TOKENS, generator=generator).softmax(-1)  # (B, H, N, N)
+    return dataclasses.replace(signals, prompt_attention=rows, prompt_mask=mask, visual_attention=visual)
 
 
 @pytest.fixture(scope="module")
