@@ -157,6 +157,7 @@ PEER_PRESETS: dict[str, tuple[str, str, str, str]] = {
         "Lin et al., Boosting Multimodal Large Language Models with Visual Tokens Withdrawal for Rapid Inference, "
         "AAAI 2025 (arXiv 2405.05803)",
         "github.com/lzhxmu/VTW @ a3d8cfc3, llava/model/language_model/VTW.py",
+    ),
     "fitprune": (
         "relevance.fitprune+critical.topk_official(op=sort_drop)+diversity.none+budget.split(critical=1.0)"
         "+placement.fitprune(tokens=576)",
