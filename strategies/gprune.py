@@ -8,13 +8,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Optional
+from typing import ClassVar
 
 from torch import Tensor
 
 from vtprune.framework.signals import Signals
-from vtprune.framework.stages import Allocation, BudgetAllocator, RelevanceScorer
+from vtprune.framework.stages import RelevanceScorer
 
+from .budget import AllCriticalBudget
 from .functional.gprune import gprune_scores
 
 __all__ = ["GPruneRelevance", "GPruneBudget", "GPRUNE_STAGES"]
@@ -47,16 +48,13 @@ class GPruneRelevance(RelevanceScorer):
 
 
 @dataclass(frozen=True, eq=False)
-class GPruneBudget(BudgetAllocator):
+class GPruneBudget(AllCriticalBudget):
     """G-Prune's count: ``int(keep_ratio * n)`` (truncation) for a fraction; every token critical (top-k)."""
 
     name: ClassVar[str] = "gprune"
     description: ClassVar[str] = "G-Prune count int(n*ratio) (truncation) for a fraction; every token critical"
     plans_from_totals: ClassVar[bool] = True
     rounding: ClassVar[str] = "floor"
-
-    def allocate(self, totals: Tensor, valid: Tensor, scores: Optional[Tensor]) -> Allocation:
-        return Allocation(total=totals, critical=totals)
 
 
 #: Registration order.
