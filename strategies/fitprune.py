@@ -14,11 +14,13 @@ from vtprune.framework.stages import Drop, LayerPlacement, RelevanceScorer
 
 from .functional.fitprune import fitprune_scores
 
-__all__ = ["FitPruneRelevance", "FitPruneRecipe", "OFFICIAL_DELETIONS_60", "FITPRUNE_STAGES"]
+__all__ = ["FitPruneRelevance", "FitPruneRecipe", "OFFICIAL_DELETIONS_60", "OFFICIAL_RECIPE_TOKENS", "FITPRUNE_STAGES"]
 
+#: The image size the official recipe was fitted for: LLaVA-1.5's CLIP ViT-L/14 at 336 px gives (336 / 14)^2 patches.
+OFFICIAL_RECIPE_TOKENS: int = (336 // 14) ** 2
 #: The official recipe for LLaVA-1.5-7B at a 60% FLOPs reduction (``delete_scheme`` for ``reduction_ratio == 60`` in
 #: modeling_llama.py @ d28e418c, the reduction its scripts/v1_5/eval/textvqa.sh runs): tokens deleted after each of
-#: the 32 decoder layers, out of 576.
+#: the 32 decoder layers, out of `OFFICIAL_RECIPE_TOKENS`.
 OFFICIAL_DELETIONS_60: tuple[int, ...] = (
     14, 33, 89, 36, 36, 20, 55, 21, 18, 4, 7, 5, 2, 5, 7, 4,
     26, 5, 11, 24, 4, 18, 2, 1, 0, 0, 1, 0, 1, 0, 0, 0,
@@ -60,7 +62,7 @@ class FitPruneRecipe(LayerPlacement):
     )
     provides: ClassVar[frozenset[str]] = PLACEMENT_SIGNALS["schedule"]
     deletions: tuple[int, ...] = OFFICIAL_DELETIONS_60
-    tokens: int = 576
+    tokens: int = OFFICIAL_RECIPE_TOKENS
 
     def __post_init__(self) -> None:
         if self.tokens < 1:
