@@ -29,7 +29,9 @@ from .call import ForwardCall
 from .capture import VisionCapture
 from .decoder import Decision, DropState, Session
 from .records import DropRecord, ImageLayout, PruneResult
-from .row_fields import frame_fields, frame_spans, held_record, input_fields, visual_attention_field, visual_query_slots
+from .row_fields import (
+    frame_fields, frame_spans, held_record, input_fields, view_fields, visual_attention_field, visual_query_slots,
+)
 from .row_fields import pad_rows as _pad_rows
 from .spans import last_real_tokens
 from .tower_merge import apply_tower_merge
@@ -292,6 +294,8 @@ class Plan:
             width = fields["visual"].shape[1]
             fields["frames"], fields["frame_index"] = frame_fields(self.layouts, columns, width, self.device)
             fields["frame_span"] = frame_spans(self.layouts, columns, self.records, width, self.device)
+        if getattr(self.adapter, "has_views", False):
+            fields["view_index"] = view_fields(self.layouts, columns, fields["visual"].shape[1], self.device)
 
     def _llm_signals(self, state: DropState, drop: Any):
         slot_of = self._slot_map(state)  # (B, L): built once, read for the image rows and the prompt
