@@ -76,7 +76,7 @@ def held_record(selection: Selection, columns: list[Tensor], held: list[Tensor],
         return value.gather(1, index)  # padding slots stay where they were
     return Selection(
         indices=indices, mask=mask, critical=permuted(selection.critical), values=permuted(selection.values),
-        sizes=permuted(selection.sizes), assignment=assignment,
+        sizes=permuted(selection.sizes), assignment=assignment, order=permuted(selection.order),
     )
 
 #: Drop kinds whose record's ``indices`` / ``assignment`` are in the image's own token coordinates (the tower's

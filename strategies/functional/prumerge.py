@@ -48,7 +48,9 @@ from torch import Tensor
 
 from .common import CountLike, per_row_counts, row_positions, valid_or_all
 
-__all__ = ["iqr_outlier_count", "prumerge_order", "prumerge_row", "prumerge_select", "PRUMERGE_NEIGHBOURS"]
+__all__ = [
+    "iqr_outlier_count", "prumerge_order", "prumerge_row", "prumerge_select", "prumerge_select_ranked", "PRUMERGE_NEIGHBOURS",
+]
 
 #: Neighbours each kept token absorbs (the official ``topk(cos_sim_matrix, k=int(32))``).
 PRUMERGE_NEIGHBOURS = 32
@@ -176,6 +178,22 @@ def prumerge_select(
     Returns:
         keep: (B, N) bool; values: (B, N, D) ``visual`` with the kept tokens' merged values.
     """
+    keep, values, _ = prumerge_select_ranked(visual, cls_attention, visual_keys, caps, valid, plus, neighbours)
+    return keep, values
+
+
+def prumerge_select_ranked(
+    visual: Tensor,
+    cls_attention: Tensor,
+    visual_keys: Tensor,
+    caps: Optional[CountLike] = None,
+    valid: Optional[Tensor] = None,
+    plus: bool = False,
+    neighbours: int = PRUMERGE_NEIGHBOURS,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """`prumerge_select` plus ``ranks`` (B, N) long: each kept token's place in the official output sequence (the
+    kept list in its order, top-k by descending attention then PruMerge+'s samples, then the extra token last); -1 at
+    tokens not kept."""
     batch, tokens, _ = visual.shape
     valid = valid_or_all(valid, batch, tokens, visual.device)
     keys = visual_keys.reshape(batch, tokens, -1)  # (B, N, Hk*dk): the full-width keys
@@ -183,12 +201,17 @@ def prumerge_select(
     limits = per_row_counts(caps, batch) if caps is not None else [None] * batch
     keep = torch.zeros(batch, tokens, dtype=torch.bool, device=visual.device)
     values = visual.clone()
+    ranks = torch.full((batch, tokens), -1, dtype=torch.long, device=visual.device)  # (B, N)
     for b, pos in enumerate(row_positions(valid)):
         if pos.numel() == 0:
             continue
-        row_keep, row_values, _ = prumerge_row(
+        row_keep, row_values, order = prumerge_row(
             visual[b, pos], keys[b, pos], attention[b, pos], limits[b], plus, neighbours
         )
         keep[b, pos] = row_keep
         values[b, pos] = row_values
-    return keep, values
+        row_ranks = torch.full((pos.numel(),), -1, dtype=torch.long, device=visual.device)  # (n,)
+        row_ranks[order] = torch.arange(order.numel(), device=visual.device)
+        row_ranks[row_keep & (row_ranks < 0)] = order.numel()  # the extra token, last
+        ranks[b, pos] = row_ranks
+    return keep, values, ranks
