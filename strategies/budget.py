@@ -14,7 +14,7 @@ from vtprune.framework.stages import Allocation, BudgetAllocator
 
 from .functional.auto_split import relevance_coverage_counts
 
-__all__ = ["AutoSplit", "FixedSplit", "DynamicSplit", "OwnCountAllocator", "critical_mass_counts"]
+__all__ = ["AllCriticalBudget", "AutoSplit", "FixedSplit", "DynamicSplit", "OwnCountAllocator", "critical_mass_counts"]
 
 
 def _check_fraction(name: str, value: float) -> None:
@@ -86,6 +86,16 @@ class DynamicSplit(BudgetAllocator):
         high = scaled_counts(totals, self.max_critical, rounding="half_up")  # (B,)
         critical = torch.minimum(torch.maximum(wanted, low), high)
         return Allocation(total=totals, critical=torch.minimum(critical, totals))
+
+
+@dataclass(frozen=True, eq=False)
+class AllCriticalBudget(BudgetAllocator):
+    """Base of the peers' count rules that keep their whole count by score (no diversity share): a subclass
+    names the method and the fraction ``rounding`` of its official count (FastV, PyramidDrop, PruneVid's
+    in-LLM step, G-Prune); every kept token is critical."""
+
+    def allocate(self, totals: Tensor, valid: Tensor, scores: Optional[Tensor]) -> Allocation:
+        return Allocation(total=totals, critical=totals)
 
 
 @dataclass(frozen=True, eq=False)

@@ -16,8 +16,9 @@ import torch
 from torch import Tensor
 
 from vtprune.framework.signals import Signals
-from vtprune.framework.stages import Allocation, BudgetAllocator, RelevanceScorer
+from vtprune.framework.stages import Allocation, RelevanceScorer
 
+from .budget import AllCriticalBudget
 from .functional.gprune import gprune_scores, gprune_view_count
 
 __all__ = ["GPruneRelevance", "GPruneBudget", "GPRUNE_STAGES"]
@@ -53,7 +54,7 @@ class GPruneRelevance(RelevanceScorer):
 
 
 @dataclass(frozen=True, eq=False)
-class GPruneBudget(BudgetAllocator):
+class GPruneBudget(AllCriticalBudget):
     """G-Prune's count, all critical (top-k). A fraction f keeps ``int(f * n_v)`` (truncation) of each view of the row
     (``view_index``; without it, or on a row of one view, the row is one view: ``int(f * n)``, at least one token)
     plus every token of no view (newlines), as the official ``topk(int(keep_ratio * n))`` per graph; an int K keeps K.
@@ -88,9 +89,6 @@ class GPruneBudget(BudgetAllocator):
                 counts[b] = max(count, 1) if int(valid[b].sum()) else 0
         counts = torch.minimum(counts, totals)  # (B,)
         return Allocation(total=counts, critical=counts)
-
-    def allocate(self, totals: Tensor, valid: Tensor, scores: Optional[Tensor]) -> Allocation:
-        return Allocation(total=totals, critical=totals)
 
 
 def _per_row(budget: Any, rows: int) -> list:

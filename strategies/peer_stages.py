@@ -25,6 +25,7 @@ from vtprune.framework.stages import (
     Supplement,
 )
 
+from .budget import AllCriticalBudget
 from .functional.cdpruner import cdpruner_relevance, cdpruner_supplement
 from .functional.common import argsort_indices, argsort_keep, topk_indices, topk_keep
 from .functional.dart import dart_supplement
@@ -282,20 +283,16 @@ class PoolingDiversity(DiversitySupplementer):
 
 
 @dataclass(frozen=True, eq=False)
-class FastVBudget(BudgetAllocator):
+class FastVBudget(AllCriticalBudget):
     """FastV's count: ``round(N * f)`` (Python round, half to even) for a kept fraction f = 1 - R."""
 
     name: ClassVar[str] = "fastv"
     description: ClassVar[str] = "FastV count round(N*(1-R)) (half to even) for a fraction; every token critical"
-
-    def allocate(self, totals: Tensor, valid: Tensor, scores: Optional[Tensor]) -> Allocation:
-        return Allocation(total=totals, critical=totals)
-
     rounding: ClassVar[str] = "half_even"
 
 
 @dataclass(frozen=True, eq=False)
-class PDropBudget(BudgetAllocator):
+class PDropBudget(AllCriticalBudget):
     """PyramidDrop's count: ``int(N * f)`` (truncation) for a fraction; every token critical."""
 
     name: ClassVar[str] = "pdrop"
@@ -303,10 +300,6 @@ class PDropBudget(BudgetAllocator):
     #: PyramidDrop scores each stage with the stage layer's own input norm / q / k (``pdrop_forward``): the
     #: hint travels with this stage, so ``pdrop`` with another placement (experiments) keeps the rule.
     adapter_hints: ClassVar[frozenset[str]] = frozenset({HINT_OWN_LAYER})
-
-    def allocate(self, totals: Tensor, valid: Tensor, scores: Optional[Tensor]) -> Allocation:
-        return Allocation(total=totals, critical=totals)
-
     rounding: ClassVar[str] = "floor"
 
 

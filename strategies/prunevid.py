@@ -25,8 +25,6 @@ from torch import Tensor
 from vtprune.framework.hints import HINT_PLAIN_PROMPT
 from vtprune.framework.signals import PLACEMENT_SIGNALS, Signals
 from vtprune.framework.stages import (
-    Allocation,
-    BudgetAllocator,
     DiversitySupplementer,
     Drop,
     LayerPlacement,
@@ -34,7 +32,7 @@ from vtprune.framework.stages import (
     Supplement,
 )
 
-from .budget import OwnCountAllocator
+from .budget import AllCriticalBudget, OwnCountAllocator
 from .critical import TopKCritical
 from .functional.prunevid import DEFAULT_K, group_keep, prunevid_frames, span_groups
 
@@ -165,7 +163,7 @@ class PruneVidPlainAttention(PruneVidAttention):
 
 
 @dataclass(frozen=True, eq=False)
-class PruneVidAlpha(BudgetAllocator):
+class PruneVidAlpha(AllCriticalBudget):
     """PruneVid's in-LLM count: a fraction ``alpha`` keeps ``int(n * alpha)`` (floor, at least one) of the n present
     tokens, all by the critical selector."""
 
@@ -174,9 +172,6 @@ class PruneVidAlpha(BudgetAllocator):
     plans_from_totals: ClassVar[bool] = True
 
     rounding: ClassVar[str] = "floor"
-
-    def allocate(self, totals: Tensor, valid: Tensor, scores: Optional[Tensor]) -> Allocation:
-        return Allocation(total=totals, critical=totals)
 
 
 def _check_alpha(alpha: float) -> None:
