@@ -27,7 +27,7 @@ from vtprune.framework.support import (
     VISION_SIGNALS,
     drop_kind,
 )
-from vtprune.framework.signals import VIDEO_SIGNALS
+from vtprune.framework.signals import VIDEO_SIGNALS, VIEW_SIGNALS
 
 from .capture import CaptureNeeds, ProjectorCapture, VisionCapture, VisionHooks
 from .clip_signals import CLIP_OPTIONS
@@ -81,6 +81,8 @@ class VLMAdapter:
         has_grid: whether ``Signals.grid`` / ``grids`` are provided (images are plain patch grids).
         has_frames: whether the family takes videos and fills ``Signals.frames`` / ``frame_index`` (every drop kind
             it implements but ``vision_layers``; layouts give them through ``records.with_frames``).
+        has_views: whether image layouts say which view each token comes from (``ImageLayout.views``; AnyRes base
+            image and crops) and ``Signals.view_index`` is filled (every drop kind but ``vision_layers``).
         has_cls: whether the vision tower has a CLS token (``cls_attention``; ``visual_keys`` at ``vision``).
         on_request: drop kind -> signals filled only for placements that request them in their ``provides``
             (LLaVA: CLIP-space signals at ``pre_llm`` drops, for ``pre_llm_clip``; needs ``clip_model``).
@@ -96,6 +98,7 @@ class VLMAdapter:
     drop_kinds: ClassVar[frozenset[str]] = frozenset({"vision", "pre_llm", "layer"})
     has_grid: ClassVar[bool] = True
     has_frames: ClassVar[bool] = False
+    has_views: ClassVar[bool] = False
     has_cls: ClassVar[bool] = True
     on_request: ClassVar[dict[str, frozenset[str]]] = {}
     supports_keep_cls: ClassVar[bool] = False
@@ -123,6 +126,8 @@ class VLMAdapter:
             signals = EMBEDDING_SIGNALS | LAYER_SIGNALS | cls_rows | grid
         if cls.has_frames and kind != "vision_layers":
             signals = signals | VIDEO_SIGNALS
+        if cls.has_views and kind != "vision_layers":
+            signals = signals | VIEW_SIGNALS
         return signals | (cls.on_request.get(kind, frozenset()) & PLACEMENT_REQUESTS.get(name, frozenset()))
 
     #: The hook runtime that attaches a description (``framework.prune`` calls

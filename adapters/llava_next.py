@@ -13,7 +13,8 @@ into consecutive images of those sizes (row-major), so several images per prompt
 At ``vision`` the signals are the vision-encoder outputs packed the same way; newline tokens have no
 vision-space feature: they are masked out (``visual_mask`` False) and therefore dropped. ``cls_attention``
 is the CLS row of every crop, packed the same way (0 at newline tokens). No ``grid`` (the layout is not a
-single patch grid).
+single patch grid). ``view_index`` (every drop kind but ``vision_layers``): 0 at the base image's tokens, 1 at the
+high-resolution crops' tokens, -1 at newlines (G-Prune's two graphs).
 
 Prompt span: as for LLaVA (:func:`vtprune.adapters.spans.prompt_positions`); for the Mistral template
 ``"[INST] <image>\\n{question} [/INST]"`` pass the ids of ``" [/INST]"`` as ``prompt_stop``.
@@ -41,6 +42,7 @@ class LlavaNextAdapter(VLMAdapter):
     description: ClassVar[str] = "LLaVA-NeXT (LlavaNextForConditionalGeneration): AnyRes crops with image-newline tokens"
     model_classes: ClassVar[tuple[str, ...]] = ("LlavaNextForConditionalGeneration", "LlavaNextModel")
     has_grid: ClassVar[bool] = False
+    has_views: ClassVar[bool] = True
     limitations: ClassVar[dict[str, str]] = {
         "pre_llm_clip": "CLIP-space signals of AnyRes crops are not implemented",
         **without_videos(
@@ -83,11 +85,17 @@ class LlavaNextAdapter(VLMAdapter):
         return [int(p.shape[0]) for p in packed]
 
     def layouts(self, call: ForwardCall, counts: list[int], token_embeds: list[Tensor]) -> list[ImageLayout]:
-        # newline tokens are exact copies of the model's image_newline vector
+        """Newline tokens are exact copies of the model's ``image_newline`` vector; the views (`Signals.view_index`):
+        ``pack_image_features`` puts the base crop's tokens first (one crop's tokens, as in `image_counts`), then the
+        high-resolution crops (view 1) with their newlines (-1); an image of one crop is its base view and a newline."""
+        base = self.patch_side() ** 2 + (0 if self.strategy(call) == "default" else 1)  # tokens of one crop
         out = []
         for count, embeds in zip(counts, token_embeds):
-            newline = (embeds == self.vlm.image_newline.to(embeds.device, embeds.dtype)).all(dim=-1)
-            out.append(ImageLayout(count, newline if bool(newline.any()) else None, None))
+            newline = (embeds == self.vlm.image_newline.to(embeds.device, embeds.dtype)).all(dim=-1)  # (n,)
+            views = torch.ones(count, dtype=torch.long)  # (n,)
+            views[: min(base, count)] = 0
+            views[newline.cpu()] = -1
+            out.append(ImageLayout(count, newline if bool(newline.any()) else None, None, views=views))
         return out
 
     def vision_rows(self, capture, layouts, token_embeds, per_crop: Tensor) -> list[Tensor]:

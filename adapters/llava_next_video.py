@@ -103,7 +103,8 @@ class LlavaNextVideoAdapter(CountedVideoItems, LlavaNextAdapter):
         out = []
         for segment, layout in zip(self.segments(call), super().layouts(call, counts, token_embeds)):
             newline = layout.newline if segment.kind == "image" else None
-            item = ImageLayout(layout.num_tokens, newline, None, kind=segment.kind)
+            views = layout.views if segment.kind == "image" else None  # a video is one view
+            item = ImageLayout(layout.num_tokens, newline, None, kind=segment.kind, views=views)
             if segment.kind == "video":
                 item = with_frames(item, self._frame_grid(call, layout.num_tokens))
             out.append(item)

@@ -29,7 +29,10 @@ from .call import ForwardCall
 from .capture import VisionCapture
 from .decoder import Decision, DropState, Session
 from .records import DropRecord, ImageLayout, PruneResult
-from .row_fields import frame_fields, frame_spans, held_record, input_fields, visual_attention_field, visual_query_slots
+from .first_slots import emission_order, write_first_slots
+from .row_fields import (
+    frame_fields, frame_spans, held_record, input_fields, view_fields, visual_attention_field, visual_query_slots,
+)
 from .row_fields import pad_rows as _pad_rows
 from .spans import last_real_tokens
 from .tower_merge import apply_tower_merge
@@ -292,6 +295,8 @@ class Plan:
             width = fields["visual"].shape[1]
             fields["frames"], fields["frame_index"] = frame_fields(self.layouts, columns, width, self.device)
             fields["frame_span"] = frame_spans(self.layouts, columns, self.records, width, self.device)
+        if getattr(self.adapter, "has_views", False):
+            fields["view_index"] = view_fields(self.layouts, columns, fields["visual"].shape[1], self.device)
 
     def _llm_signals(self, state: DropState, drop: Any):
         slot_of = self._slot_map(state)  # (B, L): built once, read for the image rows and the prompt
@@ -466,24 +471,23 @@ class Plan:
             values = torch.zeros(*state.valid.shape, vals.shape[-1], dtype=state.hidden.dtype, device=self.device)
             replace = torch.zeros_like(state.valid)
         append = values is not None and HINT_APPEND_MERGED in self.context.hints
+        if selection.order is not None and values is None:  # an emission order without merged values
+            values = torch.zeros_like(state.hidden)
+            replace = torch.zeros_like(state.valid)
         # the record names original tokens (`held_record`): read before this drop rewrites any image's slots
         record = held_record(selection, columns, self.held, max([layout.num_tokens for layout in self.layouts] + [0]))
         for r in range(self.num_images):
             b = self.image_sample[r]
             n = columns[r].numel()
             idx = selection.indices[r][selection.mask[r]]
-            if append:
-                # [critical ascending, merged ascending] in the image's first slots (SparseVLM appends its
-                # recycled tokens after the kept ones); the image's other slots are dropped
+            if append or selection.order is not None:
+                # the image's first slots, in the selection's order, else SparseVLM's [critical ascending, merged
+                # ascending] (it appends its recycled tokens after the kept ones); its other slots are dropped
                 crit = selection.critical[r][selection.mask[r]]
-                order = torch.cat([crit.nonzero().flatten(), (~crit).nonzero().flatten()])
-                target = slots[r][: idx.numel()]
-                keep[b, slots[r][idx.numel() :]] = False
-                values[b, target] = vals[r][selection.mask[r]][order].to(values.dtype)
-                replace[b, target] = True
-                held = self.held[r].clone()
-                held[columns[r][: idx.numel()].cpu()] = self.held[r][columns[r][idx[order]].cpu()]
-                self.held[r] = held  # slot columns[r][j] now holds the j-th written token
+                order = emission_order(selection.order[r][selection.mask[r]]) if selection.order is not None else (
+                    torch.cat([crit.nonzero().flatten(), (~crit).nonzero().flatten()]))
+                source = vals[r][selection.mask[r]] if selection.values is not None else state.hidden[b, slots[r][idx]]
+                self.held[r] = write_first_slots(keep, values, replace, b, slots[r], source, self.held[r], columns[r], idx, order)
             else:
                 keep[b, slots[r][~kept[r, :n]]] = False
                 if values is not None:

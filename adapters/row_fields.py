@@ -16,7 +16,8 @@ from vtprune.framework.selection import Selection
 from .records import ImageLayout
 
 __all__ = [
-    "frame_fields", "frame_spans", "held_record", "input_fields", "pad_rows", "visual_attention_field", "visual_query_slots",
+    "frame_fields", "frame_spans", "held_record", "input_fields", "pad_rows", "view_fields", "visual_attention_field",
+    "visual_query_slots",
 ]
 
 
@@ -75,7 +76,7 @@ def held_record(selection: Selection, columns: list[Tensor], held: list[Tensor],
         return value.gather(1, index)  # padding slots stay where they were
     return Selection(
         indices=indices, mask=mask, critical=permuted(selection.critical), values=permuted(selection.values),
-        sizes=permuted(selection.sizes), assignment=assignment,
+        sizes=permuted(selection.sizes), assignment=assignment, order=permuted(selection.order),
     )
 
 #: Drop kinds whose record's ``indices`` / ``assignment`` are in the image's own token coordinates (the tower's
@@ -96,6 +97,18 @@ def frame_fields(layouts: Sequence[ImageLayout], columns: list[Tensor], width: i
         frames[r] = torch.tensor(layout.frames, dtype=torch.long)
         index[r, : present.numel()] = layout.frame_index[present.cpu()]
     return frames.to(device), index.to(device)
+
+
+def view_fields(layouts: Sequence[ImageLayout], columns: list[Tensor], width: int, device: Any) -> Tensor:
+    """``Signals.view_index`` (R, width) long of a drop: the view of each present token (``columns[r]``, the image's
+    original token indices) from its layout's ``views``; 0 for every token of an image of one view (``views`` None);
+    -1 at tokens of no view (newlines) and padding. Views stay meaningful after earlier drops (a subset of a view is
+    still that view)."""
+    index = torch.full((len(layouts), width), -1, dtype=torch.long)  # (R, N)
+    for r, (layout, present) in enumerate(zip(layouts, columns)):
+        here = present.cpu()  # (n_r,)
+        index[r, : here.numel()] = 0 if layout.views is None else layout.views.cpu()[here]
+    return index.to(device)
 
 
 def frame_spans(

@@ -168,6 +168,7 @@ class Pipeline:
             chosen = torch.zeros_like(valid)  # (B, N)
         values = None
         assigned: Optional[Tensor] = None  # (B, N) position each token is merged into, when a stage merges
+        order: Optional[Tensor] = None  # (B, N) emission rank of each kept token, when a stage sets one
         keep = chosen
         if whole == batch:
             keep = valid  # every row covered: every real token, nothing for diversity to choose
@@ -178,6 +179,7 @@ class Pipeline:
                 if bool((remaining > 0).any()):
                     supplement = self.diversity.supplement(signals, chosen, remaining, valid, scores)
                     mask, assigned, replaced = supplement.mask, supplement.assignment, supplement.mask
+                    order = supplement.order
                     if full is not None:  # covered rows keep their own values, nothing merged into them
                         replaced = replaced & ~full  # (B, N)
                         if assigned is not None:
@@ -187,6 +189,8 @@ class Pipeline:
                         values = torch.where(replaced.unsqueeze(-1), supplement.values.to(signals.visual.dtype), signals.visual)  # (B, N, D)
             if full is not None:
                 keep = torch.where(full, valid, keep)  # (B, N)
+                if order is not None:  # covered rows: ascending positions, the unpruned order
+                    order = torch.where(full, valid.long().cumsum(1) - 1, order)  # (B, N)
         merged = merge_output(keep, assigned, valid) if assigned is not None else None  # (sizes, assignment)
         if not keep.numel():
             width = 0
@@ -195,7 +199,7 @@ class Pipeline:
         else:
             width = int(keep.sum(dim=1).max().item())
         sizes, assignment = merged if merged is not None else (None, None)
-        return assemble_selection(keep, chosen, values, width, sizes, assignment)
+        return assemble_selection(keep, chosen, values, width, sizes, assignment, order)
 
     def compile(
         self, *, mode: Optional[str] = None, fullgraph: bool = True, backend: str = "inductor", dynamic: bool = False

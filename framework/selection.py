@@ -34,6 +34,10 @@ class Selection:
             kept *slot* (0..K-1, an index into ``indices``) it was merged into or is; -1 for a token
             dropped without being merged anywhere and for padding. A kept token is assigned its own
             slot, so ``sizes[b, k] == (assignment[b] == k).sum()``. None when nothing merged.
+        order: (B, K) long or None. The rank at which the language model receives each kept slot (0 = first; a
+            permutation of 0..counts[b]-1 per row, -1 at padding); None = the ascending order of ``indices``.
+            Set by a diversity stage that reproduces another emission order (`Supplement.order`); adapters write
+            the kept tokens into the image's first placeholder slots in that order.
 
     The tensors are read-only results: ``mask`` and ``critical`` may be one tensor when every kept token
     is critical (``Pipeline.select``'s index path); copy before modifying one in place.
@@ -45,6 +49,7 @@ class Selection:
     values: Optional[Tensor] = None  # (B, K, D)
     sizes: Optional[Tensor] = None  # (B, K) long
     assignment: Optional[Tensor] = None  # (B, N) long
+    order: Optional[Tensor] = None  # (B, K) long
 
     @property
     def counts(self) -> Tensor:
@@ -97,18 +102,20 @@ def assemble_selection(
     width: int,
     sizes: Optional[Tensor] = None,
     assignment: Optional[Tensor] = None,
+    order: Optional[Tensor] = None,
 ) -> Selection:
     """`selection_from_masks` with the largest row count ``width`` given (no host sync).
 
     Merging output (both or neither): ``sizes`` (B, N) long, the size of the token at each kept position;
     ``assignment`` (B, N) long, for every token the *position* of the kept token it was merged into (itself
     for a kept token), -1 for none. They become the `Selection`'s per-slot ``sizes`` and slot ``assignment``.
+    ``order`` (B, N) long: each kept position's emission rank (`Supplement.order`), -> ``Selection.order``.
     """
     # A stable descending sort of the keep flags puts each row's kept positions first, ascending,
     # and the sorted flags are the slot mask.
-    flags, order = keep.sort(dim=1, descending=True, stable=True)  # (B, N), (B, N)
+    flags, by_flag = keep.sort(dim=1, descending=True, stable=True)  # (B, N), (B, N)
     slot_mask = flags[:, :width]  # (B, K)
-    indices = order[:, :width] * slot_mask  # (B, K): padding slots hold 0
+    indices = by_flag[:, :width] * slot_mask  # (B, K): padding slots hold 0
     kept_critical = critical.gather(1, indices) & slot_mask  # (B, K)
     kept_values = None
     if values is not None:
@@ -120,9 +127,12 @@ def assemble_selection(
     if sizes is not None:
         slot_sizes = sizes.gather(1, indices) * slot_mask  # (B, K): 0 at padding slots
         slot_assignment = positions_to_slots(assignment, indices, slot_mask)  # (B, N)
+    slot_order = None
+    if order is not None:
+        slot_order = torch.where(slot_mask, order.gather(1, indices), torch.full_like(indices, -1))  # (B, K)
     return Selection(
         indices=indices, mask=slot_mask, critical=kept_critical, values=kept_values,
-        sizes=slot_sizes, assignment=slot_assignment,
+        sizes=slot_sizes, assignment=slot_assignment, order=slot_order,
     )
 
 

@@ -25,6 +25,7 @@ __all__ = [
     "INPUT_SIGNALS",
     "LAYER_SIGNALS",
     "VIDEO_SIGNALS",
+    "VIEW_SIGNALS",
     "PLACEMENT_SIGNALS",
     "SIGNAL_DESCRIPTIONS",
     "Signals",
@@ -63,6 +64,9 @@ SIGNAL_DESCRIPTIONS: dict[str, str] = {
     "(M >= the N tokens left at a later drop; padded rows: `input_visual_mask`) (SparseVLM's text raters)",
     "input_visual_mask": "(B, M) bool, True = real token of `input_visual`; None = all real",
     "input_prompt": "(B, T, D) the decoder input embeddings of the prompt tokens (rows and mask as in `prompt`)",
+    "view_index": "(B, N) long, the view of its image each visual token comes from (LLaVA-NeXT AnyRes: 0 = the base "
+    "image, 1 = the high-resolution crops; a one-view image: 0 everywhere); -1 for tokens of no view (image-newline "
+    "tokens) and padding; None = every row is one view (G-Prune builds one graph per view)",
     "visual_attention": "(B, H, N, N) softmax attention of every visual token (rows, dim 2) to each visual token "
     "(dim 3) at the scoring layer (FitPrune's self-attention term)",
 }
@@ -88,6 +92,8 @@ CLIP_SIGNALS: frozenset[str] = frozenset({"clip_visual", "clip_text", "clip_text
 GRID_SIGNALS: frozenset[str] = frozenset({"grid", "grids"})
 #: The frame structure of video rows (adapters that take videos provide both wherever they provide a grid).
 VIDEO_SIGNALS: frozenset[str] = frozenset({"frames", "frame_index", "frame_span"})
+#: The views of an image whose tokens come from several views (AnyRes: base image and high-resolution crops).
+VIEW_SIGNALS: frozenset[str] = frozenset({"view_index"})
 #: The decoder input embeddings of the image and prompt tokens, at in-LLM drops on request (adapter hint
 #: ``input_embeddings``, docs/adapters.md): what the sequence looked like before layer 0 and before any drop.
 INPUT_SIGNALS: frozenset[str] = frozenset({"input_visual", "input_visual_mask", "input_prompt"})
@@ -145,6 +151,7 @@ class Signals:
     input_visual_mask: Optional[Tensor] = None  # (B, M) bool
     input_prompt: Optional[Tensor] = None  # (B, T, D)
     visual_attention: Optional[Tensor] = None  # (B, H, N, N)
+    view_index: Optional[Tensor] = None  # (B, N) long, -1 = no view (newlines, padding)
 
     def __post_init__(self) -> None:
         if not isinstance(self.visual, Tensor) or self.visual.dim() != 3:
@@ -194,6 +201,14 @@ class Signals:
             if bool((area > tokens).any()):
                 raise ValueError(f"Signals.grids {self.grids.tolist()} has a grid larger than the N={tokens} visual tokens")
         self._check_frames(batch, tokens)
+        if self.view_index is not None and (
+            tuple(self.view_index.shape) != (batch, tokens) or self.view_index.is_floating_point()
+            or bool((self.view_index < -1).any())
+        ):
+            raise ValueError(
+                f"Signals.view_index must be a (B={batch}, N={tokens}) integer tensor of views >= 0 or -1 (no view), "
+                f"got {tuple(self.view_index.shape)} {self.view_index.dtype}"
+            )
         self._check_frame_span(batch, tokens)
         self._check_inputs(batch)
 
@@ -286,6 +301,16 @@ class Signals:
         if self.frames is None:
             return [None] * self.batch_size
         return [(int(t), int(h), int(w)) if int(t) * int(h) * int(w) > 0 else None for t, h, w in self.frames.tolist()]
+
+    def row_views(self, row: int, valid: Tensor) -> list[Tensor]:
+        """Row ``row``'s views: one (n_v,) long tensor of positions per view present, in view order, among the
+        ``valid`` ((B, N) bool) tokens; without ``view_index`` the row is one view of all its ``valid`` tokens. Valid
+        tokens of no view (``view_index`` -1: newlines) are in none of them."""
+        real = valid[row]  # (N,)
+        if self.view_index is None:
+            return [torch.nonzero(real, as_tuple=False).flatten()]
+        index = torch.where(real, self.view_index[row], torch.full_like(self.view_index[row], -1))  # (N,)
+        return [torch.nonzero(index == v, as_tuple=False).flatten() for v in torch.unique(index[index >= 0]).tolist()]
 
     def present(self) -> frozenset[str]:
         """Names of the fields that are set (not None)."""

@@ -190,11 +190,15 @@ class Supplement:
             dropped without being merged. A token of ``mask`` is assigned its own position. ``Pipeline.select``
             turns positions into `Selection` slots and derives ``Selection.sizes`` by counting; kept tokens
             nothing was merged into stand for themselves.
+        order: (B, N) long or None: the order in which the language model receives the row's kept tokens, as each
+            kept token's rank (0 = first; read at every kept position, the already selected ones included; a
+            permutation of 0..count-1 per row); None = ascending positions. It becomes ``Selection.order``.
     """
 
     mask: Tensor  # (B, N) bool
     values: Optional[Tensor] = None  # (B, N, D)
     assignment: Optional[Tensor] = None  # (B, N) long
+    order: Optional[Tensor] = None  # (B, N) long
 
 
 class DiversitySupplementer(Stage):

@@ -6,8 +6,9 @@ docs/methods.md ("PruMerge") states the official code read and every deviation.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Optional
+from typing import ClassVar, Literal, Optional
 
+import torch
 from torch import Tensor
 
 from vtprune.framework.hints import HINT_FULL_WIDTH_CLS
@@ -15,7 +16,7 @@ from vtprune.framework.signals import Signals
 from vtprune.framework.stages import DiversitySupplementer, Supplement
 
 from .budget import OwnCountAllocator
-from .functional.prumerge import PRUMERGE_NEIGHBOURS, prumerge_select
+from .functional.prumerge import PRUMERGE_NEIGHBOURS, prumerge_select, prumerge_select_ranked
 
 __all__ = ["PruMergeMerge", "PruMergeBudget", "PRUMERGE_STAGES"]
 
@@ -26,6 +27,10 @@ class PruMergeMerge(DiversitySupplementer):
     samples) stay, each plus the attention-weighted sum of its ``neighbours`` key-nearest tokens; the other tokens
     are summed (attention-weighted) into one extra token at the row's last pruned position. Keeps the official count,
     at most ``counts`` (then the head of the official list and the extra token): ``exact_counts`` is False.
+
+    ``order``: ``position`` (default) hands the LLM the kept tokens in ascending position, the extra token at the last
+    pruned position; ``official`` in the official output order (top-k by descending attention, then PruMerge+'s
+    samples, the extra token last; `Supplement.order`), written into the image's first placeholder slots.
 
     Declares the ``full_width_cls_attention`` hint: the adapter gives the CLS attention and keys of the tower layer
     after the feature layer as one full-width head (the official ``layers[23]`` q/k hooks)."""
@@ -40,16 +45,21 @@ class PruMergeMerge(DiversitySupplementer):
     exact_counts: ClassVar[bool] = False
     plus: bool = False
     neighbours: int = PRUMERGE_NEIGHBOURS
+    order: Literal["position", "official"] = "position"
 
     def __post_init__(self) -> None:
         if self.neighbours < 1:
             raise ValueError(f"neighbours must be >= 1, got {self.neighbours}")
+        if self.order not in ("position", "official"):
+            raise ValueError(f"order must be 'position' or 'official', got {self.order!r}")
 
     def supplement(self, signals: Signals, selected: Tensor, counts: Tensor, valid: Tensor, scores: Optional[Tensor]) -> Supplement:
-        keep, values = prumerge_select(
-            signals.visual, signals.cls_attention, signals.visual_keys, counts, valid & ~selected, self.plus, self.neighbours
-        )  # (B, N), (B, N, D)
-        return Supplement(keep, values)
+        args = (signals.visual, signals.cls_attention, signals.visual_keys, counts, valid & ~selected, self.plus, self.neighbours)
+        if self.order == "position":
+            return Supplement(*prumerge_select(*args))  # (B, N), (B, N, D)
+        keep, values, ranks = prumerge_select_ranked(*args)  # (B, N), (B, N, D), (B, N)
+        selected_first = selected.long().cumsum(1) - 1  # (B, N): already selected tokens first, ascending (none here)
+        return Supplement(keep, values, order=torch.where(selected, selected_first, ranks + selected.sum(1, keepdim=True)))
 
 
 @dataclass(frozen=True, eq=False)

@@ -32,7 +32,7 @@ Rules reproduced, per image (what the official code does for its batch of one):
 
 Deviations (docs/methods.md, PruMerge): the extra token is written at the row's last pruned position (a keep mask
 has no slot outside the patches); the kept tokens are emitted in ascending position order (official: the kept
-list order, extra token last); the count is computed per image (official: one ``m / (B n)`` over the flattened
+list order, extra token last; `prumerge_select_ranked` gives that order as ranks, for ``order=official``); the count is computed per image (official: one ``m / (B n)`` over the flattened
 batch, and PruMerge+ fails for B > 1); ``neighbours`` is clamped to ``n - 1`` (official raises); PruMerge+ with no
 outlier keeps no spatial samples (official divides by zero); a ``cap`` below the official count keeps the first
 ``cap - 1`` of the kept list plus the extra token.
@@ -48,7 +48,9 @@ from torch import Tensor
 
 from .common import CountLike, per_row_counts, row_positions, valid_or_all
 
-__all__ = ["iqr_outlier_count", "prumerge_order", "prumerge_row", "prumerge_select", "PRUMERGE_NEIGHBOURS"]
+__all__ = [
+    "iqr_outlier_count", "prumerge_order", "prumerge_row", "prumerge_select", "prumerge_select_ranked", "PRUMERGE_NEIGHBOURS",
+]
 
 #: Neighbours each kept token absorbs (the official ``topk(cos_sim_matrix, k=int(32))``).
 PRUMERGE_NEIGHBOURS = 32
@@ -176,6 +178,31 @@ def prumerge_select(
     Returns:
         keep: (B, N) bool; values: (B, N, D) ``visual`` with the kept tokens' merged values.
     """
+    keep, values, _ = _prumerge_rows(visual, cls_attention, visual_keys, caps, valid, plus, neighbours, ranked=False)
+    return keep, values
+
+
+def prumerge_select_ranked(
+    visual: Tensor,
+    cls_attention: Tensor,
+    visual_keys: Tensor,
+    caps: Optional[CountLike] = None,
+    valid: Optional[Tensor] = None,
+    plus: bool = False,
+    neighbours: int = PRUMERGE_NEIGHBOURS,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """`prumerge_select` plus ``ranks`` (B, N) long: each kept token's place in the official output sequence (the
+    kept list in its order, top-k by descending attention then PruMerge+'s samples, then the extra token last); -1 at
+    tokens not kept."""
+    keep, values, ranks = _prumerge_rows(visual, cls_attention, visual_keys, caps, valid, plus, neighbours, ranked=True)
+    return keep, values, ranks
+
+
+def _prumerge_rows(
+    visual: Tensor, cls_attention: Tensor, visual_keys: Tensor, caps: Optional[CountLike], valid: Optional[Tensor],
+    plus: bool, neighbours: int, ranked: bool,
+) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+    """`prumerge_row` on each row's valid tokens: (keep, values, ranks when ``ranked`` else None)."""
     batch, tokens, _ = visual.shape
     valid = valid_or_all(valid, batch, tokens, visual.device)
     keys = visual_keys.reshape(batch, tokens, -1)  # (B, N, Hk*dk): the full-width keys
@@ -183,12 +210,19 @@ def prumerge_select(
     limits = per_row_counts(caps, batch) if caps is not None else [None] * batch
     keep = torch.zeros(batch, tokens, dtype=torch.bool, device=visual.device)
     values = visual.clone()
+    ranks = torch.full((batch, tokens), -1, dtype=torch.long, device=visual.device) if ranked else None  # (B, N)
     for b, pos in enumerate(row_positions(valid)):
         if pos.numel() == 0:
             continue
-        row_keep, row_values, _ = prumerge_row(
+        row_keep, row_values, order = prumerge_row(
             visual[b, pos], keys[b, pos], attention[b, pos], limits[b], plus, neighbours
         )
         keep[b, pos] = row_keep
         values[b, pos] = row_values
-    return keep, values
+        if ranks is None:
+            continue
+        row_ranks = torch.full((pos.numel(),), -1, dtype=torch.long, device=visual.device)  # (n,)
+        row_ranks[order] = torch.arange(order.numel(), device=visual.device)
+        row_ranks[row_keep & (row_ranks < 0)] = order.numel()  # the extra token, last
+        ranks[b, pos] = row_ranks
+    return keep, values, ranks

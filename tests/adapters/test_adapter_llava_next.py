@@ -9,6 +9,7 @@ from adapter_fixtures import (
     PLACEMENT_RECIPES,
     check_batch_equals_samples_alone,
     check_forward_and_generate,
+    SignalRecorder,
     llava_next_inputs,
     sample_alone,
     single_thread,
@@ -124,3 +125,34 @@ def test_vision_signals_mask_newlines_and_align_cls(model, inputs):
     torch.testing.assert_close(signals.cls_attention[0, :, :16], want, atol=1e-6, rtol=0)
     assert signals.grid is None
     assert result.counts.tolist() == [int(signals.visual_mask[r].sum()) for r in range(3)]
+
+
+@pytest.mark.parametrize("recipe", ["prompt_cosine+critical+fps+pre_llm", "attention+critical+fps+schedule(layers=[1,3],ratio=0.5)"])
+def test_view_index_marks_the_base_image_the_crops_and_the_newlines(model, inputs, recipe):
+    """``Signals.view_index``: 0 at the base crop's tokens (the first ``patch_side ** 2`` of the image, as
+    ``pack_image_features`` packs it), -1 at the ``image_newline`` tokens, 1 at the high-resolution tokens, -1 at
+    padding; after an earlier drop, the present tokens keep their views."""
+    from vtprune.framework import compose
+
+    recorder = SignalRecorder(compose(recipe))
+    with prune(model, recorder, budget=0.5) as handle:
+        _forward(model, inputs)
+    vision = model.config.vision_config
+    base = (vision.image_size // vision.patch_size) ** 2
+    with torch.no_grad():
+        features = model.model.get_image_features(inputs["pixel_values"], inputs["image_sizes"]).pooler_output
+    expected = []
+    for f in features:
+        views = torch.ones(f.shape[0], dtype=torch.long)
+        views[:base] = 0
+        views[(f == model.model.image_newline).all(-1)] = -1
+        expected.append(views)
+    present = [torch.arange(v.numel()) for v in expected]
+    assert len(recorder.seen) == len(handle.last_selection.drops) == (2 if "schedule" in recipe else 1)
+    for number, signals in enumerate(recorder.seen):
+        for r, views in enumerate(expected):
+            n = present[r].numel()
+            assert signals.view_index[r, :n].tolist() == views[present[r]].tolist()
+            assert bool((signals.view_index[r, n:] == -1).all())
+        if number < len(handle.last_selection.drops):  # the next drop sees the tokens this one kept
+            present = [handle.last_selection.drops[number].selection.row_indices(r) for r in range(len(expected))]

@@ -2,7 +2,9 @@
 CLS row and keys of the tower layer after the feature layer, one full-width head) and what the LLM receives,
 against the loop-style official reference (tests/helpers/prumerge_reference.py) run on the tower's own hidden
 states. The registry-generated cases (tests/adapters/test_peers_end_to_end.py) add keep-all, batch == alone and
-LLaVA-NeXT.
+LLaVA-NeXT. ``diversity.prumerge(order=official)``: the LLM receives the official sequence itself ([kept list, extra
+token] in the official order, in the image's first slots), and with ``compact`` positions the logits and greedy
+tokens equal the model fed that sequence as ``inputs_embeds`` in place of the image's placeholders.
 """
 
 from __future__ import annotations
@@ -10,7 +12,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from adapter_fixtures import IMAGE_TOKEN_ID, llava_inputs, record_hooks, single_thread, tiny_llava
+from adapter_fixtures import (
+    IMAGE_TOKEN_ID,
+    generation_positions,
+    llava_inputs,
+    record_hooks,
+    sample_alone,
+    single_thread,
+    tiny_llava,
+)
 from prumerge_reference import official_attention_and_keys, official_prumerge
 from vtprune import framework
 
@@ -88,3 +98,74 @@ def test_feature_layer_without_a_following_layer_is_a_clear_error():
     with pytest.raises(ValueError, match="following layer"):
         framework.prune(model, "prumerge", budget=8)
     assert record_hooks(model) == before
+
+
+def _official_order_recipe(plus: bool) -> str:
+    return f"relevance.none+critical+diversity.prumerge(plus={plus},order=official)+budget.prumerge+vision"
+
+
+def _official_sequence_inputs(model, inputs, plus: bool) -> dict:
+    """``inputs_embeds`` / ``attention_mask`` / ``position_ids`` (left padded) of each sample with its image's
+    placeholders replaced by the projected official sequence [kept list in the official order, extra token]."""
+    embeds = model.model.get_input_embeddings()(inputs["input_ids"])
+    rows = []
+    for r, (sequence, _) in enumerate(_official(model, inputs, plus)):  # one image per sample
+        real = inputs["attention_mask"][r].bool()
+        ids, row = inputs["input_ids"][r][real], embeds[r][real]
+        image = (ids == IMAGE_TOKEN_ID).nonzero().flatten()
+        with torch.no_grad():
+            projected = model.model.multi_modal_projector(sequence[0].float())  # (L + 1, D)
+        rows.append(torch.cat([row[: image[0]], projected.to(row.dtype), row[image[-1] + 1 :]]))
+    width = max(r.shape[0] for r in rows)
+    out = torch.zeros(len(rows), width, embeds.shape[-1], dtype=embeds.dtype)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for b, row in enumerate(rows):
+        out[b, width - row.shape[0] :], mask[b, width - row.shape[0] :] = row, 1
+    return {"inputs_embeds": out, "attention_mask": mask, "position_ids": generation_positions(mask)}
+
+
+@pytest.mark.parametrize("plus", [False, True])
+def test_official_order_gives_the_llm_the_official_sequence(case, plus):
+    model, inputs = case
+    n = 16
+    feed = {**inputs, "position_ids": generation_positions(inputs["attention_mask"])}
+    with framework.prune(model, _official_order_recipe(plus), budget=n - 1, positions="compact") as handle, torch.no_grad():
+        seen, hook = _lm_inputs(model)
+        try:
+            logits = model(**feed).logits
+        finally:
+            hook.remove()
+        generated = model.generate(**inputs, max_new_tokens=6, do_sample=False)
+    result = handle.last_selection
+    reference = _official_sequence_inputs(model, inputs, plus)
+    with torch.no_grad():
+        want = model(**reference).logits
+        want_generated = model.generate(**reference, max_new_tokens=6, do_sample=False)
+    real = result.sequence_mask & inputs["attention_mask"].bool().gather(1, result.sequence_index)
+    ref_real = reference["attention_mask"].bool()
+    torch.testing.assert_close(seen[0][real], reference["inputs_embeds"][ref_real], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logits[real], want[ref_real], atol=1e-5, rtol=1e-5)
+    assert torch.equal(generated[:, -6:], want_generated[:, -6:])
+    for r, (_, order) in enumerate(_official(model, inputs, plus)):  # the record still names the kept tokens
+        kept = torch.zeros(n, dtype=torch.bool)
+        kept[order] = True
+        extra = (~kept).nonzero().flatten()[-1:]
+        assert result.drops[0].selection.row_indices(r).tolist() == sorted(order.tolist() + extra.tolist())
+
+
+def test_official_order_batch_equals_each_sample_alone_and_keep_all(case):
+    model, inputs = case
+    feed = {**inputs, "position_ids": generation_positions(inputs["attention_mask"])}
+    with framework.prune(model, _official_order_recipe(True), budget=15, positions="compact") as handle, torch.no_grad():
+        batch = model(**feed).logits
+        for b in range(2):
+            alone = sample_alone(inputs, b, b, 1)
+            single = model(**alone).logits
+            torch.testing.assert_close(batch[b, -single.shape[1] :], single[0], atol=1e-5, rtol=0)
+        handle.budget = 1.0
+        with torch.no_grad():
+            whole = model(**feed).logits
+    with torch.no_grad():
+        assert torch.equal(whole, model(**feed).logits)
+    with pytest.raises(ValueError, match="order"):
+        framework.compose("relevance.none+critical+diversity.prumerge(order=spatial)+budget.prumerge+vision")

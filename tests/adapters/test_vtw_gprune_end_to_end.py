@@ -7,7 +7,9 @@ reproduce the unpruned model bit for bit; the budget 0 is refused elsewhere. The
 (`experiments.vtw_calibration`) measures the KL of exactly that masked reference and picks the first k under the threshold.
 
 G-Prune (`gprune`): each image keeps the tokens the official op order keeps on its projected features
-(`gprune_reference`), and the model then equals the masked reference; batch == alone; keep-all.
+(`gprune_reference`), and the model then equals the masked reference; batch == alone; keep-all. On the tiny LLaVA-NeXT
+(the official code's own model) the kept set is the official two-graph block (`official_next_keep`: base image and
+high-resolution crops as two graphs, every newline kept), which one graph over all tokens is not.
 """
 
 from __future__ import annotations
@@ -20,14 +22,16 @@ from adapter_fixtures import (
     check_forward_and_generate,
     forward_logits,
     llava_inputs,
+    llava_next_inputs,
     masked_reference,
     merged_embeddings,
     record_hooks,
     sample_alone,
     single_thread,
     tiny_llava,
+    tiny_llava_next,
 )
-from gprune_reference import official_keep, official_keep_count
+from gprune_reference import official_keep, official_keep_count, official_next_keep
 from vtprune import framework
 from vtprune.experiments.vtw_calibration import (
     OFFICIAL_FIRST_CANDIDATE,
@@ -188,6 +192,69 @@ def test_gprune_batch_equals_each_sample_alone_and_keep_all(case) -> None:
     base = forward_logits(model, inputs)
     with framework.prune(model, "gprune", budget=1.0, registry=REGISTRY):
         assert torch.equal(forward_logits(model, inputs), base)
+
+
+@pytest.fixture(scope="module")
+def next_case():
+    model = tiny_llava_next(layers=LAYERS)
+    sizes = (((30, 50),), ((50, 30),), ((28, 28),))  # a wide, a tall and a square image: different crop grids
+    return model, llava_next_inputs(model, image_sizes=sizes, question_lengths=(5, 3, 4), seed=1)
+
+
+def _next_official(model, inputs, budget: float) -> list[list[int]]:
+    """Per sample (one image each), the official LLaVA-NeXT block's kept positions among the image's tokens; the part
+    structure from the model alone: the base image is the tower's patches per crop, newlines are ``image_newline``."""
+    embeds = merged_embeddings(model, inputs)
+    image = _image_positions(model, inputs)
+    vision = model.config.vision_config
+    base = (vision.image_size // vision.patch_size) ** 2
+    out = []
+    for b in range(inputs["input_ids"].shape[0]):
+        features = embeds[b, image[b]]  # (n, D)
+        rows = int((features == model.model.image_newline).all(-1).sum())
+        cols = (features.shape[0] - base) // rows - 1
+        out.append(official_next_keep(features.clone(), base, rows, cols, keep_ratio=budget))
+    return out
+
+
+def test_gprune_on_llava_next_keeps_the_official_two_graph_set_and_equals_the_masked_reference(next_case) -> None:
+    model, inputs = next_case
+    result = check_forward_and_generate(model, inputs, "gprune", "keep", kept_only=False, budget=0.5)
+    embeds = merged_embeddings(model, inputs)
+    image = _image_positions(model, inputs)
+    for b, want in enumerate(_next_official(model, inputs, 0.5)):
+        assert result.selection.row_indices(b).tolist() == want
+        features = embeds[b, image[b]]
+        one_graph = official_keep(features.clone(), official_keep_count(0.5, features.shape[0]))
+        assert one_graph != want  # the single graph over every token is not the official set
+
+
+def test_gprune_on_llava_next_compact_positions_equal_the_kept_only_model(next_case) -> None:
+    model, inputs = next_case
+    result = check_forward_and_generate(model, inputs, "gprune", "compact", kept_only=True, budget=0.3)
+    for b, want in enumerate(_next_official(model, inputs, 0.3)):
+        assert result.selection.row_indices(b).tolist() == want
+
+
+def test_gprune_on_llava_next_batch_equals_each_sample_alone_and_keep_all(next_case) -> None:
+    model, inputs = next_case
+    alone = [(sample_alone(inputs, b, b, 1), 0.5) for b in range(3)]
+    check_batch_equals_samples_alone(model, inputs, "gprune", "keep", 0.5, alone)
+    base = forward_logits(model, inputs)
+    with framework.prune(model, "gprune", budget=1.0, registry=REGISTRY):
+        assert torch.equal(forward_logits(model, inputs), base)
+
+
+def test_gprune_on_llava_next_int_budget_keeps_the_newlines_first(next_case) -> None:
+    model, inputs = next_case
+    image = _image_positions(model, inputs)
+    embeds = merged_embeddings(model, inputs)
+    with framework.prune(model, "gprune", budget=12, registry=REGISTRY) as handle:
+        forward_logits(model, inputs)
+    for b in range(3):
+        newline = (embeds[b, image[b]] == model.model.image_newline).all(-1).nonzero().flatten()  # (R,)
+        kept = set(handle.last_selection.selection.row_indices(b).tolist())
+        assert len(kept) == 12 and set(newline.tolist()) <= kept
 
 
 # -- VTW on Qwen2-VL (M-RoPE positions, images and a video) ------------------------------------------------------

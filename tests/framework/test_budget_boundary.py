@@ -97,9 +97,27 @@ def test_every_preset_resolves_counts_as_before(preset: str) -> None:
                 stage.resolve(budget, lengths)
         return
     rule = _RESOLVE[stage.name]
+    if stage.name == "gprune":  # adaptive: a fraction's count needs the row's views (adapt); one view = as before
+        _check_gprune_counts(stage, lengths, rule)
+        return
     for budget in FRACTIONS + INTS:
         got = stage.resolve(budget, lengths).tolist()
         assert got == [_count(budget, n, rule) for n in LENGTHS], (preset, budget)
+
+
+def _check_gprune_counts(stage, lengths: torch.Tensor, rule) -> None:
+    """``budget.gprune``: an int resolves as before; a fraction resolves to every token (the bound) and ``adapt`` on
+    rows of one view (no ``view_index``) gives the pre-refactor count."""
+    from vtprune.framework.signals import Signals
+
+    valid = torch.arange(max(LENGTHS)).unsqueeze(0) < lengths.unsqueeze(1)  # (B, N)
+    signals = Signals(visual=torch.zeros(*valid.shape, 1), visual_mask=valid)
+    for budget in FRACTIONS + INTS:
+        resolved = stage.resolve(budget, lengths)
+        if isinstance(budget, float):
+            assert resolved.tolist() == LENGTHS, budget
+        counts = stage.adapt(signals, budget, resolved, valid, None).total.tolist()
+        assert counts == [_count(budget, n, rule) for n in LENGTHS], budget
 
 
 @pytest.mark.parametrize("preset", sorted(_REGISTRY.presets))

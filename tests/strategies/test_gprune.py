@@ -2,7 +2,9 @@
 
 Seeded inputs, exact equality: scores, kept sets (official ``topk(int(keep_ratio * n))``), exact ties (duplicated
 tokens), ragged batches (each row equals the reference on its real tokens; a batch equals each row alone; padding is
-never part of a graph), keep-all, and the graph maths on inputs whose answer is known by hand.
+never part of a graph), keep-all, and the graph maths on inputs whose answer is known by hand. Rows of several views
+(``view_index``, LLaVA-NeXT's base image and crops with newlines): the official two-graph block (`official_next_keep`)
+at every fraction, in any batch, with padding.
 """
 
 from __future__ import annotations
@@ -10,9 +12,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gprune_reference import official_keep, official_keep_count, official_scores
+from gprune_reference import official_keep, official_keep_count, official_next_keep, official_scores
 from vtprune.framework import Signals, build_registry, compose
-from vtprune.strategies.functional.gprune import gprune_row_scores, gprune_scores
+from vtprune.strategies.functional.gprune import gprune_row_scores, gprune_scores, gprune_view_count, gprune_view_keys
 
 REGISTRY = build_registry(autoload=False)
 SEEDS = range(4)
@@ -110,3 +112,56 @@ def test_keep_all_and_bad_parameters() -> None:
     for bad in (dict(temperature=0.0), dict(similarity=1.5), dict(iterations=-1)):
         with pytest.raises(Exception, match=next(iter(bad))):
             compose("gprune", registry=REGISTRY, **bad)
+
+
+def _next_row(base: int, rows: int, cols: int, dim: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One LLaVA-NeXT-like image: (n, dim) tokens (base image, then ``rows`` rows of ``cols`` tokens + one shared
+    newline vector each) and its (n,) view index (0 base, 1 crops, -1 newlines)."""
+    x = _tokens(base + rows * cols, dim, seed)
+    newline = torch.randn(dim, generator=torch.Generator().manual_seed(100 + seed))
+    crops = x[base:].view(rows, cols, dim)
+    packed = torch.cat([x[:base], torch.cat([crops, newline.expand(rows, 1, dim)], dim=1).flatten(0, 1)])  # (n, dim)
+    views = torch.cat([torch.zeros(base, dtype=torch.long), torch.tensor(([1] * cols + [-1]) * rows)])
+    return packed, views
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("budget", [0.5, 0.25, 0.3, 0.77, 1 / 64])
+def test_views_keep_the_official_two_graph_block(seed: int, budget: float) -> None:
+    x, views = _next_row(16, 4, 7, 8, seed)
+    signals = Signals(visual=x[None], view_index=views[None])
+    got = compose("gprune", registry=REGISTRY).select(signals, budget)
+    want = official_next_keep(x.clone(), 16, 4, 7, keep_ratio=budget)
+    assert got.row_indices(0).tolist() == want
+    assert len(want) == gprune_view_count(budget, [16, 28], 4)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_views_ragged_batch_equals_each_row_alone(seed: int) -> None:
+    shapes = [(16, 4, 7), (16, 8, 3), (9, 3, 3)]
+    rows = [_next_row(*shape, 6, seed + i) for i, shape in enumerate(shapes)]
+    width = max(x.shape[0] for x, _ in rows)
+    visual = torch.zeros(len(rows), width, 6)
+    valid = torch.zeros(len(rows), width, dtype=torch.bool)
+    views = torch.full((len(rows), width), -1, dtype=torch.long)
+    for b, (x, v) in enumerate(rows):
+        visual[b, : x.shape[0]], valid[b, : x.shape[0]], views[b, : x.shape[0]] = x, True, v
+    pipeline = compose("gprune", registry=REGISTRY)
+    batch = pipeline.select(Signals(visual=visual, visual_mask=valid, view_index=views), 0.5)
+    for b, ((x, v), shape) in enumerate(zip(rows, shapes)):
+        alone = pipeline.select(Signals(visual=x[None], view_index=v[None]), 0.5)
+        assert batch.row_indices(b).tolist() == alone.row_indices(0).tolist()
+        assert alone.row_indices(0).tolist() == official_next_keep(x.clone(), *shape, keep_ratio=0.5)
+    whole = pipeline.select(Signals(visual=visual, visual_mask=valid, view_index=views), 1.0)
+    assert whole.counts.tolist() == valid.sum(1).tolist()
+
+
+def test_one_view_rows_keep_the_single_graph_and_bad_views_are_refused() -> None:
+    x = _tokens(30, 8, 0)
+    plain = compose("gprune", registry=REGISTRY).select(Signals(visual=x[None]), 0.5)
+    one_view = compose("gprune", registry=REGISTRY).select(Signals(visual=x[None], view_index=torch.zeros(1, 30, dtype=torch.long)), 0.5)
+    assert plain.row_indices(0).tolist() == one_view.row_indices(0).tolist() == official_keep(x.clone(), 15)
+    with pytest.raises(ValueError, match="view_index"):
+        Signals(visual=x[None], view_index=torch.full((1, 30), -2, dtype=torch.long))
+    with pytest.raises(ValueError, match="float32"):
+        gprune_view_keys(torch.zeros(8, 2), [torch.arange(5000), torch.arange(5000)], 0.5, 0.03, 5)

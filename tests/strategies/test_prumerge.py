@@ -175,3 +175,27 @@ def test_preset_budget_is_a_cap():
     official = int(pipeline.select(signals, 63).counts.max())
     capped = pipeline.select(signals, official - 2)
     assert int(capped.counts.max()) == official - 2
+
+
+@pytest.mark.parametrize("plus", [False, True])
+@pytest.mark.parametrize("cap", [63, 3])
+def test_official_order_ranks_the_official_sequence(plus, cap):
+    """``order=official``: `Selection.order` places the kept slots as the official output sequence (the kept list in its
+    order, the extra token last), over the same kept set and values as the default; a cap keeps the list's head."""
+    signals = _signals(11)
+    default = framework.compose("prumerge_plus" if plus else "prumerge").select(signals, cap)
+    ordered = framework.compose(
+        f"relevance.none+critical+diversity.prumerge(plus={plus},order=official)+budget.prumerge+vision"
+    ).select(signals, cap)
+    assert default.order is None
+    assert torch.equal(ordered.indices, default.indices) and torch.equal(ordered.values, default.values)
+    for b in range(2):
+        hidden, keys, attention = signals.visual[b], signals.visual_keys[b, :, 0], signals.cls_attention[b, 0]
+        sequence, official_order = official_prumerge(hidden[None], attention[None], keys[None], plus)
+        kept = ordered.row_indices(b)  # (k,) ascending
+        emitted = kept[ordered.order[b][ordered.mask[b]].argsort()]  # (k,) in emission order
+        head = official_order[: kept.numel() - 1]
+        assert emitted[:-1].tolist() == head.tolist()
+        values = ordered.values[b][ordered.mask[b]][ordered.order[b][ordered.mask[b]].argsort()]
+        if cap == 63:  # the official count: the whole official sequence, extra token last
+            torch.testing.assert_close(values, sequence[0], atol=0, rtol=0)
