@@ -66,7 +66,7 @@ PINNED = {
     "fastvid": 260,  # video (frames VIDEO_FRAMES): segmentation, density scores, anchor merge (266 before issue 15's speed work; 262 before the per-row keep-all rule of issue 14: +3 for the rule, -5 for the stage's own check)
     "prumerge": 298,  # adaptive IQR count (17 kept on these inputs): per kept token one cat + bmm + topk (official layout, for its tie order), then one batched merge
     "prumerge_plus": 753,  # the same with its spatial samples (62 kept on these inputs)
-    "gprune": 32,  # the index path: one graph (cosine mm, cut, softmax, degree, matrix_power = 3 mm, flow mm), topk, sort
+    "gprune": 30,  # the index path: one graph (cosine mm, cut, softmax, degree, matrix_power = 3 mm, flow mm), topk, sort; 32 before the two boolean-index cuts became masked_fill_
     "vtw": 16,  # budget 0 (its setting): the empty selection (nothing scored, nothing chosen)
     "holitom": 492,  # video (frames VIDEO_FRAMES): the outer merge; the window DP in numpy, no op per cell (was 1264; 494 before the per-row keep-all rule of issue 14)
 }
