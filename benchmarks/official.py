@@ -1,11 +1,11 @@
 """vtprune's ``Pipeline.select`` against each peer's official selection step, on identical inputs.
 
-For every peer with official code (FastV, CDPruner, DivPrune, VisionZip, VisPruner, DART) it builds one
-set of random LLaVA-1.5-shaped tensors, hands the official step (``benchmarks/_official.py``: our own
+For every peer with official code (FastV, CDPruner, DivPrune, VisionZip, VisPruner, DART, PruMerge, PruMerge+,
+G-Prune, FitPrune) it builds one set of random LLaVA-1.5-shaped tensors, hands the official step (``benchmarks/_official.py``: our own
 op-for-op transcription of the official code as it executes, file / lines / commit cited there; the
 official modules themselves import whole model stacks and are not vendored) the tensors the official
 code holds at that point, and vtprune's ``select`` the same values as `Signals`, checks that both keep
-exactly the same tokens (and, for VisionZip, the same merged values; the script exits non-zero if any
+exactly the same tokens (and, for VisionZip and PruMerge, the same merged values; the script exits non-zero if any
 differ), then times the two interleaved (alternating which runs first) and prints the medians and
 official / vtprune (> 1: vtprune is faster).
 
@@ -24,8 +24,20 @@ FastV is given two ways: ``fastv`` hands the official code the last query row of
 ``output_attentions=True`` and averages over heads before taking the last row (only up to
 ``--full-map-max-tokens``).
 
+PruMerge / PruMerge+ run in the CLIP tower at its width (``--clip-width``, CLIP-L 1024): the official step from
+the CLS row of the hooked layer's one-head attention, the hooked keys (CLS first) and the penultimate features to
+its merged tokens (its IQR count in NumPy on the host, its per-token loop); vtprune's ``select`` gets the same row,
+keys and features with a budget of N - 1 (a cap above the adaptive count, which both then keep). G-Prune: one
+image graph over the N projected tokens (width ``--dim``), keeping K. FitPrune: one pruning layer's ranking and
+deletion mask deleting N - K tokens; ``fitprune`` hands the official block the image and text query rows over the
+image columns (1, H, N + T, N), the values vtprune's adapter hands ``select`` as ``visual_attention`` /
+``prompt_attention`` (like with like), ``fitprune (full map)`` the whole (1, H, S, S) map its layer holds (up to
+``--full-map-max-tokens``). VTW has no row: it withdraws every visual token after a fixed layer, with no ranking
+or selection step to time.
+
     python benchmarks/official.py --threads 1                              # N 576 -> K 64 and 2880 -> 320, D 4096
     python benchmarks/official.py --tokens 576 --methods fastv cdpruner --json official.json
+    python benchmarks/official.py --methods prumerge prumerge_plus gprune fitprune "fitprune (full map)"
 """
 
 from __future__ import annotations
