@@ -44,7 +44,7 @@ PINNED = {
     "fastv": 4,  # the index path of Pipeline.select (framework/dense.py): mean, topk, sort, ones (27 before)
     "pdrop": 4,
     "random": 42,
-    "fitprune": 58,  # head-max cross x self scores (one row loop), ascending-sort deletion on the mask path
+    "fitprune": 19,  # head-max cross x self scores (one row loop), ascending-sort deletion by the index path (58 on the mask path, before sort_drop had an index form)
     "pooling": 67,
     "visionzip": 96,
     "vispruner": 965,
