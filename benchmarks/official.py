@@ -59,7 +59,7 @@ from vtprune.framework import Signals, build_registry, compose
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _official as official  # noqa: E402
-from _opcount import selection_signals  # noqa: E402
+from _opcount import count_ops, selection_signals  # noqa: E402
 
 #: System-prompt tokens before the image in the LLaVA-1.5 settings of FastV, DivPrune and DART.
 SYS_LENGTH = 35
@@ -315,6 +315,7 @@ def main() -> None:
     parser.add_argument("--full-map-max-tokens", type=int, default=576, help="largest N for the 'fastv (full map)' row")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--count-ops", action="store_true", help="also count each side's dispatched ops (one call)")
     parser.add_argument("--json", help="also write the rows to this file")
     args = parser.parse_args()
 
@@ -332,10 +333,15 @@ def main() -> None:
                 row = {"method": case.method, "N": tokens, "K": kept, "D": args.dim, "same_selection": True}
                 row.update(time_interleaved(case, args.repeats, args.target_seconds, args.max_repeats))
                 row["official_over_vtprune"] = row["official_s"] / row["vtprune_s"]
+                counted = ""
+                if args.count_ops:  # dispatched ATen ops of one call per side (benchmarks/_opcount.py)
+                    row["official_ops"] = count_ops(case.run_official)[1].total
+                    row["vtprune_ops"] = count_ops(case.run_vtprune)[1].total
+                    counted = f"  ops {row['official_ops']} / {row['vtprune_ops']}"
                 rows.append(row)
                 print(f"N={tokens:>5} K={kept:>4} {case.method:<19} official {row['official_s'] * 1e3:9.3f} ms  "
                       f"vtprune {row['vtprune_s'] * 1e3:9.3f} ms  official/vtprune {row['official_over_vtprune']:5.2f}  "
-                      f"same selection  ({row['runs']} runs each)", flush=True)
+                      f"same selection  ({row['runs']} runs each){counted}", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
 

@@ -171,7 +171,7 @@ def test_official_benchmark_keeps_the_official_tokens_for_every_peer(tmp_path) -
     out = tmp_path / "official.json"
     subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "official.py"), "--tokens", "144", "--dim", "32", "--clip-width", "64",
-         "--repeats", "1", "--target-seconds", "0", "--json", str(out)],
+         "--repeats", "1", "--target-seconds", "0", "--count-ops", "--json", str(out)],
         check=True, capture_output=True, text=True,
     )
     rows = {r["method"]: r for r in json.loads(out.read_text())}
@@ -182,6 +182,7 @@ def test_official_benchmark_keeps_the_official_tokens_for_every_peer(tmp_path) -
     for row in rows.values():
         assert row["same_selection"] and row["official_s"] > 0 and row["vtprune_s"] > 0
         assert row["official_over_vtprune"] == row["official_s"] / row["vtprune_s"]
+        assert row["official_ops"] > 0 and row["vtprune_ops"] > 0
 
 
 def test_official_benchmark_fails_loudly_when_the_kept_tokens_differ() -> None:
