@@ -55,10 +55,10 @@ PRUMERGE_NEIGHBOURS = 32
 #: Tukey's fence: outliers lie above ``Q3 + IQR_FENCE * (Q3 - Q1)`` (official ``upper_bound``).
 IQR_FENCE = 1.5
 #: Largest (centres, neighbours, D) temporary of the merge, in bytes: the merge runs in blocks of centres this size
-#: so that no temporary grows with the kept count. A few MiB temporaries freed and re-requested on every call are
-#: handed back to the OS and page-faulted in again by the host allocator (glibc trims its heap top above twice its
-#: mmap threshold), which cost PruMerge ~40% of its CPU time at N = 576, D = 1024; 1 MiB blocks stay in reused
-#: memory. Any positive size gives the same values.
+#: so that no temporary grows with the kept count. Temporaries of a few MiB freed and re-requested on every call can
+#: be handed back to the OS by the host allocator (glibc trims its heap top) and page-faulted in again: with the
+#: per-centre concatenations and per-row index copies this cost up to ~40% of PruMerge's CPU time at N = 576,
+#: D = 1024 (docs/performance.md). Any positive size gives the same values (each centre's sum is its own).
 MERGE_BLOCK_BYTES = 1 << 20
 
 
