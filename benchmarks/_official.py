@@ -8,13 +8,17 @@ docs/methods.md). Used for timing only; ``official.py`` checks that every transc
 the tokens vtprune keeps on the same inputs, and fails loudly if not.
 
 Sequence layout of the LLaVA-1.5 branches: ``sys`` system-prompt tokens, then the ``N`` image tokens,
-then the text; ``sys = 35`` in FastV's, DivPrune's and DART's LLaVA-1.5 settings.
+then the text; ``sys = 35`` in FastV's, DivPrune's, DART's and FitPrune's LLaVA-1.5 settings.
+
+VTW (lzhxmu/VTW @ a3d8cfc3) has no selection step to transcribe: it withdraws every visual token after a fixed
+layer (no ranking), so there is nothing of it to time against vtprune's ``select``.
 """
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -26,6 +30,9 @@ __all__ = [
     "visionzip_official",
     "vispruner_official",
     "dart_official",
+    "prumerge_official",
+    "gprune_official",
+    "fitprune_official",
 ]
 
 
@@ -256,3 +263,136 @@ def dart_official(
         valid_indices_list = list(valid_indices)
     indices_set.difference_update(query_indices)
     return torch.tensor(list(indices_set), device=device)
+
+
+def prumerge_official(image_features: Tensor, cls_attn: Tensor, desired_layer_k: Tensor, plus: bool) -> Tensor:
+    """LLaVA-PruMerge / PruMerge+, 42Shawn/LLaVA-PruMerge @ 097c0411, ``llava/model/multimodal_encoder/clip_encoder.py``:
+    ``CLIPVisionTower.token_prune_merge_advanced`` lines 114-170 (PruMerge) and ``token_prune_merge_advanced_plus``
+    lines 203-280 (PruMerge+, the one ``forward`` calls), ``if_adaptive=True``, with ``outlier_dectection`` (lines
+    34-46, NumPy percentiles on the host) and ``complement_idx`` (lines 12-25) inlined; from the CLS row onwards.
+    The upper bound is formed in float64 as NumPy 1.x (the official environment) promotes ``np.float32 + 1.5 *
+    np.float32``; NumPy 2 keeps float32. The ``.to(device=self.device)`` calls (no-ops on the CPU) are left out.
+
+    Args:
+        image_features: (B, N, C) the penultimate CLIP features (``feature_select``);
+        cls_attn: (B, N) ``attn[:, 0, 1:]``, the CLS row of the hooked layer's one-head attention;
+        desired_layer_k: (B, N + 1, C) the hooked ``k_proj`` output (CLS first);
+        plus: PruMerge+ (its spatial samples; the official ``575`` is ``N - 1``).
+    Returns: ``(updated, idx)``: (B, L + 1, C) the merged kept tokens in the official order then the extra token,
+        and (B, L) their positions.
+    """
+    B, N, C = image_features.shape
+    # outlier_dectection: on the host, in NumPy
+    attn_np = cls_attn.to(dtype=torch.float32).cpu().numpy().flatten()
+    Q1 = np.percentile(attn_np, 25)
+    Q3 = np.percentile(attn_np, 75)
+    IQR = Q3 - Q1
+    upper_bound = np.float64(Q3) + 1.5 * np.float64(IQR)  # NumPy 1.x's promotion (the official torch 2.0.1 stack)
+    outlier_indices = np.where((attn_np > upper_bound))[0]
+    reduction_ratio = len(outlier_indices) / len(attn_np)
+    _, idx = torch.topk(cls_attn, int(N * reduction_ratio), dim=1, largest=True)  # (B, k)
+    if plus:
+        step_length = int(1 / reduction_ratio)
+        arithmetic_sequence = torch.arange(0, N - 1, int(step_length / 3))
+        original_tensor_1d = idx.flatten()
+        filtered_sequence = torch.tensor([x for x in arithmetic_sequence if x not in original_tensor_1d])
+        idx = torch.cat((idx, filtered_sequence.unsqueeze(0)), dim=1)  # (B, L)
+    index = idx.unsqueeze(-1).expand(-1, -1, C)  # (B, L, C)
+    Key_wo_cls = desired_layer_k[:, 1:]  # (B, N, C)
+    x_others = torch.gather(image_features, dim=1, index=index)
+    x_others_attn = torch.gather(cls_attn, dim=1, index=idx)
+    Key_others = torch.gather(Key_wo_cls, dim=1, index=index)
+    # complement_idx(idx, N)
+    a = torch.arange(N, device=idx.device)
+    a = a.unsqueeze(0).expand(idx.shape[0], -1)
+    masked = torch.scatter(a, -1, idx, 0)
+    compl, _ = torch.sort(masked, dim=-1, descending=False)
+    compl = compl.permute(-1, 0)
+    compl = compl[idx.shape[-1] :].permute(1, 0)  # (B, N - L)
+    non_topk = torch.gather(image_features, dim=1, index=compl.unsqueeze(-1).expand(-1, -1, C))
+    non_topk_Key = torch.gather(Key_wo_cls, dim=1, index=compl.unsqueeze(-1).expand(-1, -1, C))
+    non_topk_attn = torch.gather(cls_attn, dim=1, index=compl)
+    Key_others_norm = F.normalize(Key_others, p=2, dim=-1)
+    non_topk_Key_norm = F.normalize(non_topk_Key, p=2, dim=-1)
+    B, left_tokens, C = x_others.size()
+    updated_x_others = torch.zeros_like(x_others)
+    for b in range(B):
+        for i in range(left_tokens):
+            key_others_norm = Key_others_norm[b, i, :].unsqueeze(0).unsqueeze(0)
+            before_i_Key = Key_others_norm[b, :i, :].unsqueeze(0)
+            after_i_Key = Key_others_norm[b, i + 1 :, :].unsqueeze(0)
+            before_i_x_others = x_others[b, :i, :].unsqueeze(0)
+            after_i_x_others = x_others[b, i + 1 :, :].unsqueeze(0)
+            rest_x_others = torch.cat([before_i_x_others, after_i_x_others, non_topk[b, :, :].unsqueeze(0)], dim=1)
+            before_i_x_others_attn = x_others_attn[b, :i].unsqueeze(0)
+            after_i_x_others_attn = x_others_attn[b, i + 1 :].unsqueeze(0)
+            rest_x_others_attn = torch.cat([before_i_x_others_attn, after_i_x_others_attn, non_topk_attn[b, :].unsqueeze(0)], dim=1)
+            rest_Keys = torch.cat([before_i_Key, after_i_Key, non_topk_Key_norm[b, :, :].unsqueeze(0)], dim=1)
+            cos_sim_matrix = torch.bmm(key_others_norm, rest_Keys.transpose(1, 2))  # (1, 1, N - 1)
+            _, cluster_indices = torch.topk(cos_sim_matrix, k=int(32), dim=2, largest=True)
+            cluster_tokens = rest_x_others[:, cluster_indices.squeeze(), :]  # (1, 32, C)
+            weights = rest_x_others_attn[:, cluster_indices.squeeze()].unsqueeze(-1)
+            weighted_avg = torch.sum(cluster_tokens * weights, dim=1)
+            if plus:
+                updated_center = x_others[b, i, :] + weighted_avg
+            else:
+                updated_center = weighted_avg + x_others[b, i, :]
+            updated_x_others[b, i, :] = updated_center
+    extra_one_token = torch.sum(non_topk * non_topk_attn.unsqueeze(-1), dim=1, keepdim=True)  # (B, 1, C)
+    updated_x_others = torch.cat([updated_x_others, extra_one_token], dim=1)
+    return updated_x_others, idx
+
+
+def gprune_official(image_feature: Tensor, count: int, similarity: float = 0.5, temperature: float = 0.03,
+                    iterate_num: int = 5) -> Tensor:
+    """G-Prune, jytmelon/G-Prune @ 762c6377, ``LLaVA-NeXT/llava/model/llava_arch.py`` lines 252-287
+    (``prepare_inputs_labels_for_multimodal`` after ``encode_images``), the base-image graph (``A1``) on all n
+    tokens it is given. The official code builds its two graphs (base image, high-resolution grid) one after the
+    other, each a single (n, n) matrix for the batch of one: nothing is batched across images or samples.
+
+    Args:
+        image_feature: (n, D) the projected visual tokens of the graph (the model dtype; float32 here);
+        count: ``int(keep_ratio * 576)`` (official ``keep_ratio = 0.5``); the rest: the official constants.
+    Returns: (count,) long kept positions, ascending (``image_keep_indices`` without the other graph's and the
+        row-end tokens).
+    """
+    n = image_feature.shape[0]
+    image_token_index1 = torch.arange(0, n, device=image_feature.device)
+    image1_feature_normalized = torch.nn.functional.normalize(image_feature[image_token_index1], p=2, dim=1)  # (n, D)
+    A1 = image1_feature_normalized @ image1_feature_normalized.t()  # (n, n)
+    A1[A1 < similarity] = 0
+    A1 = A1 / temperature
+    A1[abs(A1) < 1e-6] = -5000
+    A1 = torch.nn.functional.softmax(A1, dim=1)
+    Degree1 = torch.sum(A1 > 0, dim=1)
+    A1 = torch.matrix_power(A1, iterate_num)
+    W1 = torch.norm(image_feature[image_token_index1], dim=-1).view(1, -1).to(dtype=A1.dtype)  # (1, n)
+    result1 = W1 @ A1
+    result1 = result1 / Degree1
+    keep_indices1 = result1.topk(count).indices
+    keep_indices1 = image_token_index1[keep_indices1]
+    keep_indices1 = keep_indices1.flatten()
+    return torch.sort(keep_indices1)[0]
+
+
+def fitprune_official(attn_weights: Tensor, sys_length: int, left_vtoken_num: int, deletions: int) -> Tensor:
+    """FitPrune, ywh187/FitPrune @ d28e418c, ``LLaVA_1.5/llava/model/language_model/modeling_llama.py`` lines
+    392-402 (``LlamaAttention.forward``, the "fitprune" block at a layer with ``delete_scheme[layer_idx] != 0``):
+    head max, self and cross weights, ascending sort, the keep mask ``topk_idx``. The deletion itself (line 405,
+    ``attn_output[:, :, topk_idx, :]``, and the decoder layer's residual slice) is model work on both sides.
+
+    Args:
+        attn_weights: (1, H, Q, S) layer l's softmax attention; the official map is the whole (1, H, S, S) one
+            (``sys_length`` = 35); given its image and text rows over the image columns it is (1, H, N + T, N)
+            with ``sys_length`` = 0.
+        left_vtoken_num: the visual tokens present (N); deletions: ``delete_scheme[layer_idx]``.
+    Returns: (S,) bool ``topk_idx`` (False at the deleted positions).
+    """
+    attn_weights_headmax = attn_weights.max(dim=1).values.squeeze()  # (Q, S)
+    attn_self_attention = attn_weights_headmax[sys_length : sys_length + left_vtoken_num, sys_length : sys_length + left_vtoken_num] / left_vtoken_num
+    attn_self_attention = attn_self_attention.sum(dim=0)  # (N,)
+    attn_cross_attention = attn_weights_headmax[sys_length + left_vtoken_num :, sys_length : sys_length + left_vtoken_num].sum(dim=0)
+    topk = torch.sort(attn_cross_attention * attn_self_attention, dim=-1).indices[:deletions]
+    topk_idx = torch.ones(attn_weights.shape[3], dtype=torch.bool, device=attn_weights.device)
+    topk_idx[topk + sys_length] = False
+    return topk_idx

@@ -1,11 +1,11 @@
 """vtprune's ``Pipeline.select`` against each peer's official selection step, on identical inputs.
 
-For every peer with official code (FastV, CDPruner, DivPrune, VisionZip, VisPruner, DART) it builds one
-set of random LLaVA-1.5-shaped tensors, hands the official step (``benchmarks/_official.py``: our own
+For every peer with official code (FastV, CDPruner, DivPrune, VisionZip, VisPruner, DART, PruMerge, PruMerge+,
+G-Prune, FitPrune) it builds one set of random LLaVA-1.5-shaped tensors, hands the official step (``benchmarks/_official.py``: our own
 op-for-op transcription of the official code as it executes, file / lines / commit cited there; the
 official modules themselves import whole model stacks and are not vendored) the tensors the official
 code holds at that point, and vtprune's ``select`` the same values as `Signals`, checks that both keep
-exactly the same tokens (and, for VisionZip, the same merged values; the script exits non-zero if any
+exactly the same tokens (and, for VisionZip and PruMerge, the same merged values; the script exits non-zero if any
 differ), then times the two interleaved (alternating which runs first) and prints the medians and
 official / vtprune (> 1: vtprune is faster).
 
@@ -24,8 +24,20 @@ FastV is given two ways: ``fastv`` hands the official code the last query row of
 ``output_attentions=True`` and averages over heads before taking the last row (only up to
 ``--full-map-max-tokens``).
 
+PruMerge / PruMerge+ run in the CLIP tower at its width (``--clip-width``, CLIP-L 1024): the official step from
+the CLS row of the hooked layer's one-head attention, the hooked keys (CLS first) and the penultimate features to
+its merged tokens (its IQR count in NumPy on the host, its per-token loop); vtprune's ``select`` gets the same row,
+keys and features with a budget of N - 1 (a cap above the adaptive count, which both then keep). G-Prune: one
+image graph over the N projected tokens (width ``--dim``), keeping K. FitPrune: one pruning layer's ranking and
+deletion mask deleting N - K tokens; ``fitprune`` hands the official block the image and text query rows over the
+image columns (1, H, N + T, N), the values vtprune's adapter hands ``select`` as ``visual_attention`` /
+``prompt_attention`` (like with like), ``fitprune (full map)`` the whole (1, H, S, S) map its layer holds (up to
+``--full-map-max-tokens``). VTW has no row: it withdraws every visual token after a fixed layer, with no ranking
+or selection step to time.
+
     python benchmarks/official.py --threads 1                              # N 576 -> K 64 and 2880 -> 320, D 4096
     python benchmarks/official.py --tokens 576 --methods fastv cdpruner --json official.json
+    python benchmarks/official.py --methods prumerge prumerge_plus gprune fitprune "fitprune (full map)"
 """
 
 from __future__ import annotations
@@ -47,11 +59,14 @@ from vtprune.framework import Signals, build_registry, compose
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _official as official  # noqa: E402
-from _opcount import selection_signals  # noqa: E402
+from _opcount import count_ops, selection_signals  # noqa: E402
 
 #: System-prompt tokens before the image in the LLaVA-1.5 settings of FastV, DivPrune and DART.
 SYS_LENGTH = 35
-METHODS = ("fastv", "fastv (full map)", "cdpruner", "divprune", "visionzip", "vispruner", "dart")
+METHODS = (
+    "fastv", "fastv (full map)", "cdpruner", "divprune", "visionzip", "vispruner", "dart",
+    "prumerge", "prumerge_plus", "gprune", "fitprune", "fitprune (full map)",
+)
 
 
 @dataclasses.dataclass
@@ -84,7 +99,9 @@ def _image_span(keep: torch.Tensor, tokens: int) -> list[int]:
     return (keep[inside] - SYS_LENGTH).tolist()
 
 
-def build_cases(signals: Signals, kept: int, methods: list[str], registry, full_map_max_tokens: int) -> list[Case]:
+def build_cases(
+    signals: Signals, kept: int, methods: list[str], registry, full_map_max_tokens: int, clip_width: int = 1024
+) -> list[Case]:
     """The comparisons for one input (batch of one): each official step's inputs built from ``signals``."""
     tokens = signals.num_tokens
     text = signals.prompt.shape[1]
@@ -143,6 +160,87 @@ def build_cases(signals: Signals, kept: int, methods: list[str], registry, full_
             lambda: official.dart_official(states, keys, SYS_LENGTH, tokens, kept),
             pipeline("dart", faithful=True),  # the official count: image pivots + 8 * (K // 8)
             lambda positions, sel: _same("dart", (positions - SYS_LENGTH).tolist(), _kept(sel)),
+        ))
+    for name in ("prumerge", "prumerge_plus"):
+        if name in methods:
+            cases.append(_prumerge_case(name, tokens, clip_width, registry, generator))
+    if "gprune" in methods:
+        cases.append(Case(
+            "gprune",
+            lambda: official.gprune_official(signals.visual[0], kept),
+            pipeline("gprune"),
+            lambda keep, sel: _same("gprune", keep.tolist(), _kept(sel)),
+        ))
+    if "fitprune" in methods or "fitprune (full map)" in methods:
+        cases.extend(_fitprune_cases(given, kept, methods, registry, generator, full_map_max_tokens))
+    return cases
+
+
+def _prumerge_case(name: str, tokens: int, width: int, registry, generator) -> Case:
+    """PruMerge / PruMerge+ in the CLIP tower (width ``width``: 1024 for CLIP-L): the official step gets the CLS row of
+    the hooked layer's one-head attention, the hooked keys (CLS first) and the features; vtprune the same row as
+    ``cls_attention`` (B, 1, N), the patch keys as one full-width head and the features. The budget is ``N - 1``, a
+    cap above the adaptive count (the official method has none), so both keep the official count."""
+    features = torch.randn(1, tokens, width, generator=generator)  # (1, N, C) penultimate features
+    keys = torch.randn(1, tokens + 1, width, generator=generator)  # (1, N + 1, C) hooked k_proj output
+    cls_attn = torch.softmax(torch.randn(1, tokens + 1, generator=generator), dim=-1)[:, 1:]  # (1, N): CLS row, CLS column cut
+    signals = Signals(
+        visual=features, cls_attention=cls_attn.unsqueeze(1), visual_keys=keys[:, 1:].unsqueeze(2),
+        visual_mask=torch.ones(1, tokens, dtype=torch.bool),
+    )
+    plus = name == "prumerge_plus"
+    chosen = compose(name, registry=registry)
+
+    def check(result, selection) -> None:
+        updated, idx = result
+        order = idx[0].tolist()
+        extra = sorted(set(range(tokens)) - set(order))[-1]  # vtprune writes the extra token at the last pruned slot
+        _same(name, order + [extra], _kept(selection))
+        slots = {p: i for i, p in enumerate(_kept(selection))}
+        ours = selection.values[0, [slots[p] for p in order + [extra]]]  # (L + 1, C) in the official order
+        if not torch.allclose(ours, updated[0], rtol=1e-5, atol=1e-5):
+            raise AssertionError(f"{name}: the merged token values differ")
+
+    return Case(
+        name,
+        lambda: official.prumerge_official(features, cls_attn, keys, plus),
+        lambda: chosen.select(signals, tokens - 1),
+        check,
+    )
+
+
+def _fitprune_cases(given: Signals, kept: int, methods: list[str], registry, generator, full_map_max_tokens: int) -> list[Case]:
+    """FitPrune at one pruning layer deleting ``N - K`` tokens: ``fitprune`` hands the official block the image and
+    text query rows over the image columns (1, H, N + T, N), whose two parts vtprune's ``select`` gets as
+    ``visual_attention`` / ``prompt_attention`` (views of the same memory; like with like); ``fitprune (full map)``
+    hands it the whole (1, H, S, S) map the official layer holds (its head max runs over all of it)."""
+    tokens, text = given.num_tokens, given.prompt.shape[1]
+    heads = given.prompt_attention.shape[1]
+    seq = SYS_LENGTH + tokens + text
+    full = None
+    if "fitprune (full map)" in methods and tokens <= full_map_max_tokens:
+        full = torch.rand(1, heads, seq, seq, generator=generator) / seq  # (1, H, S, S)
+        block = full[:, :, SYS_LENGTH:, SYS_LENGTH : SYS_LENGTH + tokens].contiguous()  # (1, H, N + T, N)
+    else:
+        block = torch.rand(1, heads, tokens + text, tokens, generator=generator) / seq  # (1, H, N + T, N)
+    signals = dataclasses.replace(given, visual_attention=block[:, :, :tokens], prompt_attention=block[:, :, tokens:])
+    chosen = compose("fitprune", registry=registry)
+    run_vtprune = lambda: chosen.select(signals, kept)  # noqa: E731
+    deletions = tokens - kept
+    cases = []
+    if "fitprune" in methods:
+        cases.append(Case(
+            "fitprune",
+            lambda: official.fitprune_official(block, 0, tokens, deletions),
+            run_vtprune,
+            lambda keep, sel: _same("fitprune", keep.nonzero().flatten().tolist(), _kept(sel)),
+        ))
+    if full is not None:
+        cases.append(Case(
+            "fitprune (full map)",
+            lambda: official.fitprune_official(full, SYS_LENGTH, tokens, deletions),
+            run_vtprune,
+            lambda keep, sel: _same("fitprune", keep[SYS_LENGTH : SYS_LENGTH + tokens].nonzero().flatten().tolist(), _kept(sel)),
         ))
     return cases
 
@@ -209,6 +307,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, nargs="+", default=[576, 2880], help="N image tokens (K = N / 9 kept)")
     parser.add_argument("--dim", type=int, default=4096)
+    parser.add_argument("--clip-width", type=int, default=1024, help="PruMerge's CLIP width (features and keys; CLIP-L 1024)")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--repeats", type=int, default=7, help="least interleaved runs per side")
     parser.add_argument("--target-seconds", type=float, default=3.0, help="more runs for fast steps, about this long per case")
@@ -216,6 +315,7 @@ def main() -> None:
     parser.add_argument("--full-map-max-tokens", type=int, default=576, help="largest N for the 'fastv (full map)' row")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--count-ops", action="store_true", help="also count each side's dispatched ops (one call)")
     parser.add_argument("--json", help="also write the rows to this file")
     args = parser.parse_args()
 
@@ -228,15 +328,20 @@ def main() -> None:
         for tokens in args.tokens:
             kept = max(1, tokens // 9)
             signals = selection_signals(1, tokens, args.dim, seed=args.seed)
-            for case in build_cases(signals, kept, args.methods, registry, args.full_map_max_tokens):
+            for case in build_cases(signals, kept, args.methods, registry, args.full_map_max_tokens, args.clip_width):
                 case.check(case.run_official(), case.run_vtprune())  # raises when the kept tokens differ
                 row = {"method": case.method, "N": tokens, "K": kept, "D": args.dim, "same_selection": True}
                 row.update(time_interleaved(case, args.repeats, args.target_seconds, args.max_repeats))
                 row["official_over_vtprune"] = row["official_s"] / row["vtprune_s"]
+                counted = ""
+                if args.count_ops:  # dispatched ATen ops of one call per side (benchmarks/_opcount.py)
+                    row["official_ops"] = count_ops(case.run_official)[1].total
+                    row["vtprune_ops"] = count_ops(case.run_vtprune)[1].total
+                    counted = f"  ops {row['official_ops']} / {row['vtprune_ops']}"
                 rows.append(row)
-                print(f"N={tokens:>5} K={kept:>4} {case.method:<17} official {row['official_s'] * 1e3:9.3f} ms  "
+                print(f"N={tokens:>5} K={kept:>4} {case.method:<19} official {row['official_s'] * 1e3:9.3f} ms  "
                       f"vtprune {row['vtprune_s'] * 1e3:9.3f} ms  official/vtprune {row['official_over_vtprune']:5.2f}  "
-                      f"same selection  ({row['runs']} runs each)", flush=True)
+                      f"same selection  ({row['runs']} runs each){counted}", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
 

@@ -30,7 +30,7 @@ from .functional.cdpruner import cdpruner_relevance, cdpruner_supplement
 from .functional.common import argsort_indices, argsort_keep, topk_indices, topk_keep
 from .functional.dart import dart_supplement
 from .functional.divprune import divprune_supplement
-from .functional.fitprune import fitprune_sort_drop
+from .functional.fitprune import fitprune_sort_drop, fitprune_sort_drop_indices
 from .functional.pooling import pooling_exact_select
 from .functional.random_prune import random_select
 from .functional.vispruner import vispruner_supplement
@@ -136,7 +136,7 @@ class OfficialTopK(CriticalSelector):
 
     def select_indices(self, scores: Tensor, count: int) -> Optional[Tensor]:
         if self.op == "sort_drop":
-            return None  # the mask form only (FitPrune)
+            return fitprune_sort_drop_indices(scores, count)  # (B, k)
         if self.op == "argsort":
             return argsort_indices(scores, count)  # (B, k)
         return topk_indices(scores, count)  # (B, k)

@@ -170,15 +170,19 @@ def test_official_benchmark_keeps_the_official_tokens_for_every_peer(tmp_path) -
     vtprune's select keep the same tokens on the same inputs (the script exits non-zero otherwise)."""
     out = tmp_path / "official.json"
     subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "official.py"), "--tokens", "144", "--dim", "32", "--repeats", "1",
-         "--target-seconds", "0", "--json", str(out)],
+        [sys.executable, str(ROOT / "benchmarks" / "official.py"), "--tokens", "144", "--dim", "32", "--clip-width", "64",
+         "--repeats", "1", "--target-seconds", "0", "--count-ops", "--json", str(out)],
         check=True, capture_output=True, text=True,
     )
     rows = {r["method"]: r for r in json.loads(out.read_text())}
-    assert set(rows) == {"fastv", "fastv (full map)", "cdpruner", "divprune", "visionzip", "vispruner", "dart"}
+    assert set(rows) == {
+        "fastv", "fastv (full map)", "cdpruner", "divprune", "visionzip", "vispruner", "dart",
+        "prumerge", "prumerge_plus", "gprune", "fitprune", "fitprune (full map)",
+    }
     for row in rows.values():
         assert row["same_selection"] and row["official_s"] > 0 and row["vtprune_s"] > 0
         assert row["official_over_vtprune"] == row["official_s"] / row["vtprune_s"]
+        assert row["official_ops"] > 0 and row["vtprune_ops"] > 0
 
 
 def test_official_benchmark_fails_loudly_when_the_kept_tokens_differ() -> None:

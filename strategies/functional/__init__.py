@@ -13,7 +13,7 @@ from .cdpruner import cdpruner_kernel, cdpruner_relevance, cdpruner_select
 from .dart import dart_select, dart_token_topk
 from .divprune import divprune_keep_count, divprune_sequence, divprune_select
 from .fastv import fastv_keep_count, fastv_scores, fastv_select
-from .fitprune import fitprune_scores, fitprune_search, fitprune_sort_drop
+from .fitprune import fitprune_scores, fitprune_search, fitprune_sort_drop, fitprune_sort_drop_indices
 from .pdrop import pdrop_scores, pdrop_select, pdrop_stage_counts
 from .pooling import pooled_grid_shape, pooling_select
 from .random_prune import random_select
@@ -46,6 +46,7 @@ __all__ = [
     "fitprune_scores",
     "fitprune_search",
     "fitprune_sort_drop",
+    "fitprune_sort_drop_indices",
     "pdrop_scores",
     "pdrop_select",
     "pdrop_stage_counts",

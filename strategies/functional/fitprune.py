@@ -34,6 +34,7 @@ __all__ = [
     "FlopModel",
     "fitprune_scores",
     "fitprune_sort_drop",
+    "fitprune_sort_drop_indices",
     "fitprune_layer_totals",
     "fitprune_deletion_count",
     "fitprune_sample_deletions",
@@ -100,6 +101,18 @@ def fitprune_sort_drop(scores: Tensor, counts, valid: Optional[Tensor] = None) -
         chosen = keep.nonzero().flatten()  # (k,)
         kept.append(chosen if pos is None else pos[chosen])
     return mask_from_positions(kept, batch, tokens, scores.device)
+
+
+def fitprune_sort_drop_indices(scores: Tensor, count: int) -> Tensor:
+    """(B, count) long, ascending: the index form of `fitprune_sort_drop` for rows without padding and one count.
+
+    Each row's kept tokens are the last ``count`` entries of the same ``torch.sort`` call on the same row (the
+    complement of the ``n - count`` deleted first), so ties fall as in the mask form. ``0 <= count <= N``.
+    """
+    tokens = scores.shape[1]
+    kept = [torch.sort(row, dim=-1).indices[tokens - count :] for row in scores]  # B x (count,)
+    chosen = kept[0].unsqueeze(0) if len(kept) == 1 else torch.stack(kept)  # (B, count)
+    return chosen.sort(dim=1).values  # (B, count)
 
 
 def fitprune_layer_totals(prompt_rows: Tensor, visual_rows: Tensor) -> tuple[float, float]:

@@ -59,9 +59,9 @@ def gprune_row_scores(features: Tensor, similarity: float, temperature: float, i
         return x.new_zeros(0)
     unit = torch.nn.functional.normalize(x, p=2, dim=1)  # (n, D)
     graph = unit @ unit.t()  # (n, n) cosine similarity
-    graph[graph < similarity] = 0  # cut the weak edges
-    graph = graph / temperature  # (n, n)
-    graph[graph.abs() < CUT_EPS] = CUT_LOGIT
+    graph.masked_fill_(graph < similarity, 0)  # cut the weak edges (official A[A < similarity] = 0, one op)
+    graph.div_(temperature)  # (n, n), in place (the official A / temperature, same values)
+    graph.masked_fill_(graph.abs() < CUT_EPS, CUT_LOGIT)  # official A[abs(A) < 1e-6] = -5000
     graph = torch.softmax(graph, dim=1)  # (n, n) row-stochastic
     degree = (graph > 0).sum(dim=1)  # (n,) long
     graph = torch.matrix_power(graph, iterations)  # (n, n)

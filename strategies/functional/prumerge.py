@@ -56,6 +56,12 @@ __all__ = [
 PRUMERGE_NEIGHBOURS = 32
 #: Tukey's fence: outliers lie above ``Q3 + IQR_FENCE * (Q3 - Q1)`` (official ``upper_bound``).
 IQR_FENCE = 1.5
+#: Largest (centres, neighbours, D) temporary of the merge, in bytes: the merge runs in blocks of centres this size
+#: so that no temporary grows with the kept count. Temporaries of a few MiB freed and re-requested on every call can
+#: be handed back to the OS by the host allocator (glibc trims its heap top) and page-faulted in again: with the
+#: per-centre concatenations and per-row index copies this cost up to ~40% of PruMerge's CPU time at N = 576,
+#: D = 1024 (docs/performance.md). Any positive size gives the same values (each centre's sum is its own).
+MERGE_BLOCK_BYTES = 1 << 20
 
 
 def iqr_outlier_count(attention: Tensor) -> int:
@@ -102,6 +108,7 @@ def prumerge_row(
     cap: Optional[int] = None,
     plus: bool = False,
     neighbours: int = PRUMERGE_NEIGHBOURS,
+    out: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """PruMerge on one image.
 
@@ -112,14 +119,17 @@ def prumerge_row(
         cap: most tokens kept (the extra token included); None = the official count.
         plus: PruMerge+.
         neighbours: tokens merged into each kept token (clamped to n - 1).
+        out: (n, D) holding ``hidden``'s values (not ``hidden`` itself), updated in place and returned as ``values``;
+            None: a copy of ``hidden``.
     Returns:
         keep: (n,) bool, the kept list and the extra token's position (the last pruned one).
         values: (n, D) ``hidden`` with the kept tokens' merged values and the extra token's weighted sum.
         order: (L,) long, the kept list in the official order (the extra token not included).
     """
     n = hidden.shape[0]
+    values = hidden.clone() if out is None else out  # (n, D)
     if cap is not None and cap <= 0:
-        return torch.zeros(n, dtype=torch.bool, device=hidden.device), hidden.clone(), hidden.new_zeros(0, dtype=torch.long)
+        return torch.zeros(n, dtype=torch.bool, device=hidden.device), values, hidden.new_zeros(0, dtype=torch.long)
     order, _ = prumerge_order(attention, plus)  # (L,)
     if cap is not None and order.numel() + int(order.numel() < n) > cap:
         order = order[: max(cap - 1, 0)]  # room for the extra token
@@ -127,25 +137,36 @@ def prumerge_row(
     keep[order] = True
     pruned = torch.nonzero(~keep, as_tuple=False).flatten()  # (R,) ascending (official complement_idx)
     weights = attention.to(hidden.dtype)  # (n,)
+    listing = torch.cat([order, pruned])  # (n,) the kept list, then the pruned tokens ascending
+    kept_count, width = order.numel(), min(neighbours, n - 1)
     # gathered, then normalised, in the official layout: the matmul result depends on the operands' memory layout
     kept_unit = F.normalize(keys[order], p=2, dim=-1)  # (L, dk)
-    listing = torch.cat([order, pruned])  # (n,) the kept list, then the pruned tokens ascending
-    listing_unit = torch.cat([kept_unit, F.normalize(keys[pruned], p=2, dim=-1)])  # (n, dk)
-    values = hidden.clone()
-    width = min(neighbours, n - 1)
     picks = []
-    for i in range(order.numel() if width > 0 else 0):
-        # candidates of the i-th kept token: the listing without it (a fresh tensor, as the official torch.cat)
-        rest_unit = torch.cat([listing_unit[:i], listing_unit[i + 1 :]]).unsqueeze(0)  # (1, n - 1, dk)
-        similarity = torch.bmm(kept_unit[i].view(1, 1, -1), rest_unit.transpose(1, 2))  # (1, 1, n - 1)
-        picks.append(torch.topk(similarity, k=width, dim=2, largest=True).indices.view(-1))  # (w,)
+    if kept_count and width > 0:
+        # Candidates of the i-th kept token: the listing's unit keys without row i, in one contiguous (n - 1, dk)
+        # buffer laid out as the official fresh torch.cat (same shape, strides and allocator alignment, so the bmm
+        # rounds alike). Centre 0's candidates: the other kept tokens, then the pruned ones (normalised straight into
+        # the buffer, F.normalize's own arithmetic). From centre i - 1 to centre i one slot changes (slot i - 1: kept
+        # token i -> kept token i - 1), so each step copies one row where the official concatenates n - 1.
+        rest_unit = keys.new_empty(1, n - 1, keys.shape[1])  # (1, n - 1, dk)
+        rest_unit[0, : kept_count - 1] = kept_unit[1:]
+        F.normalize(keys[pruned], p=2, dim=-1, out=rest_unit[0, kept_count - 1 :])  # (R, dk)
+        for i in range(kept_count):
+            if i:
+                rest_unit[0, i - 1] = kept_unit[i - 1]
+            similarity = torch.bmm(kept_unit[i].view(1, 1, -1), rest_unit.transpose(1, 2))  # (1, 1, n - 1)
+            picks.append(torch.topk(similarity, k=width, dim=2, largest=True).indices.view(-1))  # (w,)
     if picks:
         local = torch.stack(picks)  # (L, w) indices into each centre's candidate list
         rows = torch.arange(local.shape[0], device=hidden.device).unsqueeze(1)  # (L, 1)
         nearest = listing[local + (local >= rows).long()]  # (L, w) positions: candidate j of centre i is listing[j + (j >= i)]
-        cluster = hidden[nearest]  # (L, w, D)
         scale = weights[nearest].unsqueeze(-1)  # (L, w, 1)
-        values[order] = hidden[order] + torch.sum(cluster * scale, dim=1)  # (L, D) unnormalised weighted sum
+        # the (c, w, D) products in blocks of centres (each centre's sum is independent of the others in its block)
+        block = max(1, MERGE_BLOCK_BYTES // max(1, width * hidden.shape[1] * hidden.element_size()))
+        for start in range(0, order.numel(), block):
+            centres = order[start : start + block]  # (c,)
+            cluster = hidden[nearest[start : start + block]]  # (c, w, D)
+            values[centres] = hidden[centres] + torch.sum(cluster * scale[start : start + block], dim=1)  # (c, D) unnormalised weighted sum
     pruned_hidden, pruned_weights = hidden[pruned], weights[pruned]  # (R, D), (R,)
     if pruned.numel():
         rest = pruned_hidden.unsqueeze(0)  # (1, R, D)
@@ -214,11 +235,15 @@ def _prumerge_rows(
     for b, pos in enumerate(row_positions(valid)):
         if pos.numel() == 0:
             continue
-        row_keep, row_values, order = prumerge_row(
-            visual[b, pos], keys[b, pos], attention[b, pos], limits[b], plus, neighbours
-        )
-        keep[b, pos] = row_keep
-        values[b, pos] = row_values
+        if pos.numel() == tokens:  # a whole row: its own views, merged straight into ``values``
+            row_keep, _, order = prumerge_row(visual[b], keys[b], attention[b], limits[b], plus, neighbours, out=values[b])
+            keep[b] = row_keep
+        else:
+            row_keep, row_values, order = prumerge_row(
+                visual[b, pos], keys[b, pos], attention[b, pos], limits[b], plus, neighbours
+            )
+            keep[b, pos] = row_keep
+            values[b, pos] = row_values
         if ranks is None:
             continue
         row_ranks = torch.full((pos.numel(),), -1, dtype=torch.long, device=visual.device)  # (n,)

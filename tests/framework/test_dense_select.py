@@ -23,6 +23,8 @@ from vtprune.testing import check_stage
 REGISTRY = build_registry(autoload=False)
 INDEX_PRESETS = ("fastv", "pdrop", "fastervlm")
 ARGSORT_RECIPE = "cls_attention(reduce=mean)+topk_official(op=argsort)+diversity.none+budget.split(critical=1.0)+vision"
+#: FitPrune's ascending-sort deletion (the `fitprune` preset's selector) on the same tied scores.
+SORT_DROP_RECIPE = "cls_attention(reduce=mean)+topk_official(op=sort_drop)+diversity.none+budget.split(critical=1.0)+vision"
 
 
 def _signals(batch: int, tokens: int, seed: int, levels: int = 7) -> Signals:
@@ -51,7 +53,7 @@ def _assert_same(fast, slow) -> None:
     assert fast.sizes is None and fast.assignment is None
 
 
-@pytest.mark.parametrize("recipe", INDEX_PRESETS + (ARGSORT_RECIPE,))
+@pytest.mark.parametrize("recipe", INDEX_PRESETS + (ARGSORT_RECIPE, SORT_DROP_RECIPE))
 @pytest.mark.parametrize("batch", [1, 3])
 @pytest.mark.parametrize("budget", [1, 5, 13, 39, 40, 41, 100])
 def test_index_path_equals_mask_path(recipe: str, batch: int, budget: int) -> None:

@@ -44,7 +44,7 @@ PINNED = {
     "fastv": 4,  # the index path of Pipeline.select (framework/dense.py): mean, topk, sort, ones (27 before)
     "pdrop": 4,
     "random": 42,
-    "fitprune": 58,  # head-max cross x self scores (one row loop), ascending-sort deletion on the mask path
+    "fitprune": 19,  # head-max cross x self scores (one row loop), ascending-sort deletion by the index path (58 on the mask path, before sort_drop had an index form)
     "pooling": 67,
     "visionzip": 96,
     "vispruner": 965,
@@ -66,7 +66,7 @@ PINNED = {
     "fastvid": 260,  # video (frames VIDEO_FRAMES): segmentation, density scores, anchor merge (266 before issue 15's speed work; 262 before the per-row keep-all rule of issue 14: +3 for the rule, -5 for the stage's own check)
     "prumerge": 298,  # adaptive IQR count (17 kept on these inputs): per kept token one cat + bmm + topk (official layout, for its tie order), then one batched merge
     "prumerge_plus": 753,  # the same with its spatial samples (62 kept on these inputs)
-    "gprune": 61,  # one graph (cosine mm, cut, softmax, degree, matrix_power = 3 mm, flow mm), topk; the masked path since budget.gprune is adaptive (per-view counts, LLaVA-NeXT; was 32 on the index path)
+    "gprune": 59,  # one graph (cosine mm, cuts as masked_fill_, softmax, degree, matrix_power = 3 mm, flow mm), topk; the masked path since budget.gprune is adaptive (per-view counts, LLaVA-NeXT; 30 on the index path before the views)
     "vtw": 16,  # budget 0 (its setting): the empty selection (nothing scored, nothing chosen)
     "holitom": 492,  # video (frames VIDEO_FRAMES): the outer merge; the window DP in numpy, no op per cell (was 1264; 494 before the per-row keep-all rule of issue 14)
 }

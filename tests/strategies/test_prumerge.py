@@ -199,3 +199,20 @@ def test_official_order_ranks_the_official_sequence(plus, cap):
         values = ordered.values[b][ordered.mask[b]][ordered.order[b][ordered.mask[b]].argsort()]
         if cap == 63:  # the official count: the whole official sequence, extra token last
             torch.testing.assert_close(values, sequence[0], atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("plus", [False, True])
+def test_merge_blocks_and_in_place_output_give_the_same_values(monkeypatch, plus):
+    """The neighbour sums in blocks of any size (one centre, or all at once) and written into a given ``out`` are the
+    same bits as the default call (each centre's sum is its own; ``out`` only saves a copy)."""
+    import vtprune.strategies.functional.prumerge as module
+
+    hidden, keys, attention = _inputs(3, 60, dim=16, kdim=12, ties=True)
+    keep, values, order = prumerge_row(hidden, keys, attention, plus=plus)
+    for size in (1, 10**12):
+        monkeypatch.setattr(module, "MERGE_BLOCK_BYTES", size)
+        other_keep, other_values, other_order = prumerge_row(hidden, keys, attention, plus=plus)
+        assert torch.equal(other_keep, keep) and torch.equal(other_order, order) and torch.equal(other_values, values)
+    out = hidden.clone()
+    in_place = prumerge_row(hidden, keys, attention, plus=plus, out=out)
+    assert in_place[1] is out and torch.equal(out, values) and torch.equal(in_place[0], keep)
