@@ -16,7 +16,7 @@ from vtprune.framework.signals import Signals
 from vtprune.framework.stages import DiversitySupplementer, Supplement
 
 from .budget import OwnCountAllocator
-from .functional.prumerge import PRUMERGE_NEIGHBOURS, prumerge_select, prumerge_select_ranked
+from .functional.prumerge import PRUMERGE_NEIGHBOURS, prumerge_select
 
 __all__ = ["PruMergeMerge", "PruMergeBudget", "PRUMERGE_STAGES"]
 
@@ -55,9 +55,9 @@ class PruMergeMerge(DiversitySupplementer):
 
     def supplement(self, signals: Signals, selected: Tensor, counts: Tensor, valid: Tensor, scores: Optional[Tensor]) -> Supplement:
         args = (signals.visual, signals.cls_attention, signals.visual_keys, counts, valid & ~selected, self.plus, self.neighbours)
-        if self.order == "position":
-            return Supplement(*prumerge_select(*args))  # (B, N), (B, N, D)
-        keep, values, ranks = prumerge_select_ranked(*args)  # (B, N), (B, N, D), (B, N)
+        keep, values, ranks = prumerge_select(*args, ranked=self.order == "official")  # (B, N), (B, N, D), (B, N)
+        if ranks is None:
+            return Supplement(keep, values)
         selected_first = selected.long().cumsum(1) - 1  # (B, N): already selected tokens first, ascending (none here)
         return Supplement(keep, values, order=torch.where(selected, selected_first, ranks + selected.sum(1, keepdim=True)))
 

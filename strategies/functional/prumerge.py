@@ -32,7 +32,7 @@ Rules reproduced, per image (what the official code does for its batch of one):
 
 Deviations (docs/methods.md, PruMerge): the extra token is written at the row's last pruned position (a keep mask
 has no slot outside the patches); the kept tokens are emitted in ascending position order (official: the kept
-list order, extra token last; `prumerge_select_ranked` gives that order as ranks, for ``order=official``); the count is computed per image (official: one ``m / (B n)`` over the flattened
+list order, extra token last; `prumerge_select(ranked=True)` gives that order as ranks, for ``order=official``); the count is computed per image (official: one ``m / (B n)`` over the flattened
 batch, and PruMerge+ fails for B > 1); ``neighbours`` is clamped to ``n - 1`` (official raises); PruMerge+ with no
 outlier keeps no spatial samples (official divides by zero); a ``cap`` below the official count keeps the first
 ``cap - 1`` of the kept list plus the extra token.
@@ -49,7 +49,7 @@ from torch import Tensor
 from .common import CountLike, per_row_counts, row_positions, valid_or_all
 
 __all__ = [
-    "iqr_outlier_count", "prumerge_order", "prumerge_row", "prumerge_select", "prumerge_select_ranked", "PRUMERGE_NEIGHBOURS",
+    "iqr_outlier_count", "prumerge_order", "prumerge_row", "prumerge_select", "PRUMERGE_NEIGHBOURS",
 ]
 
 #: Neighbours each kept token absorbs (the official ``topk(cos_sim_matrix, k=int(32))``).
@@ -184,7 +184,8 @@ def prumerge_select(
     valid: Optional[Tensor] = None,
     plus: bool = False,
     neighbours: int = PRUMERGE_NEIGHBOURS,
-) -> tuple[Tensor, Tensor]:
+    ranked: bool = False,
+) -> tuple[Tensor, Tensor, Optional[Tensor]]:
     """PruMerge / PruMerge+ on a batch, each row's valid tokens as one image.
 
     Args:
@@ -196,34 +197,12 @@ def prumerge_select(
         valid: (B, N) bool or None.
         plus: PruMerge+ (spatially uniform samples added).
         neighbours: tokens merged into each kept token.
+        ranked: also return each kept token's place in the official output sequence.
     Returns:
-        keep: (B, N) bool; values: (B, N, D) ``visual`` with the kept tokens' merged values.
+        keep: (B, N) bool; values: (B, N, D) ``visual`` with the kept tokens' merged values; ranks: (B, N) long with
+        ``ranked`` (the kept list in its order, top-k by descending attention then PruMerge+'s samples, then the
+        extra token last; -1 at tokens not kept), else None.
     """
-    keep, values, _ = _prumerge_rows(visual, cls_attention, visual_keys, caps, valid, plus, neighbours, ranked=False)
-    return keep, values
-
-
-def prumerge_select_ranked(
-    visual: Tensor,
-    cls_attention: Tensor,
-    visual_keys: Tensor,
-    caps: Optional[CountLike] = None,
-    valid: Optional[Tensor] = None,
-    plus: bool = False,
-    neighbours: int = PRUMERGE_NEIGHBOURS,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """`prumerge_select` plus ``ranks`` (B, N) long: each kept token's place in the official output sequence (the
-    kept list in its order, top-k by descending attention then PruMerge+'s samples, then the extra token last); -1 at
-    tokens not kept."""
-    keep, values, ranks = _prumerge_rows(visual, cls_attention, visual_keys, caps, valid, plus, neighbours, ranked=True)
-    return keep, values, ranks
-
-
-def _prumerge_rows(
-    visual: Tensor, cls_attention: Tensor, visual_keys: Tensor, caps: Optional[CountLike], valid: Optional[Tensor],
-    plus: bool, neighbours: int, ranked: bool,
-) -> tuple[Tensor, Tensor, Optional[Tensor]]:
-    """`prumerge_row` on each row's valid tokens: (keep, values, ranks when ``ranked`` else None)."""
     batch, tokens, _ = visual.shape
     valid = valid_or_all(valid, batch, tokens, visual.device)
     keys = visual_keys.reshape(batch, tokens, -1)  # (B, N, Hk*dk): the full-width keys

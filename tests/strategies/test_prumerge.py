@@ -134,7 +134,7 @@ def test_ragged_batch_equals_rows_alone(plus):
     for b, (h, k, a) in enumerate(rows):
         n = h.shape[0]
         visual[b, :n], keys[b, :n], cls[b, 0, :n], valid[b, :n] = h, k.view(n, 2, 5), a, True
-    keep, values = prumerge_select(visual, cls, keys, valid=valid, plus=plus)
+    keep, values, _ = prumerge_select(visual, cls, keys, valid=valid, plus=plus)
     counts = keep.sum(dim=1)
     assert len(set(counts.tolist())) > 1  # the adaptive counts differ between the rows
     for b, (h, k, a) in enumerate(rows):
@@ -159,7 +159,7 @@ def test_preset_selects_the_official_tokens_with_merged_values(preset, plus):
     pipeline = framework.compose(preset)
     signals = _signals(7)
     selection = pipeline.select(signals, 63)  # a cap above every official count: the official selection
-    keep, values = prumerge_select(signals.visual, signals.cls_attention, signals.visual_keys, plus=plus)
+    keep, values, _ = prumerge_select(signals.visual, signals.cls_attention, signals.visual_keys, plus=plus)
     assert torch.equal(selection.kept_mask(64), keep)
     gathered = selection.gather(signals.visual)  # (B, K, D)
     for b in range(2):
