@@ -64,8 +64,10 @@ shift position ids for ``compact`` (``shift_positions``), which position ids the
 (``layer_position_ids``), and how to build a causal mask (``make_mask``).
 
 Modules: ``decoder_spec`` (`DecoderSpec`, `DropState`, `Decision`, the `DropPlan` protocol), ``segments``
-(`Segment`, `Session`, `compact_segment`), ``attention_rows`` (`recompute_attention_row`); this module holds
-the hooks (`DecoderPruner`) and re-exports the others.
+(`Segment`, `Session`, `compact_segment`), ``attention_rows`` (`recompute_attention_row`), ``decoding_steps``
+(`Flight`, the state of a stack forward in flight, and `DecodingSteps`, the masks and position ids of the decoding
+steps of a pruned cache); this module holds the hooks (`DecoderPruner`: attach / remove, the stack hooks and the
+prefill's layer hooks) and re-exports the others.
 
 Limitations: the cache must be a dynamic (growing) cache, empty at the pruned prefill; attention soft-capping,
 static caches and sliding-window layers (unless ``spec.layer_kwargs`` rebuilds their masks: Gemma 3) are not handled.
@@ -75,8 +77,7 @@ from __future__ import annotations
 
 import inspect
 import weakref
-from functools import partial
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Any, Callable, Optional
 
 import torch
@@ -92,7 +93,8 @@ from .decoder_spec import (
     default_make_mask,
     gather_seq,
 )
-from .segments import Segment, Session, compact_segment, decoding_view
+from .decoding_steps import DecodingSteps, Flight, hidden_of, with_hidden
+from .segments import Segment, Session, compact_segment
 
 __all__ = [
     "DecoderSpec", "DropState", "Decision", "DropPlan", "Segment", "Session",
@@ -116,23 +118,6 @@ def _score_layer(plan: Any, layer: int) -> int:
     return chosen
 
 
-@dataclass
-class _Flight:
-    """State of the stack forward in flight."""
-
-    session: Session
-    plan: Optional[DropPlan]
-    decoding: bool
-    cache: Any
-    segment: int = 0  # current segment number (prefill)
-    pe0: Any = None  # position embeddings of segment 0 (as the stack computed them)
-    orig_mask: Optional[Tensor] = None  # decoding: 2-D mask in original coordinates, or None
-    orig_positions: Optional[Tensor] = None  # decoding: stack-level original position ids of the new tokens
-    per_segment: dict = field(default_factory=dict)  # segment number -> dict of layer kwargs overrides
-    scores: dict = field(default_factory=dict)  # drop layer -> (attention, keys)
-    prompt_scores: dict = field(default_factory=dict)  # drop layer -> (B, H, Q, L) prompt rows
-
-
 class DecoderPruner:
     """Installs the hooks on one decoder stack and keeps per-cache sessions.
 
@@ -152,9 +137,10 @@ class DecoderPruner:
         self.spec = spec
         self.controller = controller
         self.positions = positions
+        self._steps = DecodingSteps(spec, positions)
         self.sessions: "weakref.WeakKeyDictionary[Any, Session]" = weakref.WeakKeyDictionary()
         self.last_session: Optional[Session] = None
-        self._flights: list[Optional[_Flight]] = []
+        self._flights: list[Optional[Flight]] = []
         self._handles: list = []
         self._stack_params = list(inspect.signature(spec.stack.forward).parameters)
 
@@ -203,7 +189,7 @@ class DecoderPruner:
         past = cache.get_seq_length() if cache is not None else 0
         session = self.sessions.get(cache) if cache is not None else None
         if session is not None and past > 0:
-            return (), self._start_decoding(session, cache, kwargs)
+            return (), self._steps.start(session, cache, kwargs, self._input_mask, self._flights)
         embeds = kwargs.get("inputs_embeds")
         if embeds is None and kwargs.get("input_ids") is not None and past == 0:
             embeds = self.spec.stack.get_input_embeddings()(kwargs["input_ids"])
@@ -231,7 +217,7 @@ class DecoderPruner:
         zero = torch.zeros(batch, dtype=torch.long, device=embeds.device)
         segment = Segment(0, arange, arange, torch.ones_like(mask2d), mask2d, positions, zero, zero)
         session = Session(length, self.positions, positions, [segment])
-        flight = _Flight(session=session, plan=plan, decoding=False, cache=cache)
+        flight = Flight(session=session, plan=plan, decoding=False, cache=cache)
         self._flights.append(flight)
         if 0 in plan.layers:
             query_slot = plan.query if plan.query is not None else None
@@ -253,52 +239,6 @@ class DecoderPruner:
         if mask is not None and not isinstance(mask, Tensor) and self.spec.stack_mask2d is not None:
             return self.spec.stack_mask2d(kwargs)
         return mask
-
-    def _start_decoding(self, session: Session, cache: Any, kwargs: dict) -> dict:
-        embeds = kwargs.get("inputs_embeds")
-        if embeds is None:
-            embeds = self.spec.stack.get_input_embeddings()(kwargs["input_ids"])
-            kwargs["inputs_embeds"], kwargs["input_ids"] = embeds, None
-        batch, q_len = embeds.shape[:2]
-        seg0 = session.segments[0]
-        past0 = cache.get_seq_length(seg0.start)
-        seen = past0 - seg0.length  # tokens processed after the prefill
-        positions = kwargs.get("position_ids")
-        if positions is None:
-            positions = self.spec.default_positions(embeds, session.length + seen)
-        if positions.shape[-2] == 1 and batch > 1:
-            positions = positions.expand(*positions.shape[:-2], batch, positions.shape[-1])
-        mask = self._input_mask(kwargs)
-        if mask is not None and mask.dim() != 2:
-            raise ValueError("a pruned cache can only continue with a 2-D attention mask (or None)")
-        flight = _Flight(session=session, plan=None, decoding=True, cache=cache)
-        flight.orig_mask = mask.bool() if mask is not None else None
-        flight.orig_positions = positions
-        self._flights.append(flight)
-        kwargs["attention_mask"] = self._decode_mask(session, seg0, flight, batch, past0 + q_len).to(
-            mask.dtype if mask is not None else torch.long
-        )
-        kwargs["position_ids"] = self._decode_positions(seg0, positions)
-        return kwargs
-
-    def _decode_mask(self, session: Session, segment: Segment, flight: _Flight, batch: int, total: int) -> Tensor:
-        tail_len = total - segment.length
-        if flight.orig_mask is not None:
-            orig = flight.orig_mask
-            if orig.shape[1] != session.length + tail_len:
-                raise ValueError(
-                    f"attention_mask has {orig.shape[1]} columns; expected the original length "
-                    f"{session.length} plus {tail_len} tokens after the pruned prefill"
-                )
-            tail = orig[:, session.length :]
-        else:
-            tail = torch.ones(batch, tail_len, dtype=torch.bool, device=segment.mask2d.device)
-        return torch.cat([segment.mask2d, tail.to(segment.mask2d.device)], dim=1)
-
-    def _decode_positions(self, segment: Segment, positions: Tensor) -> Tensor:
-        if self.positions == "keep" or not bool(segment.shift.any()):
-            return positions
-        return self.spec.shift_positions(positions, segment.shift.view(-1, 1))
 
     def _stack_post(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         flight = self._flights.pop() if self._flights else None
@@ -328,30 +268,16 @@ class DecoderPruner:
             if number >= len(self.spec.layers):
                 return None
             if flight.decoding:
-                return self._decode_layer(number, flight, args, kwargs)
+                return self._steps.layer(number, flight, args, kwargs)
             return self._prefill_layer(module, number, flight, args, kwargs)
 
         return hook
 
-    @staticmethod
-    def _hidden_of(args: tuple, kwargs: dict) -> tuple[Tensor, bool]:
-        if args:
-            return args[0], True
-        return kwargs["hidden_states"], False
-
-    @staticmethod
-    def _with_hidden(args: tuple, kwargs: dict, hidden: Tensor, positional: bool) -> tuple[tuple, dict]:
-        if positional:
-            return (hidden, *args[1:]), kwargs
-        kwargs = dict(kwargs)
-        kwargs["hidden_states"] = hidden
-        return args, kwargs
-
-    def _prefill_layer(self, module, number, flight: _Flight, args, kwargs):
+    def _prefill_layer(self, module, number, flight: Flight, args, kwargs):
         session, plan = flight.session, flight.plan
         if number == 0:
             flight.pe0 = kwargs.get("position_embeddings")
-        hidden, positional = self._hidden_of(args, kwargs)
+        hidden, positional = hidden_of(args, kwargs)
         changed = False
         # a drop before this layer
         if number > 0 and number in plan.layers:
@@ -415,43 +341,10 @@ class DecoderPruner:
                     module, self.spec, hidden, kwargs.get("attention_mask"), kwargs.get("position_embeddings"), slots,
                     plain_keys=segment.valid if "plain_prompt_attention" in wants else None)
         if changed:
-            return self._with_hidden(args, kwargs, hidden, positional)
+            return with_hidden(args, kwargs, hidden, positional)
         return None
 
-    def _decode_layer(self, number, flight: _Flight, args, kwargs):
-        session = flight.session
-        seg_no = session.segment_of(number)
-        if seg_no == 0 and self.spec.layer_kwargs is None:
-            return None  # the stack rewrote segment 0's mask and position ids
-        if seg_no > 0 and seg_no not in flight.per_segment:
-            segment = session.segments[seg_no]
-            hidden, _ = self._hidden_of(args, kwargs)
-            batch, q_len = hidden.shape[:2]
-            past = flight.cache.get_seq_length(segment.start)
-            mask2d = self._decode_mask(session, segment, flight, batch, past + q_len)
-            overrides = {"attention_mask": self.spec.make_mask(hidden, mask2d, flight.cache, segment.start)}
-            if self.positions == "compact":
-                positions = self._decode_positions(segment, flight.orig_positions)
-                overrides["position_embeddings"] = self.spec.rope(hidden, positions)
-                overrides["position_ids"] = self.spec.layer_position_ids(positions)
-            flight.per_segment[seg_no] = overrides
-        kwargs = {**kwargs, **flight.per_segment.get(seg_no, {})}
-        if self.spec.layer_kwargs is not None:  # every layer of every segment (its mask type, e.g. sliding windows)
-            hidden, _ = self._hidden_of(args, kwargs)
-            view = self._decode_view(session, session.segments[seg_no], flight, hidden.shape[0])
-            kwargs = self.spec.layer_kwargs(number, hidden, kwargs, view, flight.cache, False)
-        return args, kwargs
-
-    def _decode_view(self, session: Session, segment: Segment, flight: _Flight, batch: int) -> Segment:
-        """`decoding_view` of ``segment`` for this decoding step, built once per segment and reused by its layers."""
-        key = ("view", segment.start)
-        if key not in flight.per_segment:
-            total = flight.cache.get_seq_length(segment.start) + flight.orig_positions.shape[-1]  # slots after this step
-            mask2d, shift = self._decode_mask(session, segment, flight, batch, total), partial(self._decode_positions, segment)
-            flight.per_segment[key] = decoding_view(session, segment, mask2d, flight.orig_positions, shift)
-        return flight.per_segment[key]
-
-    def _segment_overrides(self, flight: _Flight, hidden: Tensor) -> dict:
+    def _segment_overrides(self, flight: Flight, hidden: Tensor) -> dict:
         seg_no = flight.segment
         if seg_no in flight.per_segment:
             return flight.per_segment[seg_no]

@@ -6,14 +6,17 @@ capture, and a `PlanContext` (the adapter description, the pipeline and its sett
 a ``publish`` function for the `PruneResult`). The hook runtime (``adapters.runtime``) builds one per pruned
 prefill through its plan factory (`Plan` by default).
 
+This module builds each drop's `Signals` and runs the pipeline; ``plan_context`` holds `PlanContext` and
+`check_drops`, ``decisions`` turns the selection into the decoder's `Decision` and the drop's record
+(``tower_merge`` does for ``vision_layers``).
+
 Rows of `Signals` are images, in the order the model consumes them (row-major over the batch: all images of
 sample 0, then sample 1, ...), which is also the order of ``pixel_values``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
@@ -21,17 +24,17 @@ from torch import Tensor
 from vtprune.framework.hints import (  # the stage hints the runtime honours (docs/adapters.md)
     HINT_APPEND_MERGED, HINT_FINAL_NORM, HINT_INPUT_EMBEDDINGS, HINT_LAST_QUERY, HINT_OWN_LAYER, HINT_PLAIN_PROMPT,
 )
-from vtprune.framework.selection import Selection
 from vtprune.framework.signals import Signals
 from vtprune.framework.stages import pipeline_at_drop
 
 from .call import ForwardCall
 from .capture import VisionCapture
+from .decisions import apply_selection, apply_with_cls
 from .decoder import Decision, DropState, Session
+from .plan_context import INPUT_DROPS, PlanContext, check_drops
 from .records import DropRecord, ImageLayout, PruneResult
-from .first_slots import emission_order, write_first_slots
 from .row_fields import (
-    frame_fields, frame_spans, held_record, input_fields, view_fields, visual_attention_field, visual_query_slots,
+    frame_fields, frame_spans, input_fields, view_fields, visual_attention_field, visual_query_slots,
 )
 from .row_fields import pad_rows as _pad_rows
 from .spans import last_real_tokens
@@ -41,58 +44,6 @@ __all__ = [
     "ForwardCall", "PlanContext", "Plan", "check_drops", "frame_fields", "HINT_FINAL_NORM",
     "HINT_OWN_LAYER", "HINT_APPEND_MERGED", "HINT_LAST_QUERY", "HINT_PLAIN_PROMPT", "HINT_INPUT_EMBEDDINGS",
 ]
-
-#: Drop kinds applied at the decoder input (layer 0).
-INPUT_DROPS = ("vision", "vision_layers", "pre_llm")
-
-
-@dataclass(frozen=True)
-class PlanContext:
-    """What a plan needs besides the forward: fixed for one attachment.
-
-    Attributes:
-        adapter: the adapter description (instance) of the model.
-        pipeline: the composed pipeline (``select``, ``requires``, ``placement``).
-        requires: the pipeline's required signals.
-        hints: the union of the stages' ``adapter_hints``.
-        keep_cls: VisionZip ``keep_cls=True`` at ``vision``.
-        clip: `ClipSignals` for CLIP-space signals, or None.
-        prompt_stop: token ids ending the user turn, or None.
-        num_layers: decoder layers of the language model.
-        project: vision-space values (..., n, Dv) -> LLM tokens (..., n, D), run by the runtime.
-        publish: receives the `PruneResult` of the finished prefill.
-        tower_merge: the in-tower merging hooks (`adapters.tower_merge.TowerMerge`) of a ``vision_layers``
-            placement, or None.
-    """
-
-    adapter: Any
-    pipeline: Any
-    requires: frozenset
-    hints: frozenset
-    keep_cls: bool
-    clip: Any
-    prompt_stop: Optional[list]
-    num_layers: int
-    project: Callable[[Tensor], Tensor]
-    publish: Callable[[PruneResult], None]
-    tower_merge: Any = None
-
-
-def check_drops(drops: Sequence[Any], num_layers: int, after_last: bool = False) -> None:
-    """Raise ``ValueError`` for drops the runtime cannot apply: more than one at the decoder input, an unknown
-    kind, or a layer outside ``1..num_layers - 1`` (``1..num_layers`` with ``after_last``: a placement whose drop
-    after the last layer drops nothing, `LayerPlacement.drops_after_last_layer`)."""
-    at_input = [d for d in drops if d.where in INPUT_DROPS]
-    if len(at_input) > 1:
-        raise ValueError("at most one vision / vision_layers / pre_llm drop per pipeline")
-    last = num_layers if after_last else num_layers - 1
-    for drop in drops:
-        if drop.where not in (*INPUT_DROPS, "layer"):
-            raise ValueError(f"unknown drop point {drop.where!r}")
-        if drop.where == "layer" and not 1 <= int(drop.layer) <= last:
-            raise ValueError(
-                f"layer drop before layer {drop.layer}: the language model has {num_layers} layers (valid k: 1..{last})"
-            )
 
 
 def _pad_prompt(rows: Tensor, width: int) -> Tensor:
@@ -220,8 +171,8 @@ class Plan:
         pipeline = pipeline_at_drop(self.context.pipeline, number)  # per-drop step
         selection = pipeline.select(signals, budgets if len(set(budgets)) > 1 else budgets[0])
         if drop.where == "vision" and self.context.keep_cls:
-            return self._apply_with_cls(drop, layer, budgets, selection, signals, columns, slots, state)
-        return self._apply(drop, layer, budgets, selection, columns, slots, state)
+            return apply_with_cls(self, drop, layer, budgets, selection, signals, columns, slots, state)
+        return apply_selection(self, drop, layer, budgets, selection, columns, slots, state)
 
     def finish(self, session: Session) -> None:
         final = session.final
@@ -395,105 +346,3 @@ class Plan:
                 fields["visual_keys"] = _pad_rows(keys).to(self.device)
         self._common(columns, fields)
         return Signals(**fields), columns, slots
-
-    # -- decision ---------------------------------------------------------------------------------------
-
-    def _apply_with_cls(self, drop, layer, budgets, selection: Selection, signals: Signals, columns, slots, state) -> Decision:
-        """VisionZip ``keep_cls=True`` at ``vision``: each image gives the LLM its CLS token followed by the kept
-        patches in the official order [CLS, dominant ascending, contextual ascending], written (through the
-        projector) into the first ``count + 1`` placeholder slots of the image; the other slots are dropped. An
-        image keeping all its patches has no free slot for CLS and is left untouched."""
-        if self.adapter.strategy(self.call) != "default":
-            raise ValueError("keep_cls=True needs vision_feature_select_strategy='default' (CLS not among the patches)")
-        if not isinstance(self.adapter.feature_layer(self.call), int) or self.capture.cls_token is None:
-            raise RuntimeError("keep_cls=True: the CLS hidden state of the feature layer was not captured")
-        if self.capture.cls_token.shape[0] != self.num_images:
-            raise ValueError(f"keep_cls=True: {self.capture.cls_token.shape[0]} crops for {self.num_images} images")
-        keep = torch.ones_like(state.valid)
-        replace = torch.zeros_like(state.valid)
-        values = None
-        patches = selection.gather(signals.visual)  # (R, K, Dv): merged values where set
-        rows_idx, rows_crit, rows_vals = [], [], []
-        for r in range(self.num_images):
-            b = self.image_sample[r]
-            n = columns[r].numel()
-            idx = selection.indices[r][selection.mask[r]]
-            crit = selection.critical[r][selection.mask[r]]
-            count = idx.numel()
-            if count + 1 > n:  # nothing dropped: no slot for CLS, the image stays as it is
-                rows_idx.append(columns[r])
-                rows_crit.append(crit)
-                rows_vals.append(signals.visual[r, :n])
-                continue
-            order = torch.cat([(crit).nonzero().flatten(), (~crit).nonzero().flatten()])  # dominant, then contextual
-            sequence = torch.cat(
-                [self.capture.cls_token[r : r + 1].float().to(self.device), patches[r][selection.mask[r]][order]]
-            )  # (count + 1, Dv)
-            with torch.no_grad():
-                projected = self.context.project(sequence.unsqueeze(0))[0]  # (count + 1, D)
-            if values is None:
-                values = torch.zeros(*state.valid.shape, projected.shape[-1], dtype=state.hidden.dtype, device=self.device)
-            target = slots[r][: count + 1]
-            keep[b, slots[r][count + 1 :]] = False
-            values[b, target] = projected.to(values.dtype)
-            replace[b, target] = True
-            rows_idx.append(columns[r][: count + 1])
-            rows_crit.append(torch.cat([crit.new_ones(1), crit[order]]))
-            rows_vals.append(sequence)
-        width = max(t.numel() for t in rows_idx)
-        record = Selection(
-            indices=_pad_rows([t.cpu() for t in rows_idx], width),
-            mask=_pad_rows([torch.ones(t.numel(), dtype=torch.bool) for t in rows_idx], width, value=False),
-            critical=_pad_rows([t.cpu() for t in rows_crit], width, value=False),
-            values=_pad_rows([v.detach().float().cpu() for v in rows_vals], width),
-        )
-        patch_record = Selection(
-            indices=torch.stack([columns[r][selection.indices[r]] for r in range(self.num_images)]).cpu()
-            if self.num_images
-            else selection.indices.cpu(),
-            mask=selection.mask.cpu(),
-            critical=selection.critical.cpu(),
-            values=None if selection.values is None else selection.values.detach().cpu(),
-        )
-        before = torch.tensor([c.numel() for c in columns], dtype=torch.long)
-        self.records.append(DropRecord(drop.where, layer, tuple(budgets), record, before, patches=patch_record))
-        return Decision(keep=keep, values=values, replace=replace if values is not None else None)
-
-    def _apply(self, drop, layer, budgets, selection: Selection, columns, slots, state: DropState) -> Decision:
-        keep = torch.ones_like(state.valid)
-        values = None
-        replace = None
-        kept = selection.kept_mask(max([c.numel() for c in columns] + [selection.indices.shape[1]]))
-        if selection.values is not None:
-            vals = selection.values
-            if drop.where == "vision":
-                vals = self.context.project(vals)  # (R, K, D)
-            values = torch.zeros(*state.valid.shape, vals.shape[-1], dtype=state.hidden.dtype, device=self.device)
-            replace = torch.zeros_like(state.valid)
-        append = values is not None and HINT_APPEND_MERGED in self.context.hints
-        if selection.order is not None and values is None:  # an emission order without merged values
-            values = torch.zeros_like(state.hidden)
-            replace = torch.zeros_like(state.valid)
-        # the record names original tokens (`held_record`): read before this drop rewrites any image's slots
-        record = held_record(selection, columns, self.held, max([layout.num_tokens for layout in self.layouts] + [0]))
-        for r in range(self.num_images):
-            b = self.image_sample[r]
-            n = columns[r].numel()
-            idx = selection.indices[r][selection.mask[r]]
-            if append or selection.order is not None:
-                # the image's first slots, in the selection's order, else SparseVLM's [critical ascending, merged
-                # ascending] (it appends its recycled tokens after the kept ones); its other slots are dropped
-                crit = selection.critical[r][selection.mask[r]]
-                order = emission_order(selection.order[r][selection.mask[r]]) if selection.order is not None else (
-                    torch.cat([crit.nonzero().flatten(), (~crit).nonzero().flatten()]))
-                source = vals[r][selection.mask[r]] if selection.values is not None else state.hidden[b, slots[r][idx]]
-                self.held[r] = write_first_slots(keep, values, replace, b, slots[r], source, self.held[r], columns[r], idx, order)
-            else:
-                keep[b, slots[r][~kept[r, :n]]] = False
-                if values is not None:
-                    values[b, slots[r][idx]] = vals[r][selection.mask[r]].to(values.dtype)
-                    replace[b, slots[r][idx]] = True
-        before = torch.tensor([c.numel() for c in columns], dtype=torch.long)
-        self.records.append(DropRecord(drop.where, layer, tuple(budgets), record, before))
-        return Decision(keep=keep, values=values, replace=replace)
-
