@@ -17,6 +17,9 @@ with a SigLIP tower, a Qwen2 decoder, bilinear down-scaling of large crop grids 
   model's own ``apply_pooling`` run on ones, plus the video's one ``image_newline``.
 - **Newlines** (images: one per row of the crop grid, or one after a single-crop image; videos: one at the end)
   are exact copies of ``model.image_newline`` and ordinary candidates at ``pre_llm`` / ``layer``.
+- **Views** (``Signals.view_index``, at ``pre_llm`` and ``layer``): as LLaVA-NeXT, 0 at an image's base crop
+  tokens (its first ``_crop_tokens``), 1 at its crop grid's tokens, -1 at newlines; a video row is one view (0)
+  and its newline -1 (G-Prune: one graph per view, newlines kept).
 - **Frames** (``Signals.frames`` / ``frame_index``): a video row is (T, H, W) = (frames, ceil(side / 2),
   ceil(side / 2)) pooled tokens, frame-major, then its newline (``frame_index`` -1).
 - **Prompt span**: as LLaVA (:func:`vtprune.adapters.spans.prompt_positions`), image *and* video placeholders
@@ -55,6 +58,7 @@ class LlavaOnevisionAdapter(CountedVideoItems, VLMAdapter):
     has_cls: ClassVar[bool] = False
     has_grid: ClassVar[bool] = False
     has_frames: ClassVar[bool] = True
+    has_views: ClassVar[bool] = True
     pixel_kwargs: ClassVar[tuple[str, ...]] = ("pixel_values", "pixel_values_videos")
     limitations: ClassVar[dict[str, str]] = {
         "vision": "large crop grids are bilinearly interpolated and video frames pooled after the projector, so an "
@@ -153,12 +157,21 @@ class LlavaOnevisionAdapter(CountedVideoItems, VLMAdapter):
 
     def layouts(self, call: ForwardCall, counts: list[int], token_embeds: list[Tensor]) -> list[ImageLayout]:
         """One layout per image / video; newline tokens are exact copies of the model's ``image_newline``. A video
-        is ``T`` pooled (H, W) frames then one newline (its last token, ``frame_index`` -1)."""
+        is ``T`` pooled (H, W) frames then one newline (its last token, ``frame_index`` -1).
+
+        Views (`Signals.view_index`): ``pack_image_features`` puts an image's base crop first (one crop's tokens,
+        ``_crop_tokens``: view 0), then its unpadded and, past ``anyres_max``, down-scaled crop grid (view 1); the
+        image of a multi-image sample is one crop, its base view. A video is one view (0). Newlines: -1."""
         out = []
         height, width = self.pooled_frame()
+        base = self._crop_tokens(call)  # tokens of one crop: the base view of a patched image
         for segment, count, embeds in zip(self.segments(call), counts, token_embeds):
-            newline = (embeds == self.vlm.image_newline.to(embeds.device, embeds.dtype)).all(dim=-1)
-            layout = ImageLayout(count, newline if bool(newline.any()) else None, None, kind=segment.kind)
+            newline = (embeds == self.vlm.image_newline.to(embeds.device, embeds.dtype)).all(dim=-1)  # (n,)
+            views = torch.zeros(count, dtype=torch.long)  # (n,)
+            if segment.kind == "image":
+                views[min(base, count) :] = 1
+            views[newline.cpu()] = -1
+            layout = ImageLayout(count, newline if bool(newline.any()) else None, None, kind=segment.kind, views=views)
             if segment.kind == "video":
                 last = torch.zeros(count, dtype=torch.bool)
                 last[-1] = True  # the video's image_newline

@@ -332,3 +332,62 @@ def test_video_rows_carry_their_frames(model, batches):
 
     counts, _ = _own_counts(model, batches["images"], IMAGES)
     check_frames(model, batches["images"], [Row(c) for c in counts], _forward)
+
+
+def _own_views(model, inputs, spec) -> list[torch.Tensor]:
+    """Per row in sequence order, the view of each token from the model's own packing, marked through it: the
+    projector's output for crop c of the forward is replaced by the constant c + 1, so each packed image token shows
+    the crops it comes from (``pack_image_features`` puts the base crop first; the grid's bilinear down-scaling mixes
+    only the grid's crops, all numbered after the base): the image's smallest mark is view 0, a larger one view 1,
+    the model's ``image_newline`` -1. A video row: view 0, its last token (the newline) -1."""
+    vlm = model.model
+
+    def mark(module, args, out):
+        return torch.arange(1, out.shape[0] + 1, dtype=out.dtype).view(-1, 1, 1).expand_as(out).clone()
+
+    extra = {"batch_num_images": inputs["batch_num_images"]} if "batch_num_images" in inputs else {}
+    handle = vlm.multi_modal_projector.register_forward_hook(mark)
+    try:
+        with torch.no_grad():
+            images = list(vlm.get_image_features(inputs["pixel_values"], inputs["image_sizes"], **extra).pooler_output)
+    finally:
+        handle.remove()
+    counts, _ = _own_counts(model, inputs, spec)
+    out = []
+    for count, kind in zip(counts, [item[0] for sample in spec for item in sample]):
+        if kind == "video":
+            views = torch.zeros(count, dtype=torch.long)
+            views[-1] = -1
+            out.append(views)
+            continue
+        features = images.pop(0)  # (n, D)
+        newline = (features == vlm.image_newline).all(-1)  # (n,)
+        crop = features[:, 0]  # (n,) the crop mark
+        views = torch.where(crop == crop[~newline].min(), 0, 1)
+        views[newline] = -1
+        out.append(views)
+    return out
+
+
+@pytest.mark.parametrize("name", BATCHES)
+@pytest.mark.parametrize("recipe", ["prompt_cosine+critical+fps+pre_llm", "attention+critical+fps+schedule(layers=[1,3],ratio=0.5)"])
+def test_view_index_marks_the_base_image_the_crops_and_the_newlines(model, batches, name, recipe):
+    """``Signals.view_index`` at every drop: 0 at an image's base crop tokens, 1 at its (down-scaled) crop grid's, -1
+    at newlines and padding; a multi-image sample's one-crop images are a base view and a newline; a video is view 0
+    and its newline -1; after an earlier drop the present tokens keep their views."""
+    inputs, spec = batches[name], SPECS[name]
+    expected = _own_views(model, inputs, spec)
+    assert any(bool((v == 1).any()) for v in expected) and any(bool((v == 0).any()) for v in expected)
+    recorder = SignalRecorder(compose(recipe))
+    with prune(model, recorder, budget=0.5) as handle:
+        _forward(model, inputs)
+    present = [torch.arange(v.numel()) for v in expected]
+    drops = handle.last_selection.drops
+    assert len(recorder.seen) == len(drops) == (2 if "schedule" in recipe else 1)
+    for number, signals in enumerate(recorder.seen):
+        for r, views in enumerate(expected):
+            n = present[r].numel()
+            assert signals.view_index[r, :n].tolist() == views[present[r]].tolist()
+            assert bool((signals.view_index[r, n:] == -1).all())
+        if number + 1 < len(drops):  # the next drop sees the tokens this one kept
+            present = [drops[number].selection.row_indices(r) for r in range(len(expected))]

@@ -9,7 +9,10 @@ reproduce the unpruned model bit for bit; the budget 0 is refused elsewhere. The
 G-Prune (`gprune`): each image keeps the tokens the official op order keeps on its projected features
 (`gprune_reference`), and the model then equals the masked reference; batch == alone; keep-all. On the tiny LLaVA-NeXT
 (the official code's own model) the kept set is the official two-graph block (`official_next_keep`: base image and
-high-resolution crops as two graphs, every newline kept), which one graph over all tokens is not.
+high-resolution crops as two graphs, every newline kept), which one graph over all tokens is not. On the tiny
+LLaVA-OneVision (the same AnyRes packing, crop grids down-scaled past ``anyres_max``, one-crop images of a multi-image
+sample, videos) each row keeps the official per-view set too: a cropped image the two-graph block, a one-crop image
+and a video their one graph's top ``int(f * n_v)`` plus their newline.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from adapter_fixtures import (
     forward_logits,
     llava_inputs,
     llava_next_inputs,
+    llava_onevision_inputs,
     masked_reference,
     merged_embeddings,
     record_hooks,
@@ -30,6 +34,7 @@ from adapter_fixtures import (
     single_thread,
     tiny_llava,
     tiny_llava_next,
+    tiny_llava_onevision,
 )
 from gprune_reference import official_keep, official_keep_count, official_next_keep
 from vtprune import framework
@@ -255,6 +260,90 @@ def test_gprune_on_llava_next_int_budget_keeps_the_newlines_first(next_case) -> 
         newline = (embeds[b, image[b]] == model.model.image_newline).all(-1).nonzero().flatten()  # (R,)
         kept = set(handle.last_selection.selection.row_indices(b).tolist())
         assert len(kept) == 12 and set(newline.tolist()) <= kept
+
+
+# -- G-Prune on LLaVA-OneVision (view_index from the OneVision adapter) ----------------------------------------
+
+#: sample 0: one image, cropped, its 8x8 grid down-scaled to 5x5 (anyres_max_2); sample 1: two one-crop images
+#: (batch_num_images); then a batch of videos and cropped images
+OV_IMAGES = ((("image", (56, 56)),), (("image", (30, 50)), ("image", (28, 28))))
+OV_VIDEO = ((("video",), ("image", (30, 50))), (("image", (56, 28)), ("video",)))
+
+
+@pytest.fixture(scope="module")
+def onevision_case():
+    model = tiny_llava_onevision(layers=LAYERS)
+    return model, {
+        "images": (llava_onevision_inputs(model, OV_IMAGES, question_lengths=(5, 3)), OV_IMAGES),
+        "video": (llava_onevision_inputs(model, OV_VIDEO, question_lengths=(3, 6), batch_num_images=False, seed=1), OV_VIDEO),
+    }
+
+
+def _onevision_rows(model, inputs, spec) -> list[tuple[str, torch.Tensor]]:
+    """(kind, (n, D) decoder input embeddings) of every image / video row in sequence order, cut from the merged
+    embeddings by the lengths of the model's own image / video features."""
+    vlm = model.model
+    with torch.no_grad():
+        embeds = merged_embeddings(model, inputs)
+        extra = {"batch_num_images": inputs["batch_num_images"]} if "batch_num_images" in inputs else {}
+        images = [int(f.shape[0]) for f in vlm.get_image_features(inputs["pixel_values"], inputs["image_sizes"], **extra).pooler_output]
+        videos = []
+        if "pixel_values_videos" in inputs:
+            videos = [int(f.shape[0]) for f in vlm.get_video_features(inputs["pixel_values_videos"]).pooler_output]
+    ids = inputs["input_ids"]
+    rows = []
+    for b, sample in enumerate(spec):
+        visual = ((ids[b] == model.config.image_token_id) | (ids[b] == model.config.video_token_id)).nonzero().flatten()
+        start = 0
+        for item in sample:
+            count = images.pop(0) if item[0] == "image" else videos.pop(0)
+            rows.append((item[0], embeds[b, visual[start : start + count]]))
+            start += count
+    return rows
+
+
+def _onevision_official(model, rows, budget: float) -> list[list[int]]:
+    """Per row, the official per-view kept positions: a cropped image (base crop, then rows of crops + a newline)
+    the LLaVA-NeXT two-graph block; a one-crop image (base crop + newline) and a video (frames + newline), for which
+    the official block does not run, their one graph's ``int(f * n)`` best plus the newline."""
+    vision = model.config.vision_config
+    base = (vision.image_size // vision.patch_size) ** 2
+    out = []
+    for kind, features in rows:
+        newline = (features == model.model.image_newline).all(-1)  # (n,)
+        n, lines = features.shape[0], int(newline.sum())
+        if kind == "image" and n > base + 1:
+            cols = (n - base) // lines - 1
+            out.append(official_next_keep(features.clone(), base, lines, cols, keep_ratio=budget))
+            continue
+        assert newline.nonzero().flatten().tolist() == [n - 1]
+        body = features[: n - 1]
+        out.append(sorted(official_keep(body.clone(), official_keep_count(budget, n - 1)) + [n - 1]))
+    return out
+
+
+@pytest.mark.parametrize("name", ["images", "video"])
+def test_gprune_on_llava_onevision_keeps_the_official_per_view_sets_and_equals_the_masked_reference(onevision_case, name) -> None:
+    model, batches = onevision_case
+    inputs, spec = batches[name]
+    result = check_forward_and_generate(model, inputs, "gprune", "keep", kept_only=False, budget=0.5)
+    rows = _onevision_rows(model, inputs, spec)
+    wants = _onevision_official(model, rows, 0.5)
+    assert result.counts.tolist() == [len(w) for w in wants]
+    vision = model.config.vision_config
+    one_crop = (vision.image_size // vision.patch_size) ** 2 + 1  # a base crop and its newline
+    for r, ((kind, features), want) in enumerate(zip(rows, wants)):
+        assert result.selection.row_indices(r).tolist() == want
+        if kind == "image" and features.shape[0] > one_crop:  # a cropped image: one graph over all tokens differs
+            assert official_keep(features.clone(), official_keep_count(0.5, features.shape[0])) != want
+
+
+def test_gprune_on_llava_onevision_keep_all(onevision_case) -> None:
+    model, batches = onevision_case
+    for inputs, _ in batches.values():
+        base = forward_logits(model, inputs)
+        with framework.prune(model, "gprune", budget=1.0, registry=REGISTRY):
+            assert torch.equal(forward_logits(model, inputs), base)
 
 
 # -- VTW on Qwen2-VL (M-RoPE positions, images and a video) ------------------------------------------------------
