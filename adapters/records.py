@@ -129,8 +129,8 @@ class ImageLayout:
             None for images (and videos with no frame grid). Set through `with_frames`.
         frame_index: (num_tokens,) long, the frame of each token, -1 outside the frame grids (newline /
             separator / per-frame CLS tokens); None when ``frames`` is None. Set through `with_frames`.
-        views: (num_tokens,) long, the view each token comes from (LLaVA-NeXT: 0 = base image, 1 = high-resolution
-            crops), -1 at tokens of no view (newlines); None = the image is one view (`Signals.view_index`).
+        views: (num_tokens,) long, the view each token comes from (LLaVA-NeXT, LLaVA-OneVision: 0 = base image,
+            1 = high-resolution crops), -1 at tokens of no view (newlines); None = the image is one view (`Signals.view_index`).
     """
 
     num_tokens: int

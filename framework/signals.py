@@ -64,8 +64,8 @@ SIGNAL_DESCRIPTIONS: dict[str, str] = {
     "(M >= the N tokens left at a later drop; padded rows: `input_visual_mask`) (SparseVLM's text raters)",
     "input_visual_mask": "(B, M) bool, True = real token of `input_visual`; None = all real",
     "input_prompt": "(B, T, D) the decoder input embeddings of the prompt tokens (rows and mask as in `prompt`)",
-    "view_index": "(B, N) long, the view of its image each visual token comes from (LLaVA-NeXT AnyRes: 0 = the base "
-    "image, 1 = the high-resolution crops; a one-view image: 0 everywhere); -1 for tokens of no view (image-newline "
+    "view_index": "(B, N) long, the view of its image each visual token comes from (LLaVA-NeXT / LLaVA-OneVision AnyRes: "
+    "0 = the base image, 1 = the high-resolution crops; a one-view image or a video: 0 everywhere); -1 for tokens of no view (image-newline "
     "tokens) and padding; None = every row is one view (G-Prune builds one graph per view)",
     "visual_attention": "(B, H, N, N) softmax attention of every visual token (rows, dim 2) to each visual token "
     "(dim 3) at the scoring layer (FitPrune's self-attention term)",

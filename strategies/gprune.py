@@ -1,7 +1,8 @@
 """G-Prune's stages (docs/methods.md, "G-Prune"): thin wrappers over `functional.gprune`.
 
 ``relevance.gprune`` scores every visual token by information propagation on its image's similarity graph (one graph
-per view where the adapter gives ``view_index``: LLaVA-NeXT's base image and high-resolution crops, newlines kept);
+per view where the adapter gives ``view_index``: LLaVA-NeXT's and LLaVA-OneVision's base image and high-resolution
+crops, newlines kept);
 ``budget.gprune`` counts ``int(keep_ratio * n)`` (truncation) per view as the official ``topk`` does, plus the
 newlines, all critical; the `gprune` preset keeps the top tokens with ``critical.topk_official`` at ``pre_llm`` (the
 projector output).
