@@ -12,6 +12,8 @@
   LLaVA-NeXT and Qwen2-VL factories and their batches (`vtprune.testing.models`): :func:`tiny_llava` /
   :func:`llava_batch`, :func:`tiny_llava_next` / :func:`llava_next_batch`, :func:`tiny_qwen2_vl` /
   :func:`qwen2_vl_batch`.
+- Test stages (`vtprune.testing.stages`, registered only in :func:`kit_registry`): :class:`NormOrder`
+  (``diversity.norm_order``, a `Selection.order` without merged values, for the adapters' emission path).
 - Hypothesis strategies (`vtprune.testing.properties`), imported only where used.
 
 Only torch and vtprune are imported here: pytest, hypothesis and transformers are imported by the functions that
@@ -34,6 +36,7 @@ from .contracts import (
     contract_recipes,
 )
 from .models import llava_batch, llava_next_batch, qwen2_vl_batch, tiny_llava, tiny_llava_next, tiny_qwen2_vl
+from .stages import NormOrder, kit_registry
 from .signals import clustered_signals, grid_for, make_signals, make_video_signals, pad_signals, ragged_signals, signals_for, trim_row
 
 __all__ = [
@@ -52,10 +55,12 @@ __all__ = [
     "compose_for_contract",
     "contract_recipes",
     "grid_for",
+    "kit_registry",
     "llava_batch",
     "llava_next_batch",
     "make_signals",
     "make_video_signals",
+    "NormOrder",
     "pad_signals",
     "qwen2_vl_batch",
     "ragged_signals",
