@@ -700,3 +700,23 @@ def test_check_adapter_fails_when_the_reported_selection_is_not_what_was_dropped
     make, registry = _wrapped_llava("misreporting", lambda model, attachment: _Misreporting(attachment))
     with pytest.raises(AdapterContractError, match=r"property 'masked reference' fails at budget=3, row 0: logits at kept slots differ"):
         check_adapter(make, models.llava_batch, RECIPES[placement][0], registry=registry, budgets=(3,))
+
+
+def test_the_kit_norm_order_stage_meets_the_contract_and_orders_without_values():
+    """``diversity.norm_order`` (only in `kit_registry`): the contract, and a selection whose ``order`` ranks each row's
+    kept tokens by descending norm (a permutation of 0..k-1) with no merged values."""
+    from vtprune.testing import NormOrder, kit_registry
+
+    registry = kit_registry()
+    assert "norm_order" not in REGISTRY.stages["diversity"] and registry.stage("diversity", "norm_order") is NormOrder
+    check_stage("diversity", "norm_order", registry=registry, **FAST)
+    pipeline = compose("relevance.none+critical+norm_order+split(critical=0.0)+pre_llm", registry=registry)
+    signals = make_signals((20, 14, 17), seed=4)  # ragged rows
+    selection = pipeline.select(signals, 5)
+    assert selection.values is None and selection.order is not None
+    norms = signals.visual.float().norm(dim=-1).masked_fill(~signals.visual_mask, -1.0)  # (B, N), padding last
+    for b in range(3):
+        want = norms[b].topk(5).indices  # (5,) descending norm
+        kept = selection.row_indices(b)
+        emitted = kept[selection.order[b][selection.mask[b]].argsort()]
+        assert emitted.tolist() == want.tolist()
