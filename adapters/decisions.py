@@ -87,11 +87,25 @@ def apply_with_cls(
     plan.records.append(DropRecord(drop.where, layer, tuple(budgets), record, before, patches=patch_record))
     return Decision(keep=keep, values=values, replace=replace if values is not None else None)
 
+
 def apply_selection(
     plan: Any, drop: Any, layer: int, budgets: list, selection: Selection, columns: list[Tensor], slots: list[Tensor],
     state: DropState,
 ) -> Decision:
-    keep = torch.ones_like(state.valid)
+    """The `Decision` of a drop at the decoder input or a layer, and its record (appended to ``plan.records``).
+
+    Args:
+        plan: the `Plan` of the prefill (``image_sample``, ``layouts``, ``held`` (updated here), ``context``).
+        drop, layer, budgets: the drop point, its decoder layer (0 at the input) and the per-image budgets.
+        selection: the pipeline's selection, rows over each image's present tokens ``columns[r]`` ((n_r,) long, image
+            coordinates), whose current sequence slots are ``slots[r]`` ((n_r,) long).
+        state: the decoder's `DropState` at the drop.
+
+    A kept token stays in its slot, the others are dropped; merged ``values`` (projected at ``vision``) replace the
+    kept slots' hidden states. With an emission order (``selection.order``, or SparseVLM's ``append_merged`` hint)
+    each image's kept tokens, with their merged values or else their own hidden states, are written into the image's
+    first slots in that order and its other slots dropped (`first_slots.write_first_slots`)."""
+    keep = torch.ones_like(state.valid)  # (B, Ls)
     values = None
     replace = None
     kept = selection.kept_mask(max([c.numel() for c in columns] + [selection.indices.shape[1]]))
@@ -103,8 +117,8 @@ def apply_selection(
         replace = torch.zeros_like(state.valid)
     append = values is not None and HINT_APPEND_MERGED in plan.context.hints
     if selection.order is not None and values is None:  # an emission order without merged values
-        values = torch.zeros_like(state.hidden)
-        replace = torch.zeros_like(state.valid)
+        values = torch.zeros_like(state.hidden)  # (B, Ls, D)
+        replace = torch.zeros_like(state.valid)  # (B, Ls)
     # the record names original tokens (`held_record`): read before this drop rewrites any image's slots
     record = held_record(selection, columns, plan.held, max([layout.num_tokens for layout in plan.layouts] + [0]))
     for r in range(plan.num_images):

@@ -13,7 +13,7 @@ ASSISTANT:"`` pass the ids of ``" ASSISTANT:"`` as ``prompt_stop`` to exclude th
 ``pre_llm_clip`` (CDPruner): the ``pre_llm`` drop plus ``clip_visual`` / ``clip_text`` / ``clip_text_mask`` computed
 with the CLIP checkpoint of the vision tower (``framework.prune(..., clip_model=..., tokenizer=...)``, see
 ``vtprune.adapters.clip_signals``). VisionZip ``keep_cls=True`` at ``vision``: the image's CLS token is given to
-the LLM in front of the kept patches (see ``Plan._apply_with_cls`` in ``plan.py`` and docs/adapters.md).
+the LLM in front of the kept patches (see ``apply_with_cls`` in ``decisions.py`` and docs/adapters.md).
 """
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ import yaml
 from vtprune.framework import RecipeError, UnknownNameError, build_registry, compose
 from vtprune.framework.names import is_shared, meanings, spellings
 from vtprune.framework.stages import STAGE_KINDS
+from vtprune.testing.stages import KIT_STAGES, kit_registry
 
 ROOT = Path(__file__).resolve().parents[2]
 _REGISTRY = build_registry(autoload=False)
@@ -21,6 +22,10 @@ SHARED = sorted(
     for name in {n for table in _REGISTRY.stages.values() for n in table} | set(_REGISTRY.presets)
     if is_shared(name, _REGISTRY)
 )
+
+#: The built-ins plus the testing kit's stages (`vtprune.testing.kit_registry`), for doc recipes that name them.
+_KIT_REGISTRY = kit_registry()
+_KIT_NAMES = {cls.name for cls in KIT_STAGES}
 
 #: Recipes the docs show as errors on purpose (each must raise RecipeError).
 DOC_ERROR_EXAMPLES = {"zspaprune+divprune+fastv", "critical+dart"}
@@ -76,8 +81,9 @@ def test_every_shipped_recipe_composes(where: str, recipe: str) -> None:
         return
     if set(re.findall(r"[a-z_]+", recipe)) & DOC_PLUGIN_NAMES:
         pytest.skip("a plugin example defined in the docs")
-    pipeline = compose(recipe, registry=_REGISTRY)
-    assert compose(str(pipeline), registry=_REGISTRY) == pipeline
+    registry = _KIT_REGISTRY if set(re.findall(r"[a-z_]+", recipe)) & _KIT_NAMES else _REGISTRY  # the testing kit's stages
+    pipeline = compose(recipe, registry=registry)
+    assert compose(str(pipeline), registry=registry) == pipeline
 
 
 def test_shared_names_are_the_ones_the_issue_lists() -> None:
