@@ -113,7 +113,8 @@ def flowcut_prune_counts(relation: Tensor, valid: Tensor, remaining: int, keep_p
     plogp = torch.where(valid, prob * prob.log(), torch.zeros_like(prob))  # (B, n): padding contributes nothing
     entropy = -plogp.sum(dim=-1)  # (B,)
     ratio = entropy / n.float().log()  # (B,)
-    asked = (n - keep_patches).float() / math.sqrt(remaining) * (1 - ratio**2)  # (B,)
+    spread = ((n - keep_patches).double() / math.sqrt(remaining)).float()  # (B,): the official Python-float quotient
+    asked = spread * (1 - ratio**2)  # (B,)
     return asked.round().long()
 
 
