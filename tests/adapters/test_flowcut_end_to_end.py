@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from adapter_fixtures import generation_positions, llava_inputs, record_hooks, sample_alone, single_thread, tiny_llava_next
-from flowcut_reference import reference_flowcut, reference_projected, tiny_llava_flowcut_tower
-from tome_tower_reference import check_first_slots_reference
+from flowcut_reference import reference_flowcut, reference_projected, tiny_llava_flowcut_tower, video_llava_image_inputs
+from tome_tower_reference import check_first_slots_reference, tiny_video_llava_deep_tower
 from vtprune import framework
 
 REGISTRY = framework.build_registry(autoload=False)
@@ -108,3 +108,22 @@ def test_flowcut_needs_its_own_schedule_a_clip_tower_and_layers_before_the_featu
         framework.prune(shallow, "flowcut", budget=4, registry=REGISTRY)
     with pytest.raises(ValueError, match="tower layout"):
         framework.prune(tiny_llava_next(), "flowcut", budget=4, registry=REGISTRY)
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_flowcut_in_video_llavas_image_tower(attn):
+    """Video-LLaVA's image tower (5 layers, feature layer -2: pruning at layers 0 and 2) against the same reference;
+    a forward with a video row raises."""
+    model = tiny_video_llava_deep_tower(attn)
+    inputs = video_llava_image_inputs(model, seed=4)
+    with framework.prune(model, "flowcut", budget=6, registry=REGISTRY) as handle, torch.no_grad():
+        pruned = model(**inputs, position_ids=generation_positions(inputs["attention_mask"])).logits
+        record = handle.last_selection.drops[0]
+        generated = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    projected, kept = reference_projected(model, inputs["pixel_values"], 6, tower=model.model.image_tower)
+    for image in range(3):
+        assert torch.equal(_kept_patches(record)[image], kept[image])
+    check_first_slots_reference(model, inputs, projected, pruned, generated, steps=4)
+    with framework.prune(model, "flowcut", budget=6, registry=REGISTRY), torch.no_grad():
+        with pytest.raises(ValueError, match="video row"):
+            model(**video_llava_image_inputs(model, (1, 1), seed=5, video=True))

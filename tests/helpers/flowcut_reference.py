@@ -18,7 +18,8 @@ The operations follow the official order; everything is float32 here (the offici
   entropy-adaptive layers do prune;
 - :func:`reference_flowcut`: the official loop: the feature layer's states, the kept patch indices, the count
   kept at each pruning layer;
-- :func:`reference_projected`: the projector output the LLM receives per image (images one at a time).
+- :func:`reference_projected`: the projector output the LLM receives per image (images one at a time);
+- :func:`video_llava_image_inputs`: a left-padded batch of images (and optionally one video) for the tiny Video-LLaVA.
 """
 
 from __future__ import annotations
@@ -27,10 +28,12 @@ import math
 
 import torch
 
-from adapter_fixtures import PAD_ID
+from adapter_fixtures import BOS_ID, IMAGE_TOKEN_ID, PAD_ID, left_pad
 from vtprune.testing.models import finish_tiny, tiny_clip_config, tiny_llama_config
 
-__all__ = ["tiny_llava_flowcut_tower", "reference_flowcut", "reference_projected"]
+__all__ = ["tiny_llava_flowcut_tower", "reference_flowcut", "reference_projected", "video_llava_image_inputs"]
+
+VIDEO_TOKEN_ID = 94  # the tiny Video-LLaVA's video placeholder
 
 
 def tiny_llava_flowcut_tower(attn: str = "eager", seed: int = 0, tower_layers: int = 9, image_size: int = 56, sharpen: float = 50.0):
@@ -143,13 +146,38 @@ def reference_flowcut(tower, pixel_values, budget: int, feature_layer: int = -2)
     return states[feature_layer], keep_index, left
 
 
-def reference_projected(model, pixel_values, budget: int):
+def reference_projected(model, pixel_values, budget: int, tower=None):
     """Per image (one at a time, so each has its own count): the (k, D) projector output of its kept patches and
-    its (k,) kept patch indices; stacked to (images, k, D) / (images, k)."""
+    its (k,) kept patch indices; stacked to (images, k, D) / (images, k). ``tower``: the CLIP tower (default
+    ``model.model.vision_tower``)."""
+    tower = model.model.vision_tower if tower is None else tower
     projected, kept = [], []
     with torch.no_grad():
         for image in pixel_values:
-            feature, index, _ = reference_flowcut(model.model.vision_tower, image[None], budget)
+            feature, index, _ = reference_flowcut(tower, image[None], budget)
             projected.append(model.model.multi_modal_projector(feature[:, 1:])[0])
             kept.append(index[0])
     return torch.stack(projected), torch.stack(kept)
+
+
+def video_llava_image_inputs(model, images_per_sample=(1, 2), seed: int = 0, video: bool = False) -> dict:
+    """Left-padded batch for the tiny Video-LLaVA: sample i holds ``images_per_sample[i]`` images of
+    ``(image_size / patch) ** 2`` placeholders each; with ``video`` sample 0 also holds a 2-frame video."""
+    vision = model.config.vision_config
+    size = vision.image_size
+    patches = (size // vision.patch_size) ** 2
+    generator = torch.Generator().manual_seed(seed)
+    rows, pixels = [], []
+    for number, count in enumerate(images_per_sample):
+        row = [BOS_ID] + torch.randint(3, 40, (3,), generator=generator).tolist()
+        for image in range(count):
+            pixels.append(torch.randn(3, size, size, generator=generator))
+            row += [IMAGE_TOKEN_ID] * patches + [10 + image]
+        if video and number == 0:
+            row += [VIDEO_TOKEN_ID] * (2 * (patches + 1)) + [20]
+        rows.append(row + torch.randint(3, 90, (4 + number,), generator=generator).tolist() + [41, 42])
+    ids, mask = left_pad(rows)
+    out = {"input_ids": ids, "attention_mask": mask, "pixel_values": torch.stack(pixels)}
+    if video:
+        out["pixel_values_videos"] = torch.randn(1, 2, 3, size, size, generator=generator)
+    return out
