@@ -1,4 +1,5 @@
 """ToMe inside a CLIP-style vision tower (placement ``vision_layers``), with removable hooks on one instance.
+(`tower_merge_for` hands a pipeline whose relevance stage is ``flowcut`` to `adapters.tower_flowcut` instead.)
 
 Official ToMe (github.com/facebookresearch/ToMe @ af95e4b1, ``tome/patch/timm.py`` ``ToMeBlock.forward``) merges in
 every block *between* the attention and the MLP, with the block's keys averaged over heads as the metric, and adds

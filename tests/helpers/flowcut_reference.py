@@ -31,7 +31,15 @@ import torch
 from adapter_fixtures import BOS_ID, IMAGE_TOKEN_ID, PAD_ID, left_pad
 from vtprune.testing.models import finish_tiny, tiny_clip_config, tiny_llama_config
 
-__all__ = ["tiny_llava_flowcut_tower", "reference_flowcut", "reference_projected", "video_llava_image_inputs"]
+__all__ = [
+    "tiny_llava_flowcut_tower",
+    "reference_flowcut",
+    "reference_projected",
+    "video_llava_image_inputs",
+    "official_score",
+    "official_prune_count",
+    "layer_with_signals",
+]
 
 VIDEO_TOKEN_ID = 94  # the tiny Video-LLaVA's video placeholder
 
@@ -65,12 +73,12 @@ def _share(x):
     return x / x.sum(dim=-1, keepdim=True)
 
 
-def _official_score(cls_attention, semantic, value_mean):
+def official_score(cls_attention, semantic, value_mean):
     """``compute_score``: (relation share + semantic share) times the L1 norm of the head-mean value."""
     return (_share(cls_attention) + _share(semantic)) * torch.norm(value_mean, p=1, dim=-1)
 
 
-def _official_prune_count(cls_attention, rpl, kept_patches):
+def official_prune_count(cls_attention, rpl, kept_patches):
     """``adaptive_prune_ratio``: patches to prune, one count for the whole batch (the largest row's)."""
     patches = cls_attention.shape[-1]
     prob = _share(cls_attention)
@@ -82,7 +90,7 @@ def _official_prune_count(cls_attention, rpl, kept_patches):
     return int(asked.round())
 
 
-def _layer_with_signals(layer, hidden, heads):
+def layer_with_signals(layer, hidden, heads):
     """One CLIP encoder layer written out as the official attention does it; also returns the (B, H, T, T) attention,
     the (B, H, T) CLS-value similarity softmax and the (B, H, T, hd) value states."""
     attention = layer.self_attn
@@ -128,13 +136,13 @@ def reference_flowcut(tower, pixel_values, budget: int, feature_layer: int = -2)
     for idx, layer in enumerate(layers):
         rpl = select_layer - idx - 1
         states.append(hidden)
-        hidden, weights, semantic, values = _layer_with_signals(layer, hidden, heads)
+        hidden, weights, semantic, values = layer_with_signals(layer, hidden, heads)
         if hidden.shape[1] > target:
             cls_attention = weights[:, :, 0, 1:].mean(dim=1)
-            scores = _official_score(cls_attention, semantic.mean(1)[:, 1:], values.mean(1)[:, 1:])
+            scores = official_score(cls_attention, semantic.mean(1)[:, 1:], values.mean(1)[:, 1:])
             running = scores.clone() if running is None else 0.5 * running + 0.5 * scores
             if not rpl % 2:
-                prune = _official_prune_count(cls_attention, rpl, target - 1) if rpl else hidden.shape[1]
+                prune = official_prune_count(cls_attention, rpl, target - 1) if rpl else hidden.shape[1]
                 target_num = max(hidden.shape[1] - prune, target)
                 chosen = torch.topk(running, target_num - 1, dim=1).indices.sort(dim=1).values
                 patches = torch.gather(hidden[:, 1:], 1, chosen.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
