@@ -12,6 +12,7 @@ from adapter_fixtures import generation_positions, llava_inputs, record_hooks, s
 from flowcut_reference import reference_flowcut, reference_projected, tiny_llava_flowcut_tower, video_llava_image_inputs
 from tome_tower_reference import check_first_slots_reference, tiny_video_llava_deep_tower
 from vtprune import framework
+from vtprune.framework.errors import BudgetError
 
 REGISTRY = framework.build_registry(autoload=False)
 
@@ -25,7 +26,7 @@ def _kept_patches(record) -> list[torch.Tensor]:
 
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
-@pytest.mark.parametrize("budget", [3, 10, 40])
+@pytest.mark.parametrize("budget", [1, 10, 40])
 def test_flowcut_keeps_the_official_patches_and_features(attn, budget):
     model = tiny_llava_flowcut_tower(attn)
     inputs = llava_inputs(model, (1, 2), (5, 3), seed=4)
@@ -108,6 +109,20 @@ def test_flowcut_needs_its_own_schedule_a_clip_tower_and_layers_before_the_featu
         framework.prune(shallow, "flowcut", budget=4, registry=REGISTRY)
     with pytest.raises(ValueError, match="tower layout"):
         framework.prune(tiny_llava_next(), "flowcut", budget=4, registry=REGISTRY)
+    with pytest.raises(BudgetError, match="positive token count"):
+        framework.prune(model, "flowcut", budget=0, registry=REGISTRY)
+
+
+def test_the_smallest_budget_keeps_one_patch_per_image():
+    """A fraction below one patch resolves to one patch (the budget allocator's floor); the ``rpl == 0`` layer always
+    reaches it."""
+    model = tiny_llava_flowcut_tower("sdpa")
+    inputs = llava_inputs(model, (1, 2), (5, 3), seed=4)
+    with framework.prune(model, "flowcut", budget=0.001, registry=REGISTRY) as handle, torch.no_grad():
+        model(**inputs)
+        record = handle.last_selection.drops[0]
+    assert record.selection.counts.tolist() == [1, 1, 1]
+    assert [int((row >= 0).sum()) for row in record.selection.assignment] == [1, 1, 1]
 
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
