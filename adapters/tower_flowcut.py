@@ -183,7 +183,7 @@ class TowerFlowCut:
             run.positions = torch.arange(tokens - 1, device=hidden.device).expand(batch, -1)  # (B, n)
         present = run.present
         valid = present[:, 1:] if present is not None else torch.ones(batch, tokens - 1, dtype=torch.bool, device=hidden.device)
-        p = run.projections
+        p, run.projections = run.projections, {}  # used once: not kept alive past this layer
         relation, semantic, value = flowcut_layer_terms(
             p["q_proj"], p["k_proj"], p["v_proj"], attention.num_heads, attention.scale, present
         )  # (B, n), (B, n), (B, n, hd)

@@ -105,17 +105,20 @@ def flowcut_prune_counts(relation: Tensor, valid: Tensor, remaining: int, keep_p
     """(B,) long: patches each row asks to prune at a layer with ``rpl == remaining`` (official
     ``adaptive_prune_ratio``, per row): ``round((n - keep_patches) / sqrt(remaining) * (1 - (H / log n) ** 2))`` with
     ``n`` the row's present patches and ``H`` the entropy of its normalised CLS attention ``relation`` (B, n) over
-    them; every present patch at ``remaining == 0``. ``keep_patches`` is the target without the CLS token."""
+    them; every present patch at ``remaining == 0``. ``keep_patches`` is the target without the CLS token. A row
+    already at the target asks 0 (officially a lone image at the target is not scored at all; in a ragged batch its
+    batch-mates may still be above it)."""
     n = valid.sum(dim=1)  # (B,)
     if remaining == 0:
         return n
+    above = n > keep_patches  # (B,)
     prob = relation / relation.sum(dim=-1, keepdim=True)  # (B, n)
     plogp = torch.where(valid, prob * prob.log(), torch.zeros_like(prob))  # (B, n): padding contributes nothing
     entropy = -plogp.sum(dim=-1)  # (B,)
-    ratio = entropy / n.float().log()  # (B,)
+    ratio = entropy / n.clamp(min=2).float().log()  # (B,): n >= 2 wherever a row is above a target of >= 1 patch
     spread = ((n - keep_patches).double() / math.sqrt(remaining)).float()  # (B,): the official Python-float quotient
     asked = spread * (1 - ratio**2)  # (B,)
-    return asked.round().long()
+    return torch.where(above, asked.round().long(), torch.zeros_like(n))
 
 
 def flowcut_keep(running: Tensor, valid: Tensor, prune: Tensor, keep_patches: int) -> tuple[Tensor, Tensor]:

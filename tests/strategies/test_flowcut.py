@@ -118,3 +118,13 @@ def test_layer_terms_of_a_padded_row_equal_the_row_alone():
     torch.testing.assert_close(relation[1, :5], alone[0][0], atol=1e-7, rtol=1e-6)
     torch.testing.assert_close(semantic[1, :5], alone[1][0], atol=1e-7, rtol=1e-6)
     assert not bool(relation[1, 5:].any()) and not bool(semantic[1, 5:].any())
+
+
+def test_a_row_already_at_the_target_asks_nothing_in_a_ragged_batch():
+    """Budget 1: a row pruned to its one patch while a batch-mate is still above (officially that row alone is not
+    scored; here it asks 0, never a NaN count from log(1) = 0)."""
+    rows, valid = _peaked_rows([12, 1], 12, seed=0)
+    counts = flowcut_prune_counts(rows, valid, 2, keep_patches=1)
+    assert counts[1] == 0 and counts[0] == official_prune_count(rows[:1], 2, 1)
+    index, kept = flowcut_keep(torch.rand(2, 12), valid, counts, keep_patches=1)
+    assert kept[1].sum() == 1 and index[1, 0] == 0
