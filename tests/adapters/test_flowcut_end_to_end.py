@@ -40,8 +40,11 @@ def test_flowcut_keeps_the_official_patches_and_features(attn, budget):
         generated = model.generate(**inputs, max_new_tokens=4, do_sample=False)
         steps = handle._attachment.tower_merge.take().kept  # patches kept per pruning layer, per image
         features = [model.model.vision_tower(image[None], output_hidden_states=True).hidden_states[-2] for image in pixels]
+        image_features = torch.stack(list(model.model.get_image_features(pixels).pooler_output))  # (images, 64, D)
     assert record_hooks(model) == before
     projected, kept = reference_projected(model, pixels, budget)
+    torch.testing.assert_close(image_features[:, :budget], projected, atol=1e-5, rtol=1e-5)  # kept patches first
+    assert not bool(image_features[:, budget:].any())  # then the zero padding of the dropped placeholders
     assert record.where == "vision_layers" and record.selection.counts.tolist() == [budget] * 3
     for image in range(3):
         assert torch.equal(_kept_patches(record)[image], kept[image])
