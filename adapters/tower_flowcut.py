@@ -33,15 +33,7 @@ import torch
 from torch import Tensor
 
 from vtprune.framework.selection import Selection
-from vtprune.strategies.functional.flowcut import (
-    flowcut_accumulate,
-    flowcut_keep,
-    flowcut_layer_terms,
-    flowcut_prune_counts,
-    flowcut_prunes_at,
-    flowcut_remaining,
-    flowcut_scores,
-)
+from vtprune.strategies.functional.flowcut import flowcut_layer_step, flowcut_remaining
 
 from .decoder import Decision, DropState
 from .records import DropRecord
@@ -175,29 +167,21 @@ class TowerFlowCut:
         return hook
 
     def _step(self, layer: Any, hidden: Tensor, remaining: int) -> Optional[Tensor]:
-        """Score the layer's patches, blend the running score and, at a pruning layer, cut ``hidden`` (B, t, D)."""
+        """`functional.flowcut.flowcut_layer_step` on the layer's output ``hidden`` (B, t, D) and kept projections;
+        the pruned output, or None when the layer only scores."""
         run = self.run
         attention = layer.self_attn
-        batch, tokens = hidden.shape[:2]
         if run.positions is None:
-            run.positions = torch.arange(tokens - 1, device=hidden.device).expand(batch, -1)  # (B, n)
-        present = run.present
-        valid = present[:, 1:] if present is not None else torch.ones(batch, tokens - 1, dtype=torch.bool, device=hidden.device)
+            run.positions = torch.arange(hidden.shape[1] - 1, device=hidden.device).expand(hidden.shape[0], -1)  # (B, n)
         p, run.projections = run.projections, {}  # used once: not kept alive past this layer
-        relation, semantic, value = flowcut_layer_terms(
-            p["q_proj"], p["k_proj"], p["v_proj"], attention.num_heads, attention.scale, present
-        )  # (B, n), (B, n), (B, n, hd)
-        run.running = flowcut_accumulate(run.running, flowcut_scores(relation, semantic, value))  # (B, n)
-        if not flowcut_prunes_at(remaining):
+        out, run.running, run.positions, run.present, kept = flowcut_layer_step(
+            hidden, p["q_proj"], p["k_proj"], p["v_proj"], attention.num_heads, attention.scale,
+            run.running, run.positions, run.present, remaining, run.target,
+        )  # (B, 1 + k, D)
+        if kept is None:
             return None
-        prune = flowcut_prune_counts(relation, valid, remaining, run.target - 1)  # (B,)
-        index, kept = flowcut_keep(run.running, valid, prune, run.target - 1)  # (B, k)
-        run.kept.append(kept.sum(dim=1))
-        rows = torch.arange(batch, device=hidden.device)[:, None]  # (B, 1)
-        run.running = run.running[rows, index]  # (B, k)
-        run.positions = run.positions[rows, index]  # (B, k)
-        run.present = None if bool(kept.all()) else torch.cat([kept.new_ones(batch, 1), kept], dim=1)  # (B, 1 + k)
-        return torch.cat([hidden[:, :1], hidden[:, 1:][rows, index]], dim=1)  # (B, 1 + k, D)
+        run.kept.append(kept)
+        return out
 
     def _pad(self, module, args, output):
         """Projector output (images, k, D) back to the placeholder count (images, N, D), padded with zeros."""

@@ -38,6 +38,7 @@ __all__ = [
     "flowcut_keep",
     "flowcut_remaining",
     "flowcut_prunes_at",
+    "flowcut_layer_step",
 ]
 
 
@@ -140,3 +141,43 @@ def flowcut_keep(running: Tensor, valid: Tensor, prune: Tensor, keep_patches: in
     sentinel = running.shape[1]
     ordered = torch.where(kept, ranked, torch.full_like(ranked, sentinel)).sort(dim=1).values  # (B, k) ascending
     return torch.where(kept, ordered, torch.zeros_like(ordered)), kept
+
+
+def flowcut_layer_step(
+    hidden: Tensor,
+    queries: Tensor,
+    keys: Tensor,
+    values: Tensor,
+    heads: int,
+    scale: float,
+    running: Optional[Tensor],
+    positions: Tensor,
+    present: Optional[Tensor],
+    remaining: int,
+    target: int,
+) -> tuple[Tensor, Tensor, Tensor, Optional[Tensor], Optional[Tensor]]:
+    """FlowCut at the end of one encoder layer whose output ``hidden`` (B, t, D) holds more than ``target`` tokens
+    (CLS counted): score the patches from the layer's projections (B, t, D) each, blend the running score and, when
+    the layer's ``rpl`` (``remaining``) is even, keep each row's patches (`flowcut_prune_counts`, `flowcut_keep`).
+
+    Args:
+        running: (B, n) running score or None (first scoring layer); positions: (B, n) long original patch index of
+            every current slot; present: (B, t) bool real tokens (CLS first) or None when no row is padded.
+
+    Returns:
+        ``(hidden, running, positions, present, kept)``: the layer's output (B, 1 + k, D) after pruning (CLS first,
+        kept patches ascending) or as given, the running scores and positions of its slots, its padding mask (None
+        when no row is padded) and the (B,) patches kept per row (None when the layer does not prune).
+    """
+    batch, tokens = hidden.shape[:2]
+    valid = present[:, 1:] if present is not None else torch.ones(batch, tokens - 1, dtype=torch.bool, device=hidden.device)
+    relation, semantic, value = flowcut_layer_terms(queries, keys, values, heads, scale, present)  # (B, n) x2, (B, n, hd)
+    running = flowcut_accumulate(running, flowcut_scores(relation, semantic, value))  # (B, n)
+    if not flowcut_prunes_at(remaining):
+        return hidden, running, positions, present, None
+    prune = flowcut_prune_counts(relation, valid, remaining, target - 1)  # (B,)
+    index, kept = flowcut_keep(running, valid, prune, target - 1)  # (B, k)
+    rows = torch.arange(batch, device=hidden.device)[:, None]  # (B, 1)
+    present = None if bool(kept.all()) else torch.cat([kept.new_ones(batch, 1), kept], dim=1)  # (B, 1 + k)
+    hidden = torch.cat([hidden[:, :1], hidden[:, 1:][rows, index]], dim=1)  # (B, 1 + k, D)
+    return hidden, running[rows, index], positions[rows, index], present, kept.sum(dim=1)
