@@ -12,7 +12,7 @@ from adapter_fixtures import generation_positions, llava_inputs, record_hooks, s
 from flowcut_reference import reference_flowcut, reference_projected, tiny_llava_flowcut_tower, video_llava_image_inputs
 from tome_tower_reference import check_first_slots_reference, tiny_video_llava_deep_tower
 from vtprune import framework
-from vtprune.framework.errors import BudgetError
+from vtprune.framework.errors import BudgetError, VtpruneError
 
 REGISTRY = framework.build_registry(autoload=False)
 
@@ -110,8 +110,8 @@ def test_flowcut_needs_its_own_schedule_a_clip_tower_and_layers_before_the_featu
     shallow.config.vision_feature_layer = 1  # the embeddings' next layer: nothing before it prunes
     with pytest.raises(ValueError, match="vision_feature_layer=1"):
         framework.prune(shallow, "flowcut", budget=4, registry=REGISTRY)
-    with pytest.raises(ValueError, match="tower layout"):
-        framework.prune(tiny_llava_next(), "flowcut", budget=4, registry=REGISTRY)
+    with pytest.raises(VtpruneError, match="does not run relevance.flowcut .FlowCut's AnyRes path"):
+        framework.prune(tiny_llava_next(), "flowcut", budget=4, registry=REGISTRY)  # the support check's limitation
     with pytest.raises(BudgetError, match="positive token count"):
         framework.prune(model, "flowcut", budget=0, registry=REGISTRY)
 
@@ -145,3 +145,19 @@ def test_flowcut_in_video_llavas_image_tower(attn):
     with framework.prune(model, "flowcut", budget=6, registry=REGISTRY), torch.no_grad():
         with pytest.raises(ValueError, match="video row"):
             model(**video_llava_image_inputs(model, (1, 1), seed=5, video=True))
+
+
+def test_the_support_report_reads_stage_limitations():
+    """``limitations["relevance.flowcut"]`` (LLaVA-NeXT) makes every pipeline containing the stage unsupported there,
+    with the reason; the same stage elsewhere and other pipelines on LLaVA-NeXT are unaffected."""
+    from vtprune.framework import compose
+    from vtprune.framework.support import support_problems
+
+    adapters = REGISTRY.adapters
+    flowcut = compose("flowcut", registry=REGISTRY)
+    problems = support_problems(adapters["llava_next"].obj, flowcut)
+    assert len(problems) == 1 and "relevance.flowcut" in problems[0] and "AnyRes" in problems[0]
+    assert support_problems(adapters["llava_next"].obj, compose("flowcut+diversity.fps+pre_llm", registry=REGISTRY))
+    assert not support_problems(adapters["llava"].obj, flowcut)
+    assert not support_problems(adapters["video_llava"].obj, flowcut)
+    assert not support_problems(adapters["llava_next"].obj, compose("tome", registry=REGISTRY))
