@@ -20,7 +20,9 @@ the select strategy) is ``target = k + 1``. A budget covering every patch change
 more than the target, as officially). The tower's ``k`` patches go through the projector, which is padded back to the
 image's placeholder count with zeros; `apply_tower_flowcut` keeps each image's first ``k`` placeholder slots (the
 kept patches, in ascending position order) and drops the rest at the decoder input, as ToMe's ``"first"`` layout.
-Only that layout (LLaVA-1.5) is supported: the official AnyRes path (LLaVA-NeXT) halves the target per crop and prunes
+A feature layer with no layer before it (``vision_feature_layer`` reading layer 0's output, where the official
+``rpl`` never reaches 0) is an extension of ours: layer 0 scores, and the forced step cuts the feature layer's own
+patches at the projector input. Only that layout (LLaVA-1.5) is supported: the official AnyRes path (LLaVA-NeXT) halves the target per crop and prunes
 again inside the LLM, which is not reproduced here.
 """
 
@@ -33,7 +35,7 @@ import torch
 from torch import Tensor
 
 from vtprune.framework.selection import Selection
-from vtprune.strategies.functional.flowcut import flowcut_layer_step, flowcut_remaining
+from vtprune.strategies.functional.flowcut import flowcut_keep, flowcut_layer_step, flowcut_remaining
 
 from .decoder import Decision, DropState
 from .records import DropRecord
@@ -52,6 +54,7 @@ class FlowCutRun:
         present: (B, 1 + n) bool, the real tokens of each row (CLS first), or None when no row is padded.
         projections: the current layer's ``q_proj`` / ``k_proj`` / ``v_proj`` outputs, (B, t, D) each.
         kept: patches kept per pruning layer, one (B,) long per step (for inspection).
+        done: the feature-layer-0 step has cut the projector input (that case only).
     """
 
     target: int
@@ -60,6 +63,7 @@ class FlowCutRun:
     present: Optional[Tensor] = None
     projections: dict = field(default_factory=dict)
     kept: list = field(default_factory=list)
+    done: bool = False
 
 
 class TowerFlowCut:
@@ -71,8 +75,6 @@ class TowerFlowCut:
             ``tower_layout`` must be ``"first"``).
         keep_of: returns the patches to keep of an image with ``n`` patches (the resolved budget).
     """
-
-    kind = "flowcut"
 
     def __init__(self, adapter: Any, keep_of: Callable[[int], int]):
         tower = adapter.tower
@@ -92,10 +94,10 @@ class TowerFlowCut:
         self.adapter = adapter
         self.layers = list(tower.encoder.layers)
         self.feature = len(self.layers) + layer if layer < 0 else layer - 1  # the layer whose output is read
-        if not 1 <= self.feature < len(self.layers):
+        if not 0 <= self.feature < len(self.layers):
             raise ValueError(
-                f"FlowCut prunes in the layers before the feature layer: vision_feature_layer={layer} of a "
-                f"{len(self.layers)}-layer tower leaves none"
+                f"FlowCut scores with an encoder layer's attention: vision_feature_layer={layer} of a "
+                f"{len(self.layers)}-layer tower reads no layer's output"
             )
         self.keep_of = keep_of
         self.layout = layout
@@ -106,12 +108,14 @@ class TowerFlowCut:
 
     def install(self) -> list:
         handles = [self.adapter.vision_entry.register_forward_pre_hook(self._start)]
-        for number, layer in enumerate(self.layers[: self.feature]):
+        for number, layer in enumerate(self.layers[: max(self.feature, 1)]):  # feature layer 0: it scores itself
             attention = layer.self_attn
             for name in ("q_proj", "k_proj", "v_proj"):
                 handles.append(getattr(attention, name).register_forward_hook(self._keep_projection(name)))
             handles.append(layer.register_forward_pre_hook(self._mask_padding, with_kwargs=True))
             handles.append(layer.register_forward_hook(self._layer_hook(number)))
+        if self.feature == 0:
+            handles.append(self.adapter.projector.register_forward_pre_hook(self._prune_features))
         handles.append(self.adapter.projector.register_forward_hook(self._pad))
         return handles
 
@@ -182,6 +186,20 @@ class TowerFlowCut:
             return None
         run.kept.append(kept)
         return out
+
+    def _prune_features(self, module, args):
+        """Feature layer 0 (no layer before it to prune at): the forced step on the projector input (images, n, Dv),
+        the feature layer's own patches, ranked by that layer's score."""
+        run = self.run
+        if run is None or run.running is None or run.done:
+            return None
+        features = args[0]  # (B, n, Dv)
+        valid = torch.ones(run.running.shape, dtype=torch.bool, device=run.running.device)  # (B, n)
+        index, kept = flowcut_keep(run.running, valid, valid.sum(dim=1), run.target - 1)  # (B, k)
+        rows = torch.arange(index.shape[0], device=index.device)[:, None]  # (B, 1)
+        run.positions, run.running, run.done = run.positions[rows, index], run.running[rows, index], True
+        run.kept.append(kept.sum(dim=1))
+        return (features[rows, index.to(features.device)], *args[1:])  # (B, k, Dv)
 
     def _pad(self, module, args, output):
         """Projector output (images, k, D) back to the placeholder count (images, N, D), padded with zeros."""

@@ -173,8 +173,8 @@ def support_report(adapter: Any, pipeline: Any, *, model_name: Optional[str] = N
     for key in _stage_keys(pipeline):  # a stage the adapter declares it cannot run (`limitations["kind.name"]`)
         if key in notes:
             message = (
-                f"{model} (adapter {name!r}) does not run {key} ({notes[key]}); use another preset for this model "
-                "(docs/methods.md)"
+                f"{model} (adapter {name!r}) does not run {key} at placement {placement!r} ({notes[key]}); use "
+                "another preset for this model (docs/methods.md)"
             )
             problems.append(SupportProblem(VtpruneError, message, name, placement, kinds[0] if kinds else "",
                                            implemented=tuple(placements)))

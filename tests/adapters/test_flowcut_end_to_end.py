@@ -8,7 +8,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from adapter_fixtures import generation_positions, llava_inputs, record_hooks, sample_alone, single_thread, tiny_llava_next
+from adapter_fixtures import (
+    generation_positions,
+    llava_inputs,
+    record_hooks,
+    sample_alone,
+    single_thread,
+    tiny_llava,
+    tiny_llava_next,
+)
 from flowcut_reference import reference_flowcut, reference_projected, tiny_llava_flowcut_tower, video_llava_image_inputs
 from tome_tower_reference import check_first_slots_reference, tiny_video_llava_deep_tower
 from vtprune import framework
@@ -107,10 +115,10 @@ def test_flowcut_needs_its_own_schedule_a_clip_tower_and_layers_before_the_featu
     with pytest.raises(ValueError, match="diversity.none"):
         framework.prune(model, "flowcut+placement.vision_layers(r=2)", budget=4, registry=REGISTRY)
     shallow = tiny_llava_flowcut_tower("sdpa")
-    shallow.config.vision_feature_layer = 1  # the embeddings' next layer: nothing before it prunes
-    with pytest.raises(ValueError, match="vision_feature_layer=1"):
+    shallow.config.vision_feature_layer = 0  # the embeddings: no layer's attention to score with
+    with pytest.raises(ValueError, match="vision_feature_layer=0"):
         framework.prune(shallow, "flowcut", budget=4, registry=REGISTRY)
-    with pytest.raises(VtpruneError, match="does not run relevance.flowcut .FlowCut's AnyRes path"):
+    with pytest.raises(VtpruneError, match="does not run relevance.flowcut at placement 'vision_layers' .FlowCut's AnyRes path"):
         framework.prune(tiny_llava_next(), "flowcut", budget=4, registry=REGISTRY)  # the support check's limitation
     with pytest.raises(BudgetError, match="positive token count"):
         framework.prune(model, "flowcut", budget=0, registry=REGISTRY)
@@ -161,3 +169,27 @@ def test_the_support_report_reads_stage_limitations():
     assert not support_problems(adapters["llava"].obj, flowcut)
     assert not support_problems(adapters["video_llava"].obj, flowcut)
     assert not support_problems(adapters["llava_next"].obj, compose("tome", registry=REGISTRY))
+
+
+@pytest.mark.parametrize("feature_layer", [-2, 1])
+def test_a_feature_layer_with_no_layer_before_it_cuts_its_own_patches(feature_layer):
+    """Our extension (docs/methods.md, "FlowCut"): the feature layer is layer 0 (a 2-layer tower read at -2, or at 1),
+    so layer 0 scores and the forced step cuts the projector input; against the reference's same rule."""
+    model = tiny_llava("eager", layers=2)
+    model.config.vision_feature_layer = feature_layer
+    inputs = llava_inputs(model, (1, 2), (5, 3), seed=4)
+    pixels = inputs["pixel_values"]
+    with framework.prune(model, "flowcut", budget=5, registry=REGISTRY) as handle, torch.no_grad():
+        pruned = model(**inputs, position_ids=generation_positions(inputs["attention_mask"])).logits
+        record = handle.last_selection.drops[0]
+        generated = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    projected, kept = [], []
+    with torch.no_grad():
+        for image in pixels:
+            state, index, left = reference_flowcut(model.model.vision_tower, image[None], 5, feature_layer)
+            projected.append(model.model.multi_modal_projector(state[:, 1:])[0])
+            kept.append(index[0])
+    assert left == [6]
+    for image in range(3):
+        assert torch.equal(_kept_patches(record)[image], kept[image])
+    check_first_slots_reference(model, inputs, torch.stack(projected), pruned, generated, steps=4)

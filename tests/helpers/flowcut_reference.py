@@ -122,7 +122,12 @@ def reference_flowcut(tower, pixel_values, budget: int, feature_layer: int = -2)
 
     ``budget``: patches handed to the LLM (official ``target = budget + 1``). Returns the (B, 1 + k, D) hidden states
     the model reads at ``feature_layer`` (its ``hidden_states[feature_layer]``), the (B, k) kept patch indices
-    (ascending) and the list of the token counts left by each pruning layer."""
+    (ascending) and the list of the token counts left by each pruning layer.
+
+    Layers past the feature layer are not scored (officially they never hold more than the target). When the
+    feature layer is layer 0 the official loop never reaches ``rpl == 0`` (and would take the square root of a
+    negative ``rpl`` at layer 1): there vtprune's documented extension is followed, layer 0 scores and the forced
+    step cuts the feature layer's own patches."""
     vision = getattr(tower, "vision_model", tower)
     heads = vision.config.num_attention_heads
     layers = list(vision.encoder.layers)
@@ -137,7 +142,7 @@ def reference_flowcut(tower, pixel_values, budget: int, feature_layer: int = -2)
         rpl = select_layer - idx - 1
         states.append(hidden)
         hidden, weights, semantic, values = layer_with_signals(layer, hidden, heads)
-        if hidden.shape[1] > target:
+        if hidden.shape[1] > target and idx < max(select_layer, 1):
             cls_attention = weights[:, :, 0, 1:].mean(dim=1)
             scores = official_score(cls_attention, semantic.mean(1)[:, 1:], values.mean(1)[:, 1:])
             running = scores.clone() if running is None else 0.5 * running + 0.5 * scores
@@ -151,7 +156,14 @@ def reference_flowcut(tower, pixel_values, budget: int, feature_layer: int = -2)
                 hidden = torch.cat([hidden[:, :1], patches], dim=1)
                 left.append(hidden.shape[1])
     states.append(hidden)
-    return states[feature_layer], keep_index, left
+    feature = states[feature_layer]
+    if select_layer == 0 and feature.shape[1] > target:  # our extension: the feature layer's own patches cut
+        chosen = torch.topk(running, target - 1, dim=1).indices.sort(dim=1).values
+        patches = torch.gather(feature[:, 1:], 1, chosen.unsqueeze(-1).expand(-1, -1, feature.shape[-1]))
+        feature = torch.cat([feature[:, :1], patches], dim=1)
+        keep_index = torch.gather(keep_index, 1, chosen)
+        left.append(feature.shape[1])
+    return feature, keep_index, left
 
 
 def reference_projected(model, pixel_values, budget: int, tower=None):
