@@ -45,6 +45,8 @@ class LlavaNextAdapter(VLMAdapter):
     has_views: ClassVar[bool] = True
     limitations: ClassVar[dict[str, str]] = {
         "pre_llm_clip": "CLIP-space signals of AnyRes crops are not implemented",
+        "relevance.flowcut": "FlowCut's AnyRes path (half the target per crop, crops re-gridded without newlines, a "
+        "second step in the LLM) is not implemented",
         **without_videos(
             "LLaVA-NeXT takes images only: no video rows, so no frame structure"
         ),

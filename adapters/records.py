@@ -29,7 +29,8 @@ class DropRecord:
             merging stage, ``sizes`` and ``assignment`` (image-token coordinates: every token of the image -> the kept
             slot it was merged into, -1 when absent or dropped unmerged). ``vision_layers`` (ToMe in the tower):
             ``indices`` are the image's first k placeholder slots, which hold the merged tokens in ToMe's order,
-            and ``assignment`` maps each of the image's patches to its slot.
+            and ``assignment`` maps each of the image's patches to its slot (FlowCut in the tower: the kept patches,
+            ascending, sizes 1, -1 for a pruned patch).
         before: (R,) tokens of each image present before this drop.
     """
 

@@ -1,4 +1,5 @@
 """ToMe inside a CLIP-style vision tower (placement ``vision_layers``), with removable hooks on one instance.
+(`tower_merge_for` hands a pipeline whose relevance stage is ``flowcut`` to `adapters.tower_flowcut` instead.)
 
 Official ToMe (github.com/facebookresearch/ToMe @ af95e4b1, ``tome/patch/timm.py`` ``ToMeBlock.forward``) merges in
 every block *between* the attention and the MLP, with the block's keys averaged over heads as the metric, and adds
@@ -41,6 +42,7 @@ from vtprune.strategies.functional.tome import parse_r, tower_merge_step
 
 from .decoder import Decision, DropState
 from .records import DropRecord
+from .tower_flowcut import TowerFlowCut, apply_tower_flowcut
 from .tower_scatter import apply_sources
 
 __all__ = ["TowerMerge", "TowerRun", "merge_schedule", "apply_tower_merge", "tower_merge_for"]
@@ -226,6 +228,8 @@ def apply_tower_merge(plan: Any, drop: Any, layer: int, budgets: list, state: Dr
             "video row(s); use placement vision / pre_llm / layer for videos"
         )
     merge = plan.context.tower_merge
+    if isinstance(merge, TowerFlowCut):
+        return apply_tower_flowcut(plan, drop, layer, budgets, state)
     run = merge.take() if merge is not None else None
     if run is None:
         raise RuntimeError("placement vision_layers: the vision tower did not run with its merging hooks")
@@ -257,17 +261,27 @@ def apply_tower_merge(plan: Any, drop: Any, layer: int, budgets: list, state: Dr
     return Decision(keep=keep, values=None, replace=None)
 
 
-def tower_merge_for(adapter: Any, pipeline: Any, drops: Any, budget_of: Callable[[], Any]) -> Optional[TowerMerge]:
-    """The `TowerMerge` of a pipeline whose placement drops at ``vision_layers`` (None otherwise). The merge rule
-    inside the tower is ToMe's, so the pipeline's diversity stage must be ``tome_merge``; the budget (one for every image
-    of a forward: the tower merges its images as one batch) resolves to the patches kept per image."""
+def tower_merge_for(adapter: Any, pipeline: Any, drops: Any, budget_of: Callable[[], Any]) -> Optional[Any]:
+    """The tower hooks of a pipeline whose placement drops at ``vision_layers`` (None otherwise): FlowCut's
+    (`adapters.tower_flowcut.TowerFlowCut`) when the relevance stage is ``flowcut`` (diversity ``none``, placement
+    ``r = 0``), else ToMe's `TowerMerge`, whose merge rule needs diversity ``tome_merge``. The budget (one for every
+    image of a forward: the tower runs its images as one batch) resolves to the patches kept per image."""
     if not any(d.where == "vision_layers" for d in drops):
         return None
+    relevance = getattr(getattr(pipeline, "relevance", None), "name", None)
     diversity = getattr(getattr(pipeline, "diversity", None), "name", None)
-    if diversity != "tome_merge":
+    if relevance == "flowcut":
+        if diversity != "none" or int(getattr(pipeline.placement, "r", 0)) != 0:
+            raise ValueError(
+                f"placement vision_layers with relevance.flowcut prunes by FlowCut's own schedule: use diversity.none "
+                f"and placement.vision_layers without r (got diversity {diversity!r}, r="
+                f"{getattr(pipeline.placement, 'r', 0)}), e.g. the preset 'flowcut'"
+            )
+    elif diversity != "tome_merge":
         raise ValueError(
-            f"placement vision_layers merges inside the vision tower with ToMe: use diversity.tome_merge (got diversity "
-            f"{diversity!r}), e.g. the preset 'tome'"
+            f"placement vision_layers merges inside the vision tower with ToMe (diversity.tome_merge) or prunes with "
+            f"FlowCut (relevance.flowcut): got relevance {relevance!r}, diversity {diversity!r}; e.g. the preset "
+            "'tome' or 'flowcut'"
         )
     allocator = pipeline.budget
 
@@ -282,4 +296,6 @@ def tower_merge_for(adapter: Any, pipeline: Any, drops: Any, budget_of: Callable
             budget = budget[0]
         return int(allocator.resolve(budget, torch.tensor([patches]))[0])
 
+    if relevance == "flowcut":
+        return TowerFlowCut(adapter, keep_of)
     return TowerMerge(adapter, int(getattr(pipeline.placement, "r", 0)), keep_of)

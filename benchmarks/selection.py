@@ -7,6 +7,8 @@ reference (one sample at a time, full N x N similarity matrix, a Python loop ove
     python benchmarks/selection.py                       # N in {576, 2880, 11520}, D 4096, B in {1, 8}
     python benchmarks/selection.py --tokens 576 2880 --batch 1 --dim 1024 --json out.json
 
+``tome`` and ``flowcut`` also get an "in tower" row: the per-layer work their hooks add inside the CLIP tower.
+
 The naive reference is O(N^2 D) in time and O(N^2) in memory, so it only runs up to
 ``--naive-max-tokens`` (default 2880).
 
@@ -202,6 +204,17 @@ def main() -> None:
                     print(f"N={tokens:>6} K={kept:>5} B={batch} {'tome in tower':<24} {tower['seconds'] * 1e3:10.2f} ms{share}"
                           f"  ({tower['crops']} x {tower['tokens']} tokens per image, {tower['layers']} merging layers, "
                           f"r per layer {tower['schedule'][0]}..{tower['schedule'][-1]})")
+                if recipe == "flowcut" and tokens == clip_patches():  # FlowCut's in-tower work (LLaVA-1.5: one crop)
+                    tower = tower_flowcut_seconds(tokens, batch, kept, args.repeats, args.device)
+                    tower_row = {"recipe": "flowcut in tower", "N": tokens, "K": kept, "B": batch, **tower}
+                    share = ""
+                    if prefill is not None:
+                        tower_row.update(prefill_s=prefill["seconds"], fraction_of_prefill=tower["seconds"] / prefill["seconds"])
+                        share = f"  {100 * tower['seconds'] / prefill['seconds']:6.2f}% of prefill"
+                    rows.append(tower_row)
+                    print(f"N={tokens:>6} K={kept:>5} B={batch} {'flowcut in tower':<24} {tower['seconds'] * 1e3:10.2f} ms{share}"
+                          f"  ({tower['tokens']} tokens per image, {tower['layers']} scoring layers, patches kept per "
+                          f"pruning layer {tower['kept_per_step']})")
                 if recipe == "fastv":  # the framework's overhead around FastV's own three ops
                     attention = signals.attention
                     bare = time_call(lambda: attention.mean(dim=1).topk(kept, dim=-1).indices.sort(dim=-1), args.repeats, args.device)
@@ -342,6 +355,48 @@ def tower_tome_seconds(tokens: int, batch: int, kept: int, repeats: int, device:
 
     seconds = time_call(run, repeats, device)
     return {"seconds": seconds, "crops": crops, "tokens": patches + 1, "layers": layers, "schedule": schedule}
+
+
+def clip_patches(profile: str = "llava-1.5-7b") -> int:
+    """Patches of one image in the ``profile`` tower (576 for CLIP ViT-L/14-336)."""
+    vision = PROFILES[profile]["vision"]
+    return (vision["image_size"] // vision["patch_size"]) ** 2
+
+
+def tower_flowcut_seconds(tokens: int, batch: int, kept: int, repeats: int, device: str, profile: str = "llava-1.5-7b") -> dict:
+    """Median time of the `flowcut` preset's in-tower work (``flowcut_layer_step`` after every layer before the
+    feature layer, as the hooks of ``adapters/tower_flowcut.py`` run it) on the ``profile`` tower's shapes: ``batch``
+    images of ``patches + 1`` tokens (CLS first; one crop per image, FlowCut's LLaVA-1.5 path), down to ``kept``
+    patches. Projections and hidden states are random (drawn once, outside the timing; each layer reads the first
+    present tokens' rows), so the adaptive counts are those of random attention."""
+    from vtprune.strategies.functional.flowcut import flowcut_layer_step, flowcut_remaining
+
+    vision = PROFILES[profile]["vision"]
+    patches = clip_patches(profile)
+    feature = CLIP_LAYERS + CLIP_FEATURE_LAYER
+    width, heads = vision["hidden_size"], vision["num_attention_heads"]
+    scale = (width // heads) ** -0.5
+    generator = torch.Generator().manual_seed(0)
+    hidden, q, k, v = (torch.randn(batch, patches + 1, width, generator=generator).to(device) for _ in range(4))  # (B, T0, D)
+    counts: list = []
+
+    def run() -> None:
+        x, running, present = hidden, None, None
+        positions = torch.arange(patches, device=device).expand(batch, -1)  # (B, n)
+        counts.clear()
+        for layer in range(feature):
+            if x.shape[1] <= kept + 1:
+                break
+            t = x.shape[1]
+            x, running, positions, present, step = flowcut_layer_step(
+                x, q[:, :t], k[:, :t], v[:, :t], heads, scale, running, positions, present,
+                flowcut_remaining(feature, layer), kept + 1,
+            )
+            if step is not None:
+                counts.append(int(step.max()))
+
+    seconds = time_call(run, repeats, device)
+    return {"seconds": seconds, "tokens": patches + 1, "layers": feature, "kept_per_step": list(counts)}
 
 
 def _first(visual: torch.Tensor) -> torch.Tensor:

@@ -3,8 +3,9 @@
 A placement is data: ``placement.drops(budget)`` lists `Drop` points whose ``where`` is one of the drop kinds
 ``"vision"``, ``"pre_llm"``, ``"layer"`` or ``"vision_layers"`` (`DROP_KINDS`). An adapter declares the drop kinds it implements
 (``drop_kinds``), the signals it fills at each (``provides(kind)``) and why something is missing
-(``limitations``: drop kind, placement or signal name -> reason). A pipeline is supported when every drop kind of
-its placement is implemented and every signal it requires is provided there, so a third-party placement whose
+(``limitations``: drop kind, placement, signal or stage (``kind.name``) name -> reason). A pipeline is supported
+when no stage of it is listed in ``limitations``, every drop kind of its placement is implemented and every signal it
+requires is provided there, so a third-party placement whose
 drops are ``"layer"`` drops works on every adapter without the adapter knowing its name.
 
 `support_problems` lists the problems (one message each); `check_support` raises the first kind of problem:
@@ -145,6 +146,17 @@ class SupportProblem:
     implemented: tuple[str, ...] = ()
 
 
+def _stage_keys(pipeline: Any) -> list[str]:
+    """``kind.name`` of each stage of ``pipeline`` (none for a duck-typed pipeline without stages)."""
+    keys = []
+    for part in ("relevance", "critical", "diversity", "budget", "placement"):
+        stage = getattr(pipeline, part, None)
+        kind, stage_name = getattr(stage, "kind", None), getattr(stage, "name", None)
+        if kind and stage_name:
+            keys.append(f"{kind}.{stage_name}")
+    return keys
+
+
 def support_report(adapter: Any, pipeline: Any, *, model_name: Optional[str] = None) -> list[SupportProblem]:
     """The one support check: every `SupportProblem` of ``adapter`` (class or instance) with ``pipeline``
     (anything with ``placement`` and ``requires``); empty when supported. `support_problems`,
@@ -157,7 +169,16 @@ def support_report(adapter: Any, pipeline: Any, *, model_name: Optional[str] = N
     placements = sorted(getattr(adapter, "placements", ()) or ())
     kinds_text = " / ".join(repr(k) for k in sorted(implemented)) or "no"
     problems: list[SupportProblem] = []
-    for kind in pipeline_drop_kinds(pipeline):
+    kinds = pipeline_drop_kinds(pipeline)
+    for key in _stage_keys(pipeline):  # a stage the adapter declares it cannot run (`limitations["kind.name"]`)
+        if key in notes:
+            message = (
+                f"{model} (adapter {name!r}) does not run {key} at placement {placement!r} ({notes[key]}); use "
+                "another preset for this model (docs/methods.md)"
+            )
+            problems.append(SupportProblem(VtpruneError, message, name, placement, kinds[0] if kinds else "",
+                                           implemented=tuple(placements)))
+    for kind in kinds:
         if kind not in implemented:
             reason = notes.get(kind) or notes.get(placement)
             why = f": {reason}" if reason else ""

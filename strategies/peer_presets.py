@@ -167,6 +167,15 @@ PEER_PRESETS: dict[str, tuple[str, str, str, str]] = {
         "AAAI 2025 (arXiv 2409.10197)",
         "github.com/ywh187/FitPrune @ d28e418c920912b20dc888325651ecc6e214e6a1",
     ),
+    "flowcut": (
+        "relevance.flowcut+critical.topk_official(op=topk)+diversity.none+budget.split(critical=1.0)"
+        "+placement.vision_layers",
+        "FlowCut: CLS information-flow score in every CLIP layer before the feature layer (0.5/0.5 running blend), "
+        "entropy-adaptive pruning every second layer, the budget reached at the layer before the feature layer",
+        "Tong et al., Rethinking Redundancy via Information Flow for Efficient Vision-Language Models, NeurIPS 2025 "
+        "(arXiv 2505.19536)",
+        "github.com/TungChintao/FlowCut @ a2ecd247cb3c605773ec317a0c246425b47abdbe, flowcut/modeling_clip_flowcut.py",
+    ),
     "random": (
         "relevance.none+critical.critical+diversity.randperm(seed=0)+budget.split(critical=0.0)+placement.pre_llm",
         "random baseline: seeded randperm of each row's tokens",

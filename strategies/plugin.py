@@ -8,6 +8,7 @@ from vtprune.framework.registry import Registry
 from . import budget, critical, decode, diversity, placement, relevance
 from .gprune import GPRUNE_STAGES
 from .fitprune import FITPRUNE_STAGES
+from .flowcut import FLOWCUT_STAGES
 from .mustdrop import MUSTDROP_STAGES
 from .prumerge import PRUMERGE_STAGES
 from .sparsevlm import SPARSEVLM_STAGES
@@ -54,6 +55,7 @@ BUILTIN_STAGES = (
     *VIDEO_STAGES,
     *GPRUNE_STAGES,
     *VTW_STAGES,
+    *FLOWCUT_STAGES,
 )
 
 

@@ -92,7 +92,8 @@ def test_shared_names_are_the_ones_the_issue_lists() -> None:
     peers_added = {"prumerge"}  # LLaVA-PruMerge: preset + its own diversity / budget stages, as the peers
     graph_and_withdrawal = {"gprune", "withdraw"}  # G-Prune: preset + relevance + budget; VTW: budget + placement
     fitprune = {"fitprune"}  # preset + its relevance and placement stages
-    assert set(SHARED) == issue_12 | video_methods | peers_added | graph_and_withdrawal | fitprune
+    flowcut = {"flowcut"}  # preset + its relevance stage (the in-tower rule at placement vision_layers)
+    assert set(SHARED) == issue_12 | video_methods | peers_added | graph_and_withdrawal | fitprune | flowcut
 
 
 @pytest.mark.parametrize("name", SHARED)

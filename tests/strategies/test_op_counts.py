@@ -67,6 +67,7 @@ PINNED = {
     "prumerge": 298,  # adaptive IQR count (17 kept on these inputs): per kept token one cat + bmm + topk (official layout, for its tie order), then one batched merge
     "prumerge_plus": 753,  # the same with its spatial samples (62 kept on these inputs)
     "gprune": 59,  # one graph (cosine mm, cuts as masked_fill_, softmax, degree, matrix_power = 3 mm, flow mm), topk; the masked path since budget.gprune is adaptive (per-view counts, LLaVA-NeXT; 30 on the index path before the views)
+    "flowcut": 5,  # the one-point select (token L1 norm, index path: abs, sum, topk, sort, ones); in the tower FlowCut runs in the layers' hooks
     "vtw": 16,  # budget 0 (its setting): the empty selection (nothing scored, nothing chosen)
     "holitom": 492,  # video (frames VIDEO_FRAMES): the outer merge; the window DP in numpy, no op per cell (was 1264; 494 before the per-row keep-all rule of issue 14)
 }
