@@ -87,3 +87,17 @@ def test_split_tune_ranks_settings_by_the_oracle_arithmetic(tmp_path) -> None:
     assert main([str(tmp_path), "--top", "2"]) == 0
     with pytest.raises(FileNotFoundError, match="split_table"):
         load_oracles(tmp_path / "none")
+
+
+def test_kept_composition_counts_every_kept_token() -> None:
+    """``crowd_kept``: the kinds add up to the budget, critical tokens go to the crowd first, accuracy in [0, 1]."""
+    from vtprune.experiments.organism import WEIGHTS_DIR, load_organism
+    from vtprune.experiments.organism.crowd_kept import kept_composition
+
+    model, processor = load_organism(path=WEIGHTS_DIR.parent / "weights_clutter")
+    samples = make_crowd_split("validation", 6)
+    diverse = kept_composition(model, processor, samples, budget=6, critical=0)
+    relevant = kept_composition(model, processor, samples, budget=6, critical=4)
+    for c in (diverse, relevant):
+        assert abs(c.crowd + c.same_shape + c.other_shape + c.background - 6) < 1e-9 and 0 <= c.accuracy <= 1
+    assert relevant.crowd == 4 > diverse.crowd  # every sample has >= 4 crowd members, ranked first by relevance
