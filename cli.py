@@ -119,8 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--no-progress", action="store_true")
     demo.add_argument("--rerun-stale", action="store_true", help="run again the finished cells that ran with other versions")
     demo.add_argument("--task", choices=DEMO_TASKS, default="shapes",
-                      help="organism task: shapes (default), clutter (llava organism; its own weights, results/demo_clutter) "
-                           "or video (qwen2_vl organism; the video presets, results/demo_video)")
+                      help="organism task: shapes (default), clutter (llava organism; its own weights, results/demo_clutter), "
+                           "crowd (llava organism, the clutter weights, results/demo_crowd) or video (qwen2_vl organism; the video presets, results/demo_video)")
     demo.set_defaults(func=_cmd_demo)
 
     organism = commands.add_parser("organism", help="the embedded demo model: reproduce its weights")
@@ -139,12 +139,19 @@ DEMO_TASKS: dict[str, tuple[str, ...]] = {
         "base.model.name=pkg:vtprune.experiments.organism/weights_clutter",
         "base.output_dir=results/demo_clutter",
     ),
+    "crowd": (
+        "base.task.options.scenes=crowd",
+        "base.model.name=pkg:vtprune.experiments.organism/weights_clutter",
+        "base.output_dir=results/demo_crowd",
+    ),
     "video": (),  # its own grid file, experiments/configs/demo_video.yaml (the video organism and presets)
 }
 #: ``vtprune demo --task T``: the grid file of task T when it is not demo.yaml
 DEMO_GRIDS: dict[str, str] = {"video": "demo_video.yaml"}
 #: the organisms that ship weights for each demo task
-DEMO_TASK_ORGANISMS: dict[str, tuple[str, ...]] = {"shapes": ("llava", "qwen2_vl"), "clutter": ("llava",), "video": ("qwen2_vl",)}
+DEMO_TASK_ORGANISMS: dict[str, tuple[str, ...]] = {
+    "shapes": ("llava", "qwen2_vl"), "clutter": ("llava",), "crowd": ("llava",), "video": ("qwen2_vl",),
+}
 
 
 def demo_grid_path(task: str = "shapes") -> "Path":

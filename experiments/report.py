@@ -32,16 +32,35 @@ def _mean(values: Sequence[Any]) -> Optional[float]:
     return sum(items) / len(items) if items else None
 
 
+def _task_labels(configs: Sequence[dict[str, Any]]) -> list[str]:
+    """Each config's task label: its task name, plus ``(option=value, ...)`` for the task options whose values differ
+    between the configs of that task name (a grid over ``task.options.scenes`` gets one table per scene set; a grid
+    over one task keeps the plain name)."""
+    tasks = [config.get("task") or {} for config in configs]
+    values: dict[str, dict[str, set[str]]] = defaultdict(lambda: defaultdict(set))
+    for task in tasks:
+        for option, value in (task.get("options") or {}).items():
+            values[task.get("name", "?")][option].add(repr(value))
+    labels = []
+    for task in tasks:
+        name = task.get("name", "?")
+        options = task.get("options") or {}
+        varying = [o for o in sorted(values[name]) if len(values[name][o]) > 1]
+        labels.append(f"{name} ({', '.join(f'{o}={options.get(o)}' for o in varying)})" if varying else name)
+    return labels
+
+
 def collect_rows(root: Path | str) -> list[dict[str, Any]]:
     """Table rows from a results directory (finished cells only): per (model, task), the unpruned
     row first, then methods in the grid's order (first appearance in ``cells.jsonl``), budgets
-    from large to small."""
+    from large to small. Tasks are told apart by name and by the task options that vary in the grid
+    (`_task_labels`)."""
     results = ResultsDir(root)
     groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
     order: dict[str, int] = {}  # method -> first appearance in cells.jsonl (the grid's order)
-    for key, state in results.states().items():
-        if state.get("status") != "done":
-            continue
+    done = [(key, state) for key, state in results.states().items() if state.get("status") == "done"]
+    task_labels = _task_labels([state.get("config") or {} for _, state in done])
+    for (key, state), task in zip(done, task_labels):
         config = state.get("config") or {}
         metrics = dict(state.get("metrics") or {})
         baseline_key = state.get("baseline_key")
@@ -55,7 +74,6 @@ def collect_rows(root: Path | str) -> list[dict[str, Any]]:
             metrics.setdefault("fidelity", 1.0)
             metrics.setdefault("fidelity_text", 1.0)
         model = (config.get("model") or {}).get("name", "?")
-        task = (config.get("task") or {}).get("name", "?")
         budget = "-" if config.get("method") is None else config.get("budget")
         label = state.get("label") or ("unpruned" if config.get("method") is None else "?")
         order.setdefault(label, len(order))

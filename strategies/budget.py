@@ -12,9 +12,11 @@ from vtprune.framework.budget import scaled_counts
 from vtprune.framework.signals import Signals
 from vtprune.framework.stages import Allocation, BudgetAllocator
 
-from .functional.auto_split import relevance_coverage_counts
+from .functional.auto_split import relevance_coverage_counts, relevance_gap_counts
 
-__all__ = ["AllCriticalBudget", "AutoSplit", "FixedSplit", "DynamicSplit", "OwnCountAllocator", "critical_mass_counts"]
+__all__ = [
+    "AllCriticalBudget", "AutoSplit", "FixedSplit", "DynamicSplit", "GapSplit", "OwnCountAllocator", "critical_mass_counts",
+]
 
 
 def _check_fraction(name: str, value: float) -> None:
@@ -126,6 +128,45 @@ class AutoSplit(BudgetAllocator):
         if scores is None:
             return Allocation(total=totals, critical=torch.zeros_like(totals))
         critical = relevance_coverage_counts(scores, valid, totals, self.temperature, self.trade)  # (B,)
+        return Allocation(total=totals, critical=critical)
+
+
+@dataclass(frozen=True, eq=False)
+class GapSplit(BudgetAllocator):
+    """Per-row split keeping the prompt's relevant set (``functional.relevance_gap_counts``; ``zspaprune_auto``).
+
+    k = the number of top tokens before the first fall of at least ``drop`` in the sorted relevance (looked for
+    within the top ``window + 1``; none: k = 0); critical = min(k, total - reserve), or min(ceil(extend k),
+    total - reserve) when k >= 2. One named object keeps its token, several near-identical named objects keep
+    them all and the next tokens by relevance, spread relevance buys coverage. Training-free: the four
+    constants were chosen on the organism's validation splits of its three tasks (docs/demo.md, "Automatic
+    split"). Without scores everything goes to diversity.
+    """
+
+    name: ClassVar[str] = "gap"
+    description: ClassVar[str] = (
+        "per-row split: critical = the top tokens before the first relevance drop >= drop (within window), "
+        "a set of k >= 2 extended to ceil(extend k), at most total - reserve"
+    )
+    drop: float = 0.35  # cosine units; all four chosen on the validation splits (docs/demo.md, "Automatic split")
+    reserve: int = 2
+    window: int = 8
+    extend: float = 1.5
+
+    def __post_init__(self) -> None:
+        if self.drop <= 0:
+            raise ValueError(f"drop must be > 0, got {self.drop}")
+        if self.reserve < 0:
+            raise ValueError(f"reserve must be >= 0, got {self.reserve}")
+        if self.window < 1:
+            raise ValueError(f"window must be >= 1, got {self.window}")
+        if self.extend < 1:
+            raise ValueError(f"extend must be >= 1, got {self.extend}")
+
+    def allocate(self, totals: Tensor, valid: Tensor, scores: Optional[Tensor]) -> Allocation:
+        if scores is None:
+            return Allocation(total=totals, critical=torch.zeros_like(totals))
+        critical = relevance_gap_counts(scores, valid, totals, self.drop, self.reserve, self.window, self.extend)  # (B,)
         return Allocation(total=totals, critical=critical)
 
 

@@ -39,6 +39,7 @@ BUILTIN_STAGES = (
     budget.FixedSplit,
     budget.DynamicSplit,
     budget.AutoSplit,
+    budget.GapSplit,
     placement.PreLLM,
     placement.AtLayer,
     placement.Schedule,

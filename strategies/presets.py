@@ -28,6 +28,6 @@ def register_presets(registry: Registry) -> None:
         "ZSPAPrune with spatially uniform diversity tokens", paper=ZSPAPRUNE_PAPER)
     add("zspaprune_dynamic", "prompt_cosine(pool=mean)+critical+fps+dynamic+pre_llm",
         "ZSPAPrune with a per-sample critical/diversity split from the score distribution", paper=ZSPAPRUNE_PAPER)
-    add("zspaprune_auto", "prompt_cosine(pool=mean)+critical+fps+auto+pre_llm",
-        "ZSPAPrune whose critical share is chosen per image and prompt: relevance mass vs coverage",
+    add("zspaprune_auto", "prompt_cosine(pool=mean)+critical+fps+gap+pre_llm",
+        "ZSPAPrune whose critical share is chosen per image and prompt: the relevant set before the first relevance drop",
         paper=ZSPAPRUNE_PAPER)

@@ -6,11 +6,11 @@ Usage::
 
 Contract
 --------
-* For each task (``shapes`` on ``weights/``, ``clutter`` on ``weights_clutter/``) and budget it runs
+* For each task (``shapes`` on ``weights/``, ``clutter`` and ``crowd`` on ``weights_clutter/``) and budget it runs
   ``split_oracle.split_outcomes`` once (one pass per critical count) and the diversity-only recipe
   once, saving ``DIR/{task}_{budget}.npz``; a rerun reuses saved files.
-* ``split_rows(outcomes, allocators)``: the accuracy and 95% normal half-interval of every fixed
-  split, ``dynamic`` and ``auto``, evaluated exactly as ``correct[row, c(row)]`` with ``c`` from the
+* ``split_rows(correct, scores, budget)``: the accuracy and 95% normal half-interval of every fixed
+  split, ``dynamic``, the ``auto`` stage's mass rule and ``zspaprune_auto``'s allocator (row ``auto``), evaluated exactly as ``correct[row, c(row)]`` with ``c`` from the
   allocators' own ``allocate`` on the recorded scores (a row's selection depends on its signals and
   ``c`` only), plus the chosen ``auto`` counts.
 * Prints one markdown table per task and the distribution of ``auto``'s critical counts.
@@ -26,13 +26,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from vtprune.framework import compose
 from vtprune.strategies.budget import AutoSplit, DynamicSplit, FixedSplit
 
-__all__ = ["BUDGETS", "RATIOS", "TASK_WEIGHTS", "interval", "main", "split_rows"]
+__all__ = ["BUDGETS", "RATIOS", "TASK_WEIGHTS", "auto_allocator", "interval", "main", "split_rows"]
 
 BUDGETS: tuple[int, ...] = (4, 6, 12)
 RATIOS: tuple[float, ...] = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
-TASK_WEIGHTS: dict[str, str] = {"shapes": "weights", "clutter": "weights_clutter"}
+TASK_WEIGHTS: dict[str, str] = {"shapes": "weights", "clutter": "weights_clutter", "crowd": "weights_clutter"}
 Z95 = 1.959963984540054  # two-sided 95% normal quantile
 
 
@@ -48,11 +49,22 @@ def _counts(allocator: Any, scores: np.ndarray, budget: int) -> np.ndarray:
     return allocator.allocate(totals, torch.ones_like(s, dtype=torch.bool), s).critical.numpy()
 
 
-def split_rows(correct: np.ndarray, scores: np.ndarray, budget: int, auto: AutoSplit) -> tuple[dict, np.ndarray]:
-    """({name: (accuracy, half width)}, auto's critical counts) for one (task, budget) oracle."""
+def auto_allocator() -> Any:
+    """The allocator stage of the ``zspaprune_auto`` preset (``gap`` with its defaults)."""
+    return compose("zspaprune_auto").budget
+
+
+def split_rows(correct: np.ndarray, scores: np.ndarray, budget: int, auto: Any = None) -> tuple[dict, np.ndarray]:
+    """({name: (accuracy, half width)}, auto's critical counts) for one (task, budget) oracle.
+
+    ``auto``: the allocator of the ``auto`` row (default: ``zspaprune_auto``'s); the ``mass rule`` row is the
+    ``auto`` allocator stage with its defaults (the first rule of issue 18, kept for comparison).
+    """
+    auto = auto_allocator() if auto is None else auto
     rows = np.arange(len(correct))
     out = {f"critical {r}": interval(correct[rows, _counts(FixedSplit(critical=r), scores, budget)]) for r in RATIOS}
     out["dynamic"] = interval(correct[rows, _counts(DynamicSplit(), scores, budget)])
+    out["mass rule (auto stage)"] = interval(correct[rows, _counts(AutoSplit(), scores, budget)])
     chosen = _counts(auto, scores, budget)
     out["auto"] = interval(correct[rows, chosen])
     return out, chosen
@@ -63,11 +75,11 @@ def _oracle(task: str, split: str, n: int, budget: int, out: Path) -> dict[str, 
     if path.exists():
         return dict(np.load(path))
     from . import WEIGHTS_DIR, load_organism
-    from .clutter_train import task_split
     from .split_oracle import chosen_critical_counts, split_outcomes
+    from .vqa_task import organism_split
 
     model, processor = load_organism(path=WEIGHTS_DIR.parent / TASK_WEIGHTS[task])
-    samples = task_split(task, split, n)
+    samples = organism_split(task, split, n)
     res = split_outcomes(model, processor, samples, budget)
     _, diversity = chosen_critical_counts(model, processor, samples, budget, recipe="relevance.none+fps")
     data = {"correct": res.correct, "scores": res.scores, "diversity_only": diversity}
@@ -82,12 +94,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n", type=int, default=500)
     ap.add_argument("--out", required=True, help="folder for the per-(task, budget) oracles")
     ap.add_argument("--budgets", type=int, nargs="+", default=list(BUDGETS))
+    ap.add_argument("--tasks", nargs="+", default=list(TASK_WEIGHTS), choices=list(TASK_WEIGHTS))
     a = ap.parse_args(argv)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(1)
-    auto = AutoSplit()
-    for task in TASK_WEIGHTS:
+    auto = auto_allocator()
+    for task in a.tasks:
         table: dict[int, dict] = {}
         for budget in a.budgets:
             data = _oracle(task, a.split, a.n, budget, out)

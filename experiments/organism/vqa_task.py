@@ -16,20 +16,30 @@ from typing import Iterator, Optional, Sequence
 from vtprune.experiments.samples import Sample, exact_match
 
 from .clutter import CLUTTER_TEMPLATES, make_clutter_split
+from .crowd import CROWD_TEMPLATES, make_crowd_split
 from .task import TEMPLATES, make_split
 from .video_task import VIDEO_TEMPLATES, make_video_split
 
-__all__ = ["ORGANISM_SCENES", "OrganismTask"]
+__all__ = ["ORGANISM_SCENES", "OrganismTask", "organism_split"]
 
 #: the organism's tasks, each with its split maker and question templates: ``shapes`` (1-4 outlined shapes, task.py),
-#: ``clutter`` (one target among 12-20 small distractors, clutter.py) and ``video`` (2-3 shapes, one moving,
+#: ``clutter`` (one target among 12-20 small distractors, clutter.py), ``crowd`` (4-8 identical targets among
+#: distractors, crowd.py) and ``video`` (2-3 shapes, one moving,
 #: video_task.py; the video organism)
 _SCENES = {
     "shapes": (make_split, TEMPLATES),
     "clutter": (make_clutter_split, CLUTTER_TEMPLATES),
+    "crowd": (make_crowd_split, CROWD_TEMPLATES),
     "video": (make_video_split, VIDEO_TEMPLATES),
 }
 ORGANISM_SCENES: tuple[str, ...] = tuple(_SCENES)
+
+
+def organism_split(scenes: str, split: str, n: int, start: int = 0) -> list:
+    """The task's own samples (``task.Sample`` / ``video_task.VideoSample``): ``n`` from scene ``start`` of ``split``."""
+    if scenes not in ORGANISM_SCENES:
+        raise ValueError(f"unknown organism scenes {scenes!r}; expected one of {list(ORGANISM_SCENES)}")
+    return _SCENES[scenes][0](split, n, start)
 
 
 class OrganismTask:
@@ -38,10 +48,10 @@ class OrganismTask:
     Args:
         split: "train", "validation" or "test".
         n: number of questions (templates cycle evenly: colour, shape, exists, count; clutter: shape,
-            colour, exists; video: moving_color, moving_shape, is_moving, count).
+            colour, exists; crowd: shape; video: moving_color, moving_shape, is_moving, count).
         start: index of the first scene.
-        scenes: ``"shapes"`` (the original task), ``"clutter"`` (docs/demo.md, the clutter task) or ``"video"``
-            (docs/demo.md, the video task).
+        scenes: ``"shapes"`` (the original task), ``"clutter"`` (docs/demo.md, the clutter task), ``"crowd"``
+            (docs/demo.md, the crowd task) or ``"video"`` (docs/demo.md, the video task).
     """
 
     metric = "exact_match"

@@ -3,7 +3,7 @@
 Scenes are checked against their contract (one object per patch, the target unique in the asked
 attribute, hard "no" negatives absent from the scene, determinism, split disjointness); training
 batches mix clutter and shapes scenes; ``--task clutter`` has its own defaults while the default
-command still reproduces the shipped weights; ``experiments/configs/auto_split.yaml`` plans (50 cells)
+command still reproduces the shipped weights; ``experiments/configs/auto_split.yaml`` plans (93 cells)
 and ``vtprune demo --task clutter`` points the demo grid at the clutter task and its weights.
 """
 
@@ -129,8 +129,9 @@ def test_auto_split_config_plans(capsys) -> None:
 
     assert main(["plan", str(CONFIG_DIR / "auto_split.yaml")]) == 0
     out = capsys.readouterr().out
-    assert "56 cells (2 unpruned baselines)" in out
-    assert out.count("weights_clutter task.options.scenes=clutter") == 27 and "scenes=shapes budget=12 method.recipe=zspaprune_auto" in out
+    assert "93 cells (3 unpruned baselines)" in out  # 10 methods x 3 budgets x 3 tasks + 3 unpruned
+    assert out.count("weights_clutter task.options.scenes=clutter") == 30 and "scenes=shapes budget=12 method.recipe=zspaprune_auto" in out
+    assert out.count("weights_clutter task.options.scenes=crowd") == 30 and "weights task.options.scenes=crowd" not in out
 
 
 def test_demo_task_option() -> None:
@@ -143,6 +144,8 @@ def test_demo_task_option() -> None:
     cell = spec.cells[-1].config
     assert cell["task"]["options"]["scenes"] == "clutter" and cell["model"]["name"].endswith("weights_clutter")
     assert str(spec.output_dir).endswith("demo_clutter")
+    crowd = load_grid(demo_grid_path(), list(DEMO_TASKS["crowd"]) + ["grid.budget=[0.1]"]).cells[-1].config
+    assert crowd["task"]["options"]["scenes"] == "crowd" and crowd["model"]["name"].endswith("weights_clutter")
 
 
 def test_organism_task_scenes_option() -> None:

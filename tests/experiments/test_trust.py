@@ -490,6 +490,21 @@ def test_report_prints_method_by_budget_in_grid_order(tmp_path, capsys) -> None:
     assert report.startswith("# vtprune report: t\n") and "## All metrics" in report
 
 
+def test_report_tells_tasks_apart_by_the_options_that_vary() -> None:
+    """A grid over a task option (auto_split.yaml: ``task.options.scenes``) gets one table per value, also when two
+    tasks share a model; an option every cell has alike stays out of the label."""
+    from vtprune.experiments.report import _task_labels
+
+    def cfg(scenes: str, n: int = 500) -> dict:
+        return {"task": {"name": "organism", "options": {"split": "test", "n": n, "scenes": scenes}}}
+
+    assert _task_labels([cfg("clutter"), cfg("crowd"), cfg("clutter")]) == [
+        "organism (scenes=clutter)", "organism (scenes=crowd)", "organism (scenes=clutter)"]
+    assert _task_labels([cfg("clutter"), cfg("clutter")]) == ["organism", "organism"]
+    assert _task_labels([cfg("shapes", 10), cfg("crowd", 20), {"task": {"name": "synthetic"}}]) == [
+        "organism (n=10, scenes=shapes)", "organism (n=20, scenes=crowd)", "synthetic"]
+
+
 def test_overlays_show_every_method_at_one_budget(tmp_path, registry, monkeypatch) -> None:
     from vtprune.experiments import plots
 

@@ -1,10 +1,10 @@
-"""The ``auto`` allocator (preset ``zspaprune_auto``): relevance mass vs coverage, per row.
+"""The ``auto`` allocator (the first rule of issue 18; ``zspaprune_auto`` now uses ``gap``): relevance mass vs coverage.
 
 The functional rule is compared with a plain loop re-implementation of the objective it maximises
 (``sum of the top-c masses + trade * (K - c) / K`` over every c, the smallest best c), then the
 allocator's properties: counts within [0, total], a batch equals each row alone, padding is never
 counted and extra padding changes nothing, flat relevance spends everything on diversity, a peak is
-kept; and the preset meets the kit's contract (`vtprune.testing.check_preset`).
+kept; and a pipeline using it meets the kit's contract (`vtprune.testing.check_pipeline`).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from vtprune.framework import build_registry, compose
 from vtprune.strategies.budget import AutoSplit
 from vtprune.strategies.functional.auto_split import relevance_coverage_counts
-from vtprune.testing import check_preset, make_signals
+from vtprune.testing import check_pipeline, make_signals
 
 REGISTRY = build_registry(autoload=False)
 
@@ -122,9 +122,9 @@ def test_bad_parameters_are_named(bad: dict) -> None:
         AutoSplit(**bad)
 
 
-def test_preset_composes_and_meets_the_contract() -> None:
-    pipeline = compose("zspaprune_auto", registry=REGISTRY)
+def test_stage_composes_and_meets_the_contract() -> None:
+    pipeline = compose("zspaprune+auto", registry=REGISTRY)
     assert str(pipeline) == "prompt_cosine(pool=mean)+critical+fps+auto(temperature=0.2,trade=3.0)+pre_llm"
     sel = pipeline.select(make_signals([32, 32, 32], dim=16, seed=1), 6)
     assert sel.counts.tolist() == [6, 6, 6]
-    check_preset("zspaprune_auto", registry=REGISTRY)
+    check_pipeline(pipeline)

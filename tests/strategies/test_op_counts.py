@@ -37,7 +37,7 @@ PINNED = {
     "zspaprune_max": 284,
     "zspaprune_attn": 257,
     "zspaprune_dynamic": 495,
-    "zspaprune_auto": 490,  # issue 18; score-dependent split like dynamic, pinned on these fixed inputs
+    "zspaprune_auto": 502,  # issue 18; the gap split (topk of the window, falls, extension), pinned on these inputs
     "zspaprune_grid": 502,
     "zspaprune_kmeans": 95,
     "divprune": 239,
