@@ -50,7 +50,8 @@ _RESOLVE = {
     "fastvid": _half_up,
     "holitom": round,  # half to even, as the official round(length * ratio)
     "prunevid": _half_up,
-    "auto": _half_up,  # zspaprune_auto (issue 18): the default resolve; its split is score-dependent
+    "auto": _half_up,  # the mass rule (issue 18): the default resolve; its split is score-dependent
+    "gap": _half_up,  # zspaprune_auto (issue 18): the default resolve; its split is score-dependent
     "prumerge": _half_up,  # PruMerge: the default resolve gives the cap on its adaptive IQR count
 }
 
@@ -74,6 +75,8 @@ def _critical(stage, total: int) -> int:
     if name in ("fastvid", "holitom", "prunevid", "prumerge"):  # the method keeps its own count: nothing is critical
         return 0
     if name == "mustdrop_split":  # critical = tokens scoring >= PASS_TIER: none with the all-zero scores used here
+        return 0
+    if name == "gap":  # zspaprune_auto: the all-zero scores used here have no relevance drop, so no relevant set
         return 0
     raise AssertionError(name)
 
