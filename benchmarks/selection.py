@@ -46,7 +46,7 @@ import json
 import platform
 import statistics
 import time
-from typing import Callable
+from typing import Callable, Optional
 
 import sys
 from pathlib import Path
@@ -112,6 +112,17 @@ def time_call(function: Callable[[], object], repeats: int, device: str = "cpu")
         samples.append(time.perf_counter() - start)
     return statistics.median(samples)
 
+
+
+def _tower_row(label: str, tower: dict, tokens: int, kept: int, batch: int, prefill: Optional[dict], detail: str) -> dict:
+    """The result row of an in-tower method's timing (and its share of the prefill when measured), printed."""
+    row = {"recipe": label, "N": tokens, "K": kept, "B": batch, **tower}
+    share = ""
+    if prefill is not None:
+        row.update(prefill_s=prefill["seconds"], fraction_of_prefill=tower["seconds"] / prefill["seconds"])
+        share = f"  {100 * tower['seconds'] / prefill['seconds']:6.2f}% of prefill"
+    print(f"N={tokens:>6} K={kept:>5} B={batch} {label:<24} {tower['seconds'] * 1e3:10.2f} ms{share}  ({detail})")
+    return row
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -195,26 +206,14 @@ def main() -> None:
                 print(f"N={tokens:>6} K={kept:>5} B={batch} {recipe:<24} {seconds * 1e3:10.2f} ms{share}{extra}")
                 if recipe == "tome":  # what the preset really runs: the per-layer matching + merging inside the tower
                     tower = tower_tome_seconds(tokens, batch, kept, args.repeats, args.device)
-                    tower_row = {"recipe": "tome in tower", "N": tokens, "K": kept, "B": batch, **tower}
-                    share = ""
-                    if prefill is not None:
-                        tower_row.update(prefill_s=prefill["seconds"], fraction_of_prefill=tower["seconds"] / prefill["seconds"])
-                        share = f"  {100 * tower['seconds'] / prefill['seconds']:6.2f}% of prefill"
-                    rows.append(tower_row)
-                    print(f"N={tokens:>6} K={kept:>5} B={batch} {'tome in tower':<24} {tower['seconds'] * 1e3:10.2f} ms{share}"
-                          f"  ({tower['crops']} x {tower['tokens']} tokens per image, {tower['layers']} merging layers, "
-                          f"r per layer {tower['schedule'][0]}..{tower['schedule'][-1]})")
+                    rows.append(_tower_row("tome in tower", tower, tokens, kept, batch, prefill,
+                                           f"{tower['crops']} x {tower['tokens']} tokens per image, {tower['layers']} "
+                                           f"merging layers, r per layer {tower['schedule'][0]}..{tower['schedule'][-1]}"))
                 if recipe == "flowcut" and tokens == clip_patches():  # FlowCut's in-tower work (LLaVA-1.5: one crop)
                     tower = tower_flowcut_seconds(tokens, batch, kept, args.repeats, args.device)
-                    tower_row = {"recipe": "flowcut in tower", "N": tokens, "K": kept, "B": batch, **tower}
-                    share = ""
-                    if prefill is not None:
-                        tower_row.update(prefill_s=prefill["seconds"], fraction_of_prefill=tower["seconds"] / prefill["seconds"])
-                        share = f"  {100 * tower['seconds'] / prefill['seconds']:6.2f}% of prefill"
-                    rows.append(tower_row)
-                    print(f"N={tokens:>6} K={kept:>5} B={batch} {'flowcut in tower':<24} {tower['seconds'] * 1e3:10.2f} ms{share}"
-                          f"  ({tower['tokens']} tokens per image, {tower['layers']} scoring layers, patches kept per "
-                          f"pruning layer {tower['kept_per_step']})")
+                    rows.append(_tower_row("flowcut in tower", tower, tokens, kept, batch, prefill,
+                                           f"{tower['tokens']} tokens per image, {tower['layers']} scoring layers, "
+                                           f"patches kept per pruning layer {tower['kept_per_step']}"))
                 if recipe == "fastv":  # the framework's overhead around FastV's own three ops
                     attention = signals.attention
                     bare = time_call(lambda: attention.mean(dim=1).topk(kept, dim=-1).indices.sort(dim=-1), args.repeats, args.device)

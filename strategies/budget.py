@@ -12,7 +12,7 @@ from vtprune.framework.budget import scaled_counts
 from vtprune.framework.signals import Signals
 from vtprune.framework.stages import Allocation, BudgetAllocator
 
-from .functional.auto_split import relevance_coverage_counts, relevance_gap_counts
+from .functional.auto_split import check_gap_parameters, relevance_coverage_counts, relevance_gap_counts
 
 __all__ = [
     "AllCriticalBudget", "AutoSplit", "FixedSplit", "DynamicSplit", "GapSplit", "OwnCountAllocator", "critical_mass_counts",
@@ -101,7 +101,21 @@ class AllCriticalBudget(BudgetAllocator):
 
 
 @dataclass(frozen=True, eq=False)
-class AutoSplit(BudgetAllocator):
+class _ScoreRuleSplit(BudgetAllocator):
+    """A per-row split computed from the relevance scores by ``critical_counts``; without scores everything goes to
+    diversity."""
+
+    def critical_counts(self, scores: Tensor, valid: Tensor, totals: Tensor) -> Tensor:  # (B,) long
+        raise NotImplementedError
+
+    def allocate(self, totals: Tensor, valid: Tensor, scores: Optional[Tensor]) -> Allocation:
+        if scores is None:
+            return Allocation(total=totals, critical=torch.zeros_like(totals))
+        return Allocation(total=totals, critical=self.critical_counts(scores, valid, totals))
+
+
+@dataclass(frozen=True, eq=False)
+class AutoSplit(_ScoreRuleSplit):
     """Per-row split trading relevance mass against coverage (``functional.auto_split``).
 
     critical = #{top tokens whose mass in softmax(scores / temperature) exceeds trade / total}:
@@ -124,15 +138,12 @@ class AutoSplit(BudgetAllocator):
         if self.trade < 0:
             raise ValueError(f"trade must be >= 0, got {self.trade}")
 
-    def allocate(self, totals: Tensor, valid: Tensor, scores: Optional[Tensor]) -> Allocation:
-        if scores is None:
-            return Allocation(total=totals, critical=torch.zeros_like(totals))
-        critical = relevance_coverage_counts(scores, valid, totals, self.temperature, self.trade)  # (B,)
-        return Allocation(total=totals, critical=critical)
+    def critical_counts(self, scores: Tensor, valid: Tensor, totals: Tensor) -> Tensor:
+        return relevance_coverage_counts(scores, valid, totals, self.temperature, self.trade)  # (B,)
 
 
 @dataclass(frozen=True, eq=False)
-class GapSplit(BudgetAllocator):
+class GapSplit(_ScoreRuleSplit):
     """Per-row split keeping the prompt's relevant set (``functional.relevance_gap_counts``; ``zspaprune_auto``).
 
     k = the number of top tokens before the first fall of at least ``drop`` in the sorted relevance (looked for
@@ -154,20 +165,10 @@ class GapSplit(BudgetAllocator):
     extend: float = 1.5
 
     def __post_init__(self) -> None:
-        if self.drop <= 0:
-            raise ValueError(f"drop must be > 0, got {self.drop}")
-        if self.reserve < 0:
-            raise ValueError(f"reserve must be >= 0, got {self.reserve}")
-        if self.window < 1:
-            raise ValueError(f"window must be >= 1, got {self.window}")
-        if self.extend < 1:
-            raise ValueError(f"extend must be >= 1, got {self.extend}")
+        check_gap_parameters(self.drop, self.reserve, self.window, self.extend)
 
-    def allocate(self, totals: Tensor, valid: Tensor, scores: Optional[Tensor]) -> Allocation:
-        if scores is None:
-            return Allocation(total=totals, critical=torch.zeros_like(totals))
-        critical = relevance_gap_counts(scores, valid, totals, self.drop, self.reserve, self.window, self.extend)  # (B,)
-        return Allocation(total=totals, critical=critical)
+    def critical_counts(self, scores: Tensor, valid: Tensor, totals: Tensor) -> Tensor:
+        return relevance_gap_counts(scores, valid, totals, self.drop, self.reserve, self.window, self.extend)  # (B,)
 
 
 class OwnCountAllocator(BudgetAllocator):

@@ -39,7 +39,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["relevance_coverage_counts", "relevance_gap_counts", "relevance_mass"]
+__all__ = ["check_gap_parameters", "relevance_coverage_counts", "relevance_gap_counts", "relevance_mass"]
 
 
 def relevance_mass(scores: Tensor, valid: Tensor, temperature: float) -> Tensor:
@@ -72,6 +72,18 @@ def relevance_coverage_counts(
     return torch.minimum(passing, totals.clamp(min=0))  # (B,)
 
 
+def check_gap_parameters(drop: float, reserve: int, window: int, extend: float) -> None:
+    """Raise a ValueError naming the first of the gap rule's parameters out of range."""
+    if drop <= 0:
+        raise ValueError(f"drop must be > 0, got {drop}")
+    if reserve < 0:
+        raise ValueError(f"reserve must be >= 0, got {reserve}")
+    if window < 1:
+        raise ValueError(f"window must be >= 1, got {window}")
+    if extend < 1:
+        raise ValueError(f"extend must be >= 1, got {extend}")
+
+
 def relevance_gap_counts(
     scores: Tensor, valid: Tensor, totals: Tensor, drop: float, reserve: int, window: int, extend: float = 1.0
 ) -> Tensor:
@@ -87,14 +99,7 @@ def relevance_gap_counts(
     after a padding token is not a drop, so a row whose real tokens all lie within ``window`` and show no
     drop gets 0.
     """
-    if drop <= 0:
-        raise ValueError(f"drop must be > 0, got {drop}")
-    if reserve < 0:
-        raise ValueError(f"reserve must be >= 0, got {reserve}")
-    if window < 1:
-        raise ValueError(f"window must be >= 1, got {window}")
-    if extend < 1:
-        raise ValueError(f"extend must be >= 1, got {extend}")
+    check_gap_parameters(drop, reserve, window, extend)
     width = min(window + 1, scores.shape[1])
     if width < 2:  # one token: no fall to look for
         return torch.zeros(scores.shape[0], dtype=torch.long, device=scores.device)
