@@ -13,7 +13,9 @@ scoring with that layer's own attention: the layer's output is what gets cut, so
   order;
 * each row keeps its own count, so rows may be ragged between pruning layers: the padded batch then runs the next
   layers with an additive attention mask that hides the padding (a forward pre-hook on the layer), and the layer
-  before the feature layer leaves every row exactly at the target (no padding reaches the feature layer).
+  before the feature layer leaves every row exactly at the target (no padding reaches the feature layer); with
+  ``relevance.flowcut(count=batch)`` every row prunes the batch's shared count instead (official ``r.max(0)``), so
+  rows stay equal-length and no padding arises.
 
 The target counts the CLS token (official ``target``): budget ``k`` (visual tokens handed to the LLM, CLS removed by
 the select strategy) is ``target = k + 1``. A budget covering every patch changes nothing (no layer's output holds
@@ -74,9 +76,11 @@ class TowerFlowCut:
         adapter: the adapter description instance (``tower``, ``vision_entry``, ``projector``, ``config``,
             ``tower_layout`` must be ``"first"``).
         keep_of: returns the patches to keep of an image with ``n`` patches (the resolved budget).
+        shared: every image of a tower batch prunes the batch's count (stage parameter ``count='batch'``, the
+            official ``r.max(0)``); False: each image its own count.
     """
 
-    def __init__(self, adapter: Any, keep_of: Callable[[int], int]):
+    def __init__(self, adapter: Any, keep_of: Callable[[int], int], shared: bool = False):
         tower = adapter.tower
         if getattr(getattr(tower, "embeddings", None), "class_embedding", None) is None:
             raise ValueError(f"{type(tower).__name__} has no CLS token: FlowCut needs a CLIP-style tower")
@@ -100,6 +104,7 @@ class TowerFlowCut:
                 f"{len(self.layers)}-layer tower reads no layer's output"
             )
         self.keep_of = keep_of
+        self.shared = shared
         self.layout = layout
         side = adapter.patch_side()
         self.patches = side * side
@@ -180,7 +185,7 @@ class TowerFlowCut:
         p, run.projections = run.projections, {}  # used once: not kept alive past this layer
         out, run.running, run.positions, run.present, kept = flowcut_layer_step(
             hidden, p["q_proj"], p["k_proj"], p["v_proj"], attention.num_heads, attention.scale,
-            run.running, run.positions, run.present, remaining, run.target,
+            run.running, run.positions, run.present, remaining, run.target, self.shared,
         )  # (B, 1 + k, D)
         if kept is None:
             return None

@@ -264,7 +264,7 @@ def apply_tower_merge(plan: Any, drop: Any, layer: int, budgets: list, state: Dr
 def tower_merge_for(adapter: Any, pipeline: Any, drops: Any, budget_of: Callable[[], Any]) -> Optional[Any]:
     """The tower hooks of a pipeline whose placement drops at ``vision_layers`` (None otherwise): FlowCut's
     (`adapters.tower_flowcut.TowerFlowCut`) when the relevance stage is ``flowcut`` (diversity ``none``, placement
-    ``r = 0``), else ToMe's `TowerMerge`, whose merge rule needs diversity ``tome_merge``. The budget (one for every
+    ``r = 0``; its ``count`` picks each image's own prune count or the batch's shared one), else ToMe's `TowerMerge`, whose merge rule needs diversity ``tome_merge``. The budget (one for every
     image of a forward: the tower runs its images as one batch) resolves to the patches kept per image."""
     if not any(d.where == "vision_layers" for d in drops):
         return None
@@ -297,5 +297,5 @@ def tower_merge_for(adapter: Any, pipeline: Any, drops: Any, budget_of: Callable
         return int(allocator.resolve(budget, torch.tensor([patches]))[0])
 
     if relevance == "flowcut":
-        return TowerFlowCut(adapter, keep_of)
+        return TowerFlowCut(adapter, keep_of, shared=pipeline.relevance.count == "batch")
     return TowerMerge(adapter, int(getattr(pipeline.placement, "r", 0)), keep_of)

@@ -17,9 +17,11 @@ Official code: github.com/TungChintao/FlowCut @ a2ecd247cb3c605773ec317a0c246425
   the normalised CLS attention over the ``N`` present patches, rounded (``torch.round``: half to even); at
   ``rpl == 0`` every patch is asked to go, so that layer leaves exactly ``target`` tokens.
 
-Here each row keeps its own count (the official ``r.max(0)`` shares the largest count of the batch: see
-docs/methods.md, "FlowCut"), rows may therefore be ragged between pruning layers: ``valid`` marks the present
-patches, padding is never scored, counted or kept. Scores are computed in float32.
+By default each row keeps its own count, so rows may be ragged between pruning layers: ``valid`` marks the present
+patches, padding is never scored, counted or kept. With ``shared=True`` (stage parameter ``count='batch'``) every row
+prunes the official batch count instead (``r.max(0)``: the largest unrounded count of the rows above the target,
+then rounded), so rows stay equal-length as officially and a row's result depends on its batch-mates (see
+docs/methods.md, "FlowCut"). Scores are computed in float32.
 """
 
 from __future__ import annotations
@@ -102,13 +104,20 @@ def flowcut_accumulate(running: Optional[Tensor], scores: Tensor) -> Tensor:
     return 0.5 * running + 0.5 * scores
 
 
-def flowcut_prune_counts(relation: Tensor, valid: Tensor, remaining: int, keep_patches: int) -> Tensor:
+def flowcut_prune_counts(
+    relation: Tensor, valid: Tensor, remaining: int, keep_patches: int, shared: bool = False
+) -> Tensor:
     """(B,) long: patches each row asks to prune at a layer with ``rpl == remaining`` (official
-    ``adaptive_prune_ratio``, per row): ``round((n - keep_patches) / sqrt(remaining) * (1 - (H / log n) ** 2))`` with
-    ``n`` the row's present patches and ``H`` the entropy of its normalised CLS attention ``relation`` (B, n) over
-    them; every present patch at ``remaining == 0``. ``keep_patches`` is the target without the CLS token. A row
-    already at the target asks 0 (officially a lone image at the target is not scored at all; in a ragged batch its
-    batch-mates may still be above it)."""
+    ``adaptive_prune_ratio``): ``round((n - keep_patches) / sqrt(remaining) * (1 - (H / log n) ** 2))`` with ``n`` the
+    row's present patches and ``H`` the entropy of its normalised CLS attention ``relation`` (B, n) over them; every
+    present patch at ``remaining == 0``. ``keep_patches`` is the target without the CLS token. A row already at the
+    target asks 0 (officially a lone image at the target is not scored at all; in a ragged batch its batch-mates may
+    still be above it).
+
+    ``shared=False``: each row's own count. ``shared=True``: the official batch count, every row above the target
+    asks the largest unrounded count of those rows, rounded once (``r.max(0)`` then ``round``), so a row's count
+    depends on its batch-mates (officially every row holds the same ``n``; a ragged batch is not an official case).
+    """
     n = valid.sum(dim=1)  # (B,)
     if remaining == 0:
         return n
@@ -119,6 +128,9 @@ def flowcut_prune_counts(relation: Tensor, valid: Tensor, remaining: int, keep_p
     ratio = entropy / n.clamp(min=2).float().log()  # (B,): n >= 2 wherever a row is above a target of >= 1 patch
     spread = ((n - keep_patches).double() / math.sqrt(remaining)).float()  # (B,): the official Python-float quotient
     asked = spread * (1 - ratio**2)  # (B,)
+    if shared:  # the official r.max(0), before rounding, over the rows still above the target
+        peak = asked.masked_fill(~above, float("-inf")).amax(dim=0, keepdim=True)  # (1,)
+        asked = torch.where(above, peak.expand_as(asked), asked)  # (B,)
     return torch.where(above, asked.round().long(), torch.zeros_like(n))
 
 
@@ -155,6 +167,7 @@ def flowcut_layer_step(
     present: Optional[Tensor],
     remaining: int,
     target: int,
+    shared: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Optional[Tensor], Optional[Tensor]]:
     """FlowCut at the end of one encoder layer whose output ``hidden`` (B, t, D) holds more than ``target`` tokens
     (CLS counted): score the patches from the layer's projections (B, t, D) each, blend the running score and, when
@@ -163,6 +176,8 @@ def flowcut_layer_step(
     Args:
         running: (B, n) running score or None (first scoring layer); positions: (B, n) long original patch index of
             every current slot; present: (B, t) bool real tokens (CLS first) or None when no row is padded.
+        shared: every row prunes the batch's count (`flowcut_prune_counts`; the official ``r.max(0)``): rows stay
+            equal-length, no padding arises.
 
     Returns:
         ``(hidden, running, positions, present, kept)``: the layer's output (B, 1 + k, D) after pruning (CLS first,
@@ -175,7 +190,7 @@ def flowcut_layer_step(
     running = flowcut_accumulate(running, flowcut_scores(relation, semantic, value))  # (B, n)
     if not flowcut_prunes_at(remaining):
         return hidden, running, positions, present, None
-    prune = flowcut_prune_counts(relation, valid, remaining, target - 1)  # (B,)
+    prune = flowcut_prune_counts(relation, valid, remaining, target - 1, shared)  # (B,)
     index, kept = flowcut_keep(running, valid, prune, target - 1)  # (B, k)
     rows = torch.arange(batch, device=hidden.device)[:, None]  # (B, 1)
     present = None if bool(kept.all()) else torch.cat([kept.new_ones(batch, 1), kept], dim=1)  # (B, 1 + k)

@@ -1,6 +1,7 @@
 """FlowCut inside the CLIP tower (preset ``flowcut``: ``relevance.flowcut`` at placement ``vision_layers``) on a tiny
 LLaVA with a 9-layer tower, against the official encoder loop re-told in tests/helpers/flowcut_reference.py (one image
-at a time: the official count is shared by the batch, ours is per image): the same patches kept at every pruning
+at a time: the official count is shared by the batch, ours is per image by default; with
+``relevance.flowcut(count=batch)`` against the reference's batched run): the same patches kept at every pruning
 layer, the same feature-layer states, then the LLM fed the kept patches in the image's first placeholder slots."""
 
 from __future__ import annotations
@@ -106,6 +107,77 @@ def test_official_batch_count_differs_from_per_image_counts():
         own = [reference_flowcut(model.model.vision_tower, image[None], 10)[2] for image in pixels]
     assert shared != own[0] or shared != own[1] or shared != own[2]
     assert all(s <= min(o[i] for o in own) for i, s in enumerate(shared))  # the batch prunes by its largest count
+
+
+BATCH_COUNT = "flowcut+relevance.flowcut(count=batch)"
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("images_per_sample", [(1,), (1, 1), (1, 2)], ids=["B1", "B2", "B3"])
+def test_batch_count_keeps_the_official_batched_patches(images_per_sample, attn):
+    """``count='batch'``: every image of the tower batch prunes the batch's count (official ``r.max(0)``), against
+    the reference's batched run of the official loop: the same patches and counts at every pruning layer (rows
+    equal-length), the same projected features, logits and ``generate``; the shared count is not any image's own."""
+    model = tiny_llava_flowcut_tower(attn)
+    inputs = llava_inputs(model, images_per_sample, seed=7)
+    pixels = inputs["pixel_values"]
+    images = pixels.shape[0]
+    with framework.prune(model, BATCH_COUNT, budget=10, registry=REGISTRY) as handle, torch.no_grad():
+        pruned = model(**inputs, position_ids=generation_positions(inputs["attention_mask"])).logits
+        record = handle.last_selection.drops[0]
+        generated = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+        run = handle._attachment.tower_merge.take()
+        image_features = torch.stack(list(model.model.get_image_features(pixels).pooler_output))  # (images, 64, D)
+    projected, kept = reference_projected(model, pixels, 10, batched=True)
+    with torch.no_grad():
+        _, _, shared = reference_flowcut(model.model.vision_tower, pixels, 10)
+        own = [reference_flowcut(model.model.vision_tower, image[None], 10)[2] for image in pixels]
+    assert run.present is None  # no padding ever arose
+    assert [step.tolist() for step in run.kept] == [[left - 1] * images for left in shared]  # CLS counted there
+    assert shared[0] < 64 and shared[-1] == 11  # the adaptive layers pruned; the last one reached the target
+    assert images == 1 or any(o != shared for o in own)  # the batch's count is not every image's own
+    for image in range(images):
+        assert torch.equal(_kept_patches(record)[image], kept[image])
+    torch.testing.assert_close(image_features[:, :10], projected, atol=1e-5, rtol=1e-5)
+    assert not bool(image_features[:, 10:].any())
+    check_first_slots_reference(model, inputs, projected, pruned, generated, steps=4)
+
+
+def test_batch_count_of_one_image_is_the_per_image_count():
+    model = tiny_llava_flowcut_tower("sdpa")
+    inputs = llava_inputs(model, (1,), seed=7)
+    results = []
+    for recipe in ("flowcut", BATCH_COUNT):
+        with framework.prune(model, recipe, budget=10, registry=REGISTRY) as handle, torch.no_grad():
+            logits = model(**inputs).logits
+            steps = [step.tolist() for step in handle._attachment.tower_merge.take().kept]
+            results.append((logits, _kept_patches(handle.last_selection.drops[0])[0], steps))
+    (image_logits, image_kept, image_steps), (batch_logits, batch_kept, batch_steps) = results
+    assert torch.equal(batch_logits, image_logits)
+    assert torch.equal(batch_kept, image_kept) and batch_steps == image_steps
+    assert image_steps[0][0] < 64  # the adaptive count acted
+
+
+def test_batch_count_makes_an_image_depend_on_its_batch_mates():
+    """By design (docs/methods.md, "FlowCut"): with ``count='batch'`` a batch is not its samples alone."""
+    model = tiny_llava_flowcut_tower("sdpa")
+    inputs = llava_inputs(model, (1, 2), (5, 3), seed=7)
+    with framework.prune(model, BATCH_COUNT, budget=10, registry=REGISTRY) as handle, torch.no_grad():
+        model(**inputs)
+        batch_kept = _kept_patches(handle.last_selection.drops[0])
+        alone_kept = []
+        for b, (first, count) in enumerate([(0, 1), (1, 2)]):
+            model(**sample_alone(inputs, b, first, count))
+            alone_kept.extend(_kept_patches(handle.last_selection.drops[0]))
+    assert any(not torch.equal(batch_kept[i], alone_kept[i]) for i in range(3))
+
+
+def test_a_bad_count_names_the_choices():
+    model = tiny_llava_flowcut_tower("sdpa")
+    with pytest.raises(VtpruneError, match="parameter 'count' must be one of 'image' \\| 'batch', got 'batches'"):
+        framework.prune(model, "flowcut+relevance.flowcut(count=batches)", budget=4, registry=REGISTRY)
+    assert framework.compose(BATCH_COUNT, registry=REGISTRY).relevance.count == "batch"
+    assert framework.compose("flowcut", registry=REGISTRY).relevance.count == "image"  # the preset is unchanged
 
 
 def test_flowcut_needs_its_own_schedule_a_clip_tower_and_layers_before_the_feature():

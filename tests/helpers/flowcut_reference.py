@@ -17,8 +17,10 @@ The operations follow the official order; everything is float32 here (the offici
 - :func:`tiny_llava_flowcut_tower`: a tiny LLaVA with a deeper CLIP tower whose attention is sharpened so that the
   entropy-adaptive layers do prune;
 - :func:`reference_flowcut`: the official loop: the feature layer's states, the kept patch indices, the count
-  kept at each pruning layer;
-- :func:`reference_projected`: the projector output the LLM receives per image (images one at a time);
+  kept at each pruning layer; given several images it is the official batched code (one ``r.max(0)`` per pruning
+  layer: every image prunes the batch's count), given one image the per-image count;
+- :func:`reference_projected`: the projector output the LLM receives per image (images one at a time, or with
+  ``batched`` all in one official batched run);
 - :func:`video_llava_image_inputs`: a left-padded batch of images (and optionally one video) for the tiny Video-LLaVA.
 """
 
@@ -166,11 +168,16 @@ def reference_flowcut(tower, pixel_values, budget: int, feature_layer: int = -2)
     return feature, keep_index, left
 
 
-def reference_projected(model, pixel_values, budget: int, tower=None):
-    """Per image (one at a time, so each has its own count): the (k, D) projector output of its kept patches and
-    its (k,) kept patch indices; stacked to (images, k, D) / (images, k). ``tower``: the CLIP tower (default
-    ``model.model.vision_tower``)."""
+def reference_projected(model, pixel_values, budget: int, tower=None, batched: bool = False):
+    """Per image: the (k, D) projector output of its kept patches and its (k,) kept patch indices; stacked to
+    (images, k, D) / (images, k). Images one at a time (each has its own count), or with ``batched`` all images in
+    one run of the official batched loop (the batch's shared count, ``r.max(0)``). ``tower``: the CLIP tower
+    (default ``model.model.vision_tower``)."""
     tower = model.model.vision_tower if tower is None else tower
+    if batched:
+        with torch.no_grad():
+            feature, index, _ = reference_flowcut(tower, pixel_values, budget)
+            return model.model.multi_modal_projector(feature[:, 1:]), index
     projected, kept = [], []
     with torch.no_grad():
         for image in pixel_values:

@@ -63,6 +63,30 @@ def test_prune_counts_are_the_official_count_of_each_row_alone(seed, remaining):
     assert flowcut_prune_counts(rows, valid, 0, 8).tolist() == lengths  # rpl 0: every present patch asked
 
 
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("remaining", [1, 2, 4, 20])
+@pytest.mark.parametrize("batch", [1, 2, 3])
+def test_shared_counts_are_the_official_batch_count(seed, remaining, batch):
+    """``shared=True`` on an equal-length batch: every row asks the official batched ``adaptive_prune_ratio``
+    (``r.max(0)`` before ``round``); one row: its own count."""
+    rows, valid = _peaked_rows([30] * batch, 30, seed)
+    shared = flowcut_prune_counts(rows, valid, remaining, keep_patches=8, shared=True)
+    assert shared.tolist() == [official_prune_count(rows, remaining, 8)] * batch
+    own = flowcut_prune_counts(rows, valid, remaining, keep_patches=8)
+    assert int(shared[0]) == int(own.max())  # round is monotone: the largest rounded count
+    assert flowcut_prune_counts(rows, valid, 0, 8, shared=True).tolist() == [30] * batch
+
+
+def test_the_shared_count_skips_rows_at_the_target():
+    """A ragged batch (not an official case: there ``shared`` rows never differ in length): the rows above the target
+    share the official count of their own batch; a row at the target takes no part in the max and asks 0."""
+    rows, valid = _peaked_rows([12, 12, 1], 12, seed=3)
+    own = flowcut_prune_counts(rows, valid, 2, keep_patches=1)
+    shared = flowcut_prune_counts(rows, valid, 2, keep_patches=1, shared=True)
+    assert shared.tolist() == [int(own[:2].max())] * 2 + [0]
+    assert shared[0] == official_prune_count(rows[:2, :12], 2, 1)
+
+
 def test_a_flat_cls_attention_prunes_nothing_and_a_peaked_one_prunes():
     valid = torch.ones(2, 40, dtype=torch.bool)
     flat = torch.full((1, 40), 1 / 40)
