@@ -22,6 +22,7 @@ from adapter_fixtures import (
     IMAGE_TOKEN_ID,
     llava_inputs,
     llava_next_inputs,
+    lm_inputs_recorder,
     masked_reference,
     record_hooks,
     removed_by_layer,
@@ -226,16 +227,6 @@ def _image_positions(inputs, b):
     return (inputs["input_ids"][b] == IMAGE_TOKEN_ID).nonzero().flatten()
 
 
-def _lm_inputs(model):
-    """A pre-hook recording the inputs_embeds the language model receives (returns the list and the handle)."""
-    seen = []
-
-    def hook(module, args, kwargs):
-        seen.append(kwargs.get("inputs_embeds"))
-
-    return seen, model.model.language_model.register_forward_pre_hook(hook, with_kwargs=True)
-
-
 @pytest.mark.parametrize("keep_cls", [True, False])
 def test_visionzip_llm_sees_cls_then_dominant_then_merged_contextual(models, keep_cls):
     from vtprune.strategies.functional import visionzip_select
@@ -246,7 +237,7 @@ def test_visionzip_llm_sees_cls_then_dominant_then_merged_contextual(models, kee
     with framework.prune(
         model, "visionzip", budget=budget, dominant=6, contextual=1, keep_cls=keep_cls, registry=REGISTRY
     ) as handle, torch.no_grad():
-        seen, hook = _lm_inputs(model)  # registered after the adapter's hooks: sees the compacted input
+        seen, hook = lm_inputs_recorder(model)  # registered after the adapter's hooks: sees the compacted input
         try:
             model(**inputs)
         finally:

@@ -16,6 +16,7 @@ from adapter_fixtures import (
     IMAGE_TOKEN_ID,
     generation_positions,
     llava_inputs,
+    lm_inputs_recorder,
     record_hooks,
     sample_alone,
     single_thread,
@@ -49,21 +50,12 @@ def _official(model, inputs, plus):
         return [official_prumerge(hidden[r : r + 1, 1:], cls_attn[r : r + 1], keys[r : r + 1], plus) for r in range(2)]
 
 
-def _lm_inputs(model):
-    seen = []
-
-    def hook(module, args, kwargs):
-        seen.append(kwargs.get("inputs_embeds"))
-
-    return seen, model.model.language_model.register_forward_pre_hook(hook, with_kwargs=True)
-
-
 @pytest.mark.parametrize("preset,plus", [("prumerge", False), ("prumerge_plus", True)])
 def test_llm_receives_the_official_merged_tokens(case, preset, plus):
     model, inputs = case
     n = 16
     with framework.prune(model, preset, budget=n - 1) as handle, torch.no_grad():  # a cap above the official count
-        seen, hook = _lm_inputs(model)
+        seen, hook = lm_inputs_recorder(model)
         try:
             model(**inputs)
         finally:
@@ -130,7 +122,7 @@ def test_official_order_gives_the_llm_the_official_sequence(case, plus):
     n = 16
     feed = {**inputs, "position_ids": generation_positions(inputs["attention_mask"])}
     with framework.prune(model, _official_order_recipe(plus), budget=n - 1, positions="compact") as handle, torch.no_grad():
-        seen, hook = _lm_inputs(model)
+        seen, hook = lm_inputs_recorder(model)
         try:
             logits = model(**feed).logits
         finally:

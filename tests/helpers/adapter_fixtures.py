@@ -415,6 +415,16 @@ def record_hooks(model) -> dict:
 # --------------------------------------------------------------------------------------------------------
 
 
+def lm_inputs_recorder(model):
+    """A pre-hook recording the inputs_embeds the language model receives: (the list it appends to, the handle)."""
+    seen = []
+
+    def hook(module, args, kwargs):
+        seen.append(kwargs.get("inputs_embeds"))
+
+    return seen, model.model.language_model.register_forward_pre_hook(hook, with_kwargs=True)
+
+
 def removed_by_layer(result, batch: int, length: int, num_layers: int) -> list[torch.Tensor]:
     """(B, L) bool per decoder layer: original positions a pruned forward has removed before that layer,
     computed from ``handle.last_selection`` (a `PruneResult`)."""
