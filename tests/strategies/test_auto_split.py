@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from vtprune.framework import build_registry, compose
-from vtprune.strategies.budget import AutoSplit
+from vtprune.strategies.budget import AutoSplit, GapSplit
 from vtprune.strategies.functional.auto_split import relevance_coverage_counts
 from vtprune.testing import check_pipeline, make_signals
 
@@ -71,22 +71,25 @@ def _ties(scores: torch.Tensor, valid: torch.Tensor, total: int, temperature: fl
     return int(torch.isclose(mass, torch.tensor(trade / total), rtol=1e-5, atol=1e-9)[valid].sum())
 
 
+@pytest.mark.parametrize("alloc", [AutoSplit(), GapSplit(drop=0.1)], ids=["auto", "gap"])
 @settings(max_examples=40, deadline=None)
 @given(b=st.integers(1, 5), n=st.integers(2, 20), pad=st.integers(0, 6), total=st.integers(0, 25), seed=st.integers(0, 10**6))
-def test_batch_equals_alone_and_padding_is_ignored(b: int, n: int, pad: int, total: int, seed: int) -> None:
+def test_batch_equals_alone_and_padding_is_ignored(alloc, b: int, n: int, pad: int, total: int, seed: int) -> None:
+    """Every score-rule allocator (``auto``, and ``gap`` of ``zspaprune_auto``): rows are independent, padding never
+    counts, counts stay within [0, total]."""
     g = torch.Generator().manual_seed(seed)
     scores = torch.rand(b, n, generator=g)  # (B, N)
     valid = torch.ones(b, n, dtype=torch.bool)  # (B, N)
     totals = torch.full((b,), total)  # (B,)
-    together = AutoSplit().allocate(totals, valid, scores).critical  # (B,)
+    together = alloc.allocate(totals, valid, scores).critical  # (B,)
     for r in range(b):
-        alone = AutoSplit().allocate(totals[r : r + 1], valid[r : r + 1], scores[r : r + 1]).critical
+        alone = alloc.allocate(totals[r : r + 1], valid[r : r + 1], scores[r : r + 1]).critical
         assert int(alone) == int(together[r])
-    # padding with very high scores is never counted and changes nothing
-    padded_scores = torch.cat([scores, torch.full((b, pad), 10.0)], 1)  # (B, N + pad)
-    padded_valid = torch.cat([valid, torch.zeros(b, pad, dtype=torch.bool)], 1)  # (B, N + pad)
-    padded = AutoSplit().allocate(totals, padded_valid, padded_scores).critical
-    assert torch.equal(padded, together)
+    # padding with very high (or very low) scores is never counted and changes nothing
+    for fill in (10.0, -10.0):
+        padded_scores = torch.cat([scores, torch.full((b, pad), fill)], 1)  # (B, N + pad)
+        padded_valid = torch.cat([valid, torch.zeros(b, pad, dtype=torch.bool)], 1)  # (B, N + pad)
+        assert torch.equal(alloc.allocate(totals, padded_valid, padded_scores).critical, together)
     assert bool(((together >= 0) & (together <= totals)).all())
 
 
